@@ -1,0 +1,53 @@
+# qdelta: two commands on a fresh machine:
+#   make demo   the main job
+#   make test   the whole test suite (what CI runs)
+# Each creates .venv and builds the Rust extension when needed.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.deps-installed
+EXTRAS  := dev,hf
+RESULTS ?= results
+
+.PHONY: demo test test-rust test-python lint bench wheel develop fuzz gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Dependencies once per change of pyproject.toml (this also builds the
+# extension the first time); `develop` rebuilds it incrementally every run.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+develop: $(STAMP)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --skip-install
+	$(PY) -c "import qdelta._core"
+
+demo: develop
+	$(VENV)/bin/qdelta demo --out $(RESULTS)
+
+test-rust:
+	cargo test --quiet
+	cargo clippy --features python --all-targets --quiet -- -D warnings
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+test-python: develop
+	$(PY) -m pytest -q tests
+
+test: test-rust lint test-python
+
+bench: develop
+	$(PY) -m pytest -q benches --benchmark-only --benchmark-json=benches/results/latest.json
+	$(PY) benches/report.py benches/results/latest.json
+
+wheel: $(STAMP)
+	$(VENV)/bin/maturin build --release --out dist
+
+clean:
+	rm -rf target dist $(VENV) python/qdelta/*.so

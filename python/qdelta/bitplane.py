@@ -1,0 +1,147 @@
+"""Sign bit-planes: numpy / torch in, numpy out; all work happens in Rust.
+
+Inputs may be numpy arrays (float32, float16, or uint16 holding bfloat16
+bits) or torch tensors (float32, float16, bfloat16; moved to CPU). Outputs are
+numpy arrays; a bfloat16 result is returned as uint16 bits (numpy has no
+bfloat16): see :func:`qdelta.bitplane.as_torch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from qdelta import _core
+from qdelta.errors import DTypeError, ShapeError
+
+FloatName = Literal["float32", "float16", "bfloat16"]
+ScaleMode = Literal["matrix", "row"]
+
+WORD_BITS: int = _core.WORD_BITS
+MAX_PLANES: int = _core.MAX_PLANES
+
+
+def words_per_row(cols: int) -> int:
+    """u32 words a packed row of ``cols`` columns takes."""
+    return -(-cols // WORD_BITS)
+
+
+def _storage(delta: Any) -> tuple[np.ndarray, FloatName]:
+    """The array as the core takes it: float32, or uint16 bits for halves."""
+    if isinstance(delta, np.ndarray):
+        if delta.dtype == np.float32:
+            return delta, "float32"
+        if delta.dtype == np.float16:
+            if not delta.flags.c_contiguous:
+                raise ShapeError(
+                    f"delta: expected a C-contiguous array, found strides {delta.strides} "
+                    "(pass np.ascontiguousarray(x))"
+                )
+            return delta.view(np.uint16), "float16"
+        if delta.dtype == np.uint16:
+            return delta, "bfloat16"
+        raise DTypeError(
+            f"delta: expected float32, float16 or uint16 (bfloat16 bits), found {delta.dtype}"
+        )
+    import torch
+
+    if isinstance(delta, torch.Tensor):
+        t = delta.detach().cpu()
+        if not t.is_contiguous():
+            raise ShapeError(
+                f"delta: expected a contiguous tensor, found strides {tuple(t.stride())} "
+                "(pass tensor.contiguous())"
+            )
+        if t.dtype == torch.float32:
+            return t.numpy(), "float32"
+        if t.dtype in (torch.float16, torch.bfloat16):
+            name: FloatName = "float16" if t.dtype == torch.float16 else "bfloat16"
+            return t.view(torch.int16).numpy().view(np.uint16), name
+        raise DTypeError(f"delta: expected float32, float16 or bfloat16, found {t.dtype}")
+    raise DTypeError(f"delta: expected a numpy array or torch tensor, found {type(delta).__name__}")
+
+
+def _shape2(shape: Any) -> tuple[int, int]:
+    try:
+        rows, cols = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ShapeError(f"shape: expected (rows, cols), found {shape!r}") from None
+    if rows <= 0 or cols <= 0:
+        raise ShapeError(f"shape: expected positive (rows, cols), found {(rows, cols)}")
+    return rows, cols
+
+
+def _result(arr: np.ndarray, dtype: FloatName) -> np.ndarray:
+    return arr.view(np.float16) if dtype == "float16" else arr
+
+
+def pack_signs(delta: Any) -> np.ndarray:
+    """Pack the signs of a 2-D ``[out, in]`` delta into uint32 ``[out, ceil(in/32)]``.
+
+    Bit ``j`` of word ``w`` is column ``32*w + j``; the bit is the IEEE sign bit
+    (1 = negative, so ``-0.0`` packs as 1, ``+0.0`` as 0); tail padding is 0.
+    NaN or Inf raises :class:`NonFiniteError` naming the position.
+    """
+    arr, dtype = _storage(delta)
+    return _core.pack_signs(arr, dtype)
+
+
+def unpack_signs(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Decode one packed plane to an int8 matrix of +1 / -1."""
+    rows, cols = _shape2(shape)
+    return _core.unpack_signs(packed, rows, cols)
+
+
+def unpack_scaled(
+    packed: np.ndarray,
+    scales: Any,
+    shape: tuple[int, int],
+    dtype: FloatName = "float32",
+) -> np.ndarray:
+    """Dense ``alpha * sign`` matrix. ``scales``: one value (per matrix) or ``out`` values (per row)."""
+    rows, cols = _shape2(shape)
+    s = np.ascontiguousarray(scales, dtype=np.float32)
+    if s.size == 1:
+        s = s.reshape(1)
+    elif s.shape == (rows,):
+        s = s.reshape(1, rows)
+    else:
+        raise ShapeError(
+            f"scales: expected 1 value (per matrix) or {rows} (per row), found shape {s.shape}"
+        )
+    planes = packed.reshape((1, *packed.shape)) if packed.ndim == 2 else packed
+    return _result(_core.unpack_planes(planes, s, rows, cols, dtype, None), dtype)
+
+
+def pack_residual(
+    delta: Any, bits: int = 1, scale: ScaleMode = "matrix"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy residual binarisation into ``bits`` sign planes.
+
+    Returns ``(planes [bits, out, words] uint32, scales [bits] or [bits, out] float32)``.
+    """
+    arr, dtype = _storage(delta)
+    return _core.pack_residual(arr, dtype, int(bits), scale)
+
+
+def unpack_residual(
+    planes: np.ndarray,
+    scales: np.ndarray,
+    shape: tuple[int, int],
+    dtype: FloatName = "float32",
+    bits: int | None = None,
+) -> np.ndarray:
+    """Dense reconstruction from the first ``bits`` planes (all when None)."""
+    rows, cols = _shape2(shape)
+    s = np.asarray(scales)
+    return _result(_core.unpack_planes(planes, s, rows, cols, dtype, bits), dtype)
+
+
+def as_torch(arr: np.ndarray, dtype: FloatName = "float32") -> Any:
+    """Wrap a core result as a torch tensor without copying (uint16 bits -> bfloat16)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)

@@ -1,0 +1,19 @@
+"""The qdelta exception family: every error qdelta raises is a QDeltaError.
+
+The classes are defined by the Rust core (so Rust can raise them directly) and
+extended here by the errors only Python raises.
+"""
+
+from qdelta._core import DTypeError, NonFiniteError, QDeltaError, ShapeError
+
+__all__ = [
+    "BaseMismatchError",
+    "DTypeError",
+    "NonFiniteError",
+    "QDeltaError",
+    "ShapeError",
+]
+
+
+class BaseMismatchError(QDeltaError):
+    """A delta was applied to a base model it was not made against."""

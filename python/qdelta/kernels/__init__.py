@@ -1,0 +1,46 @@
+"""One dispatch point for the delta matmul kernels.
+
+Tensor conventions shared by every backend:
+- ``planes``: int32 ``[P, N, W]`` (one tenant) or ``[T, P, N, W]`` (tenants),
+  ``W = ceil(K / 32)``, the project's bit layout (docs/FORMAT.md);
+- ``scales``: float32 ``[P]`` / ``[P, N]`` (one tenant) or ``[T, P]`` / ``[T, P, N]``;
+- ``x``: ``[M, K]`` in float32, float16 or bfloat16; the result ``[M, N]`` has x's dtype;
+- ``tenant_ids``: int64 ``[M]``, ``-1`` = no delta for that row.
+
+Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
+(cupy) as they land; ``auto`` picks the fastest available for the device.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from qdelta.kernels import reference
+
+Backend = Literal["auto", "reference"]
+
+
+def delta_matmul(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bits: int | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
+    return reference.delta_matmul(x, planes, scales, bits=bits)
+
+
+def multi_tenant_delta_matmul(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    tenant_ids: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
+    return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)

@@ -1,0 +1,31 @@
+"""Torch reference kernels: dense unpack + matmul in float32. The oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from qdelta import reference
+
+
+def dense_delta(planes: torch.Tensor, scales: torch.Tensor, cols: int, bits: int | None = None):
+    """``[P, N, W]`` planes -> float32 ``[N, cols]``."""
+    return reference.unpack_planes(planes, scales, cols, bits=bits, dtype=torch.float32)
+
+
+def delta_matmul(
+    x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, *, bits: int | None = None
+) -> torch.Tensor:
+    dense = dense_delta(planes, scales, x.shape[-1], bits).to(x.device)
+    return (x.to(torch.float32) @ dense.T).to(x.dtype)
+
+
+def multi_tenant_delta_matmul(
+    x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, tenant_ids: torch.Tensor
+) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float32, device=x.device)
+    for t in torch.unique(tenant_ids).tolist():
+        if t < 0:
+            continue
+        rows = tenant_ids == t
+        out[rows] = x[rows].to(torch.float32) @ dense_delta(planes[t], scales[t], x.shape[-1]).T
+    return out.to(x.dtype)

@@ -1,0 +1,27 @@
+//! One error type for the whole core. Each variant maps to one Python
+//! exception class in the bindings, so messages are written for users:
+//! they say what was expected and what was found.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A shape, length or size that does not fit the request.
+    #[error("{0}")]
+    Shape(String),
+    /// An element type the operation does not take.
+    #[error("{0}")]
+    DType(String),
+    /// NaN or Inf where finite numbers are required.
+    #[error("{0}")]
+    NonFinite(String),
+    /// Any other argument out of its allowed range.
+    #[error("{0}")]
+    Value(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `a * b`, or a `Shape` error naming what overflowed.
+pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::Shape(format!("{what}: {a} x {b} overflows the address space")))
+}

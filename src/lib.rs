@@ -1,0 +1,13 @@
+//! qdelta core: bit-plane packing of weight deltas (and, in later modules,
+//! the delta file store and CPU kernels). Pure Rust: numpy-shaped slices in,
+//! owned buffers out; it never knows about torch. The PyO3 bindings live in
+//! `python.rs` behind the `python` feature so `cargo test` needs no libpython.
+
+pub mod bitplane;
+pub mod error;
+pub mod float;
+
+pub use error::{Error, Result};
+
+#[cfg(feature = "python")]
+mod python;

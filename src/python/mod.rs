@@ -1,0 +1,119 @@
+//! PyO3 bindings, and nothing else: check the numpy arrays, release the GIL,
+//! call the core, map errors and panics to the qdelta exception family.
+//! One file per core module; each has a `register` function.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+use crate::error::Error;
+
+mod bitplane;
+
+create_exception!(
+    _core,
+    QDeltaError,
+    PyException,
+    "Base class of every qdelta error."
+);
+create_exception!(
+    _core,
+    ShapeError,
+    QDeltaError,
+    "A shape, size or length does not fit."
+);
+create_exception!(
+    _core,
+    DTypeError,
+    QDeltaError,
+    "An unsupported or mismatched dtype."
+);
+create_exception!(
+    _core,
+    NonFiniteError,
+    QDeltaError,
+    "NaN or Inf where finite values are required."
+);
+
+pub(crate) fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::Shape(m) => ShapeError::new_err(m),
+        Error::DType(m) => DTypeError::new_err(m),
+        Error::NonFinite(m) => NonFiniteError::new_err(m),
+        Error::Value(m) => QDeltaError::new_err(m),
+    }
+}
+
+/// Runs core work without the GIL; a panic becomes a QDeltaError, never an abort.
+pub(crate) fn run<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
+    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(work)));
+    match outcome {
+        Ok(result) => result.map_err(to_py),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(QDeltaError::new_err(format!(
+                "internal error in the qdelta core (please report it): {msg}"
+            )))
+        }
+    }
+}
+
+/// Rank, C-contiguity and dtype of an incoming array, with a clear message.
+pub(crate) fn check_array(
+    arr: &Bound<'_, PyAny>,
+    what: &str,
+    ndim: usize,
+    dtype: &str,
+) -> PyResult<()> {
+    let untyped = arr.cast::<PyUntypedArray>().map_err(|_| {
+        DTypeError::new_err(format!(
+            "{what}: expected a numpy array, found {}",
+            arr.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    if untyped.ndim() != ndim {
+        return Err(ShapeError::new_err(format!(
+            "{what}: expected a {ndim}-D array, found {}-D with shape {:?}",
+            untyped.ndim(),
+            untyped.shape()
+        )));
+    }
+    let found = untyped.dtype().to_string();
+    if found != dtype {
+        return Err(DTypeError::new_err(format!(
+            "{what}: expected dtype {dtype}, found {found}"
+        )));
+    }
+    if !untyped.is_c_contiguous() {
+        return Err(ShapeError::new_err(format!(
+            "{what}: expected a C-contiguous array, found strides {:?} \
+             (pass np.ascontiguousarray(x) or tensor.contiguous())",
+            untyped.strides()
+        )));
+    }
+    Ok(())
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("QDeltaError", py.get_type::<QDeltaError>())?;
+    m.add("ShapeError", py.get_type::<ShapeError>())?;
+    m.add("DTypeError", py.get_type::<DTypeError>())?;
+    m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
+    bitplane::register(m)?;
+    Ok(())
+}
