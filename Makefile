@@ -43,6 +43,7 @@ test-python: develop
 test: test-rust lint test-python
 
 bench: develop
+	mkdir -p benches/results
 	$(PY) -m pytest -q benches --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
 

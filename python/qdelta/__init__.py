@@ -12,6 +12,7 @@ from qdelta.bitplane import (
     unpack_signs,
     words_per_row,
 )
+from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
     DTypeError,
@@ -25,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseMismatchError",
     "DTypeError",
+    "Delta",
     "NonFiniteError",
+    "PackedLayer",
     "QDeltaError",
     "ShapeError",
     "__version__",

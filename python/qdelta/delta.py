@@ -1,0 +1,87 @@
+"""The in-memory form of a compressed fine-tune: what compress() makes, what
+a .qdelta file holds, what the modules and the runtime consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from qdelta.bitplane import FloatName, unpack_residual, words_per_row
+from qdelta.errors import DTypeError, ShapeError
+
+
+@dataclass
+class PackedLayer:
+    """The weight delta of one linear layer as k sign planes + scales.
+
+    ``shape`` is ``(out, in)``: the delta of ``nn.Linear.weight``. For modules
+    that store the weight transposed (transformers' GPT-2 ``Conv1D``, weight
+    ``[in, out]``) ``transposed`` is True and the planes still pack ``[out, in]``.
+    """
+
+    planes: np.ndarray  # uint32 [bits, out, ceil(in/32)]
+    scales: np.ndarray  # float32 [bits] ("matrix") or [bits, out] ("row")
+    shape: tuple[int, int]
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        out, inp = (int(s) for s in self.shape)
+        self.shape = (out, inp)
+        if self.planes.dtype != np.uint32 or self.planes.ndim != 3:
+            raise DTypeError(
+                f"planes: expected uint32 [bits, out, words], found {self.planes.dtype} "
+                f"with shape {self.planes.shape}"
+            )
+        bits = self.planes.shape[0]
+        if self.planes.shape[1:] != (out, words_per_row(inp)):
+            raise ShapeError(
+                f"planes: expected shape [{bits}, {out}, {words_per_row(inp)}] for a "
+                f"[{out}, {inp}] layer, found {list(self.planes.shape)}"
+            )
+        if self.scales.dtype != np.float32 or self.scales.shape not in ((bits,), (bits, out)):
+            raise ShapeError(
+                f"scales: expected float32 [{bits}] or [{bits}, {out}], found "
+                f"{self.scales.dtype} {list(self.scales.shape)}"
+            )
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[0])
+
+    @property
+    def scale_mode(self) -> Literal["matrix", "row"]:
+        return "matrix" if self.scales.ndim == 1 else "row"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.planes.nbytes + self.scales.nbytes)
+
+    def dense(self, dtype: FloatName = "float32", bits: int | None = None) -> np.ndarray:
+        """The ``[out, in]`` delta reconstructed from the first ``bits`` planes."""
+        return unpack_residual(self.planes, self.scales, self.shape, dtype, bits)
+
+
+@dataclass
+class Delta:
+    """A fine-tune relative to one base.
+
+    ``layers``: module name (e.g. ``model.layers.0.self_attn.q_proj``) -> packed
+    weight delta. ``params``: parameters kept whole (embeddings, norms, head,
+    biases that changed): the fine-tune's *value* in its own dtype, by
+    state-dict name. ``base_fingerprint``: the fingerprint of the base weights
+    the delta was made against.
+    """
+
+    layers: dict[str, PackedLayer]
+    params: dict[str, torch.Tensor]
+    base_fingerprint: str
+    tenant: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        packed = sum(layer.nbytes for layer in self.layers.values())
+        return packed + sum(t.numel() * t.element_size() for t in self.params.values())
