@@ -44,7 +44,7 @@ test: test-rust lint test-python
 
 bench: develop
 	mkdir -p benches/results
-	$(PY) -m pytest -q benches --benchmark-only --benchmark-json=benches/results/latest.json
+	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
 
 wheel: $(STAMP)
