@@ -15,22 +15,29 @@ from qdelta.bitplane import (
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
+    BudgetError,
     DTypeError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
+    UnknownTenantError,
 )
+from qdelta.runtime import Generation, MultiTenantModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseMismatchError",
+    "BudgetError",
     "DTypeError",
     "Delta",
+    "Generation",
+    "MultiTenantModel",
     "NonFiniteError",
     "PackedLayer",
     "QDeltaError",
     "ShapeError",
+    "UnknownTenantError",
     "__version__",
     "as_torch",
     "pack_residual",
