@@ -6,6 +6,9 @@
 pub mod bitplane;
 pub mod error;
 pub mod float;
+pub mod fingerprint;
+pub mod header;
+pub mod store;
 
 pub use error::{Error, Result};
 

@@ -15,24 +15,40 @@ from qdelta.bitplane import (
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
+    ChecksumError,
     DTypeError,
+    FileError,
+    FormatError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
+    UnknownTenantError,
+    UnsupportedVersionError,
 )
+from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseMismatchError",
+    "ChecksumError",
     "DTypeError",
     "Delta",
+    "DeltaFile",
+    "DeltaStore",
+    "FileError",
+    "FormatError",
     "NonFiniteError",
     "PackedLayer",
     "QDeltaError",
     "ShapeError",
+    "UnknownTenantError",
+    "UnsupportedVersionError",
     "__version__",
     "as_torch",
+    "check_base",
+    "fingerprint",
+    "load",
     "pack_residual",
     "pack_signs",
     "unpack_residual",

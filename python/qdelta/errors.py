@@ -4,16 +4,34 @@ The classes are defined by the Rust core (so Rust can raise them directly) and
 extended here by the errors only Python raises.
 """
 
-from qdelta._core import DTypeError, NonFiniteError, QDeltaError, ShapeError
+from qdelta._core import (
+    ChecksumError,
+    DTypeError,
+    FileError,
+    FormatError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnsupportedVersionError,
+)
 
 __all__ = [
     "BaseMismatchError",
+    "ChecksumError",
     "DTypeError",
+    "FileError",
+    "FormatError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
+    "UnknownTenantError",
+    "UnsupportedVersionError",
 ]
 
 
 class BaseMismatchError(QDeltaError):
     """A delta was applied to a base model it was not made against."""
+
+
+class UnknownTenantError(QDeltaError):
+    """A delta store has no tenant of that name (or the name is not a valid one)."""
