@@ -96,7 +96,10 @@ mod tests {
         assert_ne!(base, fingerprint(&mut [w("a", &a), w("c", &b)]).unwrap());
         let mut flipped = a.clone();
         flipped[999] ^= 1;
-        assert_ne!(base, fingerprint(&mut [w("a", &flipped), w("b", &b)]).unwrap());
+        assert_ne!(
+            base,
+            fingerprint(&mut [w("a", &flipped), w("b", &b)]).unwrap()
+        );
         let mut reshaped = [w("a", &a), w("b", &b)];
         reshaped[0].shape = vec![10, 100];
         assert_ne!(base, fingerprint(&mut reshaped).unwrap());

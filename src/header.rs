@@ -207,13 +207,13 @@ impl Header {
             }
             let mut numel: u64 = 1;
             for &d in &entry.shape {
-                numel = numel.checked_mul(d).ok_or_else(|| {
-                    bad(format!("shape {:?} overflows 64 bits", entry.shape))
-                })?;
+                numel = numel
+                    .checked_mul(d)
+                    .ok_or_else(|| bad(format!("shape {:?} overflows 64 bits", entry.shape)))?;
             }
-            let want = numel.checked_mul(dtype.size() as u64).ok_or_else(|| {
-                bad(format!("shape {:?} overflows 64 bits", entry.shape))
-            })?;
+            let want = numel
+                .checked_mul(dtype.size() as u64)
+                .ok_or_else(|| bad(format!("shape {:?} overflows 64 bits", entry.shape)))?;
             if want != end - begin {
                 return Err(bad(format!(
                     "dtype {} with shape {:?} needs {want} bytes, but data_offsets \
@@ -306,7 +306,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for UniqueKeys<T> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object with unique keys")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = BTreeMap::new();
                 while let Some(key) = map.next_key::<String>()? {
                     let value = map.next_value::<T>()?;
@@ -330,7 +333,10 @@ impl<'de> Deserialize<'de> for RawHeader {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a safetensors header object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
                 let mut metadata = None;
                 let mut tensors: Vec<(String, RawTensor)> = Vec::new();
                 let mut seen = std::collections::HashSet::new();

@@ -5,8 +5,8 @@
 
 pub mod bitplane;
 pub mod error;
-pub mod float;
 pub mod fingerprint;
+pub mod float;
 pub mod header;
 pub mod store;
 

@@ -89,9 +89,16 @@ fn fmt_err(msg: String) -> Error {
     Error::Format(msg)
 }
 
-fn json<'a, T: Deserialize<'a>>(meta: &'a BTreeMap<String, String>, key: &str, what: &str) -> Result<T> {
-    serde_json::from_str(&meta[key])
-        .map_err(|e| fmt_err(format!("metadata {key:?}: expected {what}, found invalid JSON ({e})")))
+fn json<'a, T: Deserialize<'a>>(
+    meta: &'a BTreeMap<String, String>,
+    key: &str,
+    what: &str,
+) -> Result<T> {
+    serde_json::from_str(&meta[key]).map_err(|e| {
+        fmt_err(format!(
+            "metadata {key:?}: expected {what}, found invalid JSON ({e})"
+        ))
+    })
 }
 
 /// Parses and validates a whole .qdelta file image (header and table only;
@@ -116,9 +123,9 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             ))
         }
     }
-    let version_text = meta.get(keys::VERSION).ok_or_else(|| {
-        fmt_err("missing required metadata key \"format_version\"".into())
-    })?;
+    let version_text = meta
+        .get(keys::VERSION)
+        .ok_or_else(|| fmt_err("missing required metadata key \"format_version\"".into()))?;
     let version: u32 = version_text.parse().map_err(|_| {
         fmt_err(format!(
             "metadata \"format_version\": expected an integer, found {version_text:?}"
@@ -131,7 +138,9 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
         )));
     }
     if let Some(missing) = keys::REQUIRED.iter().find(|k| !meta.contains_key(**k)) {
-        return Err(fmt_err(format!("missing required metadata key {missing:?}")));
+        return Err(fmt_err(format!(
+            "missing required metadata key {missing:?}"
+        )));
     }
     if meta[keys::BIT_LAYOUT] != BIT_LAYOUT {
         return Err(fmt_err(format!(
@@ -157,10 +166,14 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut claim = |tensor: &str, by: String| -> Result<()> {
         if header.get(tensor).is_none() {
-            return Err(fmt_err(format!("{by} refers to tensor {tensor:?}, which is not in the file")));
+            return Err(fmt_err(format!(
+                "{by} refers to tensor {tensor:?}, which is not in the file"
+            )));
         }
         if let Some(prev) = owner.insert(tensor.to_string(), by.clone()) {
-            return Err(fmt_err(format!("tensor {tensor:?} is claimed by both {prev} and {by}")));
+            return Err(fmt_err(format!(
+                "tensor {tensor:?} is claimed by both {prev} and {by}"
+            )));
         }
         Ok(())
     };
@@ -171,7 +184,6 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
     for p in &params {
         claim(p, "the params list".into())?;
     }
-    drop(claim);
     if let Some(t) = header.tensors.iter().find(|t| !owner.contains_key(&t.name)) {
         return Err(fmt_err(format!(
             "tensor {:?} is neither a layer's planes/scales nor a listed param",
@@ -185,7 +197,10 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
     let mut checksums = BTreeMap::new();
     for t in &header.tensors {
         let h = hex.get(&t.name).ok_or_else(|| {
-            fmt_err(format!("metadata \"checksums\" has no entry for tensor {:?}", t.name))
+            fmt_err(format!(
+                "metadata \"checksums\" has no entry for tensor {:?}",
+                t.name
+            ))
         })?;
         let v = (h.len() == 16)
             .then(|| u64::from_str_radix(h, 16).ok())
@@ -221,10 +236,16 @@ fn check_layer(name: &str, e: &LayerEntry, header: &Header) -> Result<()> {
     let bad = |m: String| fmt_err(format!("layer {name:?}: {m}"));
     let [out, inp] = e.shape;
     if out == 0 || inp == 0 {
-        return Err(bad(format!("expected a non-empty shape, found {:?}", e.shape)));
+        return Err(bad(format!(
+            "expected a non-empty shape, found {:?}",
+            e.shape
+        )));
     }
     if e.bits == 0 || e.bits > MAX_PLANES {
-        return Err(bad(format!("bits: expected 1..={MAX_PLANES}, found {}", e.bits)));
+        return Err(bad(format!(
+            "bits: expected 1..={MAX_PLANES}, found {}",
+            e.bits
+        )));
     }
     let mode = ScaleMode::parse(&e.scale).map_err(|err| bad(err.to_string()))?;
     let expect = |t: &TensorInfo, dtype: Dtype, shape: Vec<usize>| -> Result<()> {
@@ -268,7 +289,11 @@ impl DeltaFile {
             return Err(Error::File(format!(
                 "{}: expected a regular .qdelta file, found a {}",
                 path.display(),
-                if meta.is_dir() { "directory" } else { "special file" }
+                if meta.is_dir() {
+                    "directory"
+                } else {
+                    "special file"
+                }
             )));
         }
         if meta.len() < PREFIX_LEN as u64 {
@@ -282,9 +307,12 @@ impl DeltaFile {
         // file in place (writers rename a new file over it), so the bytes stay
         // valid for the life of the mapping.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, "map", e))?;
-        let contents = parse(&map)
-            .map_err(|e| prefix_path(e, path))?;
-        Ok(DeltaFile { path: path.to_path_buf(), map, contents })
+        let contents = parse(&map).map_err(|e| prefix_path(e, path))?;
+        Ok(DeltaFile {
+            path: path.to_path_buf(),
+            map,
+            contents,
+        })
     }
 
     pub fn nbytes(&self) -> usize {
@@ -312,7 +340,8 @@ impl DeltaFile {
                 let (_, data) = self.bytes(&t.name).expect("name from the header");
                 let want = self.contents.checksums[&t.name];
                 let got = xxh3_64(data);
-                (got != want).then(|| format!("{:?} (expected {want:016x}, found {got:016x})", t.name))
+                (got != want)
+                    .then(|| format!("{:?} (expected {want:016x}, found {got:016x})", t.name))
             })
             .collect();
         if bad.is_empty() {
@@ -409,7 +438,12 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
         }
     }
     for p in &d.params {
-        tensors.push(TensorData { name: p.name.clone(), dtype: p.dtype, shape: p.shape.clone(), data: p.data });
+        tensors.push(TensorData {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            shape: p.shape.clone(),
+            data: p.data,
+        });
     }
     let mut names = BTreeSet::new();
     for t in &tensors {
@@ -419,7 +453,10 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
                 t.name
             )));
         }
-        let want = t.shape.iter().try_fold(t.dtype.size(), |a, &b| a.checked_mul(b));
+        let want = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size(), |a, &b| a.checked_mul(b));
         if want != Some(t.data.len()) {
             return Err(Error::Shape(format!(
                 "tensor {:?}: {} {:?} needs {} bytes, found {}",
@@ -440,7 +477,12 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
         }
     }
     // Widest dtypes first: every tensor then starts aligned to its element size.
-    tensors.sort_by(|a, b| b.dtype.size().cmp(&a.dtype.size()).then_with(|| a.name.cmp(&b.name)));
+    tensors.sort_by(|a, b| {
+        b.dtype
+            .size()
+            .cmp(&a.dtype.size())
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let checksums: BTreeMap<String, String> = tensors
         .par_iter()
         .map(|t| (t.name.clone(), format!("{:016x}", xxh3_64(t.data))))
@@ -455,13 +497,19 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     meta.insert(keys::CREATOR, CREATOR.to_string());
     meta.insert(keys::BASE_FINGERPRINT, d.base_fingerprint.clone());
     meta.insert(keys::LAYERS, to_json(&table));
-    meta.insert(keys::PARAMS, to_json(&d.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()));
+    meta.insert(
+        keys::PARAMS,
+        to_json(&d.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()),
+    );
     meta.insert(keys::CHECKSUM_ALGORITHM, CHECKSUM_ALGORITHM.to_string());
     meta.insert(keys::CHECKSUMS, to_json(&checksums));
     meta.insert(keys::USER, to_json(&d.user));
 
     let mut head = serde_json::Map::new();
-    head.insert(METADATA_KEY.into(), serde_json::to_value(&meta).expect("strings"));
+    head.insert(
+        METADATA_KEY.into(),
+        serde_json::to_value(&meta).expect("strings"),
+    );
     let mut offset = 0usize;
     for t in &tensors {
         head.insert(
@@ -537,7 +585,10 @@ pub fn write_atomic(
         std::process::id()
     ));
     let result = (|| -> std::io::Result<()> {
-        let file = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, &file);
         fill(&mut w)?;
         w.flush()?;
@@ -552,3 +603,7 @@ pub fn write_atomic(
         file_err(path, "write", e)
     })
 }
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

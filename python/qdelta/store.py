@@ -89,7 +89,9 @@ def _raw(value: Any, what: str) -> tuple[str, list[int], np.ndarray]:
             )
         a = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
         return name, list(a.shape), a.reshape(-1).view(np.uint8)
-    raise DTypeError(f"{what}: expected a torch tensor or numpy array, found {type(value).__name__}")
+    raise DTypeError(
+        f"{what}: expected a torch tensor or numpy array, found {type(value).__name__}"
+    )
 
 
 def _typed(dtype: str, shape: list[int], raw: np.ndarray) -> np.ndarray:

@@ -145,7 +145,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DTypeError", py.get_type::<DTypeError>())?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
-    m.add("UnsupportedVersionError", py.get_type::<UnsupportedVersionError>())?;
+    m.add(
+        "UnsupportedVersionError",
+        py.get_type::<UnsupportedVersionError>(),
+    )?;
     m.add("ChecksumError", py.get_type::<ChecksumError>())?;
     m.add("FileError", py.get_type::<FileError>())?;
     bitplane::register(m)?;

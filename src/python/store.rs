@@ -113,6 +113,7 @@ impl PyDeltaFile {
     }
 
     /// (dtype, shape, read-only uint8 view of the bytes) of tensor `name`.
+    #[allow(clippy::type_complexity)]
     fn tensor<'py>(
         slf: Bound<'py, Self>,
         name: &str,
@@ -154,7 +155,15 @@ fn dtype(name: &str) -> PyResult<Dtype> {
 fn write_delta(
     py: Python<'_>,
     path: PathBuf,
-    layers: Vec<(String, (usize, usize), usize, String, bool, Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+    layers: Vec<(
+        String,
+        (usize, usize),
+        usize,
+        String,
+        bool,
+        Bound<'_, PyAny>,
+        Bound<'_, PyAny>,
+    )>,
     params: Vec<(String, String, Vec<usize>, Bound<'_, PyAny>)>,
     tenant: String,
     base_fingerprint: String,
@@ -173,21 +182,26 @@ fn write_delta(
         param_meta.push((name.clone(), dtype(dt)?, shape.clone()));
         held.push(extract_bytes(data, name)?);
     }
-    let slices: Vec<&[u8]> = held.iter().map(|a| a.as_slice().expect("checked contiguous")).collect();
+    let slices: Vec<&[u8]> = held
+        .iter()
+        .map(|a| a.as_slice().expect("checked contiguous"))
+        .collect();
     let n_layers = layer_meta.len();
     let data = store::DeltaData {
         layers: layer_meta
             .into_iter()
             .enumerate()
-            .map(|(i, (name, shape, bits, scale, transposed))| store::LayerData {
-                name,
-                shape: [shape.0, shape.1],
-                bits,
-                scale,
-                transposed,
-                planes: slices[2 * i],
-                scales: slices[2 * i + 1],
-            })
+            .map(
+                |(i, (name, shape, bits, scale, transposed))| store::LayerData {
+                    name,
+                    shape: [shape.0, shape.1],
+                    bits,
+                    scale,
+                    transposed,
+                    planes: slices[2 * i],
+                    scales: slices[2 * i + 1],
+                },
+            )
             .collect(),
         params: param_meta
             .into_iter()
@@ -212,7 +226,8 @@ fn fingerprint(py: Python<'_>, weights: &Bound<'_, PyList>) -> PyResult<String> 
     let mut meta = Vec::with_capacity(weights.len());
     let mut held = Vec::with_capacity(weights.len());
     for item in weights.iter() {
-        let (name, dt, shape, data): (String, String, Vec<usize>, Bound<'_, PyAny>) = item.extract()?;
+        let (name, dt, shape, data): (String, String, Vec<usize>, Bound<'_, PyAny>) =
+            item.extract()?;
         held.push(extract_bytes(&data, &name)?);
         meta.push((name, dt, shape));
     }
