@@ -16,21 +16,31 @@ from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
     BudgetError,
+    ChecksumError,
     DTypeError,
+    FileError,
+    FormatError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
     UnknownTenantError,
+    UnsupportedVersionError,
 )
 from qdelta.runtime import Generation, MultiTenantModel
+from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseMismatchError",
     "BudgetError",
+    "ChecksumError",
     "DTypeError",
     "Delta",
+    "DeltaFile",
+    "DeltaStore",
+    "FileError",
+    "FormatError",
     "Generation",
     "MultiTenantModel",
     "NonFiniteError",
@@ -38,8 +48,12 @@ __all__ = [
     "QDeltaError",
     "ShapeError",
     "UnknownTenantError",
+    "UnsupportedVersionError",
     "__version__",
     "as_torch",
+    "check_base",
+    "fingerprint",
+    "load",
     "pack_residual",
     "pack_signs",
     "unpack_residual",

@@ -4,16 +4,29 @@ The classes are defined by the Rust core (so Rust can raise them directly) and
 extended here by the errors only Python raises.
 """
 
-from qdelta._core import DTypeError, NonFiniteError, QDeltaError, ShapeError
+from qdelta._core import (
+    ChecksumError,
+    DTypeError,
+    FileError,
+    FormatError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnsupportedVersionError,
+)
 
 __all__ = [
     "BaseMismatchError",
     "BudgetError",
+    "ChecksumError",
     "DTypeError",
+    "FileError",
+    "FormatError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
     "UnknownTenantError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -22,7 +35,7 @@ class BaseMismatchError(QDeltaError):
 
 
 class UnknownTenantError(QDeltaError):
-    """A request named a tenant (or tenant id) that is not registered."""
+    """A delta store has no tenant of that name (or the name is not a valid one)."""
 
 
 class BudgetError(QDeltaError):
