@@ -31,7 +31,9 @@ def tiny_llama(seed: int, **overrides) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
-def perturbed(base: nn.Module, seed: int, scale: float = 0.03, only: tuple[str, ...] = ()) -> nn.Module:
+def perturbed(
+    base: nn.Module, seed: int, scale: float = 0.03, only: tuple[str, ...] = ()
+) -> nn.Module:
     """A fine-tune: every parameter (or those whose name contains one of ``only``) moved."""
     ft = copy.deepcopy(base)
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +63,9 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
 
 
-def make_delta(base: nn.Module, ft: nn.Module, *, bits: int = 1, scale: str = "matrix") -> qdelta.Delta:
+def make_delta(
+    base: nn.Module, ft: nn.Module, *, bits: int = 1, scale: str = "matrix"
+) -> qdelta.Delta:
     """Packed deltas of the block linears; changed other parameters kept whole."""
     bsd, fsd = base.state_dict(), ft.state_dict()
     layers = {}
@@ -73,9 +77,7 @@ def make_delta(base: nn.Module, ft: nn.Module, *, bits: int = 1, scale: str = "m
         layers[name] = qdelta.PackedLayer(planes, scales, tuple(diff.shape))
     covered = {n + ".weight" for n in layers}
     params = {
-        k: v.clone()
-        for k, v in fsd.items()
-        if k not in covered and not torch.equal(v, bsd[k])
+        k: v.clone() for k, v in fsd.items() if k not in covered and not torch.equal(v, bsd[k])
     }
     return qdelta.Delta(layers, params, qdelta.fingerprint(bsd))
 

@@ -179,14 +179,34 @@ def test_bad_input_keeps_serving(world, oracle):
 
     still_serving()
     bad_calls = [
-        (qdelta.UnknownTenantError, "nobody", lambda: model.generate(ids, ["nobody", None], 2, attention_mask=mask)),
-        (qdelta.UnknownTenantError, "id 99", lambda: model.generate(ids, [99, -1], 2, attention_mask=mask)),
-        (qdelta.ShapeError, "expected 2 entries", lambda: model.generate(ids, ["noisy"], 2, attention_mask=mask)),
-        (qdelta.ShapeError, "1-D", lambda: model.generate(ids, torch.zeros(2, 1, dtype=torch.long), 2)),
+        (
+            qdelta.UnknownTenantError,
+            "nobody",
+            lambda: model.generate(ids, ["nobody", None], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.UnknownTenantError,
+            "id 99",
+            lambda: model.generate(ids, [99, -1], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.ShapeError,
+            "expected 2 entries",
+            lambda: model.generate(ids, ["noisy"], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.ShapeError,
+            "1-D",
+            lambda: model.generate(ids, torch.zeros(2, 1, dtype=torch.long), 2),
+        ),
         (qdelta.DTypeError, "float32", lambda: model.generate(ids, torch.tensor([0.0, -1.0]), 2)),
         (qdelta.DTypeError, "sequence", lambda: model.generate(ids, "noisy", 2)),
         (qdelta.DTypeError, "float", lambda: model.generate(ids, [0.5, None], 2)),
-        (qdelta.ShapeError, "left padding", lambda: model.generate(ids, good, 2, attention_mask=mask.flip(1))),
+        (
+            qdelta.ShapeError,
+            "left padding",
+            lambda: model.generate(ids, good, 2, attention_mask=mask.flip(1)),
+        ),
         (qdelta.ShapeError, "token ids", lambda: model.generate(ids + 1000, good, 2)),
         (qdelta.ShapeError, "max_new_tokens", lambda: model.generate(ids, good, 0)),
     ]
@@ -242,3 +262,35 @@ def test_tied_embeddings_follow_their_twin():
     gen = model.generate(ids, ["t", None], 4, attention_mask=mask, return_logits=True)
     oracle = {"t": merged(base, delta), None: base}
     _check_rows(gen, ["t", None], [[5, 6, 7], [8, 9]], oracle, steps=4)
+
+
+def test_store_tenants_load_lazily_and_bad_files_do_not_stop_serving(world, oracle, tmp_path):
+    base, deltas = world
+    store = qdelta.DeltaStore(tmp_path / "store")
+    for name in ("noisy", "trained", "partial"):
+        store.add(name, deltas[name])
+    other = tiny_llama(int(np.random.default_rng().integers(1 << 30)))
+    store.add("foreign", make_delta(other, perturbed(other, 1)))
+    model = MultiTenantModel(base_copy(base), store, tenants=["noisy"])
+    assert sorted(model.tenants) == ["foreign", "noisy", "partial", "trained"]
+    assert model.loaded_tenants == ["noisy"]
+    prompts = _prompts(101, [4, 7, 2], seed=9)
+    ids, mask = left_pad(prompts)
+    rows = ["trained", None, "partial"]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    assert set(model.loaded_tenants) == {"noisy", "trained", "partial"}
+    # The mismatched tenant fails at first use; the rest of the store keeps serving.
+    with pytest.raises(qdelta.BaseMismatchError, match="foreign"):
+        model.generate(ids, ["foreign", "noisy", None], 2, attention_mask=mask)
+    rows = ["noisy", "partial", None]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    # A tenant added to the store while serving.
+    store.add("deep", deltas["deep"])
+    model.add_tenant("deep")
+    rows = ["deep", "noisy", "deep"]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    with pytest.raises(qdelta.UnknownTenantError, match="ghost"):
+        model.add_tenant("ghost")

@@ -32,7 +32,8 @@ from qdelta.errors import (
     ShapeError,
     UnknownTenantError,
 )
-from qdelta.tenant_modules import RoutedLinear, Route, RowEmbedding, RowLinear, RowRMSNorm
+from qdelta.store import check_base, fingerprint
+from qdelta.tenant_modules import Route, RoutedLinear, RowEmbedding, RowLinear, RowRMSNorm
 
 TenantIds = torch.Tensor | Sequence[str | int | None]
 
@@ -136,8 +137,6 @@ class MultiTenantModel(nn.Module):
     def base_fingerprint(self) -> str:
         """The fingerprint of the base weights as built (before any swap)."""
         if self._fingerprint is None:
-            from qdelta import fingerprint
-
             self._fingerprint = fingerprint(self._base_state)
         return self._fingerprint
 
@@ -183,11 +182,10 @@ class MultiTenantModel(nn.Module):
 
     def _check(self, delta: Delta, name: str) -> None:
         """Refuse a delta made against another base or not fitting its shapes."""
-        if delta.base_fingerprint != self.base_fingerprint():
-            raise BaseMismatchError(
-                f"tenant {name!r}: delta made against base {delta.base_fingerprint}, "
-                f"but this model's base is {self.base_fingerprint()}"
-            )
+        try:
+            check_base(delta, self.base_fingerprint())
+        except BaseMismatchError as e:
+            raise BaseMismatchError(f"tenant {name!r}: {e}") from None
         for lname, packed in delta.layers.items():
             module = self._base_modules.get(lname)
             if not isinstance(module, nn.Linear) or packed.transposed:
