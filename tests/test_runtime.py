@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-import qdelta
-from qdelta import MultiTenantModel
 from tests.runtime_helpers import (
     greedy_alone,
     left_pad,
@@ -17,6 +14,9 @@ from tests.runtime_helpers import (
     tiny_llama,
     trained,
 )
+
+import qdelta
+from qdelta import MultiTenantModel
 
 pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
 
 
 def _check_rows(gen, rows, prompts, oracle, steps=STEPS):
-    for r, (tenant, prompt) in enumerate(zip(rows, prompts)):
+    for r, (tenant, prompt) in enumerate(zip(rows, prompts, strict=False)):
         want_tokens, want_logits = greedy_alone(oracle[tenant], prompt, steps)
         assert gen.tokens[r].tolist() == want_tokens, f"row {r} ({tenant})"
         torch.testing.assert_close(gen.logits[r], want_logits, atol=2e-4, rtol=1e-4)

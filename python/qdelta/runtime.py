@@ -308,16 +308,17 @@ class MultiTenantModel(nn.Module):
                     raise BudgetError(f"no tenant left to evict for {name!r}")
                 self._evict(victim)
         params = self._params_by_module(delta)
+        free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
+        slot = min(free)
         with torch.no_grad():
             for mname, packed in delta.layers.items():
                 wrapper = self._wrap(mname, packed=True)
-                wrapper.add(name, packed, self._cast(mname, params.get(mname, {})))
+                wrapper.add(name, packed, self._cast(mname, params.get(mname, {})), slot)
             for mname, attrs in params.items():
                 if mname in delta.layers:
                     continue
                 self._wrap(mname, packed=False).add(name, self._cast(mname, attrs))
-        free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
-        self._slot_of[name] = min(free)
+        self._slot_of[name] = slot
         self._loaded[name] = size
         self._refresh_slots()
 

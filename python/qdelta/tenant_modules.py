@@ -165,52 +165,54 @@ class RowLinear(TenantModule):
 
 class RoutedLinear(TenantModule):
     """A linear layer with packed per-tenant weight deltas: MultiTenantLinear
-    fed the row tenants of the forward in flight (plus optional per-tenant
-    full-precision biases)."""
+    keyed by model slot and fed the row slots of the forward in flight (plus
+    optional per-tenant full-precision biases)."""
 
     def __init__(self, base: nn.Linear, route: Route) -> None:
         from qdelta.multitenant import MultiTenantLinear
 
         super().__init__(base, route)
         self.layer = MultiTenantLinear(base)
-        self._bias_deltas: list[torch.Tensor | None] = []
+        self._slot_by_name: dict[str, int] = {}
+        self._bias_deltas: dict[str, torch.Tensor] = {}
         self._stacked_bias: torch.Tensor | None = None
 
-    def add(self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor]) -> None:
-        self.layer.add_tenant(name, packed)
+    def add(
+        self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
+    ) -> None:
+        self.layer.add_tenant(slot, packed)
         self._names.append(name)
-        bias = params.get("bias")
-        self._bias_deltas.append(None if bias is None else bias - self.base.bias)
-        self._restack_bias()
+        self._slot_by_name[name] = slot
+        if "bias" in params:
+            self._bias_deltas[name] = params["bias"] - self.base.bias
 
     def remove(self, name: str) -> None:
-        self.layer.remove_tenant(name)
-        i = self._names.index(name)
-        del self._names[i], self._bias_deltas[i]
-        self._restack_bias()
+        self.layer.remove_tenant(self._slot_by_name.pop(name))
+        self._names.remove(name)
+        self._bias_deltas.pop(name, None)
 
     def local_index(self, name: str) -> int | None:
-        return self.layer.tenant_index(name) if name in self._names else None
+        # MultiTenantLinear's ids are the model slots themselves.
+        return self._slot_by_name.get(name)
 
-    def _restack_bias(self) -> None:
-        if all(b is None for b in self._bias_deltas):
+    def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
+        super().set_slots(slot_of, capacity)
+        if not self._bias_deltas:
             self._stacked_bias = None
             return
-        zero = torch.zeros_like(self.base.weight[:, 0])
-        self._stacked_bias = torch.stack(
-            [zero if b is None else b for b in self._bias_deltas]
-            + [zero]  # index -1: base rows add nothing
-        )
+        # Row s: slot s's bias change; the last row (index -1, base rows) adds nothing.
+        stacked = torch.zeros(capacity + 1, self.base.out_features, dtype=self.base.bias.dtype)
+        stacked = stacked.to(self.base.bias.device)
+        for name, bias in self._bias_deltas.items():
+            stacked[self._slot_by_name[name]] = bias
+        self._stacked_bias = stacked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
-        rows = x.shape[0]
         if local is None:
-            local = torch.full((rows,), -1, dtype=torch.long, device=x.device)
-        flat = x.reshape(-1, x.shape[-1])
-        ids = local.repeat_interleave(flat.shape[0] // rows)
-        out = self.layer(flat, ids).reshape(*x.shape[:-1], -1)
+            local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        out = self.layer(x, local)
         if self._stacked_bias is not None:
             bias = self._stacked_bias[local]
-            out = out + bias.view(rows, *(1,) * (x.dim() - 2), -1).to(out.dtype)
+            out = out + bias.view(x.shape[0], *(1,) * (x.dim() - 2), -1).to(out.dtype)
         return out
