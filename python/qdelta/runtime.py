@@ -110,7 +110,7 @@ class MultiTenantModel(nn.Module):
         else:
             names = list(tenants)
         if names:
-            self._ensure_loaded(names)
+            self.preload(names)
 
     # ---- tenant registry ----------------------------------------------------
 
@@ -128,6 +128,18 @@ class MultiTenantModel(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes of loaded tenant tensors (what the budget counts)."""
         return sum(self._loaded.values())
+
+    def memory(self) -> dict[str, int]:
+        """Resident bytes measured from the tensors: the base model's parameters
+        and buffers, and the tenant tensors the swapped modules hold."""
+        seen: set[int] = set()
+        base = 0
+        for t in [*self._base_params.values(), *self._base_state.values()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                base += t.numel() * t.element_size()
+        tenants = sum(w.tenant_nbytes() for w in self._wrapped.values())
+        return {"base_bytes": base, "tenant_bytes": tenants, "tenants_loaded": len(self._loaded)}
 
     def tenant_id(self, name: str) -> int:
         if name not in self._ids:
@@ -163,6 +175,13 @@ class MultiTenantModel(nn.Module):
         if name in self._loaded:
             self._evict(name)
         return self._register(name, source)
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Load these tenants now (within the budget) instead of at first use."""
+        names = list(names)
+        for name in names:
+            self.tenant_id(name)
+        self._ensure_loaded(names)
 
     def remove_tenant(self, name: str) -> None:
         """Unload and unregister a tenant while serving; its id is retired."""

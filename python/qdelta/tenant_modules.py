@@ -49,6 +49,13 @@ class TenantModule(nn.Module):
                 table[slot + 1] = local
         self._slot_map = table.to(self._slot_map.device)
 
+    def tenant_nbytes(self) -> int:
+        """Bytes of the tenant tensors this module holds (not the base's)."""
+        return sum(t.numel() * t.element_size() for t in self._tenant_tensors())
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
     def local_rows(self) -> torch.Tensor | None:
         """Local tenant index per batch row, or None when no row needs a tenant here."""
         slots = self._route.slots
@@ -57,8 +64,13 @@ class TenantModule(nn.Module):
         return self._slot_map[slots + 1]
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    return torch.stack(tensors) if tensors else None
+def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Stack ``tensors`` and turn the list into views of the stack (one copy resident)."""
+    if not tensors:
+        return None
+    stacked = torch.stack(tensors)
+    tensors[:] = stacked.unbind(0)
+    return stacked
 
 
 class RowEmbedding(TenantModule):
@@ -72,12 +84,12 @@ class RowEmbedding(TenantModule):
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         self._names.append(name)
         self._tables.append(params["weight"])
-        self._stacked = _stack(self._tables)
+        self._stacked = _restack(self._tables)
 
     def remove(self, name: str) -> None:
         i = self._names.index(name)
         del self._names[i], self._tables[i]
-        self._stacked = _stack(self._tables)
+        self._stacked = _restack(self._tables)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
@@ -107,12 +119,12 @@ class RowRMSNorm(TenantModule):
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         self._names.append(name)
         self._weights.append(params["weight"])
-        self._stacked = _stack(self._weights)
+        self._stacked = _restack(self._weights)
 
     def remove(self, name: str) -> None:
         i = self._names.index(name)
         del self._names[i], self._weights[i]
-        self._stacked = _stack(self._weights)
+        self._stacked = _restack(self._weights)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
@@ -145,6 +157,10 @@ class RowLinear(TenantModule):
     def remove(self, name: str) -> None:
         i = self._names.index(name)
         del self._names[i], self._weights[i], self._biases[i]
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        own = [w for w in self._weights if w is not self.base.weight]
+        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
@@ -190,6 +206,10 @@ class RoutedLinear(TenantModule):
         self.layer.remove_tenant(self._slot_by_name.pop(name))
         self._names.remove(name)
         self._bias_deltas.pop(name, None)
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        bias = [] if self._stacked_bias is None else [self._stacked_bias]
+        return [self.layer.planes, self.layer.scales, *bias]
 
     def local_index(self, name: str) -> int | None:
         # MultiTenantLinear's ids are the model slots themselves.
