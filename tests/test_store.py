@@ -12,10 +12,10 @@ import pytest
 import torch
 import xxhash
 from safetensors import safe_open
-from store_helpers import assert_same_delta, make_delta
 
 import qdelta
 from qdelta.cli import main as cli
+from store_helpers import assert_same_delta, make_delta
 
 
 def test_round_trip_every_field(tmp_path, rng):
@@ -222,7 +222,7 @@ def test_cli_inspect_and_verify(tmp_path, rng, capsys):
     for name, layer in delta.layers.items():
         assert name in out and f"{layer.shape[0]}x{layer.shape[1]}" in out
     assert delta.base_fingerprint in out and "compression" in out
-    fp16 = sum(2 * l.shape[0] * l.shape[1] for l in delta.layers.values()) + sum(
+    fp16 = sum(2 * x.shape[0] * x.shape[1] for x in delta.layers.values()) + sum(
         2 * p.numel() for p in delta.params.values()
     )
     assert f"{fp16 / path.stat().st_size:.2f}x" in out
