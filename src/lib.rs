@@ -6,6 +6,7 @@
 pub mod bitplane;
 pub mod error;
 pub mod float;
+pub mod gemv;
 
 pub use error::{Error, Result};
 

@@ -19,7 +19,9 @@ from qdelta.errors import (
     NonFiniteError,
     QDeltaError,
     ShapeError,
+    UnknownTenantError,
 )
+from qdelta.multitenant import MultiTenantLinear
 
 __version__ = "0.1.0"
 
@@ -27,10 +29,12 @@ __all__ = [
     "BaseMismatchError",
     "DTypeError",
     "Delta",
+    "MultiTenantLinear",
     "NonFiniteError",
     "PackedLayer",
     "QDeltaError",
     "ShapeError",
+    "UnknownTenantError",
     "__version__",
     "as_torch",
     "pack_residual",

@@ -12,8 +12,16 @@ __all__ = [
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
+    "UnknownTenantError",
 ]
 
 
 class BaseMismatchError(QDeltaError):
     """A delta was applied to a base model it was not made against."""
+
+
+class UnknownTenantError(QDeltaError, KeyError):
+    """A tenant name or id that is not loaded."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

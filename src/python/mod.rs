@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod bitplane;
+mod gemv;
 
 create_exception!(
     _core,
@@ -115,5 +116,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DTypeError", py.get_type::<DTypeError>())?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     bitplane::register(m)?;
+    gemv::register(m)?;
     Ok(())
 }

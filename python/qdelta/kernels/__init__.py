@@ -13,13 +13,35 @@ Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
-from qdelta.kernels import reference
+from qdelta.errors import QDeltaError
+from qdelta.kernels import cpu, reference
 
-Backend = Literal["auto", "reference"]
+Backend = Literal["auto", "reference", "cpu"]
+
+#: "auto" runs the Rust kernel on CPU inputs of at most this many rows. Above
+#: about 3000 rows the reference's dense unpack + BLAS matmul catches up
+#: (measured crossover, docs/CPU_KERNEL.md); inputs that need gradients stay
+#: on the (differentiable) reference.
+CPU_MAX_ROWS = 2048
+
+
+def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str) -> bool:
+    if backend not in get_args(Backend):
+        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+    if backend != "auto":
+        return backend == "cpu"
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and not needs_grad
+        and rows <= CPU_MAX_ROWS
+    )
 
 
 def delta_matmul(
@@ -31,6 +53,8 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
+    if _use_cpu(x, scales, backend):
+        return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
 
 
@@ -43,4 +67,6 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
+    if _use_cpu(x, scales, backend):
+        return cpu.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
