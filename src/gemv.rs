@@ -513,7 +513,11 @@ mod tests {
                 let plane = stack.plane(t, p);
                 let scales = stack.scales_of(t, p);
                 for j in 0..n {
-                    let alpha = if scales.len() == 1 { scales[0] } else { scales[j] };
+                    let alpha = if scales.len() == 1 {
+                        scales[0]
+                    } else {
+                        scales[j]
+                    };
                     let mut dot = 0f64;
                     for c in 0..k {
                         let bit = (plane[j * words + c / 32] >> (c % 32)) & 1;
@@ -562,13 +566,7 @@ mod tests {
             .collect();
         let mut out = vec![f32::NAN; rows * shape.out_features];
         delta_matmul_on(isa, &x, rows, &stack, &ids, use_planes, &mut out, false).unwrap();
-        let want = naive(
-            &x,
-            rows,
-            &stack,
-            &ids,
-            use_planes.unwrap_or(shape.planes),
-        );
+        let want = naive(&x, rows, &stack, &ids, use_planes.unwrap_or(shape.planes));
         assert_close(
             &out,
             &want,
@@ -678,7 +676,11 @@ mod tests {
         let mut out = start.clone();
         delta_matmul(&x, 4, &stack, &ids, None, &mut out, true).unwrap();
         let want = naive(&x, 4, &stack, &ids, 1);
-        let want: Vec<f64> = want.iter().zip(&start).map(|(d, s)| d + *s as f64).collect();
+        let want: Vec<f64> = want
+            .iter()
+            .zip(&start)
+            .map(|(d, s)| d + *s as f64)
+            .collect();
         assert_close(&out, &want, &x, 50, "accumulate");
         assert_eq!(&out[10..20], &start[10..20], "a base-only row is untouched");
     }
@@ -706,10 +708,22 @@ mod tests {
         let mut out = vec![0f32; 16];
         delta_matmul(&xh, 2, &stack, &ids, None, &mut out, false).unwrap();
         let rounded: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
-        assert_close(&out, &naive(&rounded, 2, &stack, &ids, 2), &rounded, 70, "f16");
+        assert_close(
+            &out,
+            &naive(&rounded, 2, &stack, &ids, 2),
+            &rounded,
+            70,
+            "f16",
+        );
         delta_matmul(&xb, 2, &stack, &ids, None, &mut out, false).unwrap();
         let rounded: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-        assert_close(&out, &naive(&rounded, 2, &stack, &ids, 2), &rounded, 70, "bf16");
+        assert_close(
+            &out,
+            &naive(&rounded, 2, &stack, &ids, 2),
+            &rounded,
+            70,
+            "bf16",
+        );
     }
 
     #[test]
@@ -738,11 +752,35 @@ mod tests {
         assert!(e.contains("found -2 at row 1"), "{e}");
         let e = err(delta_matmul(&x, 2, &stack, &[0], None, &mut out, false));
         assert!(e.contains("one id per row of x (2), found 1"), "{e}");
-        let e = err(delta_matmul(&x[..65], 2, &stack, &[0, 0], None, &mut out, false));
+        let e = err(delta_matmul(
+            &x[..65],
+            2,
+            &stack,
+            &[0, 0],
+            None,
+            &mut out,
+            false,
+        ));
         assert!(e.contains("x: expected [2, 33]"), "{e}");
-        let e = err(delta_matmul(&x, 2, &stack, &[0, 0], Some(2), &mut out, false));
+        let e = err(delta_matmul(
+            &x,
+            2,
+            &stack,
+            &[0, 0],
+            Some(2),
+            &mut out,
+            false,
+        ));
         assert!(e.contains("bits: expected 1..=1"), "{e}");
-        let e = err(delta_matmul(&x, 2, &stack, &[0, 0], None, &mut out[..7], false));
+        let e = err(delta_matmul(
+            &x,
+            2,
+            &stack,
+            &[0, 0],
+            None,
+            &mut out[..7],
+            false,
+        ));
         assert!(e.contains("out: expected [2, 4]"), "{e}");
 
         let short = DeltaStack {
@@ -755,14 +793,30 @@ mod tests {
             mode: ScaleMode::Row,
             ..stack
         };
-        let e = err(delta_matmul(&x, 2, &row_mode, &[0, 0], None, &mut out, false));
+        let e = err(delta_matmul(
+            &x,
+            2,
+            &row_mode,
+            &[0, 0],
+            None,
+            &mut out,
+            false,
+        ));
         assert!(e.contains("[2, 1, 4]"), "{e}");
         let nan = [0.5f32, f32::NAN];
         let bad_scale = DeltaStack {
             scales: &nan,
             ..stack
         };
-        let e = err(delta_matmul(&x, 2, &bad_scale, &[1, -1], None, &mut out, false));
+        let e = err(delta_matmul(
+            &x,
+            2,
+            &bad_scale,
+            &[1, -1],
+            None,
+            &mut out,
+            false,
+        ));
         assert!(e.contains("tenant 1, plane 0"), "{e}");
         // A NaN scale of a tenant no row uses is not read.
         delta_matmul(&x, 2, &bad_scale, &[0, -1], None, &mut out, false).unwrap();
