@@ -7,6 +7,7 @@ pub mod bitplane;
 pub mod error;
 pub mod fingerprint;
 pub mod float;
+pub mod gemv;
 pub mod header;
 pub mod store;
 

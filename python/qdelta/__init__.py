@@ -26,6 +26,7 @@ from qdelta.errors import (
     UnknownTenantError,
     UnsupportedVersionError,
 )
+from qdelta.multitenant import MultiTenantLinear
 from qdelta.runtime import Generation, MultiTenantModel
 from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
@@ -42,6 +43,7 @@ __all__ = [
     "FileError",
     "FormatError",
     "Generation",
+    "MultiTenantLinear",
     "MultiTenantModel",
     "NonFiniteError",
     "PackedLayer",

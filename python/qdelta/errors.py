@@ -34,8 +34,11 @@ class BaseMismatchError(QDeltaError):
     """A delta was applied to a base model it was not made against."""
 
 
-class UnknownTenantError(QDeltaError):
-    """A delta store has no tenant of that name (or the name is not a valid one)."""
+class UnknownTenantError(QDeltaError, KeyError):
+    """A tenant name or id that the store, a layer or the runtime does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class BudgetError(QDeltaError):

@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod bitplane;
+mod gemv;
 mod store;
 
 create_exception!(
@@ -153,5 +154,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FileError", py.get_type::<FileError>())?;
     bitplane::register(m)?;
     store::register(m)?;
+    gemv::register(m)?;
     Ok(())
 }
