@@ -47,6 +47,7 @@ bench: develop
 	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
 	$(PY) benches/bench_store.py
+	$(PY) benches/bench_runtime.py
 
 FUZZ_SECONDS ?= 60
 # Fuzzes the .qdelta header parser for FUZZ_SECONDS with libFuzzer (cargo-fuzz,

@@ -294,3 +294,29 @@ def test_store_tenants_load_lazily_and_bad_files_do_not_stop_serving(world, orac
     _check_rows(gen, rows, prompts, oracle)
     with pytest.raises(qdelta.UnknownTenantError, match="ghost"):
         model.add_tenant("ghost")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    """A half-precision base: each row's logits match its merged model within dtype tolerance."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tiny_llama(seed)
+    deltas = {
+        "a": make_delta(base, perturbed(base, seed + 1), bits=2, scale="row"),
+        "b": make_delta(base, trained(base, seed + 2, steps=2), bits=1),
+    }
+    base = base.to(dtype)
+    for d in deltas.values():
+        d.base_fingerprint = qdelta.fingerprint(base.state_dict())
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    prompts = _prompts(101, [6, 3, 5], seed=10)
+    ids, mask = left_pad(prompts)
+    rows = ["a", None, "b"]
+    logits = model(ids, rows, attention_mask=mask).logits[:, -1].float()
+    for r, tenant in enumerate(rows):
+        ref = merged(base, deltas.get(tenant))
+        want = ref(input_ids=torch.tensor([prompts[r]])).logits[0, -1].float()
+        torch.testing.assert_close(logits[r], want, atol=0.1, rtol=0.05)
+        if tenant is not None:  # and nearer its own model than the base
+            base_logits = base(input_ids=torch.tensor([prompts[r]])).logits[0, -1].float()
+            assert (logits[r] - want).norm() < 0.5 * (logits[r] - base_logits).norm()

@@ -329,14 +329,21 @@ class MultiTenantModel(nn.Module):
         params = self._params_by_module(delta)
         free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
         slot = min(free)
-        with torch.no_grad():
-            for mname, packed in delta.layers.items():
-                wrapper = self._wrap(mname, packed=True)
-                wrapper.add(name, packed, self._cast(mname, params.get(mname, {})), slot)
-            for mname, attrs in params.items():
-                if mname in delta.layers:
-                    continue
-                self._wrap(mname, packed=False).add(name, self._cast(mname, attrs))
+        try:
+            with torch.no_grad():
+                for mname, packed in delta.layers.items():
+                    wrapper = self._wrap(mname, packed=True)
+                    wrapper.add(name, packed, self._cast(mname, params.get(mname, {})), slot)
+                for mname, attrs in params.items():
+                    if mname in delta.layers:
+                        continue
+                    self._wrap(mname, packed=False).add(name, self._cast(mname, attrs))
+        except BaseException:
+            # Half a tenant is no tenant: undo what was added (e.g. out of memory).
+            for wrapper in self._wrapped.values():
+                if name in wrapper.tenants:
+                    wrapper.remove(name)
+            raise
         self._slot_of[name] = slot
         self._loaded[name] = size
         self._refresh_slots()
