@@ -44,8 +44,9 @@ test: test-rust lint test-python
 
 bench: develop
 	mkdir -p benches/results
-	$(PY) -m pytest -q benches --benchmark-only --benchmark-json=benches/results/latest.json
+	$(PY) -m pytest -q benches/bench_*.py --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
+	$(PY) benches/report_gemv.py benches/results/latest.json
 
 wheel: $(STAMP)
 	$(VENV)/bin/maturin build --release --out dist
