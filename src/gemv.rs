@@ -236,8 +236,9 @@ mod avx512 {
                 hi[r] = _mm512_loadu_ps(x[r].add(w * 32 + 16));
             }
             for f in 0..F {
-                let word = *bits.add(f * words + w);
-                let (mlo, mhi) = (word as u16, (word >> 16) as u16);
+                // The two mask halves straight from memory (little-endian words).
+                let half = (bits as *const u16).add(2 * (f * words + w));
+                let (mlo, mhi) = (*half, *half.add(1));
                 for r in 0..R {
                     acc[r][f] = _mm512_mask_add_ps(acc[r][f], mlo, acc[r][f], lo[r]);
                     acc[r][f] = _mm512_mask_add_ps(acc[r][f], mhi, acc[r][f], hi[r]);
