@@ -7,9 +7,22 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tests.tiny_models import BUILDERS, VOCAB, fake_finetune, output, tiny_gpt2, tiny_llama
+from tests.tiny_models import (
+    BUILDERS,
+    VOCAB,
+    fake_finetune,
+    one_thread,
+    output,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import qdelta
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    yield from one_thread()
 
 
 def _ids(batch: int = 2, length: int = 11) -> tuple[torch.Tensor, torch.Tensor]:

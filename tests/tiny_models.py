@@ -22,8 +22,8 @@ def tiny_llama(seed: int = 0, **kw) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=40,
-        intermediate_size=72,
+        hidden_size=32,
+        intermediate_size=56,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -78,3 +78,11 @@ def fake_finetune(base: nn.Module, seed: int = 1, rel: float = 0.05) -> nn.Modul
 def output(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     out = model(ids, attention_mask=mask) if mask is not None else model(ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def one_thread():
+    """Generator for a module fixture: tiny models run faster on one thread on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -16,6 +16,7 @@ from qdelta.calibration import prepare_calibration
 from qdelta.compress import compress
 from qdelta.delta import Delta, PackedLayer
 from qdelta.distill import DistillResult, distill
+from qdelta.distill import output_loss as distill_loss
 from qdelta.errors import (
     BaseMismatchError,
     CalibrationError,
@@ -49,6 +50,7 @@ __all__ = [
     "as_torch",
     "compress",
     "distill",
+    "distill_loss",
     "merge",
     "pack_residual",
     "pack_signs",

@@ -18,7 +18,7 @@ from qdelta import kernels
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import ModelMismatchError, ShapeError
 from qdelta.kernels.reference import dense_delta
-from qdelta.reference import unpack_planes
+from qdelta.reference import unpack_planes, unpack_signs
 from qdelta.sources import is_conv1d
 
 _STASH = "_qdelta_replaced"  # model attribute: state-dict name -> the original tensor
@@ -44,9 +44,8 @@ def _human(nbytes: int) -> str:
 class _DeltaMatmul(torch.autograd.Function):
     """``x @ D^T`` through the kernel dispatch, with gradients for ``x`` and the scales.
 
-    The backward does not rely on the kernel being differentiable: the scale
-    gradient is the per-plane product with unit scales, the input gradient
-    uses the dense delta.
+    The backward does not rely on the kernel being differentiable: it decodes
+    the sign planes (torch reference) and forms both gradients densely.
     """
 
     @staticmethod
@@ -62,17 +61,16 @@ class _DeltaMatmul(torch.autograd.Function):
         x, planes, scales = ctx.saved_tensors
         grad_x = grad_scales = None
         g = grad.to(torch.float32)
+        # The signs are decoded once per backward (torch, any device).
+        signs = unpack_signs(planes, x.shape[-1]).to(torch.float32)  # [P, N, K]
         if ctx.needs_input_grad[0]:
-            dense = dense_delta(planes, scales.detach(), x.shape[-1]).to(g.device)
-            grad_x = (g @ dense).to(x.dtype)
+            s = scales.detach().to(torch.float32)
+            s = s[:, None, None] if s.dim() == 1 else s[:, :, None]
+            grad_x = (g @ (signs * s).sum(0)).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            per_plane = []
-            for p in range(planes.shape[0]):
-                unit = torch.ones_like(scales[p : p + 1])
-                y_p = kernels.delta_matmul(x, planes[p : p + 1], unit, backend=ctx.backend)
-                prod = g * y_p.to(torch.float32)
-                per_plane.append(prod.sum() if scales.dim() == 1 else prod.sum(0))
-            grad_scales = torch.stack(per_plane).to(scales.dtype)
+            per_plane = torch.einsum("mk,pnk->pmn", x.to(torch.float32), signs) * g
+            grad_scales = per_plane.sum((1, 2)) if scales.dim() == 1 else per_plane.sum(1)
+            grad_scales = grad_scales.to(scales.dtype)
         return grad_x, None, grad_scales, None
 
 
