@@ -228,6 +228,17 @@ def _wrap(module: nn.Module, layer: PackedLayer, name: str, backend: str) -> nn.
 def _replace_tensors(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Swap whole tensors in (new objects, the base's stay untouched); returns the originals."""
     originals: dict[str, torch.Tensor] = {}
+    try:
+        _swap_each(model, params, originals)
+    except Exception:
+        _restore_tensors(model, originals)  # all or nothing
+        raise
+    return originals
+
+
+def _swap_each(
+    model: nn.Module, params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]
+) -> None:
     for key, value in params.items():
         owner_name, _, attr = key.rpartition(".")
         owner = _find_module(model, owner_name, "tensor owner") if owner_name else model
@@ -251,7 +262,6 @@ def _replace_tensors(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[
                 f"{key}: expected a parameter or buffer of the model, found none"
             )
         originals[key] = old
-    return originals
 
 
 def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
