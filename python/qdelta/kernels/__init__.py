@@ -13,6 +13,7 @@ Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from qdelta.errors import QDeltaError
 from qdelta.kernels import cpu, reference
 
-Backend = Literal["auto", "reference", "cpu"]
+Backend = Literal["auto", "reference", "cpu", "cuda"]
 
 #: "auto" runs the Rust kernel on CPU inputs of at most this many rows. Above
 #: about 3000 rows the reference's dense unpack + BLAS matmul catches up
@@ -53,6 +54,10 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
+    if _use_cuda(backend, x):
+        from qdelta.kernels import cuda
+
+        return cuda.delta_matmul(x, planes, scales, bits=bits)
     if _use_cpu(x, scales, backend):
         return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
@@ -67,6 +72,33 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
+    if _use_cuda(backend, x):
+        from qdelta.kernels import cuda
+
+        return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     if _use_cpu(x, scales, backend):
         return cpu.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
+
+
+_warned_no_cupy = False
+
+
+def _use_cuda(backend: str, x: torch.Tensor) -> bool:
+    """``cuda``: required; ``auto``: for CUDA tensors when cupy imports, else warn once."""
+    global _warned_no_cupy
+    if backend == "cuda" or (backend == "auto" and x.is_cuda):
+        from qdelta.kernels import cuda
+
+        if cuda.available():
+            return True
+        if backend == "cuda":
+            raise QDeltaError("backend 'cuda': expected a CUDA device and cupy, found none")
+        if not _warned_no_cupy:
+            _warned_no_cupy = True
+            warnings.warn(
+                "qdelta: cupy is not importable; CUDA tensors use the torch reference kernels",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return False
