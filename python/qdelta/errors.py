@@ -17,13 +17,16 @@ from qdelta._core import (
 
 __all__ = [
     "BaseMismatchError",
+    "CalibrationError",
     "ChecksumError",
     "DTypeError",
     "FileError",
     "FormatError",
+    "ModelMismatchError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
+    "TargetError",
     "UnknownTenantError",
     "UnsupportedVersionError",
 ]
@@ -35,3 +38,15 @@ class BaseMismatchError(QDeltaError):
 
 class UnknownTenantError(QDeltaError):
     """A delta store has no tenant of that name (or the name is not a valid one)."""
+
+
+class ModelMismatchError(QDeltaError):
+    """Base and fine-tune (or a delta and a model) do not have the same architecture."""
+
+
+class TargetError(QDeltaError):
+    """A target / exclude pattern selects no layer, or selects one that cannot be compressed."""
+
+
+class CalibrationError(QDeltaError):
+    """Calibration data for scale distillation is missing, malformed or too short."""
