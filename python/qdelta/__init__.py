@@ -20,16 +20,21 @@ from qdelta.distill import output_loss as distill_loss
 from qdelta.errors import (
     BaseMismatchError,
     CalibrationError,
+    ChecksumError,
     DTypeError,
+    FileError,
+    FormatError,
     ModelMismatchError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
     TargetError,
     UnknownTenantError,
+    UnsupportedVersionError,
 )
 from qdelta.multitenant import MultiTenantLinear
 from qdelta.nn import BitDeltaEmbedding, BitDeltaLinear, apply, merge, unapply
+from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
 __version__ = "0.1.0"
 
@@ -38,9 +43,14 @@ __all__ = [
     "BitDeltaEmbedding",
     "BitDeltaLinear",
     "CalibrationError",
+    "ChecksumError",
     "DTypeError",
     "Delta",
+    "DeltaFile",
+    "DeltaStore",
     "DistillResult",
+    "FileError",
+    "FormatError",
     "ModelMismatchError",
     "MultiTenantLinear",
     "NonFiniteError",
@@ -49,12 +59,16 @@ __all__ = [
     "ShapeError",
     "TargetError",
     "UnknownTenantError",
+    "UnsupportedVersionError",
     "__version__",
     "apply",
     "as_torch",
+    "check_base",
     "compress",
     "distill",
     "distill_loss",
+    "fingerprint",
+    "load",
     "merge",
     "pack_residual",
     "pack_signs",

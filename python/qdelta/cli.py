@@ -14,6 +14,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from qdelta.store_cli import inspect
+
+    return inspect(args.file)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from qdelta.store_cli import verify
+
+    return verify(args.file)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from qdelta.compress_cli import run_compress
 
@@ -27,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    inspect = sub.add_parser(
+        "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"
+    )
+    inspect.add_argument("file")
+    inspect.set_defaults(func=_cmd_inspect)
+    verify = sub.add_parser("verify", help="check every checksum of a .qdelta file (exit 0 or 1)")
+    verify.add_argument("file")
+    verify.set_defaults(func=_cmd_verify)
     comp = sub.add_parser("compress", help="compress a fine-tune into a .qdelta file")
     comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
     comp.add_argument("finetuned", help="fine-tuned model directory")

@@ -4,18 +4,31 @@ The classes are defined by the Rust core (so Rust can raise them directly) and
 extended here by the errors only Python raises.
 """
 
-from qdelta._core import DTypeError, NonFiniteError, QDeltaError, ShapeError
+from qdelta._core import (
+    ChecksumError,
+    DTypeError,
+    FileError,
+    FormatError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnsupportedVersionError,
+)
 
 __all__ = [
     "BaseMismatchError",
     "CalibrationError",
+    "ChecksumError",
     "DTypeError",
+    "FileError",
+    "FormatError",
     "ModelMismatchError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
     "TargetError",
     "UnknownTenantError",
+    "UnsupportedVersionError",
 ]
 
 
@@ -36,7 +49,7 @@ class CalibrationError(QDeltaError):
 
 
 class UnknownTenantError(QDeltaError, KeyError):
-    """A tenant name or id that is not loaded."""
+    """A tenant name or id that is not loaded, or not in the delta store."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
