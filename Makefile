@@ -46,6 +46,7 @@ bench: develop
 	mkdir -p benches/results
 	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
+	$(PY) benches/report_gemv.py benches/results/latest.json
 	$(PY) benches/bench_store.py
 	$(PY) benches/bench_runtime.py
 

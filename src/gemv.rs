@@ -25,6 +25,8 @@ use crate::float::Float;
 
 /// Output features one rayon task computes (a multiple of the 4-feature tile).
 const FEATURES_PER_TASK: usize = 64;
+/// Batch rows sharing one pass over a tenant's plane bits.
+const ROW_TILE: usize = 4;
 
 /// Sizes of a stack of packed deltas: `planes [tenants, planes, out, words]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,90 +159,136 @@ impl Isa {
         }
     }
 
-    /// `sums[n] = sum(x where bit(n, .) = 1)` for consecutive packed rows.
+    /// `sums[i * count + n] = sum(xs[i] where bit(n, .) = 1)` for `count`
+    /// consecutive packed rows and up to [`ROW_TILE`] activation rows.
     /// Only called after `available()` said yes.
-    fn masked_sums(self, x: &[f32], bits: &[u32], words: usize, sums: &mut [f32]) {
-        assert!(x.len() >= words * WORD_BITS && bits.len() == sums.len() * words);
+    fn masked_sums(self, xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+        let count = bits.len() / words;
+        assert!(xs.len() <= ROW_TILE && bits.len() == count * words);
+        assert!(sums.len() == xs.len() * count);
+        assert!(xs.iter().all(|x| x.len() >= words * WORD_BITS));
         match self {
             // SAFETY: the slices are sized as checked above and the CPU
             // feature was detected before this Isa was chosen.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::masked_sums(x, bits, words, sums) },
+            Isa::Avx512 => unsafe { avx512::masked_sums(xs, bits, words, sums) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { masked_sums_avx2(x, bits, words, sums) },
-            _ => masked_sums_portable(x, bits, words, sums),
+            Isa::Avx2 => unsafe { masked_sums_avx2(xs, bits, words, sums) },
+            _ => masked_sums_portable(xs, bits, words, sums),
         }
     }
 }
 
 /// Portable masked sums: each bit becomes an all-ones / all-zeros lane mask.
 #[inline(always)]
-fn masked_sums_portable(x: &[f32], bits: &[u32], words: usize, sums: &mut [f32]) {
-    for (sum, row) in sums.iter_mut().zip(bits.chunks_exact(words)) {
-        let mut acc = [0f32; WORD_BITS];
-        for (&word, xs) in row.iter().zip(x.chunks_exact(WORD_BITS)) {
-            let xs: &[f32; WORD_BITS] = xs.try_into().expect("exact chunk");
-            for j in 0..WORD_BITS {
-                let keep = ((word >> j) & 1).wrapping_neg();
-                acc[j] += f32::from_bits(xs[j].to_bits() & keep);
+fn masked_sums_portable(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+    let count = bits.len() / words;
+    for (x, sums) in xs.iter().zip(sums.chunks_exact_mut(count.max(1))) {
+        for (sum, row) in sums.iter_mut().zip(bits.chunks_exact(words)) {
+            let mut acc = [0f32; WORD_BITS];
+            for (&word, xw) in row.iter().zip(x.chunks_exact(WORD_BITS)) {
+                let xw: &[f32; WORD_BITS] = xw.try_into().expect("exact chunk");
+                for j in 0..WORD_BITS {
+                    let keep = ((word >> j) & 1).wrapping_neg();
+                    acc[j] += f32::from_bits(xw[j].to_bits() & keep);
+                }
             }
+            *sum = acc.iter().sum();
         }
-        *sum = acc.iter().sum();
     }
 }
 
 /// The portable loop compiled with AVX2 enabled (variable shifts per lane).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn masked_sums_avx2(x: &[f32], bits: &[u32], words: usize, sums: &mut [f32]) {
-    masked_sums_portable(x, bits, words, sums)
+unsafe fn masked_sums_avx2(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+    masked_sums_portable(xs, bits, words, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::ROW_TILE;
     use std::arch::x86_64::*;
 
-    /// Features sharing one pass over `x` (8 accumulators + 2 activations in registers).
-    const TILE: usize = 4;
-
-    /// Safety: AVX-512F available; `x` holds `words * 32` floats and `bits`
-    /// holds `sums.len()` rows of `words` words.
+    /// Masked sums of `F` packed rows for `R` activation rows in one pass:
+    /// `R * F` accumulators (16 registers), each mask moved into a mask
+    /// register once and used for `R` rows, each activation vector loaded
+    /// once and used for `F` features.
+    ///
+    /// Safety: AVX-512F available; each `x[r]` holds `words * 32` floats,
+    /// `bits` `F * words` words, `out[r * stride + f]` in bounds.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn masked_sums(x: &[f32], bits: &[u32], words: usize, sums: &mut [f32]) {
-        let xp = x.as_ptr();
-        let mut tiles = sums.chunks_exact_mut(TILE);
-        let mut row = 0;
-        for tile in &mut tiles {
-            let b = bits.as_ptr().add(row * words);
-            let mut lo_acc = [_mm512_setzero_ps(); TILE];
-            let mut hi_acc = [_mm512_setzero_ps(); TILE];
-            for w in 0..words {
-                let lo = _mm512_loadu_ps(xp.add(w * 32));
-                let hi = _mm512_loadu_ps(xp.add(w * 32 + 16));
-                for f in 0..TILE {
-                    let word = *b.add(f * words + w);
-                    lo_acc[f] = _mm512_mask_add_ps(lo_acc[f], word as u16, lo_acc[f], lo);
-                    hi_acc[f] = _mm512_mask_add_ps(hi_acc[f], (word >> 16) as u16, hi_acc[f], hi);
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const F: usize, const R: usize>(
+        x: [*const f32; R],
+        bits: *const u32,
+        words: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); F]; R];
+        for w in 0..words {
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                lo[r] = _mm512_loadu_ps(x[r].add(w * 32));
+                hi[r] = _mm512_loadu_ps(x[r].add(w * 32 + 16));
+            }
+            for f in 0..F {
+                // The two mask halves straight from memory (little-endian words).
+                let half = (bits as *const u16).add(2 * (f * words + w));
+                let (mlo, mhi) = (*half, *half.add(1));
+                for r in 0..R {
+                    acc[r][f] = _mm512_mask_add_ps(acc[r][f], mlo, acc[r][f], lo[r]);
+                    acc[r][f] = _mm512_mask_add_ps(acc[r][f], mhi, acc[r][f], hi[r]);
                 }
             }
-            for f in 0..TILE {
-                tile[f] = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc[f], hi_acc[f]));
-            }
-            row += TILE;
         }
-        for sum in tiles.into_remainder() {
-            let b = bits.as_ptr().add(row * words);
-            let mut lo_acc = _mm512_setzero_ps();
-            let mut hi_acc = _mm512_setzero_ps();
-            for w in 0..words {
-                let word = *b.add(w);
-                let lo = _mm512_loadu_ps(xp.add(w * 32));
-                let hi = _mm512_loadu_ps(xp.add(w * 32 + 16));
-                lo_acc = _mm512_mask_add_ps(lo_acc, word as u16, lo_acc, lo);
-                hi_acc = _mm512_mask_add_ps(hi_acc, (word >> 16) as u16, hi_acc, hi);
+        for r in 0..R {
+            for f in 0..F {
+                out[r * stride + f] = _mm512_reduce_add_ps(acc[r][f]);
             }
-            *sum = _mm512_reduce_add_ps(_mm512_add_ps(lo_acc, hi_acc));
-            row += 1;
+        }
+    }
+
+    /// Features `F_BIG, 4, 1` at a time for `R` rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows<const F_BIG: usize, const R: usize>(
+        x: [*const f32; R],
+        bits: &[u32],
+        words: usize,
+        sums: &mut [f32],
+    ) {
+        let count = bits.len() / words;
+        let bp = bits.as_ptr();
+        let mut f = 0;
+        while f + F_BIG <= count {
+            tile::<F_BIG, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            f += F_BIG;
+        }
+        while f + 4 <= count {
+            tile::<4, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            f += 4;
+        }
+        while f < count {
+            tile::<1, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            f += 1;
+        }
+    }
+
+    /// Safety: AVX-512F available; sizes as `Isa::masked_sums` checks them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn masked_sums(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+        const _: () = assert!(ROW_TILE == 4);
+        let p = |i: usize| xs[i].as_ptr();
+        match xs.len() {
+            4 => rows::<4, 4>([p(0), p(1), p(2), p(3)], bits, words, sums),
+            3 => rows::<4, 3>([p(0), p(1), p(2)], bits, words, sums),
+            2 => rows::<8, 2>([p(0), p(1)], bits, words, sums),
+            1 => rows::<16, 1>([p(0)], bits, words, sums),
+            _ => {}
         }
     }
 }
@@ -417,19 +465,26 @@ pub fn delta_matmul_on<F: Float>(
         .for_each(|(task, dst)| {
             let n0 = task * FEATURES_PER_TASK;
             let count = dst.len() / rows;
-            let mut sums = vec![0f32; count];
+            let mut sums = vec![0f32; ROW_TILE * count];
             for ((t, group_rows), planes_t) in groups.iter().zip(&live) {
                 for &p in planes_t {
                     let bits = &stack.plane(*t, p)[n0 * words..(n0 + count) * words];
                     let scales = stack.scales_of(*t, p);
-                    for &r in group_rows {
-                        isa.masked_sums(&xs[r * stride..(r + 1) * stride], bits, words, &mut sums);
-                        for (j, &neg) in sums.iter().enumerate() {
-                            let alpha = match stack.mode {
-                                ScaleMode::Matrix => scales[0],
-                                ScaleMode::Row => scales[n0 + j],
-                            };
-                            dst[j * rows + r] += alpha * (totals[r] - 2.0 * neg);
+                    for tile_rows in group_rows.chunks(ROW_TILE) {
+                        let x_tile: Vec<&[f32]> = tile_rows
+                            .iter()
+                            .map(|&r| &xs[r * stride..(r + 1) * stride])
+                            .collect();
+                        let sums = &mut sums[..tile_rows.len() * count];
+                        isa.masked_sums(&x_tile, bits, words, sums);
+                        for (&r, sums) in tile_rows.iter().zip(sums.chunks_exact(count)) {
+                            for (j, &neg) in sums.iter().enumerate() {
+                                let alpha = match stack.mode {
+                                    ScaleMode::Matrix => scales[0],
+                                    ScaleMode::Row => scales[n0 + j],
+                                };
+                                dst[j * rows + r] += alpha * (totals[r] - 2.0 * neg);
+                            }
                         }
                     }
                 }
@@ -592,6 +647,8 @@ mod tests {
             (3, 2, 70, 100, 3),
             (4, 1, 130, 257, 9),
             (1, 3, 64, 64, 2),
+            (1, 2, 77, 96, 11),
+            (2, 1, 45, 40, 14),
         ];
         for isa in isas() {
             for (seed, &(t, p, n, k, m)) in cases.iter().enumerate() {

@@ -12,21 +12,29 @@ from qdelta.bitplane import (
     unpack_signs,
     words_per_row,
 )
+from qdelta.calibration import prepare_calibration
+from qdelta.compress import compress
 from qdelta.delta import Delta, PackedLayer
+from qdelta.distill import DistillResult, distill
+from qdelta.distill import output_loss as distill_loss
 from qdelta.errors import (
     BaseMismatchError,
     BudgetError,
+    CalibrationError,
     ChecksumError,
     DTypeError,
     FileError,
     FormatError,
+    ModelMismatchError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
+    TargetError,
     UnknownTenantError,
     UnsupportedVersionError,
 )
 from qdelta.multitenant import MultiTenantLinear
+from qdelta.nn import BitDeltaEmbedding, BitDeltaLinear, apply, merge, unapply
 from qdelta.runtime import Generation, MultiTenantModel
 from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
@@ -34,30 +42,43 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseMismatchError",
+    "BitDeltaEmbedding",
+    "BitDeltaLinear",
     "BudgetError",
+    "CalibrationError",
     "ChecksumError",
     "DTypeError",
     "Delta",
     "DeltaFile",
     "DeltaStore",
+    "DistillResult",
     "FileError",
     "FormatError",
     "Generation",
+    "ModelMismatchError",
     "MultiTenantLinear",
     "MultiTenantModel",
     "NonFiniteError",
     "PackedLayer",
     "QDeltaError",
     "ShapeError",
+    "TargetError",
     "UnknownTenantError",
     "UnsupportedVersionError",
     "__version__",
+    "apply",
     "as_torch",
     "check_base",
+    "compress",
+    "distill",
+    "distill_loss",
     "fingerprint",
     "load",
+    "merge",
     "pack_residual",
     "pack_signs",
+    "prepare_calibration",
+    "unapply",
     "unpack_residual",
     "unpack_scaled",
     "unpack_signs",

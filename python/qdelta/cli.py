@@ -26,6 +26,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.file)
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from qdelta.compress_cli import run_compress
+
+    return run_compress(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every checksum of a .qdelta file (exit 0 or 1)")
     verify.add_argument("file")
     verify.set_defaults(func=_cmd_verify)
+    comp = sub.add_parser("compress", help="compress a fine-tune into a .qdelta file")
+    comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
+    comp.add_argument("finetuned", help="fine-tuned model directory")
+    comp.add_argument("-o", "--output", required=True, help="the .qdelta file to write")
+    comp.add_argument("--bits", type=int, default=1, help="sign planes per layer (default 1)")
+    comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
+    comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
+    comp.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.set_defaults(func=_cmd_compress)
     return parser
 
 

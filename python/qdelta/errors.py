@@ -18,13 +18,16 @@ from qdelta._core import (
 __all__ = [
     "BaseMismatchError",
     "BudgetError",
+    "CalibrationError",
     "ChecksumError",
     "DTypeError",
     "FileError",
     "FormatError",
+    "ModelMismatchError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
+    "TargetError",
     "UnknownTenantError",
     "UnsupportedVersionError",
 ]
@@ -34,8 +37,20 @@ class BaseMismatchError(QDeltaError):
     """A delta was applied to a base model it was not made against."""
 
 
+class ModelMismatchError(QDeltaError):
+    """Base and fine-tune (or a delta and a model) do not have the same architecture."""
+
+
+class TargetError(QDeltaError):
+    """A target / exclude pattern selects no layer, or selects one that cannot be compressed."""
+
+
+class CalibrationError(QDeltaError):
+    """Calibration data for scale distillation is missing, malformed or too short."""
+
+
 class UnknownTenantError(QDeltaError, KeyError):
-    """A tenant name or id that the store, a layer or the runtime does not know."""
+    """A tenant name or id that is not loaded, or not in the delta store."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""

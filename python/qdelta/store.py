@@ -249,23 +249,27 @@ class DeltaFile:
         dtype, shape, raw = self._file.tensor(name)
         return _typed(dtype, shape, raw)
 
+    def _packed(self, row: tuple) -> PackedLayer:
+        _name, shape, _bits, _scale, transposed, planes, scales = row
+        return PackedLayer(
+            planes=self.tensor(planes),
+            scales=self.tensor(scales),
+            shape=shape,
+            transposed=transposed,
+        )
+
     def layer(self, name: str) -> PackedLayer:
-        """One layer's planes and scales, zero-copy."""
-        return self.layers[name]
+        """One layer's planes and scales, zero-copy (only this layer is set up)."""
+        if self._layers is not None:
+            if name in self._layers:
+                return self._layers[name]
+        return self._packed(self._file.layer(name))
 
     @property
     def layers(self) -> dict[str, PackedLayer]:
         """Module name -> :class:`PackedLayer` whose planes/scales view the mapping."""
         if self._layers is None:
-            self._layers = {
-                name: PackedLayer(
-                    planes=self.tensor(planes),
-                    scales=self.tensor(scales),
-                    shape=shape,
-                    transposed=transposed,
-                )
-                for name, shape, _bits, _scale, transposed, planes, scales in self._file.layers
-            }
+            self._layers = {row[0]: self._packed(row) for row in self._file.layers}
         return self._layers
 
     @property

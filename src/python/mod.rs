@@ -153,7 +153,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ChecksumError", py.get_type::<ChecksumError>())?;
     m.add("FileError", py.get_type::<FileError>())?;
     bitplane::register(m)?;
-    store::register(m)?;
     gemv::register(m)?;
+    store::register(m)?;
     Ok(())
 }

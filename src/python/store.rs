@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyReadonlyArray1};
+use numpy::npyffi::NPY_ARRAY_WRITEABLE;
+use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyList;
 
 use super::{run, to_py};
 use crate::bitplane::ScaleMode;
@@ -94,6 +95,43 @@ impl PyDeltaFile {
             .collect()
     }
 
+    /// One row of the layer table (see `layers`).
+    #[allow(clippy::type_complexity)]
+    fn layer(
+        &self,
+        name: &str,
+    ) -> PyResult<(String, (usize, usize), usize, String, bool, String, String)> {
+        let e = self.inner.contents.layers.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self
+                .inner
+                .contents
+                .layers
+                .keys()
+                .take(10)
+                .map(|k| k.as_str())
+                .collect();
+            to_py(crate::Error::Value(format!(
+                "{}: no layer named {name:?} (layers: {}{})",
+                self.inner.path.display(),
+                known.join(", "),
+                if self.inner.contents.layers.len() > 10 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )))
+        })?;
+        Ok((
+            name.to_string(),
+            (e.shape[0], e.shape[1]),
+            e.bits,
+            e.scale.clone(),
+            e.transposed,
+            e.planes.clone(),
+            e.scales.clone(),
+        ))
+    }
+
     /// Names of the parameters kept whole.
     #[getter]
     fn params(&self) -> Vec<String> {
@@ -125,9 +163,9 @@ impl PyDeltaFile {
         // as its base object; the mapping is never written or unmapped while
         // `slf` lives. The array is made read-only before anyone sees it.
         let arr = unsafe { PyArray1::borrow_from_array(&view, slf.clone().into_any()) };
-        let kwargs = PyDict::new(slf.py());
-        kwargs.set_item("write", false)?;
-        arr.call_method("setflags", (), Some(&kwargs))?;
+        // SAFETY: clearing WRITEABLE on an array nobody else has seen yet is
+        // what numpy's PyArray_CLEARFLAGS does.
+        unsafe { (*arr.as_array_ptr()).fields.flags &= !NPY_ARRAY_WRITEABLE };
         Ok((info.dtype.name(), info.shape.clone(), arr))
     }
 
