@@ -320,3 +320,16 @@ def test_half_precision_base(dtype):
         if tenant is not None:  # and nearer its own model than the base
             base_logits = base(input_ids=torch.tensor([prompts[r]])).logits[0, -1].float()
             assert (logits[r] - want).norm() < 0.5 * (logits[r] - base_logits).norm()
+
+
+def test_serves_what_compress_produces(world, oracle):
+    """A delta from qdelta.compress (default targets) serves like its merged model."""
+    base, _ = world
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ft = trained(base, seed, steps=2)
+    delta = qdelta.compress(base, ft, bits=2, scale="row")
+    model = MultiTenantModel(base_copy(base), tenants={"c": delta})
+    prompts = _prompts(101, [5, 3], seed=12)
+    ids, mask = left_pad(prompts)
+    gen = model.generate(ids, ["c", None], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, ["c", None], prompts, {"c": merged(base, delta), None: oracle[None]})
