@@ -8,6 +8,7 @@ so the hot path has no Python loop over tenants or rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -110,8 +111,8 @@ class MultiTenantLinear(nn.Module):
         else:
             tid = self._as_id(key)
         device = self.planes.device
-        planes = torch.from_numpy(np.ascontiguousarray(layer.planes).view(np.int32)).to(device)
-        scales = torch.from_numpy(np.ascontiguousarray(layer.scales)).to(device)
+        planes = _read_only_tensor(np.ascontiguousarray(layer.planes).view(np.int32)).to(device)
+        scales = _read_only_tensor(np.ascontiguousarray(layer.scales)).to(device)
         if scales.dim() == 1:
             scales = scales[:, None].expand(-1, self.out_features)
         self._bits[tid] = layer.bits
@@ -232,3 +233,11 @@ def _pad_planes(t: torch.Tensor, depth: int) -> torch.Tensor:
         return t[:depth]
     pad = torch.zeros((depth - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     return torch.cat([t, pad])
+
+
+def _read_only_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor view of a (possibly read-only, memory-mapped) array that is only read
+    and copied into the tenant stack, so torch's non-writable warning does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
