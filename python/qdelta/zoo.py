@@ -600,6 +600,7 @@ def build_zoo(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # peft / transformers chatter
+            warnings.simplefilter("ignore", FutureWarning)
             manifest = _build(config, tmp, progress)
         _write_json(tmp / MANIFEST, manifest)
         try:
