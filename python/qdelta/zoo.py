@@ -133,7 +133,7 @@ class ZooConfig:
             max_doc_bytes=16_000,
             pretrain_steps=400,
             pretrain_lr=3e-3,
-            tenants=cls.standard_tenants(steps=60, lr=1e-3, lora_steps=60, lora_lr=3e-3, rank=8),
+            tenants=cls.standard_tenants(steps=100, lr=1e-3, lora_steps=100, lora_lr=1e-2, rank=8),
             eval_window=256,
             eval_batch_size=16,
         )
