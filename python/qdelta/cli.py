@@ -32,6 +32,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return run_compress(args)
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from qdelta.zoo import main as zoo_main
+
+    return zoo_main(
+        (["--tiny"] if args.tiny else [])
+        + ["--seed", str(args.seed)]
+        + (["--cache", args.cache] if args.cache else [])
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
     comp.add_argument("--seed", type=int, default=0)
     comp.set_defaults(func=_cmd_compress)
+    zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
+    zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qdelta/zoo)")
+    zoo.set_defaults(func=_cmd_zoo)
     return parser
 
 

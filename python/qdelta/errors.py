@@ -21,6 +21,7 @@ __all__ = [
     "CalibrationError",
     "ChecksumError",
     "DTypeError",
+    "EvalError",
     "FileError",
     "FormatError",
     "ModelMismatchError",
@@ -30,6 +31,7 @@ __all__ = [
     "TargetError",
     "UnknownTenantError",
     "UnsupportedVersionError",
+    "ZooError",
 ]
 
 
@@ -58,3 +60,11 @@ class UnknownTenantError(QDeltaError, KeyError):
 
 class BudgetError(QDeltaError):
     """Loaded tenant tensors would not fit the configured memory budget."""
+
+
+class ZooError(QDeltaError):
+    """The model zoo could not be built or loaded (missing corpus, bad cache)."""
+
+
+class EvalError(QDeltaError):
+    """An evaluation was asked for something undefined (empty text, ppl_ft == ppl_base)."""
