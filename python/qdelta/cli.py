@@ -10,8 +10,14 @@ from collections.abc import Sequence
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qdelta.demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed)
-    return 0
+    result = run_demo(
+        out_dir=args.out,
+        tiny=args.tiny,
+        cache_dir=args.cache,
+        distill_steps=args.steps,
+        seed=args.seed,
+    )
+    return 0 if all(s["matches_merged_dense_model"] for s in result["mixed_batch"]) else 1
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -48,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the end-to-end demonstration")
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
+    demo.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
+    demo.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
     demo.set_defaults(func=_cmd_demo)
     inspect = sub.add_parser(
         "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"

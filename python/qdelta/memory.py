@@ -1,0 +1,72 @@
+"""Memory arithmetic for serving N fine-tunes: N full models vs one base + N deltas.
+
+The measured side (actual tensors) lives with the runtime
+(:meth:`qdelta.MultiTenantModel.memory`); this module does the same sums for
+model shapes we cannot build here, such as a 7B Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+LLAMA_7B = {"layers": 32, "hidden": 4096, "mlp": 11008, "vocab": 32000}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    layers: int
+    hidden: int
+    mlp: int
+    vocab: int
+
+    @property
+    def linear_weights(self) -> int:
+        """q, k, v, o (hidden x hidden) and gate, up, down (hidden x mlp) per block."""
+        return self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.mlp)
+
+    @property
+    def linear_rows(self) -> int:
+        return self.layers * (4 * self.hidden + 2 * self.mlp + self.hidden)
+
+    @property
+    def norm_weights(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def embedding_weights(self) -> int:
+        return self.vocab * self.hidden
+
+
+def llama_serving_bytes(
+    shape: LlamaShape,
+    n: int,
+    *,
+    bits: int = 1,
+    row_scales: bool = True,
+    pack_embeddings: bool = False,
+    dtype_bytes: int = 2,
+) -> dict:
+    """Bytes of N full models vs one base + N deltas, for an untied Llama.
+
+    Each delta: ``bits`` sign planes of every block linear, float32 scales (per
+    row or per matrix), norms whole; embeddings and head whole (BitDelta's
+    choice) or packed like the linears (``pack_embeddings``).
+    """
+    full = dtype_bytes * (shape.linear_weights + 2 * shape.embedding_weights + shape.norm_weights)
+    scales_per_plane = shape.linear_rows if row_scales else 7 * shape.layers
+    delta = bits * shape.linear_weights // 8 + 4 * bits * scales_per_plane
+    delta += dtype_bytes * shape.norm_weights
+    if pack_embeddings:
+        delta += 2 * (bits * shape.embedding_weights // 8)
+        delta += 2 * 4 * bits * (shape.vocab if row_scales else 1)
+    else:
+        delta += dtype_bytes * 2 * shape.embedding_weights
+    return {
+        "n": n,
+        "full_models_bytes": n * full,
+        "base_plus_deltas_bytes": full + n * delta,
+        "ratio": n * full / (full + n * delta),
+        "delta_bytes": delta,
+        "shape": asdict(shape),
+        "pack_embeddings": pack_embeddings,
+    }

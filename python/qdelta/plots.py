@@ -1,0 +1,76 @@
+"""PNG plots of the demo's results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from qdelta.eval import ResultRow
+
+# Variants in the order they gain fidelity, with the x position (bits per weight).
+_BIT_VARIANTS = (
+    ("bitdelta-init", 1.0),
+    ("bitdelta-distilled", 1.0),
+    ("2-bit", 2.0),
+    ("3-bit", 3.0),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
+    """Perplexity vs bits per weight, one panel per tenant, base and fine-tune as lines."""
+    plt = _pyplot()
+    tenants = sorted({r.tenant for r in rows})
+    fig, axes = plt.subplots(1, len(tenants), figsize=(4 * len(tenants), 3.6), squeeze=False)
+    for ax, tenant in zip(axes[0], tenants, strict=True):
+        by_variant = {r.variant: r for r in rows if r.tenant == tenant}
+        ax.axhline(by_variant["base"].ppl, color="grey", ls="--", label="base")
+        ax.axhline(by_variant["finetune"].ppl, color="black", ls=":", label="fine-tune (fp)")
+        init = by_variant.get("bitdelta-init")
+        if init is not None:
+            ax.plot([1.0], [init.ppl], "o", color="tab:orange", label="1-bit, initial scales")
+        xs = [(x, by_variant[v].ppl) for v, x in _BIT_VARIANTS[1:] if v in by_variant]
+        ax.plot(*zip(*xs, strict=True), "o-", color="tab:blue", label="1-bit distilled, 2, 3-bit")
+        ax.set_title(f"{tenant} ({by_variant['base'].domain})")
+        ax.set_xlabel("bits per delta weight")
+        ax.set_xticks([1, 2, 3])
+    axes[0][0].set_ylabel("perplexity (held-out, per byte)")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(table: Sequence[dict], path: str | Path, title: str) -> Path:
+    """Resident bytes vs number of tenants: N full models vs one base + N deltas."""
+    plt = _pyplot()
+    ns = [r["n"] for r in table]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(ns, [r["full_models_bytes"] / 2**20 for r in table], "o-", label="N full fp16 models")
+    ax.plot(
+        ns,
+        [r["base_plus_deltas_bytes"] / 2**20 for r in table],
+        "o-",
+        label="base + N 1-bit deltas",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tenants N")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

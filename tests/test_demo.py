@@ -1,0 +1,65 @@
+"""The main job end to end on the tiny zoo configuration (what `make demo` runs at full size)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import qdelta
+from qdelta.cli import main
+from qdelta.eval import VARIANTS
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cache = tmp_path_factory.mktemp("zoo-cache")
+    code = main(["demo", "--tiny", "--cache", str(cache), "--out", str(out), "--steps", "8"])
+    return code, out, json.loads((out / "demo.json").read_text())
+
+
+def test_demo_runs_and_serves_every_row_like_its_dense_model(demo):
+    code, _, result = demo
+    assert code == 0
+    rows = result["mixed_batch"]
+    assert {r["tenant"] for r in rows} >= {"(base)", *result["tenants"]}
+    assert all(r["matches_merged_dense_model"] for r in rows)
+
+
+def test_quality_table_is_consistent(demo):
+    _, _, result = demo
+    by_tenant: dict[str, dict[str, dict]] = {}
+    for row in result["quality"]:
+        by_tenant.setdefault(row["tenant"], {})[row["variant"]] = row
+    assert len(by_tenant) >= 4
+    for variants in by_tenant.values():
+        assert set(variants) == set(VARIANTS)
+        base, ft = variants["base"]["ppl"], variants["finetune"]["ppl"]
+        for row in variants.values():
+            assert row["kept"] == pytest.approx((base - row["ppl"]) / (base - ft))
+        sizes = [variants[v]["delta_bytes"] for v in ("bitdelta-distilled", "2-bit", "3-bit")]
+        assert sizes == sorted(sizes) and sizes[0] < sizes[1]
+
+
+def test_memory_table_is_measured_and_grows_sublinearly(demo):
+    _, _, result = demo
+    zoo_rows = result["memory"]["zoo"]
+    assert [r["n"] for r in zoo_rows] == [1, 2, 4, 8, 16, 32, 64]
+    for row in zoo_rows:
+        assert row["base_plus_deltas_bytes"] == row["base_bytes"] + row["tenant_bytes"]
+        assert row["tenants_loaded"] == row["n"]
+    ratios = [r["ratio"] for r in zoo_rows]
+    assert ratios == sorted(ratios)
+    llama = result["memory"]["llama_7b"]["embeddings_packed"]
+    assert 7.5 < next(r["ratio"] for r in llama if r["n"] == 16) < 8.0  # 16x bytes / (1 + 1)
+
+
+def test_outputs_on_disk(demo):
+    _, out, result = demo
+    for path in result["plots"].values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    store = qdelta.DeltaStore(out / "deltas")
+    assert sorted(store.tenants()) == sorted(result["tenants"])
+    for name in store.tenants():
+        store.open(name).verify()
