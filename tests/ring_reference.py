@@ -40,3 +40,28 @@ def random_segments(seq_len: int, gen: torch.Generator, batch: int = 1) -> torch
             ids[c:] += 1
         rows.append(ids)
     return torch.stack(rows)
+
+
+def block_reference(q, k, v, causal, q_start, kv_start, qseg, kseg, scale=None):
+    """Float64 masked softmax of one block: (out, lse), out = 0 where nothing is visible."""
+    hq, hkv, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    q, k, v = (
+        q.double(),
+        k.double().repeat_interleave(hq // hkv, 1),
+        v.double().repeat_interleave(hq // hkv, 1),
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    allowed = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        allowed = (torch.arange(sq)[:, None] + q_start) >= (torch.arange(sk)[None, :] + kv_start)
+    allowed = allowed.expand(q.shape[0], 1, sq, sk)
+    if qseg is not None:
+        allowed = (
+            allowed
+            & (qseg.reshape(-1, sq)[:, :, None] == kseg.reshape(-1, sk)[:, None, :])[:, None]
+        )
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - torch.where(lse.isneginf(), 0.0, lse).unsqueeze(-1))
+    return p @ v, lse
