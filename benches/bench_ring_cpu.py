@@ -2,7 +2,7 @@
 
 Reports, per configuration, the wall time of forward and forward+backward (the
 slowest rank, median of a few runs) and the peak extra resident memory of each
-process while attention runs (ru_maxrss minus the RSS just before it). Every
+process while attention runs (ru_maxrss minus the RSS after a tiny warm-up run). Every
 configuration runs in fresh processes (the SDPA baseline too, as a world of 1),
 each process limited to one thread, so the numbers compare like with like.
 
@@ -44,6 +44,15 @@ def _job(rank, world_size, mode, seq_len, heads, head_dim, repeats, layout):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return ring_attention(q, k, v, causal=True, layout=layout, backend="sdpa")
 
+    # Page in the code paths (SDPA, autograd, gloo) with a tiny run first, so the
+    # RSS growth below is data, not libraries being loaded.
+    small = [t[:, :, : 16 * world_size].clone() for t in (q, k, v)] if mode == "sdpa" else None
+    if mode == "ring":
+        gen_small = torch.Generator().manual_seed(1)
+        full_small = [torch.randn(1, heads, 64, head_dim, generator=gen_small) for _ in range(3)]
+        small = [shard(t, world_size, rank, layout=layout) for t in full_small]
+    small = [t.requires_grad_() for t in small]
+    attend(*small).sum().backward()
     base = _rss_kib()
     times = {"forward": [], "forward_backward": []}
     for _ in range(repeats):
