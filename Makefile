@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.deps-installed
 EXTRAS  := dev,hf
 RESULTS ?= results
 
-.PHONY: demo test test-rust test-python lint bench wheel develop fuzz gpu-check clean
+.PHONY: demo test test-rust test-python lint bench wheel develop fuzz gpu-check gpu-wheelhouse clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,11 +44,26 @@ test: test-rust lint test-python
 
 bench: develop
 	mkdir -p benches/results
-	$(PY) -m pytest -q benches --benchmark-only --benchmark-json=benches/results/latest.json
+	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
 
 wheel: $(STAMP)
 	$(VENV)/bin/maturin build --release --out dist
+
+# On a GPU machine (torch + cupy, no Rust, no network): GPU tests + kernel benchmarks into $$OUT.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+# Here: what gpu-check needs carried: the abi3 wheel and pure-python test deps.
+GPU_TEST_DEPS := pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs pytest-timeout tqdm
+gpu-wheelhouse: $(STAMP)
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(VENV)/bin/maturin build --release --out wheelhouse
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--dest wheelhouse $(GPU_TEST_DEPS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --dest wheelhouse safetensors
+	ls wheelhouse
 
 clean:
 	rm -rf target dist $(VENV) python/qdelta/*.so

@@ -147,6 +147,43 @@ pub fn pack_signs<T: Float>(data: &[T], rows: usize, cols: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// `dst[c] = pos` where bit c is 0, `neg` where it is 1; word at a time so
+/// the 32-lane inner loop vectorises.
+#[inline]
+fn select_row<T: Copy>(src: &[u32], dst: &mut [T], pos: T, neg: T) {
+    let last_word = dst.len() / WORD_BITS;
+    let mut full = dst.chunks_exact_mut(WORD_BITS);
+    for (lane, &w) in (&mut full).zip(src) {
+        for (j, v) in lane.iter_mut().enumerate() {
+            *v = if (w >> j) & 1 == 0 { pos } else { neg };
+        }
+    }
+    let tail = full.into_remainder();
+    if let Some(&w) = src.get(last_word) {
+        for (j, v) in tail.iter_mut().enumerate() {
+            *v = if (w >> j) & 1 == 0 { pos } else { neg };
+        }
+    }
+}
+
+/// `acc[c] += a` where bit c is 0, `-a` where it is 1.
+#[inline]
+fn add_row(src: &[u32], acc: &mut [f32], a: f32) {
+    let last_word = acc.len() / WORD_BITS;
+    let mut full = acc.chunks_exact_mut(WORD_BITS);
+    for (lane, &w) in (&mut full).zip(src) {
+        for (j, v) in lane.iter_mut().enumerate() {
+            *v += if (w >> j) & 1 == 0 { a } else { -a };
+        }
+    }
+    let tail = full.into_remainder();
+    if let Some(&w) = src.get(last_word) {
+        for (j, v) in tail.iter_mut().enumerate() {
+            *v += if (w >> j) & 1 == 0 { a } else { -a };
+        }
+    }
+}
+
 /// Decodes one plane to +-1 as `i8` (the plain view of the signs).
 pub fn unpack_signs(packed: &[u32], rows: usize, cols: usize) -> Result<Vec<i8>> {
     check_packed(packed.len(), 1, rows, cols)?;
@@ -155,12 +192,7 @@ pub fn unpack_signs(packed: &[u32], rows: usize, cols: usize) -> Result<Vec<i8>>
     out.par_chunks_mut(cols)
         .zip(packed.par_chunks(words))
         .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(dst, src)| {
-            for (c, v) in dst.iter_mut().enumerate() {
-                let bit = (src[c / WORD_BITS] >> (c % WORD_BITS)) & 1;
-                *v = 1 - 2 * bit as i8;
-            }
-        });
+        .for_each(|(dst, src)| select_row(src, dst, 1i8, -1i8));
     Ok(out)
 }
 
@@ -228,22 +260,15 @@ pub fn unpack_planes<T: Float>(
                 if use_planes == 1 {
                     // One plane: each output is one of two values; pick, no math.
                     let a = scale(0, r);
-                    let (pos, neg) = (T::from_f32(a), T::from_f32(-a));
                     let src = &planes[r * words..(r + 1) * words];
-                    for (c, v) in dst.iter_mut().enumerate() {
-                        let bit = (src[c / WORD_BITS] >> (c % WORD_BITS)) & 1;
-                        *v = if bit == 0 { pos } else { neg };
-                    }
+                    select_row(src, dst, T::from_f32(a), T::from_f32(-a));
                     return;
                 }
                 acc.iter_mut().for_each(|a| *a = 0.0);
                 for p in 0..use_planes {
                     let a = scale(p, r);
                     let src = &planes[p * plane_len + r * words..p * plane_len + (r + 1) * words];
-                    for (c, v) in acc.iter_mut().enumerate() {
-                        let bit = (src[c / WORD_BITS] >> (c % WORD_BITS)) & 1;
-                        *v += if bit == 0 { a } else { -a };
-                    }
+                    add_row(src, acc, a);
                 }
                 for (d, a) in dst.iter_mut().zip(acc.iter()) {
                     *d = T::from_f32(*a);

@@ -14,6 +14,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from qdelta.compress_cli import run_compress
+
+    return run_compress(args)
+
+
 def _cmd_ring_demo(args: argparse.Namespace) -> int:
     from qdelta.ring.demo import run_ring_demo
 
@@ -34,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    comp = sub.add_parser("compress", help="compress a fine-tune into a .qdelta file")
+    comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
+    comp.add_argument("finetuned", help="fine-tuned model directory")
+    comp.add_argument("-o", "--output", required=True, help="the .qdelta file to write")
+    comp.add_argument("--bits", type=int, default=1, help="sign planes per layer (default 1)")
+    comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
+    comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
+    comp.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    comp.add_argument("--seed", type=int, default=0)
+    comp.set_defaults(func=_cmd_compress)
     ring = sub.add_parser(
         "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
     )

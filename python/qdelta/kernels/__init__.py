@@ -13,13 +13,15 @@ Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 
+from qdelta.errors import QDeltaError
 from qdelta.kernels import reference
 
-Backend = Literal["auto", "reference"]
+Backend = Literal["auto", "reference", "cuda"]
 
 
 def delta_matmul(
@@ -31,6 +33,10 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
+    if _use_cuda(backend, x):
+        from qdelta.kernels import cuda
+
+        return cuda.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
 
 
@@ -43,4 +49,31 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
+    if _use_cuda(backend, x):
+        from qdelta.kernels import cuda
+
+        return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
+
+
+_warned_no_cupy = False
+
+
+def _use_cuda(backend: str, x: torch.Tensor) -> bool:
+    """``cuda``: required; ``auto``: for CUDA tensors when cupy imports, else warn once."""
+    global _warned_no_cupy
+    if backend == "cuda" or (backend == "auto" and x.is_cuda):
+        from qdelta.kernels import cuda
+
+        if cuda.available():
+            return True
+        if backend == "cuda":
+            raise QDeltaError("backend 'cuda': expected a CUDA device and cupy, found none")
+        if not _warned_no_cupy:
+            _warned_no_cupy = True
+            warnings.warn(
+                "qdelta: cupy is not importable; CUDA tensors use the torch reference kernels",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return False

@@ -1,0 +1,255 @@
+"""GPU benchmark of the binary-delta matmul kernels (cuda/delta_matmul.cu).
+
+Decode: one row per tenant, B tenants, N = K; kernel vs (a) naive: B dense fp16
+matmuls of per-tenant weights (torch.bmm), (b) the memory floor: packed bytes /
+measured device-to-device bandwidth. Prefill: M = 512 rows of one tenant vs a
+dense fp16 GEMM of the same shape.
+
+GPU times come from CUDA events around the work only: the GPU is kept busy
+(torch.cuda._sleep) while the host enqueues, and L2 is flushed before each
+timed call so weights come from HBM. The host cost of one call (validation +
+launch) is reported separately. Bounded: fixed iteration counts and a total
+time budget; a configuration that fails is recorded, the rest still run.
+
+    python benches/gpu/bench_delta_gpu.py --out results/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+DECODE_SIZES = (4096, 8192)
+DECODE_TENANTS = (1, 4, 16, 64)
+PREFILL_ROWS = 512
+FLOOR_MIN_US = 20.0
+
+
+def gpu_time_us(fn, *, warmup: int, iters: int, flush: torch.Tensor) -> float:
+    """Median CUDA-event time of ``fn`` in microseconds, L2 flushed before each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    events = []
+    for _ in range(iters):
+        flush.zero_()
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(1_000_000)  # keeps the GPU busy while the host enqueues
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1000.0 for s, e in events)
+    return times[len(times) // 2]
+
+
+def host_call_us(fn, calls: int = 50) -> float:
+    """Host time to enqueue one call (no synchronization inside)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device bandwidth in bytes/s (bytes read + bytes written)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 10
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000.0 / reps
+    del src, dst
+    return 2 * nbytes / seconds
+
+
+def random_packed(tenants: int, n: int, k: int) -> torch.Tensor:
+    w = -(-k // 32)
+    return torch.randint(-(2**31), 2**31 - 1, (tenants, 1, n, w), dtype=torch.int32, device="cuda")
+
+
+def bench_decode(cuda_backend, n: int, b: int, bandwidth: float, flush, iters: int) -> dict:
+    k = n
+    planes = random_packed(b, n, k)
+    scales = torch.rand(b, 1, device="cuda") * 0.01
+    x = torch.randn(b, k, device="cuda", dtype=torch.float16)
+    ids = torch.arange(b, device="cuda")
+    out = torch.empty(b, n, device="cuda", dtype=torch.float16)
+
+    def kernel():
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, out=out, check_ids=False)
+
+    kernel_us = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
+    host_us = host_call_us(kernel)
+    packed_bytes = planes.numel() * 4
+    floor_us = packed_bytes / bandwidth * 1e6
+
+    dense = torch.randn(b, n, k, device="cuda", dtype=torch.float16)
+    xb = x[:, None, :]
+
+    def naive():
+        torch.bmm(xb, dense.transpose(1, 2))
+
+    naive_us = gpu_time_us(naive, warmup=3, iters=iters, flush=flush)
+    torch.cuda.empty_cache()
+    return {
+        "kind": "decode",
+        "N": n,
+        "K": k,
+        "B": b,
+        "kernel_us": kernel_us,
+        "naive_bmm_fp16_us": naive_us,
+        "speedup_vs_naive": naive_us / kernel_us,
+        "packed_bytes": packed_bytes,
+        "memory_floor_us": floor_us,
+        "kernel_over_floor": kernel_us / floor_us,
+        "floor_counts": floor_us > FLOOR_MIN_US,
+        "host_call_us": host_us,
+    }
+
+
+def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
+    k, m = n, PREFILL_ROWS
+    planes = random_packed(1, n, k)[0]
+    scales = torch.rand(1, device="cuda") * 0.01
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
+
+    def kernel():
+        cuda_backend.delta_matmul(x, planes, scales, out=out)
+
+    def gemm():
+        torch.matmul(x, dense.T, out=out)
+
+    kernel_us = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
+    dense_us = gpu_time_us(gemm, warmup=5, iters=iters, flush=flush)
+    return {
+        "kind": "prefill",
+        "M": m,
+        "N": n,
+        "K": k,
+        "kernel_us": kernel_us,
+        "dense_fp16_gemm_us": dense_us,
+        "kernel_over_dense": kernel_us / dense_us,
+        "kernel_tflops": 2 * m * n * k / kernel_us / 1e6,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Binary-delta matmul on {report['device']}",
+        "",
+        f"Copy bandwidth (read + write): {report['copy_bandwidth_GBps']:.0f} GB/s. "
+        "Times are medians of CUDA-event timings, L2 flushed before each call.",
+        "",
+        "## Decode (1 row per tenant, fp16)",
+        "",
+        "| N=K | B | kernel µs | naive bmm µs | speedup | floor µs | kernel/floor | host call µs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if r.get("kind") == "decode" and "kernel_us" in r:
+            ratio = f"{r['kernel_over_floor']:.2f}" + (
+                "" if r["floor_counts"] else " (floor < 20 µs)"
+            )
+            lines.append(
+                f"| {r['N']} | {r['B']} | {r['kernel_us']:.1f} | {r['naive_bmm_fp16_us']:.1f} | "
+                f"{r['speedup_vs_naive']:.1f}x | {r['memory_floor_us']:.1f} | {ratio} | "
+                f"{r['host_call_us']:.1f} |"
+            )
+    lines += [
+        "",
+        f"## Prefill (M = {PREFILL_ROWS}, one tenant, fp16)",
+        "",
+        "| N=K | kernel µs | dense fp16 GEMM µs | kernel/dense | kernel TFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if r.get("kind") == "prefill" and "kernel_us" in r:
+            lines.append(
+                f"| {r['N']} | {r['kernel_us']:.1f} | {r['dense_fp16_gemm_us']:.1f} | "
+                f"{r['kernel_over_dense']:.2f} | {r['kernel_tflops']:.0f} |"
+            )
+    failed = [r for r in report["results"] if "error" in r]
+    if failed:
+        lines += ["", "## Failed or skipped", ""]
+        lines += [f"- {r['kind']} {r.get('config')}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON and table")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting new configs")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per measurement")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"python": sys.version.split()[0], "platform": platform.platform()}
+    if not torch.cuda.is_available():
+        report.update(device="none", error="no CUDA device")
+        (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+        print("bench_delta_gpu: no CUDA device; nothing measured")
+        return 0
+    from qdelta.kernels import cuda as cuda_backend
+
+    if not cuda_backend.available():
+        report.update(device=torch.cuda.get_device_name(), error="cupy is not importable")
+        (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+        print("bench_delta_gpu: cupy is not importable; nothing measured")
+        return 1
+    started = time.monotonic()
+    report["device"] = torch.cuda.get_device_name()
+    report["torch"] = torch.__version__
+    bandwidth = copy_bandwidth()
+    report["copy_bandwidth_GBps"] = bandwidth / 1e9
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    report["results"] = results = []
+    configs = [("decode", (n, b)) for n in DECODE_SIZES for b in DECODE_TENANTS]
+    configs += [("prefill", (n,)) for n in DECODE_SIZES]
+    for kind, config in configs:
+        if time.monotonic() - started > args.budget_s:
+            results.append({"kind": kind, "config": config, "error": "skipped: time budget"})
+            continue
+        try:
+            if kind == "decode":
+                row = bench_decode(cuda_backend, *config, bandwidth, flush, args.iters)
+            else:
+                row = bench_prefill(cuda_backend, *config, flush, args.iters)
+        except Exception as exc:
+            traceback.print_exc()
+            row = {"kind": kind, "config": config, "error": f"{type(exc).__name__}: {exc}"}
+            torch.cuda.empty_cache()
+        row["device"] = report["device"]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    report["seconds"] = time.monotonic() - started
+    (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (args.out / "bench_delta_gpu.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+// Binary-delta matmul on tensor cores:  y[m, n] (+)= sum_p alpha[t, p(, n)] * x[m, :] . S[t, p, n, :]
+// with t = tenant_ids[m] (-1 = no delta), S = +-1 sign planes in the project's
+// bit layout (docs/FORMAT.md: packed along K, u32 LSB first, bit 1 = -1).
+//
+// How it works (docs/CUDA.md has the long form):
+// * qd_prep_x copies x into a fragment-ordered scratch xp[split][m][chunk][16]
+//   (u32 pairs): slot s of a 32-column chunk holds (x[15 - s], x[31 - s]).
+//   fp32 inputs are split into three bf16 parts (hi + mid + lo == x exactly).
+// * qd_delta_mm builds mma.m16n8k16 A fragments (16 output features x 16 k)
+//   straight from packed words in registers: ((w << s) & 0x80008000) | ONE
+//   puts bits (15 - s, 31 - s) into the sign bits of a +-1.0 half2, which
+//   matches slot s of xp. +-1 times a 16-bit x is exact; accumulation is fp32;
+//   alpha is applied in fp32 per plane and feature, so the only rounding is
+//   the fp32 sum and the final cast.
+// * A warp owns FT feature tiles x NT row tiles (8 rows each); KS warps split
+//   K and reduce through shared memory. A warp loops over the distinct tenants
+//   of its rows, masking the other rows' x fragments to zero.
+// * Tenant ids outside [-1, T) produce NaN rows (never silent garbage).
+// No headers are included: conversions and mma are inline PTX, so the file
+// compiles the same under cupy and under plain NVRTC.
+//
+// qdelta-instantiate: qd_prep_x<0>
+// qdelta-instantiate: qd_prep_x<1>
+// qdelta-instantiate: qd_prep_x<2>
+// qdelta-instantiate: qd_delta_mm<0, 2, 1, 1, 1, 8>
+// qdelta-instantiate: qd_delta_mm<1, 2, 1, 1, 1, 8>
+// qdelta-instantiate: qd_delta_mm<2, 2, 1, 1, 1, 8>
+// qdelta-instantiate: qd_delta_mm<0, 2, 4, 2, 2, 1>
+// qdelta-instantiate: qd_delta_mm<1, 2, 4, 2, 2, 1>
+// qdelta-instantiate: qd_delta_mm<2, 2, 4, 2, 2, 1>
+
+typedef unsigned int qd_u32;
+typedef unsigned short qd_u16;
+
+#define QD_FULL_MASK 0xffffffffu
+#define QD_NO_TENANT 0x7fffffff
+
+// DT: 0 = float16, 1 = bfloat16, 2 = float32 (computed as 3 bf16 splits).
+template <int DT> struct QdSplits { enum { value = 1 }; };
+template <> struct QdSplits<2> { enum { value = 3 }; };
+
+__device__ __forceinline__ float qd_f16_to_f32(qd_u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ qd_u16 qd_f32_to_f16(float f) {
+    qd_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float qd_bf16_to_f32(qd_u16 h) {
+    return __uint_as_float(((qd_u32)h) << 16);
+}
+__device__ __forceinline__ qd_u16 qd_f32_to_bf16(float f) {
+    qd_u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+template <int DT>
+__device__ __forceinline__ float qd_load(const void* p, long long i) {
+    if (DT == 2) return static_cast<const float*>(p)[i];
+    qd_u16 h = static_cast<const qd_u16*>(p)[i];
+    return DT == 0 ? qd_f16_to_f32(h) : qd_bf16_to_f32(h);
+}
+
+template <int DT>
+__device__ __forceinline__ void qd_store(void* p, long long i, float v) {
+    if (DT == 2) {
+        static_cast<float*>(p)[i] = v;
+    } else {
+        static_cast<qd_u16*>(p)[i] = DT == 0 ? qd_f32_to_f16(v) : qd_f32_to_bf16(v);
+    }
+}
+
+// x [M, K] (row stride ldx) -> xp [splits][M][W][16] u32, zero past K.
+template <int DT>
+__global__ void qd_prep_x(const void* __restrict__ x, long long ldx, int M, int K, int W,
+                          qd_u32* __restrict__ xp) {
+    const long long total = (long long)M * W * 16;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const int s = (int)(i & 15);
+        const long long cw = i >> 4;
+        const int c = (int)(cw % W);
+        const long long m = cw / W;
+        const int k0 = 32 * c + 15 - s;
+        const int k1 = 32 * c + 31 - s;
+        if (DT != 2) {
+            const qd_u16* xs = static_cast<const qd_u16*>(x);
+            const qd_u32 lo = k0 < K ? xs[m * ldx + k0] : 0u;
+            const qd_u32 hi = k1 < K ? xs[m * ldx + k1] : 0u;
+            xp[i] = lo | (hi << 16);
+        } else {
+            const float* xs = static_cast<const float*>(x);
+            float r0 = k0 < K ? xs[m * ldx + k0] : 0.0f;
+            float r1 = k1 < K ? xs[m * ldx + k1] : 0.0f;
+#pragma unroll
+            for (int sp = 0; sp < 3; ++sp) {
+                const qd_u16 b0 = qd_f32_to_bf16(r0);
+                const qd_u16 b1 = qd_f32_to_bf16(r1);
+                xp[sp * total + i] = (qd_u32)b0 | ((qd_u32)b1 << 16);
+                r0 -= qd_bf16_to_f32(b0);
+                r1 -= qd_bf16_to_f32(b1);
+            }
+        }
+    }
+}
+
+template <int DT>
+__device__ __forceinline__ void qd_mma(float (&d)[4], qd_u32 a0, qd_u32 a1, qd_u32 a2, qd_u32 a3,
+                                       qd_u32 b0, qd_u32 b1) {
+    if (DT == 0) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+}
+
+// +-1.0 pair from bits (15 - s, 31 - s) of the word; `ws` is already shifted by 4*t.
+template <int DT>
+__device__ __forceinline__ qd_u32 qd_signs(qd_u32 ws, int sh) {
+    const qd_u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
+    return ((ws << sh) & 0x80008000u) | one;
+}
+
+__device__ __forceinline__ int qd_warp_min(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(QD_FULL_MASK, v, o));
+    return v;
+}
+
+// One block: WF x WM warp tiles, each split over KS warps along K.
+// Warp tile: 16*FT features x 8*NT rows. Grid: x = row tiles, y = feature tiles.
+template <int DT, int FT, int NT, int WF, int WM, int KS>
+__global__ void __launch_bounds__(32 * WF * WM * KS)
+qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
+            const qd_u32* __restrict__ planes,  // [T][P][N][W]
+            const float* __restrict__ scales,   // [T][P] or [T][P][N]
+            const long long* __restrict__ ids,  // [M], or null: every row is tenant 0
+            const void* base, long long ldb,    // [M][N] added to the result, or null
+            void* y, long long ldy,             // [M][N]; may alias base
+            int M, int N, int W, int T, int P, int P_use, int row_scales, int vec_ok) {
+    constexpr int SPLITS = QdSplits<DT>::value;
+    constexpr int ACC = FT * NT * 4;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int ks = warp % KS;
+    const int wtile = warp / KS;
+    const int wf = wtile % WF;
+    const int wm = wtile / WF;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const int n0 = (blockIdx.y * WF + wf) * 16 * FT;
+    const long long m0 = ((long long)blockIdx.x * WM + wm) * 8 * NT;
+
+    // Lane i < 8*NT holds the tenant of row m0 + i; bad ids poison their row.
+    int my_id = -1;
+    int my_bad = 0;
+    if (lane < 8 * NT && m0 + lane < M) {
+        const long long v = ids ? ids[m0 + lane] : 0;
+        if (v >= 0 && v < T) my_id = (int)v;
+        else if (v != -1) my_bad = 1;
+    }
+
+    // This warp's share of the K chunks (a multiple of 4 words for 128-bit loads).
+    const int per = (((W + KS - 1) / KS) + 3) & ~3;
+    const int cb = ks * per;
+    const int ce = min(W, cb + per);
+
+    float acc[FT][NT][4];
+#pragma unroll
+    for (int f = 0; f < FT; ++f)
+#pragma unroll
+        for (int r = 0; r < NT; ++r)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[f][r][i] = 0.0f;
+
+    int cur = -1;
+    while (true) {
+        const int tenant = qd_warp_min(my_id > cur ? my_id : QD_NO_TENANT);
+        if (tenant == QD_NO_TENANT) break;
+        cur = tenant;
+        bool use[NT];
+        long long xrow[NT];
+#pragma unroll
+        for (int r = 0; r < NT; ++r) {
+            use[r] = __shfl_sync(QD_FULL_MASK, my_id, r * 8 + g) == tenant;
+            xrow[r] = m0 + r * 8 + g;
+        }
+        for (int p = 0; p < P_use; ++p) {
+            float part[FT][NT][4];
+#pragma unroll
+            for (int f = 0; f < FT; ++f)
+#pragma unroll
+                for (int r = 0; r < NT; ++r)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) part[f][r][i] = 0.0f;
+
+            const qd_u32* plane = planes + (long long)(tenant * P + p) * N * W;
+            const qd_u32* wrow[FT][2];
+#pragma unroll
+            for (int f = 0; f < FT; ++f)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = n0 + 16 * f + 8 * h + g;
+                    wrow[f][h] = n < N ? plane + (long long)n * W : nullptr;
+                }
+
+            for (int c = cb; c < ce; c += 4) {
+                qd_u32 wv[FT][2][4];
+#pragma unroll
+                for (int f = 0; f < FT; ++f)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const qd_u32* src = wrow[f][h];
+                        if (src == nullptr) {
+#pragma unroll
+                            for (int v = 0; v < 4; ++v) wv[f][h][v] = 0u;
+                        } else if (vec_ok) {
+                            const uint4 q = __ldg(reinterpret_cast<const uint4*>(src + c));
+                            wv[f][h][0] = q.x;
+                            wv[f][h][1] = q.y;
+                            wv[f][h][2] = q.z;
+                            wv[f][h][3] = q.w;
+                        } else {
+#pragma unroll
+                            for (int v = 0; v < 4; ++v) wv[f][h][v] = c + v < ce ? __ldg(src + c + v) : 0u;
+                        }
+                    }
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    const int chunk = c + v;
+                    if (chunk >= ce) break;
+                    qd_u32 b[SPLITS][NT][4];
+#pragma unroll
+                    for (int sp = 0; sp < SPLITS; ++sp)
+#pragma unroll
+                        for (int r = 0; r < NT; ++r) {
+                            uint4 q = make_uint4(0u, 0u, 0u, 0u);
+                            if (use[r]) {
+                                q = __ldg(reinterpret_cast<const uint4*>(
+                                    xp + (((long long)sp * M + xrow[r]) * W + chunk) * 16 + 4 * t4));
+                            }
+                            b[sp][r][0] = q.x;
+                            b[sp][r][1] = q.y;
+                            b[sp][r][2] = q.z;
+                            b[sp][r][3] = q.w;
+                        }
+#pragma unroll
+                    for (int f = 0; f < FT; ++f) {
+                        const qd_u32 lo = wv[f][0][v] << (4 * t4);
+                        const qd_u32 hi = wv[f][1][v] << (4 * t4);
+#pragma unroll
+                        for (int mk = 0; mk < 2; ++mk) {
+                            const qd_u32 a0 = qd_signs<DT>(lo, 2 * mk);
+                            const qd_u32 a1 = qd_signs<DT>(hi, 2 * mk);
+                            const qd_u32 a2 = qd_signs<DT>(lo, 2 * mk + 1);
+                            const qd_u32 a3 = qd_signs<DT>(hi, 2 * mk + 1);
+#pragma unroll
+                            for (int sp = 0; sp < SPLITS; ++sp)
+#pragma unroll
+                                for (int r = 0; r < NT; ++r)
+                                    qd_mma<DT>(part[f][r], a0, a1, a2, a3, b[sp][r][2 * mk],
+                                               b[sp][r][2 * mk + 1]);
+                        }
+                    }
+                }
+            }
+            // Scale this plane's partial sums by alpha[tenant, p(, feature)] in fp32.
+#pragma unroll
+            for (int f = 0; f < FT; ++f)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = n0 + 16 * f + 8 * h + g;
+                    float alpha = 0.0f;
+                    if (n < N) {
+                        const long long tp = (long long)tenant * P + p;
+                        alpha = row_scales ? scales[tp * N + n] : scales[tp];
+                    }
+#pragma unroll
+                    for (int r = 0; r < NT; ++r) {
+                        acc[f][r][2 * h] += alpha * part[f][r][2 * h];
+                        acc[f][r][2 * h + 1] += alpha * part[f][r][2 * h + 1];
+                    }
+                }
+        }
+    }
+
+    if (KS > 1) {
+        __shared__ float red[(KS > 1 ? KS : 1) * WF * WM * ACC * 32];
+        float* mine = red + ((wtile * KS + ks) * ACC) * 32;
+#pragma unroll
+        for (int f = 0; f < FT; ++f)
+#pragma unroll
+            for (int r = 0; r < NT; ++r)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) mine[((f * NT + r) * 4 + i) * 32 + lane] = acc[f][r][i];
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int f = 0; f < FT; ++f)
+#pragma unroll
+            for (int r = 0; r < NT; ++r)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float s = 0.0f;
+                    for (int k = 0; k < KS; ++k)
+                        s += red[((wtile * KS + k) * ACC + (f * NT + r) * 4 + i) * 32 + lane];
+                    acc[f][r][i] = s;
+                }
+    }
+
+    // C fragment: c0/c1 = feature g, rows 2*t4 and 2*t4+1; c2/c3 = feature g + 8.
+#pragma unroll
+    for (int r = 0; r < NT; ++r)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int row_lane = r * 8 + 2 * t4 + j;
+            const int bad = __shfl_sync(QD_FULL_MASK, my_bad, row_lane);
+            const long long m = m0 + row_lane;
+            if (m >= M) continue;
+#pragma unroll
+            for (int f = 0; f < FT; ++f)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = n0 + 16 * f + 8 * h + g;
+                    if (n >= N) continue;
+                    float v = bad ? __uint_as_float(0x7fc00000u) : acc[f][r][2 * h + j];
+                    if (base != nullptr) v += qd_load<DT>(base, m * ldb + n);
+                    qd_store<DT>(y, m * ldy + n, v);
+                }
+        }
+}

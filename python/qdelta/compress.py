@@ -1,0 +1,189 @@
+"""BitDelta compression: the weight deltas of a fine-tune as sign planes + scales.
+
+Which layers: by default every linear layer inside the transformer blocks
+(``nn.Linear`` and transformers' ``Conv1D``); embeddings, the head and norms
+are kept whole in ``Delta.params``. The planes and the initial scales
+(``alpha = mean |delta|``, per matrix or per row) come from the Rust core.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from qdelta.bitplane import ScaleMode, pack_residual
+from qdelta.delta import Delta, PackedLayer
+from qdelta.errors import ModelMismatchError, NonFiniteError, ShapeError, TargetError
+from qdelta.sources import (
+    LayerKind,
+    ModelSource,
+    as_module,
+    guess_layer_kinds,
+    layer_kinds,
+    state_dict_of,
+)
+
+Patterns = str | Sequence[str] | None
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """PEFT-style selection: exact name, ``.``-suffix, or a regex matching the whole name."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def in_block(name: str) -> bool:
+    """Inside a repeated transformer block: a numbered path component (``layers.3.``)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def _as_list(patterns: Patterns) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def select_targets(
+    kinds: Mapping[str, LayerKind],
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    compress_embeddings: bool = False,
+) -> list[str]:
+    """Names of the layers to compress, in model order.
+
+    Every pattern in ``targets`` and ``exclude`` must select at least one
+    layer: a typo is an error, not a silently uncompressed model.
+    """
+    wanted, unwanted = _as_list(targets), _as_list(exclude)
+    if wanted:
+        candidates = [n for n, k in kinds.items() if k != "embedding" or compress_embeddings]
+        _require_matches(wanted, candidates, "target")
+        chosen = [n for n in candidates if any(pattern_matches(p, n) for p in wanted)]
+    elif compress_embeddings:
+        chosen = list(kinds)
+    else:
+        chosen = [n for n, k in kinds.items() if k != "embedding" and in_block(n)]
+    _require_matches(unwanted, chosen, "exclude")
+    chosen = [n for n in chosen if not any(pattern_matches(p, n) for p in unwanted)]
+    if not chosen:
+        raise TargetError(
+            f"expected at least one layer to compress, found none among {len(kinds)} "
+            f"candidate layers (targets={wanted or 'default'}, exclude={unwanted})"
+        )
+    return chosen
+
+
+def _require_matches(patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+    for p in patterns:
+        if not any(pattern_matches(p, n) for n in names):
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise TargetError(
+                f"{what} pattern {p!r}: expected to match at least one layer "
+                f"(exact name, suffix or regex), matched none of: {sample or 'no layers'}"
+            )
+
+
+def check_same_architecture(
+    base: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, LayerKind] | None = None,
+) -> None:
+    """Same tensor names and shapes, else an error naming the first difference."""
+    missing = [k for k in finetuned if k not in base]
+    extra = [k for k in base if k not in finetuned]
+    if missing or extra:
+        raise ModelMismatchError(
+            "base and fine-tune: expected the same architecture, found tensors only in the "
+            f"fine-tune: {missing[:5]}, only in the base: {extra[:5]}"
+        )
+    embeddings = {f"{n}.weight" for n, k in (kinds or {}).items() if k == "embedding"}
+    for key, ft in finetuned.items():
+        if ft.shape != base[key].shape:
+            hint = " (vocabulary sizes must match)" if key in embeddings else ""
+            raise ShapeError(
+                f"{key}: expected the fine-tune's shape to equal the base's {list(base[key].shape)}, "
+                f"found {list(ft.shape)}{hint}"
+            )
+
+
+def check_finite(state: Mapping[str, torch.Tensor], which: str) -> None:
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = (~torch.isfinite(value)).nonzero()[0].tolist()
+            raise NonFiniteError(f"{which} {key}: expected finite values, found NaN/Inf at {bad}")
+
+
+def pack_layer(
+    name: str, base_w: torch.Tensor, ft_w: torch.Tensor, kind: LayerKind, bits: int, scale: str
+) -> PackedLayer:
+    """One layer's delta ``ft - base`` (float32) as planes + scales, ``[out, in]`` oriented."""
+    delta = ft_w.detach().cpu().float() - base_w.detach().cpu().float()
+    transposed = kind == "conv1d"
+    if transposed:
+        delta = delta.T
+    delta = delta.contiguous()
+    try:
+        planes, scales = pack_residual(delta, bits=bits, scale=scale)  # type: ignore[arg-type]
+    except NonFiniteError as err:
+        raise NonFiniteError(f"layer {name}: {err}") from None
+    return PackedLayer(planes, scales, tuple(delta.shape), transposed=transposed)
+
+
+def compress(
+    base: ModelSource,
+    finetuned: ModelSource,
+    *,
+    bits: int = 1,
+    scale: ScaleMode = "matrix",
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    compress_embeddings: bool = False,
+    tenant: str = "",
+) -> Delta:
+    """The fine-tune as a :class:`Delta` against ``base``.
+
+    ``base`` / ``finetuned``: ``nn.Module``, state dict, or a local Hugging
+    Face model directory. ``bits``: sign planes per layer (1 = BitDelta).
+    ``scale``: one scale per plane (``"matrix"``) or per plane and output row
+    (``"row"``). ``targets`` / ``exclude``: exact names, suffixes or regexes of
+    layers (see :func:`select_targets`). Tensors not compressed are stored
+    whole when they differ from the base. With only state dicts, every 2-D
+    ``*.weight`` is taken for an ``nn.Linear`` weight ``[out, in]``.
+    """
+    base_mod, ft_mod = as_module(base), as_module(finetuned)
+    base_sd = state_dict_of(base_mod if base_mod is not None else base)  # type: ignore[arg-type]
+    ft_sd = state_dict_of(ft_mod if ft_mod is not None else finetuned)  # type: ignore[arg-type]
+    module = ft_mod if ft_mod is not None else base_mod
+    kinds = layer_kinds(module) if module is not None else guess_layer_kinds(ft_sd)
+    kinds = {n: k for n, k in kinds.items() if f"{n}.weight" in ft_sd}
+    check_same_architecture(base_sd, ft_sd, kinds)
+    check_finite(base_sd, "base")
+    check_finite(ft_sd, "fine-tune")
+
+    names = select_targets(kinds, targets, exclude, compress_embeddings)
+    layers = {
+        n: pack_layer(n, base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"], kinds[n], bits, scale)
+        for n in names
+    }
+    covered = {f"{n}.weight" for n in names}
+    params = {
+        key: value.cpu().clone()
+        for key, value in ft_sd.items()
+        if key not in covered and not torch.equal(value, base_sd[key].to(value.device))
+    }
+    metadata = {
+        "bits": str(bits),
+        "scale": scale,
+        "architecture": type(module).__name__ if module is not None else "state_dict",
+        "compress_embeddings": str(bool(compress_embeddings)).lower(),
+    }
+    # The fingerprint comes from the .qdelta store; "" means "not fingerprinted".
+    return Delta(
+        layers=layers, params=params, base_fingerprint="", tenant=tenant, metadata=metadata
+    )

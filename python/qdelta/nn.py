@@ -1,0 +1,378 @@
+"""Drop-in modules: the base layer plus a packed delta, and the in-place verbs
+``apply`` / ``unapply`` / ``merge`` that swap them into a user's model.
+
+The wrapper holds the base layer itself (never a copy): one base serves every
+delta. The delta's matmul goes through :func:`qdelta.kernels.delta_matmul`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdelta import kernels
+from qdelta.delta import Delta, PackedLayer
+from qdelta.errors import ModelMismatchError, ShapeError
+from qdelta.kernels.reference import dense_delta
+from qdelta.reference import unpack_planes, unpack_signs
+from qdelta.sources import is_conv1d
+
+_STASH = "_qdelta_replaced"  # model attribute: state-dict name -> the original tensor
+
+
+def _planes_tensor(planes: np.ndarray) -> torch.Tensor:
+    """uint32 planes as an int32 tensor sharing their memory (read-only maps included)."""
+    view = np.ascontiguousarray(planes).view(np.int32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(view)
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+class _DeltaMatmul(torch.autograd.Function):
+    """``x @ D^T`` through the kernel dispatch, with gradients for ``x`` and the scales.
+
+    The backward does not rely on the kernel being differentiable: it decodes
+    the sign planes (torch reference) and forms both gradients densely.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, backend: str
+    ):
+        ctx.save_for_backward(x, planes, scales)
+        ctx.backend = backend
+        return kernels.delta_matmul(x, planes, scales.detach(), backend=backend)  # type: ignore[arg-type]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, planes, scales = ctx.saved_tensors
+        grad_x = grad_scales = None
+        g = grad.to(torch.float32)
+        # The signs are decoded once per backward (torch, any device).
+        signs = unpack_signs(planes, x.shape[-1]).to(torch.float32)  # [P, N, K]
+        if ctx.needs_input_grad[0]:
+            s = scales.detach().to(torch.float32)
+            s = s[:, None, None] if s.dim() == 1 else s[:, :, None]
+            grad_x = (g @ (signs * s).sum(0)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            per_plane = torch.einsum("mk,pnk->pmn", x.to(torch.float32), signs) * g
+            grad_scales = per_plane.sum((1, 2)) if scales.dim() == 1 else per_plane.sum(1)
+            grad_scales = grad_scales.to(scales.dtype)
+        return grad_x, None, grad_scales, None
+
+
+class BitDeltaLinear(nn.Module):
+    """``base_layer(x) + x @ (sum_p alpha_p S_p)^T`` for an ``nn.Linear`` or a GPT-2 ``Conv1D``.
+
+    ``planes`` is an int32 buffer ``[P, out, ceil(in/32)]`` (the uint32 bits);
+    ``scales`` a float32 parameter ``[P]`` or ``[P, out]``, trainable.
+    """
+
+    def __init__(self, base_layer: nn.Module, layer: PackedLayer, *, backend: str = "auto"):
+        super().__init__()
+        out_f, in_f = _linear_shape(base_layer)
+        if (out_f, in_f) != layer.shape:
+            raise ShapeError(
+                f"delta: expected a [{out_f}, {in_f}] (out, in) delta for this layer, "
+                f"found {list(layer.shape)}"
+            )
+        if is_conv1d(base_layer) != layer.transposed:
+            raise ModelMismatchError(
+                f"delta: made for a {'Conv1D' if layer.transposed else 'Linear'} layer, "
+                f"found {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_f, out_f
+        self.transposed = layer.transposed
+        self.backend = backend
+        self.merged = False
+        device = _linear_weight(base_layer).device
+        self.register_buffer("planes", _planes_tensor(layer.planes).to(device))
+        self.scales = nn.Parameter(torch.tensor(layer.scales, dtype=torch.float32, device=device))
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[0])
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` float32 delta (no gradient)."""
+        return dense_delta(self.planes, self.scales.detach(), self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        flat = x.reshape(-1, self.in_features)
+        # float(): a model-wide .half() must not change the kernel's scale dtype.
+        d = _DeltaMatmul.apply(flat, self.planes, self.scales.float(), self.backend)
+        return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the delta into the base weight (in place; the base layer is shared)."""
+        if not self.merged:
+            self._shift(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact to float rounding)."""
+        if self.merged:
+            self._shift(-1.0)
+            self.merged = False
+
+    def _shift(self, sign: float) -> None:
+        w = _linear_weight(self.base_layer)
+        d = self.delta_weight().to(w.device)
+        d = d.T if self.transposed else d
+        w.copy_((w.to(torch.float32) + sign * d).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        mode = "matrix" if self.scales.dim() == 1 else "row"
+        nbytes = self.planes.numel() * 4 + self.scales.numel() * 4
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, scale={mode}, delta_size={_human(nbytes)}, merged={self.merged}"
+        )
+
+
+class BitDeltaEmbedding(nn.Module):
+    """``base_layer(ids) + delta[ids]`` for an ``nn.Embedding`` whose delta was compressed."""
+
+    def __init__(self, base_layer: nn.Embedding, layer: PackedLayer):
+        super().__init__()
+        if tuple(base_layer.weight.shape) != layer.shape or layer.transposed:
+            raise ShapeError(
+                f"delta: expected a {list(base_layer.weight.shape)} embedding delta, "
+                f"found {list(layer.shape)}"
+            )
+        self.base_layer = base_layer
+        self.embedding_dim = base_layer.embedding_dim
+        device = base_layer.weight.device
+        self.register_buffer("planes", _planes_tensor(layer.planes).to(device))
+        self.scales = nn.Parameter(torch.tensor(layer.scales, dtype=torch.float32, device=device))
+
+    @property
+    def bits(self) -> int:
+        return int(self.planes.shape[0])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        flat = ids.reshape(-1)
+        rows = self.planes.index_select(1, flat)
+        scales = self.scales if self.scales.dim() == 1 else self.scales.index_select(1, flat)
+        d = unpack_planes(rows, scales.float(), self.embedding_dim)
+        return y + d.reshape(*ids.shape, self.embedding_dim).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        nbytes = self.planes.numel() * 4 + self.scales.numel() * 4
+        return f"{self.planes.shape[1]}, {self.embedding_dim}, bits={self.bits}, delta_size={_human(nbytes)}"
+
+
+DeltaModule = (BitDeltaLinear, BitDeltaEmbedding)
+
+
+def _linear_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.weight  # type: ignore[return-value]
+
+
+def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of an ``nn.Linear`` or a ``Conv1D`` (weight ``[in, out]``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    if is_conv1d(layer):
+        inp, out = layer.weight.shape
+        return int(out), int(inp)
+    raise ModelMismatchError(
+        f"delta layer: expected nn.Linear or Conv1D, found {type(layer).__name__}"
+    )
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _find_module(model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ModelMismatchError(
+            f"{what} {name!r}: expected the model to have this module, found none"
+        ) from None
+
+
+def _wrap(module: nn.Module, layer: PackedLayer, name: str, backend: str) -> nn.Module:
+    try:
+        if isinstance(module, nn.Embedding):
+            return BitDeltaEmbedding(module, layer)
+        return BitDeltaLinear(module, layer, backend=backend)
+    except (ShapeError, ModelMismatchError) as err:
+        raise type(err)(f"layer {name}: {err}") from None
+
+
+def _replace_tensors(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Swap whole tensors in (new objects, the base's stay untouched); returns the originals."""
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        _swap_each(model, params, originals)
+    except Exception:
+        _restore_tensors(model, originals)  # all or nothing
+        raise
+    return originals
+
+
+def _swap_each(
+    model: nn.Module, params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]
+) -> None:
+    for key, value in params.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = _find_module(model, owner_name, "tensor owner") if owner_name else model
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            old = owner._parameters[attr]
+            if old.shape != value.shape:
+                raise ShapeError(
+                    f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}"
+                )
+            new = value.to(device=old.device, dtype=old.dtype)
+            owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            old = owner._buffers[attr]
+            if old.shape != value.shape:
+                raise ShapeError(
+                    f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}"
+                )
+            owner._buffers[attr] = value.to(device=old.device, dtype=old.dtype)
+        else:
+            raise ModelMismatchError(
+                f"{key}: expected a parameter or buffer of the model, found none"
+            )
+        originals[key] = old
+
+
+def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    for key, old in originals.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        table = owner._parameters if isinstance(old, nn.Parameter) else owner._buffers
+        table[attr] = old
+
+
+def apply(model: nn.Module, delta: Delta, *, backend: str = "auto") -> nn.Module:
+    """Turn ``model`` (the base) into the fine-tune, in place, without copying base weights.
+
+    Target layers become :class:`BitDeltaLinear` / :class:`BitDeltaEmbedding`
+    wrapping the original layers; tensors stored whole in the delta replace
+    the model's (the originals are kept for :func:`unapply`).
+    """
+    if getattr(model, _STASH, None) is not None:
+        raise ModelMismatchError(
+            "model: expected a plain base model, found a delta already applied"
+        )
+    modules = {name: _find_module(model, name, "delta layer") for name in delta.layers}
+    for name, module in modules.items():
+        if isinstance(module, DeltaModule):
+            raise ModelMismatchError(
+                f"layer {name}: expected a base layer, found {type(module).__name__}"
+            )
+    wrapped = {n: _wrap(modules[n], layer, n, backend) for n, layer in delta.layers.items()}
+    originals = _replace_tensors(model, delta.params)
+    for name, new in wrapped.items():
+        _set_module(model, name, new)
+    object.__setattr__(model, _STASH, originals)
+    return model
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the original layers and tensors come back (merged layers unmerge)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DeltaModule):
+            if isinstance(module, BitDeltaLinear):
+                module.unmerge()
+            _set_module(model, name, module.base_layer)
+    originals = getattr(model, _STASH, None)
+    if originals:
+        _restore_tensors(model, originals)
+    if originals is not None:
+        object.__delattr__(model, _STASH)
+    return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module, delta: Delta) -> nn.Module:
+    """Write the fine-tune's dense weights into ``model`` in place (e.g. for export).
+
+    Unlike :func:`apply` this changes the base weights themselves.
+    """
+    if getattr(model, _STASH, None) is not None:
+        raise ModelMismatchError(
+            "model: expected a plain base model, found a delta applied (unapply it first)"
+        )
+    for name, layer in delta.layers.items():
+        module = _find_module(model, name, "delta layer")
+        weight = module.weight
+        if isinstance(module, nn.Embedding):
+            shape = tuple(weight.shape)
+        else:
+            try:
+                shape = _linear_shape(module)
+            except ModelMismatchError as err:
+                raise ModelMismatchError(f"layer {name}: {err}") from None
+        if shape != layer.shape or is_conv1d(module) != layer.transposed:
+            raise ShapeError(
+                f"layer {name}: expected a {list(shape)} delta, found {list(layer.shape)}"
+            )
+        d = torch.from_numpy(layer.dense()).to(weight.device)
+        d = d.T if layer.transposed else d
+        weight.copy_((weight.to(torch.float32) + d).to(weight.dtype))
+    for key, value in delta.params.items():
+        target = model.get_parameter(key) if _is_parameter(model, key) else model.get_buffer(key)
+        if target.shape != value.shape:
+            raise ShapeError(
+                f"{key}: expected shape {list(target.shape)}, found {list(value.shape)}"
+            )
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+    return model
+
+
+def _is_parameter(model: nn.Module, key: str) -> bool:
+    try:
+        model.get_parameter(key)
+        return True
+    except AttributeError:
+        return False
+
+
+def delta_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> every :class:`BitDeltaLinear` / :class:`BitDeltaEmbedding` in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DeltaModule)}
+
+
+def read_scales(model: nn.Module, delta: Delta) -> Delta:
+    """A copy of ``delta`` whose scales are the (trained) scales of the applied ``model``."""
+    modules = delta_modules(model)
+    layers = {}
+    for name, layer in delta.layers.items():
+        scales = modules[name].scales.detach().cpu().numpy().astype(np.float32, copy=True)
+        layers[name] = PackedLayer(layer.planes, scales, layer.shape, layer.transposed)
+    return Delta(
+        layers=layers,
+        params=dict(delta.params),
+        base_fingerprint=delta.base_fingerprint,
+        tenant=delta.tenant,
+        metadata=dict(delta.metadata),
+    )

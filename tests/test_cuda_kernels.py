@@ -1,0 +1,198 @@
+"""CUDA kernels vs the torch reference (needs a CUDA device and cupy; skipped otherwise).
+
+Fresh random inputs every run; outputs are NaN-poisoned before each launch so
+an element the kernel forgets to write fails the test.
+"""
+
+import pytest
+import torch
+
+from qdelta import QDeltaError, ShapeError
+from qdelta.kernels import reference
+
+pytestmark = pytest.mark.gpu
+
+cuda_backend = pytest.importorskip("qdelta.kernels.cuda")
+if not cuda_backend.available():
+    pytest.skip("needs a CUDA device and cupy", allow_module_level=True)
+
+DEV = torch.device("cuda")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
+DTYPES = list(TOL)
+
+
+@pytest.fixture(autouse=True)
+def sync_after_each_launch(monkeypatch):
+    monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
+
+
+def random_planes(t: int, p: int, n: int, k: int) -> torch.Tensor:
+    w = -(-k // 32)
+    planes = torch.randint(-(2**31), 2**31, (t, p, n, w), dtype=torch.int64, device=DEV)
+    tail = k - 32 * (w - 1)
+    if tail < 32:  # the format's zero tail padding
+        planes[..., -1] &= (1 << tail) - 1
+    return planes.to(torch.int32)
+
+
+def random_scales(t: int, p: int, n: int, row: bool) -> torch.Tensor:
+    shape = (t, p, n) if row else (t, p)
+    return torch.rand(shape, device=DEV) * 0.02 + 0.001
+
+
+def oracle(x, planes, scales, ids, base=None) -> torch.Tensor:
+    """float64 result from the reference's dense unpack."""
+    out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float64, device=DEV)
+    for t in range(planes.shape[0]):
+        rows = ids == t
+        if rows.any():
+            dense = reference.dense_delta(planes[t], scales[t], x.shape[1]).double()
+            out[rows] = x[rows].double() @ dense.T
+    if base is not None:
+        out += base.double()
+    return out
+
+
+def assert_close(y: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert y.dtype in TOL, what
+    finite = torch.isfinite(y)
+    if not finite.all():
+        bad = (~finite).nonzero()[:5].tolist()
+        pytest.fail(f"{what}: {int((~finite).sum())} non-finite outputs, first at {bad}")
+    err = (y.double() - want).abs()
+    scale = want.abs().max().clamp_min(1e-30)
+    rel = float(err.max() / scale)
+    if rel > TOL[y.dtype]:
+        where = divmod(int(err.argmax()), y.shape[1])
+        pytest.fail(
+            f"{what}: max relative error {rel:.3g} > {TOL[y.dtype]:.1g} at [row, col] = "
+            f"{list(where)}: got {float(y[where]):.6g}, expected {float(want[where]):.6g}"
+        )
+
+
+def poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 31, 33, 1024, 4097])
+@pytest.mark.parametrize("m", [1, 5, 64, 65, 600])
+def test_multi_tenant_matches_reference(dtype, k, m):
+    n_planes = 1 + (k + m) % 3
+    row = (k + m) % 2 == 0
+    t, n = 3, 80
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, n_planes, n, k)
+    scales = random_scales(t, n_planes, n, row)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, out=poisoned(m, n, dtype))
+    what = f"M={m} K={k} N={n} P={n_planes} {'row' if row else 'matrix'} scales {dtype}"
+    assert_close(y, oracle(x, planes, scales, ids), what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_both_paths_on_same_input(dtype, path):
+    m, k, n, t = 130, 300, 97, 4
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, 2, n, k)
+    scales = random_scales(t, 2, n, row=True)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, out=poisoned(m, n, dtype), path=path
+    )
+    assert_close(y, oracle(x, planes, scales, ids), f"path={path} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_single_tenant_with_bits_subset(dtype, m):
+    k, n = 777, 200
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(1, 3, n, k)[0]
+    scales = random_scales(1, 3, n, row=False)[0]
+    y = cuda_backend.delta_matmul(x, planes, scales, bits=2, out=poisoned(m, n, dtype))
+    ids = torch.zeros(m, dtype=torch.int64, device=DEV)
+    want = oracle(x, planes[None, :2], scales[None, :2], ids)
+    assert_close(y, want, f"bits=2 of 3, M={m} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [3, 200])
+def test_fused_base_add_in_place(dtype, m):
+    k, n, t = 4096, 256, 5
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, 1, n, k)
+    scales = random_scales(t, 1, n, row=False)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    base = torch.randn(m, n, device=DEV).to(dtype)
+    want = oracle(x, planes, scales, ids, base)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, base=base, out=base)
+    assert y.data_ptr() == base.data_ptr()
+    assert_close(y, want, f"in-place base add M={m} {dtype}")
+
+
+def test_decode_shape_of_the_benchmark():
+    b, n, k = 16, 4096, 4096
+    x = torch.randn(b, k, device=DEV).half()
+    planes = random_planes(b, 1, n, k)
+    scales = random_scales(b, 1, n, row=False)
+    ids = torch.arange(b, device=DEV)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, out=poisoned(b, n, x.dtype))
+    assert_close(y, oracle(x, planes, scales, ids), "decode B=16 N=K=4096")
+
+
+def test_runs_on_torch_current_stream():
+    m, k, n = 40, 512, 64
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(2, 1, n, k)
+    scales = random_scales(2, 1, n, row=True)
+    ids = torch.randint(0, 2, (m,), device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False)
+    side.synchronize()
+    assert_close(y, oracle(x, planes, scales, ids), "side stream")
+
+
+def test_out_of_range_tenant_raises_or_poisons_its_row():
+    m, k, n, t = 6, 64, 32, 2
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(t, 1, n, k)
+    scales = random_scales(t, 1, n, row=False)
+    ids = torch.tensor([0, 1, -1, t, 0, -5], device=DEV)
+    with pytest.raises(ShapeError, match="tenant_ids"):
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False)
+    assert torch.isnan(y[[3, 5]]).all()
+    good = torch.tensor([0, 1, 2, 4], device=DEV)
+    want = oracle(x[good], planes, scales, ids[good])
+    assert_close(y[good], want, "rows with valid ids beside invalid ones")
+
+
+def test_validation_errors_are_qdelta_errors():
+    x = torch.randn(4, 64, device=DEV).half()
+    planes = random_planes(1, 1, 8, 64)
+    scales = random_scales(1, 1, 8, row=False)
+    with pytest.raises(QDeltaError, match="on cuda"):
+        cuda_backend.multi_tenant_delta_matmul(x, planes.cpu(), scales, None)
+    with pytest.raises(ShapeError, match="W = ceil"):
+        cuda_backend.multi_tenant_delta_matmul(x[:, :32], planes, scales, None)
+    with pytest.raises(QDeltaError, match="float16, bfloat16 or float32"):
+        cuda_backend.multi_tenant_delta_matmul(x.double(), planes, scales, None)
+    with pytest.raises(ShapeError, match="scales"):
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales[:, :, None], None)
+
+
+def test_auto_backend_uses_cuda_for_cuda_tensors():
+    from qdelta import kernels
+
+    m, k, n = 8, 100, 48
+    x = torch.randn(m, k, device=DEV).bfloat16()
+    planes = random_planes(2, 2, n, k)
+    scales = random_scales(2, 2, n, row=True)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1], device=DEV)
+    y = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="auto")
+    assert y.is_cuda and y.dtype == torch.bfloat16
+    assert_close(y, oracle(x, planes, scales, ids), "backend=auto")
