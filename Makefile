@@ -46,6 +46,7 @@ bench: develop
 	mkdir -p benches/results
 	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
+	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
 
 wheel: $(STAMP)
 	$(VENV)/bin/maturin build --release --out dist

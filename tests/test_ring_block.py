@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import qdelta.ring.attention as ring_attention_module
+import qdelta.ring.block as ring_block_module
 from qdelta.errors import QDeltaError, ShapeError
 from qdelta.ring import (
     RingError,
@@ -177,7 +177,7 @@ VIRTUAL_CASES = [
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("case", VIRTUAL_CASES)
 def test_virtual_ring_matches_sdpa_forward_and_backward(backend, case, monkeypatch):
-    monkeypatch.setattr(ring_attention_module, "GRAD_ROWS", 3)  # several backward row tiles
+    monkeypatch.setattr(ring_block_module, "BACKWARD_ROWS", 3)  # several math backward tiles
     world, causal, layout, segs, hq, hkv, seq_len = case
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     seg = random_segments(seq_len, gen, 2) if segs else None
@@ -225,3 +225,38 @@ def test_blockwise_feedforward_equals_ffn(chunk):
         assert (a - b).abs().max() < 1e-12
     with pytest.raises(RingError):
         blockwise_feedforward(ffn, x, 0)
+
+
+@pytest.mark.parametrize("case", VIRTUAL_CASES[1:])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_virtual_ring_fused_cpu_backward_without_lse_gradient(case, dtype):
+    world, causal, layout, segs, hq, hkv, seq_len = case
+    seg = random_segments(seq_len, torch.Generator().manual_seed(7), 2) if segs else None
+    q, k, v = (rnd(2, h, seq_len, 8, dtype=dtype).requires_grad_() for h in (hq, hkv, hkv))
+    out = virtual_ring_attention(
+        q, k, v, world_size=world, causal=causal, segment_ids=seg, layout=layout, backend="sdpa"
+    )
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference_attention(qd, kd, vd, causal=causal, segment_ids=seg)
+    dout = rnd(*out.shape, dtype=dtype)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout.double()).sum(), (qd, kd, vd))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert (out.double() - ref).abs().max() < tol
+    for g, r in zip(got, want, strict=True):
+        assert (g.double() - r).abs().max() < tol
+
+
+def test_block_backward_fused_matches_math():
+    q, k, v = rnd(2, 4, 9, 8), rnd(2, 2, 13, 8), rnd(2, 2, 13, 8)
+    seg_q, seg_k = torch.tensor([0] * 4 + [1] * 5), torch.tensor([0] * 6 + [1] * 7)
+    # final out/lse of a query block that also saw other keys: merge two blocks
+    o1, l1 = block_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    o2, l2 = block_attention(q, rnd(2, 2, 5, 8), rnd(2, 2, 5, 8))
+    out, lse = merge(o1, l1, o2, l2)
+    dout = rnd(*out.shape)
+    kw = {"q_segment_ids": seg_q, "kv_segment_ids": seg_k, "causal": True, "q_start": 6}
+    fused = block_attention_backward(q, k, v, out, lse, dout, backend="sdpa", **kw)
+    math_ = block_attention_backward(q, k, v, out, lse, dout, backend="math", **kw)
+    for a, b in zip(fused, math_, strict=True):
+        assert (a - b).abs().max() < 1e-12

@@ -1,23 +1,16 @@
-"""cuda/attention_block.cu compiles with NVRTC for every shipped arch and instantiation."""
+"""cuda/attention_block.cu declares exactly the instantiations the cuda backend launches.
 
-import re
+tests/test_cuda_compile.py compiles every cuda/*.cu with NVRTC (sm_80, sm_90)
+for the instantiations its ``// qdelta-instantiate:`` lines declare.
+"""
 
-import pytest
-
-from qdelta.kernels.nvrtc import ARCHS, compile_source
+from qdelta.kernels.cuda import declared_instantiations
 from qdelta.ring import cuda_block
-
-SOURCE = cuda_block.SOURCE.read_text()
 
 
 def test_instantiate_lines_match_the_backend():
-    listed = [n.strip() for n in re.findall(r"qdelta-instantiate:\s*(.+)", SOURCE)]
-    assert sorted(listed) == sorted(cuda_block.instantiations())
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_attention_block_compiles(arch):
-    ptx = compile_source(SOURCE, "attention_block.cu", arch, cuda_block.instantiations())
-    text = ptx.decode(errors="replace")
-    assert text.count(".entry") == len(cuda_block.instantiations())
-    assert f".target {arch}" in text
+    declared = declared_instantiations(cuda_block.SOURCE.read_text())
+    assert sorted(d.replace(" ", "") for d in declared) == sorted(
+        i.replace(" ", "") for i in cuda_block.instantiations()
+    )
+    assert len(declared) == 4  # fp16/bf16 x head dims 64/128

@@ -31,7 +31,6 @@ from qdelta.ring.layout import Chunk, Layout, rank_chunks, seq_len_from_local, s
 from qdelta.ring.merge import empty_partial, merge_
 
 KV_TAG, GRAD_TAG = 11, 12
-GRAD_ROWS = 256  # query rows per backward tile
 
 
 @dataclass(frozen=True)
@@ -102,35 +101,30 @@ def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
 
 
 def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq):
-    """Add this K/V block's share to dq; return the block's (dk, dv) share.
-
-    Query rows go in tiles of GRAD_ROWS so the score-sized temporaries of the
-    backward stay bounded (GRAD_ROWS x block length) however long the shard is.
-    """
+    """Add this K/V block's share to dq; return the block's (dk, dv) share."""
     acc = dq.dtype
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
-        for r0 in range(0, qc.length, GRAD_ROWS):
-            rows = slice(qs.start + r0, min(qs.stop, qs.start + r0 + GRAD_ROWS))
-            bdq, bdk, bdv = block_attention_backward(
-                q[:, :, rows],
-                k[:, :, ks],
-                v[:, :, ks],
-                out[:, :, rows],
-                lse[:, :, rows],
-                dout[:, :, rows],
-                None if dlse is None else dlse[:, :, rows],
-                softmax_scale=plan.scale,
-                causal=causal,
-                q_start=qc.start + r0,
-                kv_start=kc.start,
-                q_segment_ids=_seg(qseg, rows),
-                kv_segment_ids=_seg(kseg, ks),
-            )
-            dq[:, :, rows] += bdq
-            dk[:, :, ks] += bdk
-            dv[:, :, ks] += bdv
+        bdq, bdk, bdv = block_attention_backward(
+            q[:, :, qs],
+            k[:, :, ks],
+            v[:, :, ks],
+            out[:, :, qs],
+            lse[:, :, qs],
+            dout[:, :, qs],
+            None if dlse is None else dlse[:, :, qs],
+            softmax_scale=plan.scale,
+            causal=causal,
+            q_start=qc.start,
+            kv_start=kc.start,
+            q_segment_ids=_seg(qseg, qs),
+            kv_segment_ids=_seg(kseg, ks),
+            backend=plan.backend,
+        )
+        dq[:, :, qs] += bdq
+        dk[:, :, ks] += bdk
+        dv[:, :, ks] += bdv
     return dk, dv
 
 

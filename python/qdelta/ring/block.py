@@ -158,6 +158,9 @@ def _math_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
     return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
 
 
+BACKWARD_ROWS = 256  # query rows per tile of the math backward (bounds its temporaries)
+
+
 def block_attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,21 +176,51 @@ def block_attention_backward(
     kv_start: int = 0,
     q_segment_ids: torch.Tensor | None = None,
     kv_segment_ids: torch.Tensor | None = None,
+    backend: Backend = "math",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of ``(dq, dk, dv)`` in the partial dtype.
 
     ``out`` and ``lse`` are the *final* (all blocks merged) values of the query
     rows, ``dout``/``dlse`` their gradients: then ``p = exp(s - lse)`` are the
     true attention weights and the block gradients simply add up.
+
+    Backends: ``math`` (torch, in tiles of BACKWARD_ROWS query rows); ``sdpa`` /
+    ``auto`` use torch's fused CPU flash backward where it applies (CPU, no
+    ``dlse``, every row's final lse finite) and ``math`` otherwise.
     """
     scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
+    if backend not in BACKENDS:
+        raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+    args = (q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start)
+    if backend != "math" and q.device.type == "cpu" and dlse is None and torch.isfinite(lse).all():
+        return _sdpa_cpu_backward(*args, q_segment_ids, kv_segment_ids)
+    acc = partial_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for r0 in range(0, q.shape[2], BACKWARD_ROWS):
+        rows = slice(r0, r0 + BACKWARD_ROWS)
+        tile = [t[:, :, rows] if t is not None else None for t in (q, out, lse, dout, dlse)]
+        qseg = None if q_segment_ids is None else q_segment_ids[..., rows]
+        tq, tk, tv = _math_backward_tile(
+            tile[0], k, v, tile[1], tile[2], tile[3], tile[4], scale, causal,
+            q_start + r0, kv_start, qseg, kv_segment_ids,
+        )  # fmt: skip
+        dq[:, :, rows] = tq
+        dk += tk
+        dv += tv
+    return dq, dk, dv
+
+
+def _math_backward_tile(
+    q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg
+):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     acc = partial_dtype(q.dtype)
-    mask = allowed_mask(sq, sk, causal, q_start, kv_start, q_segment_ids, kv_segment_ids, q.device)
-    s = _scores(q, k, scale, mask)
-    lse_g = _gqa_view(lse.to(acc).unsqueeze(-1), hkv)
-    p = torch.exp(s - _finite_or_zero(lse_g))
+    mask = allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+    p = _scores(q, k, scale, mask)  # becomes the attention weights in place
+    p.sub_(_finite_or_zero(_gqa_view(lse.to(acc).unsqueeze(-1), hkv))).exp_()
     do = _gqa_view(dout.to(acc), hkv)
     delta = (do * _gqa_view(out.to(acc), hkv)).sum(-1, keepdim=True)
     if dlse is not None:
@@ -195,10 +228,41 @@ def block_attention_backward(
     vg = v.to(acc).unsqueeze(2)
     kg = k.to(acc).unsqueeze(2)
     dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
-    ds = p * (torch.matmul(do, vg.transpose(-1, -2)) - delta)
-    dq = torch.matmul(ds, kg) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), _gqa_view(q.to(acc), hkv)).sum(2) * scale
+    ds = torch.matmul(do, vg.transpose(-1, -2)).sub_(delta).mul_(p)
+    del p
+    dq = torch.matmul(ds, kg).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), _gqa_view(q.to(acc), hkv)).sum(2).mul_(scale)
     return dq.reshape(b, hq, sq, d), dk, dv
+
+
+def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg):
+    """torch's fused CPU flash backward, fed the final out/lse (exact per block)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    acc = partial_dtype(q.dtype)
+    diagonal = causal and q_start == kv_start and sq == sk and qseg is None
+    mask = (
+        None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+    )
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.to(q.dtype).contiguous(),
+        q.contiguous(),
+        _expand_kv(k, hq).contiguous(),
+        _expand_kv(v, hq).contiguous(),
+        out.to(q.dtype).contiguous(),
+        lse.to(lse_dtype).contiguous(),
+        0.0,
+        diagonal,
+        attn_mask=bias,
+        scale=scale,
+    )
+    dk = dk.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+    dv = dv.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+    return dq.to(acc), dk, dv
 
 
 # ---------------------------------------------------------------- sdpa backend
