@@ -311,8 +311,13 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
         else:
             bias = None
             if mask is not None:
-                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-                bias = bias.masked_fill(~mask, float("-inf")).expand(q.shape[0], q.shape[1], sq, sk)
+                # The kernel wants the bias rows 16-element aligned: pad, then slice.
+                padded = (sk + 15) // 16 * 16
+                full = torch.zeros(
+                    q.shape[0], q.shape[1], sq, padded, dtype=q.dtype, device=q.device
+                )
+                bias = full[..., :sk]
+                bias.masked_fill_(~mask.expand(q.shape[0], q.shape[1], sq, sk), float("-inf"))
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, bias, True, 0.0, diagonal, scale=scale
             )[:2]
