@@ -15,7 +15,7 @@ segment ids (``[B, S]`` or ``[S]`` integers), when both lie in the same segment.
 Backends: ``math`` (torch, the reference), ``sdpa`` (torch's fused kernels that
 return the log-sum-exp; falls back to ``math`` with a RingBackendWarning where
 they cannot run a case), ``cuda`` (cuda/attention_block.cu through cupy),
-``auto`` (``cuda`` for fp16/bf16 on a GPU with cupy, else ``sdpa``).
+``auto`` (``sdpa``; the ``cuda`` kernel runs only on request).
 """
 
 from __future__ import annotations
@@ -333,9 +333,6 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
 
 
 def _auto_backend(q: torch.Tensor) -> str:
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        from qdelta.ring import cuda_block
-
-        if cuda_block.available() and q.shape[-1] in cuda_block.HEAD_DIMS:
-            return "cuda"
+    # The fused torch kernels (flash attention on CUDA) are the fastest block
+    # backend today; the cuda kernel (no tensor cores) runs on request.
     return "sdpa"
