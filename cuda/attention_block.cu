@@ -3,7 +3,8 @@
 // (python/qdelta/ring/merge.py). Online softmax over key tiles held in shared
 // memory; no tensor-core intrinsics (the build has no <mma.h>).
 //
-// Layout: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] contiguous, fp16 or bf16;
+// Layout: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] contiguous, fp16 (DT = 0) or
+// bf16 (DT = 1) passed as their 16-bit patterns;
 // out [B, Hq, Sq, D] fp32, lse [B, Hq, Sq] fp32 (natural log). GQA: query head
 // h reads kv head h / (Hq / Hkv). Query i may see key j when
 // (!causal || q_start + i >= kv_start + j) and (no segment ids ||
@@ -13,13 +14,13 @@
 // Threads: 4 per query row (each owns D/4 consecutive dims), 32 rows per
 // 128-thread block; grid (ceil(Sq / 32), Hq, B).
 //
-// qdelta-instantiate: attention_block<__half, 64>
-// qdelta-instantiate: attention_block<__half, 128>
-// qdelta-instantiate: attention_block<__nv_bfloat16, 64>
-// qdelta-instantiate: attention_block<__nv_bfloat16, 128>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// No headers are included (conversions are a bit shift and one PTX cvt), so
+// the file compiles the same under cupy and under plain NVRTC.
+//
+// qdelta-instantiate: attention_block<0, 64>
+// qdelta-instantiate: attention_block<0, 128>
+// qdelta-instantiate: attention_block<1, 64>
+// qdelta-instantiate: attention_block<1, 128>
 
 namespace {
 
@@ -32,14 +33,22 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+typedef unsigned short u16;
+
+// 16-bit pattern -> fp32: DT 0 = IEEE half, DT 1 = bfloat16.
+template <int DT>
+__device__ __forceinline__ float to_float(u16 x) {
+  if (DT == 1) return __int_as_float(((unsigned int)x) << 16);
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+}
 
 }  // namespace
 
-template <typename T, int D>
+template <int DT, int D>
 __global__ void __launch_bounds__(kThreads) attention_block(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     float* __restrict__ out, float* __restrict__ lse,
     const int* __restrict__ q_seg, const int* __restrict__ kv_seg, int seg_batched,
     int hq, int hkv, int sq, int sk, float scale, int causal,
@@ -47,8 +56,8 @@ __global__ void __launch_bounds__(kThreads) attention_block(
   static_assert(D % (2 * kThreadsPerRow) == 0, "head dim must split into half pairs");
   constexpr int kPart = D / kThreadsPerRow;  // dims owned by one thread
 
-  __shared__ T k_tile[kTileKeys][D];
-  __shared__ T v_tile[kTileKeys][D];
+  __shared__ u16 k_tile[kTileKeys][D];
+  __shared__ u16 v_tile[kTileKeys][D];
 
   const int b = blockIdx.z;
   const int h = blockIdx.y;
@@ -59,9 +68,9 @@ __global__ void __launch_bounds__(kThreads) attention_block(
   const int qi = blockIdx.x * kRows + row;
   const bool valid = qi < sq;
 
-  const T* q_row = q + ((long long)(b * hq + h) * sq + (valid ? qi : 0)) * D + part * kPart;
-  const T* k_head = k + (long long)(b * hkv + h_kv) * sk * D;
-  const T* v_head = v + (long long)(b * hkv + h_kv) * sk * D;
+  const u16* q_row = q + ((long long)(b * hq + h) * sq + (valid ? qi : 0)) * D + part * kPart;
+  const u16* k_head = k + (long long)(b * hkv + h_kv) * sk * D;
+  const u16* v_head = v + (long long)(b * hkv + h_kv) * sk * D;
   const int* q_seg_b = q_seg ? q_seg + (seg_batched ? (long long)b * sq : 0) : nullptr;
   const int* kv_seg_b = kv_seg ? kv_seg + (seg_batched ? (long long)b * sk : 0) : nullptr;
 
@@ -71,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) attention_block(
   const float qscale = scale * kLog2e;
 #pragma unroll
   for (int i = 0; i < kPart; ++i) {
-    qf[i] = valid ? to_float(q_row[i]) * qscale : 0.f;
+    qf[i] = valid ? to_float<DT>(q_row[i]) * qscale : 0.f;
     acc[i] = 0.f;
   }
   const long long q_pos = q_start + qi;
@@ -88,8 +97,8 @@ __global__ void __launch_bounds__(kThreads) attention_block(
       const int j = idx / D;
       const int d = idx % D;
       const bool in = t0 + j < sk;
-      k_tile[j][d] = in ? k_head[(long long)(t0 + j) * D + d] : T(0.f);
-      v_tile[j][d] = in ? v_head[(long long)(t0 + j) * D + d] : T(0.f);
+      k_tile[j][d] = in ? k_head[(long long)(t0 + j) * D + d] : (u16)0;
+      v_tile[j][d] = in ? v_head[(long long)(t0 + j) * D + d] : (u16)0;
     }
     __syncthreads();
 
@@ -103,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) attention_block(
       for (int j = 0; j < kSubKeys; ++j) {
         float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < kPart; ++i) dot += qf[i] * to_float(k_tile[j0 + j][part * kPart + i]);
+        for (int i = 0; i < kPart; ++i) dot += qf[i] * to_float<DT>(k_tile[j0 + j][part * kPart + i]);
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);
         dot += __shfl_xor_sync(0xffffffffu, dot, 2);
         const int kj = t0 + j0 + j;
@@ -124,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) attention_block(
           const float p = exp2f(s[j] - m_new);
           l += p;
 #pragma unroll
-          for (int i = 0; i < kPart; ++i) acc[i] += p * to_float(v_tile[j0 + j][part * kPart + i]);
+          for (int i = 0; i < kPart; ++i) acc[i] += p * to_float<DT>(v_tile[j0 + j][part * kPart + i]);
         }
         m = m_new;
       }

@@ -19,7 +19,7 @@ SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "attention_block.cu"
 HEAD_DIMS = (64, 128)
 ROWS_PER_BLOCK = 32
 THREADS = 128
-_CTYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_CTYPES = {torch.float16: "0", torch.bfloat16: "1"}  # the kernel's DT template argument
 
 
 def available() -> bool:
