@@ -72,8 +72,9 @@ def run_ring(
 ) -> list[RankOutcome]:
     """Run ``fn(rank, world_size, *args)`` on a fresh local ring; every rank's outcome.
 
-    A rank that has not finished ``timeout`` seconds after the start (or ``grace``
-    seconds after another rank failed) is killed and reported as hung.
+    A rank that has not finished ``timeout`` seconds after the start, ``grace``
+    seconds after another rank failed, or ``pg_timeout + grace`` seconds after
+    another rank finished, is killed and reported as hung.
     """
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=pg_timeout))  # fmt: skip
@@ -100,6 +101,7 @@ def run_ring(
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
+        first_exit = False
         try:
             while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
                 if any(p.exitcode not in (None, 0) for p in procs) or any(
@@ -107,6 +109,11 @@ def run_ring(
                     for r in range(world_size)
                 ):
                     deadline = min(deadline, time.monotonic() + grace)
+                elif any(p.exitcode == 0 for p in procs) and not first_exit:
+                    # A rank still waiting on a finished one fails within the
+                    # process group timeout; past that it is hung.
+                    first_exit = True
+                    deadline = min(deadline, time.monotonic() + pg_timeout + grace)
                 time.sleep(0.05)
         finally:
             for p in procs:
