@@ -46,7 +46,23 @@ bench: develop
 	mkdir -p benches/results
 	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
 	$(PY) benches/report.py benches/results/latest.json
+	$(PY) benches/report_gemv.py benches/results/latest.json
+	$(PY) benches/bench_store.py
+	$(PY) benches/bench_runtime.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
+
+FUZZ_SECONDS ?= 60
+# Fuzzes the .qdelta header parser for FUZZ_SECONDS with libFuzzer (cargo-fuzz,
+# nightly); where cargo-fuzz is missing, the stable-Rust mutation fuzz instead.
+fuzz:
+	@if cargo +nightly fuzz --version >/dev/null 2>&1; then \
+	  mkdir -p fuzz/corpus/header && cd fuzz && \
+	  cargo +nightly fuzz run header corpus/header seeds -- \
+	    -max_total_time=$(FUZZ_SECONDS) -dict=header.dict; \
+	else \
+	  echo "cargo-fuzz not found (cargo install cargo-fuzz); running the stable mutation fuzz"; \
+	  QDELTA_FUZZ_ITERS=300000 cargo test --release --quiet mutation_fuzz -- --nocapture; \
+	fi
 
 wheel: $(STAMP)
 	$(VENV)/bin/maturin build --release --out dist

@@ -16,6 +16,9 @@
 //   K and reduce through shared memory. A warp loops over the distinct tenants
 //   of its rows, masking the other rows' x fragments to zero.
 // * Tenant ids outside [-1, T) produce NaN rows (never silent garbage).
+// The "mma" kernel above is kept as a fallback path; the default paths are the
+// lookup-table decode kernel (qd_delta_lut + qd_lut_finish) and, for many rows,
+// the dense expansion (qd_expand) followed by cuBLAS; see the end of this file.
 // No headers are included: conversions and mma are inline PTX, so the file
 // compiles the same under cupy and under plain NVRTC.
 //
@@ -28,6 +31,21 @@
 // qdelta-instantiate: qd_delta_mm<0, 2, 4, 2, 2, 1>
 // qdelta-instantiate: qd_delta_mm<1, 2, 4, 2, 2, 1>
 // qdelta-instantiate: qd_delta_mm<2, 2, 4, 2, 2, 1>
+// qdelta-instantiate: qd_delta_lut<0, 1>
+// qdelta-instantiate: qd_delta_lut<1, 1>
+// qdelta-instantiate: qd_delta_lut<2, 1>
+// qdelta-instantiate: qd_delta_lut<0, 2>
+// qdelta-instantiate: qd_delta_lut<1, 2>
+// qdelta-instantiate: qd_delta_lut<2, 2>
+// qdelta-instantiate: qd_delta_lut<0, 4>
+// qdelta-instantiate: qd_delta_lut<1, 4>
+// qdelta-instantiate: qd_delta_lut<2, 4>
+// qdelta-instantiate: qd_lut_finish<0>
+// qdelta-instantiate: qd_lut_finish<1>
+// qdelta-instantiate: qd_lut_finish<2>
+// qdelta-instantiate: qd_expand<0>
+// qdelta-instantiate: qd_expand<1>
+// qdelta-instantiate: qd_expand<2>
 
 typedef unsigned int qd_u32;
 typedef unsigned short qd_u16;
@@ -340,4 +358,268 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                     qd_store<DT>(y, m * ldy + n, v);
                 }
         }
+}
+
+// ---------------------------------------------------------------------------
+// Decode path: lookup tables instead of tensor cores (few rows per tenant).
+//
+// For a byte of 8 sign bits b0..b7 covering x[k0 .. k0+8), the contribution is
+// sum_j (1 - 2 b_j) x[k0 + j]: one of 256 values. A block builds, per x row,
+// a table of all 256 for every byte of an 8-word K slice (32 bytes x 256
+// entries, fp32, 32 KB) and then streams packed words: one PRMT (byte), one
+// shift-add (address), one LDS and one FADD per 8 weights.
+//
+// Lanes: w = lane & 7 picks the word of the slice, q = lane >> 3 the output
+// feature (4 per warp instruction). Table layout lut[r][v][j][w] (index
+// r*8192 + v*32 + j*8 + w) and lane q looking up byte j = (jj + q) & 3 at step
+// jj put the 32 lanes on 32 distinct banks whatever the byte values: no bank
+// conflicts. Building writes a warp's 32 byte-groups at one v: conflict-free too.
+//
+// Grid: x = feature tiles of nb rows, y = candidate group leader row g, z =
+// plane * kch + K chunk. A block whose row g is not the first of a group of up
+// to R rows of one tenant exits at once; a group's planes are read once for
+// all of its rows. Each block writes alpha-scaled partial sums to
+// part[z][m][n]; qd_lut_finish adds them in a fixed order (deterministic),
+// adds base and casts. Rows with id -1 get base (or 0), bad ids NaN.
+// ---------------------------------------------------------------------------
+
+#define QD_LUT_WORDS 8                      // words per K slice
+#define QD_LUT_PER_ROW (256 * 4 * QD_LUT_WORDS)  // floats per x row: 8192
+#define QD_LUT_THREADS 256
+
+__device__ __forceinline__ long long qd_tenant_of(const long long* ids, int i) {
+    return ids ? ids[i] : 0;
+}
+
+template <int DT, int R>
+__global__ void __launch_bounds__(QD_LUT_THREADS, 2)
+qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
+             const qd_u32* __restrict__ planes,  // [T][P][N][W]
+             const float* __restrict__ scales,   // [T][P] or [T][P][N]
+             const long long* __restrict__ ids,  // [M] or null (every row tenant 0)
+             float* __restrict__ part,           // [gridDim.z][M][N]
+             int M, int N, int W, int T, int P, int row_scales, int nb, int spc, int kch) {
+    constexpr int STEPS = 32 / R;  // feature steps of 32 (8 warps x 4) per block
+    extern __shared__ float lut[];  // R * QD_LUT_PER_ROW floats (dynamic)
+    __shared__ int s_rows[R];
+    __shared__ int s_nrows;
+    __shared__ int s_tenant;
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = blockIdx.y;
+
+    // Warp 0: is row g the first of a group (rank among its tenant's rows % R == 0)?
+    if (warp == 0) {
+        const long long tg = qd_tenant_of(ids, g);
+        int n_found = 0;
+        if (tg >= 0 && tg < T) {
+            int rank = 0;
+            for (int b = 0; b < g; b += 32) {
+                const int i = b + lane;
+                const bool eq = i < g && qd_tenant_of(ids, i) == tg;
+                rank += __popc(__ballot_sync(QD_FULL_MASK, eq));
+            }
+            if (rank % R == 0) {
+                for (int b = g; b < M && n_found < R; b += 32) {
+                    const int i = b + lane;
+                    const bool eq = i < M && qd_tenant_of(ids, i) == tg;
+                    qd_u32 mask = __ballot_sync(QD_FULL_MASK, eq);
+                    while (mask != 0u && n_found < R) {
+                        const int bit = __ffs(mask) - 1;
+                        if (lane == 0) s_rows[n_found] = b + bit;
+                        ++n_found;
+                        mask &= mask - 1u;
+                    }
+                }
+            }
+        }
+        if (lane == 0) {
+            s_nrows = n_found;
+            s_tenant = (int)(n_found > 0 ? tg : 0);
+        }
+    }
+    __syncthreads();
+    const int nr = s_nrows;
+    if (nr == 0) return;  // block-uniform
+    const int tenant = s_tenant;
+
+    const int z = blockIdx.z;
+    const int p = z / kch;
+    const int kc = z - p * kch;
+    const int nslices = (W + QD_LUT_WORDS - 1) / QD_LUT_WORDS;
+    const int sl_begin = kc * spc;
+    const int sl_end = min(nslices, sl_begin + spc);
+    const int n_begin = blockIdx.x * nb;
+    const int n_end = min(N, n_begin + nb);
+    const long long tp = (long long)tenant * P + p;
+    const qd_u32* plane = planes + tp * N * W;
+
+    const int w = lane & 7;
+    const int q = lane >> 3;
+    int sel[4], off[4];
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+        const int j = (jj + q) & 3;
+        sel[jj] = 0x4440 | j;  // byte j of the word into the low byte, zeros above
+        off[jj] = j * 8 + w;
+    }
+
+    float acc[R][STEPS];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) acc[r][s] = 0.0f;
+
+    for (int sl = sl_begin; sl < sl_end; ++sl) {
+        __syncthreads();  // the previous slice's lookups are done
+        {
+            // Thread = (byte-group gi = lane, high nibbles h = 2*warp + {0, 1}).
+            const int gi = lane;
+            const int kb = sl * (32 * QD_LUT_WORDS) + gi * 8;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r >= nr) break;
+                const long long xrow = (long long)s_rows[r] * ldx;
+                float xv[8];
+#pragma unroll
+                for (int b = 0; b < 8; ++b) xv[b] = kb + b < K ? qd_load<DT>(x, xrow + kb + b) : 0.0f;
+                // L[l] = sum_{b<4} (bit b of l ? -x_b : x_b) = A[l & 3] + B[l >> 2].
+                float A[4], B[4], L[16];
+#pragma unroll
+                for (int a = 0; a < 4; ++a) {
+                    A[a] = ((a & 1) ? -xv[0] : xv[0]) + ((a & 2) ? -xv[1] : xv[1]);
+                    B[a] = ((a & 1) ? -xv[2] : xv[2]) + ((a & 2) ? -xv[3] : xv[3]);
+                }
+#pragma unroll
+                for (int l = 0; l < 16; ++l) L[l] = A[l & 3] + B[l >> 2];
+                float* dst = lut + r * QD_LUT_PER_ROW + (gi & 3) * 8 + (gi >> 2);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int h = warp * 2 + hh;
+                    float H = 0.0f;
+#pragma unroll
+                    for (int b = 0; b < 4; ++b) H += ((h >> b) & 1) ? -xv[4 + b] : xv[4 + b];
+#pragma unroll
+                    for (int l = 0; l < 16; ++l) dst[(h * 16 + l) * 32] = H + L[l];
+                }
+            }
+        }
+        __syncthreads();
+
+        const int wd = sl * QD_LUT_WORDS + w;
+        const bool word_ok = wd < W;
+        // All loads in flight first, then the lookups. Step offsets within the
+        // tile (< 1024 * W words) stay 32-bit to keep register pressure low.
+        const qd_u32* rowp = plane + (long long)(n_begin + warp * 4 + q) * W + wd;
+        const int stride = 32 * W;
+        qd_u32 wv[STEPS];
+        qd_u32 okmask = 0u;
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            const int n = n_begin + s * 32 + warp * 4 + q;
+            const bool ok = word_ok && n < n_end;
+            wv[s] = ok ? __ldg(rowp + s * stride) : 0u;
+            okmask |= (ok ? 1u : 0u) << s;
+        }
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            if ((okmask >> s) & 1u) {
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) {
+                    const int idx = (int)(__byte_perm(wv[s], 0u, sel[jj]) << 5) + off[jj];
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        if (r < nr) acc[r][s] += lut[r * QD_LUT_PER_ROW + idx];
+                }
+            }
+        }
+    }
+
+    // Sum the 8 word lanes of each feature; lane w == 0 writes alpha * sum.
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+        const int n = n_begin + s * 32 + warp * 4 + q;
+        float alpha = 0.0f;
+        if (w == 0 && n < n_end) alpha = row_scales ? scales[tp * N + n] : scales[tp];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[r][s];
+            v += __shfl_xor_sync(QD_FULL_MASK, v, 1);
+            v += __shfl_xor_sync(QD_FULL_MASK, v, 2);
+            v += __shfl_xor_sync(QD_FULL_MASK, v, 4);
+            if (w == 0 && n < n_end && r < nr)
+                part[((long long)z * M + s_rows[r]) * N + n] = alpha * v;
+        }
+    }
+}
+
+// y[m, n] = base[m, n] + sum_z part[z][m][n] for rows with a valid tenant;
+// base (or 0) for id -1; NaN for ids outside [-1, T).
+template <int DT>
+__global__ void qd_lut_finish(const float* __restrict__ part, int Z,
+                              const long long* __restrict__ ids, int T,
+                              const void* base, long long ldb, void* y, long long ldy, int M, int N) {
+    const long long total = (long long)M * N;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const int m = (int)(i / N);
+        const int n = (int)(i - (long long)m * N);
+        const long long t = qd_tenant_of(ids, m);
+        float v = 0.0f;
+        if (t >= 0 && t < T) {
+            for (int zz = 0; zz < Z; ++zz) v += part[(long long)zz * total + i];
+        } else if (t != -1) {
+            v = __uint_as_float(0x7fc00000u);
+        }
+        if (base != nullptr) v += qd_load<DT>(base, m * ldb + n);
+        qd_store<DT>(y, m * ldy + n, v);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prefill path: expand one tenant's planes into a dense [N][ldd] matrix of
+// sum_p alpha_p * (+-1) in the input dtype (alpha summed in fp32, one rounding
+// at the store), for cuBLAS. Thread = (feature n, byte-group c8 of 8 columns):
+// a 16-byte store for 16-bit types (two for fp32), consecutive threads write
+// consecutive bytes. ldd = 32 * W (a multiple of 32): every store is aligned
+// and inside the row; columns >= K hold padding values the GEMM never reads.
+// ---------------------------------------------------------------------------
+template <int DT>
+__global__ void qd_expand(const qd_u32* __restrict__ planes,  // [P][N][W] (one tenant)
+                          const float* __restrict__ scales,   // [P] or [P][N]
+                          int N, int W, int P_use, int row_scales, void* __restrict__ dense) {
+    const long long groups = (long long)N * W * 4;
+    const long long step = (long long)gridDim.x * blockDim.x;
+    const long long ldd = 32LL * W;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < groups; i += step) {
+        const long long n = i / (4LL * W);
+        const int c8 = (int)(i - n * 4LL * W);  // byte-group within the row
+        const int wd = c8 >> 2;
+        const int sh = 8 * (c8 & 3);
+        float v[8];
+#pragma unroll
+        for (int b = 0; b < 8; ++b) v[b] = 0.0f;
+        for (int p = 0; p < P_use; ++p) {
+            const qd_u32 byte = (__ldg(planes + ((long long)p * N + n) * W + wd) >> sh) & 0xFFu;
+            const float alpha = row_scales ? scales[(long long)p * N + n] : scales[p];
+#pragma unroll
+            for (int b = 0; b < 8; ++b) v[b] += ((byte >> b) & 1u) ? -alpha : alpha;
+        }
+        const long long o = n * ldd + 8LL * c8;  // first element of this group
+        if (DT == 2) {
+            float4* d = reinterpret_cast<float4*>(static_cast<float*>(dense) + o);
+            d[0] = make_float4(v[0], v[1], v[2], v[3]);
+            d[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            qd_u32 h[4];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const qd_u16 lo = DT == 0 ? qd_f32_to_f16(v[2 * b]) : qd_f32_to_bf16(v[2 * b]);
+                const qd_u16 hi = DT == 0 ? qd_f32_to_f16(v[2 * b + 1]) : qd_f32_to_bf16(v[2 * b + 1]);
+                h[b] = (qd_u32)lo | ((qd_u32)hi << 16);
+            }
+            *reinterpret_cast<uint4*>(static_cast<qd_u16*>(dense) + o) = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
 }

@@ -16,6 +16,18 @@ pub enum Error {
     /// Any other argument out of its allowed range.
     #[error("{0}")]
     Value(String),
+    /// A file that is not a valid .qdelta / safetensors file.
+    #[error("{0}")]
+    Format(String),
+    /// A .qdelta file of a format version this build does not read.
+    #[error("{0}")]
+    UnsupportedVersion(String),
+    /// Tensor bytes that do not match their recorded checksum.
+    #[error("{0}")]
+    Checksum(String),
+    /// A file or directory that cannot be opened, read or written.
+    #[error("{0}")]
+    File(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,7 +5,11 @@
 
 pub mod bitplane;
 pub mod error;
+pub mod fingerprint;
 pub mod float;
+pub mod gemv;
+pub mod header;
+pub mod store;
 
 pub use error::{Error, Result};
 

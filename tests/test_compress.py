@@ -165,3 +165,23 @@ def test_unapply_restores_the_base_exactly():
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert all(objects[n] is m for n, m in base.named_modules())
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_saved_and_loaded_delta_gives_the_same_outputs(arch, tmp_path):
+    base = BUILDERS[arch]()
+    ft = fake_finetune(base)
+    delta = qdelta.compress(base, ft, bits=2, scale="row", tenant="t")
+    assert delta.base_fingerprint == qdelta.fingerprint(base)
+    # Trained scales must survive the file too: perturb them like distillation would.
+    for layer in delta.layers.values():
+        layer.scales = (layer.scales * np.float32(1.1)).astype(np.float32)
+    delta.save(tmp_path / "t.qdelta")
+    loaded = qdelta.load(tmp_path / "t.qdelta")
+    assert loaded.base_fingerprint == delta.base_fingerprint
+    ids, mask = _ids()
+    twin = copy.deepcopy(base)
+    qdelta.apply(base, delta)
+    qdelta.apply(twin, loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(output(base, ids, mask), output(twin, ids, mask), rtol=0, atol=0)

@@ -66,11 +66,31 @@ def test_delta_on_a_model_of_other_shapes_names_the_layer(llama_pair):
     base, ft = llama_pair
     delta = qdelta.compress(base, ft)
     wider = tiny_llama(intermediate_size=64)
-    with pytest.raises(qdelta.ShapeError, match=r"layer model\.layers\.0\.mlp\.gate_proj"):
+    # The fingerprint check refuses it first; without it, the shape check names the layer.
+    with pytest.raises(qdelta.BaseMismatchError, match=delta.base_fingerprint):
         qdelta.apply(wider, delta)
+    with pytest.raises(qdelta.ShapeError, match=r"layer model\.layers\.0\.mlp\.gate_proj"):
+        qdelta.apply(wider, delta, check=False)
     # A failed apply leaves the model untouched.
     assert not any(isinstance(m, qdelta.BitDeltaLinear) for m in wider.modules())
     with pytest.raises(qdelta.ShapeError, match=r"layer model\.layers\.0\.mlp\.gate_proj"):
-        qdelta.merge(wider, delta)
+        qdelta.merge(wider, delta, check=False)
     with pytest.raises(qdelta.ModelMismatchError, match=r"lm_head|model\.layers"):
-        qdelta.apply(tiny_gpt2(), delta)
+        qdelta.apply(tiny_gpt2(), delta, check=False)
+
+
+def test_delta_on_a_different_base_of_same_shapes(llama_pair):
+    base, ft = llama_pair
+    delta = qdelta.compress(base, ft)
+    other = tiny_llama()
+    with torch.no_grad():
+        other.load_state_dict(base.state_dict())
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3  # one weight differs
+    with pytest.raises(qdelta.BaseMismatchError) as err:
+        qdelta.apply(other, delta)
+    assert delta.base_fingerprint in str(err.value)
+    assert qdelta.fingerprint(other) in str(err.value)
+    assert not any(isinstance(m, qdelta.BitDeltaLinear) for m in other.modules())
+    with pytest.raises(qdelta.BaseMismatchError):
+        qdelta.merge(other, delta)
+    qdelta.apply(base, delta)  # the right base is accepted

@@ -90,10 +90,14 @@ def test_multi_tenant_matches_reference(dtype, k, m):
     assert_close(y, oracle(x, planes, scales, ids), what)
 
 
+PATHS = ["decode", "prefill", "mma"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("path", ["decode", "prefill"])
-def test_both_paths_on_same_input(dtype, path):
-    m, k, n, t = 130, 300, 97, 4
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m", [7, 130])
+def test_every_path_on_same_input(dtype, path, m):
+    k, n, t = 300, 97, 4
     x = torch.randn(m, k, device=DEV).to(dtype)
     planes = random_planes(t, 2, n, k)
     scales = random_scales(t, 2, n, row=True)
@@ -101,7 +105,66 @@ def test_both_paths_on_same_input(dtype, path):
     y = cuda_backend.multi_tenant_delta_matmul(
         x, planes, scales, ids, out=poisoned(m, n, dtype), path=path
     )
-    assert_close(y, oracle(x, planes, scales, ids), f"path={path} {dtype}")
+    assert_close(y, oracle(x, planes, scales, ids), f"path={path} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("m", "t", "k", "n"),
+    [
+        (1, 1, 4096, 1100),  # one row: R = 1, several feature tiles
+        (6, 3, 2 * 256 + 33, 70),  # 2 rows per tenant: R = 2, partial last K slice
+        (23, 2, 777, 300),  # up to 12 rows per tenant: groups of R = 4
+        (64, 64, 1024, 512),  # the decode benchmark's shape, smaller
+    ],
+)
+def test_row_groups_and_slices(path, m, t, k, n):
+    """Rows of one tenant share a group (R = 1, 2, 4); ragged K over 256-column slices."""
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(t, 3, n, k)
+    scales = random_scales(t, 3, n, row=(m % 2 == 0))
+    ids = torch.randint(0, t, (m,), device=DEV)
+    ids[2::5] = -1
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, bits=2, out=poisoned(m, n, x.dtype), path=path
+    )
+    want = oracle(x, planes[:, :2], scales[:, :2], ids)
+    assert_close(y, want, f"path={path} M={m} T={t} K={k} N={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_one_tenant_paths_with_base(dtype, path):
+    m, k, n = 37, 1000, 260
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(1, 2, n, k)[0]
+    scales = random_scales(1, 2, n, row=False)[0]
+    base = torch.randn(m, n, device=DEV).to(dtype)
+    ids = torch.zeros(m, dtype=torch.int64, device=DEV)
+    want = oracle(x, planes[None], scales[None], ids, base)
+    y = cuda_backend.delta_matmul(
+        x, planes, scales, base=base, out=poisoned(m, n, dtype), path=path
+    )
+    assert_close(y, want, f"one tenant + base, path={path} {dtype}")
+
+
+def test_large_decode_tiles_with_many_rows_of_one_tenant():
+    """ids=None, 16 rows: groups of 4 rows and full 256-feature tiles."""
+    m, k, n = 16, 4096, 4096
+    x = torch.randn(m, k, device=DEV).bfloat16()
+    planes = random_planes(1, 1, n, k)[0]
+    scales = random_scales(1, 1, n, row=True)[0]
+    y = cuda_backend.delta_matmul(x, planes, scales, out=poisoned(m, n, x.dtype), path="decode")
+    ids = torch.zeros(m, dtype=torch.int64, device=DEV)
+    assert_close(y, oracle(x, planes[None], scales[None], ids), "decode ids=None M=16 4096^2")
+
+
+def test_unknown_path_is_refused():
+    x = torch.randn(2, 64, device=DEV).half()
+    planes = random_planes(1, 1, 8, 64)
+    scales = random_scales(1, 1, 8, row=False)
+    with pytest.raises(ShapeError, match="path"):
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales, None, path="fast")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,7 +182,8 @@ def test_single_tenant_with_bits_subset(dtype, m):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [3, 200])
-def test_fused_base_add_in_place(dtype, m):
+@pytest.mark.parametrize("path", ["auto", "mma"])
+def test_fused_base_add_in_place(dtype, m, path):
     k, n, t = 4096, 256, 5
     x = torch.randn(m, k, device=DEV).to(dtype)
     planes = random_planes(t, 1, n, k)
@@ -127,9 +191,11 @@ def test_fused_base_add_in_place(dtype, m):
     ids = torch.randint(-1, t, (m,), device=DEV)
     base = torch.randn(m, n, device=DEV).to(dtype)
     want = oracle(x, planes, scales, ids, base)
-    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, base=base, out=base)
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, base=base, out=base, path=path
+    )
     assert y.data_ptr() == base.data_ptr()
-    assert_close(y, want, f"in-place base add M={m} {dtype}")
+    assert_close(y, want, f"in-place base add M={m} path={path} {dtype}")
 
 
 def test_decode_shape_of_the_benchmark():
@@ -156,7 +222,8 @@ def test_runs_on_torch_current_stream():
     assert_close(y, oracle(x, planes, scales, ids), "side stream")
 
 
-def test_out_of_range_tenant_raises_or_poisons_its_row():
+@pytest.mark.parametrize("path", ["auto", *PATHS])
+def test_out_of_range_tenant_raises_or_poisons_its_row(path):
     m, k, n, t = 6, 64, 32, 2
     x = torch.randn(m, k, device=DEV).half()
     planes = random_planes(t, 1, n, k)
@@ -164,7 +231,7 @@ def test_out_of_range_tenant_raises_or_poisons_its_row():
     ids = torch.tensor([0, 1, -1, t, 0, -5], device=DEV)
     with pytest.raises(ShapeError, match="tenant_ids"):
         cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids)
-    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False, path=path)
     assert torch.isnan(y[[3, 5]]).all()
     good = torch.tensor([0, 1, 2, 4], device=DEV)
     want = oracle(x[good], planes, scales, ids[good])

@@ -19,15 +19,24 @@ from qdelta.distill import DistillResult, distill
 from qdelta.distill import output_loss as distill_loss
 from qdelta.errors import (
     BaseMismatchError,
+    BudgetError,
     CalibrationError,
+    ChecksumError,
     DTypeError,
+    FileError,
+    FormatError,
     ModelMismatchError,
     NonFiniteError,
     QDeltaError,
     ShapeError,
     TargetError,
+    UnknownTenantError,
+    UnsupportedVersionError,
 )
+from qdelta.multitenant import MultiTenantLinear
 from qdelta.nn import BitDeltaEmbedding, BitDeltaLinear, apply, merge, unapply
+from qdelta.runtime import Generation, MultiTenantModel
+from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
 __version__ = "0.1.0"
 
@@ -35,22 +44,36 @@ __all__ = [
     "BaseMismatchError",
     "BitDeltaEmbedding",
     "BitDeltaLinear",
+    "BudgetError",
     "CalibrationError",
+    "ChecksumError",
     "DTypeError",
     "Delta",
+    "DeltaFile",
+    "DeltaStore",
     "DistillResult",
+    "FileError",
+    "FormatError",
+    "Generation",
     "ModelMismatchError",
+    "MultiTenantLinear",
+    "MultiTenantModel",
     "NonFiniteError",
     "PackedLayer",
     "QDeltaError",
     "ShapeError",
     "TargetError",
+    "UnknownTenantError",
+    "UnsupportedVersionError",
     "__version__",
     "apply",
     "as_torch",
+    "check_base",
     "compress",
     "distill",
     "distill_loss",
+    "fingerprint",
+    "load",
     "merge",
     "pack_residual",
     "pack_signs",

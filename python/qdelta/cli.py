@@ -14,10 +14,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from qdelta.store_cli import inspect
+
+    return inspect(args.file)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from qdelta.store_cli import verify
+
+    return verify(args.file)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from qdelta.compress_cli import run_compress
 
     return run_compress(args)
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from qdelta.zoo import main as zoo_main
+
+    return zoo_main(
+        (["--tiny"] if args.tiny else [])
+        + ["--seed", str(args.seed)]
+        + (["--cache", args.cache] if args.cache else [])
+    )
 
 
 def _cmd_ring_demo(args: argparse.Namespace) -> int:
@@ -40,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    inspect = sub.add_parser(
+        "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"
+    )
+    inspect.add_argument("file")
+    inspect.set_defaults(func=_cmd_inspect)
+    verify = sub.add_parser("verify", help="check every checksum of a .qdelta file (exit 0 or 1)")
+    verify.add_argument("file")
+    verify.set_defaults(func=_cmd_verify)
     comp = sub.add_parser("compress", help="compress a fine-tune into a .qdelta file")
     comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
     comp.add_argument("finetuned", help="fine-tuned model directory")
@@ -50,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
     comp.add_argument("--seed", type=int, default=0)
     comp.set_defaults(func=_cmd_compress)
+    zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
+    zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qdelta/zoo)")
+    zoo.set_defaults(func=_cmd_zoo)
     ring = sub.add_parser(
         "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
     )

@@ -24,6 +24,7 @@ from qdelta.sources import (
     layer_kinds,
     state_dict_of,
 )
+from qdelta.store import fingerprint
 
 Patterns = str | Sequence[str] | None
 
@@ -183,7 +184,10 @@ def compress(
         "architecture": type(module).__name__ if module is not None else "state_dict",
         "compress_embeddings": str(bool(compress_embeddings)).lower(),
     }
-    # The fingerprint comes from the .qdelta store; "" means "not fingerprinted".
     return Delta(
-        layers=layers, params=params, base_fingerprint="", tenant=tenant, metadata=metadata
+        layers=layers,
+        params=params,
+        base_fingerprint=fingerprint(base_sd),
+        tenant=tenant,
+        metadata=metadata,
     )

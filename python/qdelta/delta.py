@@ -3,6 +3,7 @@ a .qdelta file holds, what the modules and the runtime consume."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -85,3 +86,9 @@ class Delta:
     def nbytes(self) -> int:
         packed = sum(layer.nbytes for layer in self.layers.values())
         return packed + sum(t.numel() * t.element_size() for t in self.params.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this delta as a .qdelta file, atomically (docs/FORMAT.md, "File format")."""
+        from qdelta.store import save
+
+        save(self, path)

@@ -4,17 +4,34 @@ The classes are defined by the Rust core (so Rust can raise them directly) and
 extended here by the errors only Python raises.
 """
 
-from qdelta._core import DTypeError, NonFiniteError, QDeltaError, ShapeError
+from qdelta._core import (
+    ChecksumError,
+    DTypeError,
+    FileError,
+    FormatError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnsupportedVersionError,
+)
 
 __all__ = [
     "BaseMismatchError",
+    "BudgetError",
     "CalibrationError",
+    "ChecksumError",
     "DTypeError",
+    "EvalError",
+    "FileError",
+    "FormatError",
     "ModelMismatchError",
     "NonFiniteError",
     "QDeltaError",
     "ShapeError",
     "TargetError",
+    "UnknownTenantError",
+    "UnsupportedVersionError",
+    "ZooError",
 ]
 
 
@@ -32,3 +49,22 @@ class TargetError(QDeltaError):
 
 class CalibrationError(QDeltaError):
     """Calibration data for scale distillation is missing, malformed or too short."""
+
+
+class UnknownTenantError(QDeltaError, KeyError):
+    """A tenant name or id that is not loaded, or not in the delta store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BudgetError(QDeltaError):
+    """Loaded tenant tensors would not fit the configured memory budget."""
+
+
+class ZooError(QDeltaError):
+    """The model zoo could not be built or loaded (missing corpus, bad cache)."""
+
+
+class EvalError(QDeltaError):
+    """An evaluation was asked for something undefined (empty text, ppl_ft == ppl_base)."""

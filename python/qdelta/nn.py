@@ -20,6 +20,7 @@ from qdelta.errors import ModelMismatchError, ShapeError
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
 from qdelta.sources import is_conv1d
+from qdelta.store import check_base
 
 _STASH = "_qdelta_replaced"  # model attribute: state-dict name -> the original tensor
 
@@ -272,17 +273,23 @@ def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> No
         table[attr] = old
 
 
-def apply(model: nn.Module, delta: Delta, *, backend: str = "auto") -> nn.Module:
+def apply(
+    model: nn.Module, delta: Delta, *, backend: str = "auto", check: bool = True
+) -> nn.Module:
     """Turn ``model`` (the base) into the fine-tune, in place, without copying base weights.
 
     Target layers become :class:`BitDeltaLinear` / :class:`BitDeltaEmbedding`
     wrapping the original layers; tensors stored whole in the delta replace
-    the model's (the originals are kept for :func:`unapply`).
+    the model's (the originals are kept for :func:`unapply`). With ``check``
+    the model's fingerprint must be the delta's base fingerprint
+    (:class:`BaseMismatchError` otherwise).
     """
     if getattr(model, _STASH, None) is not None:
         raise ModelMismatchError(
             "model: expected a plain base model, found a delta already applied"
         )
+    if check:
+        check_base(delta, model)
     modules = {name: _find_module(model, name, "delta layer") for name in delta.layers}
     for name, module in modules.items():
         if isinstance(module, DeltaModule):
@@ -313,15 +320,18 @@ def unapply(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, delta: Delta) -> nn.Module:
+def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     """Write the fine-tune's dense weights into ``model`` in place (e.g. for export).
 
-    Unlike :func:`apply` this changes the base weights themselves.
+    Unlike :func:`apply` this changes the base weights themselves. ``check``:
+    as in :func:`apply`.
     """
     if getattr(model, _STASH, None) is not None:
         raise ModelMismatchError(
             "model: expected a plain base model, found a delta applied (unapply it first)"
         )
+    if check:
+        check_base(delta, model)
     for name, layer in delta.layers.items():
         module = _find_module(model, name, "delta layer")
         weight = module.weight

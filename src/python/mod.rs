@@ -12,6 +12,8 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod bitplane;
+mod gemv;
+mod store;
 
 create_exception!(
     _core,
@@ -38,12 +40,41 @@ create_exception!(
     "NaN or Inf where finite values are required."
 );
 
+create_exception!(
+    _core,
+    FormatError,
+    QDeltaError,
+    "A file that is not a valid .qdelta (safetensors) file."
+);
+create_exception!(
+    _core,
+    UnsupportedVersionError,
+    FormatError,
+    "A .qdelta file of a format version this qdelta does not read."
+);
+create_exception!(
+    _core,
+    ChecksumError,
+    QDeltaError,
+    "Tensor bytes that do not match their recorded checksum (a corrupt file)."
+);
+create_exception!(
+    _core,
+    FileError,
+    QDeltaError,
+    "A file or directory that cannot be opened, read or written."
+);
+
 pub(crate) fn to_py(err: Error) -> PyErr {
     match err {
         Error::Shape(m) => ShapeError::new_err(m),
         Error::DType(m) => DTypeError::new_err(m),
         Error::NonFinite(m) => NonFiniteError::new_err(m),
         Error::Value(m) => QDeltaError::new_err(m),
+        Error::Format(m) => FormatError::new_err(m),
+        Error::UnsupportedVersion(m) => UnsupportedVersionError::new_err(m),
+        Error::Checksum(m) => ChecksumError::new_err(m),
+        Error::File(m) => FileError::new_err(m),
     }
 }
 
@@ -114,6 +145,15 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add("DTypeError", py.get_type::<DTypeError>())?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    m.add(
+        "UnsupportedVersionError",
+        py.get_type::<UnsupportedVersionError>(),
+    )?;
+    m.add("ChecksumError", py.get_type::<ChecksumError>())?;
+    m.add("FileError", py.get_type::<FileError>())?;
     bitplane::register(m)?;
+    gemv::register(m)?;
+    store::register(m)?;
     Ok(())
 }

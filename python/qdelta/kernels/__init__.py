@@ -14,14 +14,35 @@ Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from qdelta.errors import QDeltaError
-from qdelta.kernels import reference
+from qdelta.kernels import cpu, reference
 
-Backend = Literal["auto", "reference", "cuda"]
+Backend = Literal["auto", "reference", "cpu", "cuda"]
+
+#: "auto" runs the Rust kernel on CPU inputs of at most this many rows. Above
+#: about 3000 rows the reference's dense unpack + BLAS matmul catches up
+#: (measured crossover, docs/CPU_KERNEL.md); inputs that need gradients stay
+#: on the (differentiable) reference.
+CPU_MAX_ROWS = 2048
+
+
+def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str) -> bool:
+    if backend not in get_args(Backend):
+        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+    if backend != "auto":
+        return backend == "cpu"
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and not needs_grad
+        and rows <= CPU_MAX_ROWS
+    )
 
 
 def delta_matmul(
@@ -37,6 +58,8 @@ def delta_matmul(
         from qdelta.kernels import cuda
 
         return cuda.delta_matmul(x, planes, scales, bits=bits)
+    if _use_cpu(x, scales, backend):
+        return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
 
 
@@ -53,6 +76,8 @@ def multi_tenant_delta_matmul(
         from qdelta.kernels import cuda
 
         return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
+    if _use_cpu(x, scales, backend):
+        return cpu.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
 
 

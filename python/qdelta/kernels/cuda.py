@@ -23,11 +23,23 @@ SOURCE = CUDA_DIR / "delta_matmul.cu"
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SPLITS = {0: 1, 1: 1, 2: 3}  # fp32 runs as three exact bf16 parts
 # (FT, NT, WF, WM, KS): warp tile 16*FT features x 8*NT rows; WF x WM warp tiles; KS-way split K.
+# Tensor-core kernel, kept as the "mma" path (not chosen by "auto").
 TILES = {"decode": (2, 1, 1, 1, 8), "prefill": (2, 4, 2, 2, 1)}
-DECODE_MAX_ROWS = 64
 PREP_THREADS = 256
 
-Path_ = Literal["auto", "decode", "prefill"]
+# Path rule for "auto" (docs/CUDA.md): the lookup-table decode kernel while the
+# rows are few: M <= DECODE_MAX_ROWS with tenant ids, M <= DECODE_MAX_ROWS_ONE_TENANT
+# without; otherwise expand each tenant's delta once and use cuBLAS (prefill).
+DECODE_MAX_ROWS = 64
+DECODE_MAX_ROWS_ONE_TENANT = 16
+LUT_GROUP_ROWS = (1, 2, 4)  # R: x rows sharing one read of a tenant's planes
+LUT_THREADS = 256  # 8 warps: the kernel's table build assumes exactly this
+LUT_WORDS = 8  # packed words per K slice (one 32 KB table per x row)
+LUT_BYTES_PER_ROW = 256 * 4 * LUT_WORDS * 4
+FINISH_THREADS = 256
+EXPAND_THREADS = 256
+
+Path_ = Literal["auto", "decode", "prefill", "mma"]
 
 
 class KernelLaunchError(QDeltaError):
@@ -36,9 +48,13 @@ class KernelLaunchError(QDeltaError):
 
 def name_expressions() -> list[str]:
     """Every template instantiation this module launches (the .cu file lists the same)."""
-    names = [f"qd_prep_x<{dt}>" for dt in DTYPE_CODES.values()]
+    dts = list(DTYPE_CODES.values())
+    names = [f"qd_prep_x<{dt}>" for dt in dts]
     for tile in TILES.values():
-        names += [f"qd_delta_mm<{dt}, {', '.join(map(str, tile))}>" for dt in DTYPE_CODES.values()]
+        names += [f"qd_delta_mm<{dt}, {', '.join(map(str, tile))}>" for dt in dts]
+    names += [f"qd_delta_lut<{dt}, {r}>" for r in LUT_GROUP_ROWS for dt in dts]
+    names += [f"qd_lut_finish<{dt}>" for dt in dts]
+    names += [f"qd_expand<{dt}>" for dt in dts]
     return names
 
 
@@ -88,13 +104,17 @@ def _kernel(device: torch.device, name: str):
         raise KernelLaunchError(f"kernel {name} not found in {SOURCE.name}: {exc}") from exc
 
 
-def _launch(device: torch.device, name: str, grid, block, args) -> None:
+def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
     cupy = _cupy()
     kernel = _kernel(device, name)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+    if any(g < 1 for g in grid) or grid[0] > 2**31 - 1 or any(g > 65535 for g in grid[1:]):
+        raise ShapeError(f"{name}: grid {grid} is outside what CUDA can launch")
     try:
         with cupy.cuda.Device(device.index), stream:
-            kernel(grid, block, args)
+            if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
+                kernel.max_dynamic_shared_size_bytes = shared_mem
+            kernel(grid, block, args, shared_mem=shared_mem)
         if os.environ.get("QDELTA_CUDA_SYNC") == "1":
             torch.cuda.synchronize(device)
     except Exception as exc:
@@ -143,7 +163,15 @@ def multi_tenant_delta_matmul(
     ``out`` may be ``base`` itself (in-place ``y += delta``). With ``check_ids=False``
     the ids are not read back to the host (no sync); an out-of-range id then
     turns its output row into NaN instead of raising.
+
+    ``path``: ``"decode"`` (lookup-table kernel, few rows), ``"prefill"`` (expand each
+    tenant's delta once to a dense matrix in x's dtype, then cuBLAS; the prefill
+    path reads the ids on the host once), ``"mma"`` (tensor-core kernel) or
+    ``"auto"``: decode for M <= 64 rows with tenant ids (M <= 16 for one tenant),
+    else prefill. All paths compute the same result (docs/CUDA.md).
     """
+    if path not in ("auto", "decode", "prefill", "mma"):
+        raise ShapeError(f"path: expected 'auto', 'decode', 'prefill' or 'mma', found {path!r}")
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise DTypeError("x: expected a CUDA torch.Tensor")
     device = x.device
@@ -211,9 +239,195 @@ def multi_tenant_delta_matmul(
     if x.stride(1) != 1:
         raise ShapeError(f"x: expected unit stride along K, found strides {x.stride()}")
 
+    if path == "auto":
+        one_tenant = tenant_ids is None or tenants == 1
+        limit = DECODE_MAX_ROWS_ONE_TENANT if one_tenant else DECODE_MAX_ROWS
+        path = "decode" if m_rows <= limit else "prefill"
+    dt = DTYPE_CODES[x.dtype]
+    if path == "decode":
+        _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    elif path == "prefill":
+        _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    else:
+        _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    return out
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
+    """Launch shape of the decode kernel (pure function of the shapes; unit-tested on CPU).
+
+    ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
+    of rows per tenant made without reading the ids: any R gives the same result.
+    """
+    per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
+    rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
+    nb_max = 32 * (32 // rows)  # 8 warps x 4 features x (32 / R) steps
+    nb = nb_max
+    slices = -(-w // LUT_WORDS)
+    groups = -(-m_rows // rows)
+    kch_max = max(1, min(slices, w // 16))  # partial sums stay <= 1/8 of the plane bytes
+    kch = 1
+    target = 3 * sms
+    while -(-n // nb) * groups * use * kch < target:
+        if kch < kch_max:
+            kch = min(kch_max, 2 * kch)
+        elif nb > 32:
+            nb //= 2
+        else:
+            break
+    spc = -(-slices // kch)  # slices per K chunk
+    kch = -(-slices // spc)  # no empty chunk
+    return {"rows": rows, "nb": nb, "nb_max": nb_max, "spc": spc, "kch": kch, "slices": slices}
+
+
+def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    """Decode: lookup-table kernel writes partial sums, qd_lut_finish reduces + adds base."""
     import numpy as np
 
-    dt = DTYPE_CODES[x.dtype]
+    device = x.device
+    m_rows, k = x.shape
+    tenants, n_planes, n, w = planes.shape
+    sms = _sm_count(_device_index(device))
+    plan = lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)
+    assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
+    z = use * plan["kch"]
+    part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
+    rows = plan["rows"]
+    _launch(
+        device,
+        f"qd_delta_lut<{dt}, {rows}>",
+        (-(-n // plan["nb"]), m_rows, z),
+        (LUT_THREADS,),
+        (
+            _ptr(x),
+            np.int64(x.stride(0)),
+            np.int32(k),
+            _ptr(planes),
+            _ptr(scales),
+            _ptr(tenant_ids),
+            _ptr(part),
+            np.int32(m_rows),
+            np.int32(n),
+            np.int32(w),
+            np.int32(tenants),
+            np.int32(n_planes),
+            np.int32(1 if row_scales else 0),
+            np.int32(plan["nb"]),
+            np.int32(plan["spc"]),
+            np.int32(plan["kch"]),
+        ),
+        shared_mem=rows * LUT_BYTES_PER_ROW,
+    )
+    total = m_rows * n
+    _launch(
+        device,
+        f"qd_lut_finish<{dt}>",
+        (min(-(-total // FINISH_THREADS), 32 * sms),),
+        (FINISH_THREADS,),
+        (
+            _ptr(part),
+            np.int32(z),
+            _ptr(tenant_ids),
+            np.int32(tenants),
+            _ptr(base),
+            np.int64(base.stride(0) if base is not None else 0),
+            _ptr(out),
+            np.int64(out.stride(0)),
+            np.int32(m_rows),
+            np.int32(n),
+        ),
+    )
+
+
+def _expand(planes_t, scales_t, use, row_scales, dt, dtype, k) -> torch.Tensor:
+    """One tenant's delta as a dense ``[N, K]`` view (row stride 32 * W) in ``dtype``."""
+    import numpy as np
+
+    _, n, w = planes_t.shape
+    device = planes_t.device
+    dense = torch.empty(n, 32 * w, dtype=dtype, device=device)
+    groups = n * w * 4
+    sms = _sm_count(_device_index(device))
+    _launch(
+        device,
+        f"qd_expand<{dt}>",
+        (min(-(-groups // EXPAND_THREADS), 32 * sms),),
+        (EXPAND_THREADS,),
+        (
+            _ptr(planes_t),
+            _ptr(scales_t),
+            np.int32(n),
+            np.int32(w),
+            np.int32(use),
+            np.int32(1 if row_scales else 0),
+            _ptr(dense),
+        ),
+    )
+    return dense[:, :k]
+
+
+def _dense_rows(x, dense, base, out) -> None:
+    """``out = x @ dense^T (+ base)`` through cuBLAS, base added in the GEMM epilogue."""
+    if base is None:
+        torch.matmul(x, dense.T, out=out)
+    elif out.data_ptr() == base.data_ptr():
+        out.addmm_(x, dense.T)
+    else:
+        torch.addmm(base, x, dense.T, out=out)
+
+
+def _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    """Prefill: expand each present tenant's delta once, then one GEMM per tenant."""
+    tenants = planes.shape[0]
+    k = x.shape[1]
+    if tenant_ids is None:
+        dense = _expand(planes[0], scales[0], use, row_scales, dt, x.dtype, k)
+        _dense_rows(x, dense, base, out)
+        return
+    valid = (tenant_ids >= 0) & (tenant_ids < tenants)
+    key = torch.where(valid, tenant_ids, torch.full_like(tenant_ids, tenants))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=tenants + 1).tolist()  # one host sync
+    start = 0
+    for t in range(tenants):
+        c = counts[t]
+        if c == 0:
+            continue
+        rows = order[start : start + c]
+        start += c
+        dense = _expand(planes[t], scales[t], use, row_scales, dt, x.dtype, k)
+        y = torch.empty(c, out.shape[1], dtype=out.dtype, device=out.device)
+        _dense_rows(
+            x.index_select(0, rows), dense, None if base is None else base.index_select(0, rows), y
+        )
+        out.index_copy_(0, rows, y)
+    rest = order[start:]  # id -1 (base or 0) and out-of-range ids (NaN)
+    if rest.numel():
+        if base is None:
+            fill = torch.zeros(rest.numel(), out.shape[1], dtype=out.dtype, device=out.device)
+        else:
+            fill = base.index_select(0, rest)
+        bad = tenant_ids.index_select(0, rest) != -1
+        fill = fill.masked_fill(bad[:, None], float("nan"))
+        out.index_copy_(0, rest, fill)
+
+
+def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above."""
+    import numpy as np
+
+    device = x.device
+    m_rows, k = x.shape
+    tenants, n_planes, n, w = planes.shape
     xp = torch.empty(SPLITS[dt] * m_rows * w * 16, dtype=torch.int32, device=device)
     total = m_rows * w * 16
     prep_blocks = min(-(-total // PREP_THREADS), 65535)
@@ -224,11 +438,7 @@ def multi_tenant_delta_matmul(
         (PREP_THREADS,),
         (_ptr(x), np.int64(x.stride(0)), np.int32(m_rows), np.int32(k), np.int32(w), _ptr(xp)),
     )
-    if path == "auto":
-        path = "decode" if m_rows <= DECODE_MAX_ROWS else "prefill"
-    if path not in TILES:
-        raise ShapeError(f"path: expected 'auto', 'decode' or 'prefill', found {path!r}")
-    ft, nt, wf, wm, ks = TILES[path]
+    ft, nt, wf, wm, ks = TILES["decode" if m_rows <= 64 else "prefill"]
     grid = (-(-m_rows // (8 * nt * wm)), -(-n // (16 * ft * wf)))
     if grid[1] > 65535:
         raise ShapeError(f"N = {n} output features is more than this kernel's grid supports")
@@ -257,7 +467,6 @@ def multi_tenant_delta_matmul(
             np.int32(1 if vec_ok else 0),
         ),
     )
-    return out
 
 
 def delta_matmul(

@@ -1,0 +1,237 @@
+"""Multi-tenant decode: 8 tenants in one batch vs 8 merged dense models in turn.
+
+A small Llama (random weights, built from a config) and 8 fine-tunes of it
+(every parameter perturbed). Each tenant's delta: the block linears and the
+head as 1-bit planes, embeddings and norms kept whole (full precision).
+Writes benches/results/runtime.json and benches/results/runtime.md. Run by
+``make bench``, or ``PYTHONPATH=python:. .venv/bin/python benches/bench_runtime.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+
+from benches.conftest import machine_info  # noqa: E402
+from tests.runtime_helpers import left_pad, merged, perturbed, tiny_llama  # noqa: E402
+
+import qdelta  # noqa: E402
+
+TENANTS = 8
+PROMPT = 16
+NEW_TOKENS = 32
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    initializer_range=0.05,
+)
+LLAMA_7B = dict(layers=32, hidden=4096, mlp=11008, vocab=32000)
+
+
+def packed_delta(base: nn.Module, ft: nn.Module) -> qdelta.Delta:
+    bsd, fsd = base.state_dict(), ft.state_dict()
+    layers = {}
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Linear):
+            diff = (fsd[name + ".weight"] - bsd[name + ".weight"]).contiguous()
+            planes, scales = qdelta.pack_residual(diff, bits=1)
+            layers[name] = qdelta.PackedLayer(planes, scales, tuple(diff.shape))
+    covered = {n + ".weight" for n in layers}
+    params = {
+        k: v.clone() for k, v in fsd.items() if k not in covered and not torch.equal(v, bsd[k])
+    }
+    return qdelta.Delta(layers, params, qdelta.fingerprint(bsd))
+
+
+def dense_decode(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode with the KV cache: the same loop the runtime runs."""
+    from qdelta.runtime import _cache_argument, _cache_of
+
+    cache_kw = _cache_argument(model)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    tokens = []
+    for step in range(steps):
+        token = out.logits[:, -1].argmax(-1)
+        tokens.append(token)
+        if step < steps - 1:
+            out = model(input_ids=token[:, None], use_cache=True, **{cache_kw: _cache_of(out)})
+    return torch.stack(tokens, 1)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def llama_7b_arithmetic(n: int, bits: int = 1) -> dict:
+    """fp16 7B Llama: N full models vs one base + N deltas (linears packed, embeddings,
+    head and norms whole as in BitDelta; and with the head packed too)."""
+    L, h, m, v = (LLAMA_7B[k] for k in ("layers", "hidden", "mlp", "vocab"))
+    linears = L * (4 * h * h + 3 * h * m)
+    emb = head = v * h
+    norms = (2 * L + 1) * h
+    full = 2 * (linears + emb + head + norms)
+    planes = bits * (linears // 8)
+    scales = 4 * bits * (L * (4 * h + 3 * m))  # row scales, float32
+    delta_head_whole = planes + scales + 2 * (emb + head + norms)
+    delta_head_packed = planes + scales + bits * head // 8 + 4 * bits * v + 2 * (emb + norms)
+    return {
+        "n": n,
+        "full_models_bytes": n * full,
+        "base_plus_deltas_bytes": full + n * delta_head_whole,
+        "ratio": n * full / (full + n * delta_head_whole),
+        "base_plus_deltas_head_packed_bytes": full + n * delta_head_packed,
+        "ratio_head_packed": n * full / (full + n * delta_head_packed),
+    }
+
+
+def run() -> dict:
+    # One BLAS thread for both paths: on a shared 2-core machine extra threads
+    # only contend (the Rust kernel keeps its own thread pool).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run() -> dict:
+    torch.manual_seed(0)
+    base = tiny_llama(0, **CONFIG)
+    fts = [perturbed(base, 100 + t, scale=0.01) for t in range(TENANTS)]
+    deltas = {f"t{t}": packed_delta(base, ft) for t, ft in enumerate(fts)}
+    dense = [merged(base, d) for d in deltas.values()]
+    model = qdelta.MultiTenantModel(copy.deepcopy(base), tenants=deltas)
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, CONFIG["vocab_size"], (PROMPT,), generator=g).tolist()
+        for _ in range(TENANTS)
+    ]
+    ids, mask = left_pad(prompts)
+    names = list(deltas)
+
+    def multi(steps: int) -> torch.Tensor:
+        return model.generate(ids, names, steps, attention_mask=mask).tokens
+
+    def one_by_one(steps: int) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([dense_decode(d, ids[r : r + 1], steps) for r, d in enumerate(dense)])
+
+    def best_of(fn, steps, rounds=3):
+        fn(2)  # warm-up
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            out = fn(steps)
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    # Decode time = (prefill + NEW_TOKENS tokens) - (prefill + 1 token).
+    t_multi_1, _ = best_of(multi, 1)
+    t_dense_1, _ = best_of(one_by_one, 1)
+    t_multi_n, tok_multi = best_of(multi, NEW_TOKENS + 1)
+    t_dense_n, tok_dense = best_of(one_by_one, NEW_TOKENS + 1)
+    t_multi, t_dense = t_multi_n - t_multi_1, t_dense_n - t_dense_1
+    agree = float((tok_multi == tok_dense).float().mean())
+    tokens = TENANTS * NEW_TOKENS
+    mem = model.memory()
+    multi_bytes = mem["base_bytes"] + mem["tenant_bytes"]
+    dense_bytes = sum(weight_bytes(d) for d in dense)
+
+    # Memory for N = 1..64 tenants from the actual tensors: load N tenants and measure.
+    extra = [packed_delta(base, perturbed(base, 500 + t, scale=0.01)) for t in range(8)]
+    table = []
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        m = qdelta.MultiTenantModel(copy.deepcopy(base))
+        for t in range(n):
+            m.add_tenant(f"n{t}", extra[t % len(extra)])
+        m.preload(m.tenants)
+        mm = m.memory()
+        one_full = weight_bytes(base)
+        table.append(
+            {
+                "n": n,
+                "full_models_bytes": n * one_full,
+                "base_plus_deltas_bytes": mm["base_bytes"] + mm["tenant_bytes"],
+                "ratio": n * one_full / (mm["base_bytes"] + mm["tenant_bytes"]),
+            }
+        )
+    return {
+        "machine": machine_info(),
+        "torch_threads": torch.get_num_threads(),
+        "model": CONFIG | {"dtype": "float32"},
+        "tenants": TENANTS,
+        "prompt_tokens": PROMPT,
+        "new_tokens": NEW_TOKENS,
+        "prefill_multi_tenant_s": t_multi_1,
+        "prefill_dense_one_by_one_s": t_dense_1,
+        "multi_tenant_s": t_multi,
+        "dense_one_by_one_s": t_dense,
+        "multi_tenant_tokens_per_s": tokens / t_multi,
+        "dense_tokens_per_s": tokens / t_dense,
+        "tokens_per_s_ratio": t_dense / t_multi,
+        "greedy_token_agreement": agree,
+        "multi_tenant_resident_bytes": multi_bytes,
+        "dense_resident_bytes": dense_bytes,
+        "bytes_ratio": dense_bytes / multi_bytes,
+        "memory_vs_tenants": table,
+        "llama_7b_fp16": [llama_7b_arithmetic(n) for n in (1, 2, 4, 8, 16, 32, 64)],
+    }
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"machine: {r['machine']['cpu']} ({r['machine']['cores']} cores), "
+        f"torch threads {r['torch_threads']}",
+        "",
+        f"decode of {r['new_tokens']} tokens after a {r['prompt_tokens']}-token prompt "
+        f"(prefill excluded), greedy token agreement {r['greedy_token_agreement']:.3f}",
+        "",
+        "| 8 tenants, decode | tokens/s | resident weight MB |",
+        "|---|---:|---:|",
+        f"| one batch, MultiTenantModel | {r['multi_tenant_tokens_per_s']:.1f} | "
+        f"{r['multi_tenant_resident_bytes'] / 1e6:.1f} |",
+        f"| 8 merged dense models in turn | {r['dense_tokens_per_s']:.1f} | "
+        f"{r['dense_resident_bytes'] / 1e6:.1f} |",
+        f"| ratio | {r['tokens_per_s_ratio']:.2f}x | {r['bytes_ratio']:.2f}x less |",
+        "",
+        "| N | N full models MB | base + N deltas MB | ratio | 7B fp16: ratio (head whole) | 7B: ratio (head packed) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a, b in zip(r["memory_vs_tenants"], r["llama_7b_fp16"], strict=True):
+        lines.append(
+            f"| {a['n']} | {a['full_models_bytes'] / 1e6:.1f} | {a['base_plus_deltas_bytes'] / 1e6:.1f} "
+            f"| {a['ratio']:.2f}x | {b['ratio']:.2f}x | {b['ratio_head_packed']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(r: dict) -> None:
+    out = ROOT / "benches" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime.json").write_text(json.dumps(r, indent=2))
+    (out / "runtime.md").write_text(markdown(r))
+
+
+if __name__ == "__main__":
+    r = run()
+    write(r)
+    print(markdown(r))

@@ -1,0 +1,127 @@
+"""The Rust CPU delta matmul (src/gemv.rs) for torch CPU tensors.
+
+Type plumbing only: tensors go to the core through ``.numpy()`` without a
+copy (int32 planes viewed as uint32, float16/bfloat16 as their uint16 bits);
+the core releases the GIL and runs on its own thread pool. Same conventions
+as :mod:`qdelta.kernels` (planes ``[T, P, N, W]``, scales ``[T, P]`` or
+``[T, P, N]``, ``tenant_ids`` ``[M]``, ``-1`` = no delta).
+
+Copies that do happen, all small: a non-contiguous ``x`` is made contiguous
+(the core converts it to padded float32 rows anyway); scales that are not
+float32 (after ``module.half()``) are converted; integer tenant ids become int64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qdelta import _core
+from qdelta.errors import DTypeError, QDeltaError, ShapeError
+
+#: The instruction set the kernel runs on here: "avx512", "avx2" or "portable".
+ISA: str = _core.gemv_isa()
+
+_X_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _on_cpu(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{what}: expected a torch tensor, found {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise QDeltaError(
+            f"{what}: the cpu backend expected a CPU tensor, found one on {t.device} "
+            "(use backend='auto' to pick the device's kernel)"
+        )
+    return t.detach()
+
+
+def _x_array(x: torch.Tensor) -> tuple[np.ndarray, str]:
+    name = _X_DTYPES.get(x.dtype)
+    if name is None:
+        raise DTypeError(f"x: expected float32, float16 or bfloat16, found {x.dtype}")
+    x = x.contiguous()
+    if name == "float32":
+        return x.numpy(), name
+    return x.view(torch.int16).numpy().view(np.uint16), name
+
+
+def _planes_array(planes: torch.Tensor) -> np.ndarray:
+    if planes.dtype == torch.int32:
+        return planes.numpy().view(np.uint32)
+    if planes.dtype == torch.uint32:
+        return planes.numpy()
+    raise DTypeError(f"planes: expected int32 (or uint32) packed words, found {planes.dtype}")
+
+
+def _scales_array(scales: torch.Tensor) -> np.ndarray:
+    if not scales.is_floating_point():
+        raise DTypeError(f"scales: expected a float tensor, found {scales.dtype}")
+    return scales.to(torch.float32).numpy()
+
+
+def _ids_array(tenant_ids: torch.Tensor) -> np.ndarray:
+    if tenant_ids.is_floating_point() or tenant_ids.is_complex() or tenant_ids.dtype == torch.bool:
+        raise DTypeError(
+            f"tenant_ids: expected an integer tensor (int64), found {tenant_ids.dtype}"
+        )
+    return tenant_ids.to(torch.int64).contiguous().numpy()
+
+
+def multi_tenant_delta_matmul(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    tenant_ids: torch.Tensor,
+    *,
+    bits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row tenant delta ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``.
+
+    ``x``: ``[..., K]``; ``tenant_ids``: one per row of ``x.reshape(-1, K)``.
+    Returns ``[..., N]`` in x's dtype. With ``out`` (float32 ``[M, N]``,
+    contiguous) the delta is added into ``out`` in float32 and ``out`` is returned.
+    """
+    x = _on_cpu(x, "x")
+    planes = _on_cpu(planes, "planes")
+    scales = _on_cpu(scales, "scales")
+    tenant_ids = _on_cpu(tenant_ids, "tenant_ids")
+    if x.dim() < 1 or x.shape[-1] == 0 or planes.dim() != 4:
+        raise ShapeError(
+            f"expected x [..., K] and planes [T, P, N, W], found x {list(x.shape)} "
+            f"and planes {list(planes.shape)}"
+        )
+    lead, k = x.shape[:-1], x.shape[-1]
+    xa, name = _x_array(x.reshape(-1, k))
+    out_arr = None
+    if out is not None:
+        if _on_cpu(out, "out").dtype != torch.float32:
+            raise DTypeError(f"out: expected float32, found {out.dtype}")
+        out_arr = out.detach().numpy()
+    y = _core.delta_matmul(
+        xa,
+        name,
+        _planes_array(planes),
+        _scales_array(scales),
+        _ids_array(tenant_ids),
+        None if bits is None else int(bits),
+        out_arr,
+    )
+    if out is not None:
+        return out
+    return torch.from_numpy(y).reshape(*lead, y.shape[-1]).to(x.dtype)
+
+
+def delta_matmul(
+    x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, *, bits: int | None = None
+) -> torch.Tensor:
+    """One tenant: ``y = sum_p alpha_p * x @ S_p^T`` (planes ``[P, N, W]``, scales ``[P]``/``[P, N]``)."""
+    if planes.dim() != 3 or scales.dim() not in (1, 2):
+        raise ShapeError(
+            f"expected planes [P, N, W] and scales [P] or [P, N], found planes "
+            f"{list(planes.shape)} and scales {list(scales.shape)}"
+        )
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    ids = torch.zeros(rows, dtype=torch.int64)
+    return multi_tenant_delta_matmul(x, planes[None], scales[None], ids, bits=bits)

@@ -1,0 +1,243 @@
+"""One shared base linear layer serving many fine-tunes in one batch.
+
+Every row (or sequence) of a batch names its tenant; the base matmul is done
+once for the whole batch and each row adds its own tenant's packed delta
+through one kernel call (:func:`qdelta.kernels.multi_tenant_delta_matmul`),
+so the hot path has no Python loop over tenants or rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdelta import kernels
+from qdelta.delta import PackedLayer
+from qdelta.errors import DTypeError, QDeltaError, ShapeError, UnknownTenantError
+from qdelta.kernels import Backend
+
+TenantKey = str | int
+
+# Marks an id with no tenant in the id -> slot table.
+_NO_SLOT = -2
+
+
+class MultiTenantLinear(nn.Module):
+    """``y[r] = base_layer(x[r]) + sum_p alpha[t_r, p] * x[r] @ S[t_r, p]^T``.
+
+    ``base_layer`` is shared, not copied. The loaded tenants' planes are
+    stacked into one int32 buffer ``planes [T, P, N, W]`` with row scales
+    ``scales [T, P, N]`` (matrix scales are broadcast to rows: 1/W of the
+    plane bytes). Tenants with fewer than ``P`` planes are padded with zero
+    planes of zero scale, which the kernels skip.
+
+    Tenants are keyed by a name or a non-negative int id; ``forward`` takes
+    the int ids (:meth:`tenant_id` maps a name to its id), ``-1`` = base only.
+    """
+
+    def __init__(self, base_layer: nn.Linear, *, backend: Backend = "auto") -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise DTypeError(
+                f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.backend: Backend = backend
+        words = -(-self.in_features // 32)
+        device = base_layer.weight.device
+        self.register_buffer(
+            "planes",
+            torch.zeros(0, 0, self.out_features, words, dtype=torch.int32, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "scales",
+            torch.zeros(0, 0, self.out_features, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "slot_of_id", torch.zeros(0, dtype=torch.int64, device=device), persistent=False
+        )
+        self._names: dict[str, int] = {}  # name -> id
+        self._slots: dict[int, int] = {}  # id -> slot in the stacks
+        self._bits: dict[int, int] = {}  # id -> planes it really has
+
+    # -- tenants ---------------------------------------------------------------
+
+    @property
+    def tenants(self) -> dict[TenantKey, int]:
+        """Every loaded tenant: key (name, or the id itself) -> id."""
+        named = set(self._names.values())
+        keys: dict[TenantKey, int] = dict(self._names)
+        keys.update({i: i for i in self._slots if i not in named})
+        return keys
+
+    def tenant_id(self, key: TenantKey) -> int:
+        """The id ``forward`` takes for a loaded tenant."""
+        if isinstance(key, str):
+            if key not in self._names:
+                raise UnknownTenantError(
+                    f"tenant {key!r}: not loaded (loaded: {sorted(self._names) or 'none'})"
+                )
+            return self._names[key]
+        i = self._as_id(key)
+        if i not in self._slots:
+            raise UnknownTenantError(
+                f"tenant id {i}: not loaded (loaded ids: {sorted(self._slots) or 'none'})"
+            )
+        return i
+
+    def add_tenant(self, key: TenantKey, layer: PackedLayer) -> int:
+        """Loads (or replaces) one tenant's delta of this layer; returns its id."""
+        if not isinstance(layer, PackedLayer):
+            raise DTypeError(f"layer: expected a qdelta.PackedLayer, found {type(layer).__name__}")
+        if layer.shape != (self.out_features, self.in_features) or layer.transposed:
+            raise ShapeError(
+                f"tenant {key!r}: expected a [{self.out_features}, {self.in_features}] delta "
+                f"(not transposed) for this layer, found {list(layer.shape)}"
+                f"{' transposed' if layer.transposed else ''}"
+            )
+        if isinstance(key, str):
+            tid = self._names.get(key)
+            if tid is None:
+                tid = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
+                self._names[key] = tid
+        else:
+            tid = self._as_id(key)
+        device = self.planes.device
+        planes = _read_only_tensor(np.ascontiguousarray(layer.planes).view(np.int32)).to(device)
+        scales = _read_only_tensor(np.ascontiguousarray(layer.scales)).to(device)
+        if scales.dim() == 1:
+            scales = scales[:, None].expand(-1, self.out_features)
+        self._bits[tid] = layer.bits
+        self._resize_planes(max(self._bits.values()))
+        depth = self.planes.shape[1]
+        planes = _pad_planes(planes, depth)[None]
+        scales = _pad_planes(scales.to(self.scales.dtype), depth)[None]
+        if tid in self._slots:
+            slot = self._slots[tid]
+            self.planes[slot : slot + 1] = planes
+            self.scales[slot : slot + 1] = scales
+        else:
+            self._slots[tid] = self.planes.shape[0]
+            self.planes = torch.cat([self.planes, planes])
+            self.scales = torch.cat([self.scales, scales])
+        self._rebuild_table()
+        return tid
+
+    def remove_tenant(self, key: TenantKey) -> None:
+        """Unloads a tenant; rows that still name it are then refused."""
+        tid = self.tenant_id(key)
+        slot = self._slots.pop(tid)
+        del self._bits[tid]
+        self._names = {n: i for n, i in self._names.items() if i != tid}
+        self._slots = {i: s - (s > slot) for i, s in self._slots.items()}
+        keep = [s for s in range(self.planes.shape[0]) if s != slot]
+        self.planes = self.planes[keep]
+        self.scales = self.scales[keep]
+        self._resize_planes(max(self._bits.values(), default=0))
+        self._rebuild_table()
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, tenant_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """``x``: ``[B, S, K]`` with one tenant id per sequence, or ``[M, K]`` with one per row."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"x: expected [batch, seq, {self.in_features}] or [rows, {self.in_features}], "
+                f"found {list(x.shape)}"
+            )
+        slots = self._row_slots(tenant_ids, x)
+        y = self.base_layer(x)
+        if not self._slots:
+            return y
+        delta = kernels.multi_tenant_delta_matmul(
+            x.reshape(-1, self.in_features),
+            self.planes,
+            self.scales,
+            slots,
+            backend=self.backend,
+        )
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _row_slots(self, tenant_ids: torch.Tensor | Sequence[int], x: torch.Tensor) -> torch.Tensor:
+        """Tenant ids (one per sequence or row) -> stack slots per row of x."""
+        ids = tenant_ids if isinstance(tenant_ids, torch.Tensor) else torch.as_tensor(tenant_ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise DTypeError(f"tenant_ids: expected an integer tensor (int64), found {ids.dtype}")
+        what = "sequence" if x.dim() == 3 else "row"
+        if ids.dim() != 1 or ids.shape[0] != x.shape[0]:
+            raise ShapeError(
+                f"tenant_ids: expected one id per {what} of x, shape [{x.shape[0]}], "
+                f"found shape {list(ids.shape)}"
+            )
+        ids = ids.to(device=self.slot_of_id.device, dtype=torch.int64)
+        table = self.slot_of_id
+        if table.numel():
+            known = (ids >= 0) & (ids < table.shape[0])
+            slots = torch.where(known, table[ids.clamp(0, table.shape[0] - 1)], _NO_SLOT)
+        else:
+            slots = torch.full_like(ids, _NO_SLOT)
+        slots = torch.where(ids == -1, -1, slots)
+        bad = torch.nonzero(slots == _NO_SLOT)
+        if bad.numel():
+            r = int(bad[0, 0])
+            raise UnknownTenantError(
+                f"tenant_ids: {what} {r} names tenant id {int(ids[r])}, which is not loaded "
+                f"(loaded ids: {sorted(self._slots) or 'none'}; -1 = base only)"
+            )
+        if x.dim() == 3:
+            slots = slots.repeat_interleave(x.shape[1])
+        return slots.to(x.device)
+
+    # -- helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _as_id(key: object) -> int:
+        if isinstance(key, bool) or not isinstance(key, int | np.integer):
+            raise DTypeError(
+                f"tenant: expected a name (str) or an id (int >= 0), found {type(key).__name__}"
+            )
+        if key < 0:
+            raise QDeltaError(f"tenant id: expected an int >= 0 (-1 means base only), found {key}")
+        return int(key)
+
+    def _resize_planes(self, depth: int) -> None:
+        """Pads with zero planes, or drops planes no tenant has, to ``depth`` planes."""
+        self.planes = _pad_planes(self.planes.transpose(0, 1), depth).transpose(0, 1).contiguous()
+        self.scales = _pad_planes(self.scales.transpose(0, 1), depth).transpose(0, 1).contiguous()
+
+    def _rebuild_table(self) -> None:
+        size = max(self._slots, default=-1) + 1
+        table = torch.full((size,), _NO_SLOT, dtype=torch.int64)
+        for tid, slot in self._slots.items():
+            table[tid] = slot
+        self.slot_of_id = table.to(self.planes.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"tenants={len(self._slots)}, planes={self.planes.shape[1]}, backend={self.backend!r}"
+        )
+
+
+def _pad_planes(t: torch.Tensor, depth: int) -> torch.Tensor:
+    """``t[:depth]``, zero-padded along dim 0 when shorter."""
+    if t.shape[0] >= depth:
+        return t[:depth]
+    pad = torch.zeros((depth - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad])
+
+
+def _read_only_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor view of a (possibly read-only, memory-mapped) array that is only read
+    and copied into the tenant stack, so torch's non-writable warning does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)

@@ -1,0 +1,625 @@
+"""Multi-tenant serving: one base causal LM, many tenants' deltas, one mixed batch.
+
+``MultiTenantModel`` wraps a Hugging Face causal LM in place. Linear layers
+that a tenant's delta covers become ``RoutedLinear`` (MultiTenantLinear: the
+base matmul shared, each row adding its tenant's packed delta); modules whose
+full-precision parameters a tenant replaces (embeddings, norms, head) become
+per-row gathering modules. Every request row names its tenant; the model
+turns names into slots, loads missing tenants (lazily, under a byte budget
+with LRU eviction) and routes the slots to every swapped module for the
+forward in flight.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdelta.delta import Delta
+from qdelta.errors import (
+    BaseMismatchError,
+    BudgetError,
+    DTypeError,
+    QDeltaError,
+    ShapeError,
+    UnknownTenantError,
+)
+from qdelta.store import check_base, fingerprint
+from qdelta.tenant_modules import Route, RoutedLinear, RowEmbedding, RowLinear, RowRMSNorm
+
+TenantIds = torch.Tensor | Sequence[str | int | None]
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass
+class Generation:
+    """What ``MultiTenantModel.generate`` returns."""
+
+    sequences: torch.Tensor  # [B, L + n]: prompts followed by the new tokens
+    tokens: torch.Tensor  # [B, n]: the new tokens
+    logits: torch.Tensor | None  # [B, n, vocab] float32 per step, when asked for
+
+
+def _store_delta(store: Any, name: str) -> Delta:
+    """A tenant's Delta from the memory-mapped store (planes stay mapped)."""
+    return store.open(name).to_delta()
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and isinstance(
+        getattr(module, "weight", None), torch.Tensor
+    )
+
+
+class MultiTenantModel(nn.Module):
+    """One base causal LM serving many tenants' deltas in one mixed batch.
+
+    ``store``: a ``qdelta.DeltaStore``; its tenants are registered and load
+    lazily on first use. ``tenants``: names to load now, or a mapping
+    name -> ``Delta`` to add. ``budget_bytes``: the most bytes of loaded tenant
+    tensors kept resident; the least recently used tenant not in the current
+    batch is evicted to make room.
+
+    Row tenants (``tenant_ids``) are names, integer ids (``tenant_id(name)``)
+    or None / ``-1`` for the base model alone.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        store: Any = None,
+        tenants: Iterable[str] | Mapping[str, Delta] = (),
+        *,
+        budget_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if budget_bytes is not None and budget_bytes < 0:
+            raise BudgetError(f"budget_bytes: expected >= 0 or None, found {budget_bytes}")
+        self.model = base_model.eval()
+        self.store = store
+        self.budget_bytes = budget_bytes
+        self._route = Route()
+        # The base as built, captured before any swap (references, no copies).
+        self._base_modules = dict(base_model.named_modules())
+        self._base_params = dict(base_model.named_parameters(remove_duplicate=False))
+        self._base_state = dict(base_model.state_dict())
+        self._ties = self._tied_groups(base_model)
+        self._fingerprint: str | None = None
+        self._sources: dict[str, Callable[[], Delta]] = {}
+        self._ids: dict[str, int] = {}
+        self._next_id = 0
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
+        self._slot_of: dict[str, int] = {}
+        self._wrapped: dict[str, nn.Module] = {}
+        if store is not None:
+            for name in store.tenants():
+                self._register(name, lambda n=name: _store_delta(self.store, n))
+        if isinstance(tenants, Mapping):
+            for name, delta in tenants.items():
+                self.add_tenant(name, delta)
+            names = list(tenants)
+        else:
+            names = list(tenants)
+        if names:
+            self.preload(names)
+
+    # ---- tenant registry ----------------------------------------------------
+
+    @property
+    def tenants(self) -> list[str]:
+        """Registered tenant names (loaded or not)."""
+        return list(self._ids)
+
+    @property
+    def loaded_tenants(self) -> list[str]:
+        """Loaded tenants, least recently used first."""
+        return list(self._loaded)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of loaded tenant tensors (what the budget counts)."""
+        return sum(self._loaded.values())
+
+    def memory(self) -> dict[str, int]:
+        """Resident bytes measured from the tensors: the base model's parameters
+        and buffers, and the tenant tensors the swapped modules hold."""
+        seen: set[int] = set()
+        base = 0
+        for t in [*self._base_params.values(), *self._base_state.values()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                base += t.numel() * t.element_size()
+        tenants = sum(w.tenant_nbytes() for w in self._wrapped.values())
+        return {"base_bytes": base, "tenant_bytes": tenants, "tenants_loaded": len(self._loaded)}
+
+    def tenant_id(self, name: str) -> int:
+        if name not in self._ids:
+            raise UnknownTenantError(f"tenant {name!r} is not registered; known: {self.tenants}")
+        return self._ids[name]
+
+    def base_fingerprint(self) -> str:
+        """The fingerprint of the base weights as built (before any swap)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self._base_state)
+        return self._fingerprint
+
+    def add_tenant(self, name: str, delta: Delta | None = None) -> int:
+        """Register a tenant while serving; returns its integer id.
+
+        ``delta=None``: the tenant comes from the store (loaded on first use).
+        A given delta is checked against the base now (BaseMismatchError,
+        ShapeError) and loaded on first use. Re-adding a name replaces it.
+        """
+        if not isinstance(name, str) or not name:
+            raise DTypeError(f"tenant name: expected a non-empty str, found {name!r}")
+        if delta is None:
+            if self.store is None or name not in self.store.tenants():
+                raise UnknownTenantError(
+                    f"tenant {name!r}: no delta given and no such tenant in the store"
+                )
+            source: Callable[[], Delta] = lambda: _store_delta(self.store, name)  # noqa: E731
+        else:
+            if not isinstance(delta, Delta):
+                raise DTypeError(f"delta: expected qdelta.Delta, found {type(delta).__name__}")
+            self._check(delta, name)
+            source = lambda: delta  # noqa: E731
+        if name in self._loaded:
+            self._evict(name)
+        return self._register(name, source)
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Load these tenants now (within the budget) instead of at first use."""
+        names = list(names)
+        for name in names:
+            self.tenant_id(name)
+        self._ensure_loaded(names)
+
+    def remove_tenant(self, name: str) -> None:
+        """Unload and unregister a tenant while serving; its id is retired."""
+        self.tenant_id(name)
+        if name in self._loaded:
+            self._evict(name)
+        del self._sources[name], self._ids[name]
+
+    def _register(self, name: str, source: Callable[[], Delta]) -> int:
+        self._sources[name] = source
+        if name not in self._ids:
+            self._ids[name] = self._next_id
+            self._next_id += 1
+        return self._ids[name]
+
+    # ---- checking a delta against the base ----------------------------------
+
+    def _check(self, delta: Delta, name: str) -> None:
+        """Refuse a delta made against another base or not fitting its shapes."""
+        try:
+            check_base(delta, self.base_fingerprint())
+        except BaseMismatchError as e:
+            raise BaseMismatchError(f"tenant {name!r}: {e}") from None
+        for lname, packed in delta.layers.items():
+            module = self._base_modules.get(lname)
+            if not isinstance(module, nn.Linear) or packed.transposed:
+                found = "nothing" if module is None else type(module).__name__
+                raise ShapeError(
+                    f"tenant {name!r}: packed layer {lname!r} expects an nn.Linear "
+                    f"(not transposed) in the base, found {found}"
+                )
+            if tuple(module.weight.shape) != packed.shape:
+                raise ShapeError(
+                    f"tenant {name!r}: layer {lname!r} is {list(module.weight.shape)} in the "
+                    f"base, the delta has {list(packed.shape)}"
+                )
+        for pname, value in delta.params.items():
+            base = self._base_params.get(pname)
+            if base is None:
+                raise ShapeError(f"tenant {name!r}: the base has no parameter {pname!r}")
+            if tuple(value.shape) != tuple(base.shape):
+                raise ShapeError(
+                    f"tenant {name!r}: parameter {pname!r} is {list(base.shape)} in the base, "
+                    f"the delta has {list(value.shape)}"
+                )
+        for mname, attrs in self._params_by_module(delta).items():
+            module = self._base_modules[mname]
+            packed = mname in delta.layers
+            if packed and set(attrs) - {"bias"}:
+                raise QDeltaError(
+                    f"tenant {name!r}: {mname!r} has a packed delta and full-precision "
+                    f"{sorted(attrs)}; only a bias may be replaced beside a packed delta"
+                )
+            if not packed and not (
+                isinstance(module, (nn.Embedding, nn.Linear)) or _is_rms_norm(module)
+            ):
+                raise QDeltaError(
+                    f"tenant {name!r}: per-row parameters of {type(module).__name__} "
+                    f"({mname!r}) are not supported; expected Embedding, Linear or RMSNorm"
+                )
+            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+                raise QDeltaError(f"tenant {name!r}: {mname!r} uses max_norm, not supported")
+            current = self._wrapped.get(mname)
+            wants = _wrapper_class(module, packed)
+            if current is not None and not isinstance(current, wants):
+                raise QDeltaError(
+                    f"tenant {name!r}: {mname!r} is served as {type(current).__name__} for "
+                    f"other tenants; mixing packed and full-precision deltas on one layer "
+                    f"is not supported"
+                )
+        for lname in delta.layers:
+            current = self._wrapped.get(lname)
+            if current is not None and not isinstance(current, RoutedLinear):
+                raise QDeltaError(
+                    f"tenant {name!r}: {lname!r} is served with full-precision weights for "
+                    f"other tenants; mixing packed and full-precision deltas on one layer "
+                    f"is not supported"
+                )
+
+    @staticmethod
+    def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
+        """name -> every name of the same (tied) parameter, e.g. embeddings and head."""
+        by_id: dict[int, list[str]] = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(pname)
+        return {n: names for names in by_id.values() for n in names}
+
+    def _params_by_module(self, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
+        """module name -> {attribute: value}, tied parameters following their twin."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for pname, value in delta.params.items():
+            for alias in self._ties.get(pname, [pname]):
+                if alias != pname and alias in delta.params:
+                    continue  # the delta gives that name its own value
+                mname, _, attr = alias.rpartition(".")
+                out.setdefault(mname, {})[attr] = value
+        return out
+
+    # ---- loading, eviction, module swaps -------------------------------------
+
+    def _tenant_bytes(self, delta: Delta) -> int:
+        packed = sum(layer.nbytes for layer in delta.layers.values())
+        params = 0
+        for attrs in self._params_by_module(delta).values():
+            params += sum(v.numel() for v in attrs.values())
+        dtype_size = next(iter(self._base_params.values())).element_size()
+        return packed + params * dtype_size
+
+    def _ensure_loaded(self, names: Iterable[str]) -> None:
+        """Load every tenant of ``names`` (refreshing their LRU age) or raise
+        before changing anything the batch needs."""
+        needed = list(dict.fromkeys(names))
+        missing = [n for n in needed if n not in self._loaded]
+        deltas = {n: self._sources[n]() for n in missing}
+        for n, d in deltas.items():
+            self._check(d, n)
+        if self.budget_bytes is not None:
+            sizes = {n: self._tenant_bytes(d) for n, d in deltas.items()}
+            for n, size in sizes.items():
+                if size > self.budget_bytes:
+                    raise BudgetError(
+                        f"tenant {n!r} needs {size} bytes, more than the whole budget of "
+                        f"{self.budget_bytes} bytes"
+                    )
+            total = sum(sizes.values()) + sum(self._loaded[n] for n in needed if n in self._loaded)
+            if total > self.budget_bytes:
+                raise BudgetError(
+                    f"this batch's {len(needed)} tenants need {total} bytes together, more "
+                    f"than the budget of {self.budget_bytes} bytes; split the batch"
+                )
+        for n in needed:
+            if n in self._loaded:
+                self._loaded.move_to_end(n)
+        for n, delta in deltas.items():
+            self._load(n, delta, pinned=set(needed))
+
+    def _load(self, name: str, delta: Delta, pinned: set[str]) -> None:
+        size = self._tenant_bytes(delta)
+        if self.budget_bytes is not None:
+            while self.resident_bytes + size > self.budget_bytes:
+                victim = next((n for n in self._loaded if n not in pinned), None)
+                if victim is None:  # _ensure_loaded checked the batch fits
+                    raise BudgetError(f"no tenant left to evict for {name!r}")
+                self._evict(victim)
+        params = self._params_by_module(delta)
+        free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
+        slot = min(free)
+        try:
+            with torch.no_grad():
+                for mname, packed in delta.layers.items():
+                    wrapper = self._wrap(mname, packed=True)
+                    wrapper.add(name, packed, self._cast(mname, params.get(mname, {})), slot)
+                for mname, attrs in params.items():
+                    if mname in delta.layers:
+                        continue
+                    self._wrap(mname, packed=False).add(name, self._cast(mname, attrs))
+        except BaseException:
+            # Half a tenant is no tenant: undo what was added (e.g. out of memory).
+            for wrapper in self._wrapped.values():
+                if name in wrapper.tenants:
+                    wrapper.remove(name)
+            raise
+        self._slot_of[name] = slot
+        self._loaded[name] = size
+        self._refresh_slots()
+
+    def _evict(self, name: str) -> None:
+        for wrapper in self._wrapped.values():
+            if wrapper.local_index(name) is not None:
+                wrapper.remove(name)
+        del self._slot_of[name], self._loaded[name]
+        self._refresh_slots()
+
+    def _refresh_slots(self) -> None:
+        capacity = max(self._slot_of.values(), default=-1) + 1
+        for wrapper in self._wrapped.values():
+            wrapper.set_slots(self._slot_of, capacity)
+
+    def _cast(self, mname: str, attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameter values in the base parameter's dtype and device."""
+        out = {}
+        for attr, value in attrs.items():
+            base = getattr(self._base_modules[mname], attr)
+            out[attr] = value.detach().to(device=base.device, dtype=base.dtype).clone()
+        return out
+
+    def _wrap(self, mname: str, packed: bool) -> nn.Module:
+        """The tenant module standing in for base module ``mname`` (swapped in once)."""
+        if mname not in self._wrapped:
+            module = self._base_modules[mname]
+            wrapper = _wrapper_class(module, packed)(module, self._route)
+            parent, _, child = mname.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, wrapper)
+            self._wrapped[mname] = wrapper
+            self._refresh_slots()
+        return self._wrapped[mname]
+
+    # ---- requests ------------------------------------------------------------
+
+    def _row_tenants(self, tenant_ids: TenantIds, batch: int) -> list[str | None]:
+        """Validate ``tenant_ids`` for a batch of ``batch`` rows -> names (None: base)."""
+        if isinstance(tenant_ids, torch.Tensor):
+            if tenant_ids.dtype not in _INT_DTYPES:
+                raise DTypeError(
+                    f"tenant_ids: expected an integer tensor, found {tenant_ids.dtype}"
+                )
+            if tenant_ids.dim() != 1:
+                raise ShapeError(
+                    f"tenant_ids: expected a 1-D tensor of {batch}, found shape "
+                    f"{list(tenant_ids.shape)}"
+                )
+            items: list[Any] = tenant_ids.tolist()
+        elif isinstance(tenant_ids, (str, bytes)) or not isinstance(tenant_ids, Sequence):
+            raise DTypeError(
+                f"tenant_ids: expected a tensor or a sequence (one entry per row), "
+                f"found {type(tenant_ids).__name__}"
+            )
+        else:
+            items = list(tenant_ids)
+        if len(items) != batch:
+            raise ShapeError(
+                f"tenant_ids: expected {batch} entries (one per row), found {len(items)}"
+            )
+        by_id = {i: n for n, i in self._ids.items()}
+        names: list[str | None] = []
+        for row, item in enumerate(items):
+            if item is None:
+                names.append(None)
+            elif isinstance(item, str):
+                self.tenant_id(item)
+                names.append(item)
+            elif isinstance(item, bool):
+                raise DTypeError(f"tenant_ids[{row}]: expected a name, an id or None, found a bool")
+            else:
+                try:
+                    i = operator.index(item)
+                except TypeError:
+                    raise DTypeError(
+                        f"tenant_ids[{row}]: expected a name, an int id or None, found "
+                        f"{type(item).__name__}"
+                    ) from None
+                if i != -1 and i not in by_id:
+                    raise UnknownTenantError(
+                        f"tenant_ids[{row}]: no tenant with id {i}; known ids: {sorted(by_id)}"
+                    )
+                names.append(None if i == -1 else by_id[i])
+        return names
+
+    @contextmanager
+    def routing(self, tenant_ids: TenantIds, batch: int) -> Iterator[None]:
+        """Route the rows of the forward(s) inside to their tenants (loading them)."""
+        names = self._row_tenants(tenant_ids, batch)
+        self._ensure_loaded(n for n in names if n is not None)
+        device = next(iter(self._base_params.values())).device
+        slots = [-1 if n is None else self._slot_of[n] for n in names]
+        self._route.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        try:
+            yield
+        finally:
+            self._route.slots = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        tenant_ids: TenantIds,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's forward with each row served by its tenant.
+
+        With an attention mask and no ``position_ids``, positions count only
+        the unmasked tokens (left padding)."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        kwargs.setdefault("position_ids", _positions(mask))
+        with torch.no_grad(), self.routing(tenant_ids, ids.shape[0]):
+            return self.model(input_ids=ids, attention_mask=mask, **kwargs)
+
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INT_DTYPES:
+            found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids)
+            raise DTypeError(f"input_ids: expected an integer tensor, found {found}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ShapeError(
+                f"input_ids: expected [batch, length >= 1], found {list(input_ids.shape)}"
+            )
+        vocab = self._vocab_size()
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ShapeError(
+                f"input_ids: expected token ids in [0, {vocab}), found "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ShapeError(
+                f"attention_mask: expected shape {list(input_ids.shape)}, found "
+                f"{list(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(torch.long)
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ShapeError("attention_mask: expected only 0 and 1")
+        if not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not bool(mask[:, -1].all()):
+            raise ShapeError(
+                "attention_mask: expected left padding (zeros, then ones to the end of each row)"
+            )
+        return input_ids.to(torch.long), mask
+
+    def _vocab_size(self) -> int:
+        emb = self._base_modules.get("model.embed_tokens")
+        if isinstance(emb, nn.Embedding):
+            return emb.num_embeddings
+        return int(self.model.config.vocab_size)
+
+    # ---- generation ------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        tenant_ids: TenantIds,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        return_logits: bool = False,
+    ) -> Generation:
+        """Decode ``max_new_tokens`` per row with the KV cache, every row by its tenant.
+
+        Batches are left-padded (``attention_mask`` 0 on the left); greedy by
+        default, or sampling with ``temperature`` / ``top_k`` from a generator
+        seeded with ``seed``. A row that emitted ``eos_token_id`` keeps
+        emitting it; decoding stops early when every row has.
+        """
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise ShapeError(f"max_new_tokens: expected an int >= 1, found {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ShapeError(f"temperature: expected > 0 when sampling, found {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ShapeError(f"top_k: expected an int >= 1 or None, found {top_k!r}")
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=ids.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        cache_kw = _cache_argument(self.model)
+        batch = ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        tokens: list[torch.Tensor] = []
+        step_logits: list[torch.Tensor] = []
+        positions = _positions(mask)
+        with torch.no_grad(), self.routing(tenant_ids, batch):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            for step in range(max_new_tokens):
+                logits = out.logits[:, -1].to(torch.float32)
+                token = _pick(logits, do_sample, temperature, top_k, generator)
+                if eos_token_id is not None:
+                    token = torch.where(finished, eos_token_id, token)
+                    finished |= token == eos_token_id
+                tokens.append(token)
+                if return_logits:
+                    step_logits.append(logits)
+                if step == max_new_tokens - 1 or (
+                    eos_token_id is not None and bool(finished.all())
+                ):
+                    break
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.model(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{cache_kw: _cache_of(out)},
+                )
+        new = torch.stack(tokens, dim=1)
+        return Generation(
+            sequences=torch.cat([ids, new], dim=1),
+            tokens=new,
+            logits=torch.stack(step_logits, dim=1) if return_logits else None,
+        )
+
+
+def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:
+    if packed:
+        return RoutedLinear
+    if isinstance(module, nn.Embedding):
+        return RowEmbedding
+    if isinstance(module, nn.Linear):
+        return RowLinear
+    return RowRMSNorm
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens (0 under left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The KV cache keyword of this transformers version (``cache`` or ``past_key_values``)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _pick(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    scaled = logits / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+__all__ = ["Generation", "MultiTenantModel"]

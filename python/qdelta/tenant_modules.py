@@ -1,0 +1,238 @@
+"""Per-row tenant modules: the pieces MultiTenantModel swaps into a base model.
+
+Every module here wraps one base module (it does not copy it) and holds the
+loaded tenants' data for that module, stacked. The tenant of each batch row
+comes from a shared ``Route`` that the model sets for the forward in flight,
+as *model slots*; each module maps slots to its own local index (``-1``: the
+row uses the base), so a tenant that does not touch a module costs nothing
+there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdelta.delta import PackedLayer
+
+
+class Route:
+    """The per-row model slots of the forward in flight (None: every row on the base)."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+
+
+class TenantModule(nn.Module):
+    """Common part: the slot -> local index map and the local tenant order."""
+
+    def __init__(self, base: nn.Module, route: Route) -> None:
+        super().__init__()
+        self.base = base
+        self._route = route
+        self._names: list[str] = []
+        self.register_buffer("_slot_map", torch.full((1,), -1, dtype=torch.long), persistent=False)
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(self._names)
+
+    def local_index(self, name: str) -> int | None:
+        return self._names.index(name) if name in self._names else None
+
+    def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
+        table = torch.full((capacity + 1,), -1, dtype=torch.long)
+        for name, slot in slot_of.items():
+            local = self.local_index(name)
+            if local is not None:
+                table[slot + 1] = local
+        self._slot_map = table.to(self._slot_map.device)
+
+    def tenant_nbytes(self) -> int:
+        """Bytes of the tenant tensors this module holds (not the base's)."""
+        return sum(t.numel() * t.element_size() for t in self._tenant_tensors())
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+    def local_rows(self) -> torch.Tensor | None:
+        """Local tenant index per batch row, or None when no row needs a tenant here."""
+        slots = self._route.slots
+        if slots is None or not self._names:
+            return None
+        return self._slot_map[slots + 1]
+
+
+def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Stack ``tensors`` and turn the list into views of the stack (one copy resident)."""
+    if not tensors:
+        return None
+    stacked = torch.stack(tensors)
+    tensors[:] = stacked.unbind(0)
+    return stacked
+
+
+class RowEmbedding(TenantModule):
+    """nn.Embedding with per-tenant full-precision tables, gathered per row."""
+
+    def __init__(self, base: nn.Embedding, route: Route) -> None:
+        super().__init__(base, route)
+        self._tables: list[torch.Tensor] = []
+        self._stacked: torch.Tensor | None = None
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        self._tables.append(params["weight"])
+        self._stacked = _restack(self._tables)
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._tables[i]
+        self._stacked = _restack(self._tables)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        local = self.local_rows()
+        if local is None:
+            return out
+        # One gather over the stacked tables: row r reads table local[r].
+        shape = (-1,) + (1,) * (ids.dim() - 1)
+        flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids
+        gathered = self._stacked.view(-1, out.shape[-1])[flat]
+        return torch.where((local >= 0).view(*shape, 1), gathered, out)
+
+
+class RowRMSNorm(TenantModule):
+    """An RMSNorm (LlamaRMSNorm and kin) with per-tenant weights gathered per row.
+
+    The arithmetic is the base module's, step for step, so a row's result is
+    the tenant's own norm exactly.
+    """
+
+    def __init__(self, base: nn.Module, route: Route) -> None:
+        super().__init__(base, route)
+        self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6)))
+        self._weights: list[torch.Tensor] = []
+        self._stacked: torch.Tensor | None = None
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        self._weights.append(params["weight"])
+        self._stacked = _restack(self._weights)
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._weights[i]
+        self._stacked = _restack(self._weights)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = self.local_rows()
+        if local is None:
+            return self.base(hidden)
+        dtype = hidden.dtype
+        h = hidden.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        rows = torch.where(
+            (local >= 0)[:, None], self._stacked[local.clamp(min=0)], self.base.weight
+        )
+        return rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1) * h.to(dtype)
+
+
+class RowLinear(TenantModule):
+    """nn.Linear whose weight and/or bias are replaced per tenant at full precision
+    (a fine-tune's lm_head, for instance)."""
+
+    def __init__(self, base: nn.Linear, route: Route) -> None:
+        super().__init__(base, route)
+        self._weights: list[torch.Tensor] = []
+        self._biases: list[torch.Tensor | None] = []
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        # A tenant that keeps the base weight shares it (no copy).
+        self._weights.append(params.get("weight", self.base.weight))
+        self._biases.append(params.get("bias", self.base.bias))
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._weights[i], self._biases[i]
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        own = [w for w in self._weights if w is not self.base.weight]
+        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.local_rows()
+        if local is None:
+            return self.base(x)
+        out = x.new_empty(*x.shape[:-1], self.base.out_features)
+        # One matmul per distinct tenant in the batch: each tenant's weight is
+        # read once, which is the least traffic a full-precision head allows.
+        for t in torch.unique(local).tolist():
+            rows = (local == t).nonzero().squeeze(1)
+            if t < 0:
+                w, b = self.base.weight, self.base.bias
+            else:
+                w, b = self._weights[t], self._biases[t]
+            out[rows] = F.linear(x[rows], w, b)
+        return out
+
+
+class RoutedLinear(TenantModule):
+    """A linear layer with packed per-tenant weight deltas: MultiTenantLinear
+    keyed by model slot and fed the row slots of the forward in flight (plus
+    optional per-tenant full-precision biases)."""
+
+    def __init__(self, base: nn.Linear, route: Route) -> None:
+        from qdelta.multitenant import MultiTenantLinear
+
+        super().__init__(base, route)
+        self.layer = MultiTenantLinear(base)
+        self._slot_by_name: dict[str, int] = {}
+        self._bias_deltas: dict[str, torch.Tensor] = {}
+        self._stacked_bias: torch.Tensor | None = None
+
+    def add(
+        self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
+    ) -> None:
+        self.layer.add_tenant(slot, packed)
+        self._names.append(name)
+        self._slot_by_name[name] = slot
+        if "bias" in params:
+            self._bias_deltas[name] = params["bias"] - self.base.bias
+
+    def remove(self, name: str) -> None:
+        self.layer.remove_tenant(self._slot_by_name.pop(name))
+        self._names.remove(name)
+        self._bias_deltas.pop(name, None)
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        bias = [] if self._stacked_bias is None else [self._stacked_bias]
+        return [self.layer.planes, self.layer.scales, *bias]
+
+    def local_index(self, name: str) -> int | None:
+        # MultiTenantLinear's ids are the model slots themselves.
+        return self._slot_by_name.get(name)
+
+    def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
+        super().set_slots(slot_of, capacity)
+        if not self._bias_deltas:
+            self._stacked_bias = None
+            return
+        # Row s: slot s's bias change; the last row (index -1, base rows) adds nothing.
+        stacked = torch.zeros(capacity + 1, self.base.out_features, dtype=self.base.bias.dtype)
+        stacked = stacked.to(self.base.bias.device)
+        for name, bias in self._bias_deltas.items():
+            stacked[self._slot_by_name[name]] = bias
+        self._stacked_bias = stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.local_rows()
+        if local is None:
+            local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        out = self.layer(x, local)
+        if self._stacked_bias is not None:
+            bias = self._stacked_bias[local]
+            out = out + bias.view(x.shape[0], *(1,) * (x.dim() - 2), -1).to(out.dtype)
+        return out

@@ -1,0 +1,61 @@
+"""A byte-level tokenizer: ids 0..255 are the bytes of UTF-8 text, then a few specials.
+
+No hub tokenizer is reachable offline, and bytes need no training: any text
+round-trips exactly (invalid UTF-8 in ``decode`` becomes U+FFFD).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import ClassVar
+
+from qdelta.errors import ZooError
+
+TOKENIZER_FILE = "qdelta_tokenizer.json"
+
+
+class ByteTokenizer:
+    """256 byte ids followed by ``<bos>``, ``<eos>``, ``<pad>``."""
+
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    vocab_size = 259
+    specials: ClassVar[dict[str, int]] = {"<bos>": 256, "<eos>": 257, "<pad>": 258}
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Bytes back to text; special ids are dropped."""
+        data = bytes(i for i in (int(t) for t in ids) if 0 <= i < 256)
+        return data.decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"type": "qdelta-byte", "vocab_size": self.vocab_size, "specials": self.specials}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ByteTokenizer:
+        path = Path(directory) / TOKENIZER_FILE
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ZooError(f"expected a byte tokenizer file at {path}, found: {e}") from e
+        tok = cls()
+        if spec.get("type") != "qdelta-byte" or spec.get("specials") != tok.specials:
+            raise ZooError(f"{path}: expected {tok.to_dict()}, found {spec}")
+        return tok

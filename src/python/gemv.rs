@@ -1,0 +1,155 @@
+//! Bindings of the CPU delta matmul: numpy in (zero-copy), GIL released.
+
+use half::{bf16, f16};
+use numpy::ndarray::Array2;
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyReadwriteArray2, PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+
+use super::{check_array, run, DTypeError, ShapeError};
+use crate::bitplane::{words_per_row, ScaleMode};
+use crate::float::halves_from_bits;
+use crate::gemv::{self, DeltaStack, StackShape};
+
+fn shape_of(arr: &Bound<'_, PyAny>) -> Vec<usize> {
+    arr.cast::<PyUntypedArray>()
+        .map(|a| a.shape().to_vec())
+        .unwrap_or_default()
+}
+
+/// `y[r] (+)= sum_p alpha[t_r, p(, n)] * (x[r] . S[t_r, p, n])`.
+///
+/// `x`: `[M, K]` float32, or uint16 bits of float16 / bfloat16 (`dtype` says
+/// which); `planes`: uint32 `[T, P, N, ceil(K/32)]`; `scales`: float32
+/// `[T, P]` or `[T, P, N]`; `tenant_ids`: int64 `[M]` (-1 = no delta);
+/// `bits`: use the first `bits` planes; `out`: float32 `[M, N]` to add into
+/// (a new zeroed array when None). Returns the result array.
+#[pyfunction]
+#[pyo3(signature = (x, dtype, planes, scales, tenant_ids, bits=None, out=None))]
+#[allow(clippy::too_many_arguments)]
+fn delta_matmul<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    dtype: &str,
+    planes: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    tenant_ids: &Bound<'py, PyAny>,
+    bits: Option<usize>,
+    out: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let storage = match dtype {
+        "float32" => "float32",
+        "float16" | "bfloat16" => "uint16",
+        other => {
+            return Err(DTypeError::new_err(format!(
+                "x dtype: expected float32, float16 or bfloat16, found {other}"
+            )))
+        }
+    };
+    check_array(x, "x", 2, storage)?;
+    check_array(planes, "planes", 4, "uint32")?;
+    check_array(tenant_ids, "tenant_ids", 1, "int64")?;
+    let (rows, k) = match shape_of(x)[..] {
+        [m, k] => (m, k),
+        _ => unreachable!("checked 2-D"),
+    };
+    let [t, p, n, w] = <[usize; 4]>::try_from(shape_of(planes)).expect("checked 4-D");
+    if w != words_per_row(k) {
+        return Err(ShapeError::new_err(format!(
+            "planes: x has {k} input features, so planes need {} u32 words per row, \
+             found shape [{t}, {p}, {n}, {w}]",
+            words_per_row(k)
+        )));
+    }
+    let scale_shape = shape_of(scales);
+    let mode = match scale_shape[..] {
+        [a, b] if a == t && b == p => ScaleMode::Matrix,
+        [a, b, c] if a == t && b == p && c == n => ScaleMode::Row,
+        _ => {
+            return Err(ShapeError::new_err(format!(
+                "scales: expected [{t}, {p}] (per matrix) or [{t}, {p}, {n}] (per row) \
+                 for planes [{t}, {p}, {n}, {w}], found {scale_shape:?}"
+            )))
+        }
+    };
+    check_array(scales, "scales", scale_shape.len(), "float32")?;
+    let shape = StackShape {
+        tenants: t,
+        planes: p,
+        out_features: n,
+        in_features: k,
+    };
+
+    let planes: PyReadonlyArrayDyn<u32> = planes.extract()?;
+    let scales: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
+    let stack = DeltaStack {
+        planes: planes.as_slice().expect("checked contiguous"),
+        scales: scales.as_slice().expect("checked contiguous"),
+        mode,
+        shape,
+    };
+    let ids = ids.as_slice().expect("checked contiguous");
+
+    let result: Bound<'py, PyAny> = match out {
+        Some(o) => {
+            check_array(o, "out", 2, "float32")?;
+            if shape_of(o) != [rows, n] {
+                return Err(ShapeError::new_err(format!(
+                    "out: expected [{rows}, {n}], found {:?}",
+                    shape_of(o)
+                )));
+            }
+            o.clone()
+        }
+        None => Array2::<f32>::zeros((rows, n)).into_pyarray(py).into_any(),
+    };
+    let accumulate = out.is_some();
+    {
+        let out_arr: Bound<'py, PyArray2<f32>> = result.clone().cast_into()?;
+        let mut out_rw: PyReadwriteArray2<f32> = out_arr.try_readwrite().map_err(|e| {
+            ShapeError::new_err(format!(
+                "out: expected an array not used by another argument ({e})"
+            ))
+        })?;
+        let y = out_rw.as_slice_mut().expect("checked contiguous");
+        match dtype {
+            "float32" => {
+                let xa: PyReadonlyArray2<f32> = x.extract()?;
+                let xs = xa.as_slice().expect("checked contiguous");
+                run(py, || {
+                    gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
+                })?
+            }
+            "float16" => {
+                let xa: PyReadonlyArray2<u16> = x.extract()?;
+                let xs: &[f16] = halves_from_bits(xa.as_slice().expect("checked contiguous"));
+                run(py, || {
+                    gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
+                })?
+            }
+            _ => {
+                let xa: PyReadonlyArray2<u16> = x.extract()?;
+                let xs: &[bf16] = halves_from_bits(xa.as_slice().expect("checked contiguous"));
+                run(py, || {
+                    gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
+                })?
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// The instruction set the kernel uses on this CPU ("avx512", "avx2", "portable").
+#[pyfunction]
+fn gemv_isa() -> &'static str {
+    gemv::Isa::detect().name()
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(delta_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(gemv_isa, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Bindings of the .qdelta store core: open / verify / write files and the
+//! base fingerprint. Tensors come out as read-only uint8 numpy views of the
+//! mapping (zero-copy); the Python face gives them their dtype and shape.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use numpy::ndarray::ArrayView1;
+use numpy::npyffi::NPY_ARRAY_WRITEABLE;
+use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use super::{run, to_py};
+use crate::bitplane::ScaleMode;
+use crate::fingerprint::{self as fp, Weight};
+use crate::header::Dtype;
+use crate::store;
+
+/// A memory-mapped, header-validated .qdelta file (the core of qdelta.DeltaFile).
+#[pyclass(frozen, name = "DeltaFile", module = "qdelta._core")]
+struct PyDeltaFile {
+    inner: store::DeltaFile,
+}
+
+#[pymethods]
+impl PyDeltaFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = run(py, || store::DeltaFile::open(&path))?;
+        Ok(PyDeltaFile { inner })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    /// File size in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// The raw `__metadata__` map.
+    #[getter]
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.inner.contents.metadata.clone()
+    }
+
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.inner.contents.version
+    }
+
+    #[getter]
+    fn tenant(&self) -> String {
+        self.inner.contents.tenant.clone()
+    }
+
+    #[getter]
+    fn creator(&self) -> String {
+        self.inner.contents.creator.clone()
+    }
+
+    #[getter]
+    fn base_fingerprint(&self) -> String {
+        self.inner.contents.base_fingerprint.clone()
+    }
+
+    #[getter]
+    fn user_metadata(&self) -> BTreeMap<String, String> {
+        self.inner.contents.user.clone()
+    }
+
+    /// The layer table: (module, (out, in), bits, scale, transposed, planes tensor, scales tensor).
+    #[allow(clippy::type_complexity)]
+    #[getter]
+    fn layers(&self) -> Vec<(String, (usize, usize), usize, String, bool, String, String)> {
+        self.inner
+            .contents
+            .layers
+            .iter()
+            .map(|(n, e)| {
+                (
+                    n.clone(),
+                    (e.shape[0], e.shape[1]),
+                    e.bits,
+                    e.scale.clone(),
+                    e.transposed,
+                    e.planes.clone(),
+                    e.scales.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// One row of the layer table (see `layers`).
+    #[allow(clippy::type_complexity)]
+    fn layer(
+        &self,
+        name: &str,
+    ) -> PyResult<(String, (usize, usize), usize, String, bool, String, String)> {
+        let e = self.inner.contents.layers.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self
+                .inner
+                .contents
+                .layers
+                .keys()
+                .take(10)
+                .map(|k| k.as_str())
+                .collect();
+            to_py(crate::Error::Value(format!(
+                "{}: no layer named {name:?} (layers: {}{})",
+                self.inner.path.display(),
+                known.join(", "),
+                if self.inner.contents.layers.len() > 10 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )))
+        })?;
+        Ok((
+            name.to_string(),
+            (e.shape[0], e.shape[1]),
+            e.bits,
+            e.scale.clone(),
+            e.transposed,
+            e.planes.clone(),
+            e.scales.clone(),
+        ))
+    }
+
+    /// Names of the parameters kept whole.
+    #[getter]
+    fn params(&self) -> Vec<String> {
+        self.inner.contents.params.clone()
+    }
+
+    /// Every tensor: (name, dtype, shape, nbytes), in file order.
+    #[getter]
+    fn tensors(&self) -> Vec<(String, &'static str, Vec<usize>, usize)> {
+        self.inner
+            .contents
+            .header
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.name(), t.shape.clone(), t.nbytes()))
+            .collect()
+    }
+
+    /// (dtype, shape, read-only uint8 view of the bytes) of tensor `name`.
+    #[allow(clippy::type_complexity)]
+    fn tensor<'py>(
+        slf: Bound<'py, Self>,
+        name: &str,
+    ) -> PyResult<(&'static str, Vec<usize>, Bound<'py, PyArray1<u8>>)> {
+        let this = slf.get();
+        let (info, bytes) = this.inner.bytes(name).map_err(to_py)?;
+        let view = ArrayView1::from(bytes);
+        // SAFETY: the array borrows the mapping owned by `slf`, which it holds
+        // as its base object; the mapping is never written or unmapped while
+        // `slf` lives. The array is made read-only before anyone sees it.
+        let arr = unsafe { PyArray1::borrow_from_array(&view, slf.clone().into_any()) };
+        // SAFETY: clearing WRITEABLE on an array nobody else has seen yet is
+        // what numpy's PyArray_CLEARFLAGS does.
+        unsafe { (*arr.as_array_ptr()).fields.flags &= !NPY_ARRAY_WRITEABLE };
+        Ok((info.dtype.name(), info.shape.clone(), arr))
+    }
+
+    /// Checks every tensor checksum; returns how many were checked.
+    fn verify(&self, py: Python<'_>) -> PyResult<usize> {
+        run(py, || self.inner.verify())
+    }
+}
+
+fn extract_bytes<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray1<'py, u8>> {
+    super::check_array(obj, what, 1, "uint8")?;
+    obj.extract()
+}
+
+fn dtype(name: &str) -> PyResult<Dtype> {
+    Dtype::parse(name).map_err(to_py)
+}
+
+/// Writes a .qdelta file atomically.
+///
+/// layers: [(module, (out, in), bits, scale, transposed, planes u8, scales u8)];
+/// params: [(name, dtype, shape, bytes u8)].
+#[allow(clippy::type_complexity)]
+#[pyfunction]
+fn write_delta(
+    py: Python<'_>,
+    path: PathBuf,
+    layers: Vec<(
+        String,
+        (usize, usize),
+        usize,
+        String,
+        bool,
+        Bound<'_, PyAny>,
+        Bound<'_, PyAny>,
+    )>,
+    params: Vec<(String, String, Vec<usize>, Bound<'_, PyAny>)>,
+    tenant: String,
+    base_fingerprint: String,
+    user_metadata: BTreeMap<String, String>,
+) -> PyResult<()> {
+    let mut held = Vec::new();
+    let mut layer_meta = Vec::new();
+    for (name, shape, bits, scale, transposed, planes, scales) in &layers {
+        let mode = ScaleMode::parse(scale).map_err(to_py)?;
+        held.push(extract_bytes(planes, &format!("{name} planes"))?);
+        held.push(extract_bytes(scales, &format!("{name} scales"))?);
+        layer_meta.push((name.clone(), *shape, *bits, mode, *transposed));
+    }
+    let mut param_meta = Vec::new();
+    for (name, dt, shape, data) in &params {
+        param_meta.push((name.clone(), dtype(dt)?, shape.clone()));
+        held.push(extract_bytes(data, name)?);
+    }
+    let slices: Vec<&[u8]> = held
+        .iter()
+        .map(|a| a.as_slice().expect("checked contiguous"))
+        .collect();
+    let n_layers = layer_meta.len();
+    let data = store::DeltaData {
+        layers: layer_meta
+            .into_iter()
+            .enumerate()
+            .map(
+                |(i, (name, shape, bits, scale, transposed))| store::LayerData {
+                    name,
+                    shape: [shape.0, shape.1],
+                    bits,
+                    scale,
+                    transposed,
+                    planes: slices[2 * i],
+                    scales: slices[2 * i + 1],
+                },
+            )
+            .collect(),
+        params: param_meta
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, dtype, shape))| store::TensorData {
+                name,
+                dtype,
+                shape,
+                data: slices[2 * n_layers + i],
+            })
+            .collect(),
+        tenant,
+        base_fingerprint,
+        user: user_metadata,
+    };
+    run(py, || store::write(&path, &data))
+}
+
+/// The base fingerprint of [(name, dtype, shape, bytes u8)].
+#[pyfunction]
+fn fingerprint(py: Python<'_>, weights: &Bound<'_, PyList>) -> PyResult<String> {
+    let mut meta = Vec::with_capacity(weights.len());
+    let mut held = Vec::with_capacity(weights.len());
+    for item in weights.iter() {
+        let (name, dt, shape, data): (String, String, Vec<usize>, Bound<'_, PyAny>) =
+            item.extract()?;
+        held.push(extract_bytes(&data, &name)?);
+        meta.push((name, dt, shape));
+    }
+    let mut ws: Vec<Weight<'_>> = meta
+        .into_iter()
+        .zip(held.iter())
+        .map(|((name, dtype, shape), a)| Weight {
+            name,
+            dtype,
+            shape,
+            data: a.as_slice().expect("checked contiguous"),
+        })
+        .collect();
+    run(py, || fp::fingerprint(&mut ws))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDeltaFile>()?;
+    m.add_function(wrap_pyfunction!(write_delta, m)?)?;
+    m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
+    m.add("FORMAT_VERSION", store::FORMAT_VERSION)?;
+    m.add("BIT_LAYOUT", store::BIT_LAYOUT)?;
+    Ok(())
+}

@@ -1,0 +1,609 @@
+//! .qdelta files: a safetensors container whose `__metadata__` describes a
+//! compressed fine-tune (docs/FORMAT.md, "File format"). Writing is atomic
+//! (temporary file, fsync, rename, fsync of the directory); reading maps the
+//! file and validates only the header, so opening is O(header) and tensor
+//! bytes are paged in when touched. `verify` checks every tensor checksum.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::bitplane::{words_per_row, ScaleMode, MAX_PLANES};
+use crate::error::{Error, Result};
+use crate::header::{Dtype, Header, TensorInfo, METADATA_KEY, PREFIX_LEN};
+
+pub const FORMAT_NAME: &str = "qdelta";
+pub const FORMAT_VERSION: u32 = 1;
+/// Names the bit layout of docs/FORMAT.md ("Bit layout").
+pub const BIT_LAYOUT: &str = "sign-planes/u32-le/lsb-first/in-axis/v1";
+pub const CREATOR: &str = concat!("qdelta ", env!("CARGO_PKG_VERSION"));
+/// Suffixes of a layer's tensors after its module name.
+pub const PLANES_SUFFIX: &str = ".qdelta_planes";
+pub const SCALES_SUFFIX: &str = ".qdelta_scales";
+
+/// `__metadata__` keys.
+pub mod keys {
+    pub const FORMAT: &str = "format";
+    pub const VERSION: &str = "format_version";
+    pub const BIT_LAYOUT: &str = "bit_layout";
+    pub const TENANT: &str = "tenant";
+    pub const CREATOR: &str = "creator";
+    pub const BASE_FINGERPRINT: &str = "base_fingerprint";
+    pub const LAYERS: &str = "layers";
+    pub const PARAMS: &str = "params";
+    pub const CHECKSUMS: &str = "checksums";
+    pub const CHECKSUM_ALGORITHM: &str = "checksum_algorithm";
+    pub const USER: &str = "user_metadata";
+    /// Every key a reader requires.
+    pub const REQUIRED: [&str; 10] = [
+        FORMAT,
+        VERSION,
+        BIT_LAYOUT,
+        TENANT,
+        CREATOR,
+        BASE_FINGERPRINT,
+        LAYERS,
+        PARAMS,
+        CHECKSUMS,
+        CHECKSUM_ALGORITHM,
+    ];
+}
+pub const CHECKSUM_ALGORITHM: &str = "xxh3-64";
+
+/// One row of the layer table (the `layers` metadata value, keyed by module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerEntry {
+    /// `[out, in]` of the delta.
+    pub shape: [usize; 2],
+    pub bits: usize,
+    /// "matrix" or "row".
+    pub scale: String,
+    pub transposed: bool,
+    pub planes: String,
+    pub scales: String,
+}
+
+/// A validated .qdelta header.
+#[derive(Clone, Debug)]
+pub struct Contents {
+    pub header: Header,
+    pub metadata: BTreeMap<String, String>,
+    pub version: u32,
+    pub tenant: String,
+    pub creator: String,
+    pub base_fingerprint: String,
+    pub layers: BTreeMap<String, LayerEntry>,
+    pub params: Vec<String>,
+    pub checksums: BTreeMap<String, u64>,
+    pub user: BTreeMap<String, String>,
+}
+
+fn fmt_err(msg: String) -> Error {
+    Error::Format(msg)
+}
+
+fn json<'a, T: Deserialize<'a>>(
+    meta: &'a BTreeMap<String, String>,
+    key: &str,
+    what: &str,
+) -> Result<T> {
+    serde_json::from_str(&meta[key]).map_err(|e| {
+        fmt_err(format!(
+            "metadata {key:?}: expected {what}, found invalid JSON ({e})"
+        ))
+    })
+}
+
+/// Parses and validates a whole .qdelta file image (header and table only;
+/// tensor bytes are not read).
+pub fn parse(file: &[u8]) -> Result<Contents> {
+    let header = Header::parse(file)?;
+    let meta = header.metadata.clone().ok_or_else(|| {
+        fmt_err(format!(
+            "not a qdelta file: the safetensors header has no {METADATA_KEY:?} entry"
+        ))
+    })?;
+    match meta.get(keys::FORMAT) {
+        Some(f) if f == FORMAT_NAME => {}
+        Some(f) => {
+            return Err(fmt_err(format!(
+                "not a qdelta file: metadata \"format\" is {f:?}, expected {FORMAT_NAME:?}"
+            )))
+        }
+        None => {
+            return Err(fmt_err(
+                "not a qdelta file: missing required metadata key \"format\"".into(),
+            ))
+        }
+    }
+    let version_text = meta
+        .get(keys::VERSION)
+        .ok_or_else(|| fmt_err("missing required metadata key \"format_version\"".into()))?;
+    let version: u32 = version_text.parse().map_err(|_| {
+        fmt_err(format!(
+            "metadata \"format_version\": expected an integer, found {version_text:?}"
+        ))
+    })?;
+    if version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion(format!(
+            "unsupported .qdelta format version {version}: this qdelta ({CREATOR}) reads \
+             version {FORMAT_VERSION}"
+        )));
+    }
+    if let Some(missing) = keys::REQUIRED.iter().find(|k| !meta.contains_key(**k)) {
+        return Err(fmt_err(format!(
+            "missing required metadata key {missing:?}"
+        )));
+    }
+    if meta[keys::BIT_LAYOUT] != BIT_LAYOUT {
+        return Err(fmt_err(format!(
+            "unknown bit layout {:?}: expected {BIT_LAYOUT:?}",
+            meta[keys::BIT_LAYOUT]
+        )));
+    }
+    if meta[keys::CHECKSUM_ALGORITHM] != CHECKSUM_ALGORITHM {
+        return Err(fmt_err(format!(
+            "unknown checksum algorithm {:?}: expected {CHECKSUM_ALGORITHM:?}",
+            meta[keys::CHECKSUM_ALGORITHM]
+        )));
+    }
+    let layers: BTreeMap<String, LayerEntry> = json(&meta, keys::LAYERS, "the layer table object")?;
+    let params: Vec<String> = json(&meta, keys::PARAMS, "a list of tensor names")?;
+    let hex: BTreeMap<String, String> = json(&meta, keys::CHECKSUMS, "an object of hex checksums")?;
+    let user: BTreeMap<String, String> = match meta.get(keys::USER) {
+        Some(_) => json(&meta, keys::USER, "an object of strings")?,
+        None => BTreeMap::new(),
+    };
+
+    // Every tensor is used exactly once: by a layer or as a parameter.
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let mut claim = |tensor: &str, by: String| -> Result<()> {
+        if header.get(tensor).is_none() {
+            return Err(fmt_err(format!(
+                "{by} refers to tensor {tensor:?}, which is not in the file"
+            )));
+        }
+        if let Some(prev) = owner.insert(tensor.to_string(), by.clone()) {
+            return Err(fmt_err(format!(
+                "tensor {tensor:?} is claimed by both {prev} and {by}"
+            )));
+        }
+        Ok(())
+    };
+    for (name, e) in &layers {
+        claim(&e.planes, format!("layer {name:?}"))?;
+        claim(&e.scales, format!("layer {name:?}"))?;
+    }
+    for p in &params {
+        claim(p, "the params list".into())?;
+    }
+    if let Some(t) = header.tensors.iter().find(|t| !owner.contains_key(&t.name)) {
+        return Err(fmt_err(format!(
+            "tensor {:?} is neither a layer's planes/scales nor a listed param",
+            t.name
+        )));
+    }
+    for (name, e) in &layers {
+        check_layer(name, e, &header)?;
+    }
+
+    let mut checksums = BTreeMap::new();
+    for t in &header.tensors {
+        let h = hex.get(&t.name).ok_or_else(|| {
+            fmt_err(format!(
+                "metadata \"checksums\" has no entry for tensor {:?}",
+                t.name
+            ))
+        })?;
+        let v = (h.len() == 16)
+            .then(|| u64::from_str_radix(h, 16).ok())
+            .flatten()
+            .ok_or_else(|| {
+                fmt_err(format!(
+                    "checksum of tensor {:?}: expected 16 hex digits, found {h:?}",
+                    t.name
+                ))
+            })?;
+        checksums.insert(t.name.clone(), v);
+    }
+    if let Some(extra) = hex.keys().find(|k| header.get(k).is_none()) {
+        return Err(fmt_err(format!(
+            "metadata \"checksums\" names tensor {extra:?}, which is not in the file"
+        )));
+    }
+    Ok(Contents {
+        version,
+        tenant: meta[keys::TENANT].clone(),
+        creator: meta[keys::CREATOR].clone(),
+        base_fingerprint: meta[keys::BASE_FINGERPRINT].clone(),
+        metadata: meta,
+        header,
+        layers,
+        params,
+        checksums,
+        user,
+    })
+}
+
+fn check_layer(name: &str, e: &LayerEntry, header: &Header) -> Result<()> {
+    let bad = |m: String| fmt_err(format!("layer {name:?}: {m}"));
+    let [out, inp] = e.shape;
+    if out == 0 || inp == 0 {
+        return Err(bad(format!(
+            "expected a non-empty shape, found {:?}",
+            e.shape
+        )));
+    }
+    if e.bits == 0 || e.bits > MAX_PLANES {
+        return Err(bad(format!(
+            "bits: expected 1..={MAX_PLANES}, found {}",
+            e.bits
+        )));
+    }
+    let mode = ScaleMode::parse(&e.scale).map_err(|err| bad(err.to_string()))?;
+    let expect = |t: &TensorInfo, dtype: Dtype, shape: Vec<usize>| -> Result<()> {
+        if t.dtype != dtype || t.shape != shape {
+            return Err(bad(format!(
+                "tensor {:?}: expected {} {shape:?}, found {} {:?}",
+                t.name,
+                dtype.name(),
+                t.dtype.name(),
+                t.shape
+            )));
+        }
+        Ok(())
+    };
+    let planes = header.get(&e.planes).expect("claimed above");
+    expect(planes, Dtype::U32, vec![e.bits, out, words_per_row(inp)])?;
+    let scales = header.get(&e.scales).expect("claimed above");
+    let scale_shape = match mode {
+        ScaleMode::Matrix => vec![e.bits],
+        ScaleMode::Row => vec![e.bits, out],
+    };
+    expect(scales, Dtype::F32, scale_shape)
+}
+
+/// A memory-mapped, header-validated .qdelta file.
+pub struct DeltaFile {
+    pub path: PathBuf,
+    map: Mmap,
+    pub contents: Contents,
+}
+
+fn file_err(path: &Path, action: &str, e: std::io::Error) -> Error {
+    Error::File(format!("cannot {action} {}: {e}", path.display()))
+}
+
+impl DeltaFile {
+    pub fn open(path: &Path) -> Result<DeltaFile> {
+        let file = File::open(path).map_err(|e| file_err(path, "open", e))?;
+        let meta = file.metadata().map_err(|e| file_err(path, "stat", e))?;
+        if !meta.is_file() {
+            return Err(Error::File(format!(
+                "{}: expected a regular .qdelta file, found a {}",
+                path.display(),
+                if meta.is_dir() {
+                    "directory"
+                } else {
+                    "special file"
+                }
+            )));
+        }
+        if meta.len() < PREFIX_LEN as u64 {
+            return Err(fmt_err(format!(
+                "{}: file is truncated: expected at least {PREFIX_LEN} bytes, found {}",
+                path.display(),
+                meta.len()
+            )));
+        }
+        // SAFETY: the mapping is read-only. qdelta never modifies a published
+        // file in place (writers rename a new file over it), so the bytes stay
+        // valid for the life of the mapping.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, "map", e))?;
+        let contents = parse(&map).map_err(|e| prefix_path(e, path))?;
+        Ok(DeltaFile {
+            path: path.to_path_buf(),
+            map,
+            contents,
+        })
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The bytes of tensor `name` inside the mapping.
+    pub fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        let t = self.contents.header.get(name).ok_or_else(|| {
+            Error::Value(format!("{}: no tensor named {name:?}", self.path.display()))
+        })?;
+        let start = self.contents.header.data_start;
+        Ok((t, &self.map[start + t.begin..start + t.end]))
+    }
+
+    /// Checks every tensor against its checksum (in parallel); returns the
+    /// number of tensors checked.
+    pub fn verify(&self) -> Result<usize> {
+        let mut bad: Vec<String> = self
+            .contents
+            .header
+            .tensors
+            .par_iter()
+            .filter_map(|t| {
+                let (_, data) = self.bytes(&t.name).expect("name from the header");
+                let want = self.contents.checksums[&t.name];
+                let got = xxh3_64(data);
+                (got != want)
+                    .then(|| format!("{:?} (expected {want:016x}, found {got:016x})", t.name))
+            })
+            .collect();
+        if bad.is_empty() {
+            return Ok(self.contents.header.tensors.len());
+        }
+        bad.sort();
+        let n = bad.len();
+        bad.truncate(5);
+        Err(Error::Checksum(format!(
+            "{}: {n} tensor(s) fail their {CHECKSUM_ALGORITHM} checksum, the file is corrupt: {}{}",
+            self.path.display(),
+            bad.join(", "),
+            if n > 5 { ", ..." } else { "" }
+        )))
+    }
+}
+
+fn prefix_path(e: Error, path: &Path) -> Error {
+    let p = path.display();
+    match e {
+        Error::Format(m) => Error::Format(format!("{p}: {m}")),
+        Error::UnsupportedVersion(m) => Error::UnsupportedVersion(format!("{p}: {m}")),
+        Error::DType(m) => Error::Format(format!("{p}: {m}")),
+        other => other,
+    }
+}
+
+/// A tensor to write: little-endian bytes plus dtype and shape.
+pub struct TensorData<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+/// One compressed layer to write.
+pub struct LayerData<'a> {
+    pub name: String,
+    pub shape: [usize; 2],
+    pub bits: usize,
+    pub scale: ScaleMode,
+    pub transposed: bool,
+    /// u32 `[bits, out, words]` as bytes.
+    pub planes: &'a [u8],
+    /// f32 `[bits]` or `[bits, out]` as bytes.
+    pub scales: &'a [u8],
+}
+
+/// Everything a .qdelta file holds.
+pub struct DeltaData<'a> {
+    pub layers: Vec<LayerData<'a>>,
+    pub params: Vec<TensorData<'a>>,
+    pub tenant: String,
+    pub base_fingerprint: String,
+    pub user: BTreeMap<String, String>,
+}
+
+/// The complete file image's header (length prefix + padded JSON) and the
+/// tensors in data-section order.
+fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
+    let mut tensors: Vec<TensorData<'a>> = Vec::new();
+    let mut table = BTreeMap::new();
+    for l in &d.layers {
+        let [out, inp] = l.shape;
+        let mode = match l.scale {
+            ScaleMode::Matrix => "matrix",
+            ScaleMode::Row => "row",
+        };
+        let entry = LayerEntry {
+            shape: l.shape,
+            bits: l.bits,
+            scale: mode.into(),
+            transposed: l.transposed,
+            planes: format!("{}{PLANES_SUFFIX}", l.name),
+            scales: format!("{}{SCALES_SUFFIX}", l.name),
+        };
+        tensors.push(TensorData {
+            name: entry.planes.clone(),
+            dtype: Dtype::U32,
+            shape: vec![l.bits, out, words_per_row(inp)],
+            data: l.planes,
+        });
+        tensors.push(TensorData {
+            name: entry.scales.clone(),
+            dtype: Dtype::F32,
+            shape: match l.scale {
+                ScaleMode::Matrix => vec![l.bits],
+                ScaleMode::Row => vec![l.bits, out],
+            },
+            data: l.scales,
+        });
+        if table.insert(l.name.clone(), entry).is_some() {
+            return Err(Error::Value(format!("layer {:?} given twice", l.name)));
+        }
+    }
+    for p in &d.params {
+        tensors.push(TensorData {
+            name: p.name.clone(),
+            dtype: p.dtype,
+            shape: p.shape.clone(),
+            data: p.data,
+        });
+    }
+    let mut names = BTreeSet::new();
+    for t in &tensors {
+        if t.name == METADATA_KEY || !names.insert(t.name.as_str()) {
+            return Err(Error::Value(format!(
+                "tensor name {:?} is used twice (a param named like a layer's planes/scales?)",
+                t.name
+            )));
+        }
+        let want = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size(), |a, &b| a.checked_mul(b));
+        if want != Some(t.data.len()) {
+            return Err(Error::Shape(format!(
+                "tensor {:?}: {} {:?} needs {} bytes, found {}",
+                t.name,
+                t.dtype.name(),
+                t.shape,
+                want.map(|w| w.to_string()).unwrap_or("too many".into()),
+                t.data.len()
+            )));
+        }
+    }
+    for (name, e) in &table {
+        if e.shape[0] == 0 || e.shape[1] == 0 || e.bits == 0 || e.bits > MAX_PLANES {
+            return Err(Error::Shape(format!(
+                "layer {name:?}: expected a non-empty shape and 1..={MAX_PLANES} bits, found {:?} with {} bits",
+                e.shape, e.bits
+            )));
+        }
+    }
+    // Widest dtypes first: every tensor then starts aligned to its element size.
+    tensors.sort_by(|a, b| {
+        b.dtype
+            .size()
+            .cmp(&a.dtype.size())
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let checksums: BTreeMap<String, String> = tensors
+        .par_iter()
+        .map(|t| (t.name.clone(), format!("{:016x}", xxh3_64(t.data))))
+        .collect();
+
+    let to_json = |v: &dyn erased::Json| v.json();
+    let mut meta = BTreeMap::new();
+    meta.insert(keys::FORMAT, FORMAT_NAME.to_string());
+    meta.insert(keys::VERSION, FORMAT_VERSION.to_string());
+    meta.insert(keys::BIT_LAYOUT, BIT_LAYOUT.to_string());
+    meta.insert(keys::TENANT, d.tenant.clone());
+    meta.insert(keys::CREATOR, CREATOR.to_string());
+    meta.insert(keys::BASE_FINGERPRINT, d.base_fingerprint.clone());
+    meta.insert(keys::LAYERS, to_json(&table));
+    meta.insert(
+        keys::PARAMS,
+        to_json(&d.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>()),
+    );
+    meta.insert(keys::CHECKSUM_ALGORITHM, CHECKSUM_ALGORITHM.to_string());
+    meta.insert(keys::CHECKSUMS, to_json(&checksums));
+    meta.insert(keys::USER, to_json(&d.user));
+
+    let mut head = serde_json::Map::new();
+    head.insert(
+        METADATA_KEY.into(),
+        serde_json::to_value(&meta).expect("strings"),
+    );
+    let mut offset = 0usize;
+    for t in &tensors {
+        head.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": t.dtype.name(),
+                "shape": t.shape,
+                "data_offsets": [offset, offset + t.data.len()],
+            }),
+        );
+        offset += t.data.len();
+    }
+    let mut text = serde_json::to_vec(&head).expect("json of strings and numbers");
+    // Pad with spaces so the data section starts 8-byte aligned.
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(PREFIX_LEN + text.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    Ok((out, tensors))
+}
+
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).expect("serialisable")
+        }
+    }
+}
+
+/// Writes `d` to `path` atomically: a temporary file in the same directory,
+/// fsync, rename over `path`, fsync of the directory. Readers that mapped
+/// the old file keep it (its inode lives until they unmap it).
+pub fn write(path: &Path, d: &DeltaData<'_>) -> Result<()> {
+    let (head, tensors) = build(d)?;
+    write_atomic(path, |w| {
+        w.write_all(&head)?;
+        for t in &tensors {
+            w.write_all(t.data)?;
+        }
+        Ok(())
+    })
+}
+
+/// Runs `fill` on a temporary file beside `path`, then publishes it under
+/// `path`; on any failure the temporary file is removed and `path` untouched.
+pub fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::File(format!("{}: expected a file path", path.display())))?;
+    if path.is_dir() {
+        return Err(Error::File(format!(
+            "{}: expected a file path, found a directory",
+            path.display()
+        )));
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{nanos}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut w = BufWriter::with_capacity(1 << 20, &file);
+        fill(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory entry is.
+        File::open(&dir)?.sync_all()
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        file_err(path, "write", e)
+    })
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,33 @@
+"""Launch plan of the decode (lookup-table) kernel: pure shape arithmetic, no GPU needed."""
+
+import pytest
+
+from qdelta.kernels import cuda as cuda_backend
+
+
+@pytest.mark.parametrize("sms", [1, 108, 132])
+@pytest.mark.parametrize("tenants", [None, 1, 3, 64])
+@pytest.mark.parametrize(
+    ("m", "n", "w", "use"), [(1, 1, 1, 1), (5, 97, 10, 2), (64, 4096, 128, 1), (16, 8192, 256, 3)]
+)
+def test_lut_plan_covers_every_feature_and_slice(m, n, w, use, tenants, sms):
+    plan = cuda_backend.lut_plan(m, n, w, use, tenants, sms)
+    rows = plan["rows"]
+    assert rows in cuda_backend.LUT_GROUP_ROWS
+    # The kernel covers 32 * (32 / R) features per block: nb must not exceed it.
+    assert 1 <= plan["nb"] <= plan["nb_max"] == 32 * (32 // rows)
+    slices = -(-w // cuda_backend.LUT_WORDS)
+    assert plan["slices"] == slices
+    # Every slice in exactly one chunk, no empty chunk.
+    assert plan["spc"] * plan["kch"] >= slices > plan["spc"] * (plan["kch"] - 1)
+    assert use * plan["kch"] <= 65535 and m <= 65535
+    shared = rows * cuda_backend.LUT_BYTES_PER_ROW
+    assert shared <= 4 * 32 * 1024  # 128 KB: fits sm_80 and sm_90 (opt-in above 48 KB)
+
+
+def test_lut_plan_rows_per_group_follow_rows_per_tenant():
+    assert cuda_backend.lut_plan(64, 4096, 128, 1, 64, 132)["rows"] == 1
+    assert cuda_backend.lut_plan(6, 64, 2, 1, 3, 132)["rows"] == 2
+    assert cuda_backend.lut_plan(16, 64, 2, 1, None, 132)["rows"] == 4
+    # The benchmark's decode shapes keep full 1024-feature tiles at B >= 16.
+    assert cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132)["nb"] == 1024

@@ -1,0 +1,335 @@
+"""MultiTenantModel: a mixed batch equals each tenant's merged dense model alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.runtime_helpers import (
+    greedy_alone,
+    left_pad,
+    make_delta,
+    merged,
+    perturbed,
+    tiny_llama,
+    trained,
+)
+
+import qdelta
+from qdelta import MultiTenantModel
+
+pytest.importorskip("transformers")
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the math.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A base, four real fine-tunes of it (different bits / scales / coverage), their deltas."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tiny_llama(seed)
+    deltas = {
+        "noisy": make_delta(base, perturbed(base, seed + 1), bits=1),
+        "trained": make_delta(base, trained(base, seed + 2), bits=2, scale="row"),
+        "deep": make_delta(base, perturbed(base, seed + 3, 0.05), bits=3, scale="row"),
+        # Touches only the last block and the final norm: other modules serve it the base.
+        "partial": make_delta(
+            base, perturbed(base, seed + 4, only=("layers.1.mlp", "model.norm")), bits=1
+        ),
+    }
+    return base, deltas
+
+
+@pytest.fixture(scope="module")
+def oracle(world):
+    base, deltas = world
+    return {None: merged(base, None)} | {n: merged(base, d) for n, d in deltas.items()}
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _check_rows(gen, rows, prompts, oracle, steps=STEPS):
+    for r, (tenant, prompt) in enumerate(zip(rows, prompts, strict=False)):
+        want_tokens, want_logits = greedy_alone(oracle[tenant], prompt, steps)
+        assert gen.tokens[r].tolist() == want_tokens, f"row {r} ({tenant})"
+        torch.testing.assert_close(gen.logits[r], want_logits, atol=2e-4, rtol=1e-4)
+
+
+def test_mixed_batch_equals_each_merged_model_alone(world, oracle):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["noisy", None, "trained", "deep", "noisy", "partial", None, "deep"]
+    prompts = _prompts(101, [5, 9, 3, 7, 1, 6, 4, 9], seed=1)
+    ids, mask = left_pad(prompts)
+    # Names and integer ids are interchangeable; rows of one tenant are not contiguous.
+    as_ids = torch.tensor([-1 if t is None else model.tenant_id(t) for t in rows])
+    for tenant_ids in (rows, as_ids):
+        gen = model.generate(ids, tenant_ids, STEPS, attention_mask=mask, return_logits=True)
+        assert gen.sequences.shape == (8, ids.shape[1] + STEPS)
+        _check_rows(gen, rows, prompts, oracle)
+    # Outside a request the wrapped model is exactly the base.
+    x = torch.tensor([prompts[1]])
+    torch.testing.assert_close(model.model(input_ids=x).logits, oracle[None](input_ids=x).logits)
+
+
+def base_copy(base):
+    import copy
+
+    return copy.deepcopy(base)
+
+
+def test_deltas_are_real(world, oracle):
+    """Guard against a vacuous oracle: every tenant changes the logits."""
+    x = torch.tensor([[3, 14, 15, 92, 65]])
+    ref = oracle[None](input_ids=x).logits
+    for name in world[1]:
+        assert (oracle[name](input_ids=x).logits - ref).abs().max() > 1e-2, name
+
+
+def test_sampling_seeded_and_top_k(world):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["noisy", "trained", None, "deep"]
+    ids, mask = left_pad(_prompts(101, [4, 2, 6, 5], seed=2))
+    kw = dict(attention_mask=mask, do_sample=True, temperature=0.8, seed=7)
+    a = model.generate(ids, rows, 8, **kw).tokens
+    b = model.generate(ids, rows, 8, **kw).tokens
+    assert torch.equal(a, b)
+    greedy = model.generate(ids, rows, 8, attention_mask=mask).tokens
+    top1 = model.generate(ids, rows, 8, attention_mask=mask, do_sample=True, top_k=1, seed=3)
+    assert torch.equal(top1.tokens, greedy)
+    # top_k=3 draws only among each step's three best logits.
+    gen = model.generate(ids, rows, 8, **kw, top_k=3, return_logits=True)
+    best3 = gen.logits.topk(3, dim=-1).indices
+    assert (best3 == gen.tokens[..., None]).any(-1).all()
+
+
+def test_eos_stops_rows(world, oracle):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    prompts = _prompts(101, [3, 5], seed=4)
+    ids, mask = left_pad(prompts)
+    first, _ = greedy_alone(oracle["noisy"], prompts[0], 1)
+    gen = model.generate(ids, ["noisy", None], 5, attention_mask=mask, eos_token_id=first[0])
+    assert (gen.tokens[0] == first[0]).all()
+
+
+def test_lazy_loading_lru_budget_add_remove(world, oracle):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base))
+    for name in ("noisy", "trained", "deep"):
+        model.add_tenant(name, deltas[name])
+    assert model.loaded_tenants == []  # lazy: nothing on the device yet
+    sizes = {}
+    for name in ("noisy", "trained", "deep"):
+        single = MultiTenantModel(base_copy(base), tenants={name: deltas[name]})
+        sizes[name] = single.resident_bytes
+    assert sizes["trained"] <= sizes["deep"]  # 2 row planes vs 3
+    model.budget_bytes = sizes["noisy"] + sizes["deep"] + 16
+    prompts = _prompts(101, [4, 6], seed=5)
+    ids, mask = left_pad(prompts)
+
+    def serve(rows):
+        gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+        _check_rows(gen, rows, prompts, oracle)
+
+    serve(["noisy", "trained"])
+    assert model.loaded_tenants == ["noisy", "trained"]
+    serve(["noisy", None])  # touches noisy: trained is now the oldest
+    serve(["deep", "deep"])
+    assert model.loaded_tenants == ["noisy", "deep"]
+    assert model.resident_bytes <= model.budget_bytes
+    serve(["trained", "noisy"])  # evicted tenants come back transparently
+    assert set(model.loaded_tenants) == {"trained", "noisy"}
+    # Remove and add while serving.
+    model.remove_tenant("trained")
+    with pytest.raises(qdelta.UnknownTenantError, match="trained"):
+        model.generate(ids, ["trained", None], 1, attention_mask=mask)
+    new_id = model.add_tenant("partial", deltas["partial"])
+    serve(["partial", "noisy"])
+    assert model.tenant_id("partial") == new_id
+    # Re-adding a name replaces that tenant's delta.
+    model.add_tenant("noisy", deltas["deep"])
+    gen = model.generate(ids, ["noisy", None], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, ["deep", None], prompts, oracle)
+
+
+def test_bad_input_keeps_serving(world, oracle):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants={"noisy": deltas["noisy"]})
+    prompts = _prompts(101, [5, 2], seed=6)
+    ids, mask = left_pad(prompts)
+    good = ["noisy", None]
+
+    def still_serving():
+        gen = model.generate(ids, good, STEPS, attention_mask=mask, return_logits=True)
+        _check_rows(gen, good, prompts, oracle)
+
+    still_serving()
+    bad_calls = [
+        (
+            qdelta.UnknownTenantError,
+            "nobody",
+            lambda: model.generate(ids, ["nobody", None], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.UnknownTenantError,
+            "id 99",
+            lambda: model.generate(ids, [99, -1], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.ShapeError,
+            "expected 2 entries",
+            lambda: model.generate(ids, ["noisy"], 2, attention_mask=mask),
+        ),
+        (
+            qdelta.ShapeError,
+            "1-D",
+            lambda: model.generate(ids, torch.zeros(2, 1, dtype=torch.long), 2),
+        ),
+        (qdelta.DTypeError, "float32", lambda: model.generate(ids, torch.tensor([0.0, -1.0]), 2)),
+        (qdelta.DTypeError, "sequence", lambda: model.generate(ids, "noisy", 2)),
+        (qdelta.DTypeError, "float", lambda: model.generate(ids, [0.5, None], 2)),
+        (
+            qdelta.ShapeError,
+            "left padding",
+            lambda: model.generate(ids, good, 2, attention_mask=mask.flip(1)),
+        ),
+        (qdelta.ShapeError, "token ids", lambda: model.generate(ids + 1000, good, 2)),
+        (qdelta.ShapeError, "max_new_tokens", lambda: model.generate(ids, good, 0)),
+    ]
+    for error, match, call in bad_calls:
+        with pytest.raises(error, match=match):
+            call()
+        still_serving()
+
+    # A delta made against another base: refused, the others keep serving.
+    other = tiny_llama(int(np.random.default_rng().integers(1 << 30)))
+    foreign = make_delta(other, perturbed(other, 1))
+    with pytest.raises(qdelta.BaseMismatchError, match=foreign.base_fingerprint):
+        model.add_tenant("foreign", foreign)
+    assert "foreign" not in model.tenants
+    still_serving()
+    # A shape that does not fit the base.
+    bad = qdelta.Delta({}, {"model.norm.weight": torch.ones(7)}, deltas["noisy"].base_fingerprint)
+    with pytest.raises(qdelta.ShapeError, match=r"model.norm.weight"):
+        model.add_tenant("bad", bad)
+    still_serving()
+
+
+def test_budget_too_small(world, oracle):
+    base, deltas = world
+    small = deltas["partial"]
+    model = MultiTenantModel(base_copy(base), tenants={"small": small})
+    fits = model.resident_bytes
+    model.budget_bytes = fits
+    model.add_tenant("big", deltas["deep"])
+    model.add_tenant("small2", small)
+    prompts = _prompts(101, [3, 4], seed=8)
+    ids, mask = left_pad(prompts)
+    with pytest.raises(qdelta.BudgetError, match="more than the whole budget"):
+        model.generate(ids, ["big", None], 2, attention_mask=mask)
+    with pytest.raises(qdelta.BudgetError, match="split the batch"):
+        model.generate(ids, ["small", "small2"], 2, attention_mask=mask)
+    gen = model.generate(ids, ["small", None], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, ["partial", None], prompts, oracle)
+    gen = model.generate(ids, [None, "small2"], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, [None, "partial"], prompts, oracle)
+    assert model.loaded_tenants == ["small2"]
+
+
+def test_tied_embeddings_follow_their_twin():
+    """With a tied head, a tenant's embedding table serves its head too."""
+    base = tiny_llama(11, tie_word_embeddings=True)
+    ft = perturbed(base, 12, only=("embed_tokens",))
+    delta = make_delta(base, ft)
+    delta.params.pop("lm_head.weight", None)  # only the embedding name: the head must follow
+    assert list(delta.params) == ["model.embed_tokens.weight"]
+    model = MultiTenantModel(base_copy(base), tenants={"t": delta})
+    ids, mask = left_pad([[5, 6, 7], [8, 9]])
+    gen = model.generate(ids, ["t", None], 4, attention_mask=mask, return_logits=True)
+    oracle = {"t": merged(base, delta), None: base}
+    _check_rows(gen, ["t", None], [[5, 6, 7], [8, 9]], oracle, steps=4)
+
+
+def test_store_tenants_load_lazily_and_bad_files_do_not_stop_serving(world, oracle, tmp_path):
+    base, deltas = world
+    store = qdelta.DeltaStore(tmp_path / "store")
+    for name in ("noisy", "trained", "partial"):
+        store.add(name, deltas[name])
+    other = tiny_llama(int(np.random.default_rng().integers(1 << 30)))
+    store.add("foreign", make_delta(other, perturbed(other, 1)))
+    model = MultiTenantModel(base_copy(base), store, tenants=["noisy"])
+    assert sorted(model.tenants) == ["foreign", "noisy", "partial", "trained"]
+    assert model.loaded_tenants == ["noisy"]
+    prompts = _prompts(101, [4, 7, 2], seed=9)
+    ids, mask = left_pad(prompts)
+    rows = ["trained", None, "partial"]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    assert set(model.loaded_tenants) == {"noisy", "trained", "partial"}
+    # The mismatched tenant fails at first use; the rest of the store keeps serving.
+    with pytest.raises(qdelta.BaseMismatchError, match="foreign"):
+        model.generate(ids, ["foreign", "noisy", None], 2, attention_mask=mask)
+    rows = ["noisy", "partial", None]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    # A tenant added to the store while serving.
+    store.add("deep", deltas["deep"])
+    model.add_tenant("deep")
+    rows = ["deep", "noisy", "deep"]
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    with pytest.raises(qdelta.UnknownTenantError, match="ghost"):
+        model.add_tenant("ghost")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    """A half-precision base: each row's logits match its merged model within dtype tolerance."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tiny_llama(seed)
+    deltas = {
+        "a": make_delta(base, perturbed(base, seed + 1), bits=2, scale="row"),
+        "b": make_delta(base, trained(base, seed + 2, steps=2), bits=1),
+    }
+    base = base.to(dtype)
+    for d in deltas.values():
+        d.base_fingerprint = qdelta.fingerprint(base.state_dict())
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    prompts = _prompts(101, [6, 3, 5], seed=10)
+    ids, mask = left_pad(prompts)
+    rows = ["a", None, "b"]
+    logits = model(ids, rows, attention_mask=mask).logits[:, -1].float()
+    for r, tenant in enumerate(rows):
+        ref = merged(base, deltas.get(tenant))
+        want = ref(input_ids=torch.tensor([prompts[r]])).logits[0, -1].float()
+        torch.testing.assert_close(logits[r], want, atol=0.1, rtol=0.05)
+        if tenant is not None:  # and nearer its own model than the base
+            base_logits = base(input_ids=torch.tensor([prompts[r]])).logits[0, -1].float()
+            assert (logits[r] - want).norm() < 0.5 * (logits[r] - base_logits).norm()
+
+
+def test_serves_what_compress_produces(world, oracle):
+    """A delta from qdelta.compress (default targets) serves like its merged model."""
+    base, _ = world
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ft = trained(base, seed, steps=2)
+    delta = qdelta.compress(base, ft, bits=2, scale="row")
+    model = MultiTenantModel(base_copy(base), tenants={"c": delta})
+    prompts = _prompts(101, [5, 3], seed=12)
+    ids, mask = left_pad(prompts)
+    gen = model.generate(ids, ["c", None], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, ["c", None], prompts, {"c": merged(base, delta), None: oracle[None]})

@@ -1,0 +1,236 @@
+"""The .qdelta file and the delta store: round trips, safetensors
+compatibility, zero-copy mapping, checksums, fingerprints, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+from safetensors import safe_open
+
+import qdelta
+from qdelta.cli import main as cli
+from store_helpers import assert_same_delta, make_delta
+
+
+def test_round_trip_every_field(tmp_path, rng):
+    delta = make_delta(rng, n_layers=4)
+    path = tmp_path / "a.qdelta"
+    delta.save(path)
+    back = qdelta.load(path)
+    assert_same_delta(delta, back)
+    # Reconstructions agree too (the layer table carries shape and bits).
+    for name, layer in delta.layers.items():
+        np.testing.assert_array_equal(layer.dense(), back.layers[name].dense())
+
+
+def test_planes_are_read_only_views_of_the_mapping(tmp_path, rng):
+    path = tmp_path / "v.qdelta"
+    make_delta(rng).save(path)
+    f = qdelta.DeltaFile(path)
+    layer = next(iter(f.layers.values()))
+    assert not layer.planes.flags.owndata and not layer.planes.flags.writeable
+    assert layer.planes.flags.aligned and layer.scales.flags.aligned
+    with pytest.raises(ValueError, match="read-only"):
+        layer.planes[0, 0, 0] = 1
+    # The view keeps the mapping alive after the file object is gone.
+    planes = layer.planes
+    expected = planes.copy()
+    del f, layer
+    np.testing.assert_array_equal(planes, expected)
+
+
+def test_readable_by_the_official_safetensors_package(tmp_path, rng):
+    delta = make_delta(rng)
+    path = tmp_path / "s.qdelta"
+    delta.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        names = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in names}
+    assert meta["format"] == "qdelta" and meta["tenant"] == delta.tenant
+    table = json.loads(meta["layers"])
+    assert set(table) == set(delta.layers)
+    for name, layer in delta.layers.items():
+        entry = table[name]
+        assert entry["shape"] == list(layer.shape) and entry["bits"] == layer.bits
+        assert entry["scale"] == layer.scale_mode and entry["transposed"] == layer.transposed
+        planes = tensors[entry["planes"]]
+        assert planes.dtype == torch.uint32
+        np.testing.assert_array_equal(planes.numpy(), layer.planes)
+        np.testing.assert_array_equal(tensors[entry["scales"]].numpy(), layer.scales)
+    for name, p in delta.params.items():
+        assert tensors[name].dtype == p.dtype and torch.equal(tensors[name], p)
+    assert names == {e[k] for e in table.values() for k in ("planes", "scales")} | set(delta.params)
+    # Checksums are XXH3-64 of each tensor's bytes (independent implementation).
+    checksums = json.loads(meta["checksums"])
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert checksums[name] == xxhash.xxh3_64_hexdigest(raw), name
+
+
+def test_verify_passes_then_catches_a_flipped_bit(tmp_path, rng):
+    path = tmp_path / "c.qdelta"
+    make_delta(rng).save(path)
+    f = qdelta.DeltaFile(path)
+    assert f.verify() == len(f.tensors)
+    name, _, _, nbytes = f.tensors[int(rng.integers(len(f.tensors)))]
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    begin = json.loads(raw[8:header])[name]["data_offsets"][0]
+    raw[header + begin + int(rng.integers(nbytes))] ^= 1 << int(rng.integers(8))
+    bad = tmp_path / "bad.qdelta"
+    bad.write_bytes(bytes(raw))
+    g = qdelta.DeltaFile(bad)  # the header is intact: opening is fine
+    with pytest.raises(qdelta.ChecksumError, match=name.replace(".", r"\.")):
+        g.verify()
+
+
+def _fingerprint_reference(weights: dict[str, np.ndarray | torch.Tensor]) -> str:
+    """The documented definition (docs/FORMAT.md), in plain Python."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    numpy_names = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
+    chunk = 8 << 20
+
+    def u64(v: int) -> bytes:
+        return v.to_bytes(8, "little")
+
+    h = xxhash.xxh3_128(b"qdelta-base-fingerprint-v1" + u64(len(weights)))
+    for name in sorted(weights):
+        w = weights[name]
+        if isinstance(w, torch.Tensor):
+            dtype, raw = names[w.dtype], w.contiguous().view(torch.uint8).numpy().tobytes()
+        else:
+            dtype, raw = numpy_names[w.dtype], w.tobytes()
+        h.update(u64(len(name)) + name.encode() + u64(len(dtype)) + dtype.encode())
+        h.update(u64(w.ndim) + b"".join(u64(d) for d in w.shape) + u64(len(raw)))
+        for i in range(0, len(raw), chunk):
+            h.update(xxhash.xxh3_128_digest(raw[i : i + chunk])[::-1])
+    return h.hexdigest()
+
+
+def test_fingerprint_matches_the_documented_definition(rng):
+    weights = {
+        "b.weight": torch.randn(33, 17).to(torch.bfloat16),
+        "a.weight": torch.from_numpy(rng.standard_normal((5, 3)).astype(np.float32)),
+        "big": torch.randn(3 * (1 << 20) + 5).to(torch.float16),  # crosses a chunk boundary
+        "pos": rng.integers(0, 100, size=(7,)),
+    }
+    assert qdelta.fingerprint(weights) == _fingerprint_reference(weights)
+
+
+def test_fingerprint_of_module_state_dict_and_numpy(rng):
+    model = torch.nn.Sequential(torch.nn.Linear(9, 4), torch.nn.LayerNorm(4))
+    sd = model.state_dict()
+    fp = qdelta.fingerprint(model)
+    assert fp == qdelta.fingerprint(sd)
+    assert fp == qdelta.fingerprint({k: v.numpy() for k, v in sd.items()})
+    assert fp == qdelta.fingerprint(dict(reversed(list(sd.items()))))
+    changed = {k: v.clone() for k, v in sd.items()}
+    changed["0.weight"][3, 8] += 1e-3
+    assert qdelta.fingerprint(changed) != fp
+    assert qdelta.fingerprint({k: v.half() for k, v in sd.items()}) != fp
+    renamed = {("x" + k): v for k, v in sd.items()}
+    assert qdelta.fingerprint(renamed) != fp
+
+
+def test_check_base(rng):
+    base = {"w": torch.randn(6, 5), "b": torch.randn(6)}
+    delta = make_delta(rng)
+    delta.base_fingerprint = qdelta.fingerprint(base)
+    qdelta.check_base(delta, base)
+    qdelta.check_base(delta, delta.base_fingerprint)
+    other = {"w": base["w"] + 1e-6, "b": base["b"]}
+    with pytest.raises(qdelta.BaseMismatchError) as e:
+        qdelta.check_base(delta, other)
+    assert delta.base_fingerprint in str(e.value)
+    assert qdelta.fingerprint(other) in str(e.value)
+
+
+def test_store_add_open_cache_replace_remove(tmp_path, rng):
+    store = qdelta.DeltaStore(tmp_path / "store")
+    assert store.tenants() == []
+    a, b = make_delta(rng, tenant="x"), make_delta(rng, tenant="y")
+    store.add("alice", a)
+    store.add("bob", b)
+    assert store.tenants() == ["alice", "bob"] and "alice" in store and len(store) == 2
+    f = store.open("alice")
+    assert store.open("alice") is f  # cached
+    assert f.tenant == "alice"  # the store name is the tenant
+    a.tenant = "alice"
+    assert_same_delta(a, f.to_delta())
+    old_planes = next(iter(f.layers.values())).planes
+    before = old_planes.copy()
+    # Replace alice: the old mapping still reads the old file; open() sees the new.
+    c = make_delta(rng, tenant="alice")
+    store.add("alice", c)
+    np.testing.assert_array_equal(old_planes, before)
+    assert f.verify() == len(f.tensors)
+    assert_same_delta(c, store.open("alice").to_delta())
+    # Another process replacing the file is noticed too.
+    d = make_delta(rng, tenant="alice")
+    d.save(store.path("alice"))
+    assert_same_delta(d, store.open("alice").to_delta())
+    held = store.open("bob")
+    store.remove("bob")
+    assert store.tenants() == ["alice"] and held.verify() == len(held.tensors)
+    with pytest.raises(qdelta.UnknownTenantError, match="alice"):
+        store.open("bob")
+    assert not [p for p in os.listdir(store.directory) if ".tmp-" in p]
+
+
+def test_store_concurrent_readers_and_writer(tmp_path, rng):
+    store = qdelta.DeltaStore(tmp_path)
+    versions = [make_delta(rng, tenant="t") for _ in range(4)]
+    store.add("t", versions[0])
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                f = store.open("t")
+                f.verify()
+                got = f.to_delta()
+                assert any(
+                    got.metadata == v.metadata and got.layers.keys() == v.layers.keys()
+                    for v in versions
+                )
+        except BaseException as e:
+            errors.append(e)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    for v in versions[1:]:
+        store.add("t", v)
+    for t in readers:
+        t.join()
+    assert not errors, errors
+
+
+def test_cli_inspect_and_verify(tmp_path, rng, capsys):
+    delta = make_delta(rng)
+    path = tmp_path / "cli.qdelta"
+    delta.save(path)
+    assert cli(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for name, layer in delta.layers.items():
+        assert name in out and f"{layer.shape[0]}x{layer.shape[1]}" in out
+    assert delta.base_fingerprint in out and "compression" in out
+    fp16 = sum(2 * x.shape[0] * x.shape[1] for x in delta.layers.values()) + sum(
+        2 * p.numel() for p in delta.params.values()
+    )
+    assert f"{fp16 / path.stat().st_size:.2f}x" in out
+    assert cli(["verify", str(path)]) == 0
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert cli(["verify", str(path)]) == 1
+    assert "checksum" in capsys.readouterr().err
+    assert cli(["verify", str(tmp_path)]) == 1
+    assert "directory" in capsys.readouterr().err
