@@ -49,6 +49,7 @@ bench: develop
 	$(PY) benches/report_gemv.py benches/results/latest.json
 	$(PY) benches/bench_store.py
 	$(PY) benches/bench_runtime.py
+	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
 
 FUZZ_SECONDS ?= 60
 # Fuzzes the .qdelta header parser for FUZZ_SECONDS with libFuzzer (cargo-fuzz,

@@ -48,6 +48,19 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_ring_demo(args: argparse.Namespace) -> int:
+    from qdelta.ring.demo import run_ring_demo
+
+    summary = run_ring_demo(
+        world_size=args.world_size,
+        seq_len=args.seq_len,
+        layout=args.layout,
+        seed=args.seed,
+        model_dir=args.model,
+    )
+    return 0 if summary["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qdelta/zoo)")
     zoo.set_defaults(func=_cmd_zoo)
+    ring = sub.add_parser(
+        "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
+    )
+    ring.add_argument("--world-size", type=int, default=2)
+    ring.add_argument("--seq-len", type=int, default=1024)
+    ring.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    ring.add_argument("--seed", type=int, default=0)
+    ring.add_argument(
+        "--model", default=None, help="local Llama checkpoint dir (default: tiny random)"
+    )
+    ring.set_defaults(func=_cmd_ring_demo)
     return parser
 
 

@@ -1,0 +1,175 @@
+"""GPU benchmark of ring attention's pieces (bf16).
+
+1. Block kernel: cuda/attention_block.cu (``backend="cuda"``) vs torch's SDPA
+   flash kernel (``_scaled_dot_product_flash_attention``, which also returns the
+   log-sum-exp) on the same block shapes, head dims 64 and 128; a full block
+   (off-diagonal ring step) and a causal diagonal block. Target: >= 0.8x flash.
+2. Virtual ring over 8 blocks (zigzag, causal; blocks by ``sdpa`` and by
+   ``cuda``) vs one SDPA flash call on the full sequence. Target: <= 1.15x.
+
+Times are medians of CUDA-event timings. Bounded: fixed iteration counts and a
+total budget; a failing configuration is recorded and the rest still run.
+
+    python benches/gpu/bench_ring_gpu.py --out results/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+BUDGET_S = 100.0
+
+
+def gpu_time_ms(fn, *, warmup: int = 3, iters: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    events = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2]
+
+
+def attn_flops(batch, heads, sq, sk, d, causal):
+    flops = 4.0 * batch * heads * sq * sk * d
+    return flops / 2 if causal else flops
+
+
+def _block_row(d: int, causal: bool) -> dict:
+    from qdelta.ring import block_attention
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    b, h, s = 1, 16, 4096
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    t_cuda = gpu_time_ms(lambda: block_attention(q, k, v, causal=causal, backend="cuda"))
+    t_flash = gpu_time_ms(lambda: flash(q, k, v, 0.0, causal))
+    out, lse = block_attention(q, k, v, causal=causal, backend="cuda")
+    ref = flash(q, k, v, 0.0, causal)
+    gflop = attn_flops(b, h, s, s, d, causal) / 1e9
+    return {
+        "name": f"B={b} H={h} S={s} D={d} {'causal diagonal' if causal else 'full'}",
+        "cuda_ms": t_cuda,
+        "flash_ms": t_flash,
+        "cuda_tflops": gflop / t_cuda,
+        "flash_tflops": gflop / t_flash,
+        "throughput_vs_flash": t_flash / t_cuda,
+        "target": ">= 0.8",
+        "max_abs_err_out": (out - ref[0].float()).abs().max().item(),
+        "max_abs_err_lse": (lse - ref[1].float()).abs().max().item(),
+    }
+
+
+def _ring_row(d: int, backend: str) -> dict:
+    from qdelta.ring import virtual_ring_attention
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    b, h, s, world = 1, 16, 16384, 8
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def ring():
+        with torch.no_grad():
+            return virtual_ring_attention(
+                q, k, v, world_size=world, causal=True, layout="zigzag", backend=backend
+            )
+
+    t_ring = gpu_time_ms(ring, warmup=2, iters=5)
+    t_full = gpu_time_ms(lambda: flash(q, k, v, 0.0, True), warmup=2, iters=5)
+    err = (ring().float() - flash(q, k, v, 0.0, True)[0].float()).abs().max().item()
+    return {
+        "name": f"x{world} ({backend} blocks) causal zigzag B={b} H={h} S={s} D={d}",
+        "ring_ms": t_ring,
+        "sdpa_full_ms": t_full,
+        "time_vs_sdpa": t_ring / t_full,
+        "target": "<= 1.15",
+        "max_abs_err": err,
+    }
+
+
+def _collect(fn, configs, rows, failures, deadline):
+    for cfg in configs:
+        if time.monotonic() > deadline:
+            failures.append(f"{fn.__name__}{cfg}: skipped (time budget)")
+            continue
+        try:
+            rows.append(fn(*cfg))
+        except Exception:
+            failures.append(f"{fn.__name__}{cfg}: {traceback.format_exc(limit=3)}")
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results/gpu")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("bench_ring_gpu: no CUDA device; nothing measured")
+        return 0
+    device = torch.cuda.get_device_name()
+    deadline = time.monotonic() + BUDGET_S
+    blocks, rings, failures = [], [], []
+    _collect(
+        _block_row, [(64, False), (64, True), (128, False), (128, True)], blocks, failures, deadline
+    )
+    _collect(
+        _ring_row,
+        [(64, "sdpa"), (64, "cuda"), (128, "sdpa"), (128, "cuda")],
+        rings,
+        failures,
+        deadline,
+    )
+    report = {
+        "device": device,
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "blocks": blocks,
+        "virtual_ring": rings,
+        "failures": failures,
+    }
+    md = [f"# Ring attention on {device}", "", "## Block kernel vs SDPA flash (bf16)", ""]
+    md += [
+        "| shape | cuda ms | flash ms | cuda TFLOP/s | flash TFLOP/s | vs flash (target >= 0.8) | max err out / lse |"
+    ]
+    md += ["|---|---:|---:|---:|---:|---:|---:|"]
+    for r in blocks:
+        md.append(
+            f"| {r['name']} | {r['cuda_ms']:.3f} | {r['flash_ms']:.3f} | {r['cuda_tflops']:.1f} "
+            f"| {r['flash_tflops']:.1f} | {r['throughput_vs_flash']:.2f}x "
+            f"| {r['max_abs_err_out']:.1e} / {r['max_abs_err_lse']:.1e} |"
+        )
+    md += ["", "## Virtual ring over 8 blocks vs one SDPA call", ""]
+    md += [
+        "| run | ring ms | SDPA full ms | ratio (target <= 1.15) | max err |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rings:
+        md.append(
+            f"| {r['name']} | {r['ring_ms']:.2f} | {r['sdpa_full_ms']:.2f} "
+            f"| {r['time_vs_sdpa']:.2f}x | {r['max_abs_err']:.1e} |"
+        )
+    if failures:
+        md += ["", "## Failures", "", *(f"- {f.splitlines()[0]}" for f in failures)]
+    (out / "ring_gpu.json").write_text(json.dumps(report, indent=2))
+    (out / "ring_gpu.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

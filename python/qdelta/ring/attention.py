@@ -1,0 +1,353 @@
+"""Ring attention: exact attention over a sequence split across a ring of ranks.
+
+Each rank holds a shard of q, k, v (layout.py). Its K/V block travels around the
+ring (comm.py) while the rank computes its queries against the block it holds
+(block.py), merging the partials exactly (merge.py). The backward pass sends
+K/V around again, with each block's dK/dV accumulator (fp32, or fp64 for
+float64 inputs) travelling beside it and arriving home after a full turn.
+
+``virtual_ring_attention`` runs the same schedule for ``W`` simulated ranks in
+one process: for debugging, and for benchmarking the blockwise path on one GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from qdelta.errors import ShapeError
+from qdelta.ring.block import (
+    Backend,
+    block_attention,
+    block_attention_backward,
+    check_inputs,
+    partial_dtype,
+)
+from qdelta.ring.comm import RingComm, all_lengths
+from qdelta.ring.errors import RingError
+from qdelta.ring.layout import Chunk, Layout, rank_chunks, seq_len_from_local, shard, unshard
+from qdelta.ring.merge import empty_partial, merge_
+
+KV_TAG, GRAD_TAG = 11, 12
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every rank must agree on for one call."""
+
+    seq_len: int
+    world_size: int
+    layout: str
+    causal: bool
+    scale: float
+    backend: str
+
+    def chunks(self, rank: int) -> list[Chunk]:
+        return rank_chunks(self.seq_len, self.world_size, rank, self.layout)
+
+    def length(self, rank: int) -> int:
+        return sum(c.length for c in self.chunks(rank))
+
+
+def _pairs(plan: _Plan, q_rank: int, kv_rank: int):
+    """(q local slice, q chunk, kv local slice, kv chunk, causal?) for every pair not fully masked."""
+    q_off = 0
+    for qc in plan.chunks(q_rank):
+        kv_off = 0
+        for kc in plan.chunks(kv_rank):
+            if qc.length and kc.length:
+                if not plan.causal or qc.start >= kc.stop - 1:
+                    yield (
+                        slice(q_off, q_off + qc.length),
+                        qc,
+                        slice(kv_off, kv_off + kc.length),
+                        kc,
+                        False,
+                    )
+                elif qc.stop - 1 >= kc.start:
+                    yield (
+                        slice(q_off, q_off + qc.length),
+                        qc,
+                        slice(kv_off, kv_off + kc.length),
+                        kc,
+                        True,
+                    )
+            kv_off += kc.length
+        q_off += qc.length
+
+
+def _seg(seg: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if seg is None else seg[..., sl]
+
+
+def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
+    """Merge q's attention to one rank's K/V block into the partial (out, lse)."""
+    for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
+        bo, bl = block_attention(
+            q[:, :, qs],
+            k[:, :, ks],
+            v[:, :, ks],
+            softmax_scale=plan.scale,
+            causal=causal,
+            q_start=qc.start,
+            kv_start=kc.start,
+            q_segment_ids=_seg(qseg, qs),
+            kv_segment_ids=_seg(kseg, ks),
+            backend=plan.backend,
+        )
+        merge_(out[:, :, qs], lse[:, :, qs], bo, bl)
+
+
+def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq):
+    """Add this K/V block's share to dq; return the block's (dk, dv) share."""
+    acc = dq.dtype
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
+        bdq, bdk, bdv = block_attention_backward(
+            q[:, :, qs],
+            k[:, :, ks],
+            v[:, :, ks],
+            out[:, :, qs],
+            lse[:, :, qs],
+            dout[:, :, qs],
+            None if dlse is None else dlse[:, :, qs],
+            softmax_scale=plan.scale,
+            causal=causal,
+            q_start=qc.start,
+            kv_start=kc.start,
+            q_segment_ids=_seg(qseg, qs),
+            kv_segment_ids=_seg(kseg, ks),
+            backend=plan.backend,
+        )
+        dq[:, :, qs] += bdq
+        dk[:, :, ks] += bdk
+        dv[:, :, ks] += bdv
+    return dk, dv
+
+
+def _kv_shapes(plan: _Plan, k: torch.Tensor, kseg: torch.Tensor | None, src: int):
+    n = plan.length(src)
+    shapes = [(*k.shape[:2], n, k.shape[3])] * 2
+    if kseg is not None:
+        shapes.append((*kseg.shape[:-1], n))
+    return shapes
+
+
+# ------------------------------------------------------------ distributed ring
+
+
+def _ring_forward(plan, comm, rank, q, k, v, seg):
+    out, lse = empty_partial((*q.shape,), partial_dtype(q.dtype), q.device)
+    block = [k, v] if seg is None else [k, v, seg]
+    src = rank
+    for step in range(plan.world_size):
+        last = step == plan.world_size - 1
+        if not last:
+            nxt = (rank - step - 1) % plan.world_size
+            incoming = comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
+            comm.commit()
+        _accumulate(plan, rank, src, q, seg, block[0], block[1], _third(block), out, lse)
+        if not last:
+            comm.wait()
+            block, src = incoming, nxt
+    return out, lse
+
+
+def _ring_backward(plan, kv_comm, grad_comm, rank, q, k, v, seg, out, lse, dout, dlse):
+    acc = partial_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    block = [k, v] if seg is None else [k, v, seg]
+    src = rank
+    grad_in = None
+    w = plan.world_size
+    for step in range(w):
+        last = step == w - 1
+        if not last:
+            nxt = (rank - step - 1) % w
+            incoming = kv_comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
+            kv_comm.commit()
+        dk, dv = _accumulate_grad(
+            plan, rank, src, q, seg, block[0], block[1], _third(block), out, lse, dout, dlse, dq
+        )
+        if grad_in is not None:
+            grad_comm.wait()
+            dk += grad_in[0]
+            dv += grad_in[1]
+        if w > 1:
+            # Hand block src's gradient on; receive the one of the block we get next
+            # (after the last step: our own block's, home after a full turn).
+            nxt_grad = (rank - step - 1) % w
+            shape = _kv_shapes(plan, k, None, nxt_grad)
+            grad_in = grad_comm.send_recv([dk, dv], shape, "dK/dV accumulator")
+            grad_comm.commit()
+        else:
+            grad_in = (dk, dv)
+        if not last:
+            kv_comm.wait()
+            block, src = incoming, nxt
+    grad_comm.wait()
+    return dq, grad_in[0], grad_in[1]
+
+
+def _third(block):
+    return block[2] if len(block) > 2 else None
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seg, plan, group, rank, timeout):
+        comm = RingComm(group, tag=KV_TAG, timeout=timeout)
+        out, lse = _ring_forward(plan, comm, rank, q, k, v, seg)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.seg, ctx.plan, ctx.group, ctx.rank, ctx.timeout = seg, plan, group, rank, timeout
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        kv_comm = RingComm(ctx.group, tag=KV_TAG, timeout=ctx.timeout)
+        grad_comm = RingComm(ctx.group, tag=GRAD_TAG, timeout=ctx.timeout)
+        dq, dk, dv = _ring_backward(
+            ctx.plan, kv_comm, grad_comm, ctx.rank, q, k, v, ctx.seg, out, lse, dout, dlse
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: Layout = "contiguous",
+    softmax_scale: float | None = None,
+    backend: Backend = "auto",
+    return_lse: bool = False,
+    timeout: float | None = None,
+):
+    """Exact attention of this rank's query shard over the whole ring's sequence.
+
+    ``q`` ``[B, Hq, S_local, D]``, ``k``/``v`` ``[B, Hkv, S_local, D]``: this rank's
+    shard in ``layout`` (made with :func:`qdelta.ring.shard`); ``segment_ids``: the
+    shard's ``[B, S_local]`` or ``[S_local]`` segment ids (tokens attend only within
+    their segment). Returns the output shard in q's dtype, and with ``return_lse``
+    also the fp32 log-sum-exp ``[B, Hq, S_local]`` (differentiable too).
+    ``timeout``: seconds to wait for a peer before raising RingError (default: the
+    process group's timeout).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RingError(
+            "ring_attention: expected an initialized torch.distributed process group "
+            "(use virtual_ring_attention for one process)"
+        )
+    scale = check_inputs(q, k, v, softmax_scale, segment_ids, segment_ids)
+    _check_same_len(q, k, segment_ids)
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    lengths = all_lengths(q.shape[2], group, q.device)
+    plan = _Plan(seq_len_from_local(lengths, layout), world_size, layout, causal, scale, backend)
+    out, lse = _RingAttention.apply(q, k, v, segment_ids, plan, group, rank, timeout)
+    return (out, lse) if return_lse else out
+
+
+def _check_same_len(q, k, seg):
+    if q.shape[2] != k.shape[2]:
+        raise ShapeError(
+            f"ring attention: expected q and k/v shards of one length, found {q.shape[2]} and {k.shape[2]}"
+        )
+    if seg is not None and seg.shape[-1] != q.shape[2]:
+        raise ShapeError(
+            f"ring attention: expected segment_ids with {q.shape[2]} tokens, found {tuple(seg.shape)}"
+        )
+
+
+# ---------------------------------------------------------------- virtual ring
+
+
+class _VirtualRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seg, plan):
+        w = plan.world_size
+        qs, ks, vs = ([shard(t, w, r, layout=plan.layout) for r in range(w)] for t in (q, k, v))
+        segs = [
+            None if seg is None else shard(seg, w, r, layout=plan.layout, dim=-1) for r in range(w)
+        ]
+        outs, lses = [], []
+        for r in range(w):
+            out, lse = empty_partial(tuple(qs[r].shape), partial_dtype(q.dtype), q.device)
+            for step in range(w):
+                src = (r - step) % w
+                _accumulate(plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src], out, lse)
+            outs.append(out.to(q.dtype))
+            lses.append(lse)
+        out = unshard(outs, layout=plan.layout)
+        lse = unshard(lses, layout=plan.layout, dim=-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.seg, ctx.plan = seg, plan
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        w, lay = plan.world_size, plan.layout
+        if dout is None:
+            dout = torch.zeros_like(out)
+
+        def sh(t, dim=-2):
+            return [None if t is None else shard(t, w, r, layout=lay, dim=dim) for r in range(w)]
+
+        qs, ks, vs, outs, dos = sh(q), sh(k), sh(v), sh(out), sh(dout)
+        segs, lses, dlses = sh(ctx.seg, -1), sh(lse, -1), sh(dlse, -1)
+        acc = partial_dtype(q.dtype)
+        dqs = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in qs]
+        dks = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in ks]
+        dvs = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in vs]
+        for r in range(w):
+            for step in range(w):
+                src = (r - step) % w
+                dk, dv = _accumulate_grad(
+                    plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src],
+                    outs[r], lses[r], dos[r], dlses[r], dqs[r],
+                )  # fmt: skip
+                dks[src] += dk
+                dvs[src] += dv
+        dq, dk, dv = (unshard(g, layout=lay) for g in (dqs, dks, dvs))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def virtual_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    world_size: int,
+    causal: bool = False,
+    segment_ids: torch.Tensor | None = None,
+    layout: Layout = "contiguous",
+    softmax_scale: float | None = None,
+    backend: Backend = "auto",
+    return_lse: bool = False,
+):
+    """Ring attention for ``world_size`` simulated ranks in one process, on full tensors.
+
+    Same blocks, schedule and merges as :func:`ring_attention`, without communication:
+    ``q`` ``[B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S, D]``, ``segment_ids`` ``[B, S]`` or ``[S]``.
+    """
+    scale = check_inputs(q, k, v, softmax_scale, segment_ids, segment_ids)
+    _check_same_len(q, k, segment_ids)
+    if world_size < 1:
+        raise RingError(f"virtual ring: expected world_size >= 1, found {world_size}")
+    plan = _Plan(q.shape[2], world_size, layout, causal, scale, backend)
+    rank_chunks(q.shape[2], world_size, 0, layout)  # validates the layout name
+    out, lse = _VirtualRingAttention.apply(q, k, v, segment_ids, plan)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,338 @@
+"""Attention of one query block against one key/value block, as an exact partial.
+
+Every backend returns ``(out, lse)`` in the partial dtype (float64 for float64
+inputs, float32 otherwise) so blocks can be merged exactly (see merge.py):
+
+- ``out``: ``[B, Hq, Sq, D]``, softmax over this block's keys only, applied to V;
+- ``lse``: ``[B, Hq, Sq]``, log-sum-exp of this block's scaled scores; ``-inf``
+  (with ``out = 0``) for a row that may see none of this block's keys.
+
+Inputs: ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` with
+``Hq % Hkv == 0`` (GQA/MQA). Query ``i`` may see key ``j`` when
+``not causal or q_start + i >= kv_start + j`` (global positions) and, with
+segment ids (``[B, S]`` or ``[S]`` integers), when both lie in the same segment.
+
+Backends: ``math`` (torch, the reference), ``sdpa`` (torch's fused kernels that
+return the log-sum-exp; falls back to ``math`` with a RingBackendWarning where
+they cannot run a case), ``cuda`` (cuda/attention_block.cu through cupy),
+``auto`` (``sdpa``; the ``cuda`` kernel runs only on request).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+
+from qdelta.errors import DTypeError, ShapeError
+from qdelta.ring.errors import RingBackendWarning, RingError
+
+Backend = Literal["auto", "math", "sdpa", "cuda"]
+BACKENDS = ("auto", "math", "sdpa", "cuda")
+
+
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    q_start: int = 0,
+    kv_start: int = 0,
+    q_segment_ids: torch.Tensor | None = None,
+    kv_segment_ids: torch.Tensor | None = None,
+    backend: Backend = "math",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` against one key/value block; see the module docstring."""
+    scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
+    args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
+    if backend == "auto":
+        backend = _auto_backend(q)
+    if backend == "math":
+        return _math_forward(*args)
+    if backend == "sdpa":
+        return _sdpa_forward(*args)
+    if backend == "cuda":
+        from qdelta.ring import cuda_block
+
+        return cuda_block.attention_block(*args)
+    raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+
+
+def check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids) -> float:
+    """Validate shapes and dtypes; return the softmax scale to use."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(
+            "block attention: expected q, k, v as [batch, heads, seq, head_dim], found "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ShapeError(
+            "block attention: expected k and v of one shape sharing batch and head_dim with q, "
+            f"found q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ShapeError(
+            f"block attention: expected query heads ({q.shape[1]}) to be a multiple of "
+            f"key/value heads ({k.shape[1]})"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise DTypeError(
+            f"block attention: expected q, k, v of one floating dtype, found "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    for name, seg, length in (
+        ("q_segment_ids", q_segment_ids, q.shape[2]),
+        ("kv_segment_ids", kv_segment_ids, k.shape[2]),
+    ):
+        if seg is not None and (seg.shape[-1] != length or seg.dim() not in (1, 2)):
+            raise ShapeError(
+                f"block attention: expected {name} of shape [{length}] or [batch, {length}], "
+                f"found {tuple(seg.shape)}"
+            )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ShapeError(
+            "block attention: expected both q_segment_ids and kv_segment_ids, or neither"
+        )
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def allowed_mask(
+    sq: int,
+    sk: int,
+    causal: bool,
+    q_start: int,
+    kv_start: int,
+    q_segment_ids: torch.Tensor | None,
+    kv_segment_ids: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean ``[B or 1, 1, Sq, Sk]`` of visible (query, key) pairs; None when all are."""
+    mask = None
+    if causal and q_start < kv_start + sk - 1:
+        qpos = torch.arange(q_start, q_start + sq, device=device)
+        kpos = torch.arange(kv_start, kv_start + sk, device=device)
+        mask = (qpos[:, None] >= kpos[None, :])[None, None]
+    if q_segment_ids is not None:
+        qs = q_segment_ids.to(device).reshape(-1, sq)
+        ks = kv_segment_ids.to(device).reshape(-1, sk)
+        same = (qs[:, :, None] == ks[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _gqa_view(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[B, Hq, S, D]`` as ``[B, Hkv, G, S, D]``: query heads grouped by their kv head."""
+    b, hq, s, d = q.shape
+    return q.reshape(b, hkv, hq // hkv, s, d)
+
+
+def _scores(q, k, scale, mask):
+    """Masked scaled scores ``[B, Hkv, G, Sq, Sk]`` in the partial dtype."""
+    acc = partial_dtype(q.dtype)
+    qg = _gqa_view(q.to(acc), k.shape[1])
+    s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    return s
+
+
+def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+
+
+def _math_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
+    b, hq, sq, d = q.shape
+    mask = allowed_mask(sq, k.shape[2], causal, q_start, kv_start, qseg, kseg, q.device)
+    s = _scores(q, k, scale, mask)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _finite_or_zero(lse).unsqueeze(-1))
+    out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
+    return out.reshape(b, hq, sq, d), lse.reshape(b, hq, sq)
+
+
+BACKWARD_ROWS = 256  # query rows per tile of the math backward (bounds its temporaries)
+
+
+def block_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None = None,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    q_start: int = 0,
+    kv_start: int = 0,
+    q_segment_ids: torch.Tensor | None = None,
+    kv_segment_ids: torch.Tensor | None = None,
+    backend: Backend = "math",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This block's share of ``(dq, dk, dv)`` in the partial dtype.
+
+    ``out`` and ``lse`` are the *final* (all blocks merged) values of the query
+    rows, ``dout``/``dlse`` their gradients: then ``p = exp(s - lse)`` are the
+    true attention weights and the block gradients simply add up.
+
+    Backends: ``math`` (torch, in tiles of BACKWARD_ROWS query rows); ``sdpa`` /
+    ``auto`` use torch's fused CPU flash backward where it applies (CPU, no
+    ``dlse``, every row's final lse finite) and ``math`` otherwise.
+    """
+    scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
+    if backend not in BACKENDS:
+        raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+    args = (q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start)
+    if backend != "math" and q.device.type == "cpu" and dlse is None and torch.isfinite(lse).all():
+        return _sdpa_cpu_backward(*args, q_segment_ids, kv_segment_ids)
+    acc = partial_dtype(q.dtype)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for r0 in range(0, q.shape[2], BACKWARD_ROWS):
+        rows = slice(r0, r0 + BACKWARD_ROWS)
+        tile = [t[:, :, rows] if t is not None else None for t in (q, out, lse, dout, dlse)]
+        qseg = None if q_segment_ids is None else q_segment_ids[..., rows]
+        tq, tk, tv = _math_backward_tile(
+            tile[0], k, v, tile[1], tile[2], tile[3], tile[4], scale, causal,
+            q_start + r0, kv_start, qseg, kv_segment_ids,
+        )  # fmt: skip
+        dq[:, :, rows] = tq
+        dk += tk
+        dv += tv
+    return dq, dk, dv
+
+
+def _math_backward_tile(
+    q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg
+):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    acc = partial_dtype(q.dtype)
+    mask = allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+    p = _scores(q, k, scale, mask)  # becomes the attention weights in place
+    p.sub_(_finite_or_zero(_gqa_view(lse.to(acc).unsqueeze(-1), hkv))).exp_()
+    do = _gqa_view(dout.to(acc), hkv)
+    delta = (do * _gqa_view(out.to(acc), hkv)).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - _gqa_view(dlse.to(acc).unsqueeze(-1), hkv)
+    vg = v.to(acc).unsqueeze(2)
+    kg = k.to(acc).unsqueeze(2)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    ds = torch.matmul(do, vg.transpose(-1, -2)).sub_(delta).mul_(p)
+    del p
+    dq = torch.matmul(ds, kg).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), _gqa_view(q.to(acc), hkv)).sum(2).mul_(scale)
+    return dq.reshape(b, hq, sq, d), dk, dv
+
+
+def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg):
+    """torch's fused CPU flash backward, fed the final out/lse (exact per block)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    acc = partial_dtype(q.dtype)
+    diagonal = causal and q_start == kv_start and sq == sk and qseg is None
+    mask = (
+        None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+    )
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.to(q.dtype).contiguous(),
+        q.contiguous(),
+        _expand_kv(k, hq).contiguous(),
+        _expand_kv(v, hq).contiguous(),
+        out.to(q.dtype).contiguous(),
+        lse.to(lse_dtype).contiguous(),
+        0.0,
+        diagonal,
+        attn_mask=bias,
+        scale=scale,
+    )
+    dk = dk.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+    dv = dv.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+    return dq.to(acc), dk, dv
+
+
+# ---------------------------------------------------------------- sdpa backend
+
+_warned: set[str] = set()
+
+
+def _fallback(reason: str, args):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"ring block backend 'sdpa' cannot run this case ({reason}); using 'math'",
+            RingBackendWarning,
+            stacklevel=3,
+        )
+    return _math_forward(*args)
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
+
+
+def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
+    args = (q, k, v, scale, causal, q_start, kv_start, qseg, kseg)
+    sq, sk = q.shape[2], k.shape[2]
+    diagonal = causal and q_start == kv_start and sq == sk and qseg is None
+    mask = (
+        None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+    )
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    acc = partial_dtype(q.dtype)
+    try:
+        if q.device.type == "cpu":
+            bias = None
+            if mask is not None:
+                bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill(~mask, float("-inf"))
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, is_causal=diagonal, attn_mask=bias, scale=scale
+            )
+        elif mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, diagonal, False, scale=scale
+            )
+            out, lse = res[0], res[1]
+        else:
+            bias = None
+            if mask is not None:
+                # The kernel wants the bias rows 16-element aligned: pad, then slice.
+                padded = (sk + 15) // 16 * 16
+                full = torch.zeros(
+                    q.shape[0], q.shape[1], sq, padded, dtype=q.dtype, device=q.device
+                )
+                bias = full[..., :sk]
+                bias.masked_fill_(~mask.expand(q.shape[0], q.shape[1], sq, sk), float("-inf"))
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, diagonal, scale=scale
+            )[:2]
+            lse = lse[..., :sq]
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        return _fallback(f"{q.device.type} {q.dtype}: {str(exc).splitlines()[0][:120]}", args)
+    out, lse = out.to(acc), lse.to(acc)
+    if mask is not None:
+        seen = mask.any(-1).expand_as(lse)
+        lse = lse.masked_fill(~seen, float("-inf"))
+        out = out.masked_fill(~seen.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    # The fused torch kernels (flash attention on CUDA) are the fastest block
+    # backend today; the cuda kernel (no tensor cores) runs on request.
+    return "sdpa"

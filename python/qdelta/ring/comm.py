@@ -1,0 +1,102 @@
+"""Point-to-point ring communication: each rank sends to ``rank + 1`` and receives
+from ``rank - 1`` (within a process group), asynchronously.
+
+Usage per step: ``incoming = comm.send_recv(tensors, shapes)``; ``comm.commit()``
+starts the transfer; compute on the current tensors meanwhile; ``comm.wait()``
+makes ``incoming`` valid. That is the double buffer: the block being computed on
+is the one being sent, the next one lands in fresh buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from qdelta.ring.errors import RingError
+
+
+class RingComm:
+    """One direction of a ring over ``group`` (None = the default group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, tag: int = 0, timeout=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.tag = tag
+        self.timeout = timeout
+        real_group = group if group is not None else dist.group.WORLD
+        self.send_rank = dist.get_global_rank(real_group, (self.rank + 1) % self.world_size)
+        self.recv_rank = dist.get_global_rank(real_group, (self.rank - 1) % self.world_size)
+        self._ops: list[dist.P2POp] = []
+        self._reqs: list | None = None
+        self._what = ""
+
+    def send_recv(
+        self, tensors: Sequence[torch.Tensor], shapes: Sequence[Sequence[int]], what: str = "block"
+    ) -> list[torch.Tensor]:
+        """Queue sending ``tensors`` onward and receiving same-dtype ones of ``shapes``."""
+        if self._ops or self._reqs is not None:
+            raise RingError("RingComm: a transfer is already queued or in flight; wait() first")
+        incoming = []
+        for t, shape in zip(tensors, shapes, strict=True):
+            buf = torch.empty(tuple(shape), dtype=t.dtype, device=t.device)
+            self._ops.append(
+                dist.P2POp(dist.isend, t.contiguous(), self.send_rank, self.group, self.tag)
+            )
+            self._ops.append(dist.P2POp(dist.irecv, buf, self.recv_rank, self.group, self.tag))
+            incoming.append(buf)
+        self._what = what
+        return incoming
+
+    def commit(self) -> None:
+        """Start the queued transfer."""
+        try:
+            self._reqs = dist.batch_isend_irecv(self._ops)
+        except RuntimeError as exc:
+            raise self._error("could not start", exc) from exc
+        finally:
+            self._ops = []
+
+    def wait(self) -> None:
+        """Block until the transfer started by commit() is done; RingError if a peer failed."""
+        reqs, self._reqs = self._reqs, None
+        if reqs is None:
+            return
+        try:
+            for req in reqs:
+                if self.timeout is None:
+                    req.wait()
+                else:
+                    req.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise self._error("failed or timed out", exc) from exc
+
+    def _error(self, verb: str, exc: Exception) -> RingError:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        return RingError(
+            f"ring rank {self.rank}/{self.world_size}: exchanging the {self._what} with "
+            f"rank {(self.rank + 1) % self.world_size} (send) and "
+            f"{(self.rank - 1) % self.world_size} (receive) {verb}: {first} "
+            "(a peer rank died, hung, or was given a differently shaped input)"
+        )
+
+
+def all_lengths(local_len: int, group, device: torch.device) -> list[int]:
+    """Every rank's local sequence length, in rank order."""
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return [local_len]
+    mine = torch.tensor([local_len], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size)]
+    try:
+        dist.all_gather(out, mine, group=group)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise RingError(
+            f"ring rank {dist.get_rank(group)}/{world_size}: gathering the local sequence "
+            f"lengths failed: {first} (a peer rank died or hung)"
+        ) from exc
+    return [int(t.item()) for t in out]

@@ -1,0 +1,107 @@
+"""The ``cuda`` block backend: cuda/attention_block.cu compiled by cupy.RawModule.
+
+fp16/bf16 inputs, head dims 64 and 128, on a CUDA device; returns fp32
+``(out, lse)`` like every block backend (see block.py). Tensors cross to cupy
+through DLPack without copies; the kernel runs on torch's current stream.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from qdelta.errors import DTypeError, ShapeError
+from qdelta.ring.errors import RingError
+
+SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "attention_block.cu"
+HEAD_DIMS = (64, 128)
+ROWS_PER_BLOCK = 32
+THREADS = 128
+_CTYPES = {torch.float16: "0", torch.bfloat16: "1"}  # the kernel's DT template argument
+
+
+def available() -> bool:
+    """True when cupy imports and a CUDA device is visible."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def instantiations() -> list[str]:
+    return [f"attention_block<{c}, {d}>" for c in _CTYPES.values() for d in HEAD_DIMS]
+
+
+@functools.cache
+def _module(device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(
+            code=SOURCE.read_text(),
+            options=("-std=c++17",),
+            name_expressions=instantiations(),
+        )
+
+
+def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg):
+    """Run the kernel; arguments as in block._math_forward."""
+    if not available():
+        raise RingError("ring block backend 'cuda': expected cupy and a CUDA device, found none")
+    if not q.is_cuda:
+        raise RingError(f"ring block backend 'cuda': expected CUDA tensors, found {q.device}")
+    if q.dtype not in _CTYPES:
+        raise DTypeError(
+            f"ring block backend 'cuda': expected float16 or bfloat16, found {q.dtype}"
+        )
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if d not in HEAD_DIMS:
+        raise ShapeError(f"ring block backend 'cuda': expected head_dim in {HEAD_DIMS}, found {d}")
+    import cupy
+
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if sq == 0:
+        return out, lse
+    seg_batched = 0
+    if q_seg is not None:
+        seg_batched = int(q_seg.dim() == 2 and q_seg.shape[0] > 1)
+        q_seg = q_seg.to(device=q.device, dtype=torch.int32).contiguous()
+        kv_seg = kv_seg.to(device=q.device, dtype=torch.int32).contiguous()
+        if seg_batched and (q_seg.shape[0] != b or kv_seg.shape[0] != b):
+            raise ShapeError(
+                f"ring block backend 'cuda': expected segment ids for {b} rows, found "
+                f"{tuple(q_seg.shape)} and {tuple(kv_seg.shape)}"
+            )
+    if sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    fn = _module(q.device.index or 0).get_function(f"attention_block<{_CTYPES[q.dtype]}, {d}>")
+
+    def ptr(t):
+        return 0 if t is None else cupy.uint64(t.data_ptr())
+
+    grid = ((sq + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, hq, b)
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream)
+    with cupy.cuda.Device(q.device.index or 0), stream:
+        fn(
+            grid,
+            (THREADS,),
+            (
+                ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
+                cupy.uint64(0) if q_seg is None else ptr(q_seg),
+                cupy.uint64(0) if kv_seg is None else ptr(kv_seg),
+                cupy.int32(seg_batched), cupy.int32(hq), cupy.int32(hkv),
+                cupy.int32(sq), cupy.int32(sk), cupy.float32(scale), cupy.int32(int(causal)),
+                cupy.int64(q_start), cupy.int64(kv_start),
+            ),
+        )  # fmt: skip
+    return out, lse

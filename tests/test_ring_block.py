@@ -1,0 +1,262 @@
+"""Block attention backends, the exact merge, layouts, the virtual ring and the blockwise FFN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qdelta.ring.block as ring_block_module
+from qdelta.errors import QDeltaError, ShapeError
+from qdelta.ring import (
+    RingError,
+    block_attention,
+    block_attention_backward,
+    blockwise_feedforward,
+    merge,
+    position_ids,
+    ring_attention,
+    shard,
+    unshard,
+    virtual_ring_attention,
+)
+from qdelta.ring.merge import empty_partial
+from ring_reference import block_reference, full_mask, random_segments, reference_attention
+
+NEG_INF = float("-inf")
+
+
+def rnd(*shape, dtype=torch.float64, gen=None):
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(dtype)
+
+
+# ------------------------------------------------------------------- merge
+
+
+def test_merge_of_two_key_blocks_equals_attention_over_all_keys():
+    q, k, v = rnd(2, 3, 7, 16), rnd(2, 3, 19, 16), rnd(2, 3, 19, 16)
+    full_out, full_lse = block_reference(q, k, v, False, 0, 0, None, None)
+    a = block_attention(q, k[:, :, :8], v[:, :, :8])
+    b = block_attention(q, k[:, :, 8:], v[:, :, 8:])
+    for first, second in ((a, b), (b, a)):
+        out, lse = merge(*first, *second)
+        assert (out - full_out).abs().max() < 1e-12
+        assert (lse - full_lse).abs().max() < 1e-12
+
+
+def test_merge_never_makes_nan_from_fully_masked_rows():
+    out = rnd(5, 4)
+    lse = torch.tensor([NEG_INF, NEG_INF, 0.3, 1.0, NEG_INF], dtype=torch.float64)
+    out[lse.isneginf()] = 0
+    blk_out = rnd(5, 4)
+    blk_lse = torch.tensor([NEG_INF, 2.0, NEG_INF, 700.0, NEG_INF], dtype=torch.float64)
+    blk_out[blk_lse.isneginf()] = 0
+    new_out, new_lse = merge(out, lse, blk_out, blk_lse)
+    assert not new_out.isnan().any() and not new_lse.isnan().any()
+    assert new_lse[0] == NEG_INF and new_lse[4] == NEG_INF
+    assert (new_out[0] == 0).all() and (new_out[4] == 0).all()
+    assert torch.equal(new_out[1], blk_out[1]) and new_lse[1] == 2.0
+    assert torch.equal(new_out[2], out[2]) and new_lse[2] == lse[2]
+    assert torch.allclose(new_out[3], blk_out[3]) and new_lse[3] == 700.0  # no overflow
+
+
+def test_merging_into_the_empty_partial_gives_the_block():
+    o, lse = empty_partial((2, 3, 4), torch.float32, "cpu")
+    bo, bl = rnd(2, 3, 4, dtype=torch.float32), rnd(2, 3, dtype=torch.float32)
+    mo, ml = merge(o, lse, bo, bl)
+    assert torch.equal(mo, bo) and torch.equal(ml, bl)
+
+
+# ------------------------------------------------------------ block backends
+
+BLOCK_CASES = [
+    # causal, q_start, kv_start, segments, hq, hkv
+    (False, 0, 0, False, 4, 4),
+    (True, 10, 3, False, 4, 2),  # partly masked: diagonal crosses the block
+    (True, 5, 5, False, 2, 1),  # the diagonal block (MQA)
+    (True, 0, 9, False, 4, 4),  # rows 0..8 fully masked, later ones partly
+    (False, 0, 0, True, 4, 2),
+    (True, 7, 2, True, 3, 1),
+]
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_block_backends_match_float64_reference(backend, case, dtype):
+    causal, q_start, kv_start, segs, hq, hkv = case
+    q, k, v = (
+        rnd(2, hq, 13, 16, dtype=dtype),
+        rnd(2, hkv, 11, 16, dtype=dtype),
+        rnd(2, hkv, 11, 16, dtype=dtype),
+    )
+    qseg = torch.tensor([[0] * 6 + [1] * 4 + [3] * 3, [2] * 13])
+    kseg = torch.tensor([[0] * 3 + [1] * 5 + [2] * 3, [2] * 4 + [5] * 7])
+    if not segs:
+        qseg = kseg = None
+    out, lse = block_attention(
+        q, k, v, causal=causal, q_start=q_start, kv_start=kv_start,
+        q_segment_ids=qseg, kv_segment_ids=kseg, backend=backend, softmax_scale=0.3,
+    )  # fmt: skip
+    ref_out, ref_lse = block_reference(q, k, v, causal, q_start, kv_start, qseg, kseg, scale=0.3)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    masked = ref_lse.isneginf()
+    assert torch.equal(lse.isneginf(), masked)
+    assert not out.isnan().any() and (out[masked] == 0).all()
+    assert (out.double() - ref_out).abs().max() < tol
+    assert (lse.double() - ref_lse)[~masked].abs().max() < tol
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_backward_matches_autograd(case):
+    causal, q_start, kv_start, segs, hq, hkv = case
+    qseg = torch.tensor([0] * 5 + [1] * 4) if segs else None
+    kseg = torch.tensor([0] * 2 + [1] * 5) if segs else None
+    q, k, v = (t.requires_grad_() for t in (rnd(2, hq, 9, 8), rnd(2, hkv, 7, 8), rnd(2, hkv, 7, 8)))
+    out, lse = block_reference(q, k, v, causal, q_start, kv_start, qseg, kseg)
+    dout, dlse = rnd(*out.shape), rnd(*lse.shape)
+    seen = ~lse.isneginf()
+    loss = (out * dout).sum() + (torch.where(seen, lse, 0.0) * dlse).sum()
+    ref = torch.autograd.grad(loss, (q, k, v))
+    got = block_attention_backward(
+        q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, dlse,
+        causal=causal, q_start=q_start, kv_start=kv_start, q_segment_ids=qseg, kv_segment_ids=kseg,
+    )  # fmt: skip
+    for g, r in zip(got, ref, strict=True):
+        assert (g - r).abs().max() < 1e-12
+
+
+def test_block_rejects_bad_inputs():
+    q = rnd(1, 3, 4, 8)
+    with pytest.raises(ShapeError, match="multiple"):
+        block_attention(q, rnd(1, 2, 4, 8), rnd(1, 2, 4, 8))
+    with pytest.raises(ShapeError, match="head_dim"):
+        block_attention(q, rnd(1, 3, 4, 4), rnd(1, 3, 4, 4))
+    with pytest.raises(ShapeError, match="kv_segment_ids"):
+        block_attention(q, q, q, q_segment_ids=torch.zeros(4), kv_segment_ids=torch.zeros(5))
+    with pytest.raises(RingError, match="backend"):
+        block_attention(q, q, q, backend="fast")
+    assert issubclass(RingError, QDeltaError)
+
+
+# ------------------------------------------------------------------ layouts
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("seq_len,world", [(17, 3), (8, 4), (5, 2), (3, 2), (30, 4)])
+def test_shard_unshard_round_trip_and_positions(layout, seq_len, world):
+    x = torch.arange(seq_len * 2).reshape(2, seq_len)
+    parts = [shard(x, world, r, layout=layout, dim=-1) for r in range(world)]
+    assert torch.equal(unshard(parts, layout=layout, dim=-1), x)
+    for r, part in enumerate(parts):
+        assert torch.equal(part[0], position_ids(seq_len, world, r, layout))
+    with pytest.raises(ShapeError, match="expected rank 0's shard to hold"):
+        unshard([x[:, :2], x[:, :5]], layout=layout, dim=-1)
+
+
+def test_zigzag_balances_causal_work():
+    seq_len, world = 64, 4
+    work = [
+        sum(int(p) + 1 for p in position_ids(seq_len, world, r, "zigzag")) for r in range(world)
+    ]
+    assert max(work) == min(work)
+
+
+# ------------------------------------------------------------- virtual ring
+
+VIRTUAL_CASES = [
+    # world, causal, layout, segments, hq, hkv, seq_len
+    (1, True, "contiguous", False, 2, 2, 9),
+    (2, False, "zigzag", True, 4, 2, 17),
+    (3, True, "contiguous", True, 4, 1, 20),
+    (4, True, "zigzag", False, 2, 2, 19),
+    (5, True, "zigzag", True, 4, 2, 23),
+]
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("case", VIRTUAL_CASES)
+def test_virtual_ring_matches_sdpa_forward_and_backward(backend, case, monkeypatch):
+    monkeypatch.setattr(ring_block_module, "BACKWARD_ROWS", 3)  # several math backward tiles
+    world, causal, layout, segs, hq, hkv, seq_len = case
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seg = random_segments(seq_len, gen, 2) if segs else None
+    q, k, v = (rnd(2, h, seq_len, 8).requires_grad_() for h in (hq, hkv, hkv))
+    out, lse = virtual_ring_attention(
+        q, k, v, world_size=world, causal=causal, segment_ids=seg, layout=layout,
+        backend=backend, return_lse=True,
+    )  # fmt: skip
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, segment_ids=seg)
+    dout, dlse = rnd(*out.shape), rnd(*lse.shape)
+    got = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), (q, k, v))
+    assert (out - ref_out).abs().max() < 1e-10 and (lse - ref_lse).abs().max() < 1e-10
+    for g, r in zip(got, ref, strict=True):
+        assert (g - r).abs().max() < 1e-10
+
+
+def test_ring_attention_needs_a_process_group():
+    q = rnd(1, 2, 4, 8)
+    with pytest.raises(RingError, match="process group"):
+        ring_attention(q, q, q)
+
+
+def test_full_mask_helper_is_causal_and_segmented():
+    m = full_mask(4, True, torch.tensor([0, 0, 1, 1]))
+    assert m[0, 0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+# -------------------------------------------------------------- blockwise FFN
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_blockwise_feedforward_equals_ffn(chunk):
+    ffn = torch.nn.Sequential(
+        torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 6)
+    ).double()
+    x = rnd(2, 11, 6).requires_grad_()
+    out = blockwise_feedforward(ffn, x, chunk)
+    ref = ffn(x)
+    assert (out - ref).abs().max() < 1e-12
+    g = rnd(*out.shape)
+    got = torch.autograd.grad((out * g).sum(), (x, *ffn.parameters()))
+    want = torch.autograd.grad((ref * g).sum(), (x, *ffn.parameters()))
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() < 1e-12
+    with pytest.raises(RingError):
+        blockwise_feedforward(ffn, x, 0)
+
+
+@pytest.mark.parametrize("case", VIRTUAL_CASES[1:])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_virtual_ring_fused_cpu_backward_without_lse_gradient(case, dtype):
+    world, causal, layout, segs, hq, hkv, seq_len = case
+    seg = random_segments(seq_len, torch.Generator().manual_seed(7), 2) if segs else None
+    q, k, v = (rnd(2, h, seq_len, 8, dtype=dtype).requires_grad_() for h in (hq, hkv, hkv))
+    out = virtual_ring_attention(
+        q, k, v, world_size=world, causal=causal, segment_ids=seg, layout=layout, backend="sdpa"
+    )
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference_attention(qd, kd, vd, causal=causal, segment_ids=seg)
+    dout = rnd(*out.shape, dtype=dtype)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout.double()).sum(), (qd, kd, vd))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert (out.double() - ref).abs().max() < tol
+    for g, r in zip(got, want, strict=True):
+        assert (g.double() - r).abs().max() < tol
+
+
+def test_block_backward_fused_matches_math():
+    q, k, v = rnd(2, 4, 9, 8), rnd(2, 2, 13, 8), rnd(2, 2, 13, 8)
+    seg_q, seg_k = torch.tensor([0] * 4 + [1] * 5), torch.tensor([0] * 6 + [1] * 7)
+    # final out/lse of a query block that also saw other keys: merge two blocks
+    o1, l1 = block_attention(q, k, v, q_segment_ids=seg_q, kv_segment_ids=seg_k)
+    o2, l2 = block_attention(q, rnd(2, 2, 5, 8), rnd(2, 2, 5, 8))
+    out, lse = merge(o1, l1, o2, l2)
+    dout = rnd(*out.shape)
+    kw = {"q_segment_ids": seg_q, "kv_segment_ids": seg_k, "causal": True, "q_start": 6}
+    fused = block_attention_backward(q, k, v, out, lse, dout, backend="sdpa", **kw)
+    math_ = block_attention_backward(q, k, v, out, lse, dout, backend="math", **kw)
+    for a, b in zip(fused, math_, strict=True):
+        assert (a - b).abs().max() < 1e-12
