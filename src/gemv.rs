@@ -374,7 +374,7 @@ fn as_f32<F: Float>(x: &[F]) -> Option<&[f32]> {
 /// not copied.
 fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> (Cow<'_, [f32]>, Vec<f32>) {
     let row_sum = |row: &mut dyn Iterator<Item = f32>| row.map(|v| v as f64).sum::<f64>() as f32;
-    if cols % WORD_BITS == 0 {
+    if cols.is_multiple_of(WORD_BITS) {
         if let Some(xf) = as_f32(x) {
             let totals = xf
                 .chunks_exact(cols.max(1))
