@@ -348,9 +348,7 @@ impl Groups {
     }
 
     fn iter(&self) -> impl Iterator<Item = (usize, &[usize])> + '_ {
-        self.spans
-            .iter()
-            .map(|&(t, a, b)| (t, &self.order[a..b]))
+        self.spans.iter().map(|&(t, a, b)| (t, &self.order[a..b]))
     }
 
     fn is_empty(&self) -> bool {
