@@ -77,3 +77,38 @@ def test_multitenant_torch(benchmark, stack):
         return [F.linear(x[t : t + 1], dense[t]) for t in range(TENANTS)]
 
     benchmark(dense_one_after_another)
+
+
+SMALL = 512  # decode at the runtime benchmark's model size: per-call cost dominates
+
+
+@pytest.fixture(scope="module")
+def small_stack() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    planes, scales, dense = [], [], []
+    for _ in range(TENANTS):
+        delta = torch.randn(SMALL, SMALL, generator=gen) * 1e-3
+        p, s = reference.pack_residual(delta, 1, "matrix")
+        planes.append(p)
+        scales.append(s)
+        dense.append(reference.unpack_planes(p, s, SMALL))
+    return torch.stack(planes), torch.stack(scales), dense
+
+
+def test_multitenant_small_qdelta(benchmark, small_stack):
+    planes, scales, _ = small_stack
+    _info(benchmark, f"multitenant-{TENANTS}tenants-1row-each-{SMALL}x{SMALL}")
+    x = torch.randn(TENANTS, SMALL)
+    ids = torch.arange(TENANTS)
+    benchmark(cpu.multi_tenant_delta_matmul, x, planes, scales, ids)
+
+
+def test_multitenant_small_torch(benchmark, small_stack):
+    _, _, dense = small_stack
+    _info(benchmark, f"multitenant-{TENANTS}tenants-1row-each-{SMALL}x{SMALL}")
+    x = torch.randn(TENANTS, SMALL)
+
+    def dense_one_after_another():
+        return [F.linear(x[t : t + 1], dense[t]) for t in range(TENANTS)]
+
+    benchmark(dense_one_after_another)

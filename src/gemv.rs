@@ -17,6 +17,8 @@
 //! Threads split the output features; rows are grouped by tenant so every
 //! tenant's planes are read once however its rows are scattered in the batch.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use crate::bitplane::{words_per_row, ScaleMode, WORD_BITS};
@@ -27,6 +29,12 @@ use crate::float::Float;
 const FEATURES_PER_TASK: usize = 64;
 /// Batch rows sharing one pass over a tenant's plane bits.
 const ROW_TILE: usize = 4;
+/// Calls that read fewer packed words than this (summed over tenants, planes
+/// and row tiles; about 1 ns each with AVX-512) run on the calling thread:
+/// below it, waking the thread pool and waiting for it costs more than the
+/// work it would split (measured on a shared 2-core EPYC; decode of a model
+/// with 512..1376 features stays below, a 4096x4096 GEMV goes to the pool).
+const PARALLEL_FROM_WORDS: usize = 1 << 18;
 
 /// Sizes of a stack of packed deltas: `planes [tenants, planes, out, words]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,25 +322,65 @@ fn check_tenant_ids(ids: &[i64], rows: usize, tenants: usize) -> Result<()> {
     Ok(())
 }
 
-/// Rows of each tenant that occurs, tenants ascending.
-fn group_rows(ids: &[i64], tenants: usize) -> Vec<(usize, Vec<usize>)> {
-    let mut by_tenant: Vec<Vec<usize>> = vec![Vec::new(); tenants];
-    for (r, &t) in ids.iter().enumerate() {
-        if t >= 0 {
-            by_tenant[t as usize].push(r);
+/// The rows of each tenant that occurs, tenants ascending: `(tenant, rows)`
+/// pairs whose rows are ranges of one shared index buffer (one allocation
+/// whatever the number of tenants).
+struct Groups {
+    order: Vec<usize>,
+    spans: Vec<(usize, usize, usize)>, // (tenant, start, end) in `order`
+}
+
+impl Groups {
+    fn new(ids: &[i64], tenants: usize) -> Groups {
+        let mut order: Vec<usize> = (0..ids.len()).filter(|&r| ids[r] >= 0).collect();
+        // Stable: rows of one tenant keep their batch order.
+        order.sort_by_key(|&r| ids[r]);
+        let mut spans = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            let t = ids[order[start]];
+            let end = start + order[start..].partition_point(|&r| ids[r] == t);
+            debug_assert!((t as usize) < tenants);
+            spans.push((t as usize, start, end));
+            start = end;
         }
+        Groups { order, spans }
     }
-    by_tenant
-        .into_iter()
-        .enumerate()
-        .filter(|(_, rows)| !rows.is_empty())
-        .collect()
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &[usize])> + '_ {
+        self.spans.iter().map(|&(t, a, b)| (t, &self.order[a..b]))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+/// `x` itself when `F` is f32.
+fn as_f32<F: Float>(x: &[F]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: F is f32 (same type id), so the slice is reinterpreted as itself.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) })
+    } else {
+        None
+    }
 }
 
 /// `x` as float32 rows padded with zeros to whole words (so the padding bits,
 /// whatever they hold, add nothing and nothing past `K` is read), and each
-/// row's plain sum.
-fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+/// row's plain sum. Float32 rows that already fill whole words are borrowed,
+/// not copied.
+fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> (Cow<'_, [f32]>, Vec<f32>) {
+    let row_sum = |row: &mut dyn Iterator<Item = f32>| row.map(|v| v as f64).sum::<f64>() as f32;
+    if cols.is_multiple_of(WORD_BITS) {
+        if let Some(xf) = as_f32(x) {
+            let totals = xf
+                .chunks_exact(cols.max(1))
+                .map(|r| row_sum(&mut r.iter().copied()))
+                .collect();
+            return (Cow::Borrowed(xf), totals);
+        }
+    }
     let stride = words_per_row(cols) * WORD_BITS;
     let mut padded = vec![0f32; rows * stride];
     let mut totals = vec![0f32; rows];
@@ -341,14 +389,12 @@ fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> (Vec<f32>, Vec<f3
         .zip(x.chunks_exact(cols))
         .zip(totals.iter_mut())
     {
-        let mut sum = 0f64;
         for (d, s) in dst.iter_mut().zip(src) {
             *d = s.to_f32();
-            sum += *d as f64;
         }
-        *total = sum as f32;
+        *total = row_sum(&mut dst.iter().copied());
     }
-    (padded, totals)
+    (Cow::Owned(padded), totals)
 }
 
 /// The delta matmul on the best instruction set of this CPU.
@@ -383,6 +429,33 @@ pub fn delta_matmul<F: Float>(
 #[allow(clippy::too_many_arguments)]
 pub fn delta_matmul_on<F: Float>(
     isa: Isa,
+    x: &[F],
+    rows: usize,
+    stack: &DeltaStack<'_>,
+    tenant_ids: &[i64],
+    use_planes: Option<usize>,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    delta_matmul_with(
+        isa,
+        PARALLEL_FROM_WORDS,
+        x,
+        rows,
+        stack,
+        tenant_ids,
+        use_planes,
+        out,
+        accumulate,
+    )
+}
+
+/// [`delta_matmul_on`] that runs on the thread pool from `parallel_from`
+/// packed words of work on (tests force either path).
+#[allow(clippy::too_many_arguments)]
+fn delta_matmul_with<F: Float>(
+    isa: Isa,
+    parallel_from: usize,
     x: &[F],
     rows: usize,
     stack: &DeltaStack<'_>,
@@ -426,11 +499,11 @@ pub fn delta_matmul_on<F: Float>(
         )));
     }
     check_tenant_ids(tenant_ids, rows, tenants)?;
-    let groups = group_rows(tenant_ids, tenants);
+    let groups = Groups::new(tenant_ids, tenants);
     // Planes of each used tenant that can contribute: a plane whose scales are
     // all zero (padding of a tenant with fewer planes) is skipped.
-    let mut live = Vec::with_capacity(groups.len());
-    for &(t, _) in &groups {
+    let mut live = Vec::with_capacity(groups.spans.len());
+    for (t, _) in groups.iter() {
         let mut planes_t = Vec::with_capacity(k_use);
         for p in 0..k_use {
             let scales = stack.scales_of(t, p);
@@ -457,39 +530,54 @@ pub fn delta_matmul_on<F: Float>(
     let words = stack.shape.words();
     let stride = words * WORD_BITS;
     let (xs, totals) = padded_rows(x, rows, k);
-    // Feature-major result so each task owns one contiguous slice.
-    let mut result_t = vec![0f32; n * rows];
-    result_t
-        .par_chunks_mut(FEATURES_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, dst)| {
-            let n0 = task * FEATURES_PER_TASK;
-            let count = dst.len() / rows;
-            let mut sums = vec![0f32; ROW_TILE * count];
-            for ((t, group_rows), planes_t) in groups.iter().zip(&live) {
-                for &p in planes_t {
-                    let bits = &stack.plane(*t, p)[n0 * words..(n0 + count) * words];
-                    let scales = stack.scales_of(*t, p);
-                    for tile_rows in group_rows.chunks(ROW_TILE) {
-                        let x_tile: Vec<&[f32]> = tile_rows
-                            .iter()
-                            .map(|&r| &xs[r * stride..(r + 1) * stride])
-                            .collect();
-                        let sums = &mut sums[..tile_rows.len() * count];
-                        isa.masked_sums(&x_tile, bits, words, sums);
-                        for (&r, sums) in tile_rows.iter().zip(sums.chunks_exact(count)) {
-                            for (j, &neg) in sums.iter().enumerate() {
-                                let alpha = match stack.mode {
-                                    ScaleMode::Matrix => scales[0],
-                                    ScaleMode::Row => scales[n0 + j],
-                                };
-                                dst[j * rows + r] += alpha * (totals[r] - 2.0 * neg);
-                            }
+    // Packed words the call reads, counted once per row tile.
+    let work: usize = groups
+        .iter()
+        .zip(&live)
+        .map(|((_, r), planes_t)| planes_t.len() * r.len().div_ceil(ROW_TILE))
+        .sum::<usize>()
+        * n
+        * words;
+    // Output features [n0, n0 + count) for every row, feature-major into `dst`.
+    let features = |n0: usize, dst: &mut [f32]| {
+        let count = dst.len() / rows;
+        let mut sums = vec![0f32; ROW_TILE * count];
+        for ((t, group_rows), planes_t) in groups.iter().zip(&live) {
+            for &p in planes_t {
+                let bits = &stack.plane(t, p)[n0 * words..(n0 + count) * words];
+                let scales = stack.scales_of(t, p);
+                for tile_rows in group_rows.chunks(ROW_TILE) {
+                    let mut x_tile: [&[f32]; ROW_TILE] = [&[]; ROW_TILE];
+                    for (slot, &r) in x_tile.iter_mut().zip(tile_rows) {
+                        *slot = &xs[r * stride..(r + 1) * stride];
+                    }
+                    let sums = &mut sums[..tile_rows.len() * count];
+                    isa.masked_sums(&x_tile[..tile_rows.len()], bits, words, sums);
+                    for (&r, sums) in tile_rows.iter().zip(sums.chunks_exact(count)) {
+                        for (j, &neg) in sums.iter().enumerate() {
+                            let alpha = match stack.mode {
+                                ScaleMode::Matrix => scales[0],
+                                ScaleMode::Row => scales[n0 + j],
+                            };
+                            dst[j * rows + r] += alpha * (totals[r] - 2.0 * neg);
                         }
                     }
                 }
             }
-        });
+        }
+    };
+    let mut result_t = vec![0f32; n * rows];
+    if work < parallel_from {
+        // Small calls (decode at model sizes of a few hundred features) on
+        // the calling thread: waking the pool would cost more than the work.
+        features(0, &mut result_t);
+    } else {
+        // Feature-major result so each task owns one contiguous slice.
+        result_t
+            .par_chunks_mut(FEATURES_PER_TASK * rows)
+            .enumerate()
+            .for_each(|(task, dst)| features(task * FEATURES_PER_TASK, dst));
+    }
     for (r, y) in out.chunks_exact_mut(n).enumerate() {
         if tenant_ids[r] < 0 {
             continue;
@@ -619,16 +707,33 @@ mod tests {
         let ids: Vec<i64> = (0..rows)
             .map(|_| (rng.next() % (shape.tenants as u64 + 1)) as i64 - 1)
             .collect();
-        let mut out = vec![f32::NAN; rows * shape.out_features];
-        delta_matmul_on(isa, &x, rows, &stack, &ids, use_planes, &mut out, false).unwrap();
         let want = naive(&x, rows, &stack, &ids, use_planes.unwrap_or(shape.planes));
-        assert_close(
-            &out,
-            &want,
-            &x,
-            shape.in_features,
-            &format!("{isa:?} {shape:?} rows={rows} {mode:?}"),
-        );
+        // Both paths: on the calling thread and on the pool; they agree exactly.
+        let mut results = Vec::new();
+        for parallel_from in [usize::MAX, 0] {
+            let mut out = vec![f32::NAN; rows * shape.out_features];
+            delta_matmul_with(
+                isa,
+                parallel_from,
+                &x,
+                rows,
+                &stack,
+                &ids,
+                use_planes,
+                &mut out,
+                false,
+            )
+            .unwrap();
+            assert_close(
+                &out,
+                &want,
+                &x,
+                shape.in_features,
+                &format!("{isa:?} {shape:?} rows={rows} {mode:?} parallel_from={parallel_from}"),
+            );
+            results.push(out);
+        }
+        assert_eq!(results[0], results[1], "serial and pool paths differ");
     }
 
     fn isas() -> Vec<Isa> {
@@ -648,6 +753,7 @@ mod tests {
             (4, 1, 130, 257, 9),
             (1, 3, 64, 64, 2),
             (1, 2, 77, 96, 11),
+            (6, 1, 200, 128, 23),
             (2, 1, 45, 40, 14),
         ];
         for isa in isas() {

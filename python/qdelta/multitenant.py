@@ -18,7 +18,7 @@ from torch import nn
 from qdelta import kernels
 from qdelta.delta import PackedLayer
 from qdelta.errors import DTypeError, QDeltaError, ShapeError, UnknownTenantError
-from qdelta.kernels import Backend
+from qdelta.kernels import Backend, cpu
 
 TenantKey = str | int
 
@@ -67,6 +67,11 @@ class MultiTenantLinear(nn.Module):
         self._names: dict[str, int] = {}  # name -> id
         self._slots: dict[int, int] = {}  # id -> slot in the stacks
         self._bits: dict[int, int] = {}  # id -> planes it really has
+        # Per-call work done once: the CPU kernel's view of the stack, and the
+        # row slots of the last ids tensor (keyed by identity and version).
+        self._prepared: cpu.PreparedStack | None = None
+        self._slots_key: tuple | None = None
+        self._slots_value: tuple[torch.Tensor, np.ndarray | None] | None = None
 
     # -- tenants ---------------------------------------------------------------
 
@@ -153,21 +158,67 @@ class MultiTenantLinear(nn.Module):
                 f"x: expected [batch, seq, {self.in_features}] or [rows, {self.in_features}], "
                 f"found {list(x.shape)}"
             )
-        slots = self._row_slots(tenant_ids, x)
+        slots, slots_array = self._row_slots(tenant_ids, x)
         y = self.base_layer(x)
         if not self._slots:
             return y
+        x2 = x.reshape(-1, self.in_features)
+        if self._adds_in_place(x2, y):
+            # The Rust kernel adds each row's delta straight into the base output.
+            self._prepared_stack().add_into(x2, slots_array, y.view(-1, self.out_features))
+            return y
         delta = kernels.multi_tenant_delta_matmul(
-            x.reshape(-1, self.in_features),
-            self.planes,
-            self.scales,
-            slots,
-            backend=self.backend,
+            x2, self.planes, self.scales, slots, backend=self.backend
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _row_slots(self, tenant_ids: torch.Tensor | Sequence[int], x: torch.Tensor) -> torch.Tensor:
-        """Tenant ids (one per sequence or row) -> stack slots per row of x."""
+    def _adds_in_place(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether the CPU kernel can add into ``y``: the dispatch rule picks it and
+        ``y`` is a float32 contiguous result that needs no gradient."""
+        return (
+            y.dtype == torch.float32
+            and not y.requires_grad
+            and y.is_contiguous()
+            and kernels._use_cpu(x2, self.scales, self.backend)
+            and not x2.is_cuda
+        )
+
+    def _prepared_stack(self) -> cpu.PreparedStack:
+        """The stack as the CPU kernel's arrays, rebuilt only after the stack changed."""
+        prepared = self._prepared
+        if prepared is None or not prepared.current(self.planes, self.scales):
+            prepared = self._prepared = cpu.PreparedStack(self.planes, self.scales)
+        return prepared
+
+    def _row_slots(
+        self, tenant_ids: torch.Tensor | Sequence[int], x: torch.Tensor
+    ) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Tenant ids (one per sequence or row) -> stack slots per row of x, as a tensor
+        on x's device and (on the CPU) an int64 array. Remembered for the last ids
+        tensor: decode passes the same one every step."""
+        rows = x.shape[:-1]
+        key = self._slots_key
+        if (
+            key is not None
+            and key[0] is tenant_ids
+            and key[1] == rows
+            and key[2] is self.slot_of_id
+            and key[3] is not None
+            and key[3] == cpu._version(tenant_ids)
+            and key[4] == x.device
+        ):
+            return self._slots_value
+        slots = self._compute_row_slots(tenant_ids, x)
+        array = slots.numpy() if slots.device.type == "cpu" else None
+        if isinstance(tenant_ids, torch.Tensor):
+            version = cpu._version(tenant_ids)
+            self._slots_key = (tenant_ids, rows, self.slot_of_id, version, x.device)
+            self._slots_value = (slots, array)
+        return slots, array
+
+    def _compute_row_slots(
+        self, tenant_ids: torch.Tensor | Sequence[int], x: torch.Tensor
+    ) -> torch.Tensor:
         ids = tenant_ids if isinstance(tenant_ids, torch.Tensor) else torch.as_tensor(tenant_ids)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise DTypeError(f"tenant_ids: expected an integer tensor (int64), found {ids.dtype}")
@@ -194,7 +245,7 @@ class MultiTenantLinear(nn.Module):
             )
         if x.dim() == 3:
             slots = slots.repeat_interleave(x.shape[1])
-        return slots.to(x.device)
+        return slots.to(x.device).contiguous()
 
     # -- helpers -----------------------------------------------------------------
 

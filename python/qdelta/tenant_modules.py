@@ -33,6 +33,7 @@ class TenantModule(nn.Module):
         self._route = route
         self._names: list[str] = []
         self.register_buffer("_slot_map", torch.full((1,), -1, dtype=torch.long), persistent=False)
+        self._local_cache: tuple | None = None
 
     @property
     def tenants(self) -> list[str]:
@@ -61,7 +62,26 @@ class TenantModule(nn.Module):
         slots = self._route.slots
         if slots is None or not self._names:
             return None
-        return self._slot_map[slots + 1]
+        # One lookup per routed batch, not per step: generate() routes once and
+        # every decode step reuses the same slots tensor. Returning the same
+        # tensor object also lets MultiTenantLinear reuse its row slots.
+        cached = self._local_cache
+        if (
+            cached is not None
+            and cached[0] is slots
+            and cached[1] is self._slot_map
+            and cached[2] is not None
+            and cached[2] == _version(slots)
+        ):
+            return cached[3]
+        local = self._slot_map[slots + 1]
+        self._local_cache = (slots, self._slot_map, _version(slots), local)
+        return local
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place modification counter (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
 
 
 def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -113,6 +133,7 @@ class RowRMSNorm(TenantModule):
     def __init__(self, base: nn.Module, route: Route) -> None:
         super().__init__(base, route)
         self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6)))
+        self._rows_cache: tuple | None = None
         self._weights: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None
 
@@ -126,6 +147,24 @@ class RowRMSNorm(TenantModule):
         del self._names[i], self._weights[i]
         self._stacked = _restack(self._weights)
 
+    def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
+        """Each row's norm weight; gathered once per routed batch (decode steps reuse it)."""
+        sources = (local, self._stacked, self.base.weight)
+        versions = tuple(_version(t) for t in sources)
+        cached = self._rows_cache
+        if (
+            cached is not None
+            and None not in versions
+            and all(a is b for a, b in zip(cached[0], sources, strict=True))
+            and cached[1] == versions
+        ):
+            return cached[2]
+        rows = torch.where(
+            (local >= 0)[:, None], self._stacked[local.clamp(min=0)], self.base.weight
+        )
+        self._rows_cache = (sources, versions, rows)
+        return rows
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
@@ -133,9 +172,7 @@ class RowRMSNorm(TenantModule):
         dtype = hidden.dtype
         h = hidden.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        rows = torch.where(
-            (local >= 0)[:, None], self._stacked[local.clamp(min=0)], self.base.weight
-        )
+        rows = self._row_weights(local)
         return rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1) * h.to(dtype)
 
 

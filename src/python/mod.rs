@@ -122,8 +122,24 @@ pub(crate) fn check_array(
             untyped.shape()
         )));
     }
-    let found = untyped.dtype().to_string();
-    if found != dtype {
+    use numpy::PyArrayDescrMethods;
+    let descr = untyped.dtype();
+    // Fast check without formatting the dtype (a Python call): kind + size,
+    // native byte order; the name is only built for the error message.
+    let fast = matches!(
+        (descr.kind(), descr.itemsize(), dtype),
+        (b'f', 4, "float32")
+            | (b'u', 4, "uint32")
+            | (b'i', 8, "int64")
+            | (b'u', 2, "uint16")
+            | (b'u', 1, "uint8")
+    ) && descr.is_native_byteorder() != Some(false);
+    let found = if fast {
+        String::new()
+    } else {
+        descr.to_string()
+    };
+    if !fast && found != dtype {
         return Err(DTypeError::new_err(format!(
             "{what}: expected dtype {dtype}, found {found}"
         )));

@@ -113,6 +113,50 @@ def multi_tenant_delta_matmul(
     return torch.from_numpy(y).reshape(*lead, y.shape[-1]).to(x.dtype)
 
 
+class PreparedStack:
+    """A tenant stack as the arrays the core takes, converted once.
+
+    For callers that run many calls against the same stack (a layer while
+    serving): the per-call checks and conversions of
+    :func:`multi_tenant_delta_matmul` are done here once; :meth:`add_into` only
+    views ``x`` and ``out``. The arrays view ``planes`` (zero-copy) and
+    ``scales`` (a copy only when they are not float32), so rebuild after either
+    is replaced or modified (:meth:`current` tells).
+    """
+
+    def __init__(self, planes: torch.Tensor, scales: torch.Tensor) -> None:
+        self._sources = (planes, _version(planes), scales, _version(scales))
+        planes = _on_cpu(planes, "planes")
+        scales = _on_cpu(scales, "scales")
+        if planes.dim() != 4 or scales.dim() not in (2, 3):
+            raise ShapeError(
+                f"expected planes [T, P, N, W] and scales [T, P] or [T, P, N], found planes "
+                f"{list(planes.shape)} and scales {list(scales.shape)}"
+            )
+        self.planes = _planes_array(planes.contiguous())
+        self.scales = np.ascontiguousarray(_scales_array(scales))
+
+    def current(self, planes: torch.Tensor, scales: torch.Tensor) -> bool:
+        """Whether this was made from exactly these tensors, unmodified since."""
+        p, pv, s, sv = self._sources
+        return (
+            p is planes and s is scales and pv is not None and sv is not None
+            and pv == _version(planes) and sv == _version(scales)
+        )  # fmt: skip
+
+    def add_into(self, x: torch.Tensor, tenant_ids: np.ndarray, out: torch.Tensor) -> None:
+        """``out[m] += delta of row m`` for CPU ``x`` ``[M, K]`` (float32/16, bfloat16),
+        ``tenant_ids`` int64 ``[M]`` (stack slots, ``-1`` = none) and float32
+        contiguous ``out`` ``[M, N]``, neither needing gradients."""
+        xa, name = _x_array(x)
+        _core.delta_matmul(xa, name, self.planes, self.scales, tenant_ids, None, out.numpy())
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place modification counter (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
 def delta_matmul(
     x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, *, bits: int | None = None
 ) -> torch.Tensor:
