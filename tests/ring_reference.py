@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def full_mask(seq_len: int, causal: bool, segment_ids: torch.Tensor | None) -> torch.Tensor:
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool)
+def full_mask(
+    seq_len: int, causal: bool, segment_ids: torch.Tensor | None, device=None
+) -> torch.Tensor:
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     if causal:
         mask = torch.tril(mask)
     if segment_ids is not None:
-        seg = segment_ids.reshape(-1, seq_len)
+        seg = segment_ids.reshape(-1, seq_len).to(mask.device)
         mask = mask & (seg[:, :, None] == seg[:, None, :])
         return mask[:, None]
     return mask
@@ -22,7 +24,7 @@ def reference_attention(q, k, v, *, causal=False, segment_ids=None, scale=None):
     hq, hkv, seq_len, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     k2 = k.repeat_interleave(hq // hkv, dim=1)
     v2 = v.repeat_interleave(hq // hkv, dim=1)
-    mask = full_mask(seq_len, causal, segment_ids)
+    mask = full_mask(seq_len, causal, segment_ids, device=q.device)
     scale = d**-0.5 if scale is None else scale
     out = F.scaled_dot_product_attention(q, k2, v2, attn_mask=mask, scale=scale)
     scores = torch.matmul(q, k2.transpose(-1, -2)) * scale

@@ -113,6 +113,9 @@ def _collect(fn, configs, rows, failures, deadline):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/gpu")
+    parser.add_argument(
+        "--budget-s", type=float, default=BUDGET_S, help="stop starting new configurations"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
         print("bench_ring_gpu: no CUDA device; nothing measured")
         return 0
     device = torch.cuda.get_device_name()
-    deadline = time.monotonic() + BUDGET_S
+    deadline = time.monotonic() + min(args.budget_s, BUDGET_S)
     blocks, rings, failures = [], [], []
     _collect(
         _block_row, [(64, False), (64, True), (128, False), (128, True)], blocks, failures, deadline
