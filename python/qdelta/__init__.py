@@ -3,6 +3,8 @@
 The public API; everything else is an implementation module.
 """
 
+from qdelta.algebra import DenseDelta, GreedySoup, combine, dense_delta, greedy_soup, soup
+from qdelta.analysis import analyze
 from qdelta.bitplane import (
     as_torch,
     pack_residual,
@@ -18,6 +20,7 @@ from qdelta.delta import Delta, PackedLayer
 from qdelta.distill import DistillResult, distill
 from qdelta.distill import output_loss as distill_loss
 from qdelta.errors import (
+    AlgebraError,
     BaseMismatchError,
     BudgetError,
     CalibrationError,
@@ -35,12 +38,14 @@ from qdelta.errors import (
 )
 from qdelta.multitenant import MultiTenantLinear
 from qdelta.nn import BitDeltaEmbedding, BitDeltaLinear, apply, merge, unapply
+from qdelta.peft_import import from_peft, memory_report
 from qdelta.runtime import Generation, MultiTenantModel
 from qdelta.store import DeltaFile, DeltaStore, check_base, fingerprint, load
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlgebraError",
     "BaseMismatchError",
     "BitDeltaEmbedding",
     "BitDeltaLinear",
@@ -51,10 +56,12 @@ __all__ = [
     "Delta",
     "DeltaFile",
     "DeltaStore",
+    "DenseDelta",
     "DistillResult",
     "FileError",
     "FormatError",
     "Generation",
+    "GreedySoup",
     "ModelMismatchError",
     "MultiTenantLinear",
     "MultiTenantModel",
@@ -66,18 +73,25 @@ __all__ = [
     "UnknownTenantError",
     "UnsupportedVersionError",
     "__version__",
+    "analyze",
     "apply",
     "as_torch",
     "check_base",
+    "combine",
     "compress",
+    "dense_delta",
     "distill",
     "distill_loss",
     "fingerprint",
+    "from_peft",
+    "greedy_soup",
     "load",
+    "memory_report",
     "merge",
     "pack_residual",
     "pack_signs",
     "prepare_calibration",
+    "soup",
     "unapply",
     "unpack_residual",
     "unpack_scaled",

@@ -61,6 +61,12 @@ def _cmd_ring_demo(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from qdelta.analysis import run_analyze
+
+    return run_analyze(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="local Llama checkpoint dir (default: tiny random)"
     )
     ring.set_defaults(func=_cmd_ring_demo)
+    analyze = sub.add_parser(
+        "analyze", help="per-layer delta statistics of fine-tunes (norms, signs, DoRA view)"
+    )
+    analyze.add_argument("base", help="base model directory")
+    analyze.add_argument("finetuned", nargs="+", help="fine-tuned model dirs or .qdelta files")
+    analyze.add_argument("--json", default=None, help="write the statistics as JSON")
+    analyze.add_argument("--plot", default=None, help="write a PNG of dM vs dD per layer")
+    analyze.add_argument("--planes", type=int, default=3, help="max planes for errors (3)")
+    analyze.set_defaults(func=_cmd_analyze)
     return parser
 
 

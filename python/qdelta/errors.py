@@ -16,6 +16,7 @@ from qdelta._core import (
 )
 
 __all__ = [
+    "AlgebraError",
     "BaseMismatchError",
     "BudgetError",
     "CalibrationError",
@@ -68,3 +69,7 @@ class ZooError(QDeltaError):
 
 class EvalError(QDeltaError):
     """An evaluation was asked for something undefined (empty text, ppl_ft == ppl_base)."""
+
+
+class AlgebraError(QDeltaError):
+    """Deltas cannot be combined as asked (no inputs, bad weights, base weights needed)."""

@@ -1,0 +1,418 @@
+"""Delta algebra: dense deltas, model soups and task arithmetic over fine-tunes.
+
+A :class:`DenseDelta` is a fine-tune of one base as float32 weight deltas
+(``finetuned - base``, ``[out, in]`` oriented like :class:`PackedLayer`) plus
+the parameters kept whole (the fine-tune's *values*, as in ``Delta.params``).
+Compressed :class:`Delta` s decompress to it and it recompresses through the
+Rust core (:meth:`DenseDelta.compress`).
+
+:func:`combine` is the one primitive: ``sum_i w_i * delta_i`` in float64.
+:func:`soup` is its average (weights summing to 1), :func:`greedy_soup` the
+model soups paper's greedy recipe. Parameters kept whole combine as
+``base + sum_i w_i (value_i - base)``; the base is only needed when the
+weights do not sum to 1 or some input lacks a parameter another one has.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qdelta.bitplane import ScaleMode, pack_residual
+from qdelta.compress import (
+    Patterns,
+    check_finite,
+    check_same_architecture,
+    select_targets,
+)
+from qdelta.delta import Delta, PackedLayer
+from qdelta.errors import (
+    AlgebraError,
+    BaseMismatchError,
+    ModelMismatchError,
+    NonFiniteError,
+    ShapeError,
+)
+from qdelta.sources import ModelSource, as_module, guess_layer_kinds, layer_kinds, state_dict_of
+from qdelta.store import check_base, fingerprint
+
+
+@dataclass(eq=False)  # identity hash: a DenseDelta can key a combine() mapping
+class DenseDelta:
+    """A fine-tune relative to one base, uncompressed.
+
+    ``layers``: module name -> float32 ``[out, in]`` weight delta.
+    ``params``: state-dict name -> the fine-tune's value (kept whole).
+    ``transposed``: layers whose module stores the weight ``[in, out]`` (Conv1D).
+    """
+
+    layers: dict[str, torch.Tensor]
+    params: dict[str, torch.Tensor]
+    base_fingerprint: str
+    transposed: frozenset[str] = frozenset()
+    tenant: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_delta(cls, delta: Delta) -> DenseDelta:
+        """Decompress every layer of ``delta`` (all its planes) to float32."""
+        return cls(
+            layers={
+                n: torch.from_numpy(layer.dense("float32")) for n, layer in delta.layers.items()
+            },
+            params={k: v.clone() for k, v in delta.params.items()},
+            base_fingerprint=delta.base_fingerprint,
+            transposed=frozenset(n for n, layer in delta.layers.items() if layer.transposed),
+            tenant=delta.tenant,
+            metadata=dict(delta.metadata),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.layers.values(), *self.params.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def compress(
+        self, bits: int = 1, scale: ScaleMode = "matrix", tenant: str | None = None
+    ) -> Delta:
+        """This delta as ``bits`` sign planes per layer (greedy residual, Rust core)."""
+        layers = {}
+        for name, d in self.layers.items():
+            try:
+                planes, scales = pack_residual(d.float().contiguous(), bits=bits, scale=scale)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"layer {name}: {err}") from None
+            layers[name] = PackedLayer(
+                planes, scales, tuple(d.shape), transposed=name in self.transposed
+            )
+        metadata = {**self.metadata, "bits": str(bits), "scale": scale}
+        metadata.setdefault("source", "full")
+        return Delta(
+            layers=layers,
+            params={k: v.clone() for k, v in self.params.items()},
+            base_fingerprint=self.base_fingerprint,
+            tenant=self.tenant if tenant is None else tenant,
+            metadata=metadata,
+        )
+
+    def weight(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s delta in the module's own orientation (transposed for Conv1D)."""
+        d = self.layers[name]
+        return d.T if name in self.transposed else d
+
+    def __neg__(self) -> DenseDelta:
+        return combine([(self, -1.0)])
+
+    def __mul__(self, weight: float) -> DenseDelta:
+        return combine([(self, float(weight))])
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: DenseDelta) -> DenseDelta:
+        return combine([(self, 1.0), (other, 1.0)])
+
+    def __sub__(self, other: DenseDelta) -> DenseDelta:
+        return combine([(self, 1.0), (other, -1.0)])
+
+
+AnyDelta = Delta | DenseDelta
+
+
+def as_dense(delta: AnyDelta) -> DenseDelta:
+    """A dense view of ``delta`` (itself when already dense)."""
+    if isinstance(delta, DenseDelta):
+        return delta
+    if isinstance(delta, Delta):
+        return DenseDelta.from_delta(delta)
+    raise AlgebraError(f"expected a Delta or a DenseDelta, found {type(delta).__name__}")
+
+
+def dense_delta(
+    base: ModelSource,
+    finetuned: ModelSource,
+    *,
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    compress_embeddings: bool = False,
+    tenant: str = "",
+) -> DenseDelta:
+    """``finetuned - base`` per layer (float32), selected like :func:`qdelta.compress`."""
+    base_mod, ft_mod = as_module(base), as_module(finetuned)
+    base_sd = state_dict_of(base_mod if base_mod is not None else base)  # type: ignore[arg-type]
+    ft_sd = state_dict_of(ft_mod if ft_mod is not None else finetuned)  # type: ignore[arg-type]
+    module = ft_mod if ft_mod is not None else base_mod
+    kinds = layer_kinds(module) if module is not None else guess_layer_kinds(ft_sd)
+    kinds = {n: k for n, k in kinds.items() if f"{n}.weight" in ft_sd}
+    check_same_architecture(base_sd, ft_sd, kinds)
+    check_finite(base_sd, "base")
+    check_finite(ft_sd, "fine-tune")
+    names = select_targets(kinds, targets, exclude, compress_embeddings)
+    layers, transposed = {}, set()
+    for n in names:
+        d = ft_sd[f"{n}.weight"].detach().cpu().float() - base_sd[f"{n}.weight"].cpu().float()
+        if kinds[n] == "conv1d":
+            d = d.T
+            transposed.add(n)
+        layers[n] = d.contiguous()
+    covered = {f"{n}.weight" for n in names}
+    params = {
+        k: v.cpu().clone()
+        for k, v in ft_sd.items()
+        if k not in covered and not torch.equal(v, base_sd[k].to(v.device))
+    }
+    return DenseDelta(
+        layers=layers,
+        params=params,
+        base_fingerprint=fingerprint(base_sd),
+        transposed=frozenset(transposed),
+        tenant=tenant,
+        metadata={
+            "source": "full",
+            "architecture": type(module).__name__ if module is not None else "state_dict",
+        },
+    )
+
+
+# --------------------------------------------------------------------------- combine
+
+
+def _label(delta: AnyDelta, i: int) -> str:
+    return delta.tenant or f"#{i}"
+
+
+def _check_compatible(deltas: Sequence[AnyDelta]) -> None:
+    """Same base fingerprint, same layers, shapes and orientation; else a clear error."""
+    first = deltas[0]
+    ref = _layer_specs(first)
+    for i, other in enumerate(deltas[1:], start=1):
+        if other.base_fingerprint != first.base_fingerprint:
+            raise BaseMismatchError(
+                f"deltas {_label(first, 0)!r} and {_label(other, i)!r}: expected one base, "
+                f"found base fingerprints {first.base_fingerprint} and {other.base_fingerprint}"
+            )
+        specs = _layer_specs(other)
+        if set(specs) != set(ref):
+            only_a = sorted(set(ref) - set(specs))[:5]
+            only_b = sorted(set(specs) - set(ref))[:5]
+            raise ModelMismatchError(
+                f"deltas {_label(first, 0)!r} and {_label(other, i)!r}: expected the same layers, "
+                f"found layers only in the first: {only_a}, only in the second: {only_b}"
+            )
+        for name, spec in ref.items():
+            if specs[name] != spec:
+                raise ShapeError(
+                    f"layer {name}: expected shape {list(spec[0])} (transposed={spec[1]}) as in "
+                    f"{_label(first, 0)!r}, found {list(specs[name][0])} "
+                    f"(transposed={specs[name][1]}) in {_label(other, i)!r}"
+                )
+
+
+def _layer_specs(delta: AnyDelta) -> dict[str, tuple[tuple[int, int], bool]]:
+    if isinstance(delta, DenseDelta):
+        return {n: (tuple(d.shape), n in delta.transposed) for n, d in delta.layers.items()}
+    return {n: (layer.shape, layer.transposed) for n, layer in delta.layers.items()}
+
+
+def _pairs(deltas: Any) -> list[tuple[AnyDelta, float]]:
+    items = deltas.items() if isinstance(deltas, Mapping) else deltas
+    pairs = []
+    for item in items:
+        try:
+            delta, weight = item
+        except (TypeError, ValueError):
+            raise AlgebraError(
+                "combine: expected a mapping {delta: weight} or (delta, weight) pairs, "
+                f"found an item of type {type(item).__name__}"
+            ) from None
+        if not isinstance(delta, (Delta, DenseDelta)):
+            raise AlgebraError(f"combine: expected a Delta or DenseDelta, found {type(delta)}")
+        w = float(weight)
+        if not math.isfinite(w):
+            raise AlgebraError(f"combine: expected finite weights, found {weight!r}")
+        pairs.append((delta, w))
+    if not pairs:
+        raise AlgebraError("combine: expected at least one delta, found none")
+    return pairs
+
+
+def _combine_params(
+    pairs: list[tuple[DenseDelta, float]], base: ModelSource | None, fp: str
+) -> dict[str, torch.Tensor]:
+    total_w = sum(w for _, w in pairs)
+    keys = sorted({k for d, _ in pairs for k in d.params})
+    affine = math.isclose(total_w, 1.0, rel_tol=0, abs_tol=1e-9)
+    needs_base = [k for k in keys if not affine or any(k not in d.params for d, _ in pairs)]
+    base_sd: dict[str, torch.Tensor] = {}
+    if needs_base:
+        if base is None:
+            why = (
+                f"the weights sum to {total_w:g}, not 1" if not affine else "not every input has it"
+            )
+            raise AlgebraError(
+                f"param {needs_base[0]!r}: expected base= (the base model) to combine parameters "
+                f"kept whole, because {why}"
+            )
+        mod = as_module(base)
+        base_sd = state_dict_of(mod if mod is not None else base)  # type: ignore[arg-type]
+        check_base(pairs[0][0], fingerprint(base_sd))
+    out = {}
+    for k in keys:
+        first = next(d.params[k] for d, _ in pairs if k in d.params)
+        ref = base_sd[k].double() if k in base_sd else None
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for d, w in pairs:
+            value = d.params[k].double() if k in d.params else ref
+            if value is None or value.shape != acc.shape:
+                raise ShapeError(f"param {k}: expected shape {list(acc.shape)} in every input")
+            acc += w * (value - ref if ref is not None else value)
+        if ref is not None:
+            acc += ref
+        out[k] = acc.to(first.dtype)
+    return out
+
+
+def combine(
+    deltas: Mapping[AnyDelta, float] | Iterable[tuple[AnyDelta, float]],
+    *,
+    base: ModelSource | None = None,
+    bits: int | None = None,
+    scale: ScaleMode | None = None,
+    dense: bool = False,
+    source: str = "combine",
+) -> AnyDelta:
+    """Task arithmetic: ``sum_i w_i * delta_i`` (weights may be negative).
+
+    ``deltas``: ``{delta: weight}`` (DenseDelta keys) or ``(delta, weight)``
+    pairs (any delta). All must share one base fingerprint
+    (:class:`BaseMismatchError` naming both) and the same layers and shapes.
+    The result is a :class:`Delta` with ``bits`` planes (default: the most any
+    compressed input has) when an input is compressed or ``bits`` is given,
+    else a :class:`DenseDelta` (``dense=True`` forces dense).
+    """
+    pairs = _pairs(deltas)
+    _check_compatible([d for d, _ in pairs])
+    compressed = [d for d, _ in pairs if isinstance(d, Delta)]
+    dense_pairs = [(as_dense(d), w) for d, w in pairs]
+    first = dense_pairs[0][0]
+    layers = {}
+    for name, ref in first.layers.items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for d, w in dense_pairs:
+            acc.add_(d.layers[name].double(), alpha=w)
+        layers[name] = acc.float()
+    params = _combine_params(dense_pairs, base, first.base_fingerprint)
+    result = DenseDelta(
+        layers=layers,
+        params=params,
+        base_fingerprint=first.base_fingerprint,
+        transposed=first.transposed,
+        metadata={
+            "source": source,
+            "ingredients": ",".join(_label(d, i) for i, (d, _) in enumerate(pairs)),
+            "weights": ",".join(f"{w:.6g}" for _, w in pairs),
+        },
+    )
+    if dense or (bits is None and not compressed):
+        return result
+    if bits is None:
+        bits = max(max(layer.bits for layer in d.layers.values()) for d in compressed)
+    if scale is None:
+        modes = {layer.scale_mode for d in compressed for layer in d.layers.values()}
+        scale = "row" if modes == {"row"} else "matrix"
+    return result.compress(bits=bits, scale=scale)
+
+
+def soup(
+    deltas: Sequence[AnyDelta],
+    weights: Sequence[float] | None = None,
+    *,
+    base: ModelSource | None = None,
+    bits: int | None = None,
+    scale: ScaleMode | None = None,
+    dense: bool = False,
+) -> AnyDelta:
+    """A model soup in delta space: the uniform (or ``weights``-normalised) average.
+
+    Compressed inputs are decompressed, averaged and recompressed to their bits
+    (``bits`` / ``dense`` as in :func:`combine`). Save the result with
+    ``.save(path)`` (compressed) like any tenant.
+    """
+    deltas = list(deltas)
+    if not deltas:
+        raise AlgebraError("soup: expected at least one delta, found none")
+    if weights is None:
+        weights = [1.0] * len(deltas)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(deltas):
+        raise AlgebraError(f"soup: expected {len(deltas)} weights, found {len(weights)}")
+    total = sum(weights)
+    if any(w < 0 for w in weights) or not total > 0:
+        raise AlgebraError(
+            f"soup: expected non-negative weights with a positive sum, found {weights}"
+        )
+    return combine(
+        [(d, w / total) for d, w in zip(deltas, weights, strict=True)],
+        base=base,
+        bits=bits,
+        scale=scale,
+        dense=dense,
+        source="soup",
+    )
+
+
+@dataclass
+class GreedySoup:
+    """What :func:`greedy_soup` chose: the soup, the kept ingredients (input
+    indices, in the order tried) and every score it measured."""
+
+    soup: AnyDelta
+    chosen: list[int]
+    order: list[int]
+    individual_scores: list[float]
+    soup_score: float
+    history: list[tuple[int, float, bool]]  # (ingredient tried, soup score with it, kept)
+
+
+def greedy_soup(
+    deltas: Sequence[AnyDelta],
+    score_fn: Callable[[DenseDelta], float],
+    *,
+    lower_is_better: bool = True,
+    base: ModelSource | None = None,
+    bits: int | None = None,
+) -> GreedySoup:
+    """The model soups paper's greedy soup (Wortsman et al. 2022, Algorithm 1).
+
+    Score every ingredient alone, sort best first, start the soup with the best
+    and add each next ingredient only if the held-out score of the uniform soup
+    with it is no worse than without it (the paper's ``>=``). ``score_fn``
+    gets a :class:`DenseDelta` (e.g. held-out perplexity: ``lower_is_better``).
+    """
+    dense = [as_dense(d) for d in deltas]
+    if not dense:
+        raise AlgebraError("greedy_soup: expected at least one delta, found none")
+    _check_compatible(dense)
+    scores = [float(score_fn(d)) for d in dense]
+
+    def better_or_equal(a: float, b: float) -> bool:
+        return a <= b if lower_is_better else a >= b
+
+    order = sorted(range(len(dense)), key=lambda i: scores[i], reverse=not lower_is_better)
+    chosen, best, history = [order[0]], scores[order[0]], []
+    for i in order[1:]:
+        candidate = soup([dense[j] for j in [*chosen, i]], base=base, dense=True)
+        s = float(score_fn(candidate))  # type: ignore[arg-type]
+        kept = better_or_equal(s, best)
+        history.append((i, s, kept))
+        if kept:
+            chosen.append(i)
+            best = s
+    inputs = [deltas[j] for j in chosen]
+    result = soup(inputs, base=base, bits=bits)
+    result.metadata["source"] = "soup"
+    result.metadata["recipe"] = "greedy"
+    return GreedySoup(result, chosen, order, scores, best, history)

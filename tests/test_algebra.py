@@ -1,0 +1,195 @@
+"""Delta algebra: soups and task arithmetic against float64 hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.tiny_models import fake_finetune, tiny_gpt2, tiny_llama
+
+import qdelta
+from qdelta.algebra import DenseDelta, as_dense
+
+
+@pytest.fixture(scope="module")
+def family():
+    base = tiny_llama(seed=int(torch.randint(1000, (1,))))
+    fts = [fake_finetune(base, seed=s, rel=0.05) for s in (11, 12, 13)]
+    return base, fts
+
+
+def _sd64(model):
+    return {k: v.double() for k, v in model.state_dict().items()}
+
+
+def _check_weights(base, result: DenseDelta, want: dict[str, torch.Tensor], atol=2e-6):
+    """base + result's deltas / params == want (float64), for every tensor."""
+    base_sd = _sd64(base)
+    for name, d in result.layers.items():
+        got = base_sd[f"{name}.weight"] + d.double()
+        torch.testing.assert_close(got, want[f"{name}.weight"], atol=atol, rtol=0)
+    covered = {f"{n}.weight" for n in result.layers}
+    for key, ref in want.items():
+        if key in covered:
+            continue
+        got = result.params[key].double() if key in result.params else base_sd[key]
+        torch.testing.assert_close(got, ref, atol=atol, rtol=0)
+
+
+def test_uniform_soup_equals_hand_average(family):
+    base, fts = family
+    deltas = [qdelta.dense_delta(base, ft, tenant=f"t{i}") for i, ft in enumerate(fts)]
+    sds = [_sd64(ft) for ft in fts]
+    want = {k: sum(sd[k] for sd in sds) / 3 for k in sds[0]}
+    result = qdelta.soup(deltas)
+    assert isinstance(result, DenseDelta)
+    assert result.metadata["source"] == "soup"
+    assert result.metadata["ingredients"] == "t0,t1,t2"
+    _check_weights(base, result, want)
+
+
+def test_weighted_soup_and_combine_equal_hand_sums(family):
+    base, fts = family
+    d = [qdelta.dense_delta(base, ft) for ft in fts]
+    b, sds = _sd64(base), [_sd64(ft) for ft in fts]
+    weights = [0.5, 0.3, 0.2]
+    want = {k: sum(w * sd[k] for w, sd in zip(weights, sds, strict=True)) for k in b}
+    _check_weights(base, qdelta.soup(d, weights=[5, 3, 2]), want)
+    # Task arithmetic: base + 1.0 * t0 - 0.7 * t1 (+ params, so the base is needed).
+    want = {k: b[k] + (sds[0][k] - b[k]) - 0.7 * (sds[1][k] - b[k]) for k in b}
+    with pytest.raises(qdelta.AlgebraError, match="expected base="):
+        qdelta.combine({d[0]: 1.0, d[1]: -0.7})
+    _check_weights(base, qdelta.combine({d[0]: 1.0, d[1]: -0.7}, base=base), want)
+    # Operators are combine() too (layers only: params kept whole would need the base).
+    layers_only = DenseDelta(d[2].layers, {}, d[2].base_fingerprint)
+    neg, twice = -layers_only, layers_only * 2.0 - layers_only + layers_only
+    for name in d[2].layers:
+        torch.testing.assert_close(neg.layers[name], -d[2].layers[name], atol=0, rtol=0)
+        torch.testing.assert_close(twice.layers[name], 2 * d[2].layers[name], atol=1e-7, rtol=0)
+
+
+def test_soup_of_compressed_recompresses_the_average(family, tmp_path):
+    base, fts = family
+    packed = [qdelta.compress(base, ft, bits=2, tenant=f"c{i}") for i, ft in enumerate(fts[:2])]
+    result = qdelta.soup(packed)
+    assert isinstance(result, qdelta.Delta)
+    assert result.metadata["source"] == "soup"
+    for name, layer in result.layers.items():
+        assert layer.bits == 2
+        avg = (
+            packed[0].layers[name].dense().astype(np.float64) + packed[1].layers[name].dense()
+        ) / 2
+        planes, scales = qdelta.pack_residual(avg.astype(np.float32), bits=2)
+        np.testing.assert_array_equal(layer.planes, planes)
+        np.testing.assert_allclose(layer.scales, scales, rtol=1e-6)
+    one_bit = qdelta.soup(packed, bits=1)
+    assert {layer.bits for layer in one_bit.layers.values()} == {1}
+    # A normal tenant: store, load, merge like any other.
+    store = qdelta.DeltaStore(tmp_path)
+    store.add("soup", result)
+    back = qdelta.load(tmp_path / "soup.qdelta")
+    assert back.metadata["source"] == "soup" and back.tenant == "soup"
+    dense_back = as_dense(back)
+    for name, layer in result.layers.items():
+        np.testing.assert_array_equal(dense_back.layers[name].numpy(), layer.dense())
+    qdelta.check_base(back, base)
+
+
+def test_dense_compress_roundtrip_through_file(family, tmp_path):
+    base, fts = family
+    dense = qdelta.dense_delta(base, fts[0])
+    packed = dense.compress(bits=3, scale="row", tenant="x")
+    packed.save(tmp_path / "x.qdelta")
+    back = as_dense(qdelta.load(tmp_path / "x.qdelta"))
+    for name, d in dense.layers.items():
+        planes, scales = qdelta.pack_residual(d, bits=3, scale="row")
+        want = qdelta.unpack_residual(planes, scales, tuple(d.shape))
+        np.testing.assert_array_equal(back.layers[name].numpy(), want)
+    assert back.metadata["source"] == "full" and back.metadata["bits"] == "3"
+
+
+def test_mismatched_bases_are_refused(family):
+    base, fts = family
+    other = tiny_llama(seed=99)
+    a = qdelta.dense_delta(base, fts[0], tenant="a")
+    b = qdelta.dense_delta(other, fake_finetune(other, seed=5), tenant="b")
+    with pytest.raises(qdelta.BaseMismatchError) as err:
+        qdelta.soup([a, b])
+    assert "'a'" in str(err.value) and "'b'" in str(err.value)
+    assert a.base_fingerprint in str(err.value) and b.base_fingerprint in str(err.value)
+    with pytest.raises(qdelta.BaseMismatchError):
+        qdelta.combine([(a, 1.0), (qdelta.compress(other, fake_finetune(other, seed=6)), -1.0)])
+
+
+def test_mismatched_layers_are_refused(family):
+    base, fts = family
+    a = qdelta.dense_delta(base, fts[0], tenant="a")
+    b = qdelta.dense_delta(base, fts[1], targets=["q_proj"], tenant="b")
+    with pytest.raises(qdelta.ModelMismatchError, match="expected the same layers"):
+        qdelta.combine({a: 1.0, b: 1.0})
+    c = qdelta.dense_delta(base, fts[1], tenant="c")
+    name = next(iter(c.layers))
+    c.layers[name] = c.layers[name][:, :-1].contiguous()
+    with pytest.raises(qdelta.ShapeError, match=name):
+        qdelta.soup([a, c])
+    with pytest.raises(qdelta.AlgebraError):
+        qdelta.soup([])
+    with pytest.raises(qdelta.AlgebraError):
+        qdelta.soup([a, c], weights=[1.0, -1.0])
+
+
+def test_conv1d_orientation_survives_soup():
+    base = tiny_gpt2(seed=3)
+    fts = [fake_finetune(base, seed=s) for s in (1, 2)]
+    deltas = [qdelta.dense_delta(base, ft) for ft in fts]
+    result = qdelta.soup(deltas)
+    assert result.transposed and result.transposed == deltas[0].transposed
+    b, sds = _sd64(base), [_sd64(ft) for ft in fts]
+    for name in result.layers:
+        want = (sds[0][f"{name}.weight"] + sds[1][f"{name}.weight"]) / 2
+        got = b[f"{name}.weight"] + result.weight(name).double()
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+
+
+def _indicator_deltas(n: int, fp: str = "f" * 32) -> list[DenseDelta]:
+    """Ingredient i has a 1 at position i: a soup's non-zero positions name its ingredients."""
+    out = []
+    for i in range(n):
+        m = torch.zeros(1, n)
+        m[0, i] = 1.0
+        out.append(DenseDelta({"l": m}, {}, fp, tenant=f"i{i}"))
+    return out
+
+
+def _members(d: DenseDelta) -> frozenset[int]:
+    return frozenset(int(i) for i in torch.nonzero(d.layers["l"][0]).flatten())
+
+
+@pytest.mark.parametrize("lower_is_better", [True, False])
+def test_greedy_soup_follows_the_paper(lower_is_better):
+    # Held-out scores for every subset tried; the table is written for "lower is
+    # better" and negated for the accuracy-like direction.
+    table = {
+        frozenset({0}): 3.0,
+        frozenset({1}): 1.0,  # best alone: the soup starts with 1
+        frozenset({2}): 2.0,
+        frozenset({3}): 4.0,
+        frozenset({1, 2}): 1.5,  # worse than 1.0: 2 is not added
+        frozenset({0, 1}): 0.8,  # better: 0 is added
+        frozenset({0, 1, 3}): 0.8,  # equal: kept (the paper's >=)
+    }
+    sign = 1.0 if lower_is_better else -1.0
+    calls = []
+
+    def score(d):
+        calls.append(_members(d))
+        return sign * table[_members(d)]
+
+    result = qdelta.greedy_soup(_indicator_deltas(4), score, lower_is_better=lower_is_better)
+    assert result.order == [1, 2, 0, 3]
+    assert result.chosen == [1, 0, 3]
+    assert [kept for _, _, kept in result.history] == [False, True, True]
+    assert calls[4:] == [frozenset({1, 2}), frozenset({0, 1}), frozenset({0, 1, 3})]
+    assert _members(result.soup) == {0, 1, 3}
+    torch.testing.assert_close(result.soup.layers["l"], torch.tensor([[1 / 3, 1 / 3, 0, 1 / 3]]))
+    assert result.soup_score == sign * 0.8
