@@ -1,0 +1,93 @@
+"""Per-layer analysis against a hand computation (numpy float64), and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.tiny_models import fake_finetune, tiny_llama
+
+import qdelta
+from qdelta.analysis import layer_stats
+from qdelta.cli import main
+
+
+def _hand(w0: np.ndarray, d: np.ndarray, ref: np.ndarray) -> dict:
+    w1 = w0 + d
+    # Greedy residual binarisation by hand: alpha_k = mean |r|, r -= alpha_k * sign(r).
+    r, rec, errs = d.copy(), np.zeros_like(d), []
+    for _ in range(3):
+        s = np.where(np.signbit(r), -1.0, 1.0)
+        alpha = np.abs(r).mean()
+        rec = rec + alpha * s
+        r = d - rec
+        errs.append(np.linalg.norm(d - rec) / np.linalg.norm(d))
+    m0, m1 = np.linalg.norm(w0, axis=1), np.linalg.norm(w1, axis=1)
+    cos = (w0 * w1).sum(1) / (m0 * m1)
+    return {
+        "rel_norm": np.linalg.norm(d) / np.linalg.norm(w0),
+        "recon_err": errs,
+        "delta_m": np.abs(m1 - m0).mean(),
+        "delta_d": (1 - cos).mean(),
+        "sign_agreement": (np.sign(d) == np.sign(ref)).mean(),
+    }
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 33)])
+def test_layer_stats_match_hand_computation(rng, shape):
+    w0 = rng.standard_normal(shape).astype(np.float32)
+    d = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    ref = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    got = layer_stats(torch.from_numpy(w0), torch.from_numpy(d), 3, torch.from_numpy(ref))
+    want = _hand(w0.astype(np.float64), d.astype(np.float64), ref.astype(np.float64))
+    assert got["shape"] == list(shape)
+    for key in ("rel_norm", "delta_m", "delta_d", "sign_agreement"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
+    np.testing.assert_allclose(got["recon_err"], want["recon_err"], rtol=1e-4)
+    assert got["recon_err"][0] > got["recon_err"][1] > got["recon_err"][2]
+    assert got["recon_sign_agreement"] == 1.0
+
+
+def test_pure_rescaling_is_magnitude_only():
+    # W1 = diag(1 + s) W0 changes each row's length but not its direction.
+    w0 = torch.randn(6, 9, dtype=torch.float64)
+    s = torch.rand(6, 1, dtype=torch.float64) * 0.5 + 0.1
+    stats = layer_stats(w0.float(), (s * w0).float())
+    assert stats["delta_d"] == pytest.approx(0.0, abs=1e-6)
+    want = float((s[:, 0] * torch.linalg.norm(w0, dim=1)).mean())
+    assert stats["delta_m"] == pytest.approx(want, rel=1e-5)
+
+
+def test_analyze_cli_table_json_plot(tmp_path, capsys):
+    base = tiny_llama(seed=int(torch.randint(1000, (1,))))
+    base.save_pretrained(tmp_path / "base")
+    for i, rel in enumerate((0.02, 0.08)):
+        fake_finetune(base, seed=i + 1, rel=rel).save_pretrained(tmp_path / f"ft{i}")
+    packed = qdelta.compress(base, fake_finetune(base, seed=1, rel=0.02), bits=2)
+    packed.save(tmp_path / "ft0.qdelta")
+    out_json, out_png = tmp_path / "a.json", tmp_path / "a.png"
+    args = ["analyze", str(tmp_path / "base"), str(tmp_path / "ft0"), str(tmp_path / "ft1")]
+    assert (
+        main([*args, str(tmp_path / "ft0.qdelta"), "--json", str(out_json), "--plot", str(out_png)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in table and "dD" in table
+    result = json.loads(out_json.read_text())
+    rows = result["layers"]
+    assert len(result["finetuned"]) == 3 and len(rows) == 3 * 14
+    by = {(r["finetuned"].split("/")[-1], r["layer"]): r for r in rows}
+    name = "model.layers.0.self_attn.q_proj"
+    # The larger fine-tune moves further, in norm and in the DoRA view.
+    assert by[("ft1", name)]["rel_norm"] > 2 * by[("ft0", name)]["rel_norm"]
+    assert by[("ft1", name)]["delta_d"] > by[("ft0", name)]["delta_d"]
+    # The .qdelta reconstruction of ft0 (2 planes) agrees in sign with ft0 mostly.
+    assert by[("ft0.qdelta", name)]["sign_agreement"] > 0.6
+    assert by[("ft1", name)]["sign_agreement"] == pytest.approx(0.5, abs=0.15)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = tiny_llama(seed=5000)
+    other.save_pretrained(tmp_path / "other")
+    assert main(["analyze", str(tmp_path / "other"), str(tmp_path / "ft0.qdelta")]) == 1
+    assert "BaseMismatchError" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""from_peft against PEFT's own merge_and_unload(), offline on tiny Llama models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.tiny_models import tiny_llama
+
+import qdelta
+from qdelta.peft_import import bitdelta_bytes, lora_bytes
+
+peft = pytest.importorskip("peft")
+
+
+def _adapted(base, *, rank, alpha, targets, dora, seed):
+    cfg = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=dora
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B starts at zero and m at ||W||: make both non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=gen))
+    return model
+
+
+def _merged_delta(base, peft_model):
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    b = base.state_dict()
+    return {k: merged[k].double() - b[k].double() for k in b}
+
+
+CASES = [
+    dict(rank=4, alpha=8, targets=["q_proj", "v_proj"], dora=False),
+    dict(rank=3, alpha=1, targets=["q_proj", "k_proj", "o_proj", "down_proj"], dora=False),
+    dict(rank=4, alpha=16, targets=["q_proj", "v_proj", "gate_proj"], dora=True),
+    dict(rank=2, alpha=3, targets=["k_proj", "up_proj", "down_proj"], dora=True),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{'dora' if c['dora'] else 'lora'}-r{c['rank']}"
+)
+def test_from_peft_equals_merge_and_unload(case, tmp_path):
+    base = tiny_llama(seed=int(torch.randint(1000, (1,))))
+    model = _adapted(base, seed=int(torch.randint(1000, (1,))), **case)
+    want = _merged_delta(base, model)
+    for source in (model, tmp_path):
+        if source is tmp_path:
+            model.save_pretrained(tmp_path)
+        dense = qdelta.from_peft(base, source)
+        assert dense.metadata["source"] == ("dora" if case["dora"] else "lora")
+        assert dense.metadata["lora_rank"] == str(case["rank"])
+        assert dense.base_fingerprint == qdelta.fingerprint(base)
+        assert all(any(n.endswith(t) for t in case["targets"]) for n in dense.layers)
+        assert len(dense.layers) == 2 * len(case["targets"])  # 2 decoder layers
+        for key, d in want.items():
+            name = key.removesuffix(".weight")
+            if name in dense.layers:
+                assert float(d.abs().max()) > 0
+                torch.testing.assert_close(dense.layers[name].double(), d, atol=2e-6, rtol=1e-5)
+            else:
+                assert float(d.abs().max()) == 0.0, key
+    # The caller's base is untouched and the delta compresses like any fine-tune.
+    assert not any("lora" in k for k in base.state_dict())
+    packed = dense.compress(bits=1, tenant="adapter")
+    assert packed.metadata["source"] == dense.metadata["source"]
+    merged = qdelta.merge(copy.deepcopy(base), packed)
+    assert merged is not None
+
+
+def test_memory_honesty_lora_vs_one_bit():
+    # r=16 on 4096x4096: the LoRA (fp16) is 8x smaller than the 1-bit delta.
+    assert lora_bytes((4096, 4096), 16) == 16 * 8192 * 2
+    assert bitdelta_bytes((4096, 4096), 1) == 4096 * 128 * 4 + 4
+    (row,) = qdelta.memory_report({"q": (4096, 4096)}, rank=16)
+    assert row["smaller"] == "lora" and row["break_even_rank"] == 128
+    (row,) = qdelta.memory_report({"q": (4096, 4096)}, rank=256)
+    assert row["smaller"] == "delta"
+    (row,) = qdelta.memory_report({"q": (4096, 11008)}, rank=16, dora=True)
+    assert row["lora_bytes"] == 2 * (16 * (4096 + 11008) + 4096)
