@@ -84,3 +84,17 @@ def test_memory_honesty_lora_vs_one_bit():
     assert row["smaller"] == "delta"
     (row,) = qdelta.memory_report({"q": (4096, 11008)}, rank=16, dora=True)
     assert row["lora_bytes"] == 2 * (16 * (4096 + 11008) + 4096)
+
+
+def test_inspect_says_which_form(tmp_path, capsys):
+    base = tiny_llama(seed=int(torch.randint(1000, (1,))))
+    model = _adapted(base, rank=2, alpha=4, targets=["q_proj"], dora=True, seed=7)
+    qdelta.from_peft(base, model).compress(bits=1, tenant="ad").save(tmp_path / "ad.qdelta")
+    from qdelta.cli import main
+
+    assert main(["inspect", str(tmp_path / "ad.qdelta")]) == 0
+    out = capsys.readouterr().out
+    assert "stored form  1-bit sign planes + scales per layer, from a DoRA adapter" in out
+    # q_proj 32x32, rank 2: A+B = 2*(32+32) fp32 + m 32 fp32 = 640 B per layer, 2 layers = 1280 B;
+    # the 1-bit planes take 32*1*4 + 4 = 132 B per layer.
+    assert "rank 2 dora adapter: 1.2 KiB; these planes: 264 B (smaller: planes)" in out

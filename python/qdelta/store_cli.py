@@ -61,6 +61,7 @@ def describe(f: DeltaFile) -> str:
         f"bit layout   {f.metadata['bit_layout']}",
     ]
     lines += [f"metadata     {k} = {v}" for k, v in sorted(f.user_metadata.items())]
+    lines += _form_lines(f)
     lines += ["", f"{len(rows)} compressed layer(s):"]
     lines.append(
         _table(
@@ -78,6 +79,35 @@ def describe(f: DeltaFile) -> str:
         f"{_fmt_bytes(fp16)}; compression {ratio:.2f}x",
     ]
     return "\n".join(lines)
+
+
+_SOURCES = {
+    "full": "a full fine-tune",
+    "lora": "a LoRA adapter, merged",
+    "dora": "a DoRA adapter, merged",
+    "soup": "a model soup (average of fine-tunes)",
+    "combine": "a task-arithmetic combination of fine-tunes",
+}
+
+
+def _form_lines(f: DeltaFile) -> list[str]:
+    """Which form the tenant is stored in, and what it came from (Delta.metadata["source"])."""
+    meta = f.user_metadata
+    planes = sorted({bits for _, _, bits, *_ in f.layer_table})
+    stored = "/".join(map(str, planes)) + "-bit sign planes + scales per layer"
+    source = meta.get("source")
+    if source is None:
+        return [f"stored form  {stored} (source not recorded)"]
+    lines = [f"stored form  {stored}, from {_SOURCES.get(source, source)}"]
+    if source in ("lora", "dora") and "adapter_bytes" in meta:
+        planes_bytes = sum(n for t, _, _, n in f.tensors if t not in f._file.params)
+        adapter = int(meta["adapter_bytes"])
+        smaller = "adapter" if adapter < planes_bytes else "planes"
+        lines.append(
+            f"vs adapter   rank {meta.get('lora_rank', '?')} {source} adapter: "
+            f"{_fmt_bytes(adapter)}; these planes: {_fmt_bytes(planes_bytes)} (smaller: {smaller})"
+        )
+    return lines
 
 
 def inspect(path: str) -> int:
