@@ -99,6 +99,28 @@ class DenseDelta:
             metadata=metadata,
         )
 
+    @torch.no_grad()
+    def merge_into(self, model: torch.nn.Module, *, check: bool = True) -> torch.nn.Module:
+        """Write base + this delta into ``model`` (the base) in place, like :func:`qdelta.merge`."""
+        if check:
+            check_base(self, model)
+        for name in self.layers:
+            weight = model.get_submodule(name).weight
+            if tuple(weight.shape) != tuple(self.weight(name).shape):
+                raise ShapeError(
+                    f"layer {name}: expected a {list(weight.shape)} delta, "
+                    f"found {list(self.weight(name).shape)}"
+                )
+            weight.copy_((weight.float() + self.weight(name).to(weight.device)).to(weight.dtype))
+        state = model.state_dict()
+        for key, value in self.params.items():
+            if key not in state or state[key].shape != value.shape:
+                raise ShapeError(
+                    f"{key}: expected a tensor of the model with shape {list(value.shape)}"
+                )
+            state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
+        return model
+
     def weight(self, name: str) -> torch.Tensor:
         """Layer ``name``'s delta in the module's own orientation (transposed for Conv1D)."""
         d = self.layers[name]
