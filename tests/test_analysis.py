@@ -50,6 +50,11 @@ def test_layer_stats_match_hand_computation(rng, shape):
     assert got["recon_sign_agreement"] == 1.0
 
 
+def test_bad_plane_count_is_refused():
+    with pytest.raises(qdelta.ShapeError, match="max_planes"):
+        layer_stats(torch.randn(3, 4), torch.randn(3, 4), 0)
+
+
 def test_pure_rescaling_is_magnitude_only():
     # W1 = diag(1 + s) W0 changes each row's length but not its direction.
     w0 = torch.randn(6, 9, dtype=torch.float64)

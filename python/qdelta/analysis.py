@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from qdelta.algebra import DenseDelta, as_dense, dense_delta
-from qdelta.bitplane import pack_residual, unpack_residual
+from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
+from qdelta.errors import ShapeError
 from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, load
 
@@ -37,6 +38,8 @@ def layer_stats(
     w0: torch.Tensor, d: torch.Tensor, max_planes: int = 3, reference: torch.Tensor | None = None
 ) -> dict[str, Any]:
     """The statistics of one ``[out, in]`` layer (float64 where it matters)."""
+    if not 1 <= max_planes <= MAX_PLANES:
+        raise ShapeError(f"max_planes: expected 1..{MAX_PLANES}, found {max_planes}")
     w0 = w0.double()
     d32 = d.float().contiguous()
     dd = d32.double()
