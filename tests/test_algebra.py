@@ -106,6 +106,9 @@ def test_dense_compress_roundtrip_through_file(family, tmp_path):
         want = qdelta.unpack_residual(planes, scales, tuple(d.shape))
         np.testing.assert_array_equal(back.layers[name].numpy(), want)
     assert back.metadata["source"] == "full" and back.metadata["bits"] == "3"
+    qdelta.soup([dense, dense]).save(tmp_path / "s.qdelta", bits=2)
+    s = qdelta.load(tmp_path / "s.qdelta")
+    assert s.metadata["source"] == "soup" and {x.bits for x in s.layers.values()} == {2}
 
 
 def test_mismatched_bases_are_refused(family):

@@ -99,6 +99,10 @@ class DenseDelta:
             metadata=metadata,
         )
 
+    def save(self, path: Any, bits: int = 1, scale: ScaleMode = "matrix") -> None:
+        """Compress to ``bits`` planes and write a .qdelta file (atomically)."""
+        self.compress(bits=bits, scale=scale).save(path)
+
     @torch.no_grad()
     def merge_into(self, model: torch.nn.Module, *, check: bool = True) -> torch.nn.Module:
         """Write base + this delta into ``model`` (the base) in place, like :func:`qdelta.merge`."""
