@@ -13,4 +13,4 @@ def test_instantiate_lines_match_the_backend():
     assert sorted(d.replace(" ", "") for d in declared) == sorted(
         i.replace(" ", "") for i in cuda_block.instantiations()
     )
-    assert len(declared) == 4  # fp16/bf16 x head dims 64/128
+    assert len(declared) == 8  # (v1, mma) x fp16/bf16 x head dims 64/128
