@@ -46,7 +46,10 @@ def available() -> bool:
 
 def instantiations() -> list[str]:
     return [
-        f"{fn}<{c}, {d}>" for fn, _, _ in KERNELS.values() for c in _CTYPES.values() for d in HEAD_DIMS
+        f"{fn}<{c}, {d}>"
+        for fn, _, _ in KERNELS.values()
+        for c in _CTYPES.values()
+        for d in HEAD_DIMS
     ]
 
 
@@ -59,6 +62,29 @@ def launch_grid(kernel: str, b: int, hq: int, sq: int) -> tuple[tuple[int, int, 
     """(grid, threads) of one launch: one block per ``rows`` query rows of each (batch, head)."""
     _, rows, threads = KERNELS[kernel]
     return ((sq + rows - 1) // rows, hq, b), threads
+
+
+def mma_tiles(
+    block: int, sq: int, sk: int, causal: bool, q_start: int, kv_start: int, segments: bool
+) -> list[tuple[int, bool]]:
+    """``(first key, masked?)`` of every key tile query block ``block`` of the mma
+    kernel visits: the kernel's loop bounds and mask test, for tests on any machine."""
+    _, rows, _ = KERNELS["mma"]
+    keys = 64
+    row0 = block * rows
+    last_q = q_start + min(sq, row0 + rows) - 1
+    tiles = []
+    for t0 in range(0, sk, keys):
+        if causal and kv_start + t0 > last_q:
+            break
+        masked = (
+            t0 + keys > sk
+            or segments
+            or (causal and kv_start + t0 + keys - 1 > q_start + row0)
+            or row0 + rows > sq
+        )
+        tiles.append((t0, masked))
+    return tiles
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
