@@ -313,6 +313,12 @@ def lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: in
     ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
     of rows per tenant made without reading the ids: any R gives the same result.
     """
+    return dict(_lut_plan(m_rows, n, w, use, tenants, sms))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
+    """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
     rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
     nb_max = 32 * (32 // rows)  # 8 warps x 4 features x (32 / R) steps
@@ -342,7 +348,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
     sms = _sm_count(_device_index(device))
-    plan = lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)
+    plan = _lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)  # read-only
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
