@@ -54,19 +54,24 @@ def test_expand_rows_matches_flat_bit_for_bit(monkeypatch, dtype, n_planes, row,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("m", "t", "k", "n"), [(5, 3, 4097, 300), (16, 16, 1024, 1100)])
-def test_lut_early_loads_match_original_order(monkeypatch, dtype, m, t, k, n):
+def test_lut_load_variants_match_original(monkeypatch, dtype, m, t, k, n):
+    """Load order and L2 line fetches change timing only: the sums are bit-identical."""
     x = torch.randn(m, k, device=DEV).to(dtype)
     planes = random_planes(t, 2, n, k)
     scales = random_scales(t, 2, n, row=True)
     ids = torch.randint(-1, t, (m,), device=DEV)
     got = {}
     for early in (False, True):
-        monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
-        got[early] = cuda_backend.multi_tenant_delta_matmul(
-            x, planes, scales, ids, out=poisoned(m, n, dtype), path="decode"
-        )
-    assert torch.equal(got[True], got[False]), f"early loads change the sums M={m} {dtype}"
-    assert_close(got[True], oracle(x, planes, scales, ids), f"early loads M={m} {dtype}")
+        for line in (False, True):
+            monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
+            monkeypatch.setattr(cuda_backend, "LUT_L2_LINE_LOADS", line)
+            got[early, line] = cuda_backend.multi_tenant_delta_matmul(
+                x, planes, scales, ids, out=poisoned(m, n, dtype), path="decode"
+            )
+    first = got[False, False]
+    for key, y in got.items():
+        assert torch.equal(y, first), f"early, line = {key} changes the sums M={m} {dtype}"
+    assert_close(first, oracle(x, planes, scales, ids), f"table decode M={m} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,6 +98,7 @@ def test_kernel_and_stream_caches_follow_the_current_stream():
     ids = torch.randint(0, 2, (m,), device=DEV)
     want = oracle(x, planes, scales, ids)
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # inputs were made on the default stream
     for stream in (side, torch.cuda.current_stream(), side):
         with torch.cuda.stream(stream):
             y = cuda_backend.multi_tenant_delta_matmul(

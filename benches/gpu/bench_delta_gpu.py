@@ -165,8 +165,8 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
 def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     """Each switchable variant against the one it replaced, same inputs, same card.
 
-    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_EARLY_LOADS, EXPAND_KERNEL) should be
-    set from these numbers; every timing restores the default afterwards.
+    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_EARLY_LOADS, LUT_L2_LINE_LOADS,
+    EXPAND_KERNEL) should be set from these numbers; the defaults are restored after.
     """
     k = n
     row: dict = {"kind": "variant", "N": n, "K": k}
@@ -176,21 +176,22 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     x = torch.randn(b, k, device="cuda", dtype=torch.float16)
     ids = torch.arange(b, device="cuda")
     out = torch.empty(b, n, device="cuda", dtype=torch.float16)
-    default_early = cuda_backend.LUT_EARLY_LOADS
+    defaults = (cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS)
     try:
-        for early in (False, True):
+        for early, line in ((False, False), (True, False), (True, True)):
             cuda_backend.LUT_EARLY_LOADS = early
+            cuda_backend.LUT_L2_LINE_LOADS = line
 
             def lut():
                 cuda_backend.multi_tenant_delta_matmul(
                     x, planes, scales, ids, out=out, check_ids=False, path="decode"
                 )
 
-            row[f"decode_B16_early_loads_{early}_us"] = gpu_time_us(
+            row[f"decode_B16_early_{early}_l2line_{line}_us"] = gpu_time_us(
                 lut, warmup=3, iters=iters, flush=flush
             )
     finally:
-        cuda_backend.LUT_EARLY_LOADS = default_early
+        cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS = defaults
     one = planes[:1]
     for path in ("mma", "decode"):
 
@@ -259,14 +260,16 @@ def markdown(report: dict) -> str:
             "",
             "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
             "",
-            "| N=K | B=16 tables, loads after build µs | loads before build µs "
+            "| N=K | B=16 tables: loads after build µs | loads before build µs "
+            "| + L2 128-byte lines µs "
             "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in variants:
             lines.append(
-                f"| {r['N']} | {r['decode_B16_early_loads_False_us']:.1f} "
-                f"| {r['decode_B16_early_loads_True_us']:.1f} | {r['decode_B1_mma_us']:.1f} "
+                f"| {r['N']} | {r['decode_B16_early_False_l2line_False_us']:.1f} "
+                f"| {r['decode_B16_early_True_l2line_False_us']:.1f} "
+                f"| {r['decode_B16_early_True_l2line_True_us']:.1f} | {r['decode_B1_mma_us']:.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
             )

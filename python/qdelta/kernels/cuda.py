@@ -39,6 +39,10 @@ DECODE_MMA_MAX_ROWS = 1
 # The table kernel issues a slice's plane loads before building the slice's table
 # (load latency overlaps the build). False restores the original order.
 LUT_EARLY_LOADS = True
+# The table kernel reads 32 bytes of a row per slice; with this set its loads ask L2
+# for the whole 128-byte line (PTX ld .L2::128B), so the row's next three slices hit
+# L2 instead of DRAM. False: plain 32-byte sector reads (the first measured version).
+LUT_L2_LINE_LOADS = True
 # Prefill expansion kernel: "rows" (qd_expand_rows: 2-D grid, no 64-bit division,
 # sign-bit flip for one plane) or "flat" (the original qd_expand). Same output bits.
 EXPAND_KERNEL = "rows"
@@ -108,7 +112,7 @@ def _module(device_index: int, options: tuple[str, ...]):
 
 _KERNELS: dict[tuple[int, str], object] = {}  # (device index, name) -> cupy kernel
 _SHARED_OPT_IN: dict[tuple[int, str], int] = {}  # dynamic shared memory already allowed
-_STREAMS: dict[int, object] = {}  # torch stream handle -> cupy ExternalStream
+_STREAMS: dict[tuple[int, int], object] = {}  # (device, stream handle) -> ExternalStream
 
 
 def _kernel(index: int, name: str):
@@ -125,14 +129,17 @@ def _kernel(index: int, name: str):
     return kernel
 
 
-def _stream(handle: int):
-    """A cupy view of torch's stream, made once per stream handle."""
-    stream = _STREAMS.get(handle)
+def _stream(index: int, handle: int):
+    """A cupy view of torch's stream, made once per (device, stream handle)."""
+    key = (index, handle)
+    stream = _STREAMS.get(key)
     if stream is None:
-        stream = _cupy().cuda.ExternalStream(handle)
+        cupy = _cupy()
+        with cupy.cuda.Device(index):  # the view belongs to the stream's device
+            stream = cupy.cuda.ExternalStream(handle)
         if len(_STREAMS) > 256:  # streams come and go: keep the cache bounded
             _STREAMS.clear()
-        _STREAMS[handle] = stream
+        _STREAMS[key] = stream
     return stream
 
 
@@ -140,7 +147,7 @@ def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int 
     cupy = _cupy()
     index = _device_index(device)
     kernel = _kernel(index, name)
-    stream = _stream(torch.cuda.current_stream(device).cuda_stream)
+    stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     if any(g < 1 for g in grid) or grid[0] > 2**31 - 1 or any(g > 65535 for g in grid[1:]):
         raise ShapeError(f"{name}: grid {grid} is outside what CUDA can launch")
     try:
@@ -375,7 +382,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
             np.int32(plan["nb"]),
             np.int32(plan["spc"]),
             np.int32(plan["kch"]),
-            np.int32(1 if LUT_EARLY_LOADS else 0),
+            np.int32((1 if LUT_EARLY_LOADS else 0) | (2 if LUT_L2_LINE_LOADS else 0)),
         ),
         shared_mem=rows * LUT_BYTES_PER_ROW,
     )
