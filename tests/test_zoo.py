@@ -149,3 +149,9 @@ def test_incomplete_cache_entry_is_an_error_not_a_rebuild(tmp_path):
     with pytest.raises(ZooError, match=r"zoo\.json"):
         build_zoo(ZooConfig.tiny(), tmp_path, progress=False)
     assert (broken / "base").is_dir()
+
+
+def test_eval_window_beyond_training_context_is_refused(tmp_path):
+    config = dataclasses.replace(ZooConfig.tiny(), eval_window=ZooConfig.tiny().seq_len + 1)
+    with pytest.raises(ZooError, match="training context"):
+        build_zoo(config, tmp_path, progress=False)

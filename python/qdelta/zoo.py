@@ -90,7 +90,9 @@ class ZooConfig:
     pretrain_steps: int
     pretrain_lr: float
     tenants: tuple[TenantSpec, ...]
-    eval_window: int = 256
+    # Perplexity windows never exceed the training context: positions the model
+    # never saw in training would measure extrapolation, not the domain.
+    eval_window: int = 128
     eval_batch_size: int = 8
     evaluate: bool = True  # record base / tenant perplexities in the manifest
 
@@ -134,7 +136,7 @@ class ZooConfig:
             pretrain_steps=400,
             pretrain_lr=3e-3,
             tenants=cls.standard_tenants(steps=100, lr=1e-3, lora_steps=100, lora_lr=1e-2, rank=8),
-            eval_window=256,
+            eval_window=128,
             eval_batch_size=16,
         )
 
@@ -155,7 +157,7 @@ class ZooConfig:
             pretrain_steps=30,
             pretrain_lr=3e-3,
             tenants=cls.standard_tenants(steps=10, lr=2e-3, lora_steps=10, lora_lr=5e-3, rank=4),
-            eval_window=64,
+            eval_window=32,
             eval_batch_size=16,
         )
 
@@ -585,6 +587,11 @@ def build_zoo(
 ) -> Zoo:
     """The zoo of ``config`` from ``cache_dir``, built there first if absent."""
     config = config or ZooConfig.default()
+    if config.eval_window > config.seq_len:
+        raise ZooError(
+            f"eval_window: expected at most the training context ({config.seq_len} tokens), "
+            f"found {config.eval_window}"
+        )
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / f"zoo-{config.cache_key()}"
     if final.exists():
