@@ -46,6 +46,9 @@
 // qdelta-instantiate: qd_expand<0>
 // qdelta-instantiate: qd_expand<1>
 // qdelta-instantiate: qd_expand<2>
+// qdelta-instantiate: qd_expand_rows<0>
+// qdelta-instantiate: qd_expand_rows<1>
+// qdelta-instantiate: qd_expand_rows<2>
 
 typedef unsigned int qd_u32;
 typedef unsigned short qd_u16;
@@ -391,6 +394,41 @@ __device__ __forceinline__ long long qd_tenant_of(const long long* ids, int i) {
     return ids ? ids[i] : 0;
 }
 
+// 32-bit read-only load that asks L2 to fetch the whole 128-byte line: a
+// row's next three slices (32 bytes each) then come from L2 instead of three
+// more scattered 32-byte DRAM reads.
+__device__ __forceinline__ qd_u32 qd_ldg_l2_128(const qd_u32* p) {
+    qd_u32 v;
+    asm("ld.global.nc.L2::128B.u32 %0, [%1];" : "=r"(v) : "l"(p));  // planes are read-only
+    return v;
+}
+
+// One slice's plane words for a lane: feature n0 + 32 * s at step s, word w of the slice.
+template <int STEPS>
+__device__ __forceinline__ void qd_lut_load(qd_u32 (&wv)[STEPS], qd_u32& okmask,
+                                            const qd_u32* __restrict__ plane, int sl, int W,
+                                            int n0, int n_end, int w, int stride, int l2_line) {
+    const int wd = sl * QD_LUT_WORDS + w;
+    const bool word_ok = wd < W;
+    const qd_u32* rowp = plane + (long long)n0 * W + wd;
+    okmask = 0u;
+    if (l2_line) {
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            const bool ok = word_ok && n0 + s * 32 < n_end;
+            wv[s] = ok ? qd_ldg_l2_128(rowp + s * stride) : 0u;
+            okmask |= (ok ? 1u : 0u) << s;
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+            const bool ok = word_ok && n0 + s * 32 < n_end;
+            wv[s] = ok ? __ldg(rowp + s * stride) : 0u;
+            okmask |= (ok ? 1u : 0u) << s;
+        }
+    }
+}
+
 template <int DT, int R>
 __global__ void __launch_bounds__(QD_LUT_THREADS, 2)
 qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
@@ -398,7 +436,8 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
              const float* __restrict__ scales,   // [T][P] or [T][P][N]
              const long long* __restrict__ ids,  // [M] or null (every row tenant 0)
              float* __restrict__ part,           // [gridDim.z][M][N]
-             int M, int N, int W, int T, int P, int row_scales, int nb, int spc, int kch) {
+             int M, int N, int W, int T, int P, int row_scales, int nb, int spc, int kch,
+             int load_flags) {
     constexpr int STEPS = 32 / R;  // feature steps of 32 (8 warps x 4) per block
     extern __shared__ float lut[];  // R * QD_LUT_PER_ROW floats (dynamic)
     __shared__ int s_rows[R];
@@ -471,7 +510,20 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) acc[r][s] = 0.0f;
 
+    // Plane words of one slice: every load in flight at once. Step offsets within
+    // the tile (< 1024 * W words) stay 32-bit to keep register pressure low.
+    qd_u32 wv[STEPS];
+    qd_u32 okmask = 0u;
+    const int stride = 32 * W;
+    const int n_lane = n_begin + warp * 4 + q;  // this lane's feature at step 0
+    // load_flags bit 0: issue the loads before the table build; bit 1: 128-byte L2 fetches.
+    const int early_loads = load_flags & 1;
+    const int l2_line = (load_flags >> 1) & 1;
+
     for (int sl = sl_begin; sl < sl_end; ++sl) {
+        // early_loads: the loads overlap the table build below (their latency
+        // was exposed once per slice); 0 keeps the original order.
+        if (early_loads) qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
         __syncthreads();  // the previous slice's lookups are done
         {
             // Thread = (byte-group gi = lane, high nibbles h = 2*warp + {0, 1}).
@@ -507,21 +559,7 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
         }
         __syncthreads();
 
-        const int wd = sl * QD_LUT_WORDS + w;
-        const bool word_ok = wd < W;
-        // All loads in flight first, then the lookups. Step offsets within the
-        // tile (< 1024 * W words) stay 32-bit to keep register pressure low.
-        const qd_u32* rowp = plane + (long long)(n_begin + warp * 4 + q) * W + wd;
-        const int stride = 32 * W;
-        qd_u32 wv[STEPS];
-        qd_u32 okmask = 0u;
-#pragma unroll
-        for (int s = 0; s < STEPS; ++s) {
-            const int n = n_begin + s * 32 + warp * 4 + q;
-            const bool ok = word_ok && n < n_end;
-            wv[s] = ok ? __ldg(rowp + s * stride) : 0u;
-            okmask |= (ok ? 1u : 0u) << s;
-        }
+        if (!early_loads) qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
             if ((okmask >> s) & 1u) {
@@ -585,6 +623,76 @@ __global__ void qd_lut_finish(const float* __restrict__ part, int Z,
 // consecutive bytes. ldd = 32 * W (a multiple of 32): every store is aligned
 // and inside the row; columns >= K hold padding values the GEMM never reads.
 // ---------------------------------------------------------------------------
+// qd_expand_rows: same output as qd_expand, laid out for bandwidth. Grid y walks
+// the feature rows (grid-stride when N > 65535), grid x the byte-groups of a
+// row: no 64-bit division per thread (qd_expand spent more on `i / (4 * W)`
+// than on its stores). One plane (the common case) stores +-alpha by flipping
+// the sign bit of alpha rounded once to the output type: the same bits as
+// rounding +-alpha, since round-to-nearest is symmetric.
+template <int DT>
+__global__ void qd_expand_rows(const qd_u32* __restrict__ planes,  // [P][N][W] (one tenant)
+                               const float* __restrict__ scales,   // [P] or [P][N]
+                               int N, int W, int P_use, int row_scales, void* __restrict__ dense) {
+    const int c8 = blockIdx.x * blockDim.x + threadIdx.x;  // byte-group within the row
+    if (c8 >= 4 * W) return;
+    const int wd = c8 >> 2;
+    const int sh = 8 * (c8 & 3);
+    const long long ldd = 32LL * W;
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long o = (long long)n * ldd + 8LL * c8;  // first element of this group
+        if (P_use == 1) {
+            const qd_u32 byte = (__ldg(planes + (long long)n * W + wd) >> sh) & 0xFFu;
+            const float alpha = row_scales ? scales[n] : scales[0];
+            if (DT == 2) {
+                const qd_u32 a = __float_as_uint(alpha);
+                qd_u32 f[8];
+#pragma unroll
+                for (int b = 0; b < 8; ++b) f[b] = a ^ (((byte >> b) & 1u) << 31);
+                float4* d = reinterpret_cast<float4*>(static_cast<float*>(dense) + o);
+                d[0] = make_float4(__uint_as_float(f[0]), __uint_as_float(f[1]),
+                                   __uint_as_float(f[2]), __uint_as_float(f[3]));
+                d[1] = make_float4(__uint_as_float(f[4]), __uint_as_float(f[5]),
+                                   __uint_as_float(f[6]), __uint_as_float(f[7]));
+            } else {
+                const qd_u32 a = DT == 0 ? qd_f32_to_f16(alpha) : qd_f32_to_bf16(alpha);
+                const qd_u32 a2 = a | (a << 16);
+                qd_u32 h[4];
+#pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const qd_u32 two = byte >> (2 * b);
+                    h[b] = a2 ^ (((two & 1u) << 15) | ((two & 2u) << 30));
+                }
+                *reinterpret_cast<uint4*>(static_cast<qd_u16*>(dense) + o) =
+                    make_uint4(h[0], h[1], h[2], h[3]);
+            }
+            continue;
+        }
+        float v[8];
+#pragma unroll
+        for (int b = 0; b < 8; ++b) v[b] = 0.0f;
+        for (int p = 0; p < P_use; ++p) {
+            const qd_u32 byte = (__ldg(planes + ((long long)p * N + n) * W + wd) >> sh) & 0xFFu;
+            const float alpha = row_scales ? scales[(long long)p * N + n] : scales[p];
+#pragma unroll
+            for (int b = 0; b < 8; ++b) v[b] += ((byte >> b) & 1u) ? -alpha : alpha;
+        }
+        if (DT == 2) {
+            float4* d = reinterpret_cast<float4*>(static_cast<float*>(dense) + o);
+            d[0] = make_float4(v[0], v[1], v[2], v[3]);
+            d[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            qd_u32 h[4];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const qd_u16 lo = DT == 0 ? qd_f32_to_f16(v[2 * b]) : qd_f32_to_bf16(v[2 * b]);
+                const qd_u16 hi = DT == 0 ? qd_f32_to_f16(v[2 * b + 1]) : qd_f32_to_bf16(v[2 * b + 1]);
+                h[b] = (qd_u32)lo | ((qd_u32)hi << 16);
+            }
+            *reinterpret_cast<uint4*>(static_cast<qd_u16*>(dense) + o) = make_uint4(h[0], h[1], h[2], h[3]);
+        }
+    }
+}
+
 template <int DT>
 __global__ void qd_expand(const qd_u32* __restrict__ planes,  // [P][N][W] (one tenant)
                           const float* __restrict__ scales,   // [P] or [P][N]

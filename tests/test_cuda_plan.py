@@ -31,3 +31,25 @@ def test_lut_plan_rows_per_group_follow_rows_per_tenant():
     assert cuda_backend.lut_plan(16, 64, 2, 1, None, 132)["rows"] == 4
     # The benchmark's decode shapes keep full 1024-feature tiles at B >= 16.
     assert cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132)["nb"] == 1024
+
+
+def test_auto_path_rule(monkeypatch):
+    """One row -> mma; few rows -> lookup tables; many rows -> expansion + cuBLAS."""
+    assert cuda_backend.auto_path(1, one_tenant=True) == "mma"
+    assert cuda_backend.auto_path(1, one_tenant=False) == "mma"
+    assert cuda_backend.auto_path(2, one_tenant=False) == "decode"
+    assert cuda_backend.auto_path(64, one_tenant=False) == "decode"
+    assert cuda_backend.auto_path(65, one_tenant=False) == "prefill"
+    assert cuda_backend.auto_path(16, one_tenant=True) == "decode"
+    assert cuda_backend.auto_path(17, one_tenant=True) == "prefill"
+    # The one constant that switches single-row decode back to the tables.
+    monkeypatch.setattr(cuda_backend, "DECODE_MMA_MAX_ROWS", 0)
+    assert cuda_backend.auto_path(1, one_tenant=True) == "decode"
+
+
+def test_variant_switches_name_compiled_kernels():
+    names = set(cuda_backend.name_expressions())
+    assert cuda_backend.EXPAND_KERNEL in ("rows", "flat")
+    assert isinstance(cuda_backend.LUT_EARLY_LOADS, bool)
+    for dt in cuda_backend.DTYPE_CODES.values():
+        assert f"qd_expand_rows<{dt}>" in names and f"qd_expand<{dt}>" in names

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qdelta.ring.attention as ring_attention_module
 import qdelta.ring.block as ring_block_module
 from qdelta.errors import QDeltaError, ShapeError
 from qdelta.ring import (
@@ -19,7 +20,7 @@ from qdelta.ring import (
     unshard,
     virtual_ring_attention,
 )
-from qdelta.ring.merge import empty_partial
+from qdelta.ring.merge import empty_partial, merge_fused_
 from ring_reference import block_reference, full_mask, random_segments, reference_attention
 
 NEG_INF = float("-inf")
@@ -260,3 +261,100 @@ def test_block_backward_fused_matches_math():
     math_ = block_attention_backward(q, k, v, out, lse, dout, backend="math", **kw)
     for a, b in zip(fused, math_, strict=True):
         assert (a - b).abs().max() < 1e-12
+
+
+# ------------------------------------------------------------ the fast ring path
+
+
+def test_merge_fused_equals_merge_and_never_makes_nan():
+    lse = torch.tensor([NEG_INF, NEG_INF, 0.3, 1.0, NEG_INF, -2.0], dtype=torch.float64)
+    blk_lse = torch.tensor([NEG_INF, 2.0, NEG_INF, 700.0, NEG_INF, 1.5], dtype=torch.float64)
+    out, blk_out = rnd(6, 5), rnd(6, 5)
+    out[lse.isneginf()] = 0
+    blk_out[blk_lse.isneginf()] = 0
+    want_out, want_lse = merge(out, lse, blk_out, blk_lse)
+    buf_out, buf_lse = rnd(6, 9), rnd(6, 3)  # merge into views of larger buffers
+    buf_out[:, 2:7], buf_lse[:, 1] = out, lse
+    merge_fused_(buf_out[:, 2:7], buf_lse[:, 1], blk_out, blk_lse)
+    assert not buf_out.isnan().any() and not buf_lse.isnan().any()
+    assert (buf_out[:, 2:7] - want_out).abs().max() < 1e-13
+    assert torch.equal(buf_lse[:, 1].isneginf(), want_lse.isneginf())
+    finite = want_lse.isfinite()
+    assert (buf_lse[finite, 1] - want_lse[finite]).abs().max() < 1e-13
+
+
+def test_merge_fused_reads_a_bf16_block_into_fp32_partials():
+    out, lse = empty_partial((2, 7, 16), torch.float32, "cpu")
+    blocks = [(rnd(2, 7, 16).bfloat16(), rnd(2, 7, dtype=torch.float32)) for _ in range(3)]
+    want_out, want_lse = out.clone(), lse.clone()
+    for bo, bl in blocks:
+        merge_fused_(out, lse, bo, bl)
+        want_out, want_lse = merge(want_out, want_lse, bo.float(), bl)
+    assert out.dtype == torch.float32
+    assert (out - want_out).abs().max() < 1e-5 and (lse - want_lse).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("seq_len", [64, 67])
+def test_causal_ring_pairs_are_full_or_diagonal_and_coalesced(layout, seq_len):
+    world = 4
+    plan = ring_attention_module._Plan(seq_len, world, layout, True, 1.0, "sdpa")
+    calls = 0
+    for r in range(world):
+        for src in range(world):
+            pairs = ring_attention_module._pairs(plan, r, src)
+            calls += len(pairs)
+            for p in pairs:
+                if p.causal:  # the diagonal: flash with is_causal, never a mask
+                    assert p.qc == p.kc and r == src
+            if layout == "zigzag":
+                assert len(pairs) == (3 if r == src else 1)
+    want = (
+        world * 3 + world * (world - 1) if layout == "zigzag" else world + world * (world - 1) // 2
+    )
+    assert calls == want
+
+
+def test_coalesced_pairs_cover_every_visible_query_key_pair_once():
+    for layout, world, seq_len, causal in [("zigzag", 3, 29, True), ("zigzag", 2, 10, False),
+                                            ("contiguous", 3, 11, True)]:  # fmt: skip
+        plan = ring_attention_module._Plan(seq_len, world, layout, causal, 1.0, "sdpa")
+        pos = [
+            torch.cat([torch.arange(c.start, c.stop) for c in plan.chunks(r)]) for r in range(world)
+        ]
+        for r in range(world):
+            for src in range(world):
+                hits = torch.zeros(len(pos[r]), len(pos[src]), dtype=torch.int64)
+                for p in ring_attention_module._pairs(plan, r, src):
+                    hits[p.qs, p.ks] += 1
+                want = torch.ones_like(hits, dtype=torch.bool)
+                if causal:
+                    want = pos[r][:, None] >= pos[src][None, :]
+                # every visible pair computed exactly once; no pair is wholly invisible
+                assert (hits[want] == 1).all() and (hits <= 1).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_virtual_ring_sdpa_takes_no_masked_or_math_path(layout):
+    q, k, v = (rnd(1, 2, 40, 8, dtype=torch.float32) for _ in range(3))
+    ring_block_module.PATH_COUNTS.clear()
+    out = virtual_ring_attention(q, k, v, world_size=4, causal=True, layout=layout, backend="sdpa")
+    counts = dict(ring_block_module.PATH_COUNTS)
+    assert counts.get("math", 0) == 0 and counts.get("cpu_flash_masked", 0) == 0, counts
+    assert counts["cpu_flash"] == (24 if layout == "zigzag" else 10)  # coalesced calls
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_fast_path_switch_restores_per_chunk_pairs(monkeypatch):
+    q, k, v = (rnd(1, 2, 32, 8) for _ in range(3))
+    fast = virtual_ring_attention(
+        q, k, v, world_size=2, causal=True, layout="zigzag", backend="sdpa"
+    )
+    monkeypatch.setattr(ring_attention_module, "FAST_PATH", False)
+    ring_block_module.PATH_COUNTS.clear()
+    slow = virtual_ring_attention(
+        q, k, v, world_size=2, causal=True, layout="zigzag", backend="sdpa"
+    )
+    assert ring_block_module.PATH_COUNTS["cpu_flash"] == 10  # one call per chunk pair
+    assert (fast - slow).abs().max() < 1e-12

@@ -4,6 +4,9 @@ tests/test_cuda_compile.py compiles every cuda/*.cu with NVRTC (sm_80, sm_90)
 for the instantiations its ``// qdelta-instantiate:`` lines declare.
 """
 
+import pytest
+import torch
+
 from qdelta.kernels.cuda import declared_instantiations
 from qdelta.ring import cuda_block
 
@@ -13,4 +16,38 @@ def test_instantiate_lines_match_the_backend():
     assert sorted(d.replace(" ", "") for d in declared) == sorted(
         i.replace(" ", "") for i in cuda_block.instantiations()
     )
-    assert len(declared) == 4  # fp16/bf16 x head dims 64/128
+    assert len(declared) == 8  # (v1, mma) x fp16/bf16 x head dims 64/128
+
+
+@pytest.mark.parametrize(
+    "sq, sk, causal, q_start, kv_start",
+    [(64, 64, True, 0, 0), (130, 77, False, 0, 0), (61, 190, True, 200, 37),
+     (96, 200, True, 0, 50), (257, 300, True, 40, 0), (1, 1, True, 0, 5)],
+)  # fmt: skip
+def test_mma_tiles_cover_every_visible_pair_and_unmask_only_visible_ones(
+    sq, sk, causal, q_start, kv_start
+):
+    _, rows, _ = cuda_block.KERNELS["mma"]
+    grid, threads = cuda_block.launch_grid("mma", 2, 3, sq)
+    assert grid == (-(-sq // rows), 3, 2) and threads == 128
+    qpos = torch.arange(q_start, q_start + sq)
+    kpos = torch.arange(kv_start, kv_start + sk)
+    visible = qpos[:, None] >= kpos[None, :] if causal else torch.ones(sq, sk, dtype=torch.bool)
+    seen = torch.zeros(sq, sk, dtype=torch.int64)
+    for blk in range(grid[0]):
+        rs = slice(blk * rows, min(sq, (blk + 1) * rows))
+        for t0, masked in cuda_block.mma_tiles(blk, sq, sk, causal, q_start, kv_start, False):
+            ks = slice(t0, min(sk, t0 + 64))
+            seen[rs, ks] += 1
+            if not masked:  # no per-element mask: the whole 64 x 64 tile must be visible
+                assert t0 + 64 <= sk and rs.stop - rs.start == rows
+                assert visible[rs, ks].all()
+    assert (seen <= 1).all() and (seen[visible] == 1).all()
+
+
+def test_backend_names_pick_the_kernels(monkeypatch):
+    assert cuda_block.kernel_name("cuda") == cuda_block.DEFAULT_KERNEL == "mma"
+    assert cuda_block.kernel_name("cuda_v1") == "v1"
+    monkeypatch.setattr(cuda_block, "DEFAULT_KERNEL", "v1")
+    assert cuda_block.kernel_name("cuda") == "v1"
+    assert cuda_block.launch_grid("v1", 1, 2, 33) == ((2, 2, 1), 128)

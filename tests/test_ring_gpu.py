@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qdelta.ring.block as ring_block
 from qdelta.ring import block_attention, cuda_block, virtual_ring_attention
 from ring_reference import block_reference, reference_attention
 
@@ -21,13 +22,16 @@ CASES = [
     (True, 0, 50, False, 2, 2, 96, 64),  # first rows see nothing
     (False, 0, 0, True, 4, 2, 70, 129),
     (True, 64, 0, True, 4, 4, 65, 65),
+    (True, 40, 0, False, 4, 1, 257, 300),  # several 64-row blocks and key tiles, ragged
+    (True, 0, 0, True, 6, 3, 200, 200),  # diagonal with segments across tiles
+    (False, 0, 0, False, 2, 2, 128, 128),  # whole tiles: the unmasked fast loop
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["cuda", "sdpa"])
+@pytest.mark.parametrize("backend", ["cuda", "cuda_v1", "sdpa"])
 def test_gpu_block_matches_reference(backend, dtype, head_dim, case):
     causal, q_start, kv_start, segs, hq, hkv, sq, sk = case
     gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
@@ -67,3 +71,28 @@ def test_virtual_ring_on_gpu_matches_sdpa(layout):
     assert (out.double() - ref).abs().max() < 3e-2
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_virtual_ring_sdpa_takes_only_flash(layout, dtype):
+    """Causal ring pairs are fully visible or diagonal: flash only, no mask, no math."""
+    q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=dtype) for _ in range(3))
+    ring_block.PATH_COUNTS.clear()
+    with torch.no_grad():
+        out = virtual_ring_attention(
+            q, k, v, world_size=8, causal=True, layout=layout, backend="sdpa"
+        )
+    counts = dict(ring_block.PATH_COUNTS)
+    assert set(counts) == {"flash"}, counts
+    assert counts["flash"] == (8 * 3 + 8 * 7 if layout == "zigzag" else 8 + 28)
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - ref).abs().max() < 3e-2
+
+
+def test_mma_kernel_is_the_cuda_default_and_matches_v1():
+    assert cuda_block.kernel_name("cuda") == "mma"
+    q, k, v = (torch.randn(2, 4, 333, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    a = block_attention(q, k, v, causal=True, q_start=20, backend="cuda")
+    b = block_attention(q, k, v, causal=True, q_start=20, backend="cuda_v1")
+    assert (a[0] - b[0]).abs().max() < 2e-2 and (a[1] - b[1]).abs().max() < 2e-2

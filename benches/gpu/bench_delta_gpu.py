@@ -162,6 +162,61 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
     }
 
 
+def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
+    """Each switchable variant against the one it replaced, same inputs, same card.
+
+    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_EARLY_LOADS, LUT_L2_LINE_LOADS,
+    EXPAND_KERNEL) should be set from these numbers; the defaults are restored after.
+    """
+    k = n
+    row: dict = {"kind": "variant", "N": n, "K": k}
+    b = 16
+    planes = random_packed(b, n, k)
+    scales = torch.rand(b, 1, device="cuda") * 0.01
+    x = torch.randn(b, k, device="cuda", dtype=torch.float16)
+    ids = torch.arange(b, device="cuda")
+    out = torch.empty(b, n, device="cuda", dtype=torch.float16)
+    defaults = (cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS)
+    try:
+        for early, line in ((False, False), (True, False), (True, True)):
+            cuda_backend.LUT_EARLY_LOADS = early
+            cuda_backend.LUT_L2_LINE_LOADS = line
+
+            def lut():
+                cuda_backend.multi_tenant_delta_matmul(
+                    x, planes, scales, ids, out=out, check_ids=False, path="decode"
+                )
+
+            row[f"decode_B16_early_{early}_l2line_{line}_us"] = gpu_time_us(
+                lut, warmup=3, iters=iters, flush=flush
+            )
+    finally:
+        cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS = defaults
+    one = planes[:1]
+    for path in ("mma", "decode"):
+
+        def single(path=path):
+            cuda_backend.multi_tenant_delta_matmul(
+                x[:1], one, scales[:1], ids[:1], out=out[:1], check_ids=False, path=path
+            )
+
+        row[f"decode_B1_{path}_us"] = gpu_time_us(single, warmup=3, iters=iters, flush=flush)
+        row[f"decode_B1_{path}_host_us"] = host_call_us(single)
+    default_expand = cuda_backend.EXPAND_KERNEL
+    try:
+        for kind in ("flat", "rows"):
+            cuda_backend.EXPAND_KERNEL = kind
+
+            def expand():
+                cuda_backend._expand(planes[0], scales[0], 1, False, 0, torch.float16, k)
+
+            row[f"expand_{kind}_us"] = gpu_time_us(expand, warmup=3, iters=iters, flush=flush)
+    finally:
+        cuda_backend.EXPAND_KERNEL = default_expand
+    row["expand_floor_us"] = None  # filled by main from the copy bandwidth
+    return row
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Binary-delta matmul on {report['device']}",
@@ -199,6 +254,25 @@ def markdown(report: dict) -> str:
                 f"{r['dense_fp16_gemm_us']:.1f} | {r['kernel_over_dense']:.2f} | "
                 f"{r['kernel_tflops']:.0f} |"
             )
+    variants = [r for r in report["results"] if r.get("kind") == "variant" and "N" in r]
+    if variants:
+        lines += [
+            "",
+            "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
+            "",
+            "| N=K | B=16 tables: loads after build µs | loads before build µs "
+            "| + L2 128-byte lines µs "
+            "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in variants:
+            lines.append(
+                f"| {r['N']} | {r['decode_B16_early_False_l2line_False_us']:.1f} "
+                f"| {r['decode_B16_early_True_l2line_False_us']:.1f} "
+                f"| {r['decode_B16_early_True_l2line_True_us']:.1f} | {r['decode_B1_mma_us']:.1f} "
+                f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
+                f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
+            )
     failed = [r for r in report["results"] if "error" in r]
     if failed:
         lines += ["", "## Failed or skipped", ""]
@@ -235,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     report["results"] = results = []
     configs = [("decode", (n, b)) for n in DECODE_SIZES for b in DECODE_TENANTS]
     configs += [("prefill", (n,)) for n in DECODE_SIZES]
+    configs += [("variant", (n,)) for n in DECODE_SIZES]
     for kind, config in configs:
         if time.monotonic() - started > args.budget_s:
             results.append({"kind": kind, "config": config, "error": "skipped: time budget"})
@@ -242,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if kind == "decode":
                 row = bench_decode(cuda_backend, *config, bandwidth, flush, args.iters)
+            elif kind == "variant":
+                row = bench_variants(cuda_backend, *config, flush, args.iters)
+                n = config[0]
+                # Bytes written (fp16 dense) + packed bytes read, at copy bandwidth.
+                row["expand_floor_us"] = (2 * n * n + n * n / 8) / bandwidth * 1e6
             else:
                 row = bench_prefill(cuda_backend, *config, flush, args.iters)
         except Exception as exc:

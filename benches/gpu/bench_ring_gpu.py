@@ -1,6 +1,7 @@
 """GPU benchmark of ring attention's pieces (bf16).
 
-1. Block kernel: cuda/attention_block.cu (``backend="cuda"``) vs torch's SDPA
+1. Block kernel: cuda/attention_block.cu (``backend="cuda"``: the tensor-core
+   ``mma`` kernel; one ``cuda_v1`` row for the first kernel) vs torch's SDPA
    flash kernel (``_scaled_dot_product_flash_attention``, which also returns the
    log-sum-exp) on the same block shapes, head dims 64 and 128; a full block
    (off-diagonal ring step) and a causal diagonal block. Target: >= 0.8x flash.
@@ -48,19 +49,19 @@ def attn_flops(batch, heads, sq, sk, d, causal):
     return flops / 2 if causal else flops
 
 
-def _block_row(d: int, causal: bool) -> dict:
+def _block_row(d: int, causal: bool, backend: str = "cuda") -> dict:
     from qdelta.ring import block_attention
 
     flash = torch.ops.aten._scaled_dot_product_flash_attention
     b, h, s = 1, 16, 4096
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    t_cuda = gpu_time_ms(lambda: block_attention(q, k, v, causal=causal, backend="cuda"))
+    t_cuda = gpu_time_ms(lambda: block_attention(q, k, v, causal=causal, backend=backend))
     t_flash = gpu_time_ms(lambda: flash(q, k, v, 0.0, causal))
-    out, lse = block_attention(q, k, v, causal=causal, backend="cuda")
+    out, lse = block_attention(q, k, v, causal=causal, backend=backend)
     ref = flash(q, k, v, 0.0, causal)
     gflop = attn_flops(b, h, s, s, d, causal) / 1e9
     return {
-        "name": f"B={b} H={h} S={s} D={d} {'causal diagonal' if causal else 'full'}",
+        "name": f"{backend}: B={b} H={h} S={s} D={d} {'causal diagonal' if causal else 'full'}",
         "cuda_ms": t_cuda,
         "flash_ms": t_flash,
         "cuda_tflops": gflop / t_cuda,
@@ -126,7 +127,11 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + min(args.budget_s, BUDGET_S)
     blocks, rings, failures = [], [], []
     _collect(
-        _block_row, [(64, False), (64, True), (128, False), (128, True)], blocks, failures, deadline
+        _block_row,
+        [(64, False), (64, True), (128, False), (128, True), (64, False, "cuda_v1")],
+        blocks,
+        failures,
+        deadline,
     )
     _collect(
         _ring_row,

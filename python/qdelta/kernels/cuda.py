@@ -23,7 +23,7 @@ SOURCE = CUDA_DIR / "delta_matmul.cu"
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 SPLITS = {0: 1, 1: 1, 2: 3}  # fp32 runs as three exact bf16 parts
 # (FT, NT, WF, WM, KS): warp tile 16*FT features x 8*NT rows; WF x WM warp tiles; KS-way split K.
-# Tensor-core kernel, kept as the "mma" path (not chosen by "auto").
+# Tensor-core kernel, the "mma" path ("auto" picks it for M <= DECODE_MMA_MAX_ROWS).
 TILES = {"decode": (2, 1, 1, 1, 8), "prefill": (2, 4, 2, 2, 1)}
 PREP_THREADS = 256
 
@@ -32,6 +32,20 @@ PREP_THREADS = 256
 # without; otherwise expand each tenant's delta once and use cuBLAS (prefill).
 DECODE_MAX_ROWS = 64
 DECODE_MAX_ROWS_ONE_TENANT = 16
+# Single-row decode goes to the tensor-core kernel: on an H200 it took 14.1 / 20.4 us
+# (N = K = 4096 / 8192) against 27.9 / 29.6 us for the lookup-table kernel, whose
+# table build and second launch are fixed costs. 0 sends every decode to the tables.
+DECODE_MMA_MAX_ROWS = 1
+# The table kernel issues a slice's plane loads before building the slice's table
+# (load latency overlaps the build). False restores the original order.
+LUT_EARLY_LOADS = True
+# The table kernel reads 32 bytes of a row per slice; with this set its loads ask L2
+# for the whole 128-byte line (PTX ld .L2::128B), so the row's next three slices hit
+# L2 instead of DRAM. False: plain 32-byte sector reads (the first measured version).
+LUT_L2_LINE_LOADS = True
+# Prefill expansion kernel: "rows" (qd_expand_rows: 2-D grid, no 64-bit division,
+# sign-bit flip for one plane) or "flat" (the original qd_expand). Same output bits.
+EXPAND_KERNEL = "rows"
 LUT_GROUP_ROWS = (1, 2, 4)  # R: x rows sharing one read of a tenant's planes
 LUT_THREADS = 256  # 8 warps: the kernel's table build assumes exactly this
 LUT_WORDS = 8  # packed words per K slice (one 32 KB table per x row)
@@ -55,6 +69,7 @@ def name_expressions() -> list[str]:
     names += [f"qd_delta_lut<{dt}, {r}>" for r in LUT_GROUP_ROWS for dt in dts]
     names += [f"qd_lut_finish<{dt}>" for dt in dts]
     names += [f"qd_expand<{dt}>" for dt in dts]
+    names += [f"qd_expand_rows<{dt}>" for dt in dts]
     return names
 
 
@@ -95,25 +110,52 @@ def _module(device_index: int, options: tuple[str, ...]):
     return module
 
 
-def _kernel(device: torch.device, name: str):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    module = _module(index, ("-std=c++17",))
-    try:
-        return module.get_function(name)
-    except Exception as exc:
-        raise KernelLaunchError(f"kernel {name} not found in {SOURCE.name}: {exc}") from exc
+_KERNELS: dict[tuple[int, str], object] = {}  # (device index, name) -> cupy kernel
+_SHARED_OPT_IN: dict[tuple[int, str], int] = {}  # dynamic shared memory already allowed
+_STREAMS: dict[tuple[int, int], object] = {}  # (device, stream handle) -> ExternalStream
+
+
+def _kernel(index: int, name: str):
+    """The compiled kernel, looked up once per device (get_function is not free)."""
+    key = (index, name)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        module = _module(index, ("-std=c++17",))
+        try:
+            kernel = module.get_function(name)
+        except Exception as exc:
+            raise KernelLaunchError(f"kernel {name} not found in {SOURCE.name}: {exc}") from exc
+        _KERNELS[key] = kernel
+    return kernel
+
+
+def _stream(index: int, handle: int):
+    """A cupy view of torch's stream, made once per (device, stream handle)."""
+    key = (index, handle)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        cupy = _cupy()
+        with cupy.cuda.Device(index):  # the view belongs to the stream's device
+            stream = cupy.cuda.ExternalStream(handle)
+        if len(_STREAMS) > 256:  # streams come and go: keep the cache bounded
+            _STREAMS.clear()
+        _STREAMS[key] = stream
+    return stream
 
 
 def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
     cupy = _cupy()
-    kernel = _kernel(device, name)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+    index = _device_index(device)
+    kernel = _kernel(index, name)
+    stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     if any(g < 1 for g in grid) or grid[0] > 2**31 - 1 or any(g > 65535 for g in grid[1:]):
         raise ShapeError(f"{name}: grid {grid} is outside what CUDA can launch")
     try:
-        with cupy.cuda.Device(device.index), stream:
-            if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
-                kernel.max_dynamic_shared_size_bytes = shared_mem
+        with cupy.cuda.Device(index), stream:
+            if shared_mem > 48 * 1024 and _SHARED_OPT_IN.get((index, name), 0) < shared_mem:
+                if kernel.max_dynamic_shared_size_bytes < shared_mem:
+                    kernel.max_dynamic_shared_size_bytes = shared_mem
+                _SHARED_OPT_IN[(index, name)] = shared_mem
             kernel(grid, block, args, shared_mem=shared_mem)
         if os.environ.get("QDELTA_CUDA_SYNC") == "1":
             torch.cuda.synchronize(device)
@@ -167,8 +209,8 @@ def multi_tenant_delta_matmul(
     ``path``: ``"decode"`` (lookup-table kernel, few rows), ``"prefill"`` (expand each
     tenant's delta once to a dense matrix in x's dtype, then cuBLAS; the prefill
     path reads the ids on the host once), ``"mma"`` (tensor-core kernel) or
-    ``"auto"``: decode for M <= 64 rows with tenant ids (M <= 16 for one tenant),
-    else prefill. All paths compute the same result (docs/CUDA.md).
+    ``"auto"`` (:func:`auto_path`): mma for one row, decode for M <= 64 rows with tenant
+    ids (M <= 16 for one tenant), else prefill. All paths compute the same result (docs/CUDA.md).
     """
     if path not in ("auto", "decode", "prefill", "mma"):
         raise ShapeError(f"path: expected 'auto', 'decode', 'prefill' or 'mma', found {path!r}")
@@ -240,9 +282,7 @@ def multi_tenant_delta_matmul(
         raise ShapeError(f"x: expected unit stride along K, found strides {x.stride()}")
 
     if path == "auto":
-        one_tenant = tenant_ids is None or tenants == 1
-        limit = DECODE_MAX_ROWS_ONE_TENANT if one_tenant else DECODE_MAX_ROWS
-        path = "decode" if m_rows <= limit else "prefill"
+        path = auto_path(m_rows, tenant_ids is None or tenants == 1)
     dt = DTYPE_CODES[x.dtype]
     if path == "decode":
         _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
@@ -251,6 +291,18 @@ def multi_tenant_delta_matmul(
     else:
         _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     return out
+
+
+def auto_path(m_rows: int, one_tenant: bool) -> str:
+    """The path ``path="auto"`` takes for ``m_rows`` rows (docs/CUDA.md has the measurements).
+
+    mma for M <= DECODE_MMA_MAX_ROWS; the table kernel up to DECODE_MAX_ROWS rows
+    (DECODE_MAX_ROWS_ONE_TENANT when every row is one tenant); prefill above.
+    """
+    if m_rows <= DECODE_MMA_MAX_ROWS:
+        return "mma"
+    limit = DECODE_MAX_ROWS_ONE_TENANT if one_tenant else DECODE_MAX_ROWS
+    return "decode" if m_rows <= limit else "prefill"
 
 
 @functools.cache
@@ -268,6 +320,12 @@ def lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: in
     ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
     of rows per tenant made without reading the ids: any R gives the same result.
     """
+    return dict(_lut_plan(m_rows, n, w, use, tenants, sms))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
+    """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
     rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
     nb_max = 32 * (32 // rows)  # 8 warps x 4 features x (32 / R) steps
@@ -297,7 +355,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
     sms = _sm_count(_device_index(device))
-    plan = lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)
+    plan = _lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)  # read-only
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
@@ -324,6 +382,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
             np.int32(plan["nb"]),
             np.int32(plan["spc"]),
             np.int32(plan["kch"]),
+            np.int32((1 if LUT_EARLY_LOADS else 0) | (2 if LUT_L2_LINE_LOADS else 0)),
         ),
         shared_mem=rows * LUT_BYTES_PER_ROW,
     )
@@ -355,23 +414,23 @@ def _expand(planes_t, scales_t, use, row_scales, dt, dtype, k) -> torch.Tensor:
     _, n, w = planes_t.shape
     device = planes_t.device
     dense = torch.empty(n, 32 * w, dtype=dtype, device=device)
-    groups = n * w * 4
-    sms = _sm_count(_device_index(device))
-    _launch(
-        device,
-        f"qd_expand<{dt}>",
-        (min(-(-groups // EXPAND_THREADS), 32 * sms),),
-        (EXPAND_THREADS,),
-        (
-            _ptr(planes_t),
-            _ptr(scales_t),
-            np.int32(n),
-            np.int32(w),
-            np.int32(use),
-            np.int32(1 if row_scales else 0),
-            _ptr(dense),
-        ),
+    args = (
+        _ptr(planes_t),
+        _ptr(scales_t),
+        np.int32(n),
+        np.int32(w),
+        np.int32(use),
+        np.int32(1 if row_scales else 0),
+        _ptr(dense),
     )
+    if EXPAND_KERNEL == "rows":
+        grid = (-(-4 * w // EXPAND_THREADS), min(n, 65535))
+        _launch(device, f"qd_expand_rows<{dt}>", grid, (EXPAND_THREADS,), args)
+    else:
+        groups = n * w * 4
+        sms = _sm_count(_device_index(device))
+        grid = (min(-(-groups // EXPAND_THREADS), 32 * sms),)
+        _launch(device, f"qd_expand<{dt}>", grid, (EXPAND_THREADS,), args)
     return dense[:, :k]
 
 

@@ -13,6 +13,7 @@ one process: for debugging, and for benchmarking the blockwise path on one GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -20,15 +21,15 @@ import torch.distributed as dist
 from qdelta.errors import ShapeError
 from qdelta.ring.block import (
     Backend,
-    block_attention,
     block_attention_backward,
+    block_partial,
     check_inputs,
     partial_dtype,
 )
 from qdelta.ring.comm import RingComm, all_lengths
 from qdelta.ring.errors import RingError
 from qdelta.ring.layout import Chunk, Layout, rank_chunks, seq_len_from_local, shard, unshard
-from qdelta.ring.merge import empty_partial, merge_
+from qdelta.ring.merge import empty_partial, merge_, merge_fused_
 
 KV_TAG, GRAD_TAG = 11, 12
 
@@ -51,31 +52,71 @@ class _Plan:
         return sum(c.length for c in self.chunks(rank))
 
 
-def _pairs(plan: _Plan, q_rank: int, kv_rank: int):
-    """(q local slice, q chunk, kv local slice, kv chunk, causal?) for every pair not fully masked."""
+# The fast ring path: fully visible chunk pairs are joined into one kernel call
+# (zigzag: one call per ring step instead of four), block outputs stay in the
+# kernel's dtype and are merged in place by merge_fused_. False restores one
+# call per chunk pair merged by the reference merge_ (the earlier path).
+FAST_PATH = True
+
+
+class _Pair(NamedTuple):
+    """A (query slice, key/value slice) of the local shards and their global chunks."""
+
+    qs: slice
+    qc: Chunk
+    ks: slice
+    kc: Chunk
+    causal: bool  # False: every query sees every key of the pair
+
+
+def _pairs(plan: _Plan, q_rank: int, kv_rank: int) -> list[_Pair]:
+    """Every chunk pair not fully masked; with FAST_PATH, fully visible ones coalesced."""
+    pairs = []
     q_off = 0
     for qc in plan.chunks(q_rank):
         kv_off = 0
         for kc in plan.chunks(kv_rank):
+            qs = slice(q_off, q_off + qc.length)
+            ks = slice(kv_off, kv_off + kc.length)
             if qc.length and kc.length:
                 if not plan.causal or qc.start >= kc.stop - 1:
-                    yield (
-                        slice(q_off, q_off + qc.length),
-                        qc,
-                        slice(kv_off, kv_off + kc.length),
-                        kc,
-                        False,
-                    )
+                    pairs.append(_Pair(qs, qc, ks, kc, False))
                 elif qc.stop - 1 >= kc.start:
-                    yield (
-                        slice(q_off, q_off + qc.length),
-                        qc,
-                        slice(kv_off, kv_off + kc.length),
-                        kc,
-                        True,
-                    )
+                    pairs.append(_Pair(qs, qc, ks, kc, True))
             kv_off += kc.length
         q_off += qc.length
+    return coalesce_pairs(pairs) if FAST_PATH else pairs
+
+
+def coalesce_pairs(pairs: list[_Pair]) -> list[_Pair]:
+    """Join fully visible pairs that share a query slice and have adjacent local key
+    slices (or share a key slice with adjacent query slices) into one pair.
+
+    Without a causal mask the global positions of a pair do not matter (segment
+    ids are sliced by local position), so the joined chunk keeps the first start.
+    """
+    pairs = list(pairs)
+    changed = True
+    while changed:
+        changed = False
+        for i, a in enumerate(pairs):
+            for j, b in enumerate(pairs):
+                if i == j or a.causal or b.causal:
+                    continue
+                if a.qs == b.qs and a.ks.stop == b.ks.start:
+                    kc = Chunk(a.kc.start, a.kc.length + b.kc.length)
+                    joined = _Pair(a.qs, a.qc, slice(a.ks.start, b.ks.stop), kc, False)
+                elif a.ks == b.ks and a.qs.stop == b.qs.start:
+                    qc = Chunk(a.qc.start, a.qc.length + b.qc.length)
+                    joined = _Pair(slice(a.qs.start, b.qs.stop), qc, a.ks, a.kc, False)
+                else:
+                    continue
+                pairs = [p for n, p in enumerate(pairs) if n not in (i, j)] + [joined]
+                changed = True
+                break
+            if changed:
+                break
+    return pairs
 
 
 def _seg(seg: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
@@ -84,8 +125,9 @@ def _seg(seg: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
 
 def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
     """Merge q's attention to one rank's K/V block into the partial (out, lse)."""
+    fast = FAST_PATH
     for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
-        bo, bl = block_attention(
+        bo, bl = block_partial(
             q[:, :, qs],
             k[:, :, ks],
             v[:, :, ks],
@@ -96,8 +138,9 @@ def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
             q_segment_ids=_seg(qseg, qs),
             kv_segment_ids=_seg(kseg, ks),
             backend=plan.backend,
+            cast=not fast,
         )
-        merge_(out[:, :, qs], lse[:, :, qs], bo, bl)
+        (merge_fused_ if fast else merge_)(out[:, :, qs], lse[:, :, qs], bo, bl)
 
 
 def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -30,7 +31,11 @@ from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingBackendWarning, RingError
 
 Backend = Literal["auto", "math", "sdpa", "cuda"]
-BACKENDS = ("auto", "math", "sdpa", "cuda")
+BACKENDS = ("auto", "math", "sdpa", "cuda", "cuda_v1")
+
+# How often each forward path ran (cheap; tests assert the fast path is taken):
+# "math", "flash", "efficient", "efficient_masked", "cpu_flash", "cpu_flash_masked", "cuda".
+PATH_COUNTS: Counter = Counter()
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,6 +56,29 @@ def block_attention(
     backend: Backend = "math",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` against one key/value block; see the module docstring."""
+    return block_partial(
+        q, k, v, softmax_scale=softmax_scale, causal=causal, q_start=q_start,
+        kv_start=kv_start, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        backend=backend, cast=True,
+    )  # fmt: skip
+
+
+def block_partial(
+    q,
+    k,
+    v,
+    *,
+    softmax_scale,
+    causal,
+    q_start,
+    kv_start,
+    q_segment_ids,
+    kv_segment_ids,
+    backend: Backend,
+    cast: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_attention`; with ``cast=False`` ``out`` may stay in the kernel's
+    dtype (bf16/fp16 from flash attention) for :func:`merge_fused_` to read directly."""  # fmt: skip
     scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
     args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
     if backend == "auto":
@@ -58,11 +86,12 @@ def block_attention(
     if backend == "math":
         return _math_forward(*args)
     if backend == "sdpa":
-        return _sdpa_forward(*args)
-    if backend == "cuda":
+        return _sdpa_forward(*args, cast=cast)
+    if backend in ("cuda", "cuda_v1"):
         from qdelta.ring import cuda_block
 
-        return cuda_block.attention_block(*args)
+        PATH_COUNTS["cuda"] += 1
+        return cuda_block.attention_block(*args, kernel=backend)
     raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
 
 
@@ -149,6 +178,7 @@ def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _math_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
+    PATH_COUNTS["math"] += 1
     b, hq, sq, d = q.shape
     mask = allowed_mask(sq, k.shape[2], causal, q_start, kv_start, qseg, kseg, q.device)
     s = _scores(q, k, scale, mask)
@@ -285,7 +315,7 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
 
-def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
+def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg, cast=True):
     args = (q, k, v, scale, causal, q_start, kv_start, qseg, kseg)
     sq, sk = q.shape[2], k.shape[2]
     diagonal = causal and q_start == kv_start and sq == sk and qseg is None
@@ -303,11 +333,14 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, is_causal=diagonal, attn_mask=bias, scale=scale
             )
+            PATH_COUNTS["cpu_flash" if bias is None else "cpu_flash_masked"] += 1
         elif mask is None and q.dtype in (torch.float16, torch.bfloat16):
+            # Flash returns lse as fp32 [B, H, Sq] (natural log, unpadded).
             res = torch.ops.aten._scaled_dot_product_flash_attention(
                 q, k, v, 0.0, diagonal, False, scale=scale
             )
             out, lse = res[0], res[1]
+            PATH_COUNTS["flash"] += 1
         else:
             bias = None
             if mask is not None:
@@ -318,13 +351,17 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
                 )
                 bias = full[..., :sk]
                 bias.masked_fill_(~mask.expand(q.shape[0], q.shape[1], sq, sk), float("-inf"))
+            # Its lse is [B, H, ceil(Sq / 32) * 32]: drop the padding.
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                 q, k, v, bias, True, 0.0, diagonal, scale=scale
             )[:2]
             lse = lse[..., :sq]
+            PATH_COUNTS["efficient" if bias is None else "efficient_masked"] += 1
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         return _fallback(f"{q.device.type} {q.dtype}: {str(exc).splitlines()[0][:120]}", args)
-    out, lse = out.to(acc), lse.to(acc)
+    lse = lse.to(acc)
+    if cast or mask is not None:
+        out = out.to(acc)
     if mask is not None:
         seen = mask.any(-1).expand_as(lse)
         lse = lse.masked_fill(~seen, float("-inf"))

@@ -3,6 +3,10 @@
 fp16/bf16 inputs, head dims 64 and 128, on a CUDA device; returns fp32
 ``(out, lse)`` like every block backend (see block.py). Tensors cross to cupy
 through DLPack without copies; the kernel runs on torch's current stream.
+
+Two kernels: ``mma`` (``attention_block_mma``: tensor cores, FlashAttention-2
+style, sm_80+) and ``v1`` (``attention_block``: CUDA cores, the first kernel).
+Backend ``cuda`` runs DEFAULT_KERNEL; backend ``cuda_v1`` always runs ``v1``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ from qdelta.ring.errors import RingError
 
 SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "attention_block.cu"
 HEAD_DIMS = (64, 128)
-ROWS_PER_BLOCK = 32
+# Which kernel backend "cuda" runs: "mma" (tensor cores) or "v1" (the first kernel).
+DEFAULT_KERNEL = "mma"
+KERNELS = {
+    # name: (function, query rows per block, threads per block)
+    "mma": ("attention_block_mma", 64, 128),
+    "v1": ("attention_block", 32, 128),
+}
+ROWS_PER_BLOCK = KERNELS["v1"][1]
 THREADS = 128
 _CTYPES = {torch.float16: "0", torch.bfloat16: "1"}  # the kernel's DT template argument
 
@@ -34,7 +45,52 @@ def available() -> bool:
 
 
 def instantiations() -> list[str]:
-    return [f"attention_block<{c}, {d}>" for c in _CTYPES.values() for d in HEAD_DIMS]
+    return [
+        f"{fn}<{c}, {d}>"
+        for fn, _, _ in KERNELS.values()
+        for c in _CTYPES.values()
+        for d in HEAD_DIMS
+    ]
+
+
+def kernel_name(backend: str) -> str:
+    """The KERNELS entry a block backend name runs."""
+    return "v1" if backend == "cuda_v1" else DEFAULT_KERNEL
+
+
+def launch_grid(kernel: str, b: int, hq: int, sq: int) -> tuple[tuple[int, int, int], int]:
+    """(grid, threads) of one launch: one block per ``rows`` query rows of each (batch, head)."""
+    _, rows, threads = KERNELS[kernel]
+    return ((sq + rows - 1) // rows, hq, b), threads
+
+
+def mma_tiles(
+    block: int, sq: int, sk: int, causal: bool, q_start: int, kv_start: int, segments: bool
+) -> list[tuple[int, bool]]:
+    """``(first key, masked?)`` of every key tile query block ``block`` of the mma
+    kernel visits: the kernel's loop bounds and mask test, for tests on any machine."""
+    _, rows, _ = KERNELS["mma"]
+    keys = 64
+    row0 = block * rows
+    last_q = q_start + min(sq, row0 + rows) - 1
+    tiles = []
+    for t0 in range(0, sk, keys):
+        if causal and kv_start + t0 > last_q:
+            break
+        masked = (
+            t0 + keys > sk
+            or segments
+            or (causal and kv_start + t0 + keys - 1 > q_start + row0)
+            or row0 + rows > sq
+        )
+        tiles.append((t0, masked))
+    return tiles
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the mma kernel loads 16 bytes at a time)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 @functools.cache
@@ -49,8 +105,8 @@ def _module(device_index: int):
         )
 
 
-def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg):
-    """Run the kernel; arguments as in block._math_forward."""
+def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *, kernel="cuda"):
+    """Run the kernel; arguments as in block._math_forward; ``kernel``: the backend name."""
     if not available():
         raise RingError("ring block backend 'cuda': expected cupy and a CUDA device, found none")
     if not q.is_cuda:
@@ -65,7 +121,8 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg):
         raise ShapeError(f"ring block backend 'cuda': expected head_dim in {HEAD_DIMS}, found {d}")
     import cupy
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    name = kernel_name(kernel)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if sq == 0:
@@ -84,17 +141,18 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg):
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    fn = _module(q.device.index or 0).get_function(f"attention_block<{_CTYPES[q.dtype]}, {d}>")
+    fn_name = KERNELS[name][0]
+    fn = _module(q.device.index or 0).get_function(f"{fn_name}<{_CTYPES[q.dtype]}, {d}>")
 
     def ptr(t):
         return 0 if t is None else cupy.uint64(t.data_ptr())
 
-    grid = ((sq + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, hq, b)
+    grid, threads = launch_grid(name, b, hq, sq)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream)
     with cupy.cuda.Device(q.device.index or 0), stream:
         fn(
             grid,
-            (THREADS,),
+            (threads,),
             (
                 ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
                 cupy.uint64(0) if q_seg is None else ptr(q_seg),

@@ -48,3 +48,19 @@ def empty_partial(
     out = torch.zeros(shape_out, dtype=dtype, device=device)
     lse = torch.full(shape_out[:-1], float("-inf"), dtype=dtype, device=device)
     return out, lse
+
+
+def merge_fused_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> None:
+    """In-place :func:`merge` in a few fused ops with no temporaries of ``out``'s size.
+
+    ``block_out`` may stay in its kernel's dtype (e.g. bf16 from flash attention);
+    it is read once, promoted inside ``addcmul_``. The block's weight is
+    ``exp(block_lse - new_lse) = sigmoid(block_lse - lse)``; when both are ``-inf``
+    that is NaN, set to 0 (the row keeps ``out = 0``, ``lse = -inf``).
+    """
+    block_lse = block_lse.to(lse.dtype)
+    w = torch.nan_to_num_(torch.sigmoid(block_lse - lse), nan=0.0).unsqueeze(-1)
+    out.mul_(1.0 - w).addcmul_(block_out, w)
+    torch.logaddexp(lse, block_lse, out=lse)

@@ -1,0 +1,108 @@
+"""Kernel variants switched by module constants give the same results as the originals.
+
+GPU only (skipped without CUDA and cupy). Each variant runs on the same fresh
+random inputs as the original it replaces; both are checked against the float64
+oracle, and the deterministic ones must match bit for bit.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+cuda_backend = pytest.importorskip("qdelta.kernels.cuda")
+if not cuda_backend.available():
+    pytest.skip("needs a CUDA device and cupy", allow_module_level=True)
+
+from tests.test_cuda_kernels import (  # noqa: E402
+    DEV,
+    DTYPES,
+    assert_close,
+    oracle,
+    poisoned,
+    random_planes,
+    random_scales,
+)
+
+
+@pytest.fixture(autouse=True)
+def sync_after_each_launch(monkeypatch):
+    monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_planes", [1, 3])
+@pytest.mark.parametrize("row", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(97, 33), (300, 1000), (70000, 40)])
+def test_expand_rows_matches_flat_bit_for_bit(monkeypatch, dtype, n_planes, row, n, k):
+    """N = 70000 > 65535 exercises the grid-stride loop over rows."""
+    planes = random_planes(1, n_planes, n, k)[0]
+    scales = random_scales(1, n_planes, n, row)[0]
+    scales[..., ::7] *= -1  # negative alphas flip every sign
+    dt = cuda_backend.DTYPE_CODES[dtype]
+    got = {}
+    for kind in ("flat", "rows"):
+        monkeypatch.setattr(cuda_backend, "EXPAND_KERNEL", kind)
+        got[kind] = cuda_backend._expand(planes, scales, n_planes, row, dt, dtype, k).clone()
+    assert torch.equal(got["rows"], got["flat"]), f"expand rows vs flat N={n} K={k} {dtype}"
+    from qdelta.kernels import reference
+
+    want = reference.dense_delta(planes, scales, k).double()
+    err = float((got["rows"].double() - want).abs().max() / want.abs().max())
+    assert err <= {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("m", "t", "k", "n"), [(5, 3, 4097, 300), (16, 16, 1024, 1100)])
+def test_lut_load_variants_match_original(monkeypatch, dtype, m, t, k, n):
+    """Load order and L2 line fetches change timing only: the sums are bit-identical."""
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, 2, n, k)
+    scales = random_scales(t, 2, n, row=True)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    got = {}
+    for early in (False, True):
+        for line in (False, True):
+            monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
+            monkeypatch.setattr(cuda_backend, "LUT_L2_LINE_LOADS", line)
+            got[early, line] = cuda_backend.multi_tenant_delta_matmul(
+                x, planes, scales, ids, out=poisoned(m, n, dtype), path="decode"
+            )
+    first = got[False, False]
+    for key, y in got.items():
+        assert torch.equal(y, first), f"early, line = {key} changes the sums M={m} {dtype}"
+    assert_close(first, oracle(x, planes, scales, ids), f"table decode M={m} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mma_rows", [0, 1])
+def test_single_row_auto_path_either_way(monkeypatch, dtype, mma_rows):
+    """auto with one row: the mma kernel (default) or the tables (constant set to 0)."""
+    monkeypatch.setattr(cuda_backend, "DECODE_MMA_MAX_ROWS", mma_rows)
+    k, n = 4096, 1100
+    x = torch.randn(1, k, device=DEV).to(dtype)
+    planes = random_planes(1, 1, n, k)[0]
+    scales = random_scales(1, 1, n, row=False)[0]
+    base = torch.randn(1, n, device=DEV).to(dtype)
+    y = cuda_backend.delta_matmul(x, planes, scales, base=base, out=poisoned(1, n, dtype))
+    ids = torch.zeros(1, dtype=torch.int64, device=DEV)
+    assert_close(y, oracle(x, planes[None], scales[None], ids, base), f"M=1 mma_rows={mma_rows}")
+
+
+def test_kernel_and_stream_caches_follow_the_current_stream():
+    """Cached cupy stream views: work on a side stream lands on that stream."""
+    m, k, n = 9, 500, 130
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(2, 1, n, k)
+    scales = random_scales(2, 1, n, row=False)
+    ids = torch.randint(0, 2, (m,), device=DEV)
+    want = oracle(x, planes, scales, ids)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # inputs were made on the default stream
+    for stream in (side, torch.cuda.current_stream(), side):
+        with torch.cuda.stream(stream):
+            y = cuda_backend.multi_tenant_delta_matmul(
+                x, planes, scales, ids, out=poisoned(m, n, x.dtype)
+            )
+        stream.synchronize()
+        assert_close(y, want, "after switching streams")
