@@ -23,12 +23,7 @@ from typing import Any
 import torch
 
 from qdelta.bitplane import ScaleMode, pack_residual
-from qdelta.compress import (
-    Patterns,
-    check_finite,
-    check_same_architecture,
-    select_targets,
-)
+from qdelta.compress import Patterns, prepare_pair
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     AlgebraError,
@@ -37,7 +32,7 @@ from qdelta.errors import (
     NonFiniteError,
     ShapeError,
 )
-from qdelta.sources import ModelSource, as_module, guess_layer_kinds, layer_kinds, state_dict_of
+from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, fingerprint
 
 
@@ -167,16 +162,9 @@ def dense_delta(
     tenant: str = "",
 ) -> DenseDelta:
     """``finetuned - base`` per layer (float32), selected like :func:`qdelta.compress`."""
-    base_mod, ft_mod = as_module(base), as_module(finetuned)
-    base_sd = state_dict_of(base_mod if base_mod is not None else base)  # type: ignore[arg-type]
-    ft_sd = state_dict_of(ft_mod if ft_mod is not None else finetuned)  # type: ignore[arg-type]
-    module = ft_mod if ft_mod is not None else base_mod
-    kinds = layer_kinds(module) if module is not None else guess_layer_kinds(ft_sd)
-    kinds = {n: k for n, k in kinds.items() if f"{n}.weight" in ft_sd}
-    check_same_architecture(base_sd, ft_sd, kinds)
-    check_finite(base_sd, "base")
-    check_finite(ft_sd, "fine-tune")
-    names = select_targets(kinds, targets, exclude, compress_embeddings)
+    base_sd, ft_sd, module, kinds, names = prepare_pair(
+        base, finetuned, targets, exclude, compress_embeddings
+    )
     layers, transposed = {}, set()
     for n in names:
         d = ft_sd[f"{n}.weight"].detach().cpu().float() - base_sd[f"{n}.weight"].cpu().float()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from qdelta.bitplane import ScaleMode, pack_residual
 from qdelta.delta import Delta, PackedLayer
@@ -136,6 +137,28 @@ def pack_layer(
     return PackedLayer(planes, scales, tuple(delta.shape), transposed=transposed)
 
 
+def prepare_pair(
+    base: ModelSource,
+    finetuned: ModelSource,
+    targets: Patterns,
+    exclude: Patterns,
+    compress_embeddings: bool,
+) -> tuple[dict, dict, nn.Module | None, dict[str, str], list[str]]:
+    """Both state dicts, the module (if any), layer kinds and the selected layer names,
+    after checking the pair has one architecture and finite weights."""
+    base_mod, ft_mod = as_module(base), as_module(finetuned)
+    base_sd = state_dict_of(base_mod if base_mod is not None else base)  # type: ignore[arg-type]
+    ft_sd = state_dict_of(ft_mod if ft_mod is not None else finetuned)  # type: ignore[arg-type]
+    module = ft_mod if ft_mod is not None else base_mod
+    kinds = layer_kinds(module) if module is not None else guess_layer_kinds(ft_sd)
+    kinds = {n: k for n, k in kinds.items() if f"{n}.weight" in ft_sd}
+    check_same_architecture(base_sd, ft_sd, kinds)
+    check_finite(base_sd, "base")
+    check_finite(ft_sd, "fine-tune")
+    names = select_targets(kinds, targets, exclude, compress_embeddings)
+    return base_sd, ft_sd, module, kinds, names
+
+
 def compress(
     base: ModelSource,
     finetuned: ModelSource,
@@ -157,17 +180,9 @@ def compress(
     whole when they differ from the base. With only state dicts, every 2-D
     ``*.weight`` is taken for an ``nn.Linear`` weight ``[out, in]``.
     """
-    base_mod, ft_mod = as_module(base), as_module(finetuned)
-    base_sd = state_dict_of(base_mod if base_mod is not None else base)  # type: ignore[arg-type]
-    ft_sd = state_dict_of(ft_mod if ft_mod is not None else finetuned)  # type: ignore[arg-type]
-    module = ft_mod if ft_mod is not None else base_mod
-    kinds = layer_kinds(module) if module is not None else guess_layer_kinds(ft_sd)
-    kinds = {n: k for n, k in kinds.items() if f"{n}.weight" in ft_sd}
-    check_same_architecture(base_sd, ft_sd, kinds)
-    check_finite(base_sd, "base")
-    check_finite(ft_sd, "fine-tune")
-
-    names = select_targets(kinds, targets, exclude, compress_embeddings)
+    base_sd, ft_sd, module, kinds, names = prepare_pair(
+        base, finetuned, targets, exclude, compress_embeddings
+    )
     layers = {
         n: pack_layer(n, base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"], kinds[n], bits, scale)
         for n in names
