@@ -63,3 +63,4 @@ def test_outputs_on_disk(demo):
     assert sorted(store.tenants()) == sorted(result["tenants"])
     for name in store.tenants():
         store.open(name).verify()
+        assert store.open(name).user_metadata["source"] == result["tenants"][name]["kind"]

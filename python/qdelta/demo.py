@@ -100,6 +100,8 @@ def compress_and_evaluate(
                 "delta_bytes": nbytes,
                 "compression": ft_fp16 / nbytes,
             }
+        # Say what the tenant is (a full fine-tune, a merged LoRA, a soup) for `qdelta inspect`.
+        variants["bitdelta-distilled"].metadata["source"] = tenant.kind
         store.add(name, variants["bitdelta-distilled"])
         rows += quality_rows(name, tenant.domain, ppls, sizes=sizes)
         details[name] = {
