@@ -48,6 +48,7 @@ bench: develop
 	$(PY) benches/report.py benches/results/latest.json
 	$(PY) benches/report_gemv.py benches/results/latest.json
 	$(PY) benches/bench_store.py
+	$(PY) benches/bench_store.py --cold --out benches/results/store_cold.json
 	$(PY) benches/bench_runtime.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -100,6 +101,16 @@ def run_safe_open(directory: Path, layer: str) -> tuple[float, float, int]:
     return first, time.perf_counter() - t0, checksum
 
 
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root on Linux), so the next read comes from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tenants", type=int, default=200)
@@ -107,6 +118,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048, help="each layer is dim x dim, 1 bit")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tmp", default=None, help="where to create the files")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every method's run"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.json"))
     args = parser.parse_args()
 
@@ -130,6 +144,9 @@ def main() -> None:
                 ("load_file", run_load_file),
                 ("safe_open", run_safe_open),
             ):
+                if args.cold and not drop_page_cache():
+                    print("bench_store: --cold needs root on Linux (drop_caches); skipped")
+                    return
                 c0 = time.process_time()
                 first, total, check = fn(directory, layer)
                 runs[method].append((first, total, check, time.process_time() - c0))
@@ -141,7 +158,9 @@ def main() -> None:
             "file_bytes": file_bytes,
             "layer_bytes": args.dim * qdelta.words_per_row(args.dim) * 4,
             "build_seconds": build_s,
-            "page_cache": "warm (files just written)",
+            "page_cache": "cold (dropped before each method's run)"
+            if args.cold
+            else "warm (files just written)",
             "repeats": args.repeats,
         }
         for method, rs in runs.items():
