@@ -116,16 +116,18 @@ def test_zero_scale_planes_add_nothing():
 
 def test_auto_dispatch_rule():
     scales = torch.ones(1)
-    small = torch.randn(kernels.CPU_MAX_ROWS, 3)
-    assert kernels._use_cpu(small, scales, "auto")
-    assert not kernels._use_cpu(torch.randn(kernels.CPU_MAX_ROWS + 1, 3), scales, "auto")
-    assert not kernels._use_cpu(small.double(), scales, "auto")
-    assert not kernels._use_cpu(small.requires_grad_(), scales, "auto")
-    assert not kernels._use_cpu(torch.randn(2, 3), scales.requires_grad_(), "auto")
-    assert kernels._use_cpu(torch.randn(2, 3), scales, "cpu")
-    assert not kernels._use_cpu(torch.randn(2, 3), scales, "reference")
-    with pytest.raises(qdelta.QDeltaError, match="backend: expected one of"):
-        kernels._use_cpu(torch.randn(2, 3), scales, "gpu")
+    # Few rows of a small delta, or up to N*K/1024 rows of a large one: the Rust kernel.
+    assert kernels.cpu_max_rows(128, 128) == kernels.CPU_MIN_ROWS
+    assert kernels.cpu_max_rows(2048, 2048) == 4096
+    small = torch.randn(kernels.CPU_MIN_ROWS, 3)
+    assert kernels._use_cpu(small, scales, "auto", 5)
+    assert not kernels._use_cpu(torch.randn(kernels.CPU_MIN_ROWS + 1, 3), scales, "auto", 5)
+    assert kernels._use_cpu(torch.randn(4096, 2048), scales, "auto", 2048)
+    assert not kernels._use_cpu(torch.randn(4097, 2048), scales, "auto", 2048)
+    assert not kernels._use_cpu(small.double(), scales, "auto", 5)
+    assert not kernels._use_cpu(small.requires_grad_(), scales, "auto", 5)
+    assert not kernels._use_cpu(torch.randn(2, 3), scales.requires_grad_(), "auto", 5)
+    assert kernels._use_cpu(torch.randn(2, 3), scales, "cpu", 5)
 
 
 def test_bad_input_is_a_clear_error():

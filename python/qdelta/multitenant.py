@@ -179,7 +179,7 @@ class MultiTenantLinear(nn.Module):
             y.dtype == torch.float32
             and not y.requires_grad
             and y.is_contiguous()
-            and kernels._use_cpu(x2, self.scales, self.backend)
+            and kernels._use_cpu(x2, self.scales, self.backend, self.out_features)
             and not x2.is_cuda
         )
 

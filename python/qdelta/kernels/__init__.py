@@ -23,25 +23,36 @@ from qdelta.kernels import cpu, reference
 
 Backend = Literal["auto", "reference", "cpu", "cuda"]
 
-#: "auto" runs the Rust kernel on CPU inputs of at most this many rows. Above
-#: about 3000 rows the reference's dense unpack + BLAS matmul catches up
-#: (measured crossover, docs/CPU_KERNEL.md); inputs that need gradients stay
-#: on the (differentiable) reference.
-CPU_MAX_ROWS = 2048
+#: "auto" runs the Rust kernel on CPU inputs of at most
+#: ``max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)`` rows.
+#: The reference decodes the whole delta once per call and then uses BLAS, so
+#: the more rows share that decode, the better it does; the kernel's cost grows
+#: with rows times weights. Measured crossovers (AMD EPYC, 2 cores; 1 plane):
+#: 128x128 between 64 and 256 rows, 512x512 between 256 and 512, 1024x1024
+#: between 512 and 2048, 2048x2048 above 2048 (docs/CPU_KERNEL.md). Inputs
+#: that need gradients stay on the (differentiable) reference.
+CPU_MIN_ROWS = 64
+CPU_WEIGHTS_PER_ROW = 1024
 
 
-def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str) -> bool:
+def cpu_max_rows(out_features: int, in_features: int) -> int:
+    """The most rows "auto" hands to the Rust kernel for one ``[out, in]`` delta."""
+    return max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)
+
+
+def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str, out_features: int) -> bool:
     if backend not in get_args(Backend):
         raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
     if backend != "auto":
         return backend == "cpu"
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    in_features = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // max(in_features, 1) if x.dim() else 0
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not needs_grad
-        and rows <= CPU_MAX_ROWS
+        and rows <= cpu_max_rows(out_features, in_features)
     )
 
 
@@ -58,7 +69,7 @@ def delta_matmul(
         from qdelta.kernels import cuda
 
         return cuda.delta_matmul(x, planes, scales, bits=bits)
-    if _use_cpu(x, scales, backend):
+    if _use_cpu(x, scales, backend, planes.shape[-2]):
         return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
 
@@ -76,7 +87,7 @@ def multi_tenant_delta_matmul(
         from qdelta.kernels import cuda
 
         return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
-    if _use_cpu(x, scales, backend):
+    if _use_cpu(x, scales, backend, planes.shape[-2]):
         return cpu.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
 
