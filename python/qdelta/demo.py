@@ -1,7 +1,7 @@
 """`qdelta demo` / `make demo`: the main job, end to end on models built here.
 
 zoo (base + fine-tunes, built offline and cached) -> compress every tenant
-(1-bit with initial and distilled scales, 2- and 3-bit residual planes) ->
+(1-bit and 2-bit with initial and distilled scales, 3-bit residual planes) ->
 perplexity table -> one batch mixing tenants served from one base + deltas,
 checked token for token against each tenant's merged dense model -> memory
 table for N tenants measured from the runtime's tensors (and a 7B Llama's
@@ -62,7 +62,7 @@ def _ppl(model, zoo: Zoo, domain: str) -> float:
 def compress_and_evaluate(
     zoo: Zoo, store: DeltaStore, *, distill_steps: int, seed: int, progress: bool
 ) -> tuple[list[ResultRow], dict]:
-    """Every tenant: four compressed variants, their perplexities, sizes; the distilled
+    """Every tenant: five compressed variants, their perplexities, sizes; the distilled
     1-bit delta goes into ``store`` (what the runtime serves)."""
     base = zoo.load("base")
     base_ppl = {d: _ppl(base, zoo, d) for d in zoo.domains}
@@ -85,6 +85,15 @@ def compress_and_evaluate(
         variants["bitdelta-distilled"] = result.delta
         for bits in (2, 3):
             variants[f"{bits}-bit"] = compress(base, ft, bits=bits, tenant=name)
+        variants["2-bit-distilled"] = distill(
+            base,
+            ft,
+            variants["2-bit"],
+            _calibration(zoo, tenant.domain),
+            steps=distill_steps,
+            seed=seed,
+            progress=progress,
+        ).delta
         seconds = time.perf_counter() - t0
         ppls = {"base": base_ppl[tenant.domain], "finetune": _ppl(ft, zoo, tenant.domain)}
         sizes = {}

@@ -27,7 +27,15 @@ from qdelta.errors import EvalError
 from qdelta.tokenizer import ByteTokenizer
 
 # The variants the results table knows, in display order (others sort after them).
-VARIANTS = ("base", "finetune", "bitdelta-init", "bitdelta-distilled", "2-bit", "3-bit")
+VARIANTS = (
+    "base",
+    "finetune",
+    "bitdelta-init",
+    "bitdelta-distilled",
+    "2-bit",
+    "2-bit-distilled",
+    "3-bit",
+)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,9 @@ from pathlib import Path
 
 from qdelta.eval import ResultRow
 
-# Variants in the order they gain fidelity, with the x position (bits per weight).
-_BIT_VARIANTS = (
-    ("bitdelta-init", 1.0),
-    ("bitdelta-distilled", 1.0),
-    ("2-bit", 2.0),
-    ("3-bit", 3.0),
-)
+# (variant, bits per weight) for the two series: greedy initial scales, distilled scales.
+_INITIAL = (("bitdelta-init", 1.0), ("2-bit", 2.0), ("3-bit", 3.0))
+_DISTILLED = (("bitdelta-distilled", 1.0), ("2-bit-distilled", 2.0))
 
 
 def _pyplot():
@@ -34,11 +30,13 @@ def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
         by_variant = {r.variant: r for r in rows if r.tenant == tenant}
         ax.axhline(by_variant["base"].ppl, color="grey", ls="--", label="base")
         ax.axhline(by_variant["finetune"].ppl, color="black", ls=":", label="fine-tune (fp)")
-        init = by_variant.get("bitdelta-init")
-        if init is not None:
-            ax.plot([1.0], [init.ppl], "o", color="tab:orange", label="1-bit, initial scales")
-        xs = [(x, by_variant[v].ppl) for v, x in _BIT_VARIANTS[1:] if v in by_variant]
-        ax.plot(*zip(*xs, strict=True), "o-", color="tab:blue", label="1-bit distilled, 2, 3-bit")
+        for series, color, label in (
+            (_INITIAL, "tab:orange", "initial scales (mean |delta|)"),
+            (_DISTILLED, "tab:blue", "distilled scales"),
+        ):
+            xs = [(x, by_variant[v].ppl) for v, x in series if v in by_variant]
+            if xs:
+                ax.plot(*zip(*xs, strict=True), "o-", color=color, label=label)
         ax.set_title(f"{tenant} ({by_variant['base'].domain})")
         ax.set_xlabel("bits per delta weight")
         ax.set_xticks([1, 2, 3])
