@@ -609,6 +609,29 @@ mod tests {
         }
     }
 
+    fn stack_shape(tenants: usize, planes: usize, out: usize, inp: usize) -> StackShape {
+        StackShape {
+            tenants,
+            planes,
+            out_features: out,
+            in_features: inp,
+        }
+    }
+
+    fn stack<'a>(
+        planes: &'a [u32],
+        scales: &'a [f32],
+        mode: ScaleMode,
+        shape: StackShape,
+    ) -> DeltaStack<'a> {
+        DeltaStack {
+            planes,
+            scales,
+            mode,
+            shape,
+        }
+    }
+
     fn random_stack(
         rng: &mut Lcg,
         shape: StackShape,
@@ -695,12 +718,7 @@ mod tests {
     ) {
         let mut rng = Lcg(seed);
         let (planes, scales) = random_stack(&mut rng, shape, mode, false);
-        let stack = DeltaStack {
-            planes: &planes,
-            scales: &scales,
-            mode,
-            shape,
-        };
+        let stack = stack(&planes, &scales, mode, shape);
         let x: Vec<f32> = (0..rows * shape.in_features)
             .map(|_| rng.unit() * 2.0)
             .collect();
@@ -758,12 +776,7 @@ mod tests {
         ];
         for isa in isas() {
             for (seed, &(t, p, n, k, m)) in cases.iter().enumerate() {
-                let shape = StackShape {
-                    tenants: t,
-                    planes: p,
-                    out_features: n,
-                    in_features: k,
-                };
+                let shape = stack_shape(t, p, n, k);
                 for mode in [ScaleMode::Matrix, ScaleMode::Row] {
                     check_case(isa, shape, m, mode, None, seed as u64 + 1);
                 }
@@ -773,12 +786,7 @@ mod tests {
 
     #[test]
     fn first_k_planes_only() {
-        let shape = StackShape {
-            tenants: 2,
-            planes: 3,
-            out_features: 9,
-            in_features: 45,
-        };
+        let shape = stack_shape(2, 3, 9, 45);
         for isa in isas() {
             for k in 1..=3 {
                 check_case(isa, shape, 5, ScaleMode::Row, Some(k), 77 + k as u64);
@@ -788,12 +796,7 @@ mod tests {
 
     #[test]
     fn padding_bits_and_past_k_never_count() {
-        let shape = StackShape {
-            tenants: 1,
-            planes: 1,
-            out_features: 6,
-            in_features: 40,
-        };
+        let shape = stack_shape(1, 1, 6, 40);
         let mut rng = Lcg(5);
         let (dirty, scales) = random_stack(&mut rng, shape, ScaleMode::Matrix, true);
         let clean: Vec<u32> = dirty
@@ -819,20 +822,10 @@ mod tests {
 
     #[test]
     fn accumulate_adds_and_skips_base_rows() {
-        let shape = StackShape {
-            tenants: 2,
-            planes: 1,
-            out_features: 10,
-            in_features: 50,
-        };
+        let shape = stack_shape(2, 1, 10, 50);
         let mut rng = Lcg(11);
         let (planes, scales) = random_stack(&mut rng, shape, ScaleMode::Matrix, false);
-        let stack = DeltaStack {
-            planes: &planes,
-            scales: &scales,
-            mode: ScaleMode::Matrix,
-            shape,
-        };
+        let stack = stack(&planes, &scales, ScaleMode::Matrix, shape);
         let x: Vec<f32> = (0..4 * 50).map(|_| rng.unit()).collect();
         let ids = [1i64, -1, 0, 1];
         let start: Vec<f32> = (0..40).map(|_| rng.unit()).collect();
@@ -850,20 +843,10 @@ mod tests {
 
     #[test]
     fn half_inputs_convert_exactly() {
-        let shape = StackShape {
-            tenants: 1,
-            planes: 2,
-            out_features: 8,
-            in_features: 70,
-        };
+        let shape = stack_shape(1, 2, 8, 70);
         let mut rng = Lcg(3);
         let (planes, scales) = random_stack(&mut rng, shape, ScaleMode::Row, false);
-        let stack = DeltaStack {
-            planes: &planes,
-            scales: &scales,
-            mode: ScaleMode::Row,
-            shape,
-        };
+        let stack = stack(&planes, &scales, ScaleMode::Row, shape);
         let xf: Vec<f32> = (0..2 * 70).map(|_| rng.unit()).collect();
         let ids = [0i64, 0];
         let xh: Vec<f16> = xf.iter().map(|&v| f16::from_f32(v)).collect();
@@ -891,20 +874,10 @@ mod tests {
 
     #[test]
     fn bad_input_is_a_clear_error() {
-        let shape = StackShape {
-            tenants: 2,
-            planes: 1,
-            out_features: 4,
-            in_features: 33,
-        };
+        let shape = stack_shape(2, 1, 4, 33);
         let planes = vec![1u32; 2 * 4 * 2];
         let scales = vec![0.5f32; 2];
-        let stack = DeltaStack {
-            planes: &planes,
-            scales: &scales,
-            mode: ScaleMode::Matrix,
-            shape,
-        };
+        let stack = stack(&planes, &scales, ScaleMode::Matrix, shape);
         let x = vec![1f32; 2 * 33];
         let mut out = vec![0f32; 8];
         let err = |r: Result<()>| r.unwrap_err().to_string();
@@ -987,19 +960,9 @@ mod tests {
 
     #[test]
     fn empty_batch_is_fine() {
-        let shape = StackShape {
-            tenants: 1,
-            planes: 1,
-            out_features: 3,
-            in_features: 8,
-        };
+        let shape = stack_shape(1, 1, 3, 8);
         let planes = vec![0u32; 3];
-        let stack = DeltaStack {
-            planes: &planes,
-            scales: &[1.0],
-            mode: ScaleMode::Matrix,
-            shape,
-        };
+        let stack = stack(&planes, &[1.0], ScaleMode::Matrix, shape);
         let mut out: Vec<f32> = vec![];
         delta_matmul::<f32>(&[], 0, &stack, &[], None, &mut out, false).unwrap();
     }
