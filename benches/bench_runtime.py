@@ -102,30 +102,25 @@ def llama_7b_arithmetic(n: int, bits: int = 1) -> dict:
     }
 
 
-def run() -> dict:
+def run(zoo: bool = True) -> dict:
     # One BLAS thread for both paths: on a shared 2-core machine extra threads
     # only contend (the Rust kernel keeps its own thread pool).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run()
+        return _run(zoo)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run() -> dict:
-    torch.manual_seed(0)
-    base = tiny_llama(0, **CONFIG)
-    fts = [perturbed(base, 100 + t, scale=0.01) for t in range(TENANTS)]
-    deltas = {f"t{t}": packed_delta(base, ft) for t, ft in enumerate(fts)}
+def decode_comparison(
+    base: nn.Module, deltas: dict[str, qdelta.Delta], prompts: list[list[int]], pad: int = 0
+) -> dict:
+    """Greedy decode of one row per tenant: one MultiTenantModel batch vs each
+    tenant's merged dense model in turn, timed side by side in this process."""
     dense = [merged(base, d) for d in deltas.values()]
     model = qdelta.MultiTenantModel(copy.deepcopy(base), tenants=deltas)
-    g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, CONFIG["vocab_size"], (PROMPT,), generator=g).tolist()
-        for _ in range(TENANTS)
-    ]
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(prompts, pad)
     names = list(deltas)
 
     def multi(steps: int) -> torch.Tensor:
@@ -133,7 +128,12 @@ def _run() -> dict:
 
     def one_by_one(steps: int) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([dense_decode(d, ids[r : r + 1], steps) for r, d in enumerate(dense)])
+            return torch.cat(
+                [
+                    dense_decode(d, torch.tensor([p]), steps)
+                    for p, d in zip(prompts, dense, strict=True)
+                ]
+            )
 
     cpu_times = {}
 
@@ -158,11 +158,74 @@ def _run() -> dict:
     # not count the time spent waiting for other jobs, so it varies less.
     c_multi = cpu_times["multi", NEW_TOKENS + 1] - cpu_times["multi", 1]
     c_dense = cpu_times["one_by_one", NEW_TOKENS + 1] - cpu_times["one_by_one", 1]
-    agree = float((tok_multi == tok_dense).float().mean())
-    tokens = TENANTS * NEW_TOKENS
+    tokens = len(names) * NEW_TOKENS
     mem = model.memory()
     multi_bytes = mem["base_bytes"] + mem["tenant_bytes"]
     dense_bytes = sum(weight_bytes(d) for d in dense)
+    return {
+        "tenants": names,
+        "prefill_multi_tenant_s": t_multi_1,
+        "prefill_dense_one_by_one_s": t_dense_1,
+        "multi_tenant_s": t_multi,
+        "dense_one_by_one_s": t_dense,
+        "multi_tenant_tokens_per_s": tokens / t_multi,
+        "dense_tokens_per_s": tokens / t_dense,
+        "tokens_per_s_ratio": t_dense / t_multi,
+        "multi_tenant_cpu_s": c_multi,
+        "dense_one_by_one_cpu_s": c_dense,
+        "cpu_time_ratio": c_dense / c_multi,
+        "greedy_token_agreement": float((tok_multi == tok_dense).float().mean()),
+        "multi_tenant_resident_bytes": multi_bytes,
+        "dense_resident_bytes": dense_bytes,
+        "bytes_ratio": dense_bytes / multi_bytes,
+    }
+
+
+def zoo_decode(cache_dir: str | None = None) -> dict:
+    """The same comparison on the default zoo model: its four tenants, each as a
+    1-bit and a 2-bit delta (eight distinct tenants, initial scales), prompted
+    with held-out text of the tenant's own domain."""
+    from qdelta.zoo import ZooConfig, build_zoo
+
+    zoo = build_zoo(ZooConfig.default(), cache_dir)
+    base = zoo.load("base")
+    deltas = {}
+    for name in sorted(zoo.tenants):
+        ft = zoo.load(name)
+        for bits in (1, 2):
+            deltas[f"{name}-{bits}bit"] = qdelta.compress(base, ft, bits=bits)
+    prompts = []
+    for name in deltas:
+        domain = zoo.tenants[name.rsplit("-", 1)[0]].domain
+        start = 97 * len(prompts)  # a different stretch of held-out text per row
+        text = zoo.eval_texts[domain][start : start + PROMPT]
+        prompts.append(zoo.tokenizer.encode(text, bos=True)[:PROMPT])
+    result = decode_comparison(base, deltas, prompts, pad=zoo.tokenizer.pad_id)
+    config = zoo.config
+    return result | {
+        "model": {
+            "zoo": str(zoo.root),
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": zoo.tokenizer.vocab_size,
+            "params": sum(p.numel() for p in base.parameters()),
+            "dtype": "float32",
+        }
+    }
+
+
+def _run(zoo: bool) -> dict:
+    torch.manual_seed(0)
+    base = tiny_llama(0, **CONFIG)
+    fts = [perturbed(base, 100 + t, scale=0.01) for t in range(TENANTS)]
+    deltas = {f"t{t}": packed_delta(base, ft) for t, ft in enumerate(fts)}
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, CONFIG["vocab_size"], (PROMPT,), generator=g).tolist()
+        for _ in range(TENANTS)
+    ]
+    decode = decode_comparison(base, deltas, prompts)
 
     # Memory for N = 1..64 tenants from the actual tensors: load N tenants and measure.
     extra = [packed_delta(base, perturbed(base, 500 + t, scale=0.01)) for t in range(8)]
@@ -189,43 +252,55 @@ def _run() -> dict:
         "tenants": TENANTS,
         "prompt_tokens": PROMPT,
         "new_tokens": NEW_TOKENS,
-        "prefill_multi_tenant_s": t_multi_1,
-        "prefill_dense_one_by_one_s": t_dense_1,
-        "multi_tenant_s": t_multi,
-        "dense_one_by_one_s": t_dense,
-        "multi_tenant_tokens_per_s": tokens / t_multi,
-        "dense_tokens_per_s": tokens / t_dense,
-        "tokens_per_s_ratio": t_dense / t_multi,
-        "multi_tenant_cpu_s": c_multi,
-        "dense_one_by_one_cpu_s": c_dense,
-        "cpu_time_ratio": c_dense / c_multi,
-        "greedy_token_agreement": agree,
-        "multi_tenant_resident_bytes": multi_bytes,
-        "dense_resident_bytes": dense_bytes,
-        "bytes_ratio": dense_bytes / multi_bytes,
+        **decode,
         "memory_vs_tenants": table,
         "llama_7b_fp16": [llama_7b_arithmetic(n) for n in (1, 2, 4, 8, 16, 32, 64)],
+        "zoo": zoo_decode() if zoo else None,
     }
 
 
+def decode_lines(d: dict) -> list[str]:
+    n = len(d["tenants"])
+    return [
+        f"| {n} tenants, decode | tokens/s | resident weight MB |",
+        "|---|---:|---:|",
+        f"| one batch, MultiTenantModel | {d['multi_tenant_tokens_per_s']:.1f} | "
+        f"{d['multi_tenant_resident_bytes'] / 1e6:.1f} |",
+        f"| {n} merged dense models in turn | {d['dense_tokens_per_s']:.1f} | "
+        f"{d['dense_resident_bytes'] / 1e6:.1f} |",
+        f"| ratio | {d['tokens_per_s_ratio']:.2f}x | {d['bytes_ratio']:.2f}x less |",
+        "",
+        f"decode CPU time (process, all threads): one batch {d['multi_tenant_cpu_s']:.3f} s, "
+        f"dense in turn {d['dense_one_by_one_cpu_s']:.3f} s, ratio {d['cpu_time_ratio']:.2f}x; "
+        f"greedy token agreement {d['greedy_token_agreement']:.3f}",
+    ]
+
+
 def markdown(r: dict) -> str:
+    m = r["model"]
     lines = [
         f"machine: {r['machine']['cpu']} ({r['machine']['cores']} cores), "
         f"torch threads {r['torch_threads']}",
         "",
         f"decode of {r['new_tokens']} tokens after a {r['prompt_tokens']}-token prompt "
-        f"(prefill excluded), greedy token agreement {r['greedy_token_agreement']:.3f}",
+        "(prefill excluded)",
         "",
-        "| 8 tenants, decode | tokens/s | resident weight MB |",
-        "|---|---:|---:|",
-        f"| one batch, MultiTenantModel | {r['multi_tenant_tokens_per_s']:.1f} | "
-        f"{r['multi_tenant_resident_bytes'] / 1e6:.1f} |",
-        f"| 8 merged dense models in turn | {r['dense_tokens_per_s']:.1f} | "
-        f"{r['dense_resident_bytes'] / 1e6:.1f} |",
-        f"| ratio | {r['tokens_per_s_ratio']:.2f}x | {r['bytes_ratio']:.2f}x less |",
+    ]
+    if r.get("zoo"):
+        z = r["zoo"]["model"]
+        lines += [
+            f"Zoo model (hidden {z['hidden_size']}, {z['num_hidden_layers']} layers, "
+            f"{z['params'] / 1e6:.2f}M parameters, {z['dtype']}); tenants: "
+            + ", ".join(r["zoo"]["tenants"]),
+            "",
+            *decode_lines(r["zoo"]),
+            "",
+        ]
+    lines += [
+        f"Random-weight Llama (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+        f"MLP {m['intermediate_size']}, {m['dtype']}), every parameter perturbed:",
         "",
-        f"decode CPU time (process, all threads): one batch {r['multi_tenant_cpu_s']:.3f} s, "
-        f"dense in turn {r['dense_one_by_one_cpu_s']:.3f} s, ratio {r['cpu_time_ratio']:.2f}x",
+        *decode_lines(r),
         "",
         "| N | N full models MB | base + N deltas MB | ratio | 7B fp16: ratio (head whole) | 7B: ratio (head packed) |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -246,6 +321,6 @@ def write(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    r = run()
+    r = run(zoo="--no-zoo" not in sys.argv[1:])
     write(r)
     print(markdown(r))

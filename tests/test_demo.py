@@ -8,13 +8,17 @@ import pytest
 
 import qdelta
 from qdelta.cli import main
-from qdelta.eval import VARIANTS
+from qdelta.eval import VARIANTS, read_results
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo-cache")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("demo")
-    cache = tmp_path_factory.mktemp("zoo-cache")
     code = main(["demo", "--tiny", "--cache", str(cache), "--out", str(out), "--steps", "8"])
     return code, out, json.loads((out / "demo.json").read_text())
 
@@ -64,3 +68,23 @@ def test_outputs_on_disk(demo):
     for name in store.tenants():
         store.open(name).verify()
         assert store.open(name).user_metadata["source"] == result["tenants"][name]["kind"]
+
+
+def test_eval_command_writes_the_quality_table(demo, cache, tmp_path, capsys):
+    _, _, result = demo  # the zoo is built (and cached) by the demo
+    assert (
+        main(["eval", "--tiny", "--cache", str(cache), "--out", str(tmp_path), "--steps", "2"]) == 0
+    )
+    printed = capsys.readouterr().out
+    meta, rows = read_results(tmp_path / "quality.json")
+    assert meta["distill_steps"] == 2
+    assert {r.tenant for r in rows} == set(result["tenants"])
+    assert {r.variant for r in rows} == set(VARIANTS)
+    for r in rows:
+        assert f"{r.ppl:.4f}" in printed
+    # Same zoo, same seed: the undistilled variants do not depend on the steps.
+    demo_ppl = {(r["tenant"], r["variant"]): r["ppl"] for r in result["quality"]}
+    for r in rows:
+        if r.variant in ("base", "finetune", "bitdelta-init", "2-bit", "3-bit"):
+            assert r.ppl == pytest.approx(demo_ppl[r.tenant, r.variant], rel=1e-6)
+    assert sorted(qdelta.DeltaStore(tmp_path / "deltas").tenants()) == sorted(result["tenants"])

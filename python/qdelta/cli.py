@@ -20,6 +20,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(s["matches_merged_dense_model"] for s in result["mixed_batch"]) else 1
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from qdelta.zoo_eval import run_eval
+
+    run_eval(
+        out_dir=args.out,
+        tiny=args.tiny,
+        cache_dir=args.cache,
+        distill_steps=args.steps,
+        seed=args.seed,
+    )
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from qdelta.store_cli import inspect
 
@@ -77,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
     demo.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
     demo.set_defaults(func=_cmd_demo)
+    ev = sub.add_parser(
+        "eval", help="held-out perplexity of every zoo tenant: base, fine-tune, 1/2/3-bit deltas"
+    )
+    ev.add_argument("--out", default="results", help="directory for quality.json and deltas/")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
+    ev.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
+    ev.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
+    ev.set_defaults(func=_cmd_eval)
     inspect = sub.add_parser(
         "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"
     )

@@ -20,113 +20,28 @@ import torch
 from tqdm.auto import tqdm
 
 from qdelta.compress import compress
-from qdelta.delta import Delta
-from qdelta.distill import distill
-from qdelta.eval import ResultRow, format_table, perplexity, quality_rows, write_results
 from qdelta.memory import LLAMA_7B, LlamaShape, llama_serving_bytes
-from qdelta.nn import apply, merge, unapply
+from qdelta.nn import merge
 from qdelta.plots import plot_memory, plot_quality
 from qdelta.runtime import MultiTenantModel
 from qdelta.store import DeltaStore
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
+from qdelta.zoo_eval import default_distill_steps, evaluate_into, fp16_bytes
 
 TENANT_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _fp16_bytes(tensors) -> int:
-    """Bytes of tensors as served in fp16 (floating point at 2 bytes, others as they are)."""
-    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
+SAMPLES_PER_TENANT = 3
 
 
-def _delta_fp16_bytes(delta: Delta) -> int:
-    packed = sum(layer.nbytes for layer in delta.layers.values())
-    return packed + _fp16_bytes(delta.params.values())
-
-
-def _calibration(zoo: Zoo, domain: str) -> torch.Tensor:
-    """Calibration tokens: the domain's *training* text (held-out text is never trained on)."""
-    return torch.tensor(zoo.tokenizer.encode(zoo.train_texts[domain], bos=True))
-
-
-def _ppl(model, zoo: Zoo, domain: str) -> float:
-    cfg = zoo.config
-    return perplexity(
-        model,
-        zoo.eval_texts[domain],
-        zoo.tokenizer,
-        window=cfg.eval_window,
-        batch_size=cfg.eval_batch_size,
-    ).ppl
-
-
-def compress_and_evaluate(
-    zoo: Zoo, store: DeltaStore, *, distill_steps: int, seed: int, progress: bool
-) -> tuple[list[ResultRow], dict]:
-    """Every tenant: five compressed variants, their perplexities, sizes; the distilled
-    1-bit delta goes into ``store`` (what the runtime serves)."""
-    base = zoo.load("base")
-    base_ppl = {d: _ppl(base, zoo, d) for d in zoo.domains}
-    rows: list[ResultRow] = []
-    details: dict = {}
-    for name, tenant in tqdm(zoo.tenants.items(), desc="tenants", disable=not progress):
-        ft = zoo.load(name)
-        ft_fp16 = _fp16_bytes(ft.state_dict().values())
-        t0 = time.perf_counter()
-        variants: dict[str, Delta] = {"bitdelta-init": compress(base, ft, bits=1, tenant=name)}
-        result = distill(
-            base,
-            ft,
-            variants["bitdelta-init"],
-            _calibration(zoo, tenant.domain),
-            steps=distill_steps,
-            seed=seed,
-            progress=progress,
-        )
-        variants["bitdelta-distilled"] = result.delta
-        for bits in (2, 3):
-            variants[f"{bits}-bit"] = compress(base, ft, bits=bits, tenant=name)
-        variants["2-bit-distilled"] = distill(
-            base,
-            ft,
-            variants["2-bit"],
-            _calibration(zoo, tenant.domain),
-            steps=distill_steps,
-            seed=seed,
-            progress=progress,
-        ).delta
-        seconds = time.perf_counter() - t0
-        ppls = {"base": base_ppl[tenant.domain], "finetune": _ppl(ft, zoo, tenant.domain)}
-        sizes = {}
-        for variant, delta in variants.items():
-            apply(base, delta)
-            try:
-                ppls[variant] = _ppl(base, zoo, tenant.domain)
-            finally:
-                unapply(base)
-            nbytes = _delta_fp16_bytes(delta)
-            sizes[variant] = {
-                "bits": float(next(iter(delta.layers.values())).bits),
-                "delta_bytes": nbytes,
-                "compression": ft_fp16 / nbytes,
-            }
-        # Say what the tenant is (a full fine-tune, a merged LoRA, a soup) for `qdelta inspect`.
-        variants["bitdelta-distilled"].metadata["source"] = tenant.kind
-        store.add(name, variants["bitdelta-distilled"])
-        rows += quality_rows(name, tenant.domain, ppls, sizes=sizes)
-        details[name] = {
-            "domain": tenant.domain,
-            "kind": tenant.kind,
-            "distill_loss_before": result.loss_before,
-            "distill_loss_after": result.loss_after,
-            "compress_seconds": seconds,
-            "finetune_fp16_bytes": ft_fp16,
-        }
-    return rows, details
-
-
-def _prompt(zoo: Zoo, domain: str, length: int = 24) -> list[int]:
-    text = zoo.eval_texts[domain].lstrip()
-    return zoo.tokenizer.encode(text[:length], bos=True)
+def _prompts(zoo: Zoo, domain: str, count: int, length: int = 32) -> list[list[int]]:
+    """``count`` prompts from lines spread over the domain's held-out text (lengths vary,
+    so the batch is really left-padded)."""
+    lines = [ln.strip() for ln in zoo.eval_texts[domain].splitlines() if len(ln.strip()) >= 12]
+    if not lines:
+        lines = [zoo.eval_texts[domain].strip() or " "]
+    picks = [lines[(k * len(lines)) // count] for k in range(count)]
+    return [zoo.tokenizer.encode(line[:length], bos=True) for line in picks]
 
 
 @torch.no_grad()
@@ -139,11 +54,22 @@ def _greedy_dense(model, prompt: list[int], steps: int) -> list[int]:
     return ids[0, len(prompt) :].tolist()
 
 
-def mixed_batch(zoo: Zoo, store: DeltaStore, *, new_tokens: int) -> list[dict]:
+def mixed_batch(
+    zoo: Zoo, store: DeltaStore, *, new_tokens: int, progress: bool = False
+) -> list[dict]:
     """One left-padded batch, rows of different tenants and the base, one forward per step."""
     names = sorted(zoo.tenants)
-    rows: list[str | None] = [*names, None, names[0]]  # base row; a tenant twice, not adjacent
-    prompts = [_prompt(zoo, zoo.tenants[n].domain if n else zoo.domains[0]) for n in rows]
+    per_tenant = {n: _prompts(zoo, zoo.tenants[n].domain, SAMPLES_PER_TENANT) for n in names}
+    # Round-robin, so rows of one tenant are never adjacent; one base row in the middle.
+    rows: list[str | None] = []
+    prompts: list[list[int]] = []
+    for k in range(SAMPLES_PER_TENANT):
+        for n in names:
+            rows.append(n)
+            prompts.append(per_tenant[n][k])
+        if k == 0:
+            rows.append(None)
+            prompts.append(_prompts(zoo, zoo.domains[0], 1)[0])
     width = max(len(p) for p in prompts)
     pad = zoo.tokenizer.pad_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -152,7 +78,12 @@ def mixed_batch(zoo: Zoo, store: DeltaStore, *, new_tokens: int) -> list[dict]:
     served = MultiTenantModel(copy.deepcopy(base), store, tenants=names)
     out = served.generate(ids, rows, new_tokens, attention_mask=mask)
     samples = []
-    for i, (tenant, prompt) in enumerate(zip(rows, prompts, strict=True)):
+    checks = tqdm(
+        list(enumerate(zip(rows, prompts, strict=True))),
+        desc="check rows vs merged dense models",
+        disable=not progress,
+    )
+    for i, (tenant, prompt) in checks:
         dense = copy.deepcopy(base)
         if tenant is not None:
             merge(dense, store.open(tenant).to_delta())
@@ -169,7 +100,7 @@ def mixed_batch(zoo: Zoo, store: DeltaStore, *, new_tokens: int) -> list[dict]:
     return samples
 
 
-def memory_table(zoo: Zoo) -> dict:
+def memory_table(zoo: Zoo, progress: bool = False) -> dict:
     """Resident bytes of one fp16 base + N 1-bit deltas (the runtime's own tensors, N
     tenants loaded, cycling through the zoo's fine-tunes) vs N full fp16 models; plus a
     7B Llama's arithmetic. The deltas are made against the fp16 base that serves them
@@ -179,10 +110,10 @@ def memory_table(zoo: Zoo) -> dict:
     full, deltas = {}, {}
     for n in names:
         ft16 = zoo.load(n, dtype=torch.float16)
-        full[n] = _fp16_bytes(ft16.state_dict().values())
+        full[n] = fp16_bytes(ft16.state_dict().values())
         deltas[n] = compress(base16, ft16, bits=1, tenant=n)
     measured = []
-    for n in TENANT_COUNTS:
+    for n in tqdm(TENANT_COUNTS, desc="memory for N tenants", disable=not progress):
         picks = [names[i % len(names)] for i in range(n)]
         served = MultiTenantModel(
             copy.deepcopy(base16), tenants={f"{p}#{i}": deltas[p] for i, p in enumerate(picks)}
@@ -244,27 +175,24 @@ def run_demo(
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
-    steps = distill_steps if distill_steps is not None else (20 if tiny else 200)
+    steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     print(f"[1/5] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)
     zoo = build_zoo(config, cache_dir, progress=progress)
     print(f"      {zoo.root} ({'built now' if zoo.built else 'from cache'})", flush=True)
 
     print(f"[2/5] compress {len(zoo.tenants)} tenants, distill scales ({steps} steps), evaluate")
-    store = DeltaStore(out / "deltas")
-    rows, details = compress_and_evaluate(
-        zoo, store, distill_steps=steps, seed=seed, progress=progress
+    rows, details, store = evaluate_into(
+        out, zoo, distill_steps=steps, seed=seed, progress=progress
     )
-    write_results(out / "quality.json", rows, meta={"zoo": str(zoo.root), "tenants": details})
-    print(format_table(rows), flush=True)
 
     print("[3/5] one mixed batch: every tenant and the base from one base + deltas", flush=True)
-    samples = mixed_batch(zoo, store, new_tokens=new_tokens)
+    samples = mixed_batch(zoo, store, new_tokens=new_tokens, progress=progress)
     for s in samples:
         check = "same as merged dense model" if s["matches_merged_dense_model"] else "DIFFERS"
         print(f"  [{s['tenant']}] {s['prompt']!r} -> {s['completion']!r} ({check})")
 
     print("[4/5] memory: N full models vs one base + N deltas", flush=True)
-    memory = memory_table(zoo)
+    memory = memory_table(zoo, progress=progress)
     print("\n".join(_memory_lines(memory)), flush=True)
 
     print("[5/5] plots", flush=True)
