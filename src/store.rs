@@ -162,29 +162,48 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
         None => BTreeMap::new(),
     };
 
-    // Every tensor is used exactly once: by a layer or as a parameter.
-    let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    let mut claim = |tensor: &str, by: String| -> Result<()> {
+    // Every tensor is used exactly once: by a layer or as a parameter. Owners
+    // are recorded as borrowed names and described only when a check fails
+    // (opening is on the serving path: no allocation per tensor).
+    #[derive(Clone, Copy)]
+    enum Owner<'a> {
+        Layer(&'a str),
+        Params,
+    }
+    let describe = |o: Owner<'_>| match o {
+        Owner::Layer(name) => format!("layer {name:?}"),
+        Owner::Params => "the params list".to_string(),
+    };
+    let claims = layers
+        .iter()
+        .flat_map(|(name, e)| {
+            [
+                (e.planes.as_str(), Owner::Layer(name)),
+                (e.scales.as_str(), Owner::Layer(name)),
+            ]
+        })
+        .chain(params.iter().map(|p| (p.as_str(), Owner::Params)));
+    let mut owner: BTreeMap<&str, Owner<'_>> = BTreeMap::new();
+    for (tensor, by) in claims {
         if header.get(tensor).is_none() {
             return Err(fmt_err(format!(
-                "{by} refers to tensor {tensor:?}, which is not in the file"
+                "{} refers to tensor {tensor:?}, which is not in the file",
+                describe(by)
             )));
         }
-        if let Some(prev) = owner.insert(tensor.to_string(), by.clone()) {
+        if let Some(prev) = owner.insert(tensor, by) {
             return Err(fmt_err(format!(
-                "tensor {tensor:?} is claimed by both {prev} and {by}"
+                "tensor {tensor:?} is claimed by both {} and {}",
+                describe(prev),
+                describe(by)
             )));
         }
-        Ok(())
-    };
-    for (name, e) in &layers {
-        claim(&e.planes, format!("layer {name:?}"))?;
-        claim(&e.scales, format!("layer {name:?}"))?;
     }
-    for p in &params {
-        claim(p, "the params list".into())?;
-    }
-    if let Some(t) = header.tensors.iter().find(|t| !owner.contains_key(&t.name)) {
+    if let Some(t) = header
+        .tensors
+        .iter()
+        .find(|t| !owner.contains_key(t.name.as_str()))
+    {
         return Err(fmt_err(format!(
             "tensor {:?} is neither a layer's planes/scales nor a listed param",
             t.name
