@@ -1,7 +1,10 @@
 // Block attention for ring attention: one query block against one key/value
 // block, returning the exact partial (out, lse) in fp32 so blocks can be merged
 // (python/qdelta/ring/merge.py). Online softmax over key tiles held in shared
-// memory; no tensor-core intrinsics (the build has no <mma.h>).
+// memory. Two kernels: attention_block (below, CUDA cores only) and
+// attention_block_mma (further down: tensor cores through inline-PTX
+// mma.sync, sm_80+). Neither uses <mma.h> or the WMMA API: no headers are
+// included (see below).
 //
 // Layout: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] contiguous, fp16 (DT = 0) or
 // bf16 (DT = 1) passed as their 16-bit patterns;
@@ -11,8 +14,9 @@
 // q_seg[i] == kv_seg[j]); segment ids are int32 [Bs, S] with Bs = 1 or B.
 // A row that sees no key gets out = 0 and lse = -inf.
 //
-// Threads: 4 per query row (each owns D/4 consecutive dims), 32 rows per
-// 128-thread block; grid (ceil(Sq / 32), Hq, B).
+// attention_block threads: 4 per query row (each owns D/4 consecutive dims),
+// 32 rows per 128-thread block; grid (ceil(Sq / 32), Hq, B). (The mma
+// kernel's launch shape is described at its definition.)
 //
 // No headers are included (conversions are a bit shift and one PTX cvt), so
 // the file compiles the same under cupy and under plain NVRTC.

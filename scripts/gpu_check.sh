@@ -5,6 +5,9 @@
 # wheel's qdelta._core beside the sources, runs the GPU tests (JUnit XML) and
 # every benches/gpu/*.py, and writes $OUT/summary.md. A failing step does not
 # stop the next; the whole run stays inside QDELTA_GPU_BUDGET_S (default 420 s).
+# Exit status: 0 only when every step exited 0 (a benchmark skipped for lack of
+# time does not count as failed; the GPU tests skipped for it do). Otherwise 1,
+# after all the logs and the summary have been written.
 set -u
 cd "$(dirname "$0")/.."
 PY=${QDELTA_GPU_PYTHON:-python3}
@@ -92,7 +95,14 @@ PYEOF
     $PY -c "import qdelta, qdelta._core; print('qdelta', qdelta.__version__, qdelta.__file__)"
 }
 
+# failed_steps: the names of the steps that failed, one a line (see the header).
+failed_steps() {
+    awk -F'\t' '$2 != "0" && !($2 == "skipped" && $1 != "gpu-tests") {print $1}' "$STEPS"
+}
+
 summary() {
+    local failed
+    failed=$(failed_steps | paste -sd ' ' -)
     {
         echo "# qdelta gpu-check"
         echo
@@ -105,6 +115,12 @@ summary() {
         awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$STEPS"
         echo
         echo "Total: $(($(date +%s) - START)) s of a ${BUDGET} s budget."
+        echo
+        if [[ -n $failed ]]; then
+            echo "Result: FAILED (steps: $failed); gpu_check.sh exits 1."
+        else
+            echo "Result: every step passed; gpu_check.sh exits 0."
+        fi
         echo
         $PY - "$OUT/junit-gpu.xml" <<'PYEOF' 2>/dev/null || echo "(no JUnit report)"
 import sys, xml.etree.ElementTree as ET
@@ -140,3 +156,10 @@ for bench in benches/gpu/*.py; do
     budget=$(($(left) - 40))
     step "$name" $((budget > 0 ? budget + 30 : 0)) $PY "$bench" --out "$OUT" --budget-s "$budget"
 done
+# The EXIT trap writes the summary; the status given to exit is kept.
+failed=$(failed_steps | paste -sd ' ' -)
+if [[ -n $failed ]]; then
+    echo "== failed steps: $failed"
+    exit 1
+fi
+exit 0

@@ -214,11 +214,13 @@ def test_runs_on_torch_current_stream():
     planes = random_planes(2, 1, n, k)
     scales = random_scales(2, 1, n, row=True)
     ids = torch.randint(0, 2, (m,), device=DEV)
+    out = poisoned(m, n, x.dtype)  # filled on the current stream, before the wait below
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False)
+        y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False, out=out)
     side.synchronize()
+    assert y.data_ptr() == out.data_ptr()
     assert_close(y, oracle(x, planes, scales, ids), "side stream")
 
 
@@ -231,11 +233,20 @@ def test_out_of_range_tenant_raises_or_poisons_its_row(path):
     ids = torch.tensor([0, 1, -1, t, 0, -5], device=DEV)
     with pytest.raises(ShapeError, match="tenant_ids"):
         cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids)
-    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, check_ids=False, path=path)
-    assert torch.isnan(y[[3, 5]]).all()
     good = torch.tensor([0, 1, 2, 4], device=DEV)
     want = oracle(x[good], planes, scales, ids[good])
+    # NaN-poisoned out: every valid row must be written.
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, check_ids=False, path=path, out=poisoned(m, n, x.dtype)
+    )
     assert_close(y[good], want, "rows with valid ids beside invalid ones")
+    # A finite fill: the NaN rows must be the kernel's, not the poison's.
+    out = torch.full((m, n), 7.0, dtype=x.dtype, device=DEV)
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, check_ids=False, path=path, out=out
+    )
+    assert torch.isnan(y[[3, 5]]).all()
+    assert_close(y[good], want, "rows with valid ids beside invalid ones (finite fill)")
 
 
 def test_validation_errors_are_qdelta_errors():
@@ -253,6 +264,7 @@ def test_validation_errors_are_qdelta_errors():
 
 
 def test_auto_backend_uses_cuda_for_cuda_tensors():
+    # kernels.multi_tenant_delta_matmul takes no out buffer (it allocates its own).
     from qdelta import kernels
 
     m, k, n = 8, 100, 48
@@ -263,3 +275,28 @@ def test_auto_backend_uses_cuda_for_cuda_tensors():
     y = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="auto")
     assert y.is_cuda and y.dtype == torch.bfloat16
     assert_close(y, oracle(x, planes, scales, ids), "backend=auto")
+
+
+def test_auto_backend_on_cuda_with_gradients_runs_the_reference(monkeypatch):
+    """Gradients needed: auto takes the differentiable reference, never the kernels."""
+    from qdelta import kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CUDA kernel ran although gradients were needed")
+
+    m, k, n = 8, 100, 48
+    x = torch.randn(m, k, device=DEV, requires_grad=True)
+    planes = random_planes(2, 2, n, k)
+    scales = random_scales(2, 2, n, row=True).requires_grad_()
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1], device=DEV)
+    monkeypatch.setattr(cuda_backend, "multi_tenant_delta_matmul", refuse)
+    y = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="auto")
+    assert y.requires_grad and y.is_cuda
+    dy = torch.randn_like(y)
+    gx, gs = torch.autograd.grad((y * dy).sum(), (x, scales))
+    ref = reference.multi_tenant_delta_matmul(x, planes, scales, ids)
+    wx, ws = torch.autograd.grad((ref * dy).sum(), (x, scales))
+    torch.testing.assert_close(gx, wx)
+    torch.testing.assert_close(gs, ws)
+    with pytest.raises(QDeltaError, match="no backward"):
+        kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="cuda")

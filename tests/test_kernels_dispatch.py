@@ -1,5 +1,7 @@
 """Backend selection of qdelta.kernels (runs everywhere)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -25,3 +27,139 @@ def test_cuda_backend_without_device_is_a_clear_error():
     planes = torch.zeros(1, 3, 1, dtype=torch.int32)
     with pytest.raises(QDeltaError, match="backend 'cuda'"):
         kernels.delta_matmul(x, planes, torch.ones(1), backend="cuda")
+
+
+def _never() -> bool:
+    raise AssertionError("cuda_available() consulted where the answer does not depend on it")
+
+
+@pytest.mark.parametrize(
+    ("backend", "is_cuda", "needs_grad", "cupy", "want"),
+    [
+        ("auto", True, False, True, "cuda"),
+        ("auto", True, False, False, "no-cupy"),
+        ("auto", True, True, True, "other"),  # gradients: the differentiable reference
+        ("auto", True, True, False, "other"),
+        ("auto", False, False, True, "other"),
+        ("auto", False, True, True, "other"),
+        ("cuda", True, False, True, "cuda"),
+        ("cuda", False, False, True, "cuda"),  # the kernel itself refuses CPU tensors
+        ("reference", True, False, True, "other"),
+        ("cpu", True, False, True, "other"),
+    ],
+)
+def test_cuda_choice(backend, is_cuda, needs_grad, cupy, want):
+    consulted = []
+
+    def available():
+        consulted.append(True)
+        return cupy
+
+    got = kernels.cuda_choice(
+        backend, is_cuda=is_cuda, needs_grad=needs_grad, cuda_available=available
+    )
+    assert got == want
+    # Availability matters only for "cuda" and for auto on CUDA tensors without grads.
+    assert bool(consulted) == (
+        backend == "cuda" or (backend == "auto" and is_cuda and not needs_grad)
+    )
+
+
+@pytest.mark.parametrize("is_cuda", [True, False])
+def test_auto_never_asks_for_cupy_when_gradients_are_needed(is_cuda):
+    choice = kernels.cuda_choice("auto", is_cuda=is_cuda, needs_grad=True, cuda_available=_never)
+    assert choice == "other"
+
+
+def test_explicit_cuda_with_gradients_is_a_clear_error():
+    with pytest.raises(QDeltaError, match=r"backend 'cuda'.*no backward"):
+        kernels.cuda_choice("cuda", is_cuda=True, needs_grad=True, cuda_available=lambda: True)
+    with pytest.raises(QDeltaError, match="backend 'cuda': expected a CUDA device"):
+        kernels.cuda_choice("cuda", is_cuda=True, needs_grad=False, cuda_available=lambda: False)
+    with pytest.raises(QDeltaError, match="backend: expected one of"):
+        kernels.cuda_choice("gpu", is_cuda=True, needs_grad=False, cuda_available=_never)
+
+
+def _inputs(requires_grad: bool):
+    x = torch.randn(3, 40, requires_grad=requires_grad)
+    planes = torch.randint(-(2**31), 2**31 - 1, (2, 1, 5, 2), dtype=torch.int32)
+    scales = (torch.rand(2, 1) + 0.1).requires_grad_(requires_grad)
+    ids = torch.tensor([1, -1, 0])
+    return x, planes, scales, ids
+
+
+@pytest.fixture
+def recorded_cuda_calls(monkeypatch):
+    """cupy "available" and the CUDA entry points replaced by recorders."""
+    calls = []
+
+    def fake(name):
+        def run(x, planes, scales, *rest, **kw):
+            calls.append(name)
+            return torch.zeros(x.shape[0], planes.shape[-2], dtype=x.dtype)
+
+        return run
+
+    monkeypatch.setattr(cuda_backend, "available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "delta_matmul", fake("delta_matmul"))
+    monkeypatch.setattr(cuda_backend, "multi_tenant_delta_matmul", fake("multi_tenant"))
+    return calls
+
+
+def test_explicit_cuda_dispatch_reaches_the_kernel_only_without_gradients(recorded_cuda_calls):
+    x, planes, scales, ids = _inputs(requires_grad=False)
+    kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="cuda")
+    kernels.delta_matmul(x, planes[0], scales[0], backend="cuda")
+    assert recorded_cuda_calls == ["multi_tenant", "delta_matmul"]
+    x, planes, scales, ids = _inputs(requires_grad=True)
+    with pytest.raises(QDeltaError, match="no backward"):
+        kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="cuda")
+    with pytest.raises(QDeltaError, match="no backward"):
+        kernels.delta_matmul(x, planes[0], scales[0], backend="cuda")
+    with torch.no_grad():  # grad mode off: nothing to differentiate, the kernel runs
+        kernels.delta_matmul(x, planes[0], scales[0], backend="cuda")
+    assert recorded_cuda_calls == ["multi_tenant", "delta_matmul", "delta_matmul"]
+
+
+@pytest.mark.parametrize("grad_of", ["x", "scales", "both"])
+def test_auto_with_gradients_runs_the_differentiable_reference(recorded_cuda_calls, grad_of):
+    x, planes, scales, ids = _inputs(requires_grad=False)
+    x.requires_grad_(grad_of in ("x", "both"))
+    scales.requires_grad_(grad_of in ("scales", "both"))
+    dy = torch.randn(3, 5)
+    y = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="auto")
+    assert y.requires_grad
+    leaves = [t for t in (x, scales) if t.requires_grad]
+    got = torch.autograd.grad((y * dy).sum(), leaves)
+    ref = reference.multi_tenant_delta_matmul(x, planes, scales, ids)
+    want = torch.autograd.grad((ref * dy).sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        assert g is not None and g.abs().sum() > 0
+        torch.testing.assert_close(g, w)
+    y1 = kernels.delta_matmul(x, planes[0], scales[0], backend="auto")
+    assert y1.requires_grad
+    assert recorded_cuda_calls == []
+
+
+def test_auto_on_cuda_without_cupy_warns_once(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "available", lambda: False)
+    monkeypatch.setattr(kernels, "_warned_no_cupy", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # a second warning would be recorded, not hidden
+        for _ in range(3):
+            assert not kernels._use_cuda_for("auto", is_cuda=True, needs_grad=False)
+        assert not kernels._use_cuda_for("auto", is_cuda=False, needs_grad=False)
+    runtime = [w for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1, [str(w.message) for w in seen]
+    assert "cupy is not importable" in str(runtime[0].message)
+    assert kernels._warned_no_cupy
+
+
+def test_auto_on_cuda_with_gradients_does_not_warn_about_cupy(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "available", lambda: False)
+    monkeypatch.setattr(kernels, "_warned_no_cupy", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert not kernels._use_cuda_for("auto", is_cuda=True, needs_grad=True)
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)]
+    assert not kernels._warned_no_cupy

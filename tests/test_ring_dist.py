@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import qdelta.ring.attention as ring_attention_module
 from qdelta.ring import RingError, ring_attention, shard, unshard
 from qdelta.ring.launch import run_ring, spawn_ring
 from ring_reference import random_segments, reference_attention
@@ -29,9 +30,32 @@ CASES = [
     ("float32", True, "contiguous", True, 4, 1, 30, 1),
     ("float32", True, "zigzag", False, 4, 2, 23, 1),
     ("float32", False, "zigzag", True, 2, 2, 21, 2),
+    # Segment ids (first_masked_segments) that leave query rows with no visible key
+    # in the first block call they get: zigzag's late chunk against the rank's own
+    # early chunk, whose segments it does not share. Math and fused backward.
+    ("float64", True, "zigzag", "first-masked", 4, 2, 26, 2),
+    ("float32", True, "zigzag", "first-masked", 2, 1, 23, 2),
 ]
 TOL = {"float64": 1e-10, "float32": 1e-5}
 HEAD_DIM = 8
+
+
+def first_masked_segments(seq_len: int, batch: int) -> torch.Tensor:
+    """Packed-sequence ids whose early half shares no segment with later rows.
+
+    Row 0: segment 0 up to just past the middle, then 1, the last two tokens 2.
+    Row 1: token 0 alone, then one segment, the last token alone. Under zigzag
+    with any world size, rank 0's late chunk (the sequence's end) holds rows
+    whose segment is absent from its early chunk, the first block they meet.
+    """
+    half = seq_len // 2 + 1
+    a = torch.zeros(seq_len, dtype=torch.int64)
+    a[half:] = 1
+    a[-2:] = 2
+    b = torch.ones(seq_len, dtype=torch.int64)
+    b[0] = 0
+    b[-1] = 2
+    return torch.stack([a, b][:batch] + [a] * max(0, batch - 2))
 
 
 def case_inputs(seed: int, case) -> dict:
@@ -49,7 +73,13 @@ def case_inputs(seed: int, case) -> dict:
         "v": rnd(batch, hkv, seq_len, HEAD_DIM),
         "dout": rnd(batch, hq, seq_len, HEAD_DIM),
         "dlse": rnd(batch, hq, seq_len),
-        "seg": random_segments(seq_len, gen, batch) if segs else None,
+        "seg": (
+            first_masked_segments(seq_len, batch)
+            if segs == "first-masked"
+            else random_segments(seq_len, gen, batch)
+            if segs
+            else None
+        ),
     }
 
 
@@ -98,6 +128,30 @@ def _reference(seed, case, with_dlse):
         loss = loss + (lse * x["dlse"].double()).sum()
     dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
     return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] == "first-masked"])
+def test_first_masked_cases_mask_whole_rows_of_the_first_block(case):
+    """The premise of the first-masked cases, for rank 0 at every world size: in
+    the first block call each query row takes part in (ring step 0), some rows of
+    either batch row see no key, so their merge starts from an empty partial."""
+    _, causal, layout, _, _, _, seq_len, batch = case
+    seg = first_masked_segments(seq_len, batch)
+    for ws in WORLD_SIZES:
+        plan = ring_attention_module._Plan(seq_len, ws, layout, causal, 1.0, "auto")
+        local = shard(seg, ws, 0, layout=layout, dim=-1)
+        first_masked = torch.zeros(batch, local.shape[-1], dtype=torch.bool)
+        seen = torch.zeros(local.shape[-1], dtype=torch.bool)
+        for qs, qc, ks, kc, pair_causal in ring_attention_module._pairs(plan, 0, 0):
+            visible = local[:, qs, None] == local[:, None, ks]
+            if pair_causal:
+                qpos = torch.arange(qc.start, qc.stop)[:, None]
+                visible = visible & (qpos >= torch.arange(kc.start, kc.stop)[None, :])
+            new = ~seen[qs]  # rows meeting their first block here
+            first_masked[:, qs] |= new & ~visible.any(-1)
+            seen[qs] = True
+        assert seen.all()
+        assert first_masked[0].any() and first_masked[1].any(), (ws, first_masked)
 
 
 @pytest.mark.timeout(400)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qdelta.ring.block as ring_block
+from qdelta import ShapeError
 from qdelta.ring import block_attention, cuda_block, virtual_ring_attention
 from ring_reference import block_reference, reference_attention
 
@@ -96,3 +97,12 @@ def test_mma_kernel_is_the_cuda_default_and_matches_v1():
     a = block_attention(q, k, v, causal=True, q_start=20, backend="cuda")
     b = block_attention(q, k, v, causal=True, q_start=20, backend="cuda_v1")
     assert (a[0] - b[0]).abs().max() < 2e-2 and (a[1] - b[1]).abs().max() < 2e-2
+
+
+def test_cuda_block_launch_is_checked():
+    """The launch goes through kernels.cuda.launch: a grid CUDA cannot run (batch
+    > 65535 in grid z) is a clear ShapeError, not a driver error or a silent no-op.
+    (The block API allocates its own out/lse, so there is no buffer to poison.)"""
+    q = torch.randn(65536, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ShapeError, match="grid"):
+        cuda_block.attention_block(q, q, q, 0.125, False, 0, 0, None, None, kernel="cuda")

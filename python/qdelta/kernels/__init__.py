@@ -9,11 +9,19 @@ Tensor conventions shared by every backend:
 
 Backends: ``reference`` (torch, the oracle), ``cpu`` (Rust) and ``cuda``
 (cupy) as they land; ``auto`` picks the fastest available for the device.
+
+Only the reference is differentiable. When gradients are needed (grad mode on
+and ``x`` or ``scales`` requires grad), ``auto`` runs the reference on every
+device, CUDA included, so training through these functions gets gradients;
+an explicit ``backend="cuda"`` then raises :class:`QDeltaError` instead of
+returning a result without a gradient (its kernels have no backward). An
+explicit ``backend="cpu"`` runs the Rust kernel as asked (no gradient).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -40,12 +48,17 @@ def cpu_max_rows(out_features: int, in_features: int) -> int:
     return max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)
 
 
+def _needs_grad(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether autograd would track the result (then only the reference will do)."""
+    return torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
+
+
 def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str, out_features: int) -> bool:
     if backend not in get_args(Backend):
         raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
     if backend != "auto":
         return backend == "cpu"
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
+    needs_grad = _needs_grad(x, scales)
     in_features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // max(in_features, 1) if x.dim() else 0
     return (
@@ -65,7 +78,7 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
-    if _use_cuda(backend, x):
+    if _use_cuda(backend, x, scales):
         from qdelta.kernels import cuda
 
         return cuda.delta_matmul(x, planes, scales, bits=bits)
@@ -83,7 +96,7 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
-    if _use_cuda(backend, x):
+    if _use_cuda(backend, x, scales):
         from qdelta.kernels import cuda
 
         return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
@@ -92,24 +105,63 @@ def multi_tenant_delta_matmul(
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
 
 
+CudaChoice = Literal["cuda", "no-cupy", "other"]
+
+
+def cuda_choice(
+    backend: str, *, is_cuda: bool, needs_grad: bool, cuda_available: Callable[[], bool]
+) -> CudaChoice:
+    """Whether a call goes to the cupy kernels (pure: unit-tested on any machine).
+
+    ``"cuda"``: run the CUDA kernel; ``"no-cupy"``: ``auto`` on a CUDA tensor
+    without cupy (the caller warns once and runs the reference); ``"other"``:
+    not a CUDA call, the CPU rule (``_use_cpu``) decides. ``auto`` on a CUDA
+    tensor that needs gradients is ``"other"`` (the differentiable reference).
+    Raises :class:`QDeltaError` for ``backend="cuda"`` when gradients are needed
+    or no CUDA device and cupy are there. ``cuda_available`` is called only when
+    the answer depends on it.
+    """
+    if backend not in get_args(Backend):
+        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+    if backend == "cuda":
+        if needs_grad:
+            raise QDeltaError(
+                "backend 'cuda': expected inputs that need no gradient (the CUDA kernels "
+                "have no backward), found x or scales requiring grad; use backend='auto' "
+                "(the differentiable torch reference) or torch.no_grad()"
+            )
+        if not cuda_available():
+            raise QDeltaError("backend 'cuda': expected a CUDA device and cupy, found none")
+        return "cuda"
+    if backend != "auto" or not is_cuda or needs_grad:
+        return "other"
+    return "cuda" if cuda_available() else "no-cupy"
+
+
 _warned_no_cupy = False
 
 
-def _use_cuda(backend: str, x: torch.Tensor) -> bool:
-    """``cuda``: required; ``auto``: for CUDA tensors when cupy imports, else warn once."""
-    global _warned_no_cupy
-    if backend == "cuda" or (backend == "auto" and x.is_cuda):
-        from qdelta.kernels import cuda
+def _cuda_available() -> bool:
+    from qdelta.kernels import cuda
 
-        if cuda.available():
-            return True
-        if backend == "cuda":
-            raise QDeltaError("backend 'cuda': expected a CUDA device and cupy, found none")
-        if not _warned_no_cupy:
-            _warned_no_cupy = True
-            warnings.warn(
-                "qdelta: cupy is not importable; CUDA tensors use the torch reference kernels",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return False
+    return cuda.available()
+
+
+def _use_cuda(backend: str, x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """:func:`cuda_choice` for these tensors; warns once when cupy is missing."""
+    return _use_cuda_for(backend, x.is_cuda, _needs_grad(x, scales))
+
+
+def _use_cuda_for(backend: str, is_cuda: bool, needs_grad: bool) -> bool:
+    global _warned_no_cupy
+    choice = cuda_choice(
+        backend, is_cuda=is_cuda, needs_grad=needs_grad, cuda_available=_cuda_available
+    )
+    if choice == "no-cupy" and not _warned_no_cupy:
+        _warned_no_cupy = True
+        warnings.warn(
+            "qdelta: cupy is not importable; CUDA tensors use the torch reference kernels",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return choice == "cuda"

@@ -143,10 +143,17 @@ def _stream(index: int, handle: int):
     return stream
 
 
-def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
+def launch(kernel, device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch a compiled cupy kernel on torch's current stream of ``device``, checked.
+
+    The grid is checked against CUDA's limits first (ShapeError); dynamic shared
+    memory above 48 KB is opted into once per kernel; any launch failure, and with
+    ``QDELTA_CUDA_SYNC=1`` any fault while the kernel runs, raises KernelLaunchError
+    naming the kernel and its launch shape. Shared by every cupy module of qdelta
+    (this one and qdelta.ring.cuda_block).
+    """
     cupy = _cupy()
     index = _device_index(device)
-    kernel = _kernel(index, name)
     stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
     if any(g < 1 for g in grid) or grid[0] > 2**31 - 1 or any(g > 65535 for g in grid[1:]):
         raise ShapeError(f"{name}: grid {grid} is outside what CUDA can launch")
@@ -163,6 +170,12 @@ def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int 
         raise KernelLaunchError(
             f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
         ) from exc
+
+
+def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch kernel ``name`` of cuda/delta_matmul.cu (see :func:`launch`)."""
+    kernel = _kernel(_device_index(device), name)
+    launch(kernel, device, name, grid, block, args, shared_mem)
 
 
 def _ptr(t: torch.Tensor | None):

@@ -1,8 +1,11 @@
 """The ``cuda`` block backend: cuda/attention_block.cu compiled by cupy.RawModule.
 
 fp16/bf16 inputs, head dims 64 and 128, on a CUDA device; returns fp32
-``(out, lse)`` like every block backend (see block.py). Tensors cross to cupy
-through DLPack without copies; the kernel runs on torch's current stream.
+``(out, lse)`` like every block backend (see block.py). Torch tensors are passed
+to the kernel as raw device pointers (``data_ptr()``, no copies, no DLPack); the
+kernel runs on torch's current stream, launched by qdelta.kernels.cuda.launch,
+which checks the grid and the launch (KernelLaunchError) and, with
+``QDELTA_CUDA_SYNC=1``, synchronizes so a fault is reported at its launch.
 
 Two kernels: ``mma`` (``attention_block_mma``: tensor cores, FlashAttention-2
 style, sm_80+) and ``v1`` (``attention_block``: CUDA cores, the first kernel).
@@ -141,25 +144,30 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    fn_name = KERNELS[name][0]
-    fn = _module(q.device.index or 0).get_function(f"{fn_name}<{_CTYPES[q.dtype]}, {d}>")
+    from qdelta.kernels.cuda import KernelLaunchError, launch
+
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    fn_name = f"{KERNELS[name][0]}<{_CTYPES[q.dtype]}, {d}>"
+    try:
+        fn = _module(index).get_function(fn_name)
+    except Exception as exc:
+        raise KernelLaunchError(f"compiling {fn_name} of {SOURCE.name} failed: {exc}") from exc
 
     def ptr(t):
-        return 0 if t is None else cupy.uint64(t.data_ptr())
+        return cupy.uint64(0) if t is None else cupy.uint64(t.data_ptr())
 
     grid, threads = launch_grid(name, b, hq, sq)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(q.device).cuda_stream)
-    with cupy.cuda.Device(q.device.index or 0), stream:
-        fn(
-            grid,
-            (threads,),
-            (
-                ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
-                cupy.uint64(0) if q_seg is None else ptr(q_seg),
-                cupy.uint64(0) if kv_seg is None else ptr(kv_seg),
-                cupy.int32(seg_batched), cupy.int32(hq), cupy.int32(hkv),
-                cupy.int32(sq), cupy.int32(sk), cupy.float32(scale), cupy.int32(int(causal)),
-                cupy.int64(q_start), cupy.int64(kv_start),
-            ),
-        )  # fmt: skip
+    launch(
+        fn,
+        q.device,
+        fn_name,
+        grid,
+        (threads,),
+        (
+            ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(q_seg), ptr(kv_seg),
+            cupy.int32(seg_batched), cupy.int32(hq), cupy.int32(hkv),
+            cupy.int32(sq), cupy.int32(sk), cupy.float32(scale), cupy.int32(int(causal)),
+            cupy.int64(q_start), cupy.int64(kv_start),
+        ),
+    )  # fmt: skip
     return out, lse
