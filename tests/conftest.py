@@ -1,12 +1,42 @@
+import os
+import secrets
+
 import numpy as np
 import pytest
 import torch
 
+SEED_ENV = "QDELTA_TEST_SEED"
+
 
 @pytest.fixture
-def rng() -> np.random.Generator:
-    # Fresh random data every run; the seed is printed on failure by pytest's repr.
-    return np.random.default_rng()
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Fresh random data every test: a new 64-bit seed from ``secrets`` (os.urandom),
+    or the one in ``QDELTA_TEST_SEED`` to reproduce a failure.
+
+    The seed is recorded in ``request.node.user_properties`` (also written to JUnit XML)
+    and the ``pytest_runtest_makereport`` hook below adds an "rng seed" section, with the
+    command to rerun it, to the report of every failed test that used this fixture.
+    """
+    forced = os.environ.get(SEED_ENV)
+    seed = int(forced, 0) if forced else secrets.randbits(64)
+    request.node.user_properties.append(("rng_seed", seed))
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name, value in item.user_properties:
+        if name == "rng_seed":
+            report.sections.append(
+                (
+                    "rng seed",
+                    f"rng seed {value}; reproduce with {SEED_ENV}={value} pytest {item.nodeid}",
+                )
+            )
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -157,3 +157,74 @@ def test_property_residual_reconstruction(delta, bits, scale):
     # Never worse than the zero matrix (each plane's greedy step cannot add error).
     d = delta.astype(np.float64)
     assert np.linalg.norm(approx - d) <= np.linalg.norm(d) * (1 + 1e-5) + 1e-6
+
+
+def _finite_bf16_bits(b: int) -> int:
+    """A bfloat16 bit pattern with an all-ones exponent (Inf / NaN) folded to a finite one."""
+    return b if (b & 0x7F80) != 0x7F80 else b & 0x807F
+
+
+BF16_BITS = st.one_of(
+    # Any finite pattern: +-0, subnormals, the largest magnitudes.
+    st.integers(0, 0xFFFF).map(_finite_bf16_bits),
+    # Ordinary delta-sized values.
+    st.floats(-1.0, 1.0, width=32).map(
+        lambda x: int(torch.tensor([x]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+    ),
+)
+
+
+def bf16_arrays(max_side: int):
+    return hnp.arrays(
+        np.uint16,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=max_side),
+        elements=BF16_BITS,
+    )
+
+
+def bf16_tensor(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bf16_arrays(80))
+def test_property_bfloat16_sign_round_trip(bits):
+    delta = bf16_tensor(bits)
+    packed = qdelta.pack_signs(delta)
+    np.testing.assert_array_equal(packed, as_u32(reference.pack_signs(delta)))
+    np.testing.assert_array_equal(qdelta.pack_signs(bits), packed)  # uint16 bits == tensor
+    signs = qdelta.unpack_signs(packed, bits.shape)
+    np.testing.assert_array_equal(signs, torch.where(torch.signbit(delta), -1, 1).numpy())
+    np.testing.assert_array_equal(signs, np.where(bits >> 15, -1, 1))
+    alpha = torch.tensor([0.03125], dtype=torch.float32)
+    dense = qdelta.as_torch(
+        qdelta.unpack_scaled(packed, alpha.numpy(), bits.shape, "bfloat16"), "bfloat16"
+    )
+    want = reference.unpack_planes(
+        torch.from_numpy(packed.view(np.int32))[None], alpha, bits.shape[1], dtype=torch.bfloat16
+    )
+    assert dense.dtype == torch.bfloat16
+    torch.testing.assert_close(dense, want, rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bf16_arrays(70), st.integers(1, 4), st.sampled_from(["matrix", "row"]))
+def test_property_bfloat16_residual_round_trip(bits, k, scale):
+    delta = bf16_tensor(bits)
+    planes, scales = qdelta.pack_residual(delta, bits=k, scale=scale)
+    ref_planes, ref_scales = reference.pack_residual(delta, k, scale)
+    np.testing.assert_array_equal(planes, as_u32(ref_planes))
+    np.testing.assert_allclose(scales, ref_scales.numpy(), rtol=1e-6)
+    p32 = torch.from_numpy(planes.view(np.int32))
+    # The core sums planes in float32, the reference in float64: allow float32 rounding
+    # of the sum (absolute, for cancellation) plus one ulp of the output dtype.
+    atol = 4 * 2**-23 * float(np.abs(scales).sum(axis=0).max())
+    for out, rtol in (("float32", 2**-22), ("bfloat16", 2**-7)):
+        approx = qdelta.as_torch(qdelta.unpack_residual(planes, scales, bits.shape, out), out)
+        want = reference.unpack_planes(
+            p32, torch.from_numpy(scales), bits.shape[1], dtype=torch_dtype(out)
+        )
+        assert approx.dtype == torch_dtype(out)
+        torch.testing.assert_close(approx.float(), want.float(), rtol=rtol, atol=atol)
+        if k == 1:  # one plane: no sum, so exact
+            torch.testing.assert_close(approx, want, rtol=0, atol=0)

@@ -1,12 +1,26 @@
-"""`qdelta compress BASE_DIR FINETUNED_DIR -o out.qdelta` (needs the .qdelta store)."""
+"""`qdelta compress BASE_DIR FINETUNED_DIR -o out.qdelta`."""
 
 from __future__ import annotations
 
+import copy
+import re
+
+import numpy as np
 import pytest
-from tests.tiny_models import fake_finetune, tiny_llama
+import torch
+from tests.tiny_models import fake_finetune, one_thread, output, tiny_llama
 
 import qdelta
 from qdelta.cli import build_parser, main
+from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
+
+SEQ_LEN = 128  # distill's default window
+BATCH = 4  # distill's default batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    yield from one_thread()
 
 
 def test_parser_accepts_the_documented_flags():
@@ -17,30 +31,196 @@ def test_parser_accepts_the_documented_flags():
     assert (args.bits, args.calib, args.steps) == (2, "c.txt", 9)
 
 
-@pytest.mark.skipif(
-    not hasattr(qdelta.Delta, "save"), reason="needs the .qdelta store (Delta.save)"
-)
+def _summary(text: str) -> dict:
+    m = re.search(
+        r"(\d+) layers, (\d+) bit\(s\), scale=(\w+): ([\d.]+) MiB packed vs ([\d.]+) MiB dense "
+        r"\(ratio ([\d.]+)x\); whole tensors ([\d.]+) MiB",
+        text,
+    )
+    assert m, text
+    return {
+        "layers": int(m[1]),
+        "bits": int(m[2]),
+        "scale": m[3],
+        "packed": float(m[4]),
+        "dense": float(m[5]),
+        "whole": float(m[7]),
+    }
+
+
+def _check_summary(text: str, loaded: qdelta.Delta, ft: torch.nn.Module, bits: int, scale: str):
+    s = _summary(text)
+    assert s["layers"] == len(loaded.layers)
+    assert (s["bits"], s["scale"]) == (bits, scale)
+    assert all(layer.bits == bits for layer in loaded.layers.values())
+    assert all(layer.scale_mode == scale for layer in loaded.layers.values())
+    packed = sum(layer.planes.nbytes + layer.scales.nbytes for layer in loaded.layers.values())
+    assert s["packed"] == pytest.approx(packed / 2**20, abs=6e-4)
+    state = ft.state_dict()
+    dense = sum(state[f"{n}.weight"].numel() * 4 for n in loaded.layers)  # float32 model
+    assert s["dense"] == pytest.approx(dense / 2**20, abs=6e-4)
+    whole = sum(t.numel() * t.element_size() for t in loaded.params.values())
+    assert s["whole"] == pytest.approx(whole / 2**20, abs=6e-4)
+
+
 def test_compress_writes_a_delta_and_prints_a_summary(tmp_path, capsys):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    fake_finetune(base).save_pretrained(tmp_path / "ft")
+    ft = fake_finetune(base)
+    ft.save_pretrained(tmp_path / "ft")
     out = tmp_path / "ft.qdelta"
-    assert (
-        main(
-            [
-                "compress",
-                str(tmp_path / "base"),
-                str(tmp_path / "ft"),
-                "-o",
-                str(out),
-                "--bits",
-                "2",
-            ]
-        )
-        == 0
-    )
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    assert main([*argv, "--bits", "2"]) == 0
     assert out.is_file()
     text = capsys.readouterr().out
-    assert "14 layers, 2 bit(s)" in text and "ratio" in text
+    assert "14 layers, 2 bit(s)" in text and "ratio" in text and f"wrote {out}" in text
+    assert "distillation" not in text
     loaded = qdelta.load(out)
-    assert sorted(loaded.layers) == sorted(qdelta.compress(base, tmp_path / "ft", bits=2).layers)
+    want = qdelta.compress(base, tmp_path / "ft", bits=2)
+    assert sorted(loaded.layers) == sorted(want.layers)
+    for name, layer in want.layers.items():
+        np.testing.assert_array_equal(loaded.layers[name].planes, layer.planes)
+        np.testing.assert_array_equal(loaded.layers[name].scales, layer.scales)
+    _check_summary(text, loaded, ft, 2, "matrix")
+
+
+def _calib_text(rng: np.random.Generator, n_bytes: int) -> str:
+    words = [
+        "".join(rng.choice(list("abcdefghij"), size=int(rng.integers(2, 7)))) for _ in range(20)
+    ]
+    text = ""
+    while len(text) < n_bytes:
+        text += str(rng.choice(words)) + " "
+    return text[:n_bytes]
+
+
+def _mse(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean over tokens of the per-token MSE of the logits, per batch, then over batches
+    (distill's loss on full windows), computed from plain models."""
+    with torch.no_grad():
+        per_batch = [
+            (output(student, b) - output(teacher, b)).pow(2).mean(-1).mean()
+            for b in ids.split(BATCH)
+        ]
+    return float(torch.stack(per_batch).mean())
+
+
+@pytest.mark.parametrize(("where", "scale"), [("ft", "matrix"), ("base", "row")])
+def test_compress_with_calib_uses_the_byte_tokenizer(tmp_path, capsys, rng, where, scale):
+    vocab = ByteTokenizer.vocab_size + int(rng.integers(0, 20))
+    base = tiny_llama(seed=int(rng.integers(1 << 30)), vocab_size=vocab)
+    ft = fake_finetune(base, seed=int(rng.integers(1 << 30)), rel=0.2)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    ByteTokenizer().save(tmp_path / where)
+    # 8 full windows of 128 ids: <bos> + 1023 bytes of ASCII.
+    text = _calib_text(rng, 8 * SEQ_LEN - 1)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text, encoding="utf-8")
+    out = tmp_path / "ft.qdelta"
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    argv += ["--bits", "1", "--scale", scale, "--calib", str(calib), "--steps", "40"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    m = re.search(r"distillation loss: (\S+) -> (\S+)\n", captured.out)
+    assert m, captured.out
+    before, after = float(m[1]), float(m[2])
+    assert 0 < after < before
+
+    loaded = qdelta.load(out)
+    _check_summary(captured.out, loaded, ft, 1, scale)
+    init = qdelta.compress(base, ft, bits=1, scale=scale)
+    assert sorted(loaded.layers) == sorted(init.layers)
+    for name, layer in init.layers.items():  # same signs, trained scales
+        np.testing.assert_array_equal(loaded.layers[name].planes, layer.planes)
+    assert any(
+        not np.array_equal(loaded.layers[n].scales, layer.scales)
+        for n, layer in init.layers.items()
+    )
+    assert "steps=40" in loaded.metadata["distill"]
+
+    # The printed losses are the output MSE on the byte-tokenized text, before and after.
+    ids = torch.tensor(ByteTokenizer().encode(text, bos=True)).view(-1, SEQ_LEN)
+    assert ids.shape == (8, SEQ_LEN) and int(ids.max()) < vocab
+    want_before = _mse(qdelta.merge(copy.deepcopy(base), init), ft, ids)
+    want_after = _mse(qdelta.merge(copy.deepcopy(base), loaded), ft, ids)
+    assert before == pytest.approx(want_before, rel=1e-3)
+    assert after == pytest.approx(want_after, rel=1e-3)
+
+
+def test_compress_with_calib_uses_a_hf_tokenizer(tmp_path, capsys, rng):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(40)]
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    base = tiny_llama(seed=int(rng.integers(1 << 30)))
+    ft = fake_finetune(base, seed=int(rng.integers(1 << 30)), rel=0.2)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    hf.save_pretrained(tmp_path / "ft")
+    picks = rng.integers(0, len(words), size=8 * SEQ_LEN)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(words[i] for i in picks), encoding="utf-8")
+    out = tmp_path / "ft.qdelta"
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    assert main([*argv, "--calib", str(calib), "--steps", "20"]) == 0
+    m = re.search(r"distillation loss: (\S+) -> (\S+)\n", capsys.readouterr().out)
+    assert m and 0 < float(m[2]) < float(m[1])
+    ids = torch.tensor([vocab[words[i]] for i in picks]).view(-1, SEQ_LEN)
+    init = qdelta.compress(base, ft, bits=1)
+    assert float(m[1]) == pytest.approx(
+        _mse(qdelta.merge(copy.deepcopy(base), init), ft, ids), rel=1e-3
+    )
+
+
+def _fails(argv: list[str], capsys) -> str:
+    """Runs the CLI, expecting exit code 1 and a one-line error on stderr (no traceback)."""
+    capsys.readouterr()  # drop what building the models printed
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    # transformers' loading progress bars may come first; the error is one line, the last.
+    lines = [ln for ln in captured.err.splitlines() if "qdelta" in ln]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("qdelta compress: error: ")
+    assert captured.err.rstrip("\n").endswith(lines[0])
+    return lines[0]
+
+
+def test_calib_without_a_tokenizer_is_a_clear_error(tmp_path, capsys, rng):
+    base = tiny_llama(seed=int(rng.integers(1 << 30)))
+    base.save_pretrained(tmp_path / "base")
+    fake_finetune(base).save_pretrained(tmp_path / "ft")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_calib_text(rng, 2000), encoding="utf-8")
+    out = tmp_path / "ft.qdelta"
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    line = _fails([*argv, "--calib", str(calib), "--steps", "2"], capsys)
+    assert TOKENIZER_FILE in line and "tokenizer.json" in line
+    assert str(tmp_path / "ft") in line and str(tmp_path / "base") in line and "found none" in line
+    assert not out.exists()
+
+
+def test_byte_tokenizer_needs_a_big_enough_vocab(tmp_path, capsys, rng):
+    base = tiny_llama(seed=int(rng.integers(1 << 30)))  # 61 ids < 259
+    base.save_pretrained(tmp_path / "base")
+    fake_finetune(base).save_pretrained(tmp_path / "ft")
+    ByteTokenizer().save(tmp_path / "ft")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_calib_text(rng, 2000), encoding="utf-8")
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(tmp_path / "x")]
+    line = _fails([*argv, "--calib", str(calib)], capsys)
+    assert "at least 259 embedding rows" in line and "found 61" in line
+
+
+def test_nonexistent_base_dir_is_a_clear_error(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "ft")
+    missing = tmp_path / "no-such-base"
+    out = tmp_path / "ft.qdelta"
+    line = _fails(["compress", str(missing), str(tmp_path / "ft"), "-o", str(out)], capsys)
+    assert str(missing) in line and "config.json" in line and "found none" in line
+    assert not out.exists()

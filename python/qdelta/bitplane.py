@@ -8,6 +8,8 @@ bfloat16): see :func:`qdelta.bitplane.as_torch`.
 
 from __future__ import annotations
 
+import operator
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -62,14 +64,47 @@ def _storage(delta: Any) -> tuple[np.ndarray, FloatName]:
     raise DTypeError(f"delta: expected a numpy array or torch tensor, found {type(delta).__name__}")
 
 
-def _shape2(shape: Any) -> tuple[int, int]:
+# The largest rows * cols a dense result may have: its float32 bytes must fit an isize.
+MAX_ELEMENTS: int = sys.maxsize // 4
+
+
+def _int(value: Any) -> int | None:
+    """``value`` as an int if it is one (Python or numpy integer, not bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
     try:
-        rows, cols = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ShapeError(f"shape: expected (rows, cols), found {shape!r}") from None
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _shape2(shape: Any) -> tuple[int, int]:
+    """``(rows, cols)``: two positive ints whose product a dense result can hold."""
+    try:
+        items = tuple(shape)
+    except TypeError:
+        items = None
+    dims = None if items is None or len(items) != 2 else [_int(s) for s in items]
+    if dims is None or None in dims:
+        raise ShapeError(f"shape: expected (rows, cols), two ints, found {shape!r}")
+    rows, cols = dims
     if rows <= 0 or cols <= 0:
         raise ShapeError(f"shape: expected positive (rows, cols), found {(rows, cols)}")
+    if rows * cols > MAX_ELEMENTS:
+        raise ShapeError(
+            f"shape: expected rows * cols <= {MAX_ELEMENTS}, found {rows} * {cols} = {rows * cols}"
+        )
     return rows, cols
+
+
+def _bits(bits: Any, most: int, what: str) -> int:
+    """``bits`` as an int in ``1..=most``."""
+    n = _int(bits)
+    if n is None:
+        raise ShapeError(f"bits: expected an int in 1..={most}{what}, found {bits!r}")
+    if not 1 <= n <= most:
+        raise ShapeError(f"bits: expected 1..={most}{what}, found {n}")
+    return n
 
 
 def _result(arr: np.ndarray, dtype: FloatName) -> np.ndarray:
@@ -110,6 +145,8 @@ def unpack_scaled(
         raise ShapeError(
             f"scales: expected 1 value (per matrix) or {rows} (per row), found shape {s.shape}"
         )
+    if not isinstance(packed, np.ndarray):
+        raise DTypeError(f"packed: expected a uint32 numpy array, found {type(packed).__name__}")
     planes = packed.reshape((1, *packed.shape)) if packed.ndim == 2 else packed
     return _result(_core.unpack_planes(planes, s, rows, cols, dtype, None), dtype)
 
@@ -121,8 +158,9 @@ def pack_residual(
 
     Returns ``(planes [bits, out, words] uint32, scales [bits] or [bits, out] float32)``.
     """
+    n = _bits(bits, MAX_PLANES, "")
     arr, dtype = _storage(delta)
-    return _core.pack_residual(arr, dtype, int(bits), scale)
+    return _core.pack_residual(arr, dtype, n, scale)
 
 
 def unpack_residual(
@@ -134,6 +172,12 @@ def unpack_residual(
 ) -> np.ndarray:
     """Dense reconstruction from the first ``bits`` planes (all when None)."""
     rows, cols = _shape2(shape)
+    if bits is not None:
+        stored = planes.shape[0] if isinstance(planes, np.ndarray) and planes.ndim == 3 else None
+        if stored is None:
+            bits = _bits(bits, MAX_PLANES, "")
+        else:
+            bits = _bits(bits, stored, " (the planes stored)")
     s = np.asarray(scales)
     return _result(_core.unpack_planes(planes, s, rows, cols, dtype, bits), dtype)
 

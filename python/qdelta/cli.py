@@ -147,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from qdelta.errors import QDeltaError
+
+    try:
+        return int(args.func(args))
+    except QDeltaError as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"qdelta {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,11 +4,82 @@ distill the scales on a text file, save, and print a summary."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from qdelta.compress import compress
 from qdelta.delta import Delta
-from qdelta.errors import QDeltaError
+from qdelta.errors import CalibrationError, QDeltaError
 from qdelta.sources import load_hf_model
+from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
+
+# Files one of which a directory holds when it carries a Hugging Face tokenizer.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+class ByteTokenizerCall:
+    """:class:`ByteTokenizer` as the callable calibration expects: text -> ``{"input_ids"}``.
+
+    Text starts with ``<bos>``, as the zoo's models saw it in training.
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_id
+        self.vocab_size = tokenizer.vocab_size
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": self.tokenizer.encode(text, bos=True)}
+
+
+def _vocab_rows(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def calibration_tokenizer(finetuned: str | Path, base: str | Path, model: nn.Module) -> Any:
+    """The tokenizer for ``--calib`` text: qdelta's byte tokenizer (``qdelta_tokenizer.json``)
+    in the fine-tune dir, else in the base dir; else a Hugging Face tokenizer from the
+    fine-tune dir, else the base dir (local files only); else a :class:`CalibrationError`."""
+    dirs = [Path(finetuned), Path(base)]
+    rows = _vocab_rows(model)
+    for d in dirs:
+        if (d / TOKENIZER_FILE).is_file():
+            try:
+                tok = ByteTokenizer.load(d)
+            except QDeltaError as e:
+                raise CalibrationError(f"calibration tokenizer: {e}") from e
+            if rows is not None and rows < tok.vocab_size:
+                raise CalibrationError(
+                    f"calibration tokenizer {d / TOKENIZER_FILE}: expected a model with at least "
+                    f"{tok.vocab_size} embedding rows for its ids, found {rows}"
+                )
+            return ByteTokenizerCall(tok)
+    failures = []
+    for d in dirs:
+        if not any((d / name).is_file() for name in HF_TOKENIZER_FILES):
+            continue
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(d, local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, TypeError, ...
+            failures.append(f"{d}: {type(e).__name__}: {' '.join(str(e).split())}")
+    found = "; ".join(failures) if failures else "none"
+    raise CalibrationError(
+        f"--calib needs a tokenizer: expected {TOKENIZER_FILE} or a Hugging Face tokenizer "
+        f"({', '.join(HF_TOKENIZER_FILES)}) in {dirs[0]} or {dirs[1]}, found {found}"
+    )
 
 
 def _dense_bytes(model, delta: Delta) -> int:
@@ -20,18 +91,14 @@ def _dense_bytes(model, delta: Delta) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
-    if not hasattr(Delta, "save"):
-        raise QDeltaError("compress: expected the .qdelta store (Delta.save), found none")
     base = load_hf_model(args.base)
     finetuned = load_hf_model(args.finetuned)
+    tokenizer = calibration_tokenizer(args.finetuned, args.base, finetuned) if args.calib else None
     delta = compress(base, finetuned, bits=args.bits, scale=args.scale)
     line = ""
     if args.calib:
-        from transformers import AutoTokenizer
-
         from qdelta.distill import distill
 
-        tokenizer = AutoTokenizer.from_pretrained(args.finetuned, local_files_only=True)
         result = distill(
             base,
             finetuned,
@@ -43,7 +110,7 @@ def run_compress(args: argparse.Namespace) -> int:
         )
         delta = result.delta
         line = f"distillation loss: {result.loss_before:.6g} -> {result.loss_after:.6g}\n"
-    delta.save(args.output)  # type: ignore[attr-defined]
+    delta.save(args.output)
     packed = sum(layer.nbytes for layer in delta.layers.values())
     dense = _dense_bytes(finetuned, delta)
     print(
