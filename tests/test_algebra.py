@@ -95,6 +95,44 @@ def test_soup_of_compressed_recompresses_the_average(family, tmp_path):
     qdelta.check_base(back, base)
 
 
+def test_combine_mapping_of_compressed_deltas_equals_hand_sum(family):
+    base, fts = family
+    p1, p2 = (qdelta.compress(base, ft, bits=2, tenant=f"p{i}") for i, ft in enumerate(fts[:2]))
+    assert hash(p1) != hash(p2) and len({p1: 1, p2: 2}) == 2  # identity keys
+    b = _sd64(base)
+    got = qdelta.combine({p1: 0.5, p2: -1.0}, base=base, dense=True)
+    assert isinstance(got, DenseDelta) and got.metadata["weights"] == "0.5,-1"
+    assert got.layers.keys() == p1.layers.keys()
+    for name in p1.layers:
+        # Independently: each plane times its scale, summed in float64.
+        want = np.zeros(p1.layers[name].shape)
+        for w, layer in ((0.5, p1.layers[name]), (-1.0, p2.layers[name])):
+            for k in range(layer.bits):
+                bits = np.unpackbits(layer.planes[k].view(np.uint8), axis=1, bitorder="little")
+                signs = np.where(bits[:, : layer.shape[1]] == 1, -1.0, 1.0)
+                scale = layer.scales[k].astype(np.float64)
+                want += w * (scale if scale.ndim == 0 else scale[:, None]) * signs
+        np.testing.assert_allclose(got.layers[name].double().numpy(), want, atol=1e-6, rtol=0)
+    assert got.params.keys() == p1.params.keys() and got.params
+    for key, v in got.params.items():
+        want = (
+            b[key] + 0.5 * (p1.params[key].double() - b[key]) - (p2.params[key].double() - b[key])
+        )
+        torch.testing.assert_close(v.double(), want, atol=1e-6, rtol=0)
+    # The default output recompresses that sum to the inputs' 2 planes; keys may mix forms.
+    packed = qdelta.combine({p1: 0.5, as_dense(p2): -1.0}, base=base)
+    assert isinstance(packed, qdelta.Delta)
+    for name, layer in packed.layers.items():
+        planes, scales = qdelta.pack_residual(got.layers[name], bits=2)
+        np.testing.assert_array_equal(layer.planes, planes)
+        np.testing.assert_array_equal(layer.scales, scales)
+    # A delta of another base is refused, in mapping form too.
+    other = tiny_llama(seed=99)
+    stranger = qdelta.compress(other, fake_finetune(other, seed=6), tenant="stranger")
+    with pytest.raises(qdelta.BaseMismatchError, match="'p0' and 'stranger'"):
+        qdelta.combine({p1: 0.5, stranger: -1.0}, base=base)
+
+
 def test_dense_compress_roundtrip_through_file(family, tmp_path):
     base, fts = family
     dense = qdelta.dense_delta(base, fts[0])
@@ -179,7 +217,7 @@ def test_greedy_soup_follows_the_paper(lower_is_better):
         frozenset({3}): 4.0,
         frozenset({1, 2}): 1.5,  # worse than 1.0: 2 is not added
         frozenset({0, 1}): 0.8,  # better: 0 is added
-        frozenset({0, 1, 3}): 0.8,  # equal: kept (the paper's >=)
+        frozenset({0, 1, 3}): 0.8,  # a tie: not an improvement, 3 is left out
     }
     sign = 1.0 if lower_is_better else -1.0
     calls = []
@@ -190,9 +228,58 @@ def test_greedy_soup_follows_the_paper(lower_is_better):
 
     result = qdelta.greedy_soup(_indicator_deltas(4), score, lower_is_better=lower_is_better)
     assert result.order == [1, 2, 0, 3]
-    assert result.chosen == [1, 0, 3]
-    assert [kept for _, _, kept in result.history] == [False, True, True]
+    assert result.chosen == [1, 0]
+    assert [kept for _, _, kept in result.history] == [False, True, False]
     assert calls[4:] == [frozenset({1, 2}), frozenset({0, 1}), frozenset({0, 1, 3})]
-    assert _members(result.soup) == {0, 1, 3}
-    torch.testing.assert_close(result.soup.layers["l"], torch.tensor([[1 / 3, 1 / 3, 0, 1 / 3]]))
-    assert result.soup_score == sign * 0.8
+    assert _members(result.soup) == {0, 1}
+    torch.testing.assert_close(result.soup.layers["l"], torch.tensor([[0.5, 0.5, 0, 0]]))
+    # A dense soup is what was scored: no extra call, both scores equal.
+    assert result.soup_score == result.selection_score == sign * 0.8
+    assert len(calls) == 7
+
+
+@pytest.mark.parametrize("lower_is_better", [True, False])
+def test_greedy_soup_leaves_out_an_ingredient_that_ties(family, lower_is_better):
+    # A copy of the best ingredient: the soup with it is the same weights, the
+    # same score, so it is not an improvement; a real improvement is kept.
+    base, fts = family
+    a = qdelta.dense_delta(base, fts[0], tenant="a")
+    copy_of_a = DenseDelta(dict(a.layers), dict(a.params), a.base_fingerprint, tenant="a2")
+    b = qdelta.dense_delta(base, fts[1], tenant="b")
+    # Nearer to a than to b, nearest to their soup: a is best alone, b helps.
+    target = {n: 0.6 * a.layers[n] + 0.4 * b.layers[n] for n in a.layers}
+
+    def score(d):
+        dist = sum(float(torch.linalg.norm(d.layers[n] - target[n])) for n in target)
+        return dist if lower_is_better else -dist
+
+    result = qdelta.greedy_soup([a, copy_of_a], score, lower_is_better=lower_is_better)
+    assert result.chosen == [0] and [k for _, _, k in result.history] == [False]
+    assert result.history[0][1] == pytest.approx(result.individual_scores[0], rel=1e-6)
+    result = qdelta.greedy_soup([a, copy_of_a, b], score, lower_is_better=lower_is_better)
+    assert result.chosen == [0, 2]  # a and its copy score alike: a comes first (stable)
+
+
+def test_greedy_soup_scores_the_recompressed_soup_it_returns(family):
+    base, fts = family
+    packed = [qdelta.compress(base, ft, bits=1, tenant=f"c{i}") for i, ft in enumerate(fts)]
+    target = {n: torch.zeros(layer.shape) for n, layer in packed[0].layers.items()}
+    scored = []
+
+    def score(d):  # distance to the base: the soup of independent deltas shrinks
+        scored.append(d)
+        return sum(float(torch.linalg.norm(d.layers[n] - target[n])) for n in target)
+
+    result = qdelta.greedy_soup(packed, score)
+    assert len(result.chosen) > 1
+    assert isinstance(result.soup, qdelta.Delta)
+    assert {layer.bits for layer in result.soup.layers.values()} == {1}
+    # The last call scored the returned 1-bit soup; the selection scored it dense.
+    assert len(scored) == len(packed) + len(result.history) + 1
+    last = scored[-1]
+    for name, layer in result.soup.layers.items():
+        np.testing.assert_array_equal(last.layers[name].numpy(), layer.dense())
+    assert result.soup_score == score(as_dense(result.soup))
+    dense_soup = qdelta.soup([packed[i] for i in result.chosen], dense=True)
+    assert result.selection_score == pytest.approx(score(dense_soup), rel=1e-9)
+    assert result.soup_score != result.selection_score

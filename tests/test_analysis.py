@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from tests.tiny_models import fake_finetune, tiny_llama
 
 import qdelta
+from qdelta import analysis
 from qdelta.analysis import layer_stats
 from qdelta.cli import main
 
@@ -32,6 +34,7 @@ def _hand(w0: np.ndarray, d: np.ndarray, ref: np.ndarray) -> dict:
         "delta_m": np.abs(m1 - m0).mean(),
         "delta_d": (1 - cos).mean(),
         "sign_agreement": (np.sign(d) == np.sign(ref)).mean(),
+        "base_sign_agreement": (np.sign(d) == np.sign(w0)).mean(),
     }
 
 
@@ -43,11 +46,11 @@ def test_layer_stats_match_hand_computation(rng, shape):
     got = layer_stats(torch.from_numpy(w0), torch.from_numpy(d), 3, torch.from_numpy(ref))
     want = _hand(w0.astype(np.float64), d.astype(np.float64), ref.astype(np.float64))
     assert got["shape"] == list(shape)
-    for key in ("rel_norm", "delta_m", "delta_d", "sign_agreement"):
+    for key in ("rel_norm", "delta_m", "delta_d", "sign_agreement", "base_sign_agreement"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), key
     np.testing.assert_allclose(got["recon_err"], want["recon_err"], rtol=1e-4)
     assert got["recon_err"][0] > got["recon_err"][1] > got["recon_err"][2]
-    assert got["recon_sign_agreement"] == 1.0
+    assert "recon_sign_agreement" not in got  # 1 by construction: not reported
 
 
 def test_bad_plane_count_is_refused():
@@ -63,6 +66,9 @@ def test_pure_rescaling_is_magnitude_only():
     assert stats["delta_d"] == pytest.approx(0.0, abs=1e-6)
     want = float((s[:, 0] * torch.linalg.norm(w0, dim=1)).mean())
     assert stats["delta_m"] == pytest.approx(want, rel=1e-5)
+    # Growing every weight: the delta has the base's sign everywhere; shrinking: nowhere.
+    assert stats["base_sign_agreement"] == 1.0
+    assert layer_stats(w0.float(), (-0.5 * s * w0).float())["base_sign_agreement"] == 0.0
 
 
 def test_analyze_cli_table_json_plot(tmp_path, capsys):
@@ -96,3 +102,69 @@ def test_analyze_cli_table_json_plot(tmp_path, capsys):
     other.save_pretrained(tmp_path / "other")
     assert main(["analyze", str(tmp_path / "other"), str(tmp_path / "ft0.qdelta")]) == 1
     assert "BaseMismatchError" in capsys.readouterr().err
+
+
+def _checkpoints(base, steps_at=(2, 5, 10), seed=0):
+    """A real fine-tune: AdamW on a narrow band of tokens, a copy at each of ``steps_at``."""
+    model = copy.deepcopy(base).train()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    out = []
+    for step in range(1, max(steps_at) + 1):
+        ids = torch.randint(10, 25, (4, 16), generator=gen)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in steps_at:
+            out.append(copy.deepcopy(model).eval())
+    return out
+
+
+def test_analyze_steps_trajectories_over_checkpoints(tmp_path, capsys):
+    base = tiny_llama(seed=int(torch.randint(1000, (1,))))
+    base.save_pretrained(tmp_path / "base")
+    names = []
+    for i, ckpt in enumerate(_checkpoints(base), start=1):
+        ckpt.save_pretrained(tmp_path / f"ckpt{i}")
+        names.append(str(tmp_path / f"ckpt{i}"))
+    order = names  # the order of the arguments is the step order
+    out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
+    argv = ["--json", str(out_json), "--plot", str(out_png), "--steps"]
+    assert main(["analyze", str(tmp_path / "base"), *order, *argv]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].startswith("step ") and "sign vs W0" in table
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out_json.read_text())
+    assert result["steps"] is True and result["finetuned"] == order
+    assert [r["step"] for r in result["layers"]] == [s for s in (1, 2, 3) for _ in range(14)]
+    traj = result["trajectories"]
+    assert len(traj) == 14
+    grew = 0
+    for name, points in traj.items():
+        assert [p["step"] for p in points] == [1, 2, 3]
+        assert [p["finetuned"] for p in points] == order
+        row = next(r for r in result["layers"] if r["layer"] == name and r["step"] == 3)
+        assert points[2]["rel_norm"] == row["rel_norm"] and points[2]["delta_d"] == row["delta_d"]
+        grew += points[0]["rel_norm"] < points[1]["rel_norm"] < points[2]["rel_norm"]
+    # Training moves the weights further with every step, for (nearly) every layer.
+    assert grew >= 12, grew
+    # The plot: a panel per layer type, a line per layer through the 3 checkpoints.
+    import matplotlib.pyplot as plt
+
+    fig = analysis._plot_trajectories(plt, result)
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert sorted(ax.get_title() for ax in panels) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    for ax in panels:
+        assert len(ax.lines) == 2  # 2 decoder layers
+        assert all(len(line.get_xdata()) == 3 for line in ax.lines)
+        assert sorted(t.get_text() for t in ax.texts) == ["1", "1", "2", "2", "3", "3"]
+    plt.close(fig)
+    # Without --steps the same inputs are independent tenants (no trajectories).
+    assert analysis.main([str(tmp_path / "base"), *order, "--json", str(out_json)]) == 0
+    assert "trajectories" not in json.loads(out_json.read_text())
+    capsys.readouterr()
+    assert analysis.main([str(tmp_path / "base"), names[0], "--steps"]) == 1
+    assert "expected at least 2 checkpoints" in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""from_peft against PEFT's own merge_and_unload(), offline on tiny Llama models."""
+"""from_peft against PEFT's own merge_and_unload(), offline on tiny Llama and GPT-2 models."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_gpt2, tiny_llama
 
 import qdelta
 from qdelta.peft_import import bitdelta_bytes, lora_bytes
@@ -14,9 +15,9 @@ from qdelta.peft_import import bitdelta_bytes, lora_bytes
 peft = pytest.importorskip("peft")
 
 
-def _adapted(base, *, rank, alpha, targets, dora, seed):
+def _adapted(base, *, rank, alpha, targets, dora, seed, **extra):
     cfg = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=dora
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_dora=dora, **extra
     )
     model = peft.get_peft_model(copy.deepcopy(base), cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -68,10 +69,59 @@ def test_from_peft_equals_merge_and_unload(case, tmp_path):
                 assert float(d.abs().max()) == 0.0, key
     # The caller's base is untouched and the delta compresses like any fine-tune.
     assert not any("lora" in k for k in base.state_dict())
+    _check_merges(base, model, dense)
+
+
+def _check_merges(base, peft_model, dense):
+    """base + the dense delta is PEFT's merged model; base + its 1-bit form moves
+    exactly the adapted layers, by the planes' reconstruction."""
+    want = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    got = dense.merge_into(copy.deepcopy(base)).state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=2e-6, rtol=1e-5, msg=key)
     packed = dense.compress(bits=1, tenant="adapter")
     assert packed.metadata["source"] == dense.metadata["source"]
-    merged = qdelta.merge(copy.deepcopy(base), packed)
-    assert merged is not None
+    merged = qdelta.merge(copy.deepcopy(base), packed).state_dict()
+    for key, b in base.state_dict().items():
+        name = key.removesuffix(".weight")
+        if name not in packed.layers:
+            assert torch.equal(merged[key], b), key
+            continue
+        layer = packed.layers[name]
+        d = torch.from_numpy(layer.dense())
+        d = d.T if layer.transposed else d
+        assert not torch.equal(merged[key], b), key
+        torch.testing.assert_close(merged[key], b + d, atol=1e-6, rtol=0, msg=key)
+        # The 1-bit form keeps the adapter's signs.
+        ref = dense.weight(name).numpy()
+        np.testing.assert_array_equal(np.signbit(d.numpy()), np.signbit(ref))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_from_peft_fan_in_fan_out_on_gpt2_conv1d(dora, tmp_path):
+    # GPT-2's Conv1D stores the weight [in, out]: PEFT's LoRA needs fan_in_fan_out=True.
+    base = tiny_gpt2(seed=int(torch.randint(1000, (1,))))
+    targets = ["c_attn", "c_proj", "c_fc"]
+    model = _adapted(base, rank=3, alpha=6, targets=targets, dora=dora, seed=4, fan_in_fan_out=True)
+    want = _merged_delta(base, model)
+    for source in (model, tmp_path):
+        if source is tmp_path:
+            model.save_pretrained(tmp_path)
+        dense = qdelta.from_peft(base, source)
+        assert dense.metadata["source"] == ("dora" if dora else "lora")
+        # c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj in each of the 2 blocks, all Conv1D.
+        assert len(dense.layers) == 8 and dense.transposed == frozenset(dense.layers)
+        for key, d in want.items():
+            name = key.removesuffix(".weight")
+            if name in dense.layers:
+                in_f, out_f = base.get_submodule(name).weight.shape
+                assert tuple(dense.layers[name].shape) == (out_f, in_f)  # [out, in] like Linear
+                assert float(d.abs().max()) > 0
+                torch.testing.assert_close(dense.weight(name).double(), d, atol=2e-6, rtol=1e-5)
+            else:
+                assert float(d.abs().max()) == 0.0, key
+    _check_merges(base, model, dense)
 
 
 def test_memory_honesty_lora_vs_one_bit():

@@ -300,8 +300,10 @@ def combine(
 ) -> AnyDelta:
     """Task arithmetic: ``sum_i w_i * delta_i`` (weights may be negative).
 
-    ``deltas``: ``{delta: weight}`` (DenseDelta keys) or ``(delta, weight)``
-    pairs (any delta). All must share one base fingerprint
+    ``deltas``: ``{delta: weight}`` or ``(delta, weight)`` pairs, any mix of
+    :class:`Delta` and :class:`DenseDelta` (both hash by identity, so one
+    object is one key; pass pairs to list an object twice). All must share one
+    base fingerprint
     (:class:`BaseMismatchError` naming both) and the same layers and shapes.
     The result is a :class:`Delta` with ``bits`` planes (default: the most any
     compressed input has) when an input is compressed or ``bits`` is given,
@@ -381,7 +383,14 @@ def soup(
 @dataclass
 class GreedySoup:
     """What :func:`greedy_soup` chose: the soup, the kept ingredients (input
-    indices, in the order tried) and every score it measured."""
+    indices, in the order tried) and every score it measured.
+
+    ``selection_score``: the score of the dense uniform soup of ``chosen``, the
+    one the selection compared. ``soup_score``: the score of ``soup`` as
+    returned; it differs from ``selection_score`` when the result was
+    recompressed (any input compressed, or ``bits=``), and is measured again
+    on it then, else equal.
+    """
 
     soup: AnyDelta
     chosen: list[int]
@@ -389,6 +398,7 @@ class GreedySoup:
     individual_scores: list[float]
     soup_score: float
     history: list[tuple[int, float, bool]]  # (ingredient tried, soup score with it, kept)
+    selection_score: float
 
 
 def greedy_soup(
@@ -401,10 +411,14 @@ def greedy_soup(
 ) -> GreedySoup:
     """The model soups paper's greedy soup (Wortsman et al. 2022, Algorithm 1).
 
-    Score every ingredient alone, sort best first, start the soup with the best
-    and add each next ingredient only if the held-out score of the uniform soup
-    with it is no worse than without it (the paper's ``>=``). ``score_fn``
-    gets a :class:`DenseDelta` (e.g. held-out perplexity: ``lower_is_better``).
+    Score every ingredient alone, sort best first (stable: ties keep input
+    order), start the soup with the best and add each next ingredient only if
+    the held-out score of the dense uniform soup with it is strictly better
+    than without it: a tie leaves the ingredient out (the smaller soup).
+    ``score_fn`` gets a :class:`DenseDelta` (e.g. held-out perplexity:
+    ``lower_is_better``). The returned soup is recompressed like :func:`soup`
+    when an input is compressed or ``bits`` is given; its own score is
+    ``soup_score`` (see :class:`GreedySoup`).
     """
     dense = [as_dense(d) for d in deltas]
     if not dense:
@@ -412,15 +426,15 @@ def greedy_soup(
     _check_compatible(dense)
     scores = [float(score_fn(d)) for d in dense]
 
-    def better_or_equal(a: float, b: float) -> bool:
-        return a <= b if lower_is_better else a >= b
+    def better(a: float, b: float) -> bool:
+        return a < b if lower_is_better else a > b
 
     order = sorted(range(len(dense)), key=lambda i: scores[i], reverse=not lower_is_better)
     chosen, best, history = [order[0]], scores[order[0]], []
     for i in order[1:]:
         candidate = soup([dense[j] for j in [*chosen, i]], base=base, dense=True)
         s = float(score_fn(candidate))  # type: ignore[arg-type]
-        kept = better_or_equal(s, best)
+        kept = better(s, best)
         history.append((i, s, kept))
         if kept:
             chosen.append(i)
@@ -429,4 +443,6 @@ def greedy_soup(
     result = soup(inputs, base=base, bits=bits)
     result.metadata["source"] = "soup"
     result.metadata["recipe"] = "greedy"
-    return GreedySoup(result, chosen, order, scores, best, history)
+    # A dense result is the soup scored last for ``chosen``; a recompressed one is not.
+    final = float(score_fn(as_dense(result))) if isinstance(result, Delta) else best
+    return GreedySoup(result, chosen, order, scores, final, history, best)

@@ -136,12 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser(
         "analyze", help="per-layer delta statistics of fine-tunes (norms, signs, DoRA view)"
     )
-    analyze.add_argument("base", help="base model directory")
-    analyze.add_argument("finetuned", nargs="+", help="fine-tuned model dirs or .qdelta files")
-    analyze.add_argument("--json", default=None, help="write the statistics as JSON")
-    analyze.add_argument("--plot", default=None, help="write a PNG of dM vs dD per layer")
-    analyze.add_argument("--planes", type=int, default=3, help="max planes for errors (3)")
-    analyze.set_defaults(func=_cmd_analyze)
+    from qdelta.analysis import add_arguments as add_analyze_arguments
+
+    add_analyze_arguments(analyze).set_defaults(func=_cmd_analyze)
     return parser
 
 

@@ -65,7 +65,7 @@ class PackedLayer:
         return unpack_residual(self.planes, self.scales, self.shape, dtype, bits)
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality and hash: a Delta can key a combine() mapping
 class Delta:
     """A fine-tune relative to one base.
 
@@ -74,6 +74,9 @@ class Delta:
     biases that changed): the fine-tune's *value* in its own dtype, by
     state-dict name. ``base_fingerprint``: the fingerprint of the base weights
     the delta was made against.
+
+    Equality is identity (so a ``Delta`` is hashable, e.g. as a key of
+    ``qdelta.combine({delta: weight})``); compare contents field by field.
     """
 
     layers: dict[str, PackedLayer]
