@@ -54,8 +54,12 @@ bench: develop
 
 FUZZ_SECONDS ?= 60
 # Fuzzes the .qdelta header parser for FUZZ_SECONDS with libFuzzer (cargo-fuzz,
-# nightly); where cargo-fuzz is missing, the stable-Rust mutation fuzz instead.
+# nightly; cargo-fuzz is installed when missing); without a nightly toolchain,
+# the stable-Rust mutation fuzz instead.
 fuzz:
+	@if rustc +nightly --version >/dev/null 2>&1 && ! cargo +nightly fuzz --version >/dev/null 2>&1; then \
+	  cargo install cargo-fuzz --locked; \
+	fi
 	@if cargo +nightly fuzz --version >/dev/null 2>&1; then \
 	  mkdir -p fuzz/corpus/header && cd fuzz && \
 	  cargo +nightly fuzz run header corpus/header seeds -- \
