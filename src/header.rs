@@ -339,18 +339,27 @@ impl<'de> Deserialize<'de> for RawHeader {
             ) -> std::result::Result<RawHeader, A::Error> {
                 let mut metadata = None;
                 let mut tensors: Vec<(String, RawTensor)> = Vec::new();
-                let mut seen = std::collections::HashSet::new();
                 while let Some(key) = map.next_key::<String>()? {
-                    if !seen.insert(key.clone()) {
-                        return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
-                    }
                     if key == METADATA_KEY {
+                        if metadata.is_some() {
+                            return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                        }
                         let m: UniqueKeys<String> = map.next_value()?;
                         metadata = Some(m.0);
                     } else {
                         let t: RawTensor = map.next_value()?;
                         tensors.push((key, t));
                     }
+                }
+                // Duplicate tensor names, found by sorting references (opening a
+                // file allocates nothing per tensor for this check).
+                let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+                names.sort_unstable();
+                if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(serde::de::Error::custom(format!(
+                        "duplicate key {:?}",
+                        w[0]
+                    )));
                 }
                 Ok(RawHeader { metadata, tensors })
             }
