@@ -1,7 +1,7 @@
 """The DoRA paper's weight-decomposition view over one fine-tuning run.
 
-Fine-tunes the zoo's base on one domain (full fine-tune, AdamW, constant
-learning rate), saves a checkpoint at each of ``--at`` steps, then runs
+Fine-tunes the zoo's base on one domain (full fine-tune with the zoo's
+training loop: AdamW, warm-up and cosine schedule), saves a checkpoint at each of ``--at`` steps, then runs
 ``qdelta analyze BASE CKPT1 CKPT2 ... --steps``: per layer the relative delta
 norm, the k-plane errors and (dM, dD) at every checkpoint, a trajectory per
 layer in the PNG (one panel per layer type: q_proj, v_proj, ...).
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qdelta.analysis import main as analyze_main
-from qdelta.zoo import ZooConfig, _domain_stream, _sample_batch, build_zoo
+from qdelta.zoo import ZooConfig, _domain_stream, build_zoo, train_lm
 
 
 def fine_tune_checkpoints(
@@ -38,28 +38,26 @@ def fine_tune_checkpoints(
     seed: int,
     out: Path,
 ) -> list[Path]:
-    """AdamW next-token training; a saved model directory at each step in ``at``."""
-    model = copy.deepcopy(base).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(seed)
-    saved = []
-    for step in range(1, max(at) + 1):
-        batch = _sample_batch(streams, batch_size, seq_len, gen)
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+    """The zoo's fine-tuning loop (``train_lm``); a saved model directory at each step in ``at``."""
+    saved: list[Path] = []
+
+    def checkpoint(step: int, model: torch.nn.Module) -> None:
         if step in at:
             directory = out / f"step-{step:04d}"
-            model.eval().save_pretrained(directory)
-            model.train()
+            model.save_pretrained(directory)
             saved.append(directory)
-            print(f"step {step}: loss {loss.item():.3f} -> {directory}", file=sys.stderr)
+
+    train_lm(
+        copy.deepcopy(base),
+        streams,
+        steps=max(at),
+        lr=lr,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        desc="fine-tune",
+        on_step=checkpoint,
+    )
     return saved
 
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -286,8 +287,10 @@ def train_lm(
     weight_decay: float = 0.0,
     desc: str = "train",
     progress: bool = True,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> list[float]:
-    """AdamW next-token training on random windows of ``streams``; returns the losses."""
+    """AdamW next-token training on random windows of ``streams``; returns the losses.
+    ``on_step(step, model)`` runs after each optimizer step (1-based; e.g. checkpoints)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed)
@@ -307,6 +310,8 @@ def train_lm(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, model)
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
