@@ -38,6 +38,11 @@ CONFIG = dict(
     num_key_value_heads=8,
     initializer_range=0.05,
 )
+# Weights well beyond the caches (200 MB per fp32 model): decode of one model is
+# bound by reading its weights, the regime 1-bit deltas are for.
+CONFIG_LARGE = CONFIG | dict(
+    hidden_size=1024, intermediate_size=2752, num_attention_heads=16, num_key_value_heads=16
+)
 LLAMA_7B = dict(layers=32, hidden=4096, mlp=11008, vocab=32000)
 
 
@@ -183,8 +188,9 @@ def decode_comparison(
 
 def zoo_decode(cache_dir: str | None = None) -> dict:
     """The same comparison on the default zoo model: its four tenants, each as a
-    1-bit and a 2-bit delta (eight distinct tenants, initial scales), prompted
-    with held-out text of the tenant's own domain."""
+    1-bit delta with one scale per matrix and with one per row (BitDelta's two
+    granularities: eight distinct 1-bit tenants, initial scales), prompted with
+    held-out text of the tenant's own domain."""
     from qdelta.zoo import ZooConfig, build_zoo
 
     zoo = build_zoo(ZooConfig.default(), cache_dir)
@@ -192,8 +198,8 @@ def zoo_decode(cache_dir: str | None = None) -> dict:
     deltas = {}
     for name in sorted(zoo.tenants):
         ft = zoo.load(name)
-        for bits in (1, 2):
-            deltas[f"{name}-{bits}bit"] = qdelta.compress(base, ft, bits=bits)
+        for scale in ("matrix", "row"):
+            deltas[f"{name}-{scale}"] = qdelta.compress(base, ft, bits=1, scale=scale)
     prompts = []
     for name in deltas:
         domain = zoo.tenants[name.rsplit("-", 1)[0]].domain
@@ -215,17 +221,24 @@ def zoo_decode(cache_dir: str | None = None) -> dict:
     }
 
 
-def _run(zoo: bool) -> dict:
+def random_decode(config: dict) -> tuple[nn.Module, dict]:
+    """8 perturbed fine-tunes of a random-weight Llama built from ``config``."""
     torch.manual_seed(0)
-    base = tiny_llama(0, **CONFIG)
+    base = tiny_llama(0, **config)
     fts = [perturbed(base, 100 + t, scale=0.01) for t in range(TENANTS)]
     deltas = {f"t{t}": packed_delta(base, ft) for t, ft in enumerate(fts)}
+    del fts
     g = torch.Generator().manual_seed(1)
     prompts = [
-        torch.randint(0, CONFIG["vocab_size"], (PROMPT,), generator=g).tolist()
+        torch.randint(0, config["vocab_size"], (PROMPT,), generator=g).tolist()
         for _ in range(TENANTS)
     ]
-    decode = decode_comparison(base, deltas, prompts)
+    return base, decode_comparison(base, deltas, prompts)
+
+
+def _run(zoo: bool) -> dict:
+    base, decode = random_decode(CONFIG)
+    _, large = random_decode(CONFIG_LARGE)
 
     # Memory for N = 1..64 tenants from the actual tensors: load N tenants and measure.
     extra = [packed_delta(base, perturbed(base, 500 + t, scale=0.01)) for t in range(8)]
@@ -255,6 +268,7 @@ def _run(zoo: bool) -> dict:
         **decode,
         "memory_vs_tenants": table,
         "llama_7b_fp16": [llama_7b_arithmetic(n) for n in (1, 2, 4, 8, 16, 32, 64)],
+        "large": large | {"model": CONFIG_LARGE | {"dtype": "float32"}},
         "zoo": zoo_decode() if zoo else None,
     }
 
@@ -302,6 +316,18 @@ def markdown(r: dict) -> str:
         "",
         *decode_lines(r),
         "",
+    ]
+    if r.get("large"):
+        g = r["large"]["model"]
+        lines += [
+            f"Larger random-weight Llama (hidden {g['hidden_size']}, {g['num_hidden_layers']} "
+            f"layers, MLP {g['intermediate_size']}, {g['dtype']}; "
+            f"{r['large']['dense_resident_bytes'] / 8e6:.0f} MB per model, beyond the caches):",
+            "",
+            *decode_lines(r["large"]),
+            "",
+        ]
+    lines += [
         "| N | N full models MB | base + N deltas MB | ratio | 7B fp16: ratio (head whole) | 7B: ratio (head packed) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
