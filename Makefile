@@ -44,9 +44,10 @@ test: test-rust lint test-python
 
 bench: develop
 	mkdir -p benches/results
-	$(PY) -m pytest -q benches -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/latest.json
-	$(PY) benches/report.py benches/results/latest.json
-	$(PY) benches/report_gemv.py benches/results/latest.json
+	$(PY) -m pytest -q benches/bench_bitplane.py -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/bitplane.json
+	$(PY) benches/report.py benches/results/bitplane.json
+	$(PY) -m pytest -q benches/bench_gemv.py -o python_files='bench_*.py' --benchmark-only --benchmark-json=benches/results/gemv.json
+	$(PY) benches/report_gemv.py benches/results/gemv.json
 	$(PY) benches/bench_store.py
 	$(PY) benches/bench_store.py --cold --out benches/results/store_cold.json
 	$(PY) benches/bench_runtime.py
