@@ -17,7 +17,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         distill_steps=args.steps,
         seed=args.seed,
     )
-    return 0 if all(s["matches_merged_dense_model"] for s in result["mixed_batch"]) else 1
+    served = all(s["matches_merged_dense_model"] for s in result["mixed_batch"])
+    return 0 if served and result["ring"]["ok"] else 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

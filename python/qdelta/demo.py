@@ -160,6 +160,20 @@ def _memory_lines(table: dict) -> list[str]:
     return lines
 
 
+def ring_check(zoo: Zoo, world_size: int = 2) -> dict:
+    """The zoo's base with its attention run as ring attention over ``world_size``
+    gloo processes (zigzag layout) on held-out code text as long as its position
+    table allows, against one ordinary forward."""
+    from qdelta.ring.demo import run_ring_demo
+
+    base = zoo.load("base")
+    length = base.config.max_position_embeddings
+    ids = zoo.tokenizer.encode(zoo.eval_texts[zoo.domains[0]], bos=True)[:length]
+    return run_ring_demo(
+        world_size=world_size, model_dir=str(zoo.base_dir), input_ids=torch.tensor([ids])
+    )
+
+
 def run_demo(
     out_dir: str | Path = "results",
     *,
@@ -176,26 +190,29 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
-    print(f"[1/5] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)
+    print(f"[1/6] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)
     zoo = build_zoo(config, cache_dir, progress=progress)
     print(f"      {zoo.root} ({'built now' if zoo.built else 'from cache'})", flush=True)
 
-    print(f"[2/5] compress {len(zoo.tenants)} tenants, distill scales ({steps} steps), evaluate")
+    print(f"[2/6] compress {len(zoo.tenants)} tenants, distill scales ({steps} steps), evaluate")
     rows, details, store = evaluate_into(
         out, zoo, distill_steps=steps, seed=seed, progress=progress
     )
 
-    print("[3/5] one mixed batch: every tenant and the base from one base + deltas", flush=True)
+    print("[3/6] one mixed batch: every tenant and the base from one base + deltas", flush=True)
     samples = mixed_batch(zoo, store, new_tokens=new_tokens, progress=progress)
     for s in samples:
         check = "same as merged dense model" if s["matches_merged_dense_model"] else "DIFFERS"
         print(f"  [{s['tenant']}] {s['prompt']!r} -> {s['completion']!r} ({check})")
 
-    print("[4/5] memory: N full models vs one base + N deltas", flush=True)
+    print("[4/6] memory: N full models vs one base + N deltas", flush=True)
     memory = memory_table(zoo, progress=progress)
     print("\n".join(_memory_lines(memory)), flush=True)
 
-    print("[5/5] plots", flush=True)
+    print("[5/6] ring attention: the base over 2 CPU processes vs one process", flush=True)
+    ring = ring_check(zoo)
+
+    print("[6/6] plots", flush=True)
     plots = {
         "quality": str(plot_quality(rows, out / "quality.png")),
         "memory": str(plot_memory(memory["zoo"], out / "memory.png", "zoo model, fp16")),
@@ -210,6 +227,7 @@ def run_demo(
         "tenants": details,
         "mixed_batch": samples,
         "memory": memory,
+        "ring": ring,
         "plots": plots,
         "seconds": time.perf_counter() - started,
     }

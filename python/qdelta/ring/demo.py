@@ -60,17 +60,22 @@ def run_ring_demo(
     layout: str = "zigzag",
     seed: int = 0,
     model_dir: str | None = None,
+    input_ids: torch.Tensor | None = None,
     tolerance: float = 1e-4,
     timeout: float = 300.0,
 ) -> dict:
-    """Run the demo; return ``{"max_abs_error", "ok", ...}`` and print a summary."""
+    """Run the demo; return ``{"max_abs_error", "ok", ...}`` and print a summary.
+    ``input_ids`` (``[1, S]``, e.g. tokenized text) replaces the random input of
+    ``seq_len`` tokens."""
     with tempfile.TemporaryDirectory(prefix="qdelta-ring-demo-") as tmp:
         if model_dir is None:
             model_dir = str(Path(tmp) / "model")
             tiny_llama(seed, max_positions=max(8192, seq_len)).save_pretrained(model_dir)
         model = _load(model_dir)
-        gen = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+        if input_ids is None:
+            gen = torch.Generator().manual_seed(seed)
+            input_ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
+        seq_len = input_ids.shape[-1]
         start = time.perf_counter()
         with torch.no_grad():
             ref = model(input_ids=input_ids, use_cache=False).logits
