@@ -52,6 +52,7 @@ bench: develop
 	$(PY) benches/bench_store.py --cold --out benches/results/store_cold.json
 	$(PY) benches/bench_runtime.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
+	PYTHONPATH=python $(PY) benches/distill_convergence.py
 
 FUZZ_SECONDS ?= 60
 # Fuzzes the .qdelta header parser for FUZZ_SECONDS with libFuzzer (cargo-fuzz,

@@ -32,6 +32,7 @@ VARIANTS = (
     "finetune",
     "bitdelta-init",
     "bitdelta-distilled",
+    "bitdelta-row-distilled",
     "2-bit",
     "2-bit-distilled",
     "3-bit",
@@ -286,7 +287,7 @@ def _cell(value: object, fmt: str) -> str:
 def format_table(rows: Sequence[ResultRow]) -> str:
     """A fixed-width text table of the rows, one block per tenant."""
     header = (
-        f"{'tenant':<14} {'domain':<6} {'variant':<19} {'ppl':>8} {'kept':>7} "
+        f"{'tenant':<14} {'domain':<6} {'variant':<22} {'ppl':>8} {'kept':>7} "
         f"{'bits':>5} {'delta bytes':>12} {'vs fp16':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -298,7 +299,7 @@ def format_table(rows: Sequence[ResultRow]) -> str:
         kept = "-" if r.kept is None else f"{100 * r.kept:6.1f}%"
         ratio = "-" if r.compression is None else f"{r.compression:.1f}x"
         lines.append(
-            f"{r.tenant:<14} {r.domain:<6} {r.variant:<19} {r.ppl:>8.4f} {kept:>7} "
+            f"{r.tenant:<14} {r.domain:<6} {r.variant:<22} {r.ppl:>8.4f} {kept:>7} "
             f"{_cell(r.bits, '.0f'):>5} {_cell(r.delta_bytes, ','):>12} {ratio:>8}"
         )
     return "\n".join(lines)

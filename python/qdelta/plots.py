@@ -10,6 +10,7 @@ from qdelta.eval import ResultRow
 # (variant, bits per weight) for the two series: greedy initial scales, distilled scales.
 _INITIAL = (("bitdelta-init", 1.0), ("2-bit", 2.0), ("3-bit", 3.0))
 _DISTILLED = (("bitdelta-distilled", 1.0), ("2-bit-distilled", 2.0))
+_ROW_DISTILLED = (("bitdelta-row-distilled", 1.0),)
 
 
 def _pyplot():
@@ -30,13 +31,14 @@ def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
         by_variant = {r.variant: r for r in rows if r.tenant == tenant}
         ax.axhline(by_variant["base"].ppl, color="grey", ls="--", label="base")
         ax.axhline(by_variant["finetune"].ppl, color="black", ls=":", label="fine-tune (fp)")
-        for series, color, label in (
-            (_INITIAL, "tab:orange", "initial scales (mean |delta|)"),
-            (_DISTILLED, "tab:blue", "distilled scales"),
+        for series, color, style, label in (
+            (_INITIAL, "tab:orange", "o-", "initial scales (mean |delta|)"),
+            (_DISTILLED, "tab:blue", "o-", "distilled scales"),
+            (_ROW_DISTILLED, "tab:green", "s", "distilled, one scale per row"),
         ):
             xs = [(x, by_variant[v].ppl) for v, x in series if v in by_variant]
             if xs:
-                ax.plot(*zip(*xs, strict=True), "o-", color=color, label=label)
+                ax.plot(*zip(*xs, strict=True), style, color=color, label=label)
         ax.set_title(f"{tenant} ({by_variant['base'].domain})")
         ax.set_xlabel("bits per delta weight")
         ax.set_xticks([1, 2, 3])

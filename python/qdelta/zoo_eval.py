@@ -1,7 +1,8 @@
 """Per-tenant quality on the zoo (``qdelta eval``, step 2 of the demo).
 
-Every tenant of the zoo is compressed five ways (1 and 2 planes with BitDelta's
-initial and with distilled scales, 3 planes with initial scales) and evaluated
+Every tenant of the zoo is compressed six ways (1 and 2 planes with BitDelta's
+initial and with distilled scales, 1 plane with distilled per-row scales, 3
+planes with initial scales) and evaluated
 on held-out text of its own domain beside the base and the fine-tune; the
 distilled 1-bit delta of each tenant goes into a :class:`DeltaStore`.
 """
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from qdelta.compress import compress
 from qdelta.delta import Delta
-from qdelta.distill import distill
+from qdelta.distill import DistillResult, distill
 from qdelta.eval import ResultRow, format_table, perplexity, quality_rows, write_results
 from qdelta.nn import apply, unapply
 from qdelta.store import DeltaStore
@@ -52,7 +53,7 @@ def _ppl(model, zoo: Zoo, domain: str) -> float:
 def compress_and_evaluate(
     zoo: Zoo, store: DeltaStore, *, distill_steps: int, seed: int, progress: bool
 ) -> tuple[list[ResultRow], dict]:
-    """Every tenant: five compressed variants, their perplexities, sizes; the distilled
+    """Every tenant: six compressed variants, their perplexities, sizes; the distilled
     1-bit delta goes into ``store`` (what the runtime serves)."""
     base = zoo.load("base")
     base_ppl = {d: _ppl(base, zoo, d) for d in zoo.domains}
@@ -62,28 +63,23 @@ def compress_and_evaluate(
         ft = zoo.load(name)
         ft_fp16 = fp16_bytes(ft.state_dict().values())
         t0 = time.perf_counter()
+        calib = _calibration(zoo, tenant.domain)
+
+        def distilled(delta: Delta, ft=ft, calib=calib) -> DistillResult:
+            return distill(
+                base, ft, delta, calib, steps=distill_steps, seed=seed, progress=progress
+            )
+
         variants: dict[str, Delta] = {"bitdelta-init": compress(base, ft, bits=1, tenant=name)}
-        result = distill(
-            base,
-            ft,
-            variants["bitdelta-init"],
-            _calibration(zoo, tenant.domain),
-            steps=distill_steps,
-            seed=seed,
-            progress=progress,
-        )
+        result = distilled(variants["bitdelta-init"])
         variants["bitdelta-distilled"] = result.delta
+        # One scale per output row instead of per matrix: the same bits, out floats more.
+        variants["bitdelta-row-distilled"] = distilled(
+            compress(base, ft, bits=1, scale="row", tenant=name)
+        ).delta
         for bits in (2, 3):
             variants[f"{bits}-bit"] = compress(base, ft, bits=bits, tenant=name)
-        variants["2-bit-distilled"] = distill(
-            base,
-            ft,
-            variants["2-bit"],
-            _calibration(zoo, tenant.domain),
-            steps=distill_steps,
-            seed=seed,
-            progress=progress,
-        ).delta
+        variants["2-bit-distilled"] = distilled(variants["2-bit"]).delta
         seconds = time.perf_counter() - t0
         ppls = {"base": base_ppl[tenant.domain], "finetune": _ppl(ft, zoo, tenant.domain)}
         sizes = {}
