@@ -26,21 +26,6 @@ HF_TOKENIZER_FILES = (
 )
 
 
-class ByteTokenizerCall:
-    """:class:`ByteTokenizer` as the callable calibration expects: text -> ``{"input_ids"}``.
-
-    Text starts with ``<bos>``, as the zoo's models saw it in training.
-    """
-
-    def __init__(self, tokenizer: ByteTokenizer):
-        self.tokenizer = tokenizer
-        self.pad_token_id = tokenizer.pad_id
-        self.vocab_size = tokenizer.vocab_size
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": self.tokenizer.encode(text, bos=True)}
-
-
 def _vocab_rows(model: nn.Module) -> int | None:
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
@@ -64,7 +49,7 @@ def calibration_tokenizer(finetuned: str | Path, base: str | Path, model: nn.Mod
                     f"calibration tokenizer {d / TOKENIZER_FILE}: expected a model with at least "
                     f"{tok.vocab_size} embedding rows for its ids, found {rows}"
                 )
-            return ByteTokenizerCall(tok)
+            return tok
     failures = []
     for d in dirs:
         if not any((d / name).is_file() for name in HF_TOKENIZER_FILES):

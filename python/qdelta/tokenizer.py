@@ -30,6 +30,15 @@ class ByteTokenizer:
         ids = list(text.encode("utf-8"))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.pad_id
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        """``{"input_ids": ...}`` with a leading ``<bos>`` (as the zoo's models were
+        trained), the callable form calibration and Hugging Face code expect."""
+        return {"input_ids": self.encode(text, bos=True)}
+
     def decode(self, ids: Iterable[int]) -> str:
         """Bytes back to text; special ids are dropped."""
         data = bytes(i for i in (int(t) for t in ids) if 0 <= i < 256)
