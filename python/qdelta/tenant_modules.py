@@ -184,6 +184,7 @@ class RowLinear(TenantModule):
         super().__init__(base, route)
         self._weights: list[torch.Tensor] = []
         self._biases: list[torch.Tensor | None] = []
+        self._groups_cache: tuple | None = None
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         self._names.append(name)
@@ -199,6 +200,17 @@ class RowLinear(TenantModule):
         own = [w for w in self._weights if w is not self.base.weight]
         return own + [b for b in self._biases if b is not None and b is not self.base.bias]
 
+    def _groups(self, local: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(local tenant, its batch rows)`` for every distinct tenant of the batch;
+        found once per routed batch (``local`` is the same tensor every decode step)."""
+        cached = self._groups_cache
+        if cached is not None and cached[0] is local and cached[1] == _version(local):
+            return cached[2]
+        groups = [(t, (local == t).nonzero().squeeze(1)) for t in torch.unique(local).tolist()]
+        if _version(local) is not None:
+            self._groups_cache = (local, _version(local), groups)
+        return groups
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
@@ -206,8 +218,7 @@ class RowLinear(TenantModule):
         out = x.new_empty(*x.shape[:-1], self.base.out_features)
         # One matmul per distinct tenant in the batch: each tenant's weight is
         # read once, which is the least traffic a full-precision head allows.
-        for t in torch.unique(local).tolist():
-            rows = (local == t).nonzero().squeeze(1)
+        for t, rows in self._groups(local):
             if t < 0:
                 w, b = self.base.weight, self.base.bias
             else:
