@@ -96,3 +96,10 @@ def test_eval_command_writes_the_quality_table(demo, cache, tmp_path, capsys):
         if r.variant in ("base", "finetune", "bitdelta-init", "2-bit", "3-bit"):
             assert r.ppl == pytest.approx(demo_ppl[r.tenant, r.variant], rel=1e-6)
     assert sorted(qdelta.DeltaStore(tmp_path / "deltas").tenants()) == sorted(result["tenants"])
+
+
+def test_ring_demo_command_on_the_zoo_base(demo, cache, capsys):
+    # The demo built the tiny zoo into `cache`; the contiguous layout this time.
+    code = main(["ring-demo", "--zoo", "tiny", "--cache", str(cache), "--layout", "contiguous"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "(contiguous)" in printed and "OK" in printed

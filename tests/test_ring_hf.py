@@ -19,3 +19,11 @@ def test_cli_has_ring_demo():
 
     args = build_parser().parse_args(["ring-demo", "--world-size", "3", "--layout", "contiguous"])
     assert args.world_size == 3 and args.layout == "contiguous" and args.seq_len == 1024
+
+
+def test_cli_ring_demo_zoo_flag():
+    from qdelta.cli import build_parser
+
+    assert build_parser().parse_args(["ring-demo", "--zoo"]).zoo == "default"
+    assert build_parser().parse_args(["ring-demo", "--zoo", "tiny"]).zoo == "tiny"
+    assert build_parser().parse_args(["ring-demo"]).zoo is None

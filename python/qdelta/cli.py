@@ -65,6 +65,14 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_ring_demo(args: argparse.Namespace) -> int:
     from qdelta.ring.demo import run_ring_demo
 
+    if args.zoo:
+        from qdelta.demo import ring_check
+        from qdelta.zoo import ZooConfig, build_zoo
+
+        config = ZooConfig.tiny(args.seed) if args.zoo == "tiny" else ZooConfig.default(args.seed)
+        zoo = build_zoo(config, args.cache)
+        summary = ring_check(zoo, world_size=args.world_size, layout=args.layout)
+        return 0 if summary["ok"] else 1
     summary = run_ring_demo(
         world_size=args.world_size,
         seq_len=args.seq_len,
@@ -133,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     ring.add_argument(
         "--model", default=None, help="local Llama checkpoint dir (default: tiny random)"
     )
+    ring.add_argument(
+        "--zoo",
+        nargs="?",
+        const="default",
+        choices=["default", "tiny"],
+        default=None,
+        help="use the model zoo's base on its held-out code text (built or cached)",
+    )
+    ring.add_argument("--cache", default=None, help="zoo cache directory (with --zoo)")
     ring.set_defaults(func=_cmd_ring_demo)
     analyze = sub.add_parser(
         "analyze", help="per-layer delta statistics of fine-tunes (norms, signs, DoRA view)"

@@ -160,17 +160,20 @@ def _memory_lines(table: dict) -> list[str]:
     return lines
 
 
-def ring_check(zoo: Zoo, world_size: int = 2) -> dict:
+def ring_check(zoo: Zoo, world_size: int = 2, layout: str = "zigzag") -> dict:
     """The zoo's base with its attention run as ring attention over ``world_size``
-    gloo processes (zigzag layout) on held-out code text as long as its position
-    table allows, against one ordinary forward."""
+    gloo processes on held-out code text as long as its position table allows,
+    against one ordinary forward."""
     from qdelta.ring.demo import run_ring_demo
 
     base = zoo.load("base")
     length = base.config.max_position_embeddings
     ids = zoo.tokenizer.encode(zoo.eval_texts[zoo.domains[0]], bos=True)[:length]
     return run_ring_demo(
-        world_size=world_size, model_dir=str(zoo.base_dir), input_ids=torch.tensor([ids])
+        world_size=world_size,
+        layout=layout,
+        model_dir=str(zoo.base_dir),
+        input_ids=torch.tensor([ids]),
     )
 
 
