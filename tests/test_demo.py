@@ -63,6 +63,14 @@ def test_memory_table_is_measured_and_grows_sublinearly(demo):
         assert row["tenants_loaded"] == row["n"]
     ratios = [r["ratio"] for r in zoo_rows]
     assert ratios == sorted(ratios)
+    # Packing embeddings and head too saves memory at every N, below the 1-bit bound.
+    packed = result["memory"]["zoo_embeddings_packed"]
+    assert [r["n"] for r in packed] == [r["n"] for r in zoo_rows]
+    for whole_row, packed_row in zip(zoo_rows, packed, strict=True):
+        assert packed_row["full_models_bytes"] == whole_row["full_models_bytes"]
+        assert packed_row["base_plus_deltas_bytes"] < whole_row["base_plus_deltas_bytes"]
+        n = packed_row["n"]
+        assert packed_row["ratio"] < 2 * n / (2 + n / 8)  # fp16 base + 1-bit deltas
     llama = result["memory"]["llama_7b"]["embeddings_packed"]
     assert 7.5 < next(r["ratio"] for r in llama if r["n"] == 16) < 8.0  # 16x bytes / (1 + 1)
 

@@ -333,3 +333,38 @@ def test_serves_what_compress_produces(world, oracle):
     ids, mask = left_pad(prompts)
     gen = model.generate(ids, ["c", None], STEPS, attention_mask=mask, return_logits=True)
     _check_rows(gen, ["c", None], prompts, {"c": merged(base, delta), None: oracle[None]})
+
+
+def test_packed_embeddings_and_head_are_served_per_row():
+    """Tenants compressed with ``compress_embeddings=True`` (embedding table and head
+    as sign planes too) in one batch with base rows: each row equals its tenant's
+    merged dense model."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tiny_llama(seed)
+    deltas = {
+        "a": qdelta.compress(base, perturbed(base, seed + 1), bits=1, compress_embeddings=True),
+        "b": qdelta.compress(
+            base, perturbed(base, seed + 2, 0.05), bits=2, scale="row", compress_embeddings=True
+        ),
+    }
+    assert all("model.embed_tokens" in d.layers and "lm_head" in d.layers for d in deltas.values())
+    oracle = {None: merged(base, None)} | {n: merged(base, d) for n, d in deltas.items()}
+    x = torch.tensor([[3, 14, 15, 92, 65]])
+    for name in deltas:  # the embedding delta is real: it changes the logits
+        assert (
+            oracle[name](input_ids=x).logits - oracle[None](input_ids=x).logits
+        ).abs().max() > 1e-2
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["a", None, "b", "a", "b"]
+    prompts = _prompts(101, [4, 7, 2, 6, 5], seed=seed)
+    ids, mask = left_pad(prompts)
+    gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    # Packed tables cost less resident memory than whole ones (same fine-tune).
+    ft = perturbed(base, seed + 1)
+    sizes = {}
+    for form, delta in (("packed", deltas["a"]), ("whole", make_delta(base, ft))):
+        m = MultiTenantModel(base_copy(base), tenants={"a": delta})
+        m.preload(["a"])
+        sizes[form] = m.memory()["tenant_bytes"]
+    assert sizes["packed"] < sizes["whole"] / 2, sizes

@@ -51,8 +51,14 @@ def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
     return path
 
 
-def plot_memory(table: Sequence[dict], path: str | Path, title: str) -> Path:
-    """Resident bytes vs number of tenants: N full models vs one base + N deltas."""
+def plot_memory(
+    table: Sequence[dict],
+    path: str | Path,
+    title: str,
+    packed: Sequence[dict] | None = None,
+) -> Path:
+    """Resident bytes vs number of tenants: N full models vs one base + N deltas
+    (and, with ``packed``, deltas whose embeddings and head are packed too)."""
     plt = _pyplot()
     ns = [r["n"] for r in table]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -63,6 +69,13 @@ def plot_memory(table: Sequence[dict], path: str | Path, title: str) -> Path:
         "o-",
         label="base + N 1-bit deltas",
     )
+    if packed is not None:
+        ax.plot(
+            [r["n"] for r in packed],
+            [r["base_plus_deltas_bytes"] / 2**20 for r in packed],
+            "o--",
+            label="... embeddings and head packed too",
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tenants N")

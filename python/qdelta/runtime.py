@@ -33,7 +33,14 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 from qdelta.store import check_base, fingerprint
-from qdelta.tenant_modules import Route, RoutedLinear, RowEmbedding, RowLinear, RowRMSNorm
+from qdelta.tenant_modules import (
+    PackedRowEmbedding,
+    Route,
+    RoutedLinear,
+    RowEmbedding,
+    RowLinear,
+    RowRMSNorm,
+)
 
 TenantIds = torch.Tensor | Sequence[str | int | None]
 
@@ -207,12 +214,14 @@ class MultiTenantModel(nn.Module):
             raise BaseMismatchError(f"tenant {name!r}: {e}") from None
         for lname, packed in delta.layers.items():
             module = self._base_modules.get(lname)
-            if not isinstance(module, nn.Linear) or packed.transposed:
+            if not isinstance(module, (nn.Linear, nn.Embedding)) or packed.transposed:
                 found = "nothing" if module is None else type(module).__name__
                 raise ShapeError(
-                    f"tenant {name!r}: packed layer {lname!r} expects an nn.Linear "
-                    f"(not transposed) in the base, found {found}"
+                    f"tenant {name!r}: packed layer {lname!r} expects an nn.Linear or "
+                    f"nn.Embedding (not transposed) in the base, found {found}"
                 )
+            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+                raise QDeltaError(f"tenant {name!r}: {lname!r} uses max_norm, not supported")
             if tuple(module.weight.shape) != packed.shape:
                 raise ShapeError(
                     f"tenant {name!r}: layer {lname!r} is {list(module.weight.shape)} in the "
@@ -254,7 +263,7 @@ class MultiTenantModel(nn.Module):
                 )
         for lname in delta.layers:
             current = self._wrapped.get(lname)
-            if current is not None and not isinstance(current, RoutedLinear):
+            if current is not None and not isinstance(current, (RoutedLinear, PackedRowEmbedding)):
                 raise QDeltaError(
                     f"tenant {name!r}: {lname!r} is served with full-precision weights for "
                     f"other tenants; mixing packed and full-precision deltas on one layer "
@@ -581,7 +590,7 @@ class MultiTenantModel(nn.Module):
 
 def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:
     if packed:
-        return RoutedLinear
+        return PackedRowEmbedding if isinstance(module, nn.Embedding) else RoutedLinear
     if isinstance(module, nn.Embedding):
         return RowEmbedding
     if isinstance(module, nn.Linear):

@@ -10,11 +10,13 @@ there.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qdelta.delta import PackedLayer
+from qdelta.reference import unpack_signs
 
 
 class Route:
@@ -121,6 +123,69 @@ class RowEmbedding(TenantModule):
         flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids
         gathered = self._stacked.view(-1, out.shape[-1])[flat]
         return torch.where((local >= 0).view(*shape, 1), gathered, out)
+
+
+class PackedRowEmbedding(TenantModule):
+    """nn.Embedding with per-tenant *packed* deltas (``compress(...,
+    compress_embeddings=True)``): each row adds, for each of its tokens, that
+    token's delta row of its tenant, unpacked from the sign planes."""
+
+    def __init__(self, base: nn.Embedding, route: Route) -> None:
+        super().__init__(base, route)
+        self._planes: list[torch.Tensor] = []  # per tenant: int32 [P, V, W]
+        self._scales: list[torch.Tensor] = []  # per tenant: float32 [P, V]
+        self._stacked_planes: torch.Tensor | None = None  # [T, P_max, V, W]
+        self._stacked_scales: torch.Tensor | None = None  # [T, P_max, V]
+
+    def add(
+        self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
+    ) -> None:
+        device = self.base.weight.device
+        planes = torch.from_numpy(np.ascontiguousarray(packed.planes).view(np.int32))
+        scales = torch.as_tensor(np.asarray(packed.scales), dtype=torch.float32)
+        if scales.dim() == 1:  # one scale per matrix: the same for every token row
+            scales = scales[:, None].expand(-1, packed.shape[0])
+        self._names.append(name)
+        self._planes.append(planes.to(device))
+        self._scales.append(scales.to(device))
+        self._restack()
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._planes[i], self._scales[i]
+        self._restack()
+
+    def _restack(self) -> None:
+        """One stack for every tenant (planes padded with zero-scale planes); the
+        lists become views of it, so one copy stays resident."""
+        if not self._planes:
+            self._stacked_planes = self._stacked_scales = None
+            return
+        depth = max(p.shape[0] for p in self._planes)
+        planes = [F.pad(p, (0, 0, 0, 0, 0, depth - p.shape[0])) for p in self._planes]
+        scales = [F.pad(s, (0, 0, 0, depth - s.shape[0])) for s in self._scales]
+        counts = [p.shape[0] for p in self._planes]
+        self._stacked_planes, self._stacked_scales = torch.stack(planes), torch.stack(scales)
+        self._planes = [self._stacked_planes[i, :n] for i, n in enumerate(counts)]
+        self._scales = [self._stacked_scales[i, :n] for i, n in enumerate(counts)]
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self._stacked_planes, self._stacked_scales) if t is not None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        local = self.local_rows()
+        if local is None:
+            return out
+        shape = (-1,) + (1,) * (ids.dim() - 1)
+        tenant = local.clamp(min=0).view(shape).expand_as(ids)
+        # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
+        planes = self._stacked_planes[tenant, :, ids]
+        scales = self._stacked_scales[tenant, :, ids]
+        signs = unpack_signs(planes, out.shape[-1]).to(torch.float32)
+        delta = (signs * scales[..., None]).sum(-2)
+        delta = delta * (local >= 0).view(*shape, 1)
+        return out + delta.to(out.dtype)
 
 
 class RowRMSNorm(TenantModule):
