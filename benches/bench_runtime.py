@@ -186,11 +186,12 @@ def decode_comparison(
     }
 
 
-def zoo_decode(cache_dir: str | None = None) -> dict:
+def zoo_decode(cache_dir: str | None = None, compress_embeddings: bool = False) -> dict:
     """The same comparison on the default zoo model: its four tenants, each as a
     1-bit delta with one scale per matrix and with one per row (BitDelta's two
     granularities: eight distinct 1-bit tenants, initial scales), prompted with
-    held-out text of the tenant's own domain."""
+    held-out text of the tenant's own domain. ``compress_embeddings``: embedding
+    table and head packed too (else kept whole, as in BitDelta)."""
     from qdelta.zoo import ZooConfig, build_zoo
 
     zoo = build_zoo(ZooConfig.default(), cache_dir)
@@ -199,7 +200,9 @@ def zoo_decode(cache_dir: str | None = None) -> dict:
     for name in sorted(zoo.tenants):
         ft = zoo.load(name)
         for scale in ("matrix", "row"):
-            deltas[f"{name}-{scale}"] = qdelta.compress(base, ft, bits=1, scale=scale)
+            deltas[f"{name}-{scale}"] = qdelta.compress(
+                base, ft, bits=1, scale=scale, compress_embeddings=compress_embeddings
+            )
     prompts = []
     for name in deltas:
         domain = zoo.tenants[name.rsplit("-", 1)[0]].domain
@@ -217,6 +220,7 @@ def zoo_decode(cache_dir: str | None = None) -> dict:
             "vocab_size": zoo.tokenizer.vocab_size,
             "params": sum(p.numel() for p in base.parameters()),
             "dtype": "float32",
+            "embeddings": "packed" if compress_embeddings else "whole",
         }
     }
 
@@ -270,6 +274,7 @@ def _run(zoo: bool) -> dict:
         "llama_7b_fp16": [llama_7b_arithmetic(n) for n in (1, 2, 4, 8, 16, 32, 64)],
         "large": large | {"model": CONFIG_LARGE | {"dtype": "float32"}},
         "zoo": zoo_decode() if zoo else None,
+        "zoo_embeddings_packed": zoo_decode(compress_embeddings=True) if zoo else None,
     }
 
 
@@ -308,6 +313,14 @@ def markdown(r: dict) -> str:
             + ", ".join(r["zoo"]["tenants"]),
             "",
             *decode_lines(r["zoo"]),
+            "",
+        ]
+    if r.get("zoo_embeddings_packed"):
+        lines += [
+            "The same tenants with embedding table and head packed too "
+            "(`compress_embeddings=True`):",
+            "",
+            *decode_lines(r["zoo_embeddings_packed"]),
             "",
         ]
     lines += [
