@@ -65,7 +65,7 @@ pub struct DeltaStack<'a> {
 }
 
 impl DeltaStack<'_> {
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let StackShape {
             tenants,
             planes,
@@ -109,14 +109,14 @@ impl DeltaStack<'_> {
     }
 
     /// The scales of one (tenant, plane): one value, or one per output.
-    fn scales_of(&self, tenant: usize, plane: usize) -> &[f32] {
+    pub(crate) fn scales_of(&self, tenant: usize, plane: usize) -> &[f32] {
         let per = self.mode.per_plane(self.shape.out_features);
         let at = (tenant * self.shape.planes + plane) * per;
         &self.scales[at..at + per]
     }
 
     /// The packed rows `[out, words]` of one (tenant, plane).
-    fn plane(&self, tenant: usize, plane: usize) -> &[u32] {
+    pub(crate) fn plane(&self, tenant: usize, plane: usize) -> &[u32] {
         let len = self.shape.out_features * self.shape.words();
         let at = (tenant * self.shape.planes + plane) * len;
         &self.planes[at..at + len]
@@ -170,7 +170,7 @@ impl Isa {
     /// `sums[i * count + n] = sum(xs[i] where bit(n, .) = 1)` for `count`
     /// consecutive packed rows and up to [`ROW_TILE`] activation rows.
     /// Only called after `available()` said yes.
-    fn masked_sums(self, xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+    pub(crate) fn masked_sums(self, xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
         let count = bits.len() / words;
         assert!(xs.len() <= ROW_TILE && bits.len() == count * words);
         assert!(sums.len() == xs.len() * count);
@@ -302,7 +302,7 @@ mod avx512 {
 }
 
 /// Checks one tenant id per row, each in `[-1, tenants)`.
-fn check_tenant_ids(ids: &[i64], rows: usize, tenants: usize) -> Result<()> {
+pub(crate) fn check_tenant_ids(ids: &[i64], rows: usize, tenants: usize) -> Result<()> {
     if ids.len() != rows {
         return Err(Error::Shape(format!(
             "tenant_ids: expected one id per row of x ({rows}), found {}",
@@ -320,6 +320,27 @@ fn check_tenant_ids(ids: &[i64], rows: usize, tenants: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The planes among the first `k_use` of tenant `t` that can contribute: a
+/// plane whose scales are all zero (padding of a tenant with fewer planes) is
+/// skipped. Non-finite scales are an error.
+pub(crate) fn live_planes(stack: &DeltaStack<'_>, t: usize, k_use: usize) -> Result<Vec<usize>> {
+    let mut planes_t = Vec::with_capacity(k_use);
+    for p in 0..k_use {
+        let scales = stack.scales_of(t, p);
+        if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "delta scales: expected finite values, found {} for tenant {t}, plane {p}, \
+                 index {i}",
+                scales[i]
+            )));
+        }
+        if scales.iter().any(|&s| s != 0.0) {
+            planes_t.push(p);
+        }
+    }
+    Ok(planes_t)
 }
 
 /// The rows of each tenant that occurs, tenants ascending: `(tenant, rows)`
@@ -370,7 +391,11 @@ fn as_f32<F: Float>(x: &[F]) -> Option<&[f32]> {
 /// whatever they hold, add nothing and nothing past `K` is read), and each
 /// row's plain sum. Float32 rows that already fill whole words are borrowed,
 /// not copied.
-fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> (Cow<'_, [f32]>, Vec<f32>) {
+pub(crate) fn padded_rows<F: Float>(
+    x: &[F],
+    rows: usize,
+    cols: usize,
+) -> (Cow<'_, [f32]>, Vec<f32>) {
     let row_sum = |row: &mut dyn Iterator<Item = f32>| row.map(|v| v as f64).sum::<f64>() as f32;
     if cols.is_multiple_of(WORD_BITS) {
         if let Some(xf) = as_f32(x) {
@@ -502,24 +527,10 @@ fn delta_matmul_with<F: Float>(
     let groups = Groups::new(tenant_ids, tenants);
     // Planes of each used tenant that can contribute: a plane whose scales are
     // all zero (padding of a tenant with fewer planes) is skipped.
-    let mut live = Vec::with_capacity(groups.spans.len());
-    for (t, _) in groups.iter() {
-        let mut planes_t = Vec::with_capacity(k_use);
-        for p in 0..k_use {
-            let scales = stack.scales_of(t, p);
-            if let Some(i) = scales.iter().position(|s| !s.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "delta scales: expected finite values, found {} for tenant {t}, plane {p}, \
-                     index {i}",
-                    scales[i]
-                )));
-            }
-            if scales.iter().any(|&s| s != 0.0) {
-                planes_t.push(p);
-            }
-        }
-        live.push(planes_t);
-    }
+    let live = groups
+        .iter()
+        .map(|(t, _)| live_planes(stack, t, k_use))
+        .collect::<Result<Vec<_>>>()?;
     if !accumulate {
         out.fill(0.0);
     }
@@ -594,107 +605,7 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
-    /// Small deterministic generator (no extra dev-dependencies).
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 11
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        }
-    }
-
-    fn stack_shape(tenants: usize, planes: usize, out: usize, inp: usize) -> StackShape {
-        StackShape {
-            tenants,
-            planes,
-            out_features: out,
-            in_features: inp,
-        }
-    }
-
-    fn stack<'a>(
-        planes: &'a [u32],
-        scales: &'a [f32],
-        mode: ScaleMode,
-        shape: StackShape,
-    ) -> DeltaStack<'a> {
-        DeltaStack {
-            planes,
-            scales,
-            mode,
-            shape,
-        }
-    }
-
-    fn random_stack(
-        rng: &mut Lcg,
-        shape: StackShape,
-        mode: ScaleMode,
-        dirty_padding: bool,
-    ) -> (Vec<u32>, Vec<f32>) {
-        let words = shape.words();
-        let tail = shape.in_features % WORD_BITS;
-        let mut planes: Vec<u32> = (0..shape.tenants * shape.planes * shape.out_features * words)
-            .map(|_| rng.next() as u32)
-            .collect();
-        if tail != 0 && !dirty_padding {
-            for row in planes.chunks_exact_mut(words) {
-                row[words - 1] &= (1u32 << tail) - 1;
-            }
-        }
-        let per = mode.per_plane(shape.out_features);
-        let scales = (0..shape.tenants * shape.planes * per)
-            .map(|_| 0.01 + rng.unit().abs())
-            .collect();
-        (planes, scales)
-    }
-
-    /// The definition, element by element, in f64.
-    fn naive(
-        x: &[f32],
-        rows: usize,
-        stack: &DeltaStack<'_>,
-        ids: &[i64],
-        use_planes: usize,
-    ) -> Vec<f64> {
-        let StackShape {
-            out_features: n,
-            in_features: k,
-            ..
-        } = stack.shape;
-        let words = stack.shape.words();
-        let mut y = vec![0f64; rows * n];
-        for r in 0..rows {
-            if ids[r] < 0 {
-                continue;
-            }
-            let t = ids[r] as usize;
-            for p in 0..use_planes {
-                let plane = stack.plane(t, p);
-                let scales = stack.scales_of(t, p);
-                for j in 0..n {
-                    let alpha = if scales.len() == 1 {
-                        scales[0]
-                    } else {
-                        scales[j]
-                    };
-                    let mut dot = 0f64;
-                    for c in 0..k {
-                        let bit = (plane[j * words + c / 32] >> (c % 32)) & 1;
-                        dot += x[r * k + c] as f64 * (1.0 - 2.0 * bit as f64);
-                    }
-                    y[r * n + j] += alpha as f64 * dot;
-                }
-            }
-        }
-        y
-    }
+    use crate::test_support::{naive, random_stack, stack, stack_shape, Lcg};
 
     fn assert_close(got: &[f32], want: &[f64], x: &[f32], k: usize, what: &str) {
         // Tolerance: float32 rounding over K terms of size |x| * alpha (alpha <= ~1, <= 3 planes).

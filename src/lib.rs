@@ -7,9 +7,12 @@ pub mod bitplane;
 pub mod error;
 pub mod fingerprint;
 pub mod float;
+pub mod fused;
 pub mod gemv;
 pub mod header;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use error::{Error, Result};
 

@@ -25,6 +25,12 @@ TenantKey = str | int
 # Marks an id with no tenant in the id -> slot table.
 _NO_SLOT = -2
 
+#: Rows up to which the layer runs base matmul and deltas as one Rust call
+#: (src/fused.rs: one pass, no separate BLAS call) on CPUs with AVX-512; from
+#: there on torch's GEMM does the base better. Measured on the zoo's shapes
+#: and 1024x1024 (docs/CPU_KERNEL.md).
+FUSED_MAX_ROWS = 16
+
 
 class MultiTenantLinear(nn.Module):
     """``y[r] = base_layer(x[r]) + sum_p alpha[t_r, p] * x[r] @ S[t_r, p]^T``.
@@ -72,6 +78,8 @@ class MultiTenantLinear(nn.Module):
         self._prepared: cpu.PreparedStack | None = None
         self._slots_key: tuple | None = None
         self._slots_value: tuple[torch.Tensor, np.ndarray | None] | None = None
+        # The fused call of the last decode-sized batch (see _FusedPlan).
+        self._plan: _FusedPlan | None = None
 
     # -- tenants ---------------------------------------------------------------
 
@@ -158,7 +166,13 @@ class MultiTenantLinear(nn.Module):
                 f"x: expected [batch, seq, {self.in_features}] or [rows, {self.in_features}], "
                 f"found {list(x.shape)}"
             )
+        plan = self._plan
+        if plan is not None and plan.serves(self, tenant_ids, x):
+            return plan(x)
         slots, slots_array = self._row_slots(tenant_ids, x)
+        plan = self._plan = _FusedPlan.make(self, tenant_ids, slots_array, x)
+        if plan is not None:
+            return plan(x)
         y = self.base_layer(x)
         if not self._slots:
             return y
@@ -264,7 +278,13 @@ class MultiTenantLinear(nn.Module):
         self.planes = _pad_planes(self.planes.transpose(0, 1), depth).transpose(0, 1).contiguous()
         self.scales = _pad_planes(self.scales.transpose(0, 1), depth).transpose(0, 1).contiguous()
 
+    def _apply(self, fn, recurse=True):
+        # Moves and casts replace the stack tensors: the fused plan's views are stale.
+        self._plan = None
+        return super()._apply(fn, recurse)
+
     def _rebuild_table(self) -> None:
+        self._plan = None
         size = max(self._slots, default=-1) + 1
         table = torch.full((size,), _NO_SLOT, dtype=torch.int64)
         for tid, slot in self._slots.items():
@@ -276,6 +296,113 @@ class MultiTenantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"tenants={len(self._slots)}, planes={self.planes.shape[1]}, backend={self.backend!r}"
         )
+
+
+class _FusedPlan:
+    """Base matmul and deltas of a decode-sized batch as one Rust call
+    (src/fused.rs), its arguments bound once: decode calls a layer with the
+    same tenant ids every step, and re-deriving them costs more than the
+    kernel at small model sizes. The plan serves a call only while the ids
+    tensor (and its version), the row shape, the tenant stack tensors and the
+    base parameters' storage are the ones it was made for; in-place edits of
+    the stack or the base are seen through the zero-copy views."""
+
+    __slots__ = (
+        "base",
+        "bias",
+        "bias_param",
+        "ids",
+        "ids_array",
+        "k",
+        "n",
+        "pointers",
+        "rows",
+        "stack",
+        "version",
+        "weight",
+        "weight_param",
+    )  # fmt: skip
+
+    @classmethod
+    def make(
+        cls,
+        layer: MultiTenantLinear,
+        tenant_ids: torch.Tensor | Sequence[int],
+        slots_array: np.ndarray | None,
+        x: torch.Tensor,
+    ) -> _FusedPlan | None:
+        """A plan for this call, or None when the fused kernel does not apply:
+        it needs AVX-512, float32 CPU input of at most FUSED_MAX_ROWS rows, some
+        row with a delta, nothing needing gradients, a float32 contiguous base."""
+        if (
+            not isinstance(tenant_ids, torch.Tensor)
+            or cpu._version(tenant_ids) is None
+            or slots_array is None
+            or cpu.ISA != "avx512"
+            or layer.backend not in ("auto", "cpu")
+            or x.dtype != torch.float32
+            or slots_array.shape[0] > FUSED_MAX_ROWS
+            or not (slots_array >= 0).any()
+            or _tracks_grad(layer.base_layer, x)
+        ):
+            return None
+        arrays = cpu.base_arrays(layer.base_layer)
+        if arrays is None:
+            return None
+        plan = cls()
+        plan.ids, plan.version, plan.rows = tenant_ids, cpu._version(tenant_ids), x.shape[:-1]
+        base = plan.base = layer.base_layer
+        plan.weight_param, plan.bias_param = base.weight, base.bias
+        plan.pointers = _storage(base)
+        plan.stack, plan.ids_array = layer._prepared_stack(), slots_array
+        plan.weight, plan.bias = arrays
+        plan.n, plan.k = layer.out_features, layer.in_features
+        return plan
+
+    def serves(self, layer: MultiTenantLinear, tenant_ids: object, x: torch.Tensor) -> bool:
+        """Whether this call is the one the plan was made for. The layer drops its
+        plan whenever its stack changes; the base is checked here (the plain dict
+        lookups are a fraction of nn.Module attribute access, which matters at
+        this size)."""
+        if tenant_ids is not self.ids or x.shape[:-1] != self.rows or x.dtype != torch.float32:
+            return False
+        base = self.base
+        if (
+            layer._modules["base_layer"] is not base
+            or base._parameters["weight"] is not self.weight_param
+            or base._parameters.get("bias") is not self.bias_param
+            or cpu._version(tenant_ids) != self.version
+        ):
+            return False
+        weight, bias = self.weight_param, self.bias_param
+        if (weight.data_ptr(), 0 if bias is None else bias.data_ptr()) != self.pointers:
+            return False
+        return not (torch.is_grad_enabled() and _tracks_grad(base, x))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(*self.rows, self.n)
+        x2 = x.reshape(-1, self.k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        self.stack.fused_linear(
+            x2.detach(), self.weight, self.bias, self.ids_array, y.view(-1, self.n)
+        )
+        return y
+
+
+def _tracks_grad(layer: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether autograd would track this layer's output (then torch does the work)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or layer.weight.requires_grad
+        or (layer.bias is not None and layer.bias.requires_grad)
+    )
+
+
+def _storage(layer: nn.Linear) -> tuple[int, int]:
+    """Where the base's weight and bias live (a replaced ``.data`` moves them)."""
+    bias = layer.bias
+    return layer.weight.data_ptr(), 0 if bias is None else bias.data_ptr()
 
 
 def _pad_planes(t: torch.Tensor, depth: int) -> torch.Tensor:

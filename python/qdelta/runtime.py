@@ -550,10 +550,13 @@ class MultiTenantModel(nn.Module):
         tokens: list[torch.Tensor] = []
         step_logits: list[torch.Tensor] = []
         positions = _positions(mask)
+        # No padding: no mask at all, so attention takes its causal fast path
+        # instead of building and applying a mask of ones every step.
+        padded = not bool(mask.all())
         with torch.no_grad(), self.routing(tenant_ids, batch):
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask,
+                attention_mask=mask if padded else None,
                 position_ids=positions,
                 use_cache=True,
                 logits_to_keep=1,
@@ -571,11 +574,12 @@ class MultiTenantModel(nn.Module):
                     eos_token_id is not None and bool(finished.all())
                 ):
                     break
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                if padded:
+                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
                 positions = positions[:, -1:] + 1
                 out = self.model(
                     input_ids=token[:, None],
-                    attention_mask=mask,
+                    attention_mask=mask if padded else None,
                     position_ids=positions,
                     use_cache=True,
                     **{cache_kw: _cache_of(out)},

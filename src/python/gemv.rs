@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use super::{check_array, run, DTypeError, ShapeError};
 use crate::bitplane::{words_per_row, ScaleMode};
 use crate::float::halves_from_bits;
+use crate::fused::{self, BaseLinear};
 use crate::gemv::{self, DeltaStack, StackShape};
 
 fn shape_of(arr: &Bound<'_, PyAny>) -> Vec<usize> {
@@ -55,42 +56,13 @@ fn delta_matmul<'py>(
         [m, k] => (m, k),
         _ => unreachable!("checked 2-D"),
     };
-    let [t, p, n, w] = <[usize; 4]>::try_from(shape_of(planes)).expect("checked 4-D");
-    if w != words_per_row(k) {
-        return Err(ShapeError::new_err(format!(
-            "planes: x has {k} input features, so planes need {} u32 words per row, \
-             found shape [{t}, {p}, {n}, {w}]",
-            words_per_row(k)
-        )));
-    }
-    let scale_shape = shape_of(scales);
-    let mode = match scale_shape[..] {
-        [a, b] if a == t && b == p => ScaleMode::Matrix,
-        [a, b, c] if a == t && b == p && c == n => ScaleMode::Row,
-        _ => {
-            return Err(ShapeError::new_err(format!(
-                "scales: expected [{t}, {p}] (per matrix) or [{t}, {p}, {n}] (per row) \
-                 for planes [{t}, {p}, {n}, {w}], found {scale_shape:?}"
-            )))
-        }
-    };
-    check_array(scales, "scales", scale_shape.len(), "float32")?;
-    let shape = StackShape {
-        tenants: t,
-        planes: p,
-        out_features: n,
-        in_features: k,
-    };
-
+    let scale_dims = shape_of(scales).len();
+    check_array(scales, "scales", scale_dims, "float32")?;
     let planes: PyReadonlyArrayDyn<u32> = planes.extract()?;
     let scales: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let stack = stack_of(&planes, &scales, k)?;
+    let n = stack.shape.out_features;
     let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
-    let stack = DeltaStack {
-        planes: planes.as_slice().expect("checked contiguous"),
-        scales: scales.as_slice().expect("checked contiguous"),
-        mode,
-        shape,
-    };
     let ids = ids.as_slice().expect("checked contiguous");
 
     let result: Bound<'py, PyAny> = match out {
@@ -142,6 +114,117 @@ fn delta_matmul<'py>(
     Ok(result)
 }
 
+/// The stack of `planes` (uint32 `[T, P, N, W]`) and `scales` (float32
+/// `[T, P]` or `[T, P, N]`) for `k` input features: shapes checked, slices
+/// borrowed for as long as the two readonly views live.
+fn stack_of<'a>(
+    planes: &'a PyReadonlyArrayDyn<'_, u32>,
+    scales: &'a PyReadonlyArrayDyn<'_, f32>,
+    k: usize,
+) -> PyResult<DeltaStack<'a>> {
+    let [t, p, n, w] = <[usize; 4]>::try_from(planes.shape()).map_err(|_| {
+        ShapeError::new_err(format!(
+            "planes: expected a 4-D array [tenants, planes, out, words], found shape {:?}",
+            planes.shape()
+        ))
+    })?;
+    if w != words_per_row(k) {
+        return Err(ShapeError::new_err(format!(
+            "planes: x has {k} input features, so planes need {} u32 words per row, \
+             found shape [{t}, {p}, {n}, {w}]",
+            words_per_row(k)
+        )));
+    }
+    let mode = match scales.shape() {
+        [a, b] if *a == t && *b == p => ScaleMode::Matrix,
+        [a, b, c] if *a == t && *b == p && *c == n => ScaleMode::Row,
+        other => {
+            return Err(ShapeError::new_err(format!(
+                "scales: expected [{t}, {p}] (per matrix) or [{t}, {p}, {n}] (per row) \
+                 for planes [{t}, {p}, {n}, {w}], found {other:?}"
+            )))
+        }
+    };
+    Ok(DeltaStack {
+        planes: planes
+            .as_slice()
+            .map_err(|_| ShapeError::new_err("planes: expected a C-contiguous array"))?,
+        scales: scales
+            .as_slice()
+            .map_err(|_| ShapeError::new_err("scales: expected a C-contiguous array"))?,
+        mode,
+        shape: StackShape {
+            tenants: t,
+            planes: p,
+            out_features: n,
+            in_features: k,
+        },
+    })
+}
+
+/// A multi-tenant linear layer for decode in one pass (src/fused.rs):
+/// `out[r] = x[r] W^T + b + delta of row r's tenant`.
+///
+/// `x`: float32 `[M, K]`; `weight`: float32 `[N, K]`; `bias`: float32 `[N]`
+/// or None; `planes`, `scales`: the stack as for `delta_matmul`;
+/// `tenant_ids`: int64 `[M]` (-1 = base only); `out`: float32 `[M, N]`,
+/// overwritten.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, planes, scales, tenant_ids, out))]
+#[allow(clippy::too_many_arguments)]
+fn fused_linear<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+    planes: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    tenant_ids: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+) -> PyResult<()> {
+    check_array(x, "x", 2, "float32")?;
+    check_array(weight, "weight", 2, "float32")?;
+    check_array(planes, "planes", 4, "uint32")?;
+    check_array(tenant_ids, "tenant_ids", 1, "int64")?;
+    check_array(out, "out", 2, "float32")?;
+    if let Some(b) = bias {
+        check_array(b, "bias", 1, "float32")?;
+    }
+    let scale_dims = shape_of(scales).len();
+    check_array(scales, "scales", scale_dims, "float32")?;
+    let xa: PyReadonlyArray2<f32> = x.extract()?;
+    let [rows, k] = <[usize; 2]>::try_from(xa.shape()).expect("checked 2-D");
+    let wa: PyReadonlyArray2<f32> = weight.extract()?;
+    if wa.shape() != [shape_of(planes)[2], k] {
+        return Err(ShapeError::new_err(format!(
+            "weight: expected [out, {k}] with out = the planes' {} rows, found {:?}",
+            shape_of(planes)[2],
+            wa.shape()
+        )));
+    }
+    let ba: Option<PyReadonlyArray1<f32>> = bias.map(|b| b.extract()).transpose()?;
+    let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
+    let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let stack = stack_of(&pa, &sa, k)?;
+    let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
+    let out_arr: Bound<'py, PyArray2<f32>> = out.clone().cast_into()?;
+    let mut out_rw: PyReadwriteArray2<f32> = out_arr.try_readwrite().map_err(|e| {
+        ShapeError::new_err(format!(
+            "out: expected an array not used by another argument ({e})"
+        ))
+    })?;
+    let base = BaseLinear {
+        weight: wa.as_slice().expect("checked contiguous"),
+        bias: ba
+            .as_ref()
+            .map(|b| b.as_slice().expect("checked contiguous")),
+    };
+    let xs = xa.as_slice().expect("checked contiguous");
+    let ids = ids.as_slice().expect("checked contiguous");
+    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    run(py, || fused::fused_linear(xs, rows, base, &stack, ids, y))
+}
+
 /// The instruction set the kernel uses on this CPU ("avx512", "avx2", "portable").
 #[pyfunction]
 fn gemv_isa() -> &'static str {
@@ -151,5 +234,6 @@ fn gemv_isa() -> &'static str {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_linear, m)?)?;
     Ok(())
 }

@@ -151,6 +151,34 @@ class PreparedStack:
         xa, name = _x_array(x)
         _core.delta_matmul(xa, name, self.planes, self.scales, tenant_ids, None, out.numpy())
 
+    def fused_linear(
+        self,
+        x: torch.Tensor,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        tenant_ids: np.ndarray,
+        out: torch.Tensor,
+    ) -> None:
+        """``out = x @ weight.T + bias + each row's delta`` in one pass (src/fused.rs):
+        float32 CPU ``x`` ``[M, K]``, the base's ``weight`` ``[N, K]`` and ``bias``
+        ``[N]`` as float32 arrays (:func:`base_arrays`), ``tenant_ids`` int64 ``[M]``
+        (stack slots, ``-1`` = base only), float32 contiguous ``out`` ``[M, N]``."""
+        _core.fused_linear(
+            x.numpy(), weight, bias, self.planes, self.scales, tenant_ids, out.numpy()
+        )
+
+
+def base_arrays(layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A linear layer's weight and bias as the float32 arrays the fused kernel
+    takes (views, no copy), or None when they are not float32 contiguous CPU tensors."""
+    weight, bias = layer.weight, layer.bias
+    ok = weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()
+    if bias is not None:
+        ok = ok and bias.dtype == torch.float32 and bias.is_contiguous()
+    if not ok:
+        return None
+    return weight.detach().numpy(), None if bias is None else bias.detach().numpy()
+
 
 def _version(t: torch.Tensor) -> int | None:
     """The in-place modification counter (None for inference tensors, which have none)."""

@@ -1,0 +1,399 @@
+//! A whole multi-tenant linear layer for decode in one pass over its weights:
+//!
+//! `y[r, n] = x[r] . W[n] + b[n] + sum_p alpha[t_r, p(, n)] * (x[r] . S[t_r, p, n])`
+//!
+//! with the dense float32 base `W [N, K]` shared by every row and each row's
+//! tenant delta read from its packed sign planes (`-1` = base only).
+//!
+//! Why fuse: at decode a layer sees a handful of rows, so what a separate
+//! BLAS call plus a separate delta call cost is mostly fixed overhead (two
+//! calls, two passes over the output) and, inside the delta kernel, one
+//! horizontal sum per (row, feature). Here every 16 output features of a row
+//! are one tile: 16 accumulators over K for the base and 16 for each delta
+//! plane, each set folded into one vector of 16 sums by a transposing
+//! reduction (46 shuffles and adds for 16 features instead of 16 separate
+//! horizontal sums), and the result is stored once, contiguous.
+//!
+//! Loop order: feature tiles outside, rows inside, so a tile's base weights
+//! (16 x K floats) are read from memory once and reused from cache by every
+//! row; threads split the feature tiles when the call is large.
+
+use rayon::prelude::*;
+
+use crate::bitplane::{ScaleMode, WORD_BITS};
+use crate::error::{checked_mul, Error, Result};
+use crate::gemv::{check_tenant_ids, live_planes, padded_rows, DeltaStack, Isa};
+
+/// Output features per tile (one AVX-512 vector of results).
+const TILE: usize = 16;
+/// Feature tiles one thread-pool task computes.
+const TILES_PER_TASK: usize = 4;
+/// Calls with fewer multiply-adds than this (base weights x rows) run on the
+/// calling thread: waking the pool costs more than splitting the work saves.
+const PARALLEL_FROM: usize = 1 << 22;
+
+/// The dense base of one layer, borrowed: `weight` f32 `[out, in]` row-major
+/// (torch's `nn.Linear.weight`), optional `bias` `[out]`.
+#[derive(Clone, Copy, Debug)]
+pub struct BaseLinear<'a> {
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+}
+
+/// `out = x W^T + b + delta(x)` on the best instruction set of this CPU.
+///
+/// `x`: `[rows, K]` row-major; `tenant_ids`: one slot of `stack` per row
+/// (`-1` = base only); `out`: `[rows, N]`, overwritten. Every plane of the
+/// stack is used (padding planes have zero scales and are skipped).
+pub fn fused_linear(
+    x: &[f32],
+    rows: usize,
+    base: BaseLinear<'_>,
+    stack: &DeltaStack<'_>,
+    tenant_ids: &[i64],
+    out: &mut [f32],
+) -> Result<()> {
+    fused_linear_with(
+        Isa::detect(),
+        PARALLEL_FROM,
+        x,
+        rows,
+        base,
+        stack,
+        tenant_ids,
+        out,
+    )
+}
+
+/// [`fused_linear`] on a chosen instruction set, on the thread pool from
+/// `parallel_from` multiply-adds on (tests force every path).
+#[allow(clippy::too_many_arguments)]
+pub fn fused_linear_with(
+    isa: Isa,
+    parallel_from: usize,
+    x: &[f32],
+    rows: usize,
+    base: BaseLinear<'_>,
+    stack: &DeltaStack<'_>,
+    tenant_ids: &[i64],
+    out: &mut [f32],
+) -> Result<()> {
+    stack.check()?;
+    if !isa.available() {
+        return Err(Error::Value(format!(
+            "instruction set: this CPU has no {}",
+            isa.name()
+        )));
+    }
+    let (n, k) = (stack.shape.out_features, stack.shape.in_features);
+    let need_w = checked_mul(n, k, "weight")?;
+    if base.weight.len() != need_w {
+        return Err(Error::Shape(format!(
+            "weight: expected [{n}, {k}] = {need_w} values (the delta's [out, in]), found {}",
+            base.weight.len()
+        )));
+    }
+    if let Some(b) = base.bias {
+        if b.len() != n {
+            return Err(Error::Shape(format!(
+                "bias: expected {n} values (one per output feature), found {}",
+                b.len()
+            )));
+        }
+    }
+    let need_x = checked_mul(rows, k, "x")?;
+    if x.len() != need_x {
+        return Err(Error::Shape(format!(
+            "x: expected [{rows}, {k}] = {need_x} values ({k} = the layer's input features), \
+             found {}",
+            x.len()
+        )));
+    }
+    let need_out = checked_mul(rows, n, "out")?;
+    if out.len() != need_out {
+        return Err(Error::Shape(format!(
+            "out: expected [{rows}, {n}] = {need_out} values, found {}",
+            out.len()
+        )));
+    }
+    check_tenant_ids(tenant_ids, rows, stack.shape.tenants)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    // Live planes of each tenant some row uses (None: no row uses it).
+    let mut live: Vec<Option<Vec<usize>>> = vec![None; stack.shape.tenants];
+    for &t in tenant_ids.iter().filter(|&&t| t >= 0) {
+        let t = t as usize;
+        if live[t].is_none() {
+            live[t] = Some(live_planes(stack, t, stack.shape.planes)?);
+        }
+    }
+    let (xs, totals) = padded_rows(x, rows, k);
+    let layer = Layer {
+        isa,
+        xs: &xs,
+        stride: stack.shape.words() * WORD_BITS,
+        totals: &totals,
+        base,
+        stack,
+        tenant_ids,
+        live: &live,
+    };
+    // Results tile-major, [tile][row][16], so each task owns one slice.
+    let tiles = n.div_ceil(TILE);
+    let mut scratch = vec![0f32; tiles * rows * TILE];
+    let chunk = TILES_PER_TASK * rows * TILE;
+    let task = |(i, dst): (usize, &mut [f32])| {
+        for (j, tile) in dst.chunks_exact_mut(rows * TILE).enumerate() {
+            layer.tile((i * TILES_PER_TASK + j) * TILE, tile);
+        }
+    };
+    if rows * n * k < parallel_from {
+        scratch.chunks_mut(chunk).enumerate().for_each(task);
+    } else {
+        scratch.par_chunks_mut(chunk).enumerate().for_each(task);
+    }
+    for (r, y) in out.chunks_exact_mut(n).enumerate() {
+        for (t, y) in y.chunks_mut(TILE).enumerate() {
+            let at = (t * rows + r) * TILE;
+            y.copy_from_slice(&scratch[at..at + y.len()]);
+        }
+    }
+    Ok(())
+}
+
+/// Everything one call's tiles share.
+struct Layer<'a> {
+    isa: Isa,
+    /// Rows padded with zeros to whole words, `stride` floats each.
+    xs: &'a [f32],
+    stride: usize,
+    totals: &'a [f32],
+    base: BaseLinear<'a>,
+    stack: &'a DeltaStack<'a>,
+    tenant_ids: &'a [i64],
+    live: &'a [Option<Vec<usize>>],
+}
+
+impl Layer<'_> {
+    /// Features `[f0, f0 + 16)` (fewer at the end) of every row into
+    /// `dst [rows][16]`.
+    fn tile(&self, f0: usize, dst: &mut [f32]) {
+        let n = self.stack.shape.out_features;
+        assert!(f0 < n && dst.len() == self.tenant_ids.len() * TILE);
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            // SAFETY: AVX-512F was detected for this Isa; `f0 < n`, `dst` holds
+            // 16 floats per row, and the call's checks sized every other slice.
+            unsafe { avx512::tile(self, f0, dst) };
+            return;
+        }
+        self.tile_portable(f0, dst);
+    }
+
+    /// The live planes of row `r`'s tenant (empty for a base row).
+    fn planes_of(&self, r: usize) -> (usize, &[usize]) {
+        let t = self.tenant_ids[r];
+        if t < 0 {
+            return (0, &[]);
+        }
+        (t as usize, self.live[t as usize].as_deref().unwrap_or(&[]))
+    }
+
+    fn tile_portable(&self, f0: usize, dst: &mut [f32]) {
+        let (n, k) = (self.stack.shape.out_features, self.stack.shape.in_features);
+        let words = self.stack.shape.words();
+        let nf = TILE.min(n - f0);
+        let weight = &self.base.weight[f0 * k..(f0 + nf) * k];
+        for (r, y) in dst.chunks_exact_mut(TILE).enumerate() {
+            let x = &self.xs[r * self.stride..(r + 1) * self.stride];
+            let y = &mut y[..nf];
+            for (v, w) in y.iter_mut().zip(weight.chunks_exact(k)) {
+                *v = x[..k].iter().zip(w).map(|(a, b)| a * b).sum();
+            }
+            if let Some(b) = self.base.bias {
+                y.iter_mut().zip(&b[f0..f0 + nf]).for_each(|(v, b)| *v += b);
+            }
+            let (t, planes) = self.planes_of(r);
+            for &p in planes {
+                let bits = &self.stack.plane(t, p)[f0 * words..(f0 + nf) * words];
+                let scales = self.stack.scales_of(t, p);
+                let mut neg = [0f32; TILE];
+                self.isa.masked_sums(&[x], bits, words, &mut neg[..nf]);
+                for (j, (v, &s)) in y.iter_mut().zip(&neg).enumerate() {
+                    let alpha = match self.stack.mode {
+                        ScaleMode::Matrix => scales[0],
+                        ScaleMode::Row => scales[f0 + j],
+                    };
+                    *v += alpha * (self.totals[r] - 2.0 * s);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // lanes and accumulators indexed together
+mod avx512 {
+    use super::{Layer, TILE};
+    use crate::bitplane::ScaleMode;
+    use std::arch::x86_64::*;
+
+    /// Lane `f` of the result = the sum of the 16 lanes of `acc[f]`.
+    ///
+    /// Four rounds, each halving the vectors and the lanes per feature
+    /// (quarters across vectors, then elements within 128-bit lanes); after
+    /// them lane `4q + e` holds feature `q + 4e`, which one permute puts in
+    /// place.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce16(acc: &[__m512; TILE]) -> __m512 {
+        // Round 1: quarters 0,1 of c[i] hold feature 2i, quarters 2,3 feature 2i+1.
+        let mut c = [_mm512_setzero_ps(); 8];
+        for i in 0..8 {
+            let (a, b) = (acc[2 * i], acc[2 * i + 1]);
+            c[i] = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+        }
+        // Round 2: quarter q of d[j] holds feature 4j + q.
+        let mut d = [_mm512_setzero_ps(); 4];
+        for j in 0..4 {
+            let (a, b) = (c[2 * j], c[2 * j + 1]);
+            d[j] = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            );
+        }
+        // Round 3 (within quarters): elements 0,1 of quarter q of e[m] hold
+        // feature 8m + q, elements 2,3 feature 8m + 4 + q.
+        let e0 = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(d[0], d[1]),
+            _mm512_shuffle_ps::<0xEE>(d[0], d[1]),
+        );
+        let e1 = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(d[2], d[3]),
+            _mm512_shuffle_ps::<0xEE>(d[2], d[3]),
+        );
+        // Round 4: element e of quarter q holds feature q + 4e.
+        let g = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(e0, e1),
+            _mm512_shuffle_ps::<0xDD>(e0, e1),
+        );
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, g)
+    }
+
+    /// One feature tile of every row: base dots, bias and each live plane's
+    /// delta folded in registers, one masked store per row.
+    ///
+    /// Safety: AVX-512F available; `f0 < N`; `dst` holds 16 floats per row;
+    /// the layer's slices sized as `fused_linear_with` checks them.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(layer: &Layer<'_>, f0: usize, dst: &mut [f32]) {
+        let shape = layer.stack.shape;
+        let (n, k, words) = (shape.out_features, shape.in_features, shape.words());
+        let nf = TILE.min(n - f0);
+        let lanes = ((1u32 << nf) - 1) as u16;
+        let weight = layer.base.weight.as_ptr().add(f0 * k);
+        let bias = layer
+            .base
+            .bias
+            .map(|b| _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(f0)));
+        for r in 0..layer.tenant_ids.len() {
+            let x = layer.xs.as_ptr().add(r * layer.stride);
+            let mut y = dots(x, weight, k, nf);
+            if let Some(b) = bias {
+                y = _mm512_add_ps(y, b);
+            }
+            let (t, planes) = layer.planes_of(r);
+            if !planes.is_empty() {
+                let total = _mm512_set1_ps(layer.totals[r]);
+                for &p in planes {
+                    let bits = layer.stack.plane(t, p).as_ptr().add(f0 * words);
+                    let scales = layer.stack.scales_of(t, p);
+                    let alpha = match layer.stack.mode {
+                        ScaleMode::Matrix => _mm512_set1_ps(scales[0]),
+                        ScaleMode::Row => _mm512_maskz_loadu_ps(lanes, scales.as_ptr().add(f0)),
+                    };
+                    // x . S = total - 2 * (sum of x where the bit is 1).
+                    let neg = masked(x, bits, words, nf);
+                    let dot = _mm512_fnmadd_ps(_mm512_set1_ps(2.0), neg, total);
+                    y = _mm512_fmadd_ps(alpha, dot, y);
+                }
+            }
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(r * TILE), lanes, y);
+        }
+    }
+
+    /// Lane `f` = `x . w[f]` for `nf <= 16` rows of `k` floats from `w` (the
+    /// other lanes 0); `x` holds at least `k` floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dots(x: *const f32, w: *const f32, k: usize, nf: usize) -> __m512 {
+        let mut acc = [_mm512_setzero_ps(); TILE];
+        let full = k / 16;
+        let tail = ((1u32 << (k % 16)) - 1) as u16;
+        if nf == TILE {
+            for c in 0..full {
+                let xv = _mm512_loadu_ps(x.add(16 * c));
+                for f in 0..TILE {
+                    acc[f] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.add(f * k + 16 * c)), acc[f]);
+                }
+            }
+        } else {
+            for c in 0..full {
+                let xv = _mm512_loadu_ps(x.add(16 * c));
+                for f in 0..nf {
+                    acc[f] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.add(f * k + 16 * c)), acc[f]);
+                }
+            }
+        }
+        if tail != 0 {
+            let xv = _mm512_maskz_loadu_ps(tail, x.add(16 * full));
+            for f in 0..nf {
+                let wv = _mm512_maskz_loadu_ps(tail, w.add(f * k + 16 * full));
+                acc[f] = _mm512_fmadd_ps(xv, wv, acc[f]);
+            }
+        }
+        reduce16(&acc)
+    }
+
+    /// Lane `f` = `sum(x where bit(f, .) = 1)` for `nf <= 16` packed rows of
+    /// `words` u32 from `bits` (the other lanes 0); `x` holds `words * 32`
+    /// floats. Each half word is the write mask of one masked add over 16
+    /// activations.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn masked(x: *const f32, bits: *const u32, words: usize, nf: usize) -> __m512 {
+        let halves = bits as *const u16;
+        let mut acc = [_mm512_setzero_ps(); TILE];
+        // Little-endian words: the low half masks inputs 0..16.
+        macro_rules! word {
+            ($w:expr, $count:expr) => {{
+                let lo = _mm512_loadu_ps(x.add(32 * $w));
+                let hi = _mm512_loadu_ps(x.add(32 * $w + 16));
+                for f in 0..$count {
+                    let half = halves.add(2 * (f * words + $w));
+                    acc[f] = _mm512_mask_add_ps(acc[f], *half, acc[f], lo);
+                    acc[f] = _mm512_mask_add_ps(acc[f], *half.add(1), acc[f], hi);
+                }
+            }};
+        }
+        if nf == TILE {
+            for w in 0..words {
+                word!(w, TILE);
+            }
+        } else {
+            for w in 0..words {
+                word!(w, nf);
+            }
+        }
+        reduce16(&acc)
+    }
+}
+
+#[cfg(test)]
+#[path = "fused_tests.rs"]
+mod tests;
