@@ -25,12 +25,12 @@ use crate::error::{checked_mul, Error, Result};
 use crate::gemv::{check_tenant_ids, live_planes, padded_rows, DeltaStack, Isa};
 
 /// Output features per tile (one AVX-512 vector of results).
-const TILE: usize = 16;
+pub(crate) const TILE: usize = 16;
 /// Feature tiles one thread-pool task computes.
 const TILES_PER_TASK: usize = 4;
 /// Calls with fewer multiply-adds than this (base weights x rows) run on the
 /// calling thread: waking the pool costs more than splitting the work saves.
-const PARALLEL_FROM: usize = 1 << 22;
+pub(crate) const PARALLEL_FROM: usize = 1 << 22;
 
 /// The dense base of one layer, borrowed: `weight` f32 `[out, in]` row-major
 /// (torch's `nn.Linear.weight`), optional `bias` `[out]`.
@@ -86,36 +86,8 @@ pub fn fused_linear_with(
         )));
     }
     let (n, k) = (stack.shape.out_features, stack.shape.in_features);
-    let need_w = checked_mul(n, k, "weight")?;
-    if base.weight.len() != need_w {
-        return Err(Error::Shape(format!(
-            "weight: expected [{n}, {k}] = {need_w} values (the delta's [out, in]), found {}",
-            base.weight.len()
-        )));
-    }
-    if let Some(b) = base.bias {
-        if b.len() != n {
-            return Err(Error::Shape(format!(
-                "bias: expected {n} values (one per output feature), found {}",
-                b.len()
-            )));
-        }
-    }
-    let need_x = checked_mul(rows, k, "x")?;
-    if x.len() != need_x {
-        return Err(Error::Shape(format!(
-            "x: expected [{rows}, {k}] = {need_x} values ({k} = the layer's input features), \
-             found {}",
-            x.len()
-        )));
-    }
-    let need_out = checked_mul(rows, n, "out")?;
-    if out.len() != need_out {
-        return Err(Error::Shape(format!(
-            "out: expected [{rows}, {n}] = {need_out} values, found {}",
-            out.len()
-        )));
-    }
+    check_base(&base, n, k, "weight")?;
+    check_rows(x.len(), rows, k, out.len(), n)?;
     check_tenant_ids(tenant_ids, rows, stack.shape.tenants)?;
     if rows == 0 {
         return Ok(());
@@ -139,13 +111,76 @@ pub fn fused_linear_with(
         tenant_ids,
         live: &live,
     };
+    run_tiles(
+        rows,
+        n,
+        k,
+        parallel_from,
+        |f0, dst| layer.tile(f0, dst),
+        out,
+    );
+    Ok(())
+}
+
+/// `base` is `[n, k]` (and its bias `[n]`); `what` names the weight in errors.
+pub(crate) fn check_base(base: &BaseLinear<'_>, n: usize, k: usize, what: &str) -> Result<()> {
+    let need_w = checked_mul(n, k, "weight")?;
+    if base.weight.len() != need_w {
+        return Err(Error::Shape(format!(
+            "{what}: expected [{n}, {k}] = {need_w} values (the layer's [out, in]), found {}",
+            base.weight.len()
+        )));
+    }
+    if let Some(b) = base.bias {
+        if b.len() != n {
+            return Err(Error::Shape(format!(
+                "bias of {what}: expected {n} values (one per output feature), found {}",
+                b.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `x` holds `[rows, k]` values and `out` `[rows, n]`.
+pub(crate) fn check_rows(x: usize, rows: usize, k: usize, out: usize, n: usize) -> Result<()> {
+    let need_x = checked_mul(rows, k, "x")?;
+    if x != need_x {
+        return Err(Error::Shape(format!(
+            "x: expected [{rows}, {k}] = {need_x} values ({k} = the layer's input features), \
+             found {x}"
+        )));
+    }
+    let need_out = checked_mul(rows, n, "out")?;
+    if out != need_out {
+        return Err(Error::Shape(format!(
+            "out: expected [{rows}, {n}] = {need_out} values, found {out}"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `tile(f0, dst)` for every 16-feature tile of `[rows, n]` outputs
+/// (`dst`: `[rows][16]`), on the calling thread or, from `parallel_from`
+/// multiply-adds (`rows * n * k`) on, on the pool; then writes `out` row-major.
+pub(crate) fn run_tiles(
+    rows: usize,
+    n: usize,
+    k: usize,
+    parallel_from: usize,
+    tile: impl Fn(usize, &mut [f32]) + Sync,
+    out: &mut [f32],
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
     // Results tile-major, [tile][row][16], so each task owns one slice.
     let tiles = n.div_ceil(TILE);
     let mut scratch = vec![0f32; tiles * rows * TILE];
     let chunk = TILES_PER_TASK * rows * TILE;
     let task = |(i, dst): (usize, &mut [f32])| {
-        for (j, tile) in dst.chunks_exact_mut(rows * TILE).enumerate() {
-            layer.tile((i * TILES_PER_TASK + j) * TILE, tile);
+        for (j, dst) in dst.chunks_exact_mut(rows * TILE).enumerate() {
+            tile((i * TILES_PER_TASK + j) * TILE, dst);
         }
     };
     if rows * n * k < parallel_from {
@@ -159,7 +194,6 @@ pub fn fused_linear_with(
             y.copy_from_slice(&scratch[at..at + y.len()]);
         }
     }
-    Ok(())
 }
 
 /// Everything one call's tiles share.
@@ -234,7 +268,7 @@ impl Layer<'_> {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // lanes and accumulators indexed together
-mod avx512 {
+pub(crate) mod avx512 {
     use super::{Layer, TILE};
     use crate::bitplane::ScaleMode;
     use std::arch::x86_64::*;
@@ -301,9 +335,19 @@ mod avx512 {
             .base
             .bias
             .map(|b| _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(f0)));
-        for r in 0..layer.tenant_ids.len() {
+        let rows = layer.tenant_ids.len();
+        // The base first, register-blocked over rows (4, then 2, then 1 at a
+        // time) so each loaded weight vector serves several rows and a block
+        // touches few weight rows at once (16 rows K floats apart would share
+        // cache sets when K is a multiple of 1024).
+        let xs: Vec<*const f32> = (0..rows)
+            .map(|r| layer.xs.as_ptr().add(r * layer.stride))
+            .collect();
+        let dsts: Vec<*mut f32> = (0..rows).map(|r| dst.as_mut_ptr().add(r * TILE)).collect();
+        dense_rows(&xs, weight, k, nf, &dsts);
+        for r in 0..rows {
             let x = layer.xs.as_ptr().add(r * layer.stride);
-            let mut y = dots(x, weight, k, nf);
+            let mut y = _mm512_maskz_loadu_ps(lanes, dst.as_ptr().add(r * TILE));
             if let Some(b) = bias {
                 y = _mm512_add_ps(y, b);
             }
@@ -327,37 +371,93 @@ mod avx512 {
         }
     }
 
-    /// Lane `f` = `x . w[f]` for `nf <= 16` rows of `k` floats from `w` (the
-    /// other lanes 0); `x` holds at least `k` floats.
+    /// `dst[i][f] = x[i] . w[f]` for the `nf <= 16` weight rows of `k`
+    /// floats from `w`, register-blocked over rows (4, then 2, then 1 at a
+    /// time) so each loaded weight vector serves several rows and a block
+    /// touches few weight rows at once (16 rows K floats apart would share
+    /// cache sets when K is a multiple of 1024).
+    ///
+    /// Safety: AVX-512F available; each `x[i]` holds `k` floats, zero-padded
+    /// to a multiple of 16 when `k` is not one; `w` holds `nf * k` floats;
+    /// each `dst[i]` `nf` floats.
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn dense_rows(
+        x: &[*const f32],
+        w: *const f32,
+        k: usize,
+        nf: usize,
+        dst: &[*mut f32],
+    ) {
+        let mut r = 0;
+        while r < x.len() {
+            let left = x.len() - r;
+            if left >= 4 {
+                dense_block::<4, 4>(&x[r..r + 4], w, k, nf, &dst[r..r + 4]);
+                r += 4;
+            } else if left >= 2 {
+                dense_block::<2, 8>(&x[r..r + 2], w, k, nf, &dst[r..r + 2]);
+                r += 2;
+            } else {
+                dense_block::<1, 16>(&x[r..r + 1], w, k, nf, &dst[r..r + 1]);
+                r += 1;
+            }
+        }
+    }
+
+    /// [`dense_rows`] for `R` rows, `F` features at a time (`R * F = 16`
+    /// accumulators, folded by one `reduce16`: lane `i * F + f`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn dots(x: *const f32, w: *const f32, k: usize, nf: usize) -> __m512 {
-        let mut acc = [_mm512_setzero_ps(); TILE];
+    unsafe fn dense_block<const R: usize, const F: usize>(
+        x: &[*const f32],
+        w: *const f32,
+        k: usize,
+        nf: usize,
+        dst: &[*mut f32],
+    ) {
+        const { assert!(R * F == TILE) };
+        let x: [*const f32; R] = std::array::from_fn(|i| x[i]);
         let full = k / 16;
         let tail = ((1u32 << (k % 16)) - 1) as u16;
-        if nf == TILE {
+        let mut f0 = 0;
+        while f0 < nf {
+            let count = F.min(nf - f0);
+            let wf = w.add(f0 * k);
+            let mut acc = [_mm512_setzero_ps(); TILE];
             for c in 0..full {
-                let xv = _mm512_loadu_ps(x.add(16 * c));
-                for f in 0..TILE {
-                    acc[f] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.add(f * k + 16 * c)), acc[f]);
+                let mut xv = [_mm512_setzero_ps(); R];
+                for i in 0..R {
+                    xv[i] = _mm512_loadu_ps(x[i].add(16 * c));
+                }
+                for f in 0..F {
+                    if f < count {
+                        let wv = _mm512_loadu_ps(wf.add(f * k + 16 * c));
+                        for i in 0..R {
+                            acc[i * F + f] = _mm512_fmadd_ps(xv[i], wv, acc[i * F + f]);
+                        }
+                    }
                 }
             }
-        } else {
-            for c in 0..full {
-                let xv = _mm512_loadu_ps(x.add(16 * c));
-                for f in 0..nf {
-                    acc[f] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w.add(f * k + 16 * c)), acc[f]);
+            if tail != 0 {
+                for f in 0..count {
+                    let wv = _mm512_maskz_loadu_ps(tail, wf.add(f * k + 16 * full));
+                    for i in 0..R {
+                        // x is zero-padded to whole words: no mask needed.
+                        let xv = _mm512_loadu_ps(x[i].add(16 * full));
+                        acc[i * F + f] = _mm512_fmadd_ps(xv, wv, acc[i * F + f]);
+                    }
                 }
             }
-        }
-        if tail != 0 {
-            let xv = _mm512_maskz_loadu_ps(tail, x.add(16 * full));
-            for f in 0..nf {
-                let wv = _mm512_maskz_loadu_ps(tail, w.add(f * k + 16 * full));
-                acc[f] = _mm512_fmadd_ps(xv, wv, acc[f]);
+            let mut sums = [0f32; TILE];
+            _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&acc));
+            for i in 0..R {
+                let row = dst[i].add(f0);
+                for f in 0..count {
+                    *row.add(f) = sums[i * F + f];
+                }
             }
+            f0 += F;
         }
-        reduce16(&acc)
     }
 
     /// Lane `f` = `sum(x where bit(f, .) = 1)` for `nf <= 16` packed rows of

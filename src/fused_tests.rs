@@ -164,7 +164,7 @@ fn bad_input_is_a_clear_error() {
     };
     let msg = err(fused_linear(&x, 1, biased, &stack, &[0], &mut out));
     assert!(
-        msg.contains("bias: expected 4") && msg.contains("found 3"),
+        msg.contains("bias of weight: expected 4") && msg.contains("found 3"),
         "{msg}"
     );
     let msg = err(fused_linear(&x[..7], 1, base, &stack, &[0], &mut out));

@@ -346,13 +346,13 @@ pub(crate) fn live_planes(stack: &DeltaStack<'_>, t: usize, k_use: usize) -> Res
 /// The rows of each tenant that occurs, tenants ascending: `(tenant, rows)`
 /// pairs whose rows are ranges of one shared index buffer (one allocation
 /// whatever the number of tenants).
-struct Groups {
+pub(crate) struct Groups {
     order: Vec<usize>,
     spans: Vec<(usize, usize, usize)>, // (tenant, start, end) in `order`
 }
 
 impl Groups {
-    fn new(ids: &[i64], tenants: usize) -> Groups {
+    pub(crate) fn new(ids: &[i64], tenants: usize) -> Groups {
         let mut order: Vec<usize> = (0..ids.len()).filter(|&r| ids[r] >= 0).collect();
         // Stable: rows of one tenant keep their batch order.
         order.sort_by_key(|&r| ids[r]);
@@ -368,7 +368,7 @@ impl Groups {
         Groups { order, spans }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (usize, &[usize])> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &[usize])> + '_ {
         self.spans.iter().map(|&(t, a, b)| (t, &self.order[a..b]))
     }
 

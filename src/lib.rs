@@ -10,6 +10,8 @@ pub mod float;
 pub mod fused;
 pub mod gemv;
 pub mod header;
+pub mod rmsnorm;
+pub mod rowwise;
 pub mod store;
 #[cfg(test)]
 mod test_support;

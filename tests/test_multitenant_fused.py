@@ -144,7 +144,7 @@ def test_core_refuses_bad_arguments():
         _core.fused_linear(x, w[:, :39].copy(), None, planes, scales, ids, out)
     with pytest.raises(qdelta.DTypeError, match="weight"):
         _core.fused_linear(x, w.astype(np.float64), None, planes, scales, ids, out)
-    with pytest.raises(qdelta.ShapeError, match="bias: expected 8"):
+    with pytest.raises(qdelta.ShapeError, match="bias of weight: expected 8"):
         _core.fused_linear(x, w, np.zeros(7, np.float32), planes, scales, ids, out)
     with pytest.raises(qdelta.ShapeError, match=r"out: expected \[3, 8\]"):
         _core.fused_linear(x, w, None, planes, scales, ids, out[:2].copy())

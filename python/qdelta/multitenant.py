@@ -177,7 +177,7 @@ class MultiTenantLinear(nn.Module):
         if not self._slots:
             return y
         x2 = x.reshape(-1, self.in_features)
-        if self._adds_in_place(x2, y):
+        if self._adds_in_place(x2, y, slots_array):
             # The Rust kernel adds each row's delta straight into the base output.
             self._prepared_stack().add_into(x2, slots_array, y.view(-1, self.out_features))
             return y
@@ -186,15 +186,21 @@ class MultiTenantLinear(nn.Module):
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def _adds_in_place(self, x2: torch.Tensor, y: torch.Tensor) -> bool:
+    def _adds_in_place(
+        self, x2: torch.Tensor, y: torch.Tensor, slots_array: np.ndarray | None
+    ) -> bool:
         """Whether the CPU kernel can add into ``y``: the dispatch rule picks it and
         ``y`` is a float32 contiguous result that needs no gradient."""
+
+        def tenants() -> int:
+            return 1 if slots_array is None else len(np.unique(slots_array[slots_array >= 0]))
+
         return (
             y.dtype == torch.float32
             and not y.requires_grad
             and y.is_contiguous()
-            and kernels._use_cpu(x2, self.scales, self.backend, self.out_features)
             and not x2.is_cuda
+            and kernels._use_cpu(x2, self.scales, self.backend, self.out_features, tenants)
         )
 
     def _prepared_stack(self) -> cpu.PreparedStack:
@@ -380,13 +386,10 @@ class _FusedPlan:
         return not (torch.is_grad_enabled() and _tracks_grad(base, x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous():
+            x = x.contiguous()
         y = torch.empty(*self.rows, self.n)
-        x2 = x.reshape(-1, self.k)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        self.stack.fused_linear(
-            x2.detach(), self.weight, self.bias, self.ids_array, y.view(-1, self.n)
-        )
+        self.stack.fused_linear(x, self.weight, self.bias, self.ids_array, y)
         return y
 
 

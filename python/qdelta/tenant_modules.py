@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdelta.delta import PackedLayer
+from qdelta.kernels import cpu
 from qdelta.reference import unpack_signs
 
 
@@ -191,8 +192,9 @@ class PackedRowEmbedding(TenantModule):
 class RowRMSNorm(TenantModule):
     """An RMSNorm (LlamaRMSNorm and kin) with per-tenant weights gathered per row.
 
-    The arithmetic is the base module's, step for step, so a row's result is
-    the tenant's own norm exactly.
+    The arithmetic is the base module's formula (LlamaRMSNorm: float32
+    ``x * rsqrt(mean(x^2) + eps)``, then the weight in the input dtype), so a
+    row's result is the tenant's own norm to float32 rounding.
     """
 
     def __init__(self, base: nn.Module, route: Route) -> None:
@@ -214,30 +216,43 @@ class RowRMSNorm(TenantModule):
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
         """Each row's norm weight; gathered once per routed batch (decode steps reuse it)."""
-        sources = (local, self._stacked, self.base.weight)
-        versions = tuple(_version(t) for t in sources)
+        stacked, weight = self._stacked, self.base.weight
+        versions = (_version(local), _version(stacked), _version(weight))
         cached = self._rows_cache
         if (
             cached is not None
+            and cached[0] is local
+            and cached[1] is stacked
+            and cached[2] is weight
+            and cached[3] == versions
             and None not in versions
-            and all(a is b for a, b in zip(cached[0], sources, strict=True))
-            and cached[1] == versions
         ):
-            return cached[2]
-        rows = torch.where(
-            (local >= 0)[:, None], self._stacked[local.clamp(min=0)], self.base.weight
-        )
-        self._rows_cache = (sources, versions, rows)
+            return cached[4]
+        rows = torch.where((local >= 0)[:, None], stacked[local.clamp(min=0)], weight)
+        self._rows_cache = (local, stacked, weight, versions, rows)
         return rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
             return self.base(hidden)
-        dtype = hidden.dtype
-        h = hidden.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         rows = self._row_weights(local)
+        if (
+            hidden.dtype == torch.float32
+            and rows.dtype == torch.float32
+            and not hidden.is_cuda
+            and not (torch.is_grad_enabled() and (hidden.requires_grad or rows.requires_grad))
+            and cpu.ISA != "portable"
+        ):
+            # One Rust call (src/rmsnorm.rs) instead of the torch ops below.
+            out = torch.empty(hidden.shape)
+            cpu.rms_norm_rows(hidden if hidden.is_contiguous() else hidden.contiguous(),
+                              rows, self.eps, out)  # fmt: skip
+            return out
+        dtype = hidden.dtype
+        # The base's formula, x * rsqrt(mean(x^2) + eps) in float32, as one op:
+        # at decode sizes each torch op costs microseconds whatever its size.
+        h = F.rms_norm(hidden.to(torch.float32), (hidden.shape[-1],), eps=self.eps)
         return rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1) * h.to(dtype)
 
 
@@ -250,16 +265,24 @@ class RowLinear(TenantModule):
         self._weights: list[torch.Tensor] = []
         self._biases: list[torch.Tensor | None] = []
         self._groups_cache: tuple | None = None
+        # The one-call form of the last decode-sized batch (see _rowwise).
+        self._plan: tuple | None = None
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         self._names.append(name)
         # A tenant that keeps the base weight shares it (no copy).
         self._weights.append(params.get("weight", self.base.weight))
         self._biases.append(params.get("bias", self.base.bias))
+        self._plan = None
 
     def remove(self, name: str) -> None:
         i = self._names.index(name)
         del self._names[i], self._weights[i], self._biases[i]
+        self._plan = None
+
+    def _apply(self, fn, recurse=True):
+        self._plan = None
+        return super()._apply(fn, recurse)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
         own = [w for w in self._weights if w is not self.base.weight]
@@ -276,10 +299,61 @@ class RowLinear(TenantModule):
             self._groups_cache = (local, _version(local), groups)
         return groups
 
+    def _rowwise(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+        """A decode-sized float32 batch as one Rust call (src/rowwise.rs: each row
+        its own weight, each weight read once), or None where it does not apply
+        (no AVX-512, other dtypes, gradients, more than FUSED_MAX_ROWS rows).
+        Its arguments are bound once per routed batch and re-bound whenever the
+        rows, the tensors or their storage change."""
+        from qdelta.multitenant import FUSED_MAX_ROWS
+
+        tensors = [self.base.weight, self.base.bias, *self._weights, *self._biases]
+        storage = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        plan = self._plan
+        if not (
+            plan is not None
+            and plan[0] is local
+            and plan[1] == _version(local)
+            and plan[2] == x.shape[:-1]
+            and plan[3] == storage
+        ):
+            weights = [self.base.weight, *self._weights]
+            biases = [self.base.bias, *self._biases]
+            usable = (
+                cpu.ISA == "avx512"
+                and _version(local) is not None
+                and x.shape[:-1].numel() <= FUSED_MAX_ROWS
+                and all(
+                    t is None or (t.dtype == torch.float32 and t.is_contiguous() and not t.is_cuda)
+                    for t in weights + biases
+                )
+            )
+            arrays = None
+            if usable:
+                weights_np = [w.detach().numpy() for w in weights]
+                biases_np = [None if b is None else b.detach().numpy() for b in biases]
+                # Local -1 (base) is entry 0; one index per row of x.
+                index = (local + 1).repeat_interleave(x[0].numel() // x.shape[-1])
+                arrays = (weights_np, biases_np, index.numpy())
+            plan = self._plan = (local, _version(local), x.shape[:-1], storage, arrays)
+        arrays = plan[4]
+        if arrays is None or x.dtype != torch.float32 or x.is_cuda:
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
+        ):
+            return None
+        out = torch.empty(*x.shape[:-1], self.base.out_features)
+        cpu.rowwise_linear(x if x.is_contiguous() else x.contiguous(), *arrays, out)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
             return self.base(x)
+        fast = self._rowwise(x, local)
+        if fast is not None:
+            return fast
         out = x.new_empty(*x.shape[:-1], self.base.out_features)
         # One matmul per distinct tenant in the batch: each tenant's weight is
         # read once, which is the least traffic a full-precision head allows.

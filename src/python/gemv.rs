@@ -11,10 +11,17 @@ use pyo3::prelude::*;
 use super::{check_array, run, DTypeError, ShapeError};
 use crate::bitplane::{words_per_row, ScaleMode};
 use crate::float::halves_from_bits;
-use crate::fused::{self, BaseLinear};
 use crate::gemv::{self, DeltaStack, StackShape};
 
-fn shape_of(arr: &Bound<'_, PyAny>) -> Vec<usize> {
+/// `[..., w]` read as `[rows, w]` (a 0-D shape as one row of width 1).
+pub(super) fn rows_and_width(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&w, lead)) => (lead.iter().product(), w),
+        None => (1, 1),
+    }
+}
+
+pub(super) fn shape_of(arr: &Bound<'_, PyAny>) -> Vec<usize> {
     arr.cast::<PyUntypedArray>()
         .map(|a| a.shape().to_vec())
         .unwrap_or_default()
@@ -117,7 +124,7 @@ fn delta_matmul<'py>(
 /// The stack of `planes` (uint32 `[T, P, N, W]`) and `scales` (float32
 /// `[T, P]` or `[T, P, N]`) for `k` input features: shapes checked, slices
 /// borrowed for as long as the two readonly views live.
-fn stack_of<'a>(
+pub(super) fn stack_of<'a>(
     planes: &'a PyReadonlyArrayDyn<'_, u32>,
     scales: &'a PyReadonlyArrayDyn<'_, f32>,
     k: usize,
@@ -162,69 +169,6 @@ fn stack_of<'a>(
     })
 }
 
-/// A multi-tenant linear layer for decode in one pass (src/fused.rs):
-/// `out[r] = x[r] W^T + b + delta of row r's tenant`.
-///
-/// `x`: float32 `[M, K]`; `weight`: float32 `[N, K]`; `bias`: float32 `[N]`
-/// or None; `planes`, `scales`: the stack as for `delta_matmul`;
-/// `tenant_ids`: int64 `[M]` (-1 = base only); `out`: float32 `[M, N]`,
-/// overwritten.
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, planes, scales, tenant_ids, out))]
-#[allow(clippy::too_many_arguments)]
-fn fused_linear<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    weight: &Bound<'py, PyAny>,
-    bias: Option<&Bound<'py, PyAny>>,
-    planes: &Bound<'py, PyAny>,
-    scales: &Bound<'py, PyAny>,
-    tenant_ids: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
-) -> PyResult<()> {
-    check_array(x, "x", 2, "float32")?;
-    check_array(weight, "weight", 2, "float32")?;
-    check_array(planes, "planes", 4, "uint32")?;
-    check_array(tenant_ids, "tenant_ids", 1, "int64")?;
-    check_array(out, "out", 2, "float32")?;
-    if let Some(b) = bias {
-        check_array(b, "bias", 1, "float32")?;
-    }
-    let scale_dims = shape_of(scales).len();
-    check_array(scales, "scales", scale_dims, "float32")?;
-    let xa: PyReadonlyArray2<f32> = x.extract()?;
-    let [rows, k] = <[usize; 2]>::try_from(xa.shape()).expect("checked 2-D");
-    let wa: PyReadonlyArray2<f32> = weight.extract()?;
-    if wa.shape() != [shape_of(planes)[2], k] {
-        return Err(ShapeError::new_err(format!(
-            "weight: expected [out, {k}] with out = the planes' {} rows, found {:?}",
-            shape_of(planes)[2],
-            wa.shape()
-        )));
-    }
-    let ba: Option<PyReadonlyArray1<f32>> = bias.map(|b| b.extract()).transpose()?;
-    let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
-    let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
-    let stack = stack_of(&pa, &sa, k)?;
-    let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
-    let out_arr: Bound<'py, PyArray2<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArray2<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
-    let base = BaseLinear {
-        weight: wa.as_slice().expect("checked contiguous"),
-        bias: ba
-            .as_ref()
-            .map(|b| b.as_slice().expect("checked contiguous")),
-    };
-    let xs = xa.as_slice().expect("checked contiguous");
-    let ids = ids.as_slice().expect("checked contiguous");
-    let y = out_rw.as_slice_mut().expect("checked contiguous");
-    run(py, || fused::fused_linear(xs, rows, base, &stack, ids, y))
-}
-
 /// The instruction set the kernel uses on this CPU ("avx512", "avx2", "portable").
 #[pyfunction]
 fn gemv_isa() -> &'static str {
@@ -234,6 +178,5 @@ fn gemv_isa() -> &'static str {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(delta_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(gemv_isa, m)?)?;
-    m.add_function(wrap_pyfunction!(fused_linear, m)?)?;
     Ok(())
 }

@@ -12,7 +12,9 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod bitplane;
+mod fused;
 mod gemv;
+mod rmsnorm;
 mod store;
 
 create_exception!(
@@ -170,6 +172,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FileError", py.get_type::<FileError>())?;
     bitplane::register(m)?;
     gemv::register(m)?;
+    fused::register(m)?;
+    rmsnorm::register(m)?;
     store::register(m)?;
     Ok(())
 }

@@ -53,7 +53,17 @@ def _needs_grad(x: torch.Tensor, scales: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
 
 
-def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str, out_features: int) -> bool:
+def _use_cpu(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    backend: str,
+    out_features: int,
+    tenants: Callable[[], int] | None = None,
+) -> bool:
+    """The CPU rule. ``tenants`` counts the distinct tenants of the rows (asked
+    only when the rows pass the one-tenant limit): the reference decodes each
+    tenant's delta once, so its cost grows with them while the kernel's grows
+    with rows only, and the limit applies to rows per tenant."""
     if backend not in get_args(Backend):
         raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
     if backend != "auto":
@@ -61,12 +71,14 @@ def _use_cpu(x: torch.Tensor, scales: torch.Tensor, backend: str, out_features: 
     needs_grad = _needs_grad(x, scales)
     in_features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // max(in_features, 1) if x.dim() else 0
-    return (
+    if not (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not needs_grad
-        and rows <= cpu_max_rows(out_features, in_features)
-    )
+    ):
+        return False
+    limit = cpu_max_rows(out_features, in_features)
+    return rows <= limit or (tenants is not None and rows <= limit * max(tenants(), 1))
 
 
 def delta_matmul(
@@ -100,7 +112,11 @@ def multi_tenant_delta_matmul(
         from qdelta.kernels import cuda
 
         return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
-    if _use_cpu(x, scales, backend, planes.shape[-2]):
+
+    def tenants() -> int:
+        return int(torch.unique(tenant_ids[tenant_ids >= 0]).numel())
+
+    if _use_cpu(x, scales, backend, planes.shape[-2], tenants):
         return cpu.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
     return reference.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
 

@@ -160,12 +160,39 @@ class PreparedStack:
         out: torch.Tensor,
     ) -> None:
         """``out = x @ weight.T + bias + each row's delta`` in one pass (src/fused.rs):
-        float32 CPU ``x`` ``[M, K]``, the base's ``weight`` ``[N, K]`` and ``bias``
-        ``[N]`` as float32 arrays (:func:`base_arrays`), ``tenant_ids`` int64 ``[M]``
-        (stack slots, ``-1`` = base only), float32 contiguous ``out`` ``[M, N]``."""
+        float32 contiguous CPU ``x`` ``[..., K]`` (``M`` rows), the base's ``weight``
+        ``[N, K]`` and ``bias`` ``[N]`` as float32 arrays (:func:`base_arrays`),
+        ``tenant_ids`` int64 ``[M]`` (stack slots, ``-1`` = base only), float32
+        contiguous ``out`` ``[..., N]``."""
         _core.fused_linear(
-            x.numpy(), weight, bias, self.planes, self.scales, tenant_ids, out.numpy()
+            _plain(x), weight, bias, self.planes, self.scales, tenant_ids, out.numpy()
         )
+
+
+def rowwise_linear(
+    x: torch.Tensor,
+    weights: list[np.ndarray],
+    biases: list[np.ndarray | None],
+    index: np.ndarray,
+    out: torch.Tensor,
+) -> None:
+    """``out[r] = x[r] @ weights[index[r]].T + biases[index[r]]`` (src/rowwise.rs):
+    float32 contiguous CPU ``x`` ``[..., K]`` and ``out`` ``[..., N]``, float32
+    ``[N, K]`` weights, ``[N]`` biases or None, int64 ``index`` (one per row)."""
+    _core.rowwise_linear(_plain(x), weights, biases, index, out.numpy())
+
+
+def rms_norm_rows(x: torch.Tensor, weights: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """``out[r] = weights[r // s] * x[r] / sqrt(mean(x[r]^2) + eps)`` (src/rmsnorm.rs):
+    float32 contiguous CPU ``x`` and ``out`` ``[..., D]``, ``weights`` ``[G, D]``,
+    ``s`` = rows / G."""
+    _core.rms_norm_rows(_plain(x), _plain(weights), eps, out.numpy())
+
+
+def _plain(t: torch.Tensor) -> np.ndarray:
+    """The array view of a tensor that is only read (detached only when needed:
+    detaching is itself a dispatch, and these calls are decode-sized)."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def base_arrays(layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray | None] | None:
