@@ -336,6 +336,26 @@ pub(crate) mod avx512 {
             .bias
             .map(|b| _mm512_maskz_loadu_ps(lanes, b.as_ptr().add(f0)));
         let rows = layer.tenant_ids.len();
+        // Ask for the next tile's weights and bits now: at decode a layer's
+        // weights are cold (every other layer ran since), and the loads of this
+        // tile alone leave the memory system idle between misses.
+        if f0 + TILE < n {
+            let next = f0 + TILE;
+            let count = TILE.min(n - next);
+            let w = layer.base.weight.as_ptr().add(next * k) as *const i8;
+            for line in (0..count * k * 4).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(w.add(line));
+            }
+            for r in 0..rows {
+                let (t, planes) = layer.planes_of(r);
+                for &p in planes {
+                    let bits = layer.stack.plane(t, p).as_ptr().add(next * words) as *const i8;
+                    for line in (0..count * words * 4).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(bits.add(line));
+                    }
+                }
+            }
+        }
         // The base first, register-blocked over rows (4, then 2, then 1 at a
         // time) so each loaded weight vector serves several rows and a block
         // touches few weight rows at once (16 rows K floats apart would share

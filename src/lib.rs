@@ -4,6 +4,7 @@
 //! `python.rs` behind the `python` feature so `cargo test` needs no libpython.
 
 pub mod bitplane;
+pub mod embedding;
 pub mod error;
 pub mod fingerprint;
 pub mod float;

@@ -153,3 +153,57 @@ def test_core_refuses_bad_arguments():
         _core.rms_norm_rows(x, np.ones((1, 4), np.float32), 1e-6, y[:1].copy())
     with pytest.raises(qdelta.QDeltaError, match="eps"):
         _core.rms_norm_rows(x, np.ones((1, 4), np.float32), float("nan"), y)
+
+
+@pytest.mark.parametrize("scale", ["matrix", "row"])
+def test_packed_embedding_matches_the_dense_tables(scale):
+    from qdelta.tenant_modules import PackedRowEmbedding
+
+    gen = seeded()
+    vocab, width = 37, 45
+    base = torch.nn.Embedding(vocab, width)
+    route = Route()
+    emb = PackedRowEmbedding(base, route)
+    tables = {}
+    for slot, (name, bits) in enumerate([("a", 1), ("b", 2), ("c", 3)]):
+        delta = torch.randn(vocab, width, generator=gen) * 0.1
+        planes, scales = qdelta.pack_residual(delta, bits=bits, scale=scale)
+        layer = qdelta.PackedLayer(planes, scales, (vocab, width))
+        emb.add(name, layer, {}, slot)
+        tables[name] = base.weight.detach().double() + qdelta.reference.unpack_planes(
+            torch.from_numpy(np.asarray(planes).view(np.int32)),
+            torch.as_tensor(np.asarray(scales)),
+            width,
+            dtype=torch.float64,
+        )
+    emb.set_slots({"a": 0, "b": 1, "c": 2}, capacity=3)
+    route.slots = torch.tensor([2, -1, 0, 1])
+    names = ["c", None, "a", "b"]
+    for seq in (6, 1, 1):
+        ids = torch.randint(0, vocab, (4, seq), generator=gen)
+        with torch.no_grad():
+            got = emb(ids)
+        for r, name in enumerate(names):
+            table = base.weight.detach().double() if name is None else tables[name]
+            torch.testing.assert_close(got[r].double(), table[ids[r]], rtol=1e-5, atol=1e-5)
+    assert emb._plan is not None
+    # The torch form (gradients on) agrees.
+    torch_form = emb(ids)
+    assert torch_form.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(torch_form.detach(), emb(ids), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_embedding_core_refuses_bad_arguments():
+    base = np.zeros((4, 8), np.float32)
+    planes = np.zeros((1, 1, 4, 1), np.uint32)
+    scales = np.ones((1, 1), np.float32)
+    out = np.zeros((2, 8), np.float32)
+    _core.packed_embedding(base, planes, scales, np.array([0, 3]), np.array([0, -1]), out)
+    with pytest.raises(qdelta.QDeltaError, match=r"tokens: expected ids in \[0, 4\)"):
+        _core.packed_embedding(base, planes, scales, np.array([0, 4]), np.array([0, -1]), out)
+    with pytest.raises(qdelta.ShapeError, match=r"base table: expected \[4, 8\]"):
+        _core.packed_embedding(base[:3].copy(), planes, scales, np.array([0, 1]),
+                               np.array([0, 0]), out)  # fmt: skip
+    with pytest.raises(qdelta.DTypeError, match="tokens"):
+        _core.packed_embedding(base, planes, scales, np.array([0.0, 1.0]), np.array([0, 0]), out)

@@ -9,7 +9,7 @@ so the hot path has no Python loop over tenants or rows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -284,7 +284,7 @@ class MultiTenantLinear(nn.Module):
         self.planes = _pad_planes(self.planes.transpose(0, 1), depth).transpose(0, 1).contiguous()
         self.scales = _pad_planes(self.scales.transpose(0, 1), depth).transpose(0, 1).contiguous()
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # Moves and casts replace the stack tensors: the fused plan's views are stale.
         self._plan = None
         return super()._apply(fn, recurse)

@@ -10,6 +10,8 @@ there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,7 @@ class PackedRowEmbedding(TenantModule):
         self._scales: list[torch.Tensor] = []  # per tenant: float32 [P, V]
         self._stacked_planes: torch.Tensor | None = None  # [T, P_max, V, W]
         self._stacked_scales: torch.Tensor | None = None  # [T, P_max, V]
+        self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(
         self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
@@ -173,11 +176,48 @@ class PackedRowEmbedding(TenantModule):
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self._stacked_planes, self._stacked_scales) if t is not None]
 
+    def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+        """The batch's rows as one Rust call (src/embedding.rs) for a float32 CPU
+        table and int64 CPU ids with no gradient to track, else None. The stack's
+        arrays and each token's tenant are bound once per routed batch."""
+        weight = self.base.weight
+        if (
+            self._stacked_planes is None
+            or weight.dtype != torch.float32
+            or weight.is_cuda
+            or not weight.is_contiguous()
+            or ids.dtype != torch.int64
+            or ids.is_cuda
+            or (torch.is_grad_enabled() and weight.requires_grad)
+        ):
+            return None
+        planes, scales = self._stacked_planes, self._stacked_scales
+        plan = self._plan
+        if not (
+            plan is not None
+            and plan[0] is local
+            and plan[1] == _version(local)
+            and plan[2] == ids.shape
+            and plan[3] is planes
+            and plan[4] is scales
+            and plan[1] is not None
+        ):
+            per_row = ids[0].numel()
+            tenants = local.repeat_interleave(per_row).numpy()
+            stack = (planes.numpy().view(np.uint32), scales.numpy())
+            plan = self._plan = (local, _version(local), ids.shape, planes, scales, tenants, stack)
+        out = torch.empty(*ids.shape, weight.shape[1])
+        cpu.packed_embedding(weight, *plan[6], ids.contiguous(), plan[5], out)
+        return out
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids)
         local = self.local_rows()
         if local is None:
-            return out
+            return self.base(ids)
+        fast = self._rowwise(ids, local)
+        if fast is not None:
+            return fast
+        out = self.base(ids)
         shape = (-1,) + (1,) * (ids.dim() - 1)
         tenant = local.clamp(min=0).view(shape).expand_as(ids)
         # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
@@ -280,7 +320,7 @@ class RowLinear(TenantModule):
         del self._names[i], self._weights[i], self._biases[i]
         self._plan = None
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         self._plan = None
         return super()._apply(fn, recurse)
 

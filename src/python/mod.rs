@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 mod bitplane;
+mod embedding;
 mod fused;
 mod gemv;
 mod rmsnorm;
@@ -173,6 +174,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bitplane::register(m)?;
     gemv::register(m)?;
     fused::register(m)?;
+    embedding::register(m)?;
     rmsnorm::register(m)?;
     store::register(m)?;
     Ok(())

@@ -189,6 +189,21 @@ def rms_norm_rows(x: torch.Tensor, weights: torch.Tensor, eps: float, out: torch
     _core.rms_norm_rows(_plain(x), _plain(weights), eps, out.numpy())
 
 
+def packed_embedding(
+    base: torch.Tensor,
+    planes: np.ndarray,
+    scales: np.ndarray,
+    tokens: torch.Tensor,
+    tenants: np.ndarray,
+    out: torch.Tensor,
+) -> None:
+    """``out[m] = base[tokens[m]] + tenant tenants[m]'s packed delta row of that token``
+    (src/embedding.rs): float32 ``base`` ``[V, H]``, uint32 ``planes`` ``[T, P, V, W]``,
+    float32 ``scales`` ``[T, P]`` / ``[T, P, V]``, int64 ``tokens`` (M of them) and
+    ``tenants`` ``[M]`` (``-1`` = the base row), float32 ``out`` ``[..., H]``."""
+    _core.packed_embedding(_plain(base), planes, scales, tokens.numpy(), tenants, out.numpy())
+
+
 def _plain(t: torch.Tensor) -> np.ndarray:
     """The array view of a tensor that is only read (detached only when needed:
     detaching is itself a dispatch, and these calls are decode-sized)."""

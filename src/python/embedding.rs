@@ -1,0 +1,56 @@
+//! Bindings of the packed per-tenant embedding rows (src/embedding.rs).
+
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+
+use super::gemv::{shape_of, stack_of};
+use super::{check_array, run, ShapeError};
+use crate::embedding;
+
+/// `out[m] = base[tokens[m]] + tenant tenants[m]'s packed delta row of that
+/// token`: float32 `base` `[V, H]`; `planes` uint32 `[T, P, V, W]`, `scales`
+/// float32 `[T, P]` or `[T, P, V]`; int64 `tokens` (any shape, M values) and
+/// `tenants` `[M]` (-1 = base row); float32 `out` `[..., H]`, overwritten.
+#[pyfunction]
+fn packed_embedding<'py>(
+    py: Python<'py>,
+    base: &Bound<'py, PyAny>,
+    planes: &Bound<'py, PyAny>,
+    scales: &Bound<'py, PyAny>,
+    tokens: &Bound<'py, PyAny>,
+    tenants: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+) -> PyResult<()> {
+    check_array(base, "base", 2, "float32")?;
+    check_array(planes, "planes", 4, "uint32")?;
+    check_array(scales, "scales", shape_of(scales).len(), "float32")?;
+    check_array(tokens, "tokens", shape_of(tokens).len().max(1), "int64")?;
+    check_array(tenants, "tenants", 1, "int64")?;
+    check_array(out, "out", shape_of(out).len().max(1), "float32")?;
+    let ba: PyReadonlyArray2<f32> = base.extract()?;
+    let width = ba.shape()[1];
+    let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
+    let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let stack = stack_of(&pa, &sa, width)?;
+    let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
+    let na: PyReadonlyArray1<i64> = tenants.extract()?;
+    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
+    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
+        ShapeError::new_err(format!(
+            "out: expected an array not used by another argument ({e})"
+        ))
+    })?;
+    let b = ba.as_slice().expect("checked contiguous");
+    let t = ta.as_slice().expect("checked contiguous");
+    let n = na.as_slice().expect("checked contiguous");
+    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    run(py, || embedding::packed_embedding(b, &stack, t, n, y))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(packed_embedding, m)?)?;
+    Ok(())
+}
