@@ -3,8 +3,9 @@
 //! `out[m] = E[v_m] + sum_p alpha[t_m, p, v_m] * S[t_m, p, v_m]`
 //!
 //! for token `v_m` of tenant `t_m` (`-1`: the base row alone), with the sign
-//! rows `S` read from the packed planes (`1 - 2 * bit`). One call for the
-//! batch instead of a gather, an unpack and a weighted sum in torch.
+//! rows `S` read from the packed planes (`1 - 2 * bit`); and, for tenants that
+//! keep whole tables, `out[m] = E_{t_m}[v_m]`. One call for the batch instead
+//! of the gathers, unpacks and weighted sums torch would run.
 
 use crate::bitplane::{ScaleMode, WORD_BITS};
 use crate::error::{Error, Result};
@@ -39,15 +40,7 @@ pub fn packed_embedding(
             out.len()
         )));
     }
-    if let Some((r, &v)) = tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &v)| v < 0 || v >= vocab as i64)
-    {
-        return Err(Error::Value(format!(
-            "tokens: expected ids in [0, {vocab}), found {v} at position {r}"
-        )));
-    }
+    check_tokens(tokens, vocab)?;
     let words = stack.shape.words();
     for ((y, &v), &t) in out.chunks_exact_mut(width).zip(tokens).zip(tenants) {
         let v = v as usize;
@@ -73,6 +66,64 @@ pub fn packed_embedding(
         }
     }
     Ok(())
+}
+
+/// `out[m] = tables[table[m]][tokens[m]]`: every table f32 `[V, H]`.
+pub fn gather_embedding(
+    tables: &[&[f32]],
+    vocab: usize,
+    width: usize,
+    tokens: &[i64],
+    table: &[i64],
+    out: &mut [f32],
+) -> Result<()> {
+    for (i, t) in tables.iter().enumerate() {
+        if t.len() != vocab * width {
+            return Err(Error::Shape(format!(
+                "tables[{i}]: expected [{vocab}, {width}] = {} values, found {}",
+                vocab * width,
+                t.len()
+            )));
+        }
+    }
+    let rows = tokens.len();
+    if table.len() != rows || out.len() != rows * width {
+        return Err(Error::Shape(format!(
+            "expected one table index per token ({rows}) and out [{rows}, {width}], found {} \
+             indices and {} values",
+            table.len(),
+            out.len()
+        )));
+    }
+    check_tokens(tokens, vocab)?;
+    if let Some((r, &i)) = table
+        .iter()
+        .enumerate()
+        .find(|(_, &i)| i < 0 || i >= tables.len() as i64)
+    {
+        return Err(Error::Value(format!(
+            "table: expected indices in [0, {}), found {i} at position {r}",
+            tables.len()
+        )));
+    }
+    for ((y, &v), &i) in out.chunks_exact_mut(width).zip(tokens).zip(table) {
+        let v = v as usize;
+        y.copy_from_slice(&tables[i as usize][v * width..(v + 1) * width]);
+    }
+    Ok(())
+}
+
+fn check_tokens(tokens: &[i64], vocab: usize) -> Result<()> {
+    match tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &v)| v < 0 || v >= vocab as i64)
+    {
+        Some((r, &v)) => Err(Error::Value(format!(
+            "tokens: expected ids in [0, {vocab}), found {v} at position {r}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -121,6 +172,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gathers_each_rows_table() {
+        let a: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let b: Vec<f32> = (0..12).map(|v| -(v as f32)).collect();
+        let mut out = vec![0f32; 9];
+        gather_embedding(&[&a, &b], 4, 3, &[3, 0, 1], &[1, 0, 1], &mut out).unwrap();
+        assert_eq!(out, [-9.0, -10.0, -11.0, 0.0, 1.0, 2.0, -3.0, -4.0, -5.0]);
+        let err = gather_embedding(&[&a], 4, 3, &[3, 0, 1], &[0, 1, 0], &mut out).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("table: expected indices in [0, 1)"),
+            "{err}"
+        );
+        let err = gather_embedding(&[&a[..11]], 4, 3, &[0], &[0], &mut out[..3]).unwrap_err();
+        assert!(
+            err.to_string().contains("tables[0]: expected [4, 3]"),
+            "{err}"
+        );
+        let err = gather_embedding(&[&a], 4, 3, &[4], &[0], &mut out[..3]).unwrap_err();
+        assert!(
+            err.to_string().contains("tokens: expected ids in [0, 4)"),
+            "{err}"
+        );
     }
 
     #[test]

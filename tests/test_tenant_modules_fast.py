@@ -207,3 +207,42 @@ def test_packed_embedding_core_refuses_bad_arguments():
                                np.array([0, 0]), out)  # fmt: skip
     with pytest.raises(qdelta.DTypeError, match="tokens"):
         _core.packed_embedding(base, planes, scales, np.array([0.0, 1.0]), np.array([0, 0]), out)
+
+
+def test_whole_tables_gathered_per_row():
+    from qdelta.tenant_modules import RowEmbedding
+
+    gen = seeded()
+    vocab, width = 29, 12
+    base = torch.nn.Embedding(vocab, width)
+    route = Route()
+    emb = RowEmbedding(base, route)
+    tables = {name: torch.randn(vocab, width, generator=gen) for name in ("a", "b")}
+    for name, table in tables.items():
+        emb.add(name, {"weight": table})
+    emb.set_slots({"a": 0, "b": 1}, capacity=2)
+    route.slots = torch.tensor([1, -1, 0])
+    names = ["b", None, "a"]
+
+    def check(ids):
+        with torch.no_grad():
+            got = emb(ids)
+        for r, name in enumerate(names):
+            table = base.weight.detach() if name is None else tables[name]
+            assert torch.equal(got[r], table[ids[r]])
+
+    for seq in (5, 1, 1):
+        check(torch.randint(0, vocab, (3, seq), generator=gen))
+    assert emb._plan is not None
+    base.weight.data = torch.randn(vocab, width, generator=gen)  # new storage
+    check(torch.randint(0, vocab, (3, 1), generator=gen))
+    emb.remove("a")
+    tables["c"] = torch.randn(vocab, width, generator=gen)
+    emb.add("c", {"weight": tables["c"]})
+    emb.set_slots({"b": 0, "c": 1}, capacity=2)
+    route.slots = torch.tensor([0, -1, 1])
+    names = ["b", None, "c"]
+    check(torch.randint(0, vocab, (3, 1), generator=gen))
+    with pytest.raises(qdelta.QDeltaError, match="tokens: expected ids"):
+        with torch.no_grad():
+            emb(torch.tensor([[0], [vocab], [1]]))

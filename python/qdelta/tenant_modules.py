@@ -105,6 +105,7 @@ class RowEmbedding(TenantModule):
         super().__init__(base, route)
         self._tables: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None
+        self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         self._names.append(name)
@@ -116,11 +117,48 @@ class RowEmbedding(TenantModule):
         del self._names[i], self._tables[i]
         self._stacked = _restack(self._tables)
 
+    def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+        """The batch's rows as one Rust call (src/embedding.rs) for float32 CPU
+        tables and int64 CPU ids with no gradient to track, else None; the table
+        arrays and each token's table are bound once per routed batch."""
+        weight, stacked = self.base.weight, self._stacked
+        if (
+            stacked is None
+            or weight.dtype != torch.float32
+            or stacked.dtype != torch.float32
+            or weight.is_cuda
+            or ids.dtype != torch.int64
+            or ids.is_cuda
+            or (torch.is_grad_enabled() and (weight.requires_grad or stacked.requires_grad))
+        ):
+            return None
+        storage = (weight.data_ptr(), stacked.data_ptr())
+        plan = self._plan
+        if not (
+            plan is not None
+            and plan[0] is local
+            and plan[1] == _version(local)
+            and plan[1] is not None
+            and plan[2] == ids.shape
+            and plan[3] == storage
+        ):
+            tables = [weight.detach().contiguous().numpy()]
+            tables += [t.numpy() for t in stacked.detach().unbind(0)]
+            # Local -1 (base) is table 0.
+            index = (local + 1).repeat_interleave(ids[0].numel()).numpy()
+            plan = self._plan = (local, _version(local), ids.shape, storage, tables, index)
+        out = torch.empty(*ids.shape, weight.shape[1])
+        cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
+        return out
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids)
         local = self.local_rows()
         if local is None:
-            return out
+            return self.base(ids)
+        fast = self._rowwise(ids, local)
+        if fast is not None:
+            return fast
+        out = self.base(ids)
         # One gather over the stacked tables: row r reads table local[r].
         shape = (-1,) + (1,) * (ids.dim() - 1)
         flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids

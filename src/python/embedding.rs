@@ -50,7 +50,52 @@ fn packed_embedding<'py>(
     run(py, || embedding::packed_embedding(b, &stack, t, n, y))
 }
 
+/// `out[m] = tables[table[m]][tokens[m]]`: float32 `[V, H]` tables, int64
+/// `tokens` (any shape, M values) and `table` `[M]`, float32 `out` `[..., H]`.
+#[pyfunction]
+fn gather_embedding<'py>(
+    py: Python<'py>,
+    tables: Vec<Bound<'py, PyAny>>,
+    tokens: &Bound<'py, PyAny>,
+    table: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+) -> PyResult<()> {
+    check_array(tokens, "tokens", shape_of(tokens).len().max(1), "int64")?;
+    check_array(table, "table", 1, "int64")?;
+    check_array(out, "out", shape_of(out).len().max(1), "float32")?;
+    let mut views: Vec<PyReadonlyArray2<f32>> = Vec::with_capacity(tables.len());
+    for (i, t) in tables.iter().enumerate() {
+        check_array(t, &format!("tables[{i}]"), 2, "float32")?;
+        views.push(t.extract()?);
+    }
+    let Some(first) = views.first() else {
+        return Err(ShapeError::new_err(
+            "tables: expected at least one table, found none",
+        ));
+    };
+    let (vocab, width) = (first.shape()[0], first.shape()[1]);
+    let slices: Vec<&[f32]> = views
+        .iter()
+        .map(|v| v.as_slice().expect("checked contiguous"))
+        .collect();
+    let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
+    let ia: PyReadonlyArray1<i64> = table.extract()?;
+    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
+    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
+        ShapeError::new_err(format!(
+            "out: expected an array not used by another argument ({e})"
+        ))
+    })?;
+    let t = ta.as_slice().expect("checked contiguous");
+    let i = ia.as_slice().expect("checked contiguous");
+    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    run(py, || {
+        embedding::gather_embedding(&slices, vocab, width, t, i, y)
+    })
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(packed_embedding, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_embedding, m)?)?;
     Ok(())
 }

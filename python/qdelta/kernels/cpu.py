@@ -204,6 +204,14 @@ def packed_embedding(
     _core.packed_embedding(_plain(base), planes, scales, tokens.numpy(), tenants, out.numpy())
 
 
+def gather_embedding(
+    tables: list[np.ndarray], tokens: torch.Tensor, table: np.ndarray, out: torch.Tensor
+) -> None:
+    """``out[m] = tables[table[m]][tokens[m]]`` (src/embedding.rs): float32 ``[V, H]``
+    tables, int64 ``tokens`` (M of them) and ``table`` ``[M]``, float32 ``out``."""
+    _core.gather_embedding(tables, tokens.numpy(), table, out.numpy())
+
+
 def _plain(t: torch.Tensor) -> np.ndarray:
     """The array view of a tensor that is only read (detached only when needed:
     detaching is itself a dispatch, and these calls are decode-sized)."""
