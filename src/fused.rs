@@ -30,7 +30,7 @@ pub(crate) const TILE: usize = 16;
 const TILES_PER_TASK: usize = 4;
 /// Calls with fewer multiply-adds than this (base weights x rows) run on the
 /// calling thread: waking the pool costs more than splitting the work saves.
-pub(crate) const PARALLEL_FROM: usize = 1 << 22;
+pub(crate) const PARALLEL_FROM: usize = 1 << 20;
 
 /// The dense base of one layer, borrowed: `weight` f32 `[out, in]` row-major
 /// (torch's `nn.Linear.weight`), optional `bias` `[out]`.
@@ -418,14 +418,16 @@ pub(crate) mod avx512 {
                 dense_block::<2, 8>(&x[r..r + 2], w, k, nf, &dst[r..r + 2]);
                 r += 2;
             } else {
-                dense_block::<1, 16>(&x[r..r + 1], w, k, nf, &dst[r..r + 1]);
+                dense_block::<1, 8>(&x[r..r + 1], w, k, nf, &dst[r..r + 1]);
                 r += 1;
             }
         }
     }
 
-    /// [`dense_rows`] for `R` rows, `F` features at a time (`R * F = 16`
-    /// accumulators, folded by one `reduce16`: lane `i * F + f`).
+    /// [`dense_rows`] for `R` rows, `F` features at a time (`R * F <= 16`
+    /// accumulators, folded by one `reduce16`: lane `i * F + f`). One row
+    /// takes 8 features, not 16: 16 weight rows 4 KiB apart (K = 1024) would
+    /// all fall in one L1 set, more than its ways.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn dense_block<const R: usize, const F: usize>(
@@ -435,7 +437,7 @@ pub(crate) mod avx512 {
         nf: usize,
         dst: &[*mut f32],
     ) {
-        const { assert!(R * F == TILE) };
+        const { assert!(R * F <= TILE) };
         let x: [*const f32; R] = std::array::from_fn(|i| x[i]);
         let full = k / 16;
         let tail = ((1u32 << (k % 16)) - 1) as u16;
