@@ -30,6 +30,8 @@ import qdelta  # noqa: E402
 TENANTS = 8
 PROMPT = 16
 NEW_TOKENS = 32
+#: Interleaved timing rounds per comparison (best round kept).
+ROUNDS = 5
 CONFIG = dict(
     vocab_size=512,
     hidden_size=512,
@@ -141,29 +143,33 @@ def decode_comparison(
                 ]
             )
 
-    cpu_times = {}
-
-    def best_of(fn, steps, rounds=5):
-        fn(2)  # warm-up
-        times, cpu = [], []
-        for _ in range(rounds):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = fn(steps)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        cpu_times[fn.__name__, steps] = min(cpu)
-        return min(times), out
-
+    # Rounds interleave the four measurements, so a slow spell of a shared
+    # machine hits both sides alike; each keeps its best round.
     # Decode time = (prefill + NEW_TOKENS tokens) - (prefill + 1 token).
-    t_multi_1, _ = best_of(multi, 1)
-    t_dense_1, _ = best_of(one_by_one, 1)
-    t_multi_n, tok_multi = best_of(multi, NEW_TOKENS + 1)
-    t_dense_n, tok_dense = best_of(one_by_one, NEW_TOKENS + 1)
-    t_multi, t_dense = t_multi_n - t_multi_1, t_dense_n - t_dense_1
+    cases = {
+        ("multi", 1): lambda: multi(1),
+        ("dense", 1): lambda: one_by_one(1),
+        ("multi", NEW_TOKENS + 1): lambda: multi(NEW_TOKENS + 1),
+        ("dense", NEW_TOKENS + 1): lambda: one_by_one(NEW_TOKENS + 1),
+    }
+    multi(2), one_by_one(2)  # warm-up
+    wall = {key: float("inf") for key in cases}
+    cpu = dict(wall)
+    outputs = {}
+    for _ in range(ROUNDS):
+        for key, fn in cases.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            outputs[key] = fn()
+            wall[key] = min(wall[key], time.perf_counter() - t0)
+            cpu[key] = min(cpu[key], time.process_time() - c0)
+    n = NEW_TOKENS + 1
+    t_multi_1, t_dense_1 = wall["multi", 1], wall["dense", 1]
+    t_multi, t_dense = wall["multi", n] - t_multi_1, wall["dense", n] - t_dense_1
+    tok_multi, tok_dense = outputs["multi", n], outputs["dense", n]
     # CPU time of this process (all its threads): on a shared machine it does
     # not count the time spent waiting for other jobs, so it varies less.
-    c_multi = cpu_times["multi", NEW_TOKENS + 1] - cpu_times["multi", 1]
-    c_dense = cpu_times["one_by_one", NEW_TOKENS + 1] - cpu_times["one_by_one", 1]
+    c_multi = cpu["multi", n] - cpu["multi", 1]
+    c_dense = cpu["dense", n] - cpu["dense", 1]
     tokens = len(names) * NEW_TOKENS
     mem = model.memory()
     multi_bytes = mem["base_bytes"] + mem["tenant_bytes"]
