@@ -8,7 +8,7 @@
 //! of the gathers, unpacks and weighted sums torch would run.
 
 use crate::bitplane::{ScaleMode, WORD_BITS};
-use crate::error::{Error, Result};
+use crate::error::{first_outside, Error, Result};
 use crate::gemv::{check_tenant_ids, DeltaStack};
 
 /// `base`: f32 `[V, H]`; `stack`: planes `[T, P, V, ceil(H/32)]` with scales
@@ -96,11 +96,7 @@ pub fn gather_embedding(
         )));
     }
     check_tokens(tokens, vocab)?;
-    if let Some((r, &i)) = table
-        .iter()
-        .enumerate()
-        .find(|(_, &i)| i < 0 || i >= tables.len() as i64)
-    {
+    if let Some((r, i)) = first_outside(table, 0, tables.len()) {
         return Err(Error::Value(format!(
             "table: expected indices in [0, {}), found {i} at position {r}",
             tables.len()
@@ -114,12 +110,8 @@ pub fn gather_embedding(
 }
 
 fn check_tokens(tokens: &[i64], vocab: usize) -> Result<()> {
-    match tokens
-        .iter()
-        .enumerate()
-        .find(|(_, &v)| v < 0 || v >= vocab as i64)
-    {
-        Some((r, &v)) => Err(Error::Value(format!(
+    match first_outside(tokens, 0, vocab) {
+        Some((r, v)) => Err(Error::Value(format!(
             "tokens: expected ids in [0, {vocab}), found {v} at position {r}"
         ))),
         None => Ok(()),

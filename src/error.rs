@@ -32,6 +32,16 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The first of `values` outside `[lo, hi)`, with its position: for the index
+/// checks whose messages then say what the values mean.
+pub fn first_outside(values: &[i64], lo: i64, hi: usize) -> Option<(usize, i64)> {
+    values
+        .iter()
+        .copied()
+        .enumerate()
+        .find(|&(_, v)| v < lo || v >= hi as i64)
+}
+
 /// `a * b`, or a `Shape` error naming what overflowed.
 pub fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b)

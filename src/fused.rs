@@ -79,12 +79,7 @@ pub fn fused_linear_with(
     out: &mut [f32],
 ) -> Result<()> {
     stack.check()?;
-    if !isa.available() {
-        return Err(Error::Value(format!(
-            "instruction set: this CPU has no {}",
-            isa.name()
-        )));
-    }
+    isa.require()?;
     let (n, k) = (stack.shape.out_features, stack.shape.in_features);
     check_base(&base, n, k, "weight")?;
     check_rows(x.len(), rows, k, out.len(), n)?;

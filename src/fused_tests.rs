@@ -1,13 +1,6 @@
 use super::*;
 use crate::gemv::StackShape;
-use crate::test_support::{naive, random_stack, stack, stack_shape, Lcg};
-
-fn isas() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.available())
-        .collect()
-}
+use crate::test_support::{isas, naive, random_stack, stack, stack_shape, Lcg};
 
 /// Base part by its definition in f64, plus the delta's definition.
 fn reference(

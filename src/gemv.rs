@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::bitplane::{words_per_row, ScaleMode, WORD_BITS};
-use crate::error::{checked_mul, Error, Result};
+use crate::error::{checked_mul, first_outside, Error, Result};
 use crate::float::Float;
 
 /// Output features one rayon task computes (a multiple of the 4-feature tile).
@@ -144,6 +144,17 @@ impl Isa {
             }
         }
         Isa::Portable
+    }
+
+    /// An error unless this CPU can run it.
+    pub fn require(self) -> Result<()> {
+        if self.available() {
+            return Ok(());
+        }
+        Err(Error::Value(format!(
+            "instruction set: this CPU has no {}",
+            self.name()
+        )))
     }
 
     /// Whether this CPU can run it.
@@ -309,11 +320,7 @@ pub(crate) fn check_tenant_ids(ids: &[i64], rows: usize, tenants: usize) -> Resu
             ids.len()
         )));
     }
-    if let Some((r, &t)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t < -1 || t >= tenants as i64)
-    {
+    if let Some((r, t)) = first_outside(ids, -1, tenants) {
         return Err(Error::Value(format!(
             "tenant_ids: expected values in [-1, {tenants}) ({tenants} tenant(s) stacked, \
              -1 = no delta), found {t} at row {r}"
@@ -490,12 +497,7 @@ fn delta_matmul_with<F: Float>(
     accumulate: bool,
 ) -> Result<()> {
     stack.check()?;
-    if !isa.available() {
-        return Err(Error::Value(format!(
-            "instruction set: this CPU has no {}",
-            isa.name()
-        )));
-    }
+    isa.require()?;
     let StackShape {
         tenants,
         planes,
@@ -605,7 +607,7 @@ mod tests {
     use super::*;
     use half::{bf16, f16};
 
-    use crate::test_support::{naive, random_stack, stack, stack_shape, Lcg};
+    use crate::test_support::{isas, naive, random_stack, stack, stack_shape, Lcg};
 
     fn assert_close(got: &[f32], want: &[f64], x: &[f32], k: usize, what: &str) {
         // Tolerance: float32 rounding over K terms of size |x| * alpha (alpha <= ~1, <= 3 planes).
@@ -663,13 +665,6 @@ mod tests {
             results.push(out);
         }
         assert_eq!(results[0], results[1], "serial and pool paths differ");
-    }
-
-    fn isas() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable]
-            .into_iter()
-            .filter(|i| i.available())
-            .collect()
     }
 
     #[test]

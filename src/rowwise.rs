@@ -7,7 +7,7 @@
 //! weight once, its rows register-blocked together (src/fused.rs's tiles).
 
 use crate::bitplane::{words_per_row, WORD_BITS};
-use crate::error::{Error, Result};
+use crate::error::{first_outside, Error, Result};
 use crate::fused::{check_base, check_rows, run_tiles, BaseLinear, PARALLEL_FROM, TILE};
 use crate::gemv::{padded_rows, Groups, Isa};
 
@@ -51,12 +51,7 @@ pub fn rowwise_linear_with(
     index: &[i64],
     out: &mut [f32],
 ) -> Result<()> {
-    if !isa.available() {
-        return Err(Error::Value(format!(
-            "instruction set: this CPU has no {}",
-            isa.name()
-        )));
-    }
+    isa.require()?;
     for (i, w) in weights.iter().enumerate() {
         check_base(w, n, k, &format!("weights[{i}]"))?;
     }
@@ -67,11 +62,7 @@ pub fn rowwise_linear_with(
             index.len()
         )));
     }
-    if let Some((r, &i)) = index
-        .iter()
-        .enumerate()
-        .find(|(_, &i)| i < 0 || i >= weights.len() as i64)
-    {
+    if let Some((r, i)) = first_outside(index, 0, weights.len()) {
         return Err(Error::Value(format!(
             "index: expected values in [0, {}) (one per weight given), found {i} at row {r}",
             weights.len()
@@ -136,14 +127,7 @@ fn dots_portable(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::Lcg;
-
-    fn isas() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2, Isa::Portable]
-            .into_iter()
-            .filter(|i| i.available())
-            .collect()
-    }
+    use crate::test_support::{isas, Lcg};
 
     #[test]
     fn matches_the_definition_on_ragged_shapes_every_isa() {

@@ -2,7 +2,7 @@
 //! generator, random packed stacks and the delta matmul by its definition.
 
 use crate::bitplane::{ScaleMode, WORD_BITS};
-use crate::gemv::{DeltaStack, StackShape};
+use crate::gemv::{DeltaStack, Isa, StackShape};
 
 /// Small deterministic generator (no extra dev-dependencies).
 pub(crate) struct Lcg(pub u64);
@@ -104,4 +104,12 @@ pub(crate) fn naive(
         }
     }
     y
+}
+
+/// Every instruction set this CPU can run (tests compare them all).
+pub(crate) fn isas() -> Vec<Isa> {
+    [Isa::Avx512, Isa::Avx2, Isa::Portable]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect()
 }

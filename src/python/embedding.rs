@@ -1,13 +1,10 @@
 //! Bindings of the packed per-tenant embedding rows (src/embedding.rs).
 
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArrayMethods,
-};
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::gemv::{shape_of, stack_of};
-use super::{check_array, run, ShapeError};
+use super::{check_array, run, writable_f32, ShapeError};
 use crate::embedding;
 
 /// `out[m] = base[tokens[m]] + tenant tenants[m]'s packed delta row of that
@@ -37,12 +34,7 @@ fn packed_embedding<'py>(
     let stack = stack_of(&pa, &sa, width)?;
     let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
     let na: PyReadonlyArray1<i64> = tenants.extract()?;
-    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
+    let mut out_rw = writable_f32(out)?;
     let b = ba.as_slice().expect("checked contiguous");
     let t = ta.as_slice().expect("checked contiguous");
     let n = na.as_slice().expect("checked contiguous");
@@ -80,12 +72,7 @@ fn gather_embedding<'py>(
         .collect();
     let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
     let ia: PyReadonlyArray1<i64> = table.extract()?;
-    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
+    let mut out_rw = writable_f32(out)?;
     let t = ta.as_slice().expect("checked contiguous");
     let i = ia.as_slice().expect("checked contiguous");
     let y = out_rw.as_slice_mut().expect("checked contiguous");

@@ -1,14 +1,11 @@
 //! Bindings of the decode-sized layer kernels: the fused multi-tenant linear
 //! (src/fused.rs) and the per-row-weight linear (src/rowwise.rs).
 
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArrayDyn, PyUntypedArrayMethods,
-};
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::gemv::{rows_and_width, shape_of, stack_of};
-use super::{check_array, run, ShapeError};
+use super::{check_array, run, writable_f32, ShapeError};
 use crate::fused::{self, BaseLinear};
 use crate::rowwise;
 
@@ -59,12 +56,7 @@ fn fused_linear<'py>(
     let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
     let stack = stack_of(&pa, &sa, k)?;
     let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
-    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
+    let mut out_rw = writable_f32(out)?;
     let base = BaseLinear {
         weight: wa.as_slice().expect("checked contiguous"),
         bias: ba
@@ -131,12 +123,7 @@ fn rowwise_linear<'py>(
         })
         .collect();
     let ids: PyReadonlyArray1<i64> = index.extract()?;
-    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
+    let mut out_rw = writable_f32(out)?;
     let xs = xa.as_slice().expect("checked contiguous");
     let ids = ids.as_slice().expect("checked contiguous");
     let y = out_rw.as_slice_mut().expect("checked contiguous");

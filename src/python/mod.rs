@@ -4,7 +4,9 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -100,6 +102,19 @@ pub(crate) fn run<T: Send>(
             )))
         }
     }
+}
+
+/// `out` (a float32 array of any shape, checked by `check_array`) for
+/// writing, refused when another argument of the call shares its memory.
+pub(crate) fn writable_f32<'py>(
+    out: &Bound<'py, PyAny>,
+) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
+    let arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
+    arr.try_readwrite().map_err(|e| {
+        ShapeError::new_err(format!(
+            "out: expected an array not used by another argument ({e})"
+        ))
+    })
 }
 
 /// Rank, C-contiguity and dtype of an incoming array, with a clear message.

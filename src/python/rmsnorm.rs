@@ -1,13 +1,10 @@
 //! Bindings of the per-row RMSNorm (src/rmsnorm.rs).
 
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
-};
+use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::gemv::{rows_and_width, shape_of};
-use super::{check_array, run, ShapeError};
+use super::{check_array, run, writable_f32};
 use crate::rmsnorm;
 
 /// `out[r] = weights[r / s] * x[r] / sqrt(mean(x[r]^2) + eps)`: float32 `x`
@@ -26,12 +23,7 @@ fn rms_norm_rows<'py>(
     let xa: PyReadonlyArrayDyn<f32> = x.extract()?;
     let (_, width) = rows_and_width(xa.shape());
     let wa: PyReadonlyArray2<f32> = weights.extract()?;
-    let out_arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    let mut out_rw: PyReadwriteArrayDyn<f32> = out_arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
-    })?;
+    let mut out_rw = writable_f32(out)?;
     let xs = xa.as_slice().expect("checked contiguous");
     let ws = wa.as_slice().expect("checked contiguous");
     let y = out_rw.as_slice_mut().expect("checked contiguous");
