@@ -172,7 +172,35 @@ VIRTUAL_CASES = [
     (3, True, "contiguous", True, 4, 1, 20),
     (4, True, "zigzag", False, 2, 2, 19),
     (5, True, "zigzag", True, 4, 2, 23),
+    # Even splits: every rank's blocks of a step in one call (virtual_batched.py).
+    (2, True, "zigzag", True, 4, 2, 24),
+    (4, True, "contiguous", True, 2, 1, 20),
+    (3, False, "contiguous", True, 2, 2, 18),
+    (4, True, "zigzag", False, 4, 2, 32),
+    (3, False, "zigzag", False, 2, 2, 18),
 ]
+
+
+@pytest.mark.parametrize("case", [c for c in VIRTUAL_CASES if c[6] % (2 * c[0]) == 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_step_batched_virtual_forward_equals_rank_by_rank(case, dtype, monkeypatch):
+    from qdelta.ring import virtual_batched
+
+    world, causal, layout, segs, hq, hkv, seq_len = case
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seg = random_segments(seq_len, gen, 2) if segs else None
+    q, k, v = (rnd(2, h, seq_len, 8, dtype=dtype, gen=gen) for h in (hq, hkv, hkv))
+    args = dict(world_size=world, causal=causal, segment_ids=seg, layout=layout,
+                backend="sdpa", return_lse=True)  # fmt: skip
+    assert virtual_batched.applies(
+        ring_attention_module._Plan(seq_len, world, layout, causal, 1.0, "sdpa"), seq_len
+    )
+    fast = virtual_ring_attention(q, k, v, **args)
+    monkeypatch.setattr(virtual_batched, "applies", lambda plan, n: False)
+    slow = virtual_ring_attention(q, k, v, **args)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(fast, slow, strict=True):
+        assert (a.double() - b.double()).abs().max() < tol
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
@@ -341,7 +369,9 @@ def test_virtual_ring_sdpa_takes_no_masked_or_math_path(layout):
     out = virtual_ring_attention(q, k, v, world_size=4, causal=True, layout=layout, backend="sdpa")
     counts = dict(ring_block_module.PATH_COUNTS)
     assert counts.get("math", 0) == 0 and counts.get("cpu_flash_masked", 0) == 0, counts
-    assert counts["cpu_flash"] == (24 if layout == "zigzag" else 10)  # coalesced calls
+    # One call per step for every rank at once (even splits): contiguous W calls,
+    # zigzag 3 + 2 (W - 1) (qdelta/ring/virtual_batched.py).
+    assert counts["cpu_flash"] == (9 if layout == "zigzag" else 4)
     ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
     assert (out.double() - ref).abs().max() < 1e-5
 

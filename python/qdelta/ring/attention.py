@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from qdelta.errors import ShapeError
+from qdelta.ring import virtual_batched
 from qdelta.ring.block import (
     Backend,
     block_attention_backward,
@@ -315,22 +316,31 @@ def _check_same_len(q, k, seg):
 # ---------------------------------------------------------------- virtual ring
 
 
+def _virtual_forward_by_rank(plan, q, k, v, seg):
+    """Each simulated rank's partial, rank by rank and step by step (any split)."""
+    w = plan.world_size
+    qs, ks, vs = ([shard(t, w, r, layout=plan.layout) for r in range(w)] for t in (q, k, v))
+    segs = [None if seg is None else shard(seg, w, r, layout=plan.layout, dim=-1) for r in range(w)]
+    outs, lses = [], []
+    for r in range(w):
+        out, lse = empty_partial(tuple(qs[r].shape), partial_dtype(q.dtype), q.device)
+        for step in range(w):
+            src = (r - step) % w
+            _accumulate(plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src], out, lse)
+        outs.append(out.to(q.dtype))
+        lses.append(lse)
+    return outs, lses
+
+
 class _VirtualRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seg, plan):
-        w = plan.world_size
-        qs, ks, vs = ([shard(t, w, r, layout=plan.layout) for r in range(w)] for t in (q, k, v))
-        segs = [
-            None if seg is None else shard(seg, w, r, layout=plan.layout, dim=-1) for r in range(w)
-        ]
-        outs, lses = [], []
-        for r in range(w):
-            out, lse = empty_partial(tuple(qs[r].shape), partial_dtype(q.dtype), q.device)
-            for step in range(w):
-                src = (r - step) % w
-                _accumulate(plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src], out, lse)
-            outs.append(out.to(q.dtype))
-            lses.append(lse)
+        if FAST_PATH and virtual_batched.applies(plan, q.shape[2]):
+            # Even splits: every rank's blocks of a step in one call.
+            parts, lse_parts = virtual_batched.forward(plan, q, k, v, seg)
+            outs, lses = [t.to(q.dtype) for t in parts.unbind(0)], list(lse_parts.unbind(0))
+        else:
+            outs, lses = _virtual_forward_by_rank(plan, q, k, v, seg)
         out = unshard(outs, layout=plan.layout)
         lse = unshard(lses, layout=plan.layout, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
