@@ -50,6 +50,7 @@ bench: develop
 	$(PY) benches/report_gemv.py benches/results/gemv.json
 	$(PY) benches/bench_store.py
 	$(PY) benches/bench_store.py --cold --out benches/results/store_cold.json
+	$(PY) benches/bench_fused.py
 	$(PY) benches/bench_runtime.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
 	PYTHONPATH=python $(PY) benches/distill_convergence.py
