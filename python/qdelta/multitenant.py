@@ -370,7 +370,12 @@ class _FusedPlan:
         plan whenever its stack changes; the base is checked here (the plain dict
         lookups are a fraction of nn.Module attribute access, which matters at
         this size)."""
-        if tenant_ids is not self.ids or x.shape[:-1] != self.rows or x.dtype != torch.float32:
+        if (
+            tenant_ids is not self.ids
+            or x.shape[:-1] != self.rows
+            or x.dtype != torch.float32
+            or x.is_cuda
+        ):
             return False
         base = self.base
         if (
