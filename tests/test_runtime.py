@@ -368,3 +368,24 @@ def test_packed_embeddings_and_head_are_served_per_row():
         m.preload(["a"])
         sizes[form] = m.memory()["tenant_bytes"]
     assert sizes["packed"] < sizes["whole"] / 2, sizes
+
+
+def test_inference_mode_serves_the_same_tokens_through_the_shortcuts(world, oracle):
+    """Serving code often runs under torch.inference_mode(): the tenants loaded and
+    the routing tensors made there still carry version counters, so the modules'
+    per-batch shortcuts (row slots, bound fused calls) are kept, not rebuilt."""
+    from qdelta.kernels import cpu
+    from qdelta.tenant_modules import RoutedLinear
+
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["noisy", None, "trained", "deep"]
+    prompts = _prompts(101, [5, 9, 3, 7], seed=3)
+    ids, mask = left_pad(prompts)
+    with torch.inference_mode():
+        gen = model.generate(ids, rows, STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle)
+    routed = [m for m in model.model.modules() if isinstance(m, RoutedLinear)]
+    assert routed and all(not m.layer.planes.is_inference() for m in routed)
+    if cpu.ISA == "avx512":
+        assert any(m.layer._plan is not None for m in routed)

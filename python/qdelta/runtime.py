@@ -302,7 +302,10 @@ class MultiTenantModel(nn.Module):
     def _ensure_loaded(self, names: Iterable[str]) -> None:
         """Load every tenant of ``names`` (refreshing their LRU age) or raise
         before changing anything the batch needs."""
-        needed = list(dict.fromkeys(names))
+        with torch.inference_mode(False):  # versioned tensors (see routing)
+            self._load_batch(list(dict.fromkeys(names)))
+
+    def _load_batch(self, needed: list[str]) -> None:
         missing = [n for n in needed if n not in self._loaded]
         deltas = {n: self._sources[n]() for n in missing}
         for n, d in deltas.items():
@@ -443,10 +446,15 @@ class MultiTenantModel(nn.Module):
     def routing(self, tenant_ids: TenantIds, batch: int) -> Iterator[None]:
         """Route the rows of the forward(s) inside to their tenants (loading them)."""
         names = self._row_tenants(tenant_ids, batch)
+        # Outside inference mode even when called inside it: loaded tenant tensors
+        # and the routing tensors then keep version counters, which the modules'
+        # per-batch shortcuts check (inference tensors have none, and would force
+        # every shortcut to be rebuilt on every call).
         self._ensure_loaded(n for n in names if n is not None)
-        device = next(iter(self._base_params.values())).device
-        slots = [-1 if n is None else self._slot_of[n] for n in names]
-        self._route.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        with torch.inference_mode(False):
+            device = next(iter(self._base_params.values())).device
+            slots = [-1 if n is None else self._slot_of[n] for n in names]
+            self._route.slots = torch.tensor(slots, dtype=torch.long, device=device)
         try:
             yield
         finally:

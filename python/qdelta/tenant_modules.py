@@ -79,7 +79,8 @@ class TenantModule(nn.Module):
             and cached[2] == _version(slots)
         ):
             return cached[3]
-        local = self._slot_map[slots + 1]
+        with torch.inference_mode(False):  # a versioned tensor (see MultiTenantModel.routing)
+            local = self._slot_map[slots + 1]
         self._local_cache = (slots, self._slot_map, _version(slots), local)
         return local
 
