@@ -126,3 +126,30 @@ def test_state_dict_round_trip_and_repr(rng):
 def test_shape_mismatch_names_expectation(rng):
     with pytest.raises(qdelta.ShapeError, match=r"expected a \[8, 33\].*found \[8, 34\]"):
         qdelta.BitDeltaLinear(nn.Linear(33, 8), _layer(rng, 8, 34, 1, "matrix"))
+
+
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "bits", "scale", "rows"),
+    [(7, 33, 1, "matrix", 1), (40, 70, 3, "row", 16), (130, 64, 2, "row", 5)],
+)
+def test_decode_sized_inference_takes_the_fused_call(rng, out_f, in_f, bits, scale, rows):
+    """No gradients, float32, at most 16 rows: one Rust pass (src/fused.rs) that must
+    equal the float64 reference, follow in-place scale edits, and leave training
+    (gradients on) on the differentiable path."""
+    from qdelta.kernels import cpu
+
+    base = nn.Linear(in_f, out_f)
+    layer = _layer(rng, out_f, in_f, bits, scale)
+    mod = qdelta.BitDeltaLinear(base, layer)
+    x = torch.from_numpy(rng.standard_normal((rows, 1, in_f)).astype(np.float32))
+    with torch.no_grad():
+        assert mod._fuses(x) == (cpu.ISA == "avx512")
+        for factor in (1.0, -0.5):  # an in-place scale edit is seen at once
+            mod.scales.mul_(factor)
+            got = mod(x)
+            w = base.weight.double() + _dense64(layer, mod.scales.detach())
+            want = x.double() @ w.T + base.bias.double()
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert not mod._fuses(x)  # gradients on
+    assert mod(x).requires_grad
+    assert not mod._fuses(torch.zeros(17, in_f))  # more than 16 rows

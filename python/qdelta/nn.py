@@ -17,6 +17,7 @@ from torch import nn
 from qdelta import kernels
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import ModelMismatchError, ShapeError
+from qdelta.kernels import cpu
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
 from qdelta.sources import is_conv1d
@@ -113,6 +114,14 @@ class BitDeltaLinear(nn.Module):
         return dense_delta(self.planes, self.scales.detach(), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self._fuses(x):
+            # Decode-sized float32 CPU batch: base and delta in one Rust pass.
+            arrays = cpu.base_arrays(self.base_layer)
+            if arrays is not None:
+                y = torch.empty(*x.shape[:-1], self.out_features)
+                x = x if x.is_contiguous() else x.contiguous()
+                cpu.single_fused_linear(x, *arrays, self.planes, self.scales, y)
+                return y
         y = self.base_layer(x)
         if self.merged:
             return y
@@ -120,6 +129,31 @@ class BitDeltaLinear(nn.Module):
         # float(): a model-wide .half() must not change the kernel's scale dtype.
         d = _DeltaMatmul.apply(flat, self.planes, self.scales.float(), self.backend)
         return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether src/fused.rs does this call: AVX-512, an nn.Linear base, float32
+        CPU input of at most FUSED_MAX_ROWS rows and float32 scales, nothing that
+        autograd must track (scale distillation keeps the differentiable path)."""
+        from qdelta.multitenant import FUSED_MAX_ROWS
+
+        if (
+            cpu.ISA != "avx512"
+            or self.backend not in ("auto", "cpu")
+            or self.transposed
+            or not isinstance(self.base_layer, nn.Linear)
+            or x.dtype != torch.float32
+            or x.is_cuda
+            or self.scales.dtype != torch.float32
+            or x.numel() > FUSED_MAX_ROWS * self.in_features
+        ):
+            return False
+        base = self.base_layer
+        return not torch.is_grad_enabled() or not (
+            x.requires_grad
+            or self.scales.requires_grad
+            or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)
+        )
 
     @torch.no_grad()
     def merge(self) -> None:

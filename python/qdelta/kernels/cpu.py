@@ -169,6 +169,25 @@ class PreparedStack:
         )
 
 
+def single_fused_linear(
+    x: torch.Tensor,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """One tenant's layer in one pass (src/fused.rs): ``out = x @ weight.T + bias +
+    x @ (sum_p alpha_p S_p)^T`` for float32 contiguous CPU ``x`` ``[..., K]`` and
+    ``out`` ``[..., N]``, the base's arrays (:func:`base_arrays`), int32 ``planes``
+    ``[P, N, W]`` and float32 ``scales`` ``[P]`` / ``[P, N]``."""
+    rows = out.numel() // max(out.shape[-1], 1)
+    _core.fused_linear(
+        _plain(x), weight, bias, _planes_array(planes)[None], _plain(scales)[None],
+        np.zeros(rows, dtype=np.int64), out.numpy(),
+    )  # fmt: skip
+
+
 def rowwise_linear(
     x: torch.Tensor,
     weights: list[np.ndarray],
