@@ -10,6 +10,7 @@ there.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -99,7 +100,30 @@ def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return stacked
 
 
-class RowEmbedding(TenantModule):
+class _TenantEmbedding(TenantModule, ABC):
+    """Common forward of the embedding modules: the base alone when no row has a
+    tenant here, else the one-call form (``_rowwise``, None where it does not
+    apply) or the torch form (``_gathered``, from the base's lookup)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = self.local_rows()
+        if local is None:
+            return self.base(ids)
+        fast = self._rowwise(ids, local)
+        if fast is not None:
+            return fast
+        return self._gathered(ids, local, self.base(ids))
+
+    @abstractmethod
+    def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None: ...
+
+    @abstractmethod
+    def _gathered(
+        self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class RowEmbedding(_TenantEmbedding):
     """nn.Embedding with per-tenant full-precision tables, gathered per row."""
 
     def __init__(self, base: nn.Embedding, route: Route) -> None:
@@ -152,14 +176,7 @@ class RowEmbedding(TenantModule):
         cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
         return out
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is None:
-            return self.base(ids)
-        fast = self._rowwise(ids, local)
-        if fast is not None:
-            return fast
-        out = self.base(ids)
+    def _gathered(self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # One gather over the stacked tables: row r reads table local[r].
         shape = (-1,) + (1,) * (ids.dim() - 1)
         flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids
@@ -167,7 +184,7 @@ class RowEmbedding(TenantModule):
         return torch.where((local >= 0).view(*shape, 1), gathered, out)
 
 
-class PackedRowEmbedding(TenantModule):
+class PackedRowEmbedding(_TenantEmbedding):
     """nn.Embedding with per-tenant *packed* deltas (``compress(...,
     compress_embeddings=True)``): each row adds, for each of its tokens, that
     token's delta row of its tenant, unpacked from the sign planes."""
@@ -249,14 +266,7 @@ class PackedRowEmbedding(TenantModule):
         cpu.packed_embedding(weight, *plan[6], ids.contiguous(), plan[5], out)
         return out
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is None:
-            return self.base(ids)
-        fast = self._rowwise(ids, local)
-        if fast is not None:
-            return fast
-        out = self.base(ids)
+    def _gathered(self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (ids.dim() - 1)
         tenant = local.clamp(min=0).view(shape).expand_as(ids)
         # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
