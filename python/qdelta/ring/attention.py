@@ -355,6 +355,10 @@ class _VirtualRingAttention(torch.autograd.Function):
         w, lay = plan.world_size, plan.layout
         if dout is None:
             dout = torch.zeros_like(out)
+        if FAST_PATH and virtual_batched.applies(plan, q.shape[2]):
+            grads = virtual_batched.backward(plan, q, k, v, ctx.seg, out, lse, dout, dlse)
+            dq, dk, dv = (unshard(list(g.unbind(0)), layout=lay) for g in grads)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
         def sh(t, dim=-2):
             return [None if t is None else shard(t, w, r, layout=lay, dim=dim) for r in range(w)]

@@ -1,4 +1,4 @@
-"""The virtual ring's forward with every simulated rank's block of a step in one call.
+"""The virtual ring with every simulated rank's blocks of a step in one call.
 
 In one process the ranks of a ring step need not run one after another: when
 the sequence splits evenly, the block pairs of a step have the same shape on
@@ -15,15 +15,18 @@ those of :func:`qdelta.ring.attention._pairs`:
   first chunk with all their queries, and the ranks ``r < s`` see all their
   source's keys with their second chunk only.
 
-So a forward is ``2W`` block calls at most instead of ``W * W`` times the
-pairs of a step; a launch-bound GPU loop is what this removes.
+So a forward (and a backward) is ``2W + 1`` block calls at most instead of
+``W * W`` times the pairs of a step; a launch-bound GPU loop is what this
+removes.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from qdelta.ring.block import block_partial, partial_dtype
+from qdelta.ring.block import block_attention_backward, block_partial, partial_dtype
 from qdelta.ring.layout import shard
 from qdelta.ring.merge import empty_partial, merge_fused_
 
@@ -34,68 +37,117 @@ def applies(plan, seq_len: int) -> bool:
     return seq_len % parts == 0 and seq_len > 0
 
 
-def forward(plan, q, k, v, seg) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-rank partials ``(out [W, B, H, L, D], lse [W, B, H, L])`` of the ring."""
+class _Run(NamedTuple):
+    """One block call: the ranks ``q_ranks`` (a slice of the stack) against the
+    key blocks of ``kv_ranks`` (the same number of ranks, each one's source),
+    query and key positions ``q_pos`` / ``kv_pos`` of each shard."""
+
+    q_ranks: slice
+    kv_ranks: slice
+    q_pos: slice
+    kv_pos: slice
+    causal: bool
+
+
+def _schedule(plan, local_len: int) -> list[_Run]:
+    """Every block call of the ring, in ring-step order (see the module doc)."""
+    w, every = plan.world_size, slice(None)
+    if not plan.causal:
+        runs = [_Run(every, every, every, every, False)]
+        for step in range(1, w):
+            # Rank r's source is r - step, wrapping: two contiguous runs of ranks.
+            runs.append(_Run(slice(step, w), slice(0, w - step), every, every, False))
+            runs.append(_Run(slice(0, step), slice(w - step, w), every, every, False))
+        return runs
+    if plan.layout == "contiguous":
+        runs = [_Run(every, every, every, every, True)]
+        runs += [_Run(slice(s, w), slice(0, w - s), every, every, False) for s in range(1, w)]
+        return runs
+    c = local_len // 2
+    first, second = slice(0, c), slice(c, 2 * c)
+    runs = [
+        _Run(every, every, first, first, True),
+        _Run(every, every, second, second, True),
+        _Run(every, every, second, first, False),
+    ]
+    for step in range(1, w):
+        runs.append(_Run(slice(step, w), slice(0, w - step), every, first, False))
+        runs.append(_Run(slice(0, step), slice(w - step, w), second, every, False))
+    return runs
+
+
+def _stacks(plan, q, k, v, seg):
+    """Every rank's shards stacked: ``[W, B, H, L, D]`` (segments ``[W, B, L]``)."""
     w = plan.world_size
 
     def stacked(t, dim=-2):
         return torch.stack([shard(t, w, r, layout=plan.layout, dim=dim) for r in range(w)])
 
-    qs, ks, vs = stacked(q), stacked(k), stacked(v)
     if seg is not None and seg.dim() == 1:
         seg = seg.expand(q.shape[0], -1)
-    segs = None if seg is None else stacked(seg, dim=-1)  # [W, B, L]
+    return stacked(q), stacked(k), stacked(v), None if seg is None else stacked(seg, dim=-1)
+
+
+def _fold(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``[n, B, ...]`` -> ``[n * B, ...]``: the ranks of a run folded into the batch."""
+    return None if t is None else t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _pick(t, ranks, pos, seq_dim=-2):
+    """The ranks' slice of a stack at shard positions ``pos`` (a view)."""
+    t = t[ranks]
+    return t[..., pos, :] if seq_dim == -2 else t[..., pos]
+
+
+def forward(plan, q, k, v, seg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-rank partials ``(out [W, B, H, L, D], lse [W, B, H, L])`` of the ring."""
+    qs, ks, vs, segs = _stacks(plan, q, k, v, seg)
     out, lse = empty_partial(tuple(qs.shape), partial_dtype(q.dtype), q.device)
-
-    def run(ranks_q, ranks_kv, qsl, ksl, causal):
-        """One block call for the ranks ``ranks_q`` (a slice) against the key blocks
-        of ``ranks_kv`` (a slice, or ``roll`` = the ring's sources), query and key
-        positions ``qsl`` / ``ksl`` of each shard, merged into their partials."""
-        kk, vv = ks[ranks_kv], vs[ranks_kv]
-        qq = qs[ranks_q][..., qsl, :]
-        kk, vv = kk[..., ksl, :], vv[..., ksl, :]
-        q_seg = None if segs is None else segs[ranks_q][..., qsl]
-        k_seg = None if segs is None else segs[ranks_kv][..., ksl]
-        _merge_call(plan, qq, kk, vv, q_seg, k_seg, causal, out[ranks_q][..., qsl, :],
-                    lse[ranks_q][..., qsl])  # fmt: skip
-
-    every = slice(None)
-    if not plan.causal:
-        run(every, every, every, every, False)
-        for step in range(1, w):
-            # Rank r's source is r - step, wrapping: two contiguous runs of ranks.
-            run(slice(step, w), slice(0, w - step), every, every, False)
-            run(slice(0, step), slice(w - step, w), every, every, False)
-        return out, lse
-    if plan.layout == "contiguous":
-        run(every, every, every, every, True)
-        for step in range(1, w):
-            run(slice(step, w), slice(0, w - step), every, every, False)
-        return out, lse
-    c = qs.shape[-2] // 2
-    first, second = slice(0, c), slice(c, 2 * c)
-    run(every, every, first, first, True)
-    run(every, every, second, second, True)
-    run(every, every, second, first, False)
-    for step in range(1, w):
-        run(slice(step, w), slice(0, w - step), every, first, False)
-        run(slice(0, step), slice(w - step, w), second, every, False)
+    for run in _schedule(plan, qs.shape[-2]):
+        qq = _pick(qs, run.q_ranks, run.q_pos)
+        kk, vv = (_pick(t, run.kv_ranks, run.kv_pos) for t in (ks, vs))
+        q_seg = None if segs is None else _pick(segs, run.q_ranks, run.q_pos, -1)
+        k_seg = None if segs is None else _pick(segs, run.kv_ranks, run.kv_pos, -1)
+        # Diagonal blocks start at the same position, so offsets 0 give their mask.
+        bo, bl = block_partial(
+            _fold(qq), _fold(kk), _fold(vv),
+            softmax_scale=plan.scale, causal=run.causal, q_start=0, kv_start=0,
+            q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg),
+            backend=plan.backend, cast=False,
+        )  # fmt: skip
+        o, l_ = _pick(out, run.q_ranks, run.q_pos), _pick(lse, run.q_ranks, run.q_pos, -1)
+        merge_fused_(o, l_, bo.reshape(o.shape), bl.reshape(l_.shape))
     return out, lse
 
 
-def _merge_call(plan, q, k, v, q_seg, k_seg, causal, out, lse) -> None:
-    """One block call over ``[n, B, ...]`` stacks (ranks folded into the batch) and
-    the merge of its result into the ranks' partials ``out`` / ``lse`` (views)."""
-    n, b = q.shape[:2]
+def backward(plan, q, k, v, seg, out, lse, dout, dlse):
+    """``(dq, dk, dv)`` stacks ``[W, B, H, L, D]`` (partial dtype) for the full-sequence
+    ``out`` / ``lse`` and their gradients, by the same schedule as :func:`forward`."""
+    qs, ks, vs, segs = _stacks(plan, q, k, v, seg)
+    w = plan.world_size
 
-    def fold(t):
-        return None if t is None else t.reshape(n * b, *t.shape[2:])
+    def stacked(t, dim=-2):
+        return torch.stack([shard(t, w, r, layout=plan.layout, dim=dim) for r in range(w)])
 
-    # Diagonal blocks start at the same position, so offsets 0 give their mask.
-    bo, bl = block_partial(
-        fold(q), fold(k), fold(v),
-        softmax_scale=plan.scale, causal=causal, q_start=0, kv_start=0,
-        q_segment_ids=fold(q_seg), kv_segment_ids=fold(k_seg),
-        backend=plan.backend, cast=False,
-    )  # fmt: skip
-    merge_fused_(out, lse, bo.reshape(out.shape), bl.reshape(lse.shape))
+    outs, dos, lses = stacked(out), stacked(dout), stacked(lse, -1)
+    dls = None if dlse is None else stacked(dlse, -1)
+    acc = partial_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=q.device) for t in (qs, ks, vs))
+    for run in _schedule(plan, qs.shape[-2]):
+        qp = (run.q_ranks, run.q_pos)
+        kp = (run.kv_ranks, run.kv_pos)
+        qq, oo, gg = (_pick(t, *qp) for t in (qs, outs, dos))
+        ll = _pick(lses, *qp, -1)
+        dl = None if dls is None else _pick(dls, *qp, -1)
+        kk, vv = (_pick(t, *kp) for t in (ks, vs))
+        q_seg = None if segs is None else _pick(segs, *qp, -1)
+        k_seg = None if segs is None else _pick(segs, *kp, -1)
+        bdq, bdk, bdv = block_attention_backward(
+            _fold(qq), _fold(kk), _fold(vv), _fold(oo), _fold(ll), _fold(gg), _fold(dl),
+            softmax_scale=plan.scale, causal=run.causal, q_start=0, kv_start=0,
+            q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg), backend=plan.backend,
+        )  # fmt: skip
+        for grads, part, (ranks, pos) in ((dq, bdq, qp), (dk, bdk, kp), (dv, bdv, kp)):
+            view = _pick(grads, ranks, pos)
+            view += part.reshape(view.shape).to(acc)
+    return dq, dk, dv
