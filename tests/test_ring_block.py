@@ -192,15 +192,18 @@ def test_step_batched_virtual_ring_equals_rank_by_rank(case, dtype, monkeypatch)
     q, k, v = (rnd(2, h, seq_len, 8, dtype=dtype, gen=gen) for h in (hq, hkv, hkv))
     args = dict(world_size=world, causal=causal, segment_ids=seg, layout=layout,
                 backend="sdpa", return_lse=True)  # fmt: skip
+    monkeypatch.setattr(virtual_batched, "BATCH_ON_CPU", True)
     assert virtual_batched.applies(
-        ring_attention_module._Plan(seq_len, world, layout, causal, 1.0, "sdpa"), seq_len
+        ring_attention_module._Plan(seq_len, world, layout, causal, 1.0, "sdpa"),
+        seq_len,
+        q.device,
     )
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     fast = virtual_ring_attention(*leaves, **args)
     g_out, g_lse = (torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
                     for t in fast)  # fmt: skip
     fast_grads = torch.autograd.grad((fast[0] * g_out).sum() + (fast[1] * g_lse).sum(), leaves)
-    monkeypatch.setattr(virtual_batched, "applies", lambda plan, n: False)
+    monkeypatch.setattr(virtual_batched, "BATCH_ON_CPU", False)
     slow = virtual_ring_attention(*leaves, **args)
     slow_grads = torch.autograd.grad((slow[0] * g_out).sum() + (slow[1] * g_lse).sum(), leaves)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -208,9 +211,13 @@ def test_step_batched_virtual_ring_equals_rank_by_rank(case, dtype, monkeypatch)
         assert (a.double() - b.double()).abs().max() < tol * (1 + b.double().abs().max())
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["by-rank", "step-batched"])
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("case", VIRTUAL_CASES)
-def test_virtual_ring_matches_sdpa_forward_and_backward(backend, case, monkeypatch):
+def test_virtual_ring_matches_sdpa_forward_and_backward(backend, case, batched, monkeypatch):
+    from qdelta.ring import virtual_batched
+
+    monkeypatch.setattr(virtual_batched, "BATCH_ON_CPU", batched)  # even splits only
     monkeypatch.setattr(ring_block_module, "BACKWARD_ROWS", 3)  # several math backward tiles
     world, causal, layout, segs, hq, hkv, seq_len = case
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
@@ -367,16 +374,23 @@ def test_coalesced_pairs_cover_every_visible_query_key_pair_once():
                 assert (hits[want] == 1).all() and (hits <= 1).all()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["by-rank", "step-batched"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_virtual_ring_sdpa_takes_no_masked_or_math_path(layout):
+def test_virtual_ring_sdpa_takes_no_masked_or_math_path(layout, batched, monkeypatch):
+    from qdelta.ring import virtual_batched
+
+    monkeypatch.setattr(virtual_batched, "BATCH_ON_CPU", batched)
     q, k, v = (rnd(1, 2, 40, 8, dtype=torch.float32) for _ in range(3))
     ring_block_module.PATH_COUNTS.clear()
     out = virtual_ring_attention(q, k, v, world_size=4, causal=True, layout=layout, backend="sdpa")
     counts = dict(ring_block_module.PATH_COUNTS)
     assert counts.get("math", 0) == 0 and counts.get("cpu_flash_masked", 0) == 0, counts
-    # One call per step for every rank at once (even splits): contiguous W calls,
-    # zigzag 3 + 2 (W - 1) (qdelta/ring/virtual_batched.py).
-    assert counts["cpu_flash"] == (9 if layout == "zigzag" else 4)
+    # Rank by rank: coalesced chunk pairs. Step-batched (even splits): one call per
+    # step for every rank, contiguous W calls, zigzag 3 + 2 (W - 1).
+    if batched:
+        assert counts["cpu_flash"] == (9 if layout == "zigzag" else 4)
+    else:
+        assert counts["cpu_flash"] == (24 if layout == "zigzag" else 10)
     ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True)
     assert (out.double() - ref).abs().max() < 1e-5
 

@@ -335,7 +335,7 @@ def _virtual_forward_by_rank(plan, q, k, v, seg):
 class _VirtualRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seg, plan):
-        if FAST_PATH and virtual_batched.applies(plan, q.shape[2]):
+        if FAST_PATH and virtual_batched.applies(plan, q.shape[2], q.device):
             # Even splits: every rank's blocks of a step in one call.
             parts, lse_parts = virtual_batched.forward(plan, q, k, v, seg)
             outs, lses = [t.to(q.dtype) for t in parts.unbind(0)], list(lse_parts.unbind(0))
@@ -355,7 +355,7 @@ class _VirtualRingAttention(torch.autograd.Function):
         w, lay = plan.world_size, plan.layout
         if dout is None:
             dout = torch.zeros_like(out)
-        if FAST_PATH and virtual_batched.applies(plan, q.shape[2]):
+        if FAST_PATH and virtual_batched.applies(plan, q.shape[2], q.device):
             grads = virtual_batched.backward(plan, q, k, v, ctx.seg, out, lse, dout, dlse)
             dq, dk, dv = (unshard(list(g.unbind(0)), layout=lay) for g in grads)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None

@@ -30,9 +30,19 @@ from qdelta.ring.block import block_attention_backward, block_partial, partial_d
 from qdelta.ring.layout import shard
 from qdelta.ring.merge import empty_partial, merge_fused_
 
+#: Batch on CPU too. Off by default: there each block call is long, so there
+#: are no launches to save, and torch's CPU flash kernels run the same work
+#: slower on the stacked, larger inputs (8 zigzag blocks, S = 2048, forward and
+#: backward: 1.6-1.8x one SDPA call rank by rank, 1.8-2.3x batched). Tests
+#: turn it on to check the schedule against the rank-by-rank loop.
+BATCH_ON_CPU = False
 
-def applies(plan, seq_len: int) -> bool:
-    """Whether the sequence splits into equal chunks for this plan's layout."""
+
+def applies(plan, seq_len: int, device: torch.device) -> bool:
+    """Whether to batch: a CUDA device (or BATCH_ON_CPU) and a sequence that
+    splits into equal chunks for this plan's layout."""
+    if device.type != "cuda" and not BATCH_ON_CPU:
+        return False
     parts = plan.world_size * (2 if plan.layout == "zigzag" else 1)
     return seq_len % parts == 0 and seq_len > 0
 
