@@ -100,30 +100,26 @@ def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return stacked
 
 
-class _TenantEmbedding(TenantModule, ABC):
-    """Common forward of the embedding modules: the base alone when no row has a
-    tenant here, else the one-call form (``_rowwise``, None where it does not
-    apply) or the torch form (``_gathered``, from the base's lookup)."""
+class _TwoForms(TenantModule, ABC):
+    """Common forward of the modules with a one-call form: the base alone when no
+    row has a tenant here, else the one-call form (``_rowwise``, None where it
+    does not apply) or the torch form (``_torch_form``)."""
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
-            return self.base(ids)
-        fast = self._rowwise(ids, local)
-        if fast is not None:
-            return fast
-        return self._gathered(ids, local, self.base(ids))
+            return self.base(x)
+        fast = self._rowwise(x, local)
+        return fast if fast is not None else self._torch_form(x, local)
 
     @abstractmethod
-    def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None: ...
+    def _rowwise(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None: ...
 
     @abstractmethod
-    def _gathered(
-        self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor
-    ) -> torch.Tensor: ...
+    def _torch_form(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor: ...
 
 
-class RowEmbedding(_TenantEmbedding):
+class RowEmbedding(_TwoForms):
     """nn.Embedding with per-tenant full-precision tables, gathered per row."""
 
     def __init__(self, base: nn.Embedding, route: Route) -> None:
@@ -176,7 +172,8 @@ class RowEmbedding(_TenantEmbedding):
         cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
         return out
 
-    def _gathered(self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _torch_form(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
         # One gather over the stacked tables: row r reads table local[r].
         shape = (-1,) + (1,) * (ids.dim() - 1)
         flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids
@@ -184,7 +181,7 @@ class RowEmbedding(_TenantEmbedding):
         return torch.where((local >= 0).view(*shape, 1), gathered, out)
 
 
-class PackedRowEmbedding(_TenantEmbedding):
+class PackedRowEmbedding(_TwoForms):
     """nn.Embedding with per-tenant *packed* deltas (``compress(...,
     compress_embeddings=True)``): each row adds, for each of its tokens, that
     token's delta row of its tenant, unpacked from the sign planes."""
@@ -266,7 +263,8 @@ class PackedRowEmbedding(_TenantEmbedding):
         cpu.packed_embedding(weight, *plan[6], ids.contiguous(), plan[5], out)
         return out
 
-    def _gathered(self, ids: torch.Tensor, local: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _torch_form(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
         shape = (-1,) + (1,) * (ids.dim() - 1)
         tenant = local.clamp(min=0).view(shape).expand_as(ids)
         # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
@@ -345,7 +343,7 @@ class RowRMSNorm(TenantModule):
         return rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1) * h.to(dtype)
 
 
-class RowLinear(TenantModule):
+class RowLinear(_TwoForms):
     """nn.Linear whose weight and/or bias are replaced per tenant at full precision
     (a fine-tune's lm_head, for instance)."""
 
@@ -436,13 +434,7 @@ class RowLinear(TenantModule):
         cpu.rowwise_linear(x if x.is_contiguous() else x.contiguous(), *arrays, out)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is None:
-            return self.base(x)
-        fast = self._rowwise(x, local)
-        if fast is not None:
-            return fast
+    def _torch_form(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         out = x.new_empty(*x.shape[:-1], self.base.out_features)
         # One matmul per distinct tenant in the batch: each tenant's weight is
         # read once, which is the least traffic a full-precision head allows.
