@@ -43,9 +43,13 @@ typedef unsigned short u16;
 template <int DT>
 __device__ __forceinline__ float to_float(u16 x) {
   if (DT == 1) return __int_as_float(((unsigned int)x) << 16);
+#ifdef QDELTA_EMULATE
+  return qd_emu::f16_to_f32(x);
+#else
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
   return f;
+#endif
 }
 
 }  // namespace
@@ -186,6 +190,9 @@ struct alignas(16) U128 {
 // Two fp32 -> packed 16-bit pair, lo in the low half (the lower index).
 template <int DT>
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+#ifdef QDELTA_EMULATE
+  return DT == 1 ? qd_emu::f32x2_to_bf16x2(lo, hi) : qd_emu::f32x2_to_f16x2(lo, hi);
+#else
   unsigned int r;
   if (DT == 1) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -193,12 +200,16 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   }
   return r;
+#endif
 }
 
 template <int DT>
 __device__ __forceinline__ void mma16816(float* c, unsigned int a0, unsigned int a1,
                                          unsigned int a2, unsigned int a3, unsigned int b0,
                                          unsigned int b1) {
+#ifdef QDELTA_EMULATE
+  qd_emu::mma_m16n8k16(c, a0, a1, a2, a3, b0, b1, DT == 1);
+#else
   if (DT == 1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -212,6 +223,7 @@ __device__ __forceinline__ void mma16816(float* c, unsigned int a0, unsigned int
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 __device__ __forceinline__ unsigned int pair_u16(u16 lo, u16 hi) {

@@ -61,22 +61,34 @@ template <int DT> struct QdSplits { enum { value = 1 }; };
 template <> struct QdSplits<2> { enum { value = 3 }; };
 
 __device__ __forceinline__ float qd_f16_to_f32(qd_u16 h) {
+#ifdef QDELTA_EMULATE
+    return qd_emu::f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 __device__ __forceinline__ qd_u16 qd_f32_to_f16(float f) {
+#ifdef QDELTA_EMULATE
+    return qd_emu::f32_to_f16(f);
+#else
     qd_u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 __device__ __forceinline__ float qd_bf16_to_f32(qd_u16 h) {
     return __uint_as_float(((qd_u32)h) << 16);
 }
 __device__ __forceinline__ qd_u16 qd_f32_to_bf16(float f) {
+#ifdef QDELTA_EMULATE
+    return qd_emu::f32_to_bf16(f);
+#else
     qd_u16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 template <int DT>
@@ -132,6 +144,9 @@ __global__ void qd_prep_x(const void* __restrict__ x, long long ldx, int M, int 
 template <int DT>
 __device__ __forceinline__ void qd_mma(float (&d)[4], qd_u32 a0, qd_u32 a1, qd_u32 a2, qd_u32 a3,
                                        qd_u32 b0, qd_u32 b1) {
+#ifdef QDELTA_EMULATE
+    qd_emu::mma_m16n8k16(d, a0, a1, a2, a3, b0, b1, DT != 0);
+#else
     if (DT == 0) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -145,6 +160,7 @@ __device__ __forceinline__ void qd_mma(float (&d)[4], qd_u32 a0, qd_u32 a1, qd_u
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 // +-1.0 pair from bits (15 - s, 31 - s) of the word; `ws` is already shifted by 4*t.
@@ -398,9 +414,13 @@ __device__ __forceinline__ long long qd_tenant_of(const long long* ids, int i) {
 // row's next three slices (32 bytes each) then come from L2 instead of three
 // more scattered 32-byte DRAM reads.
 __device__ __forceinline__ qd_u32 qd_ldg_l2_128(const qd_u32* p) {
+#ifdef QDELTA_EMULATE
+    return *p;
+#else
     qd_u32 v;
     asm("ld.global.nc.L2::128B.u32 %0, [%1];" : "=r"(v) : "l"(p));  // planes are read-only
     return v;
+#endif
 }
 
 // One slice's plane words for a lane: feature n0 + 32 * s at step s, word w of the slice.

@@ -96,36 +96,107 @@ def available() -> bool:
     return True
 
 
+class KernelRuntime:
+    """Where the kernels are compiled and run: the seam between the host code and cupy.
+
+    Every host path of this module and of qdelta.ring.cuda_block asks the module-level
+    ``RUNTIME`` whether a tensor is on the kernel device, for a compiled module, for
+    the SM count and to launch. The default (:class:`CupyRuntime`) is cupy on CUDA
+    devices; ``qdelta.kernels.emulator.emulate()`` swaps in a CPU emulator so the same
+    host code and kernel sources run in CI without a GPU.
+    """
+
+    emulated = False  # True: CPU tensors, no cupy and no torch.cuda calls
+
+    def __init__(self) -> None:
+        self.kernels: dict[tuple[int, str], object] = {}  # (device index, name) -> kernel
+        self.shared_opt_in: dict[tuple[int, str], int] = {}  # dynamic shared memory allowed
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        """True when ``t`` lives where the kernels run."""
+        raise NotImplementedError
+
+    def device_index(self, device: torch.device) -> int:
+        raise NotImplementedError
+
+    def sm_count(self, index: int) -> int:
+        raise NotImplementedError
+
+    def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
+        """The compiled module of ``source`` for device ``index`` (has ``get_function``)."""
+        raise NotImplementedError
+
+    def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
+        raise NotImplementedError
+
+
 @functools.cache
-def _module(device_index: int, options: tuple[str, ...]):
+def _cupy_module(index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
     cupy = _cupy()
-    with cupy.cuda.Device(device_index):
-        try:
-            module = cupy.RawModule(
-                code=SOURCE.read_text(), options=options, name_expressions=name_expressions()
-            )
+    with cupy.cuda.Device(index):
+        module = cupy.RawModule(
+            code=source.read_text(), options=options, name_expressions=list(names)
+        )
+        if source == SOURCE:  # delta_matmul.cu compiles at once (errors surface here)
             module.compile()
-        except Exception as exc:
-            raise KernelLaunchError(f"compiling {SOURCE.name} failed: {exc}") from exc
     return module
 
 
-_KERNELS: dict[tuple[int, str], object] = {}  # (device index, name) -> cupy kernel
-_SHARED_OPT_IN: dict[tuple[int, str], int] = {}  # dynamic shared memory already allowed
+class CupyRuntime(KernelRuntime):
+    """cupy.RawModule kernels on torch's current CUDA stream (the default runtime)."""
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        return t.is_cuda
+
+    def device_index(self, device: torch.device) -> int:
+        return device.index if device.index is not None else torch.cuda.current_device()
+
+    def sm_count(self, index: int) -> int:
+        return _sm_count(index)
+
+    def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
+        return _cupy_module(index, source, options, names)
+
+    def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
+        cupy = _cupy()
+        index = _device_index(device)
+        stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
+        _check_grid(name, grid)
+        try:
+            with cupy.cuda.Device(index), stream:
+                _opt_in_shared(kernel, self.shared_opt_in, index, name, shared_mem)
+                kernel(grid, block, args, shared_mem=shared_mem)
+            if os.environ.get("QDELTA_CUDA_SYNC") == "1":
+                torch.cuda.synchronize(device)
+        except Exception as exc:
+            raise KernelLaunchError(
+                f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
+            ) from exc
+
+
+RUNTIME: KernelRuntime = CupyRuntime()
 _STREAMS: dict[tuple[int, int], object] = {}  # (device, stream handle) -> ExternalStream
+
+
+def _module(device_index: int, options: tuple[str, ...]):
+    try:
+        return RUNTIME.module(device_index, SOURCE, options, tuple(name_expressions()))
+    except Exception as exc:
+        raise KernelLaunchError(f"compiling {SOURCE.name} failed: {exc}") from exc
 
 
 def _kernel(index: int, name: str):
     """The compiled kernel, looked up once per device (get_function is not free)."""
     key = (index, name)
-    kernel = _KERNELS.get(key)
+    kernels = RUNTIME.kernels
+    kernel = kernels.get(key)
     if kernel is None:
         module = _module(index, ("-std=c++17",))
         try:
             kernel = module.get_function(name)
         except Exception as exc:
             raise KernelLaunchError(f"kernel {name} not found in {SOURCE.name}: {exc}") from exc
-        _KERNELS[key] = kernel
+        kernels[key] = kernel
     return kernel
 
 
@@ -150,26 +221,23 @@ def launch(kernel, device: torch.device, name: str, grid, block, args, shared_me
     memory above 48 KB is opted into once per kernel; any launch failure, and with
     ``QDELTA_CUDA_SYNC=1`` any fault while the kernel runs, raises KernelLaunchError
     naming the kernel and its launch shape. Shared by every cupy module of qdelta
-    (this one and qdelta.ring.cuda_block).
+    (this one and qdelta.ring.cuda_block). Runs through ``RUNTIME`` (cupy, or the
+    CPU emulator under ``qdelta.kernels.emulator.emulate()``).
     """
-    cupy = _cupy()
-    index = _device_index(device)
-    stream = _stream(index, torch.cuda.current_stream(device).cuda_stream)
+    RUNTIME.launch(kernel, device, name, grid, block, args, shared_mem)
+
+
+def _check_grid(name: str, grid) -> None:
     if any(g < 1 for g in grid) or grid[0] > 2**31 - 1 or any(g > 65535 for g in grid[1:]):
         raise ShapeError(f"{name}: grid {grid} is outside what CUDA can launch")
-    try:
-        with cupy.cuda.Device(index), stream:
-            if shared_mem > 48 * 1024 and _SHARED_OPT_IN.get((index, name), 0) < shared_mem:
-                if kernel.max_dynamic_shared_size_bytes < shared_mem:
-                    kernel.max_dynamic_shared_size_bytes = shared_mem
-                _SHARED_OPT_IN[(index, name)] = shared_mem
-            kernel(grid, block, args, shared_mem=shared_mem)
-        if os.environ.get("QDELTA_CUDA_SYNC") == "1":
-            torch.cuda.synchronize(device)
-    except Exception as exc:
-        raise KernelLaunchError(
-            f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
-        ) from exc
+
+
+def _opt_in_shared(kernel, opted: dict, index: int, name: str, shared_mem: int) -> None:
+    """Dynamic shared memory above 48 KB needs the kernel's opt-in, set once per kernel."""
+    if shared_mem > 48 * 1024 and opted.get((index, name), 0) < shared_mem:
+        if kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+        opted[(index, name)] = shared_mem
 
 
 def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
@@ -227,7 +295,7 @@ def multi_tenant_delta_matmul(
     """
     if path not in ("auto", "decode", "prefill", "mma"):
         raise ShapeError(f"path: expected 'auto', 'decode', 'prefill' or 'mma', found {path!r}")
-    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+    if not isinstance(x, torch.Tensor) or not RUNTIME.on_device(x):
         raise DTypeError("x: expected a CUDA torch.Tensor")
     device = x.device
     if x.dtype not in DTYPE_CODES:
@@ -324,7 +392,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+    return RUNTIME.device_index(device)
 
 
 def lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
@@ -367,7 +435,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
-    sms = _sm_count(_device_index(device))
+    sms = RUNTIME.sm_count(_device_index(device))
     plan = _lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)  # read-only
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
@@ -441,7 +509,7 @@ def _expand(planes_t, scales_t, use, row_scales, dt, dtype, k) -> torch.Tensor:
         _launch(device, f"qd_expand_rows<{dt}>", grid, (EXPAND_THREADS,), args)
     else:
         groups = n * w * 4
-        sms = _sm_count(_device_index(device))
+        sms = RUNTIME.sm_count(_device_index(device))
         grid = (min(-(-groups // EXPAND_THREADS), 32 * sms),)
         _launch(device, f"qd_expand<{dt}>", grid, (EXPAND_THREADS,), args)
     return dense[:, :k]

@@ -14,9 +14,9 @@ Backend ``cuda`` runs DEFAULT_KERNEL; backend ``cuda_v1`` always runs ``v1``.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qdelta.errors import DTypeError, ShapeError
@@ -96,23 +96,24 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-@functools.cache
 def _module(device_index: int):
-    import cupy
+    """The compiled module, from the kernel runtime of qdelta.kernels.cuda (cupy, or the
+    CPU emulator under qdelta.kernels.emulator.emulate()); cached there."""
+    from qdelta.kernels import cuda as kernels_cuda
 
-    with cupy.cuda.Device(device_index):
-        return cupy.RawModule(
-            code=SOURCE.read_text(),
-            options=("-std=c++17",),
-            name_expressions=instantiations(),
-        )
+    return kernels_cuda.RUNTIME.module(
+        device_index, SOURCE, ("-std=c++17",), tuple(instantiations())
+    )
 
 
 def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *, kernel="cuda"):
     """Run the kernel; arguments as in block._math_forward; ``kernel``: the backend name."""
-    if not available():
+    from qdelta.kernels import cuda as kernels_cuda
+
+    runtime = kernels_cuda.RUNTIME
+    if not runtime.emulated and not available():
         raise RingError("ring block backend 'cuda': expected cupy and a CUDA device, found none")
-    if not q.is_cuda:
+    if not runtime.on_device(q):
         raise RingError(f"ring block backend 'cuda': expected CUDA tensors, found {q.device}")
     if q.dtype not in _CTYPES:
         raise DTypeError(
@@ -122,8 +123,6 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
     hkv, sk = k.shape[1], k.shape[2]
     if d not in HEAD_DIMS:
         raise ShapeError(f"ring block backend 'cuda': expected head_dim in {HEAD_DIMS}, found {d}")
-    import cupy
-
     name = kernel_name(kernel)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = torch.empty((b, hq, sq, d), dtype=torch.float32, device=q.device)
@@ -146,15 +145,15 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
         return out, lse
     from qdelta.kernels.cuda import KernelLaunchError, launch
 
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = runtime.device_index(q.device)
     fn_name = f"{KERNELS[name][0]}<{_CTYPES[q.dtype]}, {d}>"
     try:
         fn = _module(index).get_function(fn_name)
     except Exception as exc:
         raise KernelLaunchError(f"compiling {fn_name} of {SOURCE.name} failed: {exc}") from exc
 
-    def ptr(t):
-        return cupy.uint64(0) if t is None else cupy.uint64(t.data_ptr())
+    def ptr(t):  # (cupy's scalar types are numpy's)
+        return np.uint64(0) if t is None else np.uint64(t.data_ptr())
 
     grid, threads = launch_grid(name, b, hq, sq)
     launch(
@@ -165,9 +164,9 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
         (threads,),
         (
             ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(q_seg), ptr(kv_seg),
-            cupy.int32(seg_batched), cupy.int32(hq), cupy.int32(hkv),
-            cupy.int32(sq), cupy.int32(sk), cupy.float32(scale), cupy.int32(int(causal)),
-            cupy.int64(q_start), cupy.int64(kv_start),
+            np.int32(seg_batched), np.int32(hq), np.int32(hkv),
+            np.int32(sq), np.int32(sk), np.float32(scale), np.int32(int(causal)),
+            np.int64(q_start), np.int64(kv_start),
         ),
     )  # fmt: skip
     return out, lse

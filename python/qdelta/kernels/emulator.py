@@ -1,0 +1,269 @@
+"""Run the project's CUDA kernels on the CPU: a test tool for machines without a GPU.
+
+The real sources (cuda/delta_matmul.cu, cuda/attention_block.cu) are compiled by
+g++ against ``cuda/emu/cuda_emu.h``, which emulates the CUDA subset they use:
+blocks run one after another, the threads of a block are cooperative fibers
+switched at barriers and warp collectives, ``mma.sync`` is computed from the PTX
+fragment layouts, conversions are bit-exact software versions (docs/CUDA.md,
+"Running the kernels without a GPU").
+
+``with emulate(): ...`` makes the real host code of ``qdelta.kernels.cuda`` and
+``qdelta.ring.cuda_block`` run on CPU tensors through the emulator, by swapping
+the kernel runtime (``qdelta.kernels.cuda.RUNTIME``) for the duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdelta.errors import QDeltaError
+from qdelta.kernels import cuda as cuda_backend
+from qdelta.kernels.cuda import CUDA_DIR, KernelLaunchError
+
+HEADER = CUDA_DIR / "emu" / "cuda_emu.h"
+# -O2: delta_matmul.cu's 27 instantiations compile in ~5 s here (-O1: ~3 s, not worth
+# the slower kernels); a module compiles once per source edit (cached on disk).
+FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w")
+DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without the opt-in
+_ERR_BYTES = 2048
+
+# `extern __shared__ T name[];` (dynamic shared memory) -> a pointer to the launch's buffer.
+_DYN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:\s]*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;"
+)
+
+
+def cache_dir() -> Path:
+    """Where compiled modules live: $QDELTA_EMU_CACHE, else ~/.cache/qdelta/emu."""
+    env = os.environ.get("QDELTA_EMU_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "qdelta" / "emu"
+
+
+def compiler() -> str:
+    """The C++ compiler (g++ on PATH, or $CXX); a QDeltaError when there is none."""
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise QDeltaError(
+            f"the CUDA emulator needs a C++17 compiler: expected {cxx!r} on PATH, found none "
+            "(install g++ or set CXX)"
+        )
+    return path
+
+
+def rewrite_source(text: str) -> str:
+    """The source as the emulator compiles it: dynamic shared memory becomes a pointer
+    to the per-launch buffer (one line for one line, so __LINE__ and errors match)."""
+    return _DYN_SHARED.sub(
+        lambda m: (
+            f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::qd_emu::dyn_smem());"
+        ),
+        text,
+    )
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"\s+", "", name)
+
+
+def translation_unit(source_name: str, text: str, names: Sequence[str]) -> str:
+    """The .cpp: the emulator header, the rewritten source, one extern "C" entry per name."""
+    lines = [
+        "#define QDELTA_EMULATE 1",
+        f'#include "{HEADER}"',
+        f'#line 1 "{source_name}"',
+        rewrite_source(text),
+        "",
+        '#line 1 "qdelta-emulator-entries"',
+    ]
+    for i, name in enumerate(names):
+        lines.append(
+            f'extern "C" int qd_emu_entry_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
+            "unsigned by, unsigned bz, size_t smem, void** args, const size_t* sizes, int nargs, "
+            "char* err, size_t errlen) {\n"
+            f'    return ::qd_emu::launch(&{name}, "{name}", dim3(gx, gy, gz), dim3(bx, by, bz), '
+            "smem, args, sizes, nargs, err, errlen);\n}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _dims(v, what: str) -> tuple[int, int, int]:
+    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+    if not 1 <= len(t) <= 3:
+        raise KernelLaunchError(f"{what}: expected 1 to 3 dimensions, found {v!r}")
+    return (*t, *(1,) * (3 - len(t)))  # type: ignore[return-value]
+
+
+class EmulatedKernel:
+    """One compiled kernel, called like a cupy kernel: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, name: str, entry) -> None:
+        self.name = name
+        self._entry = entry
+        # The attribute cupy exposes; the emulator enforces it as the GPU does.
+        self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_LIMIT
+
+    def __call__(self, grid, block, args: Sequence, shared_mem: int = 0) -> None:
+        g, b = _dims(grid, "grid"), _dims(block, "block")
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise KernelLaunchError(
+                f"{self.name}: {shared_mem} bytes of dynamic shared memory, expected at most "
+                f"{self.max_dynamic_shared_size_bytes} (max_dynamic_shared_size_bytes not raised)"
+            )
+        blobs = []
+        for i, a in enumerate(args):
+            # The argument bytes are exactly what cupy would pass: the numpy scalar's.
+            if not isinstance(a, np.generic):
+                raise KernelLaunchError(
+                    f"{self.name}: argument {i}: expected a numpy scalar (np.int32, np.uint64 ...), "
+                    f"found {type(a).__name__}"
+                )
+            blobs.append(a.tobytes())
+        n = len(blobs)
+        bufs = [ctypes.create_string_buffer(x, len(x)) for x in blobs]
+        ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(x) for x in bufs])
+        sizes = (ctypes.c_size_t * max(n, 1))(*[len(x) for x in blobs])
+        err = ctypes.create_string_buffer(_ERR_BYTES)
+        rc = self._entry(*g, *b, int(shared_mem), ptrs, sizes, n, err, _ERR_BYTES)
+        if rc != 0:
+            raise KernelLaunchError(err.value.decode(errors="replace"))
+
+
+class EmulatedModule:
+    """A .cu file compiled for the emulator (the counterpart of cupy.RawModule)."""
+
+    def __init__(self, source: Path, name_expressions: Sequence[str]) -> None:
+        self.source = Path(source)
+        self.names = list(name_expressions)
+        text = self.source.read_text()
+        cpp = translation_unit(self.source.name, text, self.names)
+        cxx = compiler()
+        key = hashlib.sha256(
+            "\0".join([HEADER.read_text(), text, *self.names, *FLAGS, cxx]).encode()
+        ).hexdigest()
+        self.library = cache_dir() / f"{key}.so"
+        if not self.library.exists():
+            _build(cxx, cpp, self.library, self.source.name)
+        self._lib = ctypes.CDLL(str(self.library))
+        self._index = {_normalize(n): i for i, n in enumerate(self.names)}
+        self._kernels: dict[str, EmulatedKernel] = {}
+
+    def compile(self) -> None:
+        """Compiled at construction already (cupy's RawModule has this method)."""
+
+    def get_function(self, name: str) -> EmulatedKernel:
+        kernel = self._kernels.get(name)
+        if kernel is None:
+            i = self._index.get(_normalize(name))
+            if i is None:
+                raise KernelLaunchError(
+                    f"{name}: not among the name expressions of {self.source.name}"
+                )
+            entry = getattr(self._lib, f"qd_emu_entry_{i}")
+            entry.restype = ctypes.c_int
+            entry.argtypes = [ctypes.c_uint] * 6 + [
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+            ]
+            kernel = self._kernels[name] = EmulatedKernel(name, entry)
+        return kernel
+
+
+def _build(cxx: str, cpp: str, library: Path, what: str) -> None:
+    """Compile ``cpp`` into ``library`` atomically (a temp file, then os.replace)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        src = Path(tmp) / "module.cpp"
+        src.write_text(cpp)
+        out = Path(tmp) / "module.so"
+        proc = subprocess.run(
+            [cxx, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise KernelLaunchError(
+                f"compiling {what} for the emulator failed:\n{proc.stderr[-4000:]}"
+            )
+        os.replace(out, library)
+
+
+@functools.cache
+def _cached_module(source: Path, names: tuple[str, ...], stamp: float) -> EmulatedModule:
+    # stamp (the source's mtime) makes an edited source recompile in a long-lived process.
+    return EmulatedModule(source, names)
+
+
+def module(source: Path, name_expressions: Sequence[str]) -> EmulatedModule:
+    """The compiled module of ``source``, loaded once per process (and per edit)."""
+    source = Path(source).resolve()
+    return _cached_module(source, tuple(name_expressions), source.stat().st_mtime)
+
+
+class EmulatorRuntime(cuda_backend.KernelRuntime):
+    """The kernel runtime behind :func:`emulate`: CPU tensors, g++-compiled kernels."""
+
+    emulated = True
+
+    def __init__(self, sm_count: int = 132) -> None:
+        super().__init__()
+        self._sms = sm_count
+
+    def on_device(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu"
+
+    def device_index(self, device: torch.device) -> int:
+        return 0
+
+    def sm_count(self, index: int) -> int:
+        return self._sms
+
+    def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
+        try:
+            return module(source, names)
+        except QDeltaError:  # (KernelLaunchError included) already says what failed
+            raise
+        except Exception as exc:
+            raise KernelLaunchError(f"compiling {Path(source).name} failed: {exc}") from exc
+
+    def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
+        cuda_backend._check_grid(name, grid)
+        try:
+            cuda_backend._opt_in_shared(kernel, self.shared_opt_in, 0, name, shared_mem)
+            kernel(grid, block, args, shared_mem=shared_mem)
+        except Exception as exc:
+            raise KernelLaunchError(
+                f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
+            ) from exc
+
+
+@contextlib.contextmanager
+def emulate(sm_count: int = 132) -> Iterator[EmulatorRuntime]:
+    """Within the block, qdelta's CUDA kernels run on CPU tensors through the emulator.
+
+    ``sm_count`` is the SM count the host code plans launches for (132: an H100/H200).
+    Not thread-safe with respect to other threads using the CUDA backend meanwhile.
+    """
+    compiler()  # fail early and clearly without g++
+    previous = cuda_backend.RUNTIME
+    runtime = EmulatorRuntime(sm_count)
+    cuda_backend.RUNTIME = runtime
+    try:
+        yield runtime
+    finally:
+        cuda_backend.RUNTIME = previous
