@@ -49,6 +49,10 @@
 // qdelta-instantiate: qd_expand_rows<0>
 // qdelta-instantiate: qd_expand_rows<1>
 // qdelta-instantiate: qd_expand_rows<2>
+// qdelta-instantiate: qd_delta_gemm<0, 8>
+// qdelta-instantiate: qd_delta_gemm<1, 8>
+// qdelta-instantiate: qd_delta_gemm<0, 4>
+// qdelta-instantiate: qd_delta_gemm<1, 4>
 
 typedef unsigned int qd_u32;
 typedef unsigned short qd_u16;
@@ -750,4 +754,306 @@ __global__ void qd_expand(const qd_u32* __restrict__ planes,  // [P][N][W] (one 
             *reinterpret_cast<uint4*>(static_cast<qd_u16*>(dense) + o) = make_uint4(h[0], h[1], h[2], h[3]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Fused prefill (qd_delta_gemm): y = base + sum_p alpha_p * x S_p^T as one
+// tensor-core GEMM that never writes the dense delta. The expand path writes
+// and re-reads N x K values per tenant (33.7 us of bandwidth alone at 8192 on
+// an H200, more than the 1.3x-of-dense budget leaves); here the 1-bit words go
+// from global memory to shared memory and the signs become mma A fragments in
+// registers.
+//
+// Block: 128 output features x 16*NT x-rows, 4 warps (2 x 2), warp tile 64 x 8*NT
+// (4 x NT mma tiles of m16n8k16, fp32 accumulators). NT = 8 (128 rows: each A
+// fragment feeds 8 mmas) or NT = 4 (64 rows: twice the blocks for small M). K runs in stages of 4
+// packed words (128 k) through a 3-deep cp.async pipeline:
+// * x rows (gathered through `rows`: the tenant-sorted row order) are copied
+//   16 bytes at a time into rows padded to 136 halves, so ldmatrix.x4 reads
+//   8 rows x 16 bytes on 32 distinct banks. Past K the copy zero-fills (the
+//   format's padding bits are 0 = +1, so x must be 0 there).
+// * each thread copies its own feature's 4 words per plane; after the wait it
+//   permutes their bits in place (qd_gemm_bits) so that lane t's A fragments
+//   in natural k order are again one shift and one LOP3 per register pair
+//   (qd_signs), as in qd_delta_mm; one barrier per stage.
+// With one plane, A = +-1 exactly and alpha multiplies the fp32 sums in the
+// epilogue. With several planes the planes share the accumulators, so plane
+// p's A is +-alpha_p rounded to the input type (the expand path rounds the
+// summed alpha once instead; both are within the dtype's tolerance).
+// fp16 / bf16 only (fp32 keeps the expand path). x: 16-byte aligned rows
+// (ldx % 8 == 0; the host pads other layouts). Rows with tenant -1 or a bad
+// id are not in any tile: the host writes them (base, 0 or NaN).
+// ---------------------------------------------------------------------------
+
+#define QG_BN 128                       // output features per block
+#define QG_THREADS 128                  // 4 warps: 2 (features) x 2 (rows)
+#define QG_FT 4                         // 16-feature mma tiles per warp
+#define QG_KC 4                         // packed words (32 k each) per stage
+#define QG_STAGES 3
+#define QG_XSTRIDE (QG_KC * 32 + 8)     // halves per staged x row (+8: conflict-free ldmatrix)
+
+// Shared-memory window address of a generic pointer, for cp.async and ldmatrix.
+// (Only the PTX forms below use it; the emulated forms take the pointer itself.)
+__device__ __forceinline__ qd_u32 qd_smem_addr(const void* p) {
+#ifdef QDELTA_EMULATE
+    return (qd_u32)(unsigned long long)p;
+#else
+    qd_u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+#endif
+}
+
+// 16 bytes global -> shared, zero-filled past `bytes` (0..16); asynchronous on sm_80+.
+__device__ __forceinline__ void qd_cp_async16(void* dst, const void* src, int bytes) {
+#ifdef QDELTA_EMULATE
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* s = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < 16; ++i) d[i] = i < bytes ? s[i] : 0;
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(qd_smem_addr(dst)), "l"(src),
+                 "r"(bytes));
+#endif
+}
+
+// 4 bytes global -> shared, zero when `bytes` is 0.
+__device__ __forceinline__ void qd_cp_async4(void* dst, const void* src, int bytes) {
+#ifdef QDELTA_EMULATE
+    *static_cast<qd_u32*>(dst) = bytes ? *static_cast<const qd_u32*>(src) : 0u;
+#else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(qd_smem_addr(dst)), "l"(src),
+                 "r"(bytes));
+#endif
+}
+
+__device__ __forceinline__ void qd_cp_async_commit() {
+#ifndef QDELTA_EMULATE
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N committed groups are still in flight (the emulator copies at once).
+template <int N>
+__device__ __forceinline__ void qd_cp_async_wait() {
+#ifndef QDELTA_EMULATE
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// ldmatrix.x4: lane i names row i % 8 of matrix i / 8; each lane receives the u32 at
+// (row lane / 4, halves 2 * (lane % 4), +1) of each of the four 8 x 8 matrices.
+__device__ __forceinline__ void qd_ldmatrix_x4(qd_u32 (&r)[4], const qd_u16* row) {
+#ifdef QDELTA_EMULATE
+    const int lane = threadIdx.x & 31;
+    const unsigned long long mine = (unsigned long long)row;
+    for (int j = 0; j < 4; ++j) {
+        const int src = 8 * j + (lane >> 2);
+        const unsigned long long lo = __shfl_sync(QD_FULL_MASK, (qd_u32)(mine & 0xffffffffull), src);
+        const unsigned long long hi = __shfl_sync(QD_FULL_MASK, (qd_u32)(mine >> 32), src);
+        const qd_u16* p = reinterpret_cast<const qd_u16*>(lo | (hi << 32));
+        r[j] = *reinterpret_cast<const qd_u32*>(p + 2 * (lane & 3));
+    }
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(qd_smem_addr(row)));
+#endif
+}
+
+__device__ __forceinline__ qd_u32 qd_delta_swap(qd_u32 v, qd_u32 mask, int delta) {
+    const qd_u32 t = ((v >> delta) ^ v) & mask;
+    return v ^ t ^ (t << delta);
+}
+
+// Bit k = 16*mk + 8*jj + 2*t + e of a packed word moves to 16*e + 15 - (4*t + 2*mk + jj):
+// then qd_signs(w << 4t, 2*mk + jj) gives lane t's A register for k-step mk (jj = 0: a0/a1,
+// jj = 1: a2/a3) with x in natural k order. As an index map it is
+// (mk, jj, t1, t0, e) -> (e, ~t1, ~t0, ~mk, ~jj): a bit reversal (all five complemented),
+// one pair swap (e back) and four index-bit swaps.
+__device__ __forceinline__ qd_u32 qd_gemm_bits(qd_u32 w) {
+    w = __brev(w);
+    w = ((w >> 1) & 0x55555555u) | ((w & 0x55555555u) << 1);
+    w = qd_delta_swap(w, 0x0000AAAAu, 15);
+    w = qd_delta_swap(w, 0x00F000F0u, 4);
+    w = qd_delta_swap(w, 0x0C0C0C0Cu, 2);
+    w = qd_delta_swap(w, 0x22222222u, 1);
+    return w;
+}
+
+// One stage's copies: 16 x-row segments and P_use x 4 plane words per thread.
+template <int BM>
+__device__ __forceinline__ void qd_gemm_stage(qd_u16* xs, qd_u32* ps, const qd_u16* __restrict__ x,
+                                              long long ldx, int K, const int* s_rows,
+                                              const qd_u32* __restrict__ plane0, long long plane_stride,
+                                              int n, int N, int W, int P_use, int vec_ok, int st) {
+    const int tid = threadIdx.x;
+    const int seg = tid & 15;
+    const int k = st * (QG_KC * 32) + seg * 8;
+    const int bytes = max(0, min(16, 2 * (K - k)));
+#pragma unroll
+    for (int i = 0; i < BM / 8; ++i) {
+        const int r = (tid >> 4) + 8 * i;
+        const int gr = s_rows[r];
+        const int b = gr >= 0 ? bytes : 0;
+        const qd_u16* src = b > 0 ? x + (long long)gr * ldx + k : x;
+        qd_cp_async16(xs + r * QG_XSTRIDE + seg * 8, src, b);
+    }
+    const int c0 = st * QG_KC;
+    for (int p = 0; p < P_use; ++p) {
+        qd_u32* dst = ps + (p * QG_BN + tid) * QG_KC;
+        const qd_u32* src = plane0 + p * plane_stride + (long long)n * W + c0;
+        if (vec_ok) {  // W % 4 == 0 and 16-byte aligned planes: one copy per feature
+            qd_cp_async16(dst, n < N ? src : plane0, n < N ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int c = 0; c < QG_KC; ++c) {
+                const bool ok = n < N && c0 + c < W;
+                qd_cp_async4(dst + c, ok ? src + c : plane0, ok ? 4 : 0);
+            }
+        }
+    }
+}
+
+template <int DT, int NT>
+__global__ void __launch_bounds__(QG_THREADS)
+qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
+              const qd_u32* __restrict__ planes,  // [T][P][N][W]
+              const float* __restrict__ scales,   // [T][P] or [T][P][N]
+              const int* __restrict__ rows,       // [M] tenant-sorted row order, or null (identity)
+              const int* __restrict__ tiles,      // [grid y][3] (tenant, start, count)
+              int M, const void* base, long long ldb, void* y, long long ldy,
+              int N, int W, int P, int P_use, int row_scales, int vec_ok) {
+    (void)M;  // the tiles bound the rows
+    constexpr int BM = 16 * NT;  // x rows per block: 2 warps x NT tiles of 8
+    extern __shared__ qd_u32 qg_smem[];  // [STAGES] x rows, [STAGES] plane words, alpha pairs
+    __shared__ int s_rows[BM];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    const int wf = warp & 1;
+    const int wm = warp >> 1;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const int n0 = blockIdx.x * QG_BN;
+
+    const int tenant = tiles[3 * blockIdx.y];
+    const int start = tiles[3 * blockIdx.y + 1];
+    const int count = tiles[3 * blockIdx.y + 2];
+    if (tid < BM) s_rows[tid] = tid < count ? (rows ? rows[start + tid] : start + tid) : -1;
+
+    qd_u16* xs = reinterpret_cast<qd_u16*>(qg_smem);
+    constexpr int XS_WORDS = BM * QG_XSTRIDE / 2;  // u32 per x stage
+    const int ps_words = P_use * QG_BN * QG_KC;        // u32 per plane stage
+    qd_u32* ps = qg_smem + QG_STAGES * XS_WORDS;
+    qd_u32* s_alpha = ps + QG_STAGES * ps_words;       // [P_use][BN] +-alpha pairs (P_use > 1)
+
+    const long long tp0 = (long long)tenant * P;
+    const qd_u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;
+    if (P_use > 1) {
+        for (int p = 0; p < P_use; ++p) {
+            const int n = n0 + tid;
+            const float a = n < N ? (row_scales ? scales[(tp0 + p) * N + n] : scales[tp0 + p]) : 0.0f;
+            const qd_u32 h = DT == 0 ? qd_f32_to_f16(a) : qd_f32_to_bf16(a);
+            s_alpha[p * QG_BN + tid] = h | (h << 16);
+        }
+    }
+    __syncthreads();
+
+    const long long plane_stride = (long long)N * W;
+    const qd_u32* plane0 = planes + tp0 * plane_stride;
+    const int my_n = n0 + tid;  // the feature whose words this thread stages
+    const int nst = (W + QG_KC - 1) / QG_KC;
+
+#pragma unroll
+    for (int s = 0; s < QG_STAGES - 1; ++s) {
+        if (s < nst)
+            qd_gemm_stage<BM>(xs + s * BM * QG_XSTRIDE, ps + s * ps_words, x, ldx, K, s_rows, plane0,
+                          plane_stride, my_n, N, W, P_use, vec_ok, s);
+        qd_cp_async_commit();
+    }
+
+    float acc[QG_FT][NT][4];
+#pragma unroll
+    for (int f = 0; f < QG_FT; ++f)
+#pragma unroll
+        for (int r = 0; r < NT; ++r)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[f][r][i] = 0.0f;
+
+    for (int st = 0; st < nst; ++st) {
+        qd_cp_async_wait<QG_STAGES - 2>();
+        const int b = st % QG_STAGES;
+        qd_u32* psb = ps + b * ps_words;
+        for (int p = 0; p < P_use; ++p) {  // this thread's own words: no barrier needed before
+#pragma unroll
+            for (int c = 0; c < QG_KC; ++c) {
+                qd_u32* w = psb + (p * QG_BN + tid) * QG_KC + c;
+                *w = qd_gemm_bits(*w);
+            }
+        }
+        __syncthreads();  // stage st visible to all; stage st - 1's buffers are free
+        {
+            const int nx = st + QG_STAGES - 1;
+            if (nx < nst) {
+                const int bx = nx % QG_STAGES;
+                qd_gemm_stage<BM>(xs + bx * BM * QG_XSTRIDE, ps + bx * ps_words, x, ldx, K, s_rows,
+                              plane0, plane_stride, my_n, N, W, P_use, vec_ok, nx);
+            }
+            qd_cp_async_commit();
+        }
+
+        const qd_u16* xsb = xs + b * BM * QG_XSTRIDE;
+        const int chunks = min(QG_KC, W - st * QG_KC);
+        for (int c = 0; c < chunks; ++c) {
+            qd_u32 bf[NT][4];
+#pragma unroll
+            for (int rt = 0; rt < NT; ++rt)
+                qd_ldmatrix_x4(bf[rt], xsb + (wm * 8 * NT + rt * 8 + (lane & 7)) * QG_XSTRIDE + c * 32 +
+                                           8 * (lane >> 3));
+            for (int p = 0; p < P_use; ++p) {
+                const qd_u32* pw = psb + p * QG_BN * QG_KC + c;
+#pragma unroll
+                for (int f = 0; f < QG_FT; ++f) {
+                    const int fl = wf * 64 + f * 16 + g;  // features fl and fl + 8 of the block
+                    const qd_u32 lo = pw[fl * QG_KC] << (4 * t4);
+                    const qd_u32 hi = pw[(fl + 8) * QG_KC] << (4 * t4);
+                    const qd_u32 c_lo = P_use == 1 ? one : s_alpha[p * QG_BN + fl];
+                    const qd_u32 c_hi = P_use == 1 ? one : s_alpha[p * QG_BN + fl + 8];
+#pragma unroll
+                    for (int mk = 0; mk < 2; ++mk) {
+                        const qd_u32 a0 = ((lo << (2 * mk)) & 0x80008000u) ^ c_lo;
+                        const qd_u32 a1 = ((hi << (2 * mk)) & 0x80008000u) ^ c_hi;
+                        const qd_u32 a2 = ((lo << (2 * mk + 1)) & 0x80008000u) ^ c_lo;
+                        const qd_u32 a3 = ((hi << (2 * mk + 1)) & 0x80008000u) ^ c_hi;
+#pragma unroll
+                        for (int rt = 0; rt < NT; ++rt)
+                            qd_mma<DT>(acc[f][rt], a0, a1, a2, a3, bf[rt][2 * mk], bf[rt][2 * mk + 1]);
+                    }
+                }
+            }
+        }
+    }
+    qd_cp_async_wait<0>();  // nothing may still be writing shared memory at exit
+
+    // C fragment: d0, d1 = feature g, rows 2*t4 and 2*t4 + 1; d2, d3 = feature g + 8.
+#pragma unroll
+    for (int f = 0; f < QG_FT; ++f)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int n = n0 + wf * 64 + f * 16 + 8 * h + g;
+            if (n >= N) continue;
+            float scale = 1.0f;
+            if (P_use == 1) scale = row_scales ? scales[tp0 * N + n] : scales[tp0];
+#pragma unroll
+            for (int rt = 0; rt < NT; ++rt)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int gr = s_rows[wm * 8 * NT + rt * 8 + 2 * t4 + j];
+                    if (gr < 0) continue;
+                    float v = acc[f][rt][2 * h + j] * scale;
+                    if (base != nullptr) v += qd_load<DT>(base, gr * ldb + n);
+                    qd_store<DT>(y, gr * ldy + n, v);
+                }
+        }
 }

@@ -44,10 +44,11 @@ SELFTEST_KERNELS = [
     "mma_with_exited_lanes",
     "three_args",
     "bad_width",
+    "ldmatrix_x4",
 ]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
 DTYPES = list(TOL)
-PATHS = ["decode", "prefill", "mma"]
+PATHS = ["decode", "prefill", "gemm", "mma"]
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:
@@ -318,6 +319,43 @@ def test_mma_fragment_layout_matches_a_matmul(selftest, rng, bf16):
             lane
         ].tolist()
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+def test_ldmatrix_x4_fragments_and_cp_async_zero_fill(selftest, rng, trans):
+    """Lanes 8j..8j+7 address the rows of matrix j; lane (g, t) gets (row g, cols 2t,
+    2t+1) of each, or with .trans (rows 2t, 2t+1, col g); the lower index in the low
+    half. Rows staged by cp.async past live_rows are zero."""
+    m = rng.integers(0, 2**16, (32, 8), dtype=np.uint16)
+    rows = rng.permutation(32).astype(np.int32)
+    live = 27
+    out = torch.zeros(32 * 4, dtype=torch.int32)
+    mt, rt = torch.from_numpy(m.view(np.int16).copy()), torch.from_numpy(rows)
+    selftest.get_function("ldmatrix_x4")(
+        (1,), (32,), (ptr(mt), ptr(rt), np.int32(int(trans)), np.int32(live), np.int32(0),
+                      ptr(out))
+    )  # fmt: skip
+    staged = m.astype(np.uint32)
+    staged[live:] = 0
+    got = out.numpy().view(np.uint32).reshape(32, 4)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for j in range(4):
+            mat = staged[rows[8 * j : 8 * j + 8]]  # matrix j: its rows as the lanes address them
+            lo, hi = (
+                (mat[2 * t, g], mat[2 * t + 1, g]) if trans else (mat[g, 2 * t], mat[g, 2 * t + 1])
+            )
+            assert got[lane, j] == lo | (hi << 16), (lane, j)
+
+
+def test_ldmatrix_rows_must_be_16_byte_aligned(selftest):
+    m = torch.zeros(32 * 8, dtype=torch.int16)
+    rows = torch.arange(32, dtype=torch.int32)
+    out = torch.zeros(32 * 4, dtype=torch.int32)
+    with pytest.raises(cuda_backend.KernelLaunchError, match="not 16-byte aligned"):
+        selftest.get_function("ldmatrix_x4")(
+            (1,), (32,), (ptr(m), ptr(rows), np.int32(0), np.int32(32), np.int32(1), ptr(out))
+        )
 
 
 def test_dynamic_shared_memory_is_poisoned_at_every_block(selftest):
@@ -596,3 +634,124 @@ def test_grid_check_and_device_check_still_apply(emulated, gen):
         cuda_backend.launch(None, x.device, "qd_expand<0>", (1, 70000), (32,), ())
     with pytest.raises(QDeltaError, match="on cpu"):
         cuda_backend.multi_tenant_delta_matmul(x, planes.to("meta"), scales, None)
+
+
+# ---------------------------------------------------------------------------
+# The fused prefill GEMM (qd_delta_gemm, path="gemm")
+# ---------------------------------------------------------------------------
+
+
+def launched(monkeypatch) -> list[str]:
+    """The kernel names the host code launches from here on."""
+    names: list[str] = []
+    real = cuda_backend._launch
+
+    def spy(device, name, *args, **kwargs):
+        names.append(name)
+        return real(device, name, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_backend, "_launch", spy)
+    return names
+
+
+GEMM_CASES = [
+    # m, tenants, k, n, planes, row scales, x row offset (breaks 16-byte alignment)
+    (300, 2, 1000, 200, 1, True, 0),  # 2+ row tiles per tenant, 8 pipeline stages, W % 4 = 0
+    (150, 3, 520, 130, 3, False, 0),  # three planes share the accumulators; N = 128 + 2
+    (260, 1, 129, 257, 2, True, 1),  # unaligned x rows (padded copy); W = 5, not a multiple of 4
+]
+
+
+@pytest.mark.parametrize("tile_rows", cuda_backend.GEMM_ROW_CHOICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "m{}-t{}-k{}-n{}-p{}".format(*c[:5]))
+def test_gemm_tiles_stages_and_layouts(emulated, gen, monkeypatch, dtype, case, tile_rows):
+    m, t, k, n, p, row, offset = case
+    monkeypatch.setattr(cuda_backend, "GEMM_ROWS", tile_rows)
+    names = launched(monkeypatch)
+    wide = torch.randn(m, k + 8, generator=gen).to(dtype)
+    x = wide[:, offset : offset + k]  # row stride k + 8; offset 1 is 2 bytes off alignment
+    planes = random_planes(t, p, n, k, gen)
+    scales = random_scales(t, p, n, row, gen)
+    scales[..., ::5] *= -1  # negative alphas flip the signs (XOR into the A fragments)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    base = torch.randn(m, n, generator=gen).to(dtype)
+    want = oracle(x, planes, scales, ids, base)
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, base=base, out=base, path="gemm"
+    )
+    assert names == [f"qd_delta_gemm<{cuda_backend.DTYPE_CODES[dtype]}, {tile_rows // 16}>"]
+    assert_close(y, want, f"gemm {case} {dtype}")
+
+
+def test_gemm_one_tenant_many_tiles_in_several_launches(emulated, gen, monkeypatch):
+    """More tiles than grid y holds go out in several launches (limit lowered to 2)."""
+    monkeypatch.setattr(cuda_backend, "MAX_GRID_Y", 2)
+    names = launched(monkeypatch)
+    m, k, n = 5 * cuda_backend.GEMM_ROWS + 3, 64, 40
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(1, 1, n, k, gen)[0]
+    scales = random_scales(1, 1, n, False, gen)[0]
+    y = cuda_backend.delta_matmul(x, planes, scales, out=poisoned(m, n, x.dtype), path="gemm")
+    assert names == ["qd_delta_gemm<0, 8>"] * 3  # 6 tiles, 2 per launch
+    ids = torch.zeros(m, dtype=torch.int64)
+    assert_close(y, oracle(x, planes[None], scales[None], ids), "6 tiles in 3 launches")
+
+
+def test_gemm_expands_for_fp32_and_too_many_planes(emulated, gen, monkeypatch):
+    names = launched(monkeypatch)
+    m, k, n, t = 20, 70, 24, 2
+    ids = torch.randint(0, t, (m,), generator=gen)
+    for dtype, p in ((torch.float32, 1), (torch.float16, cuda_backend.GEMM_MAX_PLANES + 1)):
+        names.clear()
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        planes = random_planes(t, p, n, k, gen)
+        scales = random_scales(t, p, n, False, gen)
+        y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="gemm")
+        assert names and all(name.startswith("qd_expand") for name in names), names
+        assert_close(y, oracle(x, planes, scales, ids), f"gemm fallback {dtype} P={p}")
+
+
+@pytest.mark.parametrize("kernel", ["expand", "gemm"])
+def test_prefill_kernel_switch(emulated, gen, monkeypatch, kernel):
+    monkeypatch.setattr(cuda_backend, "PREFILL_KERNEL", kernel)
+    names = launched(monkeypatch)
+    m, k, n, t = 70, 96, 33, 2  # 70 rows > DECODE_MAX_ROWS: auto takes the prefill path
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    planes = random_planes(t, 1, n, k, gen)
+    scales = random_scales(t, 1, n, True, gen)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids)
+    assert {name.split("<")[0] for name in names} == (
+        {"qd_delta_gemm"} if kernel == "gemm" else {"qd_expand_rows"}
+    )
+    assert_close(y, oracle(x, planes, scales, ids), f"auto prefill with {kernel}")
+
+
+def test_gemm_tiles_cover_each_tenant_in_order():
+    rows = cuda_backend.GEMM_ROWS
+    assert cuda_backend.gemm_tiles([0, 3, 0, 2 * rows + 1]) == [
+        (1, 0, 3),
+        (3, 3, rows),
+        (3, 3 + rows, rows),
+        (3, 3 + 2 * rows, 1),
+    ]
+    assert cuda_backend.gemm_tiles([0, 0]) == []
+    assert cuda_backend.gemm_tiles([130], 64) == [(0, 0, 64), (0, 64, 64), (0, 128, 2)]
+    # One plane fits two blocks per H200 SM (228 KB); eight planes still fit sm_80 (163 KB).
+    assert 2 * (cuda_backend.gemm_shared_bytes(1) + 1024 + 512) <= 228 * 1024
+    assert cuda_backend.gemm_shared_bytes(cuda_backend.GEMM_MAX_PLANES) <= 163 * 1024
+
+
+def test_gemm_with_no_row_for_any_tenant_writes_base_and_nan(emulated, gen, monkeypatch):
+    names = launched(monkeypatch)
+    x = torch.randn(4, 40, generator=gen).half()
+    planes = random_planes(2, 1, 16, 40, gen)
+    scales = random_scales(2, 1, 16, False, gen)
+    base = torch.randn(4, 16, generator=gen).half()
+    ids = torch.tensor([-1, 2, -1, -1])
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, base=base, check_ids=False, path="gemm"
+    )
+    assert names == []  # no tile: nothing to launch
+    assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2, 3]], base[[0, 2, 3]])

@@ -90,7 +90,7 @@ def test_multi_tenant_matches_reference(dtype, k, m):
     assert_close(y, oracle(x, planes, scales, ids), what)
 
 
-PATHS = ["decode", "prefill", "mma"]
+PATHS = ["decode", "prefill", "gemm", "mma"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -106,3 +106,26 @@ def test_kernel_and_stream_caches_follow_the_current_stream():
             )
         stream.synchronize()
         assert_close(y, want, "after switching streams")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tile_rows", cuda_backend.GEMM_ROW_CHOICES)
+@pytest.mark.parametrize(
+    ("m", "t", "k", "n", "p"), [(600, 3, 4097, 300, 1), (512, 1, 1024, 4096, 2)]
+)
+def test_prefill_gemm_matches_the_expand_path(monkeypatch, dtype, tile_rows, m, t, k, n, p):
+    """PREFILL_KERNEL = "gemm" (fused, any GEMM_ROWS) against "expand" on the same inputs."""
+    monkeypatch.setattr(cuda_backend, "GEMM_ROWS", tile_rows)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, p, n, k)
+    scales = random_scales(t, p, n, row=True)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    base = torch.randn(m, n, device=DEV).to(dtype)
+    want = oracle(x, planes, scales, ids, base)
+    got = {}
+    for kernel in ("expand", "gemm"):
+        monkeypatch.setattr(cuda_backend, "PREFILL_KERNEL", kernel)
+        got[kernel] = cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, base=base, out=poisoned(m, n, dtype), path="prefill"
+        )
+        assert_close(got[kernel], want, f"prefill {kernel} rows={tile_rows} M={m} {dtype}")

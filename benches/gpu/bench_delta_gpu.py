@@ -3,8 +3,9 @@
 Decode (the lookup-table path): one row per tenant, B tenants, N = K; kernel vs (a) naive: B dense fp16
 matmuls of per-tenant weights (torch.bmm), (b) the memory floor: packed bytes /
 measured device-to-device bandwidth. Prefill: M = 512 rows of one tenant vs a
-dense fp16 GEMM of the same shape (the prefill path: expansion + cuBLAS; the
-expansion alone is timed too).
+dense fp16 GEMM of the same shape, for both prefill kernels side by side: the
+expansion + cuBLAS (the expansion alone is timed too) and the fused GEMM
+(qd_delta_gemm, 128- and 64-row tiles); and 4 tenants x 128 rows in one call.
 
 GPU times come from CUDA events around the work only: the GPU is kept busy
 (torch.cuda._sleep) while the host enqueues, and L2 is flushed before each
@@ -138,7 +139,7 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
     dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
 
     def kernel():
-        cuda_backend.delta_matmul(x, planes, scales, out=out)
+        cuda_backend.delta_matmul(x, planes, scales, out=out, path="prefill")
 
     def gemm():
         torch.matmul(x, dense.T, out=out)
@@ -149,17 +150,47 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
     kernel_us = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
     dense_us = gpu_time_us(gemm, warmup=5, iters=iters, flush=flush)
     expand_us = gpu_time_us(expand_only, warmup=3, iters=iters, flush=flush)
-    return {
+    row = {
         "kind": "prefill",
         "M": m,
         "N": n,
         "K": k,
+        "prefill_kernel": cuda_backend.PREFILL_KERNEL,
         "kernel_us": kernel_us,
         "expand_us": expand_us,
         "dense_fp16_gemm_us": dense_us,
         "kernel_over_dense": kernel_us / dense_us,
         "kernel_tflops": 2 * m * n * k / kernel_us / 1e6,
     }
+    saved = cuda_backend.GEMM_ROWS
+    try:
+        for rows in cuda_backend.GEMM_ROW_CHOICES:
+            cuda_backend.GEMM_ROWS = rows
+
+            def fused():
+                cuda_backend.delta_matmul(x, planes, scales, out=out, path="gemm")
+
+            fused_us = gpu_time_us(fused, warmup=5, iters=iters, flush=flush)
+            row[f"gemm{rows}_us"] = fused_us
+            row[f"gemm{rows}_over_dense"] = fused_us / dense_us
+        # Four tenants x 128 rows in one call, each path, against the same dense GEMM.
+        tenants = 4
+        planes4 = random_packed(tenants, n, k)
+        scales4 = torch.rand(tenants, 1, device="cuda") * 0.01
+        ids = torch.arange(tenants, device="cuda").repeat_interleave(m // tenants)
+        cuda_backend.GEMM_ROWS = 128
+        for path in ("prefill", "gemm"):
+
+            def mixed(path=path):
+                cuda_backend.multi_tenant_delta_matmul(
+                    x, planes4, scales4, ids, out=out, check_ids=False, path=path
+                )
+
+            key = "expand" if path == "prefill" else "gemm"
+            row[f"tenants4_{key}_us"] = gpu_time_us(mixed, warmup=3, iters=iters, flush=flush)
+    finally:
+        cuda_backend.GEMM_ROWS = saved
+    return row
 
 
 def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
@@ -241,18 +272,27 @@ def markdown(report: dict) -> str:
             )
     lines += [
         "",
-        f"## Prefill (M = {PREFILL_ROWS}, one tenant, fp16)",
+        f"## Prefill (M = {PREFILL_ROWS}, fp16)",
         "",
-        "| N=K | kernel µs | of which expansion µs | dense fp16 GEMM µs | kernel/dense "
-        "| kernel TFLOP/s |",
-        "|---|---|---|---|---|---|",
+        "One tenant: the default prefill path, the expansion alone, the fused GEMM with 128- "
+        "and 64-row tiles, and a dense fp16 GEMM of the same shape; then 4 tenants x "
+        f"{PREFILL_ROWS // 4} rows in one call.",
+        "",
+        "| N=K | default path | µs | of which expansion µs | fused 128 µs | fused 64 µs "
+        "| dense fp16 GEMM µs | default/dense | fused 128/dense | fused 64/dense "
+        "| 4 tenants expand µs | 4 tenants fused µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r.get("kind") == "prefill" and "kernel_us" in r:
             lines.append(
-                f"| {r['N']} | {r['kernel_us']:.1f} | {r['expand_us']:.1f} | "
-                f"{r['dense_fp16_gemm_us']:.1f} | {r['kernel_over_dense']:.2f} | "
-                f"{r['kernel_tflops']:.0f} |"
+                f"| {r['N']} | {r.get('prefill_kernel', 'expand')} | {r['kernel_us']:.1f} "
+                f"| {r['expand_us']:.1f} | {r.get('gemm128_us', float('nan')):.1f} "
+                f"| {r.get('gemm64_us', float('nan')):.1f} | {r['dense_fp16_gemm_us']:.1f} "
+                f"| {r['kernel_over_dense']:.2f} | {r.get('gemm128_over_dense', float('nan')):.2f} "
+                f"| {r.get('gemm64_over_dense', float('nan')):.2f} "
+                f"| {r.get('tenants4_expand_us', float('nan')):.1f} "
+                f"| {r.get('tenants4_gemm_us', float('nan')):.1f} |"
             )
     variants = [r for r in report["results"] if r.get("kind") == "variant" and "N" in r]
     if variants:

@@ -46,6 +46,25 @@ LUT_L2_LINE_LOADS = True
 # Prefill expansion kernel: "rows" (qd_expand_rows: 2-D grid, no 64-bit division,
 # sign-bit flip for one plane) or "flat" (the original qd_expand). Same output bits.
 EXPAND_KERNEL = "rows"
+# What path="prefill" (and "auto" above the decode limits) runs: "expand" (expand each
+# tenant's delta, then cuBLAS; measured on the H200 at 1.40x a dense GEMM) or "gemm"
+# (qd_delta_gemm: one fused tensor-core GEMM straight from the packed words, no dense
+# delta written; checked by the emulator, not yet timed on a GPU). fp16/bf16 only:
+# fp32 inputs and more than GEMM_MAX_PLANES planes always expand.
+PREFILL_KERNEL = "expand"
+# Fused prefill GEMM (qd_delta_gemm): tile and pipeline shape, as in the .cu file.
+# x rows per block (one tile of one tenant's rows): 128 (NT = 8 row tiles per warp) or
+# 64 (NT = 4: twice the blocks when M is small; each sign fragment feeds 4 mmas, not 8).
+GEMM_ROWS = 128
+GEMM_ROW_CHOICES = (128, 64)
+GEMM_FEATURES = 128  # output features per block
+GEMM_THREADS = 128
+GEMM_STAGES = 3
+GEMM_WORDS = 4  # packed words (128 k) per pipeline stage
+GEMM_XSTRIDE = GEMM_WORDS * 32 + 8  # halves per staged x row
+# More planes than this do not fit the stages in an sm_80 block's shared memory (163 KB).
+GEMM_MAX_PLANES = 8
+MAX_GRID_Y = 65535
 LUT_GROUP_ROWS = (1, 2, 4)  # R: x rows sharing one read of a tenant's planes
 LUT_THREADS = 256  # 8 warps: the kernel's table build assumes exactly this
 LUT_WORDS = 8  # packed words per K slice (one 32 KB table per x row)
@@ -53,7 +72,7 @@ LUT_BYTES_PER_ROW = 256 * 4 * LUT_WORDS * 4
 FINISH_THREADS = 256
 EXPAND_THREADS = 256
 
-Path_ = Literal["auto", "decode", "prefill", "mma"]
+Path_ = Literal["auto", "decode", "prefill", "gemm", "mma"]
 
 
 class KernelLaunchError(QDeltaError):
@@ -70,6 +89,7 @@ def name_expressions() -> list[str]:
     names += [f"qd_lut_finish<{dt}>" for dt in dts]
     names += [f"qd_expand<{dt}>" for dt in dts]
     names += [f"qd_expand_rows<{dt}>" for dt in dts]
+    names += [f"qd_delta_gemm<{dt}, {r // 16}>" for r in GEMM_ROW_CHOICES for dt in dts[:2]]
     return names
 
 
@@ -287,14 +307,18 @@ def multi_tenant_delta_matmul(
     the ids are not read back to the host (no sync); an out-of-range id then
     turns its output row into NaN instead of raising.
 
-    ``path``: ``"decode"`` (lookup-table kernel, few rows), ``"prefill"`` (expand each
-    tenant's delta once to a dense matrix in x's dtype, then cuBLAS; the prefill
-    path reads the ids on the host once), ``"mma"`` (tensor-core kernel) or
+    ``path``: ``"decode"`` (lookup-table kernel, few rows), ``"prefill"`` (the kernel
+    PREFILL_KERNEL names: ``"expand"`` each tenant's delta once to a dense matrix in x's
+    dtype, then cuBLAS, or the fused ``"gemm"``; the prefill paths read the ids on the
+    host once), ``"gemm"`` (the fused tensor-core GEMM from the packed words, fp16/bf16;
+    fp32 expands), ``"mma"`` (tensor-core kernel for few rows) or
     ``"auto"`` (:func:`auto_path`): mma for one row, decode for M <= 64 rows with tenant
     ids (M <= 16 for one tenant), else prefill. All paths compute the same result (docs/CUDA.md).
     """
-    if path not in ("auto", "decode", "prefill", "mma"):
-        raise ShapeError(f"path: expected 'auto', 'decode', 'prefill' or 'mma', found {path!r}")
+    if path not in ("auto", "decode", "prefill", "gemm", "mma"):
+        raise ShapeError(
+            f"path: expected 'auto', 'decode', 'prefill', 'gemm' or 'mma', found {path!r}"
+        )
     if not isinstance(x, torch.Tensor) or not RUNTIME.on_device(x):
         raise DTypeError("x: expected a CUDA torch.Tensor")
     device = x.device
@@ -367,6 +391,8 @@ def multi_tenant_delta_matmul(
     dt = DTYPE_CODES[x.dtype]
     if path == "decode":
         _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    elif path == "gemm" or (path == "prefill" and PREFILL_KERNEL == "gemm"):
+        _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     elif path == "prefill":
         _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     else:
@@ -525,6 +551,30 @@ def _dense_rows(x, dense, base, out) -> None:
         torch.addmm(base, x, dense.T, out=out)
 
 
+def _tenant_order(tenant_ids: torch.Tensor, tenants: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows sorted by tenant (stable) and the rows per tenant; bad ids and -1 sort last.
+
+    ``counts[tenants]`` counts the rows of id -1 and of out-of-range ids. One host sync.
+    """
+    valid = (tenant_ids >= 0) & (tenant_ids < tenants)
+    key = torch.where(valid, tenant_ids, torch.full_like(tenant_ids, tenants))
+    order = torch.argsort(key, stable=True)
+    return order, torch.bincount(key, minlength=tenants + 1).tolist()
+
+
+def _fill_rest(out, base, tenant_ids, rest) -> None:
+    """Rows without a delta: base (or 0) for id -1, NaN for out-of-range ids."""
+    if not rest.numel():
+        return
+    if base is None:
+        fill = torch.zeros(rest.numel(), out.shape[1], dtype=out.dtype, device=out.device)
+    else:
+        fill = base.index_select(0, rest)
+    bad = tenant_ids.index_select(0, rest) != -1
+    fill = fill.masked_fill(bad[:, None], float("nan"))
+    out.index_copy_(0, rest, fill)
+
+
 def _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
     """Prefill: expand each present tenant's delta once, then one GEMM per tenant."""
     tenants = planes.shape[0]
@@ -533,10 +583,7 @@ def _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -
         dense = _expand(planes[0], scales[0], use, row_scales, dt, x.dtype, k)
         _dense_rows(x, dense, base, out)
         return
-    valid = (tenant_ids >= 0) & (tenant_ids < tenants)
-    key = torch.where(valid, tenant_ids, torch.full_like(tenant_ids, tenants))
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=tenants + 1).tolist()  # one host sync
+    order, counts = _tenant_order(tenant_ids, tenants)
     start = 0
     for t in range(tenants):
         c = counts[t]
@@ -550,15 +597,94 @@ def _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -
             x.index_select(0, rows), dense, None if base is None else base.index_select(0, rows), y
         )
         out.index_copy_(0, rows, y)
-    rest = order[start:]  # id -1 (base or 0) and out-of-range ids (NaN)
-    if rest.numel():
-        if base is None:
-            fill = torch.zeros(rest.numel(), out.shape[1], dtype=out.dtype, device=out.device)
-        else:
-            fill = base.index_select(0, rest)
-        bad = tenant_ids.index_select(0, rest) != -1
-        fill = fill.masked_fill(bad[:, None], float("nan"))
-        out.index_copy_(0, rest, fill)
+    _fill_rest(out, base, tenant_ids, order[start:])
+
+
+def gemm_shared_bytes(use: int, rows: int = GEMM_ROWS) -> int:
+    """Dynamic shared memory of one qd_delta_gemm block: ``use`` planes, ``rows`` x rows."""
+    x_stage = rows * GEMM_XSTRIDE * 2
+    plane_stage = use * GEMM_FEATURES * GEMM_WORDS * 4
+    return GEMM_STAGES * (x_stage + plane_stage) + use * GEMM_FEATURES * 4
+
+
+def gemm_tiles(counts: list[int], rows: int = GEMM_ROWS) -> list[tuple[int, int, int]]:
+    """(tenant, first position in the sorted row order, rows) of every block row.
+
+    The ``counts[t]`` rows of tenant t follow each other in the sorted order; each
+    tenant's rows split into tiles of at most ``rows`` (pure function, unit-tested).
+    """
+    tiles = []
+    start = 0
+    for tenant, c in enumerate(counts):
+        tiles += [(tenant, start + s, min(rows, c - s)) for s in range(0, c, rows)]
+        start += c
+    return tiles
+
+
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows are 16-byte aligned (cp.async copies), else a padded copy."""
+    if x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    m_rows, k = x.shape
+    padded = torch.zeros(m_rows, -(-k // 8) * 8, dtype=x.dtype, device=x.device)
+    padded[:, :k] = x
+    return padded
+
+
+def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    """Prefill on the fused GEMM: one launch over every tenant's row tiles, no dense delta."""
+    import numpy as np
+
+    if dt == DTYPE_CODES[torch.float32] or use > GEMM_MAX_PLANES:
+        _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+        return
+    if GEMM_ROWS not in GEMM_ROW_CHOICES:
+        raise ShapeError(f"GEMM_ROWS: expected one of {GEMM_ROW_CHOICES}, found {GEMM_ROWS}")
+    device = x.device
+    m_rows, k = x.shape
+    tenants, n_planes, n, w = planes.shape
+    xa = _aligned_rows(x)
+    rows = None
+    rest = None
+    if tenant_ids is None:
+        tile_list = gemm_tiles([m_rows], GEMM_ROWS)
+    else:
+        order, counts = _tenant_order(tenant_ids, tenants)
+        rows = order.to(torch.int32)
+        tile_list = gemm_tiles(counts[:tenants], GEMM_ROWS)
+        rest = order[sum(counts[:tenants]) :]
+    tiles = torch.tensor(tile_list, dtype=torch.int32).reshape(-1, 3).to(device)
+    vec_ok = w % 4 == 0 and planes.data_ptr() % 16 == 0
+    for first in range(0, len(tile_list), MAX_GRID_Y):  # grid y holds at most 65535 tiles
+        _launch(
+            device,
+            f"qd_delta_gemm<{dt}, {GEMM_ROWS // 16}>",
+            (-(-n // GEMM_FEATURES), min(MAX_GRID_Y, len(tile_list) - first)),
+            (GEMM_THREADS,),
+            (
+                _ptr(xa),
+                np.int64(xa.stride(0)),
+                np.int32(k),
+                _ptr(planes),
+                _ptr(scales),
+                _ptr(rows),
+                np.uint64(tiles.data_ptr() + 12 * first),
+                np.int32(m_rows),
+                _ptr(base),
+                np.int64(base.stride(0) if base is not None else 0),
+                _ptr(out),
+                np.int64(out.stride(0)),
+                np.int32(n),
+                np.int32(w),
+                np.int32(n_planes),
+                np.int32(use),
+                np.int32(1 if row_scales else 0),
+                np.int32(1 if vec_ok else 0),
+            ),
+            shared_mem=gemm_shared_bytes(use, GEMM_ROWS),
+        )
+    if rest is not None:
+        _fill_rest(out, base, tenant_ids, rest)
 
 
 def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:

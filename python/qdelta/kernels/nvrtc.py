@@ -71,3 +71,65 @@ def compile_source(
 def _check(nvrtc, err, name: str, step: str) -> None:
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise KernelCompileError(f"{name}: NVRTC {step} failed: {err}")
+
+
+def find_ptxas() -> str | None:
+    """A ptxas binary: $QDELTA_PTXAS, the PATH, or the one triton (a torch dependency) ships."""
+    import shutil
+
+    explicit = os.environ.get("QDELTA_PTXAS")
+    if explicit:
+        return explicit
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    try:
+        import triton
+    except Exception:
+        return None
+    candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(candidate) if candidate.is_file() else None
+
+
+def kernel_resources(ptx: bytes, arch: str, ptxas: str) -> dict[str, dict[str, int]]:
+    """Registers and spill bytes per entry point, from ``ptxas -v`` on ``ptx``.
+
+    The NVRTC wheel may emit a newer PTX ISA version than an older ptxas accepts;
+    the kernels use nothing newer than 8.x, so the version line is lowered to what
+    this ptxas reports it supports when it refuses the original.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    text = ptx.rstrip(b"\0").decode()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernels.ptx"
+        for attempt in range(2):
+            src.write_text(text)
+            run = subprocess.run(
+                [ptxas, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            supported = re.search(r"current version is '(\d+\.\d+)'", run.stderr)
+            if run.returncode == 0 or attempt or not supported:
+                break
+            text = re.sub(r"^\.version \S+", f".version {supported.group(1)}", text, flags=re.M)
+    if run.returncode != 0:
+        raise KernelCompileError(f"ptxas ({arch}): expected a clean assembly, found:\n{run.stderr}")
+    resources: dict[str, dict[str, int]] = {}
+    current = None
+    for line in run.stderr.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)'", line)
+        if entry:
+            current = resources.setdefault(entry.group(1), {"registers": 0, "spill_bytes": 0})
+        elif current is not None:
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if spills:
+                current["spill_bytes"] = int(spills.group(1)) + int(spills.group(2))
+            used = re.search(r"Used (\d+) registers", line)
+            if used:
+                current["registers"] = int(used.group(1))
+    return resources
