@@ -1,10 +1,11 @@
 // Block attention for ring attention: one query block against one key/value
 // block, returning the exact partial (out, lse) in fp32 so blocks can be merged
 // (python/qdelta/ring/merge.py). Online softmax over key tiles held in shared
-// memory. Two kernels: attention_block (below, CUDA cores only) and
+// memory. Three kernels: attention_block (below, CUDA cores only),
 // attention_block_mma (further down: tensor cores through inline-PTX
-// mma.sync, sm_80+). Neither uses <mma.h> or the WMMA API: no headers are
-// included (see below).
+// mma.sync, sm_80+) and attention_block_mma2 (last: the same with cp.async
+// double buffering and ldmatrix fragment loads; the default). None uses
+// <mma.h> or the WMMA API: no headers are included (see below).
 //
 // Layout: q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] contiguous, fp16 (DT = 0) or
 // bf16 (DT = 1) passed as their 16-bit patterns;
@@ -428,5 +429,438 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
   if (t == 0) {
     if (v0) lse[row_base + r0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : neg_inf();
     if (v1) lse[row_base + r1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : neg_inf();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// attention_block_mma2: the same contract, FlashAttention-2 style with the
+// shared-memory traffic of attention_block_mma cut down:
+// * K and V tiles (64 keys, rows padded by 8 halves) are double buffered in
+//   dynamic shared memory and staged by cp.async (16 bytes per copy, zero-fill
+//   past Sk): tile t + 1 is in flight while tile t computes; one __syncthreads
+//   per tile (wait for tile t, then reuse the other buffer for tile t + 1).
+// * B fragments by ldmatrix.x4: S = Q K^T takes b0, b1 of two k-steps from one
+//   ldmatrix (K rows as stored), O += P V takes those of two n-tiles from one
+//   ldmatrix.trans (V is [key][dim] in shared memory, B wants [dim][key]).
+// * Scores stay raw (no per-element multiply): the row max is scaled once and
+//   P = exp2(s * scale * log2e - max) is one fma and one ex2.approx.ftz.
+//   A negative scale is folded into Q's signs and a zero scale into Q = 0
+//   (the host refuses NaN and infinite scales), so the scale used is positive
+//   and raw maxima scale to scaled maxima.
+// * Per-warp tile decisions: a warp skips a tile whose keys are all past the
+//   causal diagonal for its 16 rows (and warps with no row inside Sq skip all
+//   tiles), and applies per-element masks only when some of its own 16 rows
+//   need them (ragged Sk end, segment ids, causal diagonal). Rows past Sq are
+//   not masked: Q is zero there and those rows are never stored.
+// * Causal launches visit query blocks last to first (the blocks with the
+//   most key tiles start first).
+// Shape: 4 warps (64 query rows) per block, grid (ceil(Sq / 64), Hq, B),
+// registers capped for 3 blocks per SM at D = 64 (154 used on sm_90) and 2 at
+// D = 128 (217); no spills. (8 warps / 128 rows for D = 64 would need <= 128
+// registers for 2 blocks per SM: ptxas spills there; 3 blocks at D = 128 spill
+// 8 bytes.) Dynamic shared memory: 2 stages x (K, V) x 64 x (D + 8) halves +
+// 2 x 64 int32 segment ids (37376 bytes for D = 64, 70144 for D = 128: the
+// launcher opts in above 48 KB; cuda_block.shared_bytes mirrors kSmemBytes).
+// Fragment layouts as for attention_block_mma. Needs sm_80+; q/k/v 16-byte
+// aligned.
+//
+// qdelta-instantiate: attention_block_mma2<0, 64>
+// qdelta-instantiate: attention_block_mma2<0, 128>
+// qdelta-instantiate: attention_block_mma2<1, 64>
+// qdelta-instantiate: attention_block_mma2<1, 128>
+
+namespace {
+
+template <int D>
+struct Mma2Shape {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kWarps;
+  static constexpr int kKeys = 64;
+  static constexpr int kStride = D + kPad;        // u16 per shared row
+  static constexpr int kTile = kKeys * kStride;   // u16 per K or V tile
+  static constexpr int kSmemBytes = 2 * 2 * kTile * 2 + 2 * kKeys * 4;
+  // Blocks per SM the register budget is set for (ptxas: no spills).
+  static constexpr int kMinBlocks = D == 64 ? 3 : 2;
+};
+
+// Shared-memory operands of ldmatrix / cp.async: a byte address in the shared
+// window on the GPU, a plain pointer under the emulator.
+#ifdef QDELTA_EMULATE
+typedef const u16* SPtr;
+__device__ __forceinline__ SPtr sptr(const u16* p) { return p; }
+__device__ __forceinline__ SPtr sptr_add(SPtr p, int halves) { return p + halves; }
+#else
+typedef unsigned int SPtr;
+__device__ __forceinline__ SPtr sptr(const u16* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ SPtr sptr_add(SPtr p, int halves) { return p + 2u * halves; }
+#endif
+
+// Four 8x8 b16 matrices; lanes 8j..8j+7 give the rows of matrix j.
+__device__ __forceinline__ void ldsm_x4(unsigned int* r, SPtr row) {
+#ifdef QDELTA_EMULATE
+  qd_emu::ldmatrix_x4(r, row, false);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+#endif
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned int* r, SPtr row) {
+#ifdef QDELTA_EMULATE
+  qd_emu::ldmatrix_x4(r, row, true);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row));
+#endif
+}
+
+// Asynchronous global -> shared copies; bytes past src_bytes are zero-filled.
+__device__ __forceinline__ void cp_async16(SPtr dst, const void* src, int src_bytes) {
+#ifdef QDELTA_EMULATE
+  qd_emu::cp_async(const_cast<u16*>(dst), src, 16, src_bytes);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(SPtr dst, const void* src, int src_bytes) {
+#ifdef QDELTA_EMULATE
+  qd_emu::cp_async(const_cast<u16*>(dst), src, 4, src_bytes);
+#else
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef QDELTA_EMULATE
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef QDELTA_EMULATE
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// 2^x, denormal results flushed to zero (one MUFU.EX2); 2^-inf = 0.
+__device__ __forceinline__ float ex2(float x) {
+#ifdef QDELTA_EMULATE
+  const float r = exp2f(x);
+  return r < 1.17549435e-38f ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+}  // namespace
+
+template <int DT, int D>
+__global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBlocks)
+    attention_block_mma2(const u16* __restrict__ q, const u16* __restrict__ k,
+                         const u16* __restrict__ v, float* __restrict__ out,
+                         float* __restrict__ lse, const int* __restrict__ q_seg,
+                         const int* __restrict__ kv_seg, int seg_batched, int hq, int hkv,
+                         int sq, int sk, float scale, int causal, long long q_start,
+                         long long kv_start) {
+  typedef Mma2Shape<D> Shape;
+  static_assert(D % 32 == 0, "head dim must be a multiple of 32 (k-step pairs, n-tile pairs)");
+  constexpr int kThreads = Shape::kThreads;
+  constexpr int kRows = Shape::kRows;
+  constexpr int kKeys = Shape::kKeys;
+  constexpr int kStride = Shape::kStride;
+  constexpr int kTile = Shape::kTile;
+  constexpr int kKSteps = D / 16;     // k-steps of S = Q K^T
+  constexpr int kOTiles = D / 8;      // n-tiles of O
+  constexpr int kSTiles = kKeys / 8;  // n-tiles of S
+  constexpr int kChunks = D / 8;      // 16-byte chunks per K/V row
+  constexpr int kCopies = kKeys * kChunks / kThreads;  // per thread, per tile, for K and for V
+  static_assert(kKeys * kChunks % kThreads == 0 && kKeys <= kThreads, "tile copy split");
+
+  // [stage][K, V][key][kStride] halves, then [stage][key] segment ids.
+  extern __shared__ __align__(16) u16 smem_mma2[];
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+
+#ifdef QDELTA_EMULATE
+  if (qd_emu::dyn_smem_bytes() < (unsigned int)Shape::kSmemBytes) {
+    qd_emu::kernel_error("expected " + std::to_string(Shape::kSmemBytes) +
+                         " bytes of dynamic shared memory, found " +
+                         std::to_string(qd_emu::dyn_smem_bytes()));
+  }
+#endif
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int h_kv = h / (hq / hkv);
+  // Causal: the last query block (the most key tiles) is launched first.
+  const int qblock = causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int block_row0 = qblock * kRows;
+  const int warp_row0 = block_row0 + warp * 16;
+  const int r0 = warp_row0 + g;  // this thread's rows: r0 and r0 + 8
+  const int r1 = r0 + 8;
+  const bool v0 = r0 < sq;
+  const bool v1 = r1 < sq;
+
+  const u16* q_head = q + (long long)(b * hq + h) * sq * D;
+  const u16* k_head = k + (long long)(b * hkv + h_kv) * sk * D;
+  const u16* v_head = v + (long long)(b * hkv + h_kv) * sk * D;
+  const int* q_seg_b = q_seg ? q_seg + (seg_batched ? (long long)b * sq : 0) : nullptr;
+  const int* kv_seg_b = kv_seg ? kv_seg + (seg_batched ? (long long)b * sk : 0) : nullptr;
+  const int seg0 = (q_seg_b && v0) ? q_seg_b[r0] : 0;
+  const int seg1 = (q_seg_b && v1) ? q_seg_b[r1] : 0;
+  // Causal in int offsets: key j is visible to row r when j - r <= diag, with
+  // diag = q_start - kv_start clamped to [-(rows + 1), sk] (the same answers for
+  // every j < sk and r < the block's end, which is what the loop asks).
+  const int diag = (int)max((long long)-(block_row0 + kRows + 1),
+                            min(q_start - kv_start, (long long)sk));
+  const int lim0 = diag + r0;  // row r0 sees keys j <= lim0, row r1 keys j <= lim0 + 8
+
+  // The scale the loop uses is positive: a negative one flips Q's signs
+  // (exact), a zero one zeroes Q (every score 0, as s * 0 would give). The host
+  // refuses NaN and infinite scales (qdelta.ring.block.check_inputs).
+  float qscale = scale * kLog2e;
+  unsigned int qxor = 0u, qand = 0xffffffffu;
+  if (qscale < 0.f) {
+    qscale = -qscale;
+    qxor = 0x80008000u;
+  } else if (!(qscale > 0.f)) {
+    qscale = 1.f;
+    qand = 0u;
+  }
+
+  // Q fragments for all k-steps, straight from global memory (zero past Sq).
+  unsigned int qa[kKSteps][4];
+  {
+    const unsigned int* q0 = reinterpret_cast<const unsigned int*>(q_head + (long long)r0 * D);
+    const unsigned int* q1 = reinterpret_cast<const unsigned int*>(q_head + (long long)r1 * D);
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int w = (ks * 16 + 2 * t) / 2;
+      qa[ks][0] = v0 ? (q0[w] ^ qxor) & qand : 0u;
+      qa[ks][1] = v1 ? (q1[w] ^ qxor) & qand : 0u;
+      qa[ks][2] = v0 ? (q0[w + 4] ^ qxor) & qand : 0u;
+      qa[ks][3] = v1 ? (q1[w + 4] ^ qxor) & qand : 0u;
+    }
+  }
+
+  float o[kOTiles][4];
+#pragma unroll
+  for (int i = 0; i < kOTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = neg_inf(), m1 = neg_inf();  // running row max (scaled, log2 units), quad-uniform
+  float l0 = 0.f, l1 = 0.f;              // this thread's share of the row sums
+
+  // Key tiles the block visits: all of them, or up to the causal diagonal of
+  // its last row. A warp computes a tile unless its own rows see none of it.
+  // (Offsets from diag: the last key the block's last row sees, the last key the
+  // warp's last row sees, the last key the warp's first row sees.)
+  int n_tiles = (sk + kKeys - 1) / kKeys;
+  if (causal) {
+    const int reach = diag + min(sq, block_row0 + kRows) - 1;
+    n_tiles = reach < 0 ? 0 : min(n_tiles, reach / kKeys + 1);
+  }
+  const bool warp_has_rows = warp_row0 < sq;
+  const int warp_reach = causal ? diag + min(sq, warp_row0 + 16) - 1 : sk;
+  const int warp_full = causal ? diag + warp_row0 : sk;
+
+  const SPtr smem0 = sptr(smem_mma2);
+  const SPtr seg_base = sptr_add(smem0, 4 * kTile);
+  const int* seg_s0 = reinterpret_cast<const int*>(smem_mma2 + 4 * kTile);
+
+  // Stage tile `it` into buffer it % 2 (one commit group). Copy c of a thread:
+  // key row copy_row + c * kCopyRows of the tile, halves copy_col.. + 7.
+  constexpr int kCopyRows = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0, "whole rows per copy round");
+  const int copy_row = tid / kChunks;
+  const int copy_col = (tid % kChunks) * 8;
+  const u16* k_src = k_head + copy_row * D + copy_col;
+  const u16* v_src = v_head + copy_row * D + copy_col;
+  const int copy_dst = copy_row * kStride + copy_col;
+  auto load_tile = [&](int it) {
+    const int t0 = it * kKeys;
+    const SPtr ks = sptr_add(smem0, (it & 1) * 2 * kTile + copy_dst);
+    const long long off = (long long)t0 * D;
+#pragma unroll
+    for (int c = 0; c < kCopies; ++c) {
+      const bool in = t0 + copy_row + c * kCopyRows < sk;
+      const int rel = c * kCopyRows * D;
+      // Past Sk nothing is read (src-size 0: zero-fill), as CUTLASS's zfill copies.
+      cp_async16(sptr_add(ks, c * kCopyRows * kStride), k_src + off + rel, in ? 16 : 0);
+      cp_async16(sptr_add(ks, kTile + c * kCopyRows * kStride), v_src + off + rel, in ? 16 : 0);
+    }
+    if (kv_seg_b && tid < kKeys) {
+      const bool in = t0 + tid < sk;
+      cp_async4(sptr_add(seg_base, 2 * ((it & 1) * kKeys + tid)), kv_seg_b + (in ? t0 + tid : 0),
+                in ? 4 : 0);
+    }
+    cp_async_commit();
+  };
+
+  // Per-lane ldmatrix row offsets (halves). K, matrix j = lane / 8: keys
+  // 8(n + j / 2) + lane % 8, dims 16ks + 8(j % 2) (b0, b1 of n-tiles n, n + 1). V, matrix j:
+  // keys 16kk + 8(j % 2) + lane % 8, dims 8(i + j / 2) (b0, b1 of n-tiles i, i + 1).
+  const int k_lane = ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
+  const int v_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+
+  if (n_tiles > 0) load_tile(0);
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait_all();
+    __syncthreads();  // tile it is in for every thread; every warp is done with tile it - 1
+    if (it + 1 < n_tiles) load_tile(it + 1);
+
+    const int t0 = it * kKeys;
+    if (!warp_has_rows || t0 > warp_reach) continue;  // the warp's rows see none of the tile
+    const bool need_mask =
+        (t0 + kKeys > sk) || kv_seg_b != nullptr || t0 + kKeys - 1 > warp_full;
+    const SPtr ks = sptr_add(smem0, (it & 1) * 2 * kTile);
+    const SPtr vs = sptr_add(ks, kTile);
+    const SPtr k_row = sptr_add(ks, k_lane);
+    const SPtr v_row = sptr_add(vs, v_lane);
+    const int* seg_s = seg_s0 + (it & 1) * kKeys;
+
+    // S = Q K^T (raw) for this warp's 16 rows and the tile's 64 keys.
+    float s[kSTiles][4];
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+#pragma unroll
+      for (int n = 0; n < kSTiles; n += 2) {
+        unsigned int kb[4];
+        ldsm_x4(kb, sptr_add(k_row, n * 8 * kStride + ks * 16));
+        mma16816<DT>(s[n], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], kb[0], kb[1]);
+        mma16816<DT>(s[n + 1], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], kb[2], kb[3]);
+      }
+    }
+
+    // Mask (raw -inf): element (n, e) is key t0 + 2t + 8n + (e & 1) of row
+    // r0 (e < 2) or r1; it is kept when 8n + (e & 1) <= hi (the row's last
+    // visible key, relative) and, with segment ids, the segments match.
+    if (need_mask) {
+      const int kbase = t0 + 2 * t;
+      const int hi0 = (causal ? min(sk - 1, lim0) : sk - 1) - kbase;
+      const int hi1 = (causal ? min(sk - 1, lim0 + 8) : sk - 1) - kbase;
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (n * 8 + (e & 1) > (e < 2 ? hi0 : hi1)) s[n][e] = neg_inf();
+        }
+      }
+      if (kv_seg_b) {
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) {
+          const int2 ks2 = *reinterpret_cast<const int2*>(seg_s + n * 8 + 2 * t);
+          if (ks2.x != seg0) s[n][0] = neg_inf();
+          if (ks2.y != seg0) s[n][1] = neg_inf();
+          if (ks2.x != seg1) s[n][2] = neg_inf();
+          if (ks2.y != seg1) s[n][3] = neg_inf();
+        }
+      }
+    }
+    // The new row maxima (raw).
+    float mx0 = neg_inf(), mx1 = neg_inf();
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n) {
+      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0 * qscale);  // qscale > 0: the max of the scaled scores
+    const float mn1 = fmaxf(m1, mx1 * qscale);
+    // A row that has seen only masked keys keeps max -inf: subtract 0 instead.
+    const float base0 = mn0 == neg_inf() ? 0.f : mn0;
+    const float base1 = mn1 == neg_inf() ? 0.f : mn1;
+    const float corr0 = ex2(m0 - base0);  // m == -inf gives 0
+    const float corr1 = ex2(m1 - base1);
+    m0 = mn0;
+    m1 = mn1;
+    l0 *= corr0;
+    l1 *= corr1;
+#pragma unroll
+    for (int i = 0; i < kOTiles; ++i) {
+      o[i][0] *= corr0;
+      o[i][1] *= corr0;
+      o[i][2] *= corr1;
+      o[i][3] *= corr1;
+    }
+    const float nb0 = -base0, nb1 = -base1;
+
+    // P = exp2(s * qscale - max) and O += P V, 16 keys (one k-step) at a time.
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const float* sa = s[2 * kk];
+      const float* sb = s[2 * kk + 1];
+      const float p00 = ex2(fmaf(sa[0], qscale, nb0)), p01 = ex2(fmaf(sa[1], qscale, nb0));
+      const float p02 = ex2(fmaf(sa[2], qscale, nb1)), p03 = ex2(fmaf(sa[3], qscale, nb1));
+      const float p10 = ex2(fmaf(sb[0], qscale, nb0)), p11 = ex2(fmaf(sb[1], qscale, nb0));
+      const float p12 = ex2(fmaf(sb[2], qscale, nb1)), p13 = ex2(fmaf(sb[3], qscale, nb1));
+      l0 += (p00 + p01) + (p10 + p11);
+      l1 += (p02 + p03) + (p12 + p13);
+      const unsigned int a0 = pack2<DT>(p00, p01);
+      const unsigned int a1 = pack2<DT>(p02, p03);
+      const unsigned int a2 = pack2<DT>(p10, p11);
+      const unsigned int a3 = pack2<DT>(p12, p13);
+#pragma unroll
+      for (int i = 0; i < kOTiles; i += 2) {
+        unsigned int vb[4];
+        ldsm_x4_trans(vb, sptr_add(v_row, kk * 16 * kStride + i * 8));
+        mma16816<DT>(o[i], a0, a1, a2, a3, vb[0], vb[1]);
+        mma16816<DT>(o[i + 1], a0, a1, a2, a3, vb[2], vb[3]);
+      }
+    }
+  }
+
+  if (!warp_has_rows) return;
+  int row0 = r0;
+#ifndef QDELTA_EMULATE
+  // Opaque to the compiler: the store addresses are computed here, not kept
+  // live (in registers, or spilled) through the loop.
+  asm volatile("" : "+r"(row0));
+#endif
+  const int row1 = row0 + 8;
+  // Row sums over the quad, then normalise and store.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const long long row_base = (long long)(b * hq + h) * sq;
+#pragma unroll
+  for (int i = 0; i < kOTiles; ++i) {
+    const int c = i * 8 + 2 * t;
+    if (v0) {
+      *reinterpret_cast<float2*>(out + (row_base + row0) * D + c) =
+          make_float2(o[i][0] * inv0, o[i][1] * inv0);
+    }
+    if (v1) {
+      *reinterpret_cast<float2*>(out + (row_base + row1) * D + c) =
+          make_float2(o[i][2] * inv1, o[i][3] * inv1);
+    }
+  }
+  if (t == 0) {
+    if (v0) lse[row_base + row0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : neg_inf();
+    if (v1) lse[row_base + row1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : neg_inf();
   }
 }

@@ -807,9 +807,7 @@ __device__ __forceinline__ qd_u32 qd_smem_addr(const void* p) {
 // 16 bytes global -> shared, zero-filled past `bytes` (0..16); asynchronous on sm_80+.
 __device__ __forceinline__ void qd_cp_async16(void* dst, const void* src, int bytes) {
 #ifdef QDELTA_EMULATE
-    unsigned char* d = static_cast<unsigned char*>(dst);
-    const unsigned char* s = static_cast<const unsigned char*>(src);
-    for (int i = 0; i < 16; ++i) d[i] = i < bytes ? s[i] : 0;
+    qd_emu::cp_async(dst, src, 16, bytes);
 #else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(qd_smem_addr(dst)), "l"(src),
                  "r"(bytes));
@@ -819,7 +817,7 @@ __device__ __forceinline__ void qd_cp_async16(void* dst, const void* src, int by
 // 4 bytes global -> shared, zero when `bytes` is 0.
 __device__ __forceinline__ void qd_cp_async4(void* dst, const void* src, int bytes) {
 #ifdef QDELTA_EMULATE
-    *static_cast<qd_u32*>(dst) = bytes ? *static_cast<const qd_u32*>(src) : 0u;
+    qd_emu::cp_async(dst, src, 4, bytes);
 #else
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(qd_smem_addr(dst)), "l"(src),
                  "r"(bytes));
@@ -844,15 +842,7 @@ __device__ __forceinline__ void qd_cp_async_wait() {
 // (row lane / 4, halves 2 * (lane % 4), +1) of each of the four 8 x 8 matrices.
 __device__ __forceinline__ void qd_ldmatrix_x4(qd_u32 (&r)[4], const qd_u16* row) {
 #ifdef QDELTA_EMULATE
-    const int lane = threadIdx.x & 31;
-    const unsigned long long mine = (unsigned long long)row;
-    for (int j = 0; j < 4; ++j) {
-        const int src = 8 * j + (lane >> 2);
-        const unsigned long long lo = __shfl_sync(QD_FULL_MASK, (qd_u32)(mine & 0xffffffffull), src);
-        const unsigned long long hi = __shfl_sync(QD_FULL_MASK, (qd_u32)(mine >> 32), src);
-        const qd_u16* p = reinterpret_cast<const qd_u16*>(lo | (hi << 32));
-        r[j] = *reinterpret_cast<const qd_u32*>(p + 2 * (lane & 3));
-    }
+    qd_emu::ldmatrix_x4(r, row, false);
 #else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -925,7 +915,7 @@ qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
               int N, int W, int P, int P_use, int row_scales, int vec_ok) {
     (void)M;  // the tiles bound the rows
     constexpr int BM = 16 * NT;  // x rows per block: 2 warps x NT tiles of 8
-    extern __shared__ qd_u32 qg_smem[];  // [STAGES] x rows, [STAGES] plane words, alpha pairs
+    extern __shared__ __align__(16) qd_u32 qg_smem[];  // [STAGES] x rows, [STAGES] plane words, alpha pairs
     __shared__ int s_rows[BM];
 
     const int tid = threadIdx.x;
@@ -947,6 +937,15 @@ qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
     const int ps_words = P_use * QG_BN * QG_KC;        // u32 per plane stage
     qd_u32* ps = qg_smem + QG_STAGES * XS_WORDS;
     qd_u32* s_alpha = ps + QG_STAGES * ps_words;       // [P_use][BN] +-alpha pairs (P_use > 1)
+#ifdef QDELTA_EMULATE
+    // The launch must give the layout above its bytes (the host's gemm_shared_bytes).
+    const unsigned int needed = 4u * (QG_STAGES * (XS_WORDS + ps_words) + P_use * QG_BN);
+    if (qd_emu::dyn_smem_bytes() < needed) {
+        qd_emu::kernel_error("expected " + std::to_string(needed) + " bytes of dynamic shared memory, found " +
+                             std::to_string(qd_emu::dyn_smem_bytes()));
+        return;
+    }
+#endif
 
     const long long tp0 = (long long)tenant * P;
     const qd_u32 one = DT == 0 ? 0x3C003C00u : 0x3F803F80u;

@@ -156,6 +156,26 @@ for bench in benches/gpu/*.py; do
     budget=$(($(left) - 40))
     step "$name" $((budget > 0 ? budget + 30 : 0)) $PY "$bench" --out "$OUT" --budget-s "$budget"
 done
+# Nsight Compute, where the machine has it: why a kernel misses its target (memory
+# latency, DRAM efficiency, shared memory, issue). Never fails the check: a machine
+# without counter permissions (ERR_NVGPUCTRPERM) still passes.
+profile() {
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    if [[ -z $ncu ]]; then
+        echo "no Nsight Compute (ncu) on this machine: no profile"
+        return 0
+    fi
+    "$ncu" --version | tail -n 1
+    "$ncu" --target-processes all --kernel-name regex:'qd_delta_lut|qd_delta_gemm|attention_block' \
+        --launch-count 10 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section LaunchStats \
+        --csv --page details --log-file "$OUT/ncu.csv" \
+        $PY scripts/profile_kernels.py || echo "ncu exited with $? (see $OUT/ncu.csv)"
+    return 0
+}
+export -f profile
+step profile 120 profile
 # The EXIT trap writes the summary; the status given to exit is kept.
 failed=$(failed_steps | paste -sd ' ' -)
 if [[ -n $failed ]]; then

@@ -136,3 +136,17 @@ __global__ void mma_with_exited_lanes(float* d) {
 __global__ void three_args(int* out, long long a, int b) { out[threadIdx.x] = (int)a + b; }
 
 __global__ void bad_width(int* out) { out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0, 12); }
+
+// ldmatrix.x4 (and cp.async staging): 32 rows of 8 halves are staged into shared
+// memory by 16-byte cp.async copies (rows >= live_rows zero-filled); lane l gives
+// the address of row rows[l] (+ misalign halves); out[4 * lane + j] = its r[j].
+__global__ void ldmatrix_x4(const unsigned short* m, const int* rows, int trans, int live_rows,
+                            int misalign, unsigned* out) {
+    __shared__ __align__(16) unsigned short sm[32 * 8 + 8];
+    const int lane = threadIdx.x;
+    qd_emu::cp_async(&sm[8 * lane], m + 8 * lane, 16, lane < live_rows ? 16 : 0);
+    __syncthreads();
+    unsigned r[4];
+    qd_emu::ldmatrix_x4(r, &sm[8 * rows[lane] + misalign], trans != 0);
+    for (int j = 0; j < 4; ++j) out[4 * lane + j] = r[j];
+}

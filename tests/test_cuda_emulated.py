@@ -755,3 +755,13 @@ def test_gemm_with_no_row_for_any_tenant_writes_base_and_nan(emulated, gen, monk
     )
     assert names == []  # no tile: nothing to launch
     assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2, 3]], base[[0, 2, 3]])
+
+
+def test_gemm_refuses_too_little_shared_memory(emulated, gen, monkeypatch):
+    """The kernel checks the launch against its layout (under the emulator)."""
+    monkeypatch.setattr(cuda_backend, "gemm_shared_bytes", lambda use, rows=128: 1024)
+    x = torch.randn(4, 64, generator=gen).half()
+    planes = random_planes(1, 1, 8, 64, gen)[0]
+    scales = random_scales(1, 1, 8, False, gen)[0]
+    with pytest.raises(cuda_backend.KernelLaunchError, match="dynamic shared memory"):
+        cuda_backend.delta_matmul(x, planes, scales, path="gemm")

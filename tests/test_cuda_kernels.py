@@ -224,6 +224,41 @@ def test_runs_on_torch_current_stream():
     assert_close(y, oracle(x, planes, scales, ids), "side stream")
 
 
+@pytest.mark.parametrize(("path", "m"), [("decode", 8), ("mma", 1)])
+def test_decode_step_replays_from_a_cuda_graph(monkeypatch, path, m):
+    """The decode paths make no host sync (check_ids=False): a serving loop can capture
+    a step in a CUDA graph and replay it with new inputs copied into the same tensors."""
+    monkeypatch.delenv("QDELTA_CUDA_SYNC", raising=False)  # no synchronize while capturing
+    k, n, t = 1000, 300, 4
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(t, 2, n, k)
+    scales = random_scales(t, 2, n, row=True)
+    ids = torch.randint(0, t, (m,), device=DEV)
+    base = torch.randn(m, n, device=DEV).half()
+    out = torch.empty(m, n, device=DEV, dtype=x.dtype)
+
+    def step():
+        cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, base=base, out=out, check_ids=False, path=path
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and fill the caches outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        ids.copy_(torch.randint(-1, t, (m,), device=DEV))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, oracle(x, planes, scales, ids, base), f"graph replay path={path}")
+
+
 @pytest.mark.parametrize("path", ["auto", *PATHS])
 def test_out_of_range_tenant_raises_or_poisons_its_row(path):
     m, k, n, t = 6, 64, 32, 2

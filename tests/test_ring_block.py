@@ -137,6 +137,9 @@ def test_block_rejects_bad_inputs():
         block_attention(q, q, q, q_segment_ids=torch.zeros(4), kv_segment_ids=torch.zeros(5))
     with pytest.raises(RingError, match="backend"):
         block_attention(q, q, q, backend="fast")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ShapeError, match="finite softmax_scale"):
+            block_attention(q, q, q, softmax_scale=bad)
     assert issubclass(RingError, QDeltaError)
 
 

@@ -26,14 +26,21 @@ CASES = [
     (True, 40, 0, False, 4, 1, 257, 300),  # several 64-row blocks and key tiles, ragged
     (True, 0, 0, True, 6, 3, 200, 200),  # diagonal with segments across tiles
     (False, 0, 0, False, 2, 2, 128, 128),  # whole tiles: the unmasked fast loop
+    (True, 0, 100, False, 2, 2, 150, 77),  # mma2: no row of block 0 sees a key
+    (True, 1000, 0, False, 2, 1, 33, 257),  # every key visible, ragged last tile
+    (False, 0, 0, False, 2, 1, 1, 1),  # one row, one key
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["cuda", "cuda_v1", "sdpa"])
-def test_gpu_block_matches_reference(backend, dtype, head_dim, case):
+@pytest.mark.parametrize("backend", ["cuda", "cuda_mma", "cuda_v1", "sdpa"])
+def test_gpu_block_matches_reference(monkeypatch, backend, dtype, head_dim, case):
+    """``cuda``: the default kernel (mma2); ``cuda_mma``: the first mma kernel."""
+    if backend == "cuda_mma":
+        monkeypatch.setattr(cuda_block, "DEFAULT_KERNEL", "mma")
+        backend = "cuda"
     causal, q_start, kv_start, segs, hq, hkv, sq, sk = case
     gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
 
@@ -94,12 +101,24 @@ def test_virtual_ring_sdpa_takes_only_flash(layout, dtype):
     assert (out.double() - ref).abs().max() < 3e-2
 
 
-def test_mma_kernel_is_the_cuda_default_and_matches_v1():
-    assert cuda_block.kernel_name("cuda") == "mma"
+def test_mma2_kernel_is_the_cuda_default_and_matches_mma_and_v1():
+    assert cuda_block.kernel_name("cuda") == "mma2"
     q, k, v = (torch.randn(2, 4, 333, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     a = block_attention(q, k, v, causal=True, q_start=20, backend="cuda")
     b = block_attention(q, k, v, causal=True, q_start=20, backend="cuda_v1")
-    assert (a[0] - b[0]).abs().max() < 2e-2 and (a[1] - b[1]).abs().max() < 2e-2
+    c = cuda_block.attention_block(q, k, v, 128**-0.5, True, 20, 0, None, None, kernel="mma")
+    for other in (b, c):
+        assert (a[0] - other[0]).abs().max() < 2e-2 and (a[1] - other[1]).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("scale", [-0.2, 0.0])
+def test_mma2_any_softmax_scale_on_gpu(head_dim, scale):
+    q, k, v = (torch.randn(1, 2, 200, head_dim, device="cuda").bfloat16() for _ in range(3))
+    out, lse = block_attention(q, k, v, softmax_scale=scale, causal=True, backend="cuda")
+    ref_out, ref_lse = block_reference(q.cpu(), k.cpu(), v.cpu(), True, 0, 0, None, None, scale)
+    assert (out.cpu().double() - ref_out).abs().max() < 3e-2
+    assert (lse.cpu().double() - ref_lse).abs().max() < 3e-2
 
 
 def test_cuda_block_launch_is_checked():

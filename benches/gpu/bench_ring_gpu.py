@@ -1,10 +1,12 @@
 """GPU benchmark of ring attention's pieces (bf16).
 
-1. Block kernel: cuda/attention_block.cu (``backend="cuda"``: the tensor-core
-   ``mma`` kernel; one ``cuda_v1`` row for the first kernel) vs torch's SDPA
-   flash kernel (``_scaled_dot_product_flash_attention``, which also returns the
-   log-sum-exp) on the same block shapes, head dims 64 and 128; a full block
-   (off-diagonal ring step) and a causal diagonal block. Target: >= 0.8x flash.
+1. Block kernel: cuda/attention_block.cu (``backend="cuda"``; each row names the
+   kernel: ``mma2``, the default (cp.async double buffering, ldmatrix), and
+   ``mma``, the first tensor-core kernel, side by side; one ``v1`` row for the
+   CUDA-core kernel) vs torch's SDPA flash kernel
+   (``_scaled_dot_product_flash_attention``, which also returns the log-sum-exp)
+   on the same block shapes, head dims 64 and 128; a full block (off-diagonal
+   ring step) and a causal diagonal block. Target: >= 0.8x flash.
 2. Virtual ring over 8 blocks (zigzag, causal; blocks by ``sdpa`` and by
    ``cuda``) vs one SDPA flash call on the full sequence. Target: <= 1.15x.
 
@@ -49,19 +51,25 @@ def attn_flops(batch, heads, sq, sk, d, causal):
     return flops / 2 if causal else flops
 
 
-def _block_row(d: int, causal: bool, backend: str = "cuda") -> dict:
-    from qdelta.ring import block_attention
+def _block_row(d: int, causal: bool, kernel: str = "mma2") -> dict:
+    from qdelta.ring import block_attention, cuda_block
 
     flash = torch.ops.aten._scaled_dot_product_flash_attention
     b, h, s = 1, 16, 4096
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    t_cuda = gpu_time_ms(lambda: block_attention(q, k, v, causal=causal, backend=backend))
+    default = cuda_block.DEFAULT_KERNEL
+    cuda_block.DEFAULT_KERNEL = kernel  # backend "cuda" runs this kernel
+    try:
+        t_cuda = gpu_time_ms(lambda: block_attention(q, k, v, causal=causal, backend="cuda"))
+        out, lse = block_attention(q, k, v, causal=causal, backend="cuda")
+    finally:
+        cuda_block.DEFAULT_KERNEL = default
     t_flash = gpu_time_ms(lambda: flash(q, k, v, 0.0, causal))
-    out, lse = block_attention(q, k, v, causal=causal, backend=backend)
     ref = flash(q, k, v, 0.0, causal)
     gflop = attn_flops(b, h, s, s, d, causal) / 1e9
     return {
-        "name": f"{backend}: B={b} H={h} S={s} D={d} {'causal diagonal' if causal else 'full'}",
+        "name": f"{kernel}: B={b} H={h} S={s} D={d} {'causal diagonal' if causal else 'full'}",
+        "kernel": kernel,
         "cuda_ms": t_cuda,
         "flash_ms": t_flash,
         "cuda_tflops": gflop / t_cuda,
@@ -89,8 +97,14 @@ def _ring_row(d: int, backend: str) -> dict:
     t_ring = gpu_time_ms(ring, warmup=2, iters=5)
     t_full = gpu_time_ms(lambda: flash(q, k, v, 0.0, True), warmup=2, iters=5)
     err = (ring().float() - flash(q, k, v, 0.0, True)[0].float()).abs().max().item()
+    if backend == "cuda":
+        from qdelta.ring import cuda_block
+
+        backend_name = f"cuda/{cuda_block.DEFAULT_KERNEL}"
+    else:
+        backend_name = backend
     return {
-        "name": f"x{world} ({backend} blocks) causal zigzag B={b} H={h} S={s} D={d}",
+        "name": f"x{world} ({backend_name} blocks) causal zigzag B={b} H={h} S={s} D={d}",
         "ring_ms": t_ring,
         "sdpa_full_ms": t_full,
         "time_vs_sdpa": t_ring / t_full,
@@ -128,7 +142,13 @@ def main(argv=None) -> int:
     blocks, rings, failures = [], [], []
     _collect(
         _block_row,
-        [(64, False), (64, True), (128, False), (128, True), (64, False, "cuda_v1")],
+        [
+            (d, causal, kernel)
+            for d in (64, 128)
+            for causal in (False, True)
+            for kernel in ("mma2", "mma")
+        ]
+        + [(64, False, "v1")],
         blocks,
         failures,
         deadline,

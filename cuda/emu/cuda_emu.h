@@ -83,6 +83,9 @@ struct alignas(8) float2 {
 struct alignas(8) uint2 {
     unsigned int x, y;
 };
+struct alignas(8) int2 {
+    int x, y;
+};
 static_assert(sizeof(uint4) == 16 && alignof(uint4) == 16, "uint4 layout");
 static_assert(sizeof(float2) == 8 && alignof(float2) == 8, "float2 layout");
 
@@ -91,6 +94,7 @@ inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline uint2 make_uint2(unsigned int x, unsigned int y) { return {x, y}; }
+inline int2 make_int2(int x, int y) { return {x, y}; }
 
 // Set by the scheduler on every switch into a fiber. External linkage (C++17
 // inline variables), so the compiler reloads them after the context switch.
@@ -275,7 +279,7 @@ inline double max(double a, double b) { return fmax(a, b); }
 namespace qd_emu {
 
 enum class State : uint8_t { Run, Block, Warp, Done };
-enum class Op : uint8_t { None, Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp, Mma };
+enum class Op : uint8_t { None, Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp, Mma, Ldmatrix };
 
 inline const char* op_name(Op op) {
     switch (op) {
@@ -288,6 +292,7 @@ inline const char* op_name(Op op) {
         case Op::All: return "__all_sync";
         case Op::SyncWarp: return "__syncwarp";
         case Op::Mma: return "mma.m16n8k16";
+        case Op::Ldmatrix: return "ldmatrix.m8n8.x4";
         default: return "?";
     }
 }
@@ -308,6 +313,9 @@ struct Fiber {
     uint32_t mma_b[2] = {0, 0};
     float* mma_d = nullptr;
     bool mma_bf16 = false;
+    const void* ld_addr = nullptr;  // ldmatrix: this lane's row address
+    uint32_t* ld_out = nullptr;     // ... and its four result registers
+    bool ld_trans = false;
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -338,6 +346,18 @@ inline std::mutex& launch_mutex() {
 }
 
 inline void* dyn_smem() { return sched().dyn_base; }
+// Bytes of dynamic shared memory this launch has (PTX %dynamic_smem_size).
+inline unsigned int dyn_smem_bytes() {
+    const Scheduler& s = sched();
+    return s.dyn_smem.empty() ? 0u : (unsigned int)(s.dyn_smem.size() - 16);
+}
+
+// cp.async: an immediate copy of src_bytes, zeros up to cp_bytes.
+inline void cp_async(void* dst, const void* src, int cp_bytes, int src_bytes) {
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    const unsigned char* p = static_cast<const unsigned char*>(src);
+    for (int i = 0; i < cp_bytes; ++i) d[i] = i < src_bytes ? p[i] : 0;
+}
 
 inline std::string block_str(const Scheduler& s) {
     char b[96];
@@ -370,6 +390,12 @@ inline void fail_in_fiber(const std::string& msg) {
     if (s.error.empty()) s.error = msg;
     s.fibers[s.current].state = State::Done;
     for (;;) yield_to_scheduler();  // never resumed: the launch stops
+}
+
+// A check in a kernel's QDELTA_EMULATE branch failed: stop the launch with `what`.
+inline void kernel_error(const std::string& what) {
+    Scheduler& s = sched();
+    fail_in_fiber(std::string(s.kernel_name) + " " + block_str(s) + ": " + what);
 }
 
 inline void fiber_entry() {
@@ -418,6 +444,49 @@ inline void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32
     f.mma_d = d;
     f.mma_bf16 = bf16;
     warp_op(Op::Mma, 0xffffffffu, 0, 0, 32);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8j..8j+7 give the
+// row addresses (16 bytes each, 16-byte aligned) of 8x8 matrix j; r[j] of lane
+// (g = lane / 4, t = lane % 4) is (row g, cols 2t, 2t+1) of matrix j, or with
+// .trans (row 2t, col g), (row 2t+1, col g); the lower index in the low half.
+inline void ldmatrix_x4(uint32_t* r, const void* row_addr, bool trans) {
+    Scheduler& s = sched();
+    Fiber& f = s.fibers[s.current];
+    f.ld_addr = row_addr;
+    f.ld_out = r;
+    f.ld_trans = trans;
+    warp_op(Op::Ldmatrix, 0xffffffffu, 0, 0, 32);
+}
+
+inline std::string complete_ldmatrix(Fiber* lanes) {
+    for (int lane = 0; lane < 32; ++lane) {
+        if (lanes[lane].ld_trans != lanes[0].ld_trans) return ": ldmatrix lanes disagree on .trans";
+        if (reinterpret_cast<uintptr_t>(lanes[lane].ld_addr) % 16 != 0) {
+            char b[96];
+            std::snprintf(b, sizeof b, ": ldmatrix row address of lane %d is not 16-byte aligned", lane);
+            return b;
+        }
+    }
+    uint32_t res[32][4];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int j = 0; j < 4; ++j) {
+            uint16_t lo, hi;
+            if (lanes[0].ld_trans) {
+                lo = static_cast<const uint16_t*>(lanes[8 * j + 2 * t].ld_addr)[g];
+                hi = static_cast<const uint16_t*>(lanes[8 * j + 2 * t + 1].ld_addr)[g];
+            } else {
+                const uint16_t* row = static_cast<const uint16_t*>(lanes[8 * j + g].ld_addr);
+                lo = row[2 * t];
+                hi = row[2 * t + 1];
+            }
+            res[lane][j] = (uint32_t)lo | ((uint32_t)hi << 16);
+        }
+    }
+    for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < 4; ++j) lanes[lane].ld_out[j] = res[lane][j];
+    return "";
 }
 
 inline float half_bits(uint32_t v, bool bf16) {
@@ -507,6 +576,18 @@ inline bool try_complete_warp(Scheduler& s, int w) {
                 return false;
             }
             complete_mma(lanes);
+        } else if (op == Op::Ldmatrix) {
+            if (group != 0xffffffffu) {
+                char b[160];
+                std::snprintf(b, sizeof b, ": ldmatrix needs all 32 lanes of warp %d, live lanes %08x", w, group);
+                s.error = std::string(s.kernel_name) + " " + block_str(s) + b;
+                return false;
+            }
+            const std::string bad = complete_ldmatrix(lanes);
+            if (!bad.empty()) {
+                s.error = std::string(s.kernel_name) + " " + block_str(s) + bad;
+                return false;
+            }
         } else if (op == Op::Ballot || op == Op::Any || op == Op::All || op == Op::SyncWarp) {
             uint32_t votes = 0;
             for (int l = 0; l < nl; ++l)

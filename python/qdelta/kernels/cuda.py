@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from qdelta.errors import DTypeError, QDeltaError, ShapeError
@@ -266,10 +267,11 @@ def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int 
     launch(kernel, device, name, grid, block, args, shared_mem)
 
 
-def _ptr(t: torch.Tensor | None):
-    import numpy as np
+_NULL = np.uint64(0)
 
-    return np.uint64(0 if t is None else t.data_ptr())
+
+def _ptr(t: torch.Tensor | None):
+    return _NULL if t is None else np.uint64(t.data_ptr())
 
 
 def _check_cuda(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -454,70 +456,59 @@ def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: i
     return {"rows": rows, "nb": nb, "nb_max": nb_max, "spc": spc, "kch": kch, "slices": slices}
 
 
+@functools.lru_cache(maxsize=4096)
+def _lut_launches(
+    m_rows, k, n, w, tenants, n_planes, use, row_scales, one_tenant, dt, ldx, ldb, ldy, sms, flags
+) -> tuple:
+    """Everything of the two decode launches that depends only on shapes, built once.
+
+    A decode step repeats the same shapes every call; making the numpy scalars and the
+    plan again each time was most of the host cost of a call.
+    """
+    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms)
+    assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
+    z = use * plan["kch"]
+    ints = (m_rows, n, w, tenants, n_planes, int(row_scales), plan["nb"], plan["spc"], plan["kch"])
+    lut = (
+        f"qd_delta_lut<{dt}, {plan['rows']}>",
+        (-(-n // plan["nb"]), m_rows, z),
+        (np.int64(ldx), np.int32(k)),
+        tuple(np.int32(v) for v in (*ints, flags)),
+        plan["rows"] * LUT_BYTES_PER_ROW,
+    )
+    finish = (
+        f"qd_lut_finish<{dt}>",
+        (min(-(-m_rows * n // FINISH_THREADS), 32 * sms),),
+        (np.int32(z), np.int32(tenants), np.int64(ldb), np.int64(ldy)),
+        (np.int32(m_rows), np.int32(n)),
+    )
+    return z, lut, finish
+
+
 def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
     """Decode: lookup-table kernel writes partial sums, qd_lut_finish reduces + adds base."""
-    import numpy as np
-
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
     sms = RUNTIME.sm_count(_device_index(device))
-    plan = _lut_plan(m_rows, n, w, use, None if tenant_ids is None else tenants, sms)  # read-only
-    assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
-    z = use * plan["kch"]
+    flags = (1 if LUT_EARLY_LOADS else 0) | (2 if LUT_L2_LINE_LOADS else 0)
+    ldb = base.stride(0) if base is not None else 0
+    z, lut, finish = _lut_launches(
+        m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
+        x.stride(0), ldb, out.stride(0), sms, flags,
+    )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
-    rows = plan["rows"]
-    _launch(
-        device,
-        f"qd_delta_lut<{dt}, {rows}>",
-        (-(-n // plan["nb"]), m_rows, z),
-        (LUT_THREADS,),
-        (
-            _ptr(x),
-            np.int64(x.stride(0)),
-            np.int32(k),
-            _ptr(planes),
-            _ptr(scales),
-            _ptr(tenant_ids),
-            _ptr(part),
-            np.int32(m_rows),
-            np.int32(n),
-            np.int32(w),
-            np.int32(tenants),
-            np.int32(n_planes),
-            np.int32(1 if row_scales else 0),
-            np.int32(plan["nb"]),
-            np.int32(plan["spc"]),
-            np.int32(plan["kch"]),
-            np.int32((1 if LUT_EARLY_LOADS else 0) | (2 if LUT_L2_LINE_LOADS else 0)),
-        ),
-        shared_mem=rows * LUT_BYTES_PER_ROW,
-    )
-    total = m_rows * n
-    _launch(
-        device,
-        f"qd_lut_finish<{dt}>",
-        (min(-(-total // FINISH_THREADS), 32 * sms),),
-        (FINISH_THREADS,),
-        (
-            _ptr(part),
-            np.int32(z),
-            _ptr(tenant_ids),
-            np.int32(tenants),
-            _ptr(base),
-            np.int64(base.stride(0) if base is not None else 0),
-            _ptr(out),
-            np.int64(out.stride(0)),
-            np.int32(m_rows),
-            np.int32(n),
-        ),
-    )
+    ids, p_part = _ptr(tenant_ids), _ptr(part)
+    name, grid, (ldx, k32), ints, shared = lut
+    args = (_ptr(x), ldx, k32, _ptr(planes), _ptr(scales), ids, p_part, *ints)
+    _launch(device, name, grid, (LUT_THREADS,), args, shared_mem=shared)
+    name, grid, (z32, t32, ldb64, ldy64), tail = finish
+    args = (p_part, z32, ids, t32, _ptr(base), ldb64, _ptr(out), ldy64, *tail)
+    _launch(device, name, grid, (FINISH_THREADS,), args)
 
 
 def _expand(planes_t, scales_t, use, row_scales, dt, dtype, k) -> torch.Tensor:
     """One tenant's delta as a dense ``[N, K]`` view (row stride 32 * W) in ``dtype``."""
-    import numpy as np
-
     _, n, w = planes_t.shape
     device = planes_t.device
     dense = torch.empty(n, 32 * w, dtype=dtype, device=device)
@@ -633,8 +624,6 @@ def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
     """Prefill on the fused GEMM: one launch over every tenant's row tiles, no dense delta."""
-    import numpy as np
-
     if dt == DTYPE_CODES[torch.float32] or use > GEMM_MAX_PLANES:
         _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
         return
@@ -689,8 +678,6 @@ def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> 
 
 def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
     """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above."""
-    import numpy as np
-
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape

@@ -130,6 +130,10 @@ def check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids) -> float
         raise ShapeError(
             "block attention: expected both q_segment_ids and kv_segment_ids, or neither"
         )
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        # Every backend would turn it into NaN outputs (or, in a kernel, into something
+        # else): refuse it here, once, for all of them.
+        raise ShapeError(f"block attention: expected a finite softmax_scale, found {softmax_scale}")
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 

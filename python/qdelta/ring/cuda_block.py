@@ -7,9 +7,13 @@ kernel runs on torch's current stream, launched by qdelta.kernels.cuda.launch,
 which checks the grid and the launch (KernelLaunchError) and, with
 ``QDELTA_CUDA_SYNC=1``, synchronizes so a fault is reported at its launch.
 
-Two kernels: ``mma`` (``attention_block_mma``: tensor cores, FlashAttention-2
-style, sm_80+) and ``v1`` (``attention_block``: CUDA cores, the first kernel).
-Backend ``cuda`` runs DEFAULT_KERNEL; backend ``cuda_v1`` always runs ``v1``.
+Three kernels: ``mma2`` (``attention_block_mma2``: tensor cores, FlashAttention-2
+style with cp.async double buffering and ldmatrix fragments, sm_80+), ``mma``
+(``attention_block_mma``: the first tensor-core kernel, synchronous tile loads,
+kept selectable so the GPU benchmark can time both) and ``v1``
+(``attention_block``: CUDA cores, the first kernel). Backend ``cuda`` runs
+DEFAULT_KERNEL; backend ``cuda_v1`` always runs ``v1``; ``attention_block(...,
+kernel=name)`` also takes a KERNELS name directly.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from qdelta.ring.errors import RingError
 
 SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "attention_block.cu"
 HEAD_DIMS = (64, 128)
-# Which kernel backend "cuda" runs: "mma" (tensor cores) or "v1" (the first kernel).
-DEFAULT_KERNEL = "mma"
+# Which kernel backend "cuda" runs: "mma2" (tensor cores, cp.async + ldmatrix),
+# "mma" (the first tensor-core kernel) or "v1" (the first kernel, CUDA cores).
+DEFAULT_KERNEL = "mma2"
 KERNELS = {
     # name: (function, query rows per block, threads per block)
+    "mma2": ("attention_block_mma2", 64, 128),
     "mma": ("attention_block_mma", 64, 128),
     "v1": ("attention_block", 32, 128),
 }
+TILE_KEYS = 64  # keys per K/V tile of the mma kernels
 ROWS_PER_BLOCK = KERNELS["v1"][1]
 THREADS = 128
 _CTYPES = {torch.float16: "0", torch.bfloat16: "1"}  # the kernel's DT template argument
@@ -57,8 +64,19 @@ def instantiations() -> list[str]:
 
 
 def kernel_name(backend: str) -> str:
-    """The KERNELS entry a block backend name runs."""
+    """The KERNELS entry a block backend name (or a KERNELS name) runs."""
+    if backend in KERNELS:
+        return backend
     return "v1" if backend == "cuda_v1" else DEFAULT_KERNEL
+
+
+def shared_bytes(kernel: str, head_dim: int) -> int:
+    """Dynamic shared memory of one block: mma2 double-buffers K and V tiles (rows padded
+    by 8 halves) plus two tiles of segment ids (Mma2Shape::kSmemBytes in the .cu file);
+    the other kernels use static shared memory only."""
+    if kernel != "mma2":
+        return 0
+    return 2 * 2 * TILE_KEYS * (head_dim + 8) * 2 + 2 * TILE_KEYS * 4
 
 
 def launch_grid(kernel: str, b: int, hq: int, sq: int) -> tuple[tuple[int, int, int], int]:
@@ -73,7 +91,7 @@ def mma_tiles(
     """``(first key, masked?)`` of every key tile query block ``block`` of the mma
     kernel visits: the kernel's loop bounds and mask test, for tests on any machine."""
     _, rows, _ = KERNELS["mma"]
-    keys = 64
+    keys = TILE_KEYS
     row0 = block * rows
     last_q = q_start + min(sq, row0 + rows) - 1
     tiles = []
@@ -86,6 +104,40 @@ def mma_tiles(
             or (causal and kv_start + t0 + keys - 1 > q_start + row0)
             or row0 + rows > sq
         )
+        tiles.append((t0, masked))
+    return tiles
+
+
+def mma2_tiles(
+    block: int,
+    warp: int,
+    sq: int,
+    sk: int,
+    causal: bool,
+    q_start: int,
+    kv_start: int,
+    segments: bool,
+) -> list[tuple[int, bool]]:
+    """``(first key, masked?)`` of every key tile warp ``warp`` of query block ``block``
+    of the mma2 kernel computes (16 rows per warp; the block loads the tiles up to its
+    last row's causal reach, a warp computes those its own rows see): the kernel's loop
+    bounds, skip and mask tests, for tests on any machine."""
+    _, rows, _ = KERNELS["mma2"]
+    keys = TILE_KEYS
+    row0 = block * rows
+    wrow0 = row0 + 16 * warp
+    n_tiles = -(-sk // keys)
+    diag = q_start - kv_start
+    if causal:
+        reach = diag + min(sq, row0 + rows) - 1
+        n_tiles = 0 if reach < 0 else min(n_tiles, reach // keys + 1)
+    warp_reach = diag + min(sq, wrow0 + 16) - 1 if causal else sk
+    warp_full = diag + wrow0 if causal else sk
+    tiles = []
+    for t0 in range(0, n_tiles * keys, keys):
+        if wrow0 >= sq or t0 > warp_reach:
+            continue
+        masked = t0 + keys > sk or segments or t0 + keys - 1 > warp_full
         tiles.append((t0, masked))
     return tiles
 
@@ -168,5 +220,6 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
             np.int32(sq), np.int32(sk), np.float32(scale), np.int32(int(causal)),
             np.int64(q_start), np.int64(kv_start),
         ),
+        shared_bytes(name, d),
     )  # fmt: skip
     return out, lse
