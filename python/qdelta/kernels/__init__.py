@@ -28,6 +28,7 @@ import torch
 
 from qdelta.errors import QDeltaError
 from qdelta.kernels import cpu, reference
+from qdelta.kernels import cuda as _cuda  # cupy itself is imported only when used
 
 Backend = Literal["auto", "reference", "cpu", "cuda"]
 
@@ -164,8 +165,13 @@ def _cuda_available() -> bool:
 
 
 def _use_cuda(backend: str, x: torch.Tensor, scales: torch.Tensor) -> bool:
-    """:func:`cuda_choice` for these tensors; warns once when cupy is missing."""
-    return _use_cuda_for(backend, x.is_cuda, _needs_grad(x, scales))
+    """:func:`cuda_choice` for these tensors; warns once when cupy is missing.
+
+    "On the kernel device" is the CUDA backend's runtime's answer: ``x.is_cuda``, or
+    under ``qdelta.kernels.emulator.emulate()`` any tensor, so the modules' CUDA path
+    is tested on CPU.
+    """
+    return _use_cuda_for(backend, _cuda.RUNTIME.on_device(x), _needs_grad(x, scales))
 
 
 def _use_cuda_for(backend: str, is_cuda: bool, needs_grad: bool) -> bool:

@@ -107,7 +107,9 @@ def _cupy():
 
 
 def available() -> bool:
-    """True when torch sees a CUDA device and cupy imports."""
+    """True when torch sees a CUDA device and cupy imports (or the emulator runs the kernels)."""
+    if RUNTIME.emulated:
+        return True
     if not torch.cuda.is_available():
         return False
     try:
