@@ -904,6 +904,33 @@ __device__ __forceinline__ void qd_gemm_stage(qd_u16* xs, qd_u32* ps, const qd_u
     }
 }
 
+// One plane's mmas for one packed word (32 k) of the stage: the warp's 4 x NT tiles.
+// `pw` points at the plane's word of this chunk for feature 0 of the block (stride
+// QG_KC); `alpha` is null for one plane (+-1 exactly, `one`) or the plane's alpha pairs.
+template <int DT, int NT>
+__device__ __forceinline__ void qd_gemm_plane(float (&acc)[QG_FT][NT][4], const qd_u32 (&bf)[NT][4],
+                                              const qd_u32* pw, const qd_u32* alpha, qd_u32 one,
+                                              int wf, int g, int t4) {
+#pragma unroll
+    for (int f = 0; f < QG_FT; ++f) {
+        const int fl = wf * 64 + f * 16 + g;  // features fl and fl + 8 of the block
+        const qd_u32 lo = pw[fl * QG_KC] << (4 * t4);
+        const qd_u32 hi = pw[(fl + 8) * QG_KC] << (4 * t4);
+        const qd_u32 c_lo = alpha ? alpha[fl] : one;
+        const qd_u32 c_hi = alpha ? alpha[fl + 8] : one;
+#pragma unroll
+        for (int mk = 0; mk < 2; ++mk) {
+            const qd_u32 a0 = ((lo << (2 * mk)) & 0x80008000u) ^ c_lo;
+            const qd_u32 a1 = ((hi << (2 * mk)) & 0x80008000u) ^ c_hi;
+            const qd_u32 a2 = ((lo << (2 * mk + 1)) & 0x80008000u) ^ c_lo;
+            const qd_u32 a3 = ((hi << (2 * mk + 1)) & 0x80008000u) ^ c_hi;
+#pragma unroll
+            for (int rt = 0; rt < NT; ++rt)
+                qd_mma<DT>(acc[f][rt], a0, a1, a2, a3, bf[rt][2 * mk], bf[rt][2 * mk + 1]);
+        }
+    }
+}
+
 template <int DT, int NT>
 __global__ void __launch_bounds__(QG_THREADS)
 qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
@@ -1010,26 +1037,12 @@ qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
             for (int rt = 0; rt < NT; ++rt)
                 qd_ldmatrix_x4(bf[rt], xsb + (wm * 8 * NT + rt * 8 + (lane & 7)) * QG_XSTRIDE + c * 32 +
                                            8 * (lane >> 3));
-            for (int p = 0; p < P_use; ++p) {
-                const qd_u32* pw = psb + p * QG_BN * QG_KC + c;
-#pragma unroll
-                for (int f = 0; f < QG_FT; ++f) {
-                    const int fl = wf * 64 + f * 16 + g;  // features fl and fl + 8 of the block
-                    const qd_u32 lo = pw[fl * QG_KC] << (4 * t4);
-                    const qd_u32 hi = pw[(fl + 8) * QG_KC] << (4 * t4);
-                    const qd_u32 c_lo = P_use == 1 ? one : s_alpha[p * QG_BN + fl];
-                    const qd_u32 c_hi = P_use == 1 ? one : s_alpha[p * QG_BN + fl + 8];
-#pragma unroll
-                    for (int mk = 0; mk < 2; ++mk) {
-                        const qd_u32 a0 = ((lo << (2 * mk)) & 0x80008000u) ^ c_lo;
-                        const qd_u32 a1 = ((hi << (2 * mk)) & 0x80008000u) ^ c_hi;
-                        const qd_u32 a2 = ((lo << (2 * mk + 1)) & 0x80008000u) ^ c_lo;
-                        const qd_u32 a3 = ((hi << (2 * mk + 1)) & 0x80008000u) ^ c_hi;
-#pragma unroll
-                        for (int rt = 0; rt < NT; ++rt)
-                            qd_mma<DT>(acc[f][rt], a0, a1, a2, a3, bf[rt][2 * mk], bf[rt][2 * mk + 1]);
-                    }
-                }
+            if (P_use == 1) {  // the common case: no alpha reads in the loop
+                qd_gemm_plane<DT, NT>(acc, bf, psb + c, nullptr, one, wf, g, t4);
+            } else {
+                for (int p = 0; p < P_use; ++p)
+                    qd_gemm_plane<DT, NT>(acc, bf, psb + p * QG_BN * QG_KC + c, s_alpha + p * QG_BN,
+                                          0u, wf, g, t4);
             }
         }
     }
