@@ -231,6 +231,38 @@ __device__ __forceinline__ unsigned int pair_u16(u16 lo, u16 hi) {
   return (unsigned int)lo | ((unsigned int)hi << 16);
 }
 
+// Epilogue of the tensor-core kernels: row sums over the quad (the 4 lanes that
+// share rows r0 and r1), then out = o / l and lse = (m + log2 l) ln 2, or 0 and
+// -inf for a row that saw no key. o holds the C fragments of D / 8 n-tiles.
+template <int D>
+__device__ __forceinline__ void store_rows(float* __restrict__ out, float* __restrict__ lse,
+                                           const float (&o)[D / 8][4], float l0, float l1,
+                                           float m0, float m1, long long row_base, int r0,
+                                           int r1, bool v0, bool v1, int t) {
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int c = i * 8 + 2 * t;
+    if (v0) {
+      *reinterpret_cast<float2*>(out + (row_base + r0) * D + c) =
+          make_float2(o[i][0] * inv0, o[i][1] * inv0);
+    }
+    if (v1) {
+      *reinterpret_cast<float2*>(out + (row_base + r1) * D + c) =
+          make_float2(o[i][2] * inv1, o[i][3] * inv1);
+    }
+  }
+  if (t == 0) {
+    if (v0) lse[row_base + r0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : neg_inf();
+    if (v1) lse[row_base + r1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : neg_inf();
+  }
+}
+
 }  // namespace
 
 template <int DT, int D>
@@ -406,30 +438,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
     __syncthreads();
   }
 
-  // Row sums over the quad, then normalise and store.
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  const long long row_base = (long long)(b * hq + h) * sq;
-#pragma unroll
-  for (int i = 0; i < kOTiles; ++i) {
-    const int c = i * 8 + 2 * t;
-    if (v0) {
-      *reinterpret_cast<float2*>(out + (row_base + r0) * D + c) =
-          make_float2(o[i][0] * inv0, o[i][1] * inv0);
-    }
-    if (v1) {
-      *reinterpret_cast<float2*>(out + (row_base + r1) * D + c) =
-          make_float2(o[i][2] * inv1, o[i][3] * inv1);
-    }
-  }
-  if (t == 0) {
-    if (v0) lse[row_base + r0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : neg_inf();
-    if (v1) lse[row_base + r1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : neg_inf();
-  }
+  store_rows<D>(out, lse, o, l0, l1, m0, m1, (long long)(b * hq + h) * sq, r0, r0 + 8, v0, v1, t);
 }
 
 // ---------------------------------------------------------------------------
@@ -838,29 +847,6 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
   // live (in registers, or spilled) through the loop.
   asm volatile("" : "+r"(row0));
 #endif
-  const int row1 = row0 + 8;
-  // Row sums over the quad, then normalise and store.
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  const long long row_base = (long long)(b * hq + h) * sq;
-#pragma unroll
-  for (int i = 0; i < kOTiles; ++i) {
-    const int c = i * 8 + 2 * t;
-    if (v0) {
-      *reinterpret_cast<float2*>(out + (row_base + row0) * D + c) =
-          make_float2(o[i][0] * inv0, o[i][1] * inv0);
-    }
-    if (v1) {
-      *reinterpret_cast<float2*>(out + (row_base + row1) * D + c) =
-          make_float2(o[i][2] * inv1, o[i][3] * inv1);
-    }
-  }
-  if (t == 0) {
-    if (v0) lse[row_base + row0] = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : neg_inf();
-    if (v1) lse[row_base + row1] = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : neg_inf();
-  }
+  store_rows<D>(out, lse, o, l0, l1, m0, m1, (long long)(b * hq + h) * sq, row0, row0 + 8, v0, v1,
+                t);
 }
