@@ -150,3 +150,29 @@ __global__ void ldmatrix_x4(const unsigned short* m, const int* rows, int trans,
     qd_emu::ldmatrix_x4(r, &sm[8 * rows[lane] + misalign], trans != 0);
     for (int j = 0; j < 4; ++j) out[4 * lane + j] = r[j];
 }
+
+// Deliberate races for the run-order check (tests/test_cuda_emulated_races.py).
+// Every thread writes its id to one shared int in the same barrier interval (a
+// __syncthreads, or with warp_only a __syncwarp inside one warp); thread 0 stores
+// what it reads after the barrier: the last writer, which depends on the run order.
+__global__ void racy_last_writer(int* out, int warp_only) {
+    __shared__ int last;
+    last = threadIdx.x;
+    if (warp_only) __syncwarp();
+    else __syncthreads();
+    if (threadIdx.x == 0) out[blockIdx.x] = last;
+}
+
+// The same race through cp.async (performed at issue by the emulator): thread t
+// reads slot t + 1 of a shared buffer that thread t + 1 fills by cp.async in the
+// same barrier interval (the wait and the barrier come too late).
+__global__ void racy_cp_async(const int* in, int* out) {
+    __shared__ __align__(16) int buf[257];
+    const int t = threadIdx.x;
+    if (t == 0) buf[0] = -1;
+    buf[t + 1] = -1;
+    __syncthreads();
+    qd_emu::cp_async(&buf[t], in + t, 4, 4);
+    out[blockIdx.x * blockDim.x + t] = buf[t + 1];
+    __syncthreads();
+}

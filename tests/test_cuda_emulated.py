@@ -45,6 +45,8 @@ SELFTEST_KERNELS = [
     "three_args",
     "bad_width",
     "ldmatrix_x4",
+    "racy_last_writer",
+    "racy_cp_async",
 ]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
 DTYPES = list(TOL)

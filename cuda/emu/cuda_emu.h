@@ -5,6 +5,11 @@
 // * The blocks of a grid run one after another on the calling OS thread; the
 //   threads of a block are cooperative fibers (ucontext), switched only at
 //   barriers and warp collectives. Runs are deterministic.
+// * The run order (Order): at every scheduling round the runnable fibers of a
+//   block are resumed in thread order (Forward, the default), in reverse thread
+//   order (Reverse) or in a pseudo-random order drawn per round from a seed
+//   (Shuffle), lanes of a warp included. A kernel whose results differ between
+//   orders has a race inside a barrier interval (tests/test_cuda_emulated_races.py).
 // * threadIdx / blockIdx / blockDim / gridDim are globals the scheduler sets on
 //   every switch into a fiber.
 // * __syncthreads() is a block barrier, the warp intrinsics (shuffles, votes,
@@ -19,7 +24,8 @@
 //   by python/qdelta/kernels/emulator.py into a pointer to a per-launch buffer
 //   filled with 0xFF bytes (NaN as fp32 / fp16) at every block start.
 // Not modelled: timing, memory-model races between threads of a block (a thread
-// runs until its next barrier), out-of-bounds accesses.
+// runs until its next barrier; only races whose values depend on the run order
+// show up, by comparing orders), out-of-bounds accesses.
 //
 // The kernel sources include no headers; their inline-PTX helpers have a
 // `#ifdef QDELTA_EMULATE` branch calling the equivalents below.
@@ -321,8 +327,22 @@ struct Fiber {
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;  // overflowing a fiber stack faults instead of corrupting
 
+// The order in which a scheduling round resumes the runnable fibers of a block.
+enum class Order : int { Forward = 0, Reverse = 1, Shuffle = 2 };
+
+// splitmix64: the Shuffle order's generator (one stream per block, seeded per launch).
+inline uint64_t splitmix64(uint64_t& state) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 struct Scheduler {
     std::vector<Fiber> fibers;
+    Order order = Order::Forward;
+    uint64_t seed = 0;
+    std::vector<int> perm;  // this round's order (Reverse, Shuffle)
     ucontext_t main_ctx;
     int current = -1;
     int nthreads = 0;
@@ -683,9 +703,18 @@ inline bool run_block(Scheduler& s) {
     if (!s.dyn_smem.empty()) std::memset(s.dyn_base, 0xff, s.dyn_smem.size() - 16);
     int live = s.nthreads;
     const int nwarps = (s.nthreads + 31) / 32;
+    // Reverse and Shuffle resume the fibers through s.perm; Forward is thread order.
+    uint64_t rng = s.seed ^ (0x632be59bd9b4e019ull * (1 + s.block.x + (uint64_t)s.gdim.x *
+                                                          (s.block.y + (uint64_t)s.gdim.y * s.block.z)));
+    s.perm.resize(s.nthreads);
+    for (int i = 0; i < s.nthreads; ++i) s.perm[i] = s.order == Order::Reverse ? s.nthreads - 1 - i : i;
     while (live > 0) {
         bool progress = false;
-        for (int i = 0; i < s.nthreads; ++i) {
+        if (s.order == Order::Shuffle)
+            for (int i = s.nthreads - 1; i > 0; --i)  // Fisher-Yates over the previous order
+                std::swap(s.perm[i], s.perm[(int)(splitmix64(rng) % (uint64_t)(i + 1))]);
+        for (int j = 0; j < s.nthreads; ++j) {
+            const int i = s.order == Order::Forward ? j : s.perm[j];
             Fiber& f = s.fibers[i];
             if (f.state != State::Run) continue;
             s.current = i;
@@ -738,13 +767,17 @@ inline bool run_block(Scheduler& s) {
 }
 
 inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_mem, void (*invoke)(void*), void* call,
-                    char* err, size_t errlen) {
+                    char* err, size_t errlen, int order = 0, uint64_t seed = 0) {
     std::lock_guard<std::mutex> guard(launch_mutex());
     Scheduler& s = sched();
     auto fail = [&](const std::string& msg) {
         if (err && errlen) std::snprintf(err, errlen, "%s", msg.c_str());
         return 1;
     };
+    if (order < 0 || order > 2) return fail(std::string(name) + ": run order " + std::to_string(order) +
+                                            " (expected 0 forward, 1 reverse, 2 shuffle)");
+    s.order = (Order)order;
+    s.seed = seed;
     const unsigned long long nthreads = (unsigned long long)block.x * block.y * block.z;
     if (nthreads == 0 || nthreads > 1024 || block.z > 64)
         return fail(std::string(name) + ": block of " + std::to_string(nthreads) + " threads (expected 1..1024)");
@@ -819,16 +852,17 @@ inline bool unpack(std::tuple<A...>& t, void** args, const size_t* sizes, char* 
 
 // Launch `kernel` over `grid` x `block` with the argument bytes args[i] (sizes[i]
 // each, checked against the kernel's parameter types). 0 or non-zero with err set.
+// `order` is an Order (0 forward, 1 reverse, 2 shuffle with `seed`).
 template <class... A>
 inline int launch(void (*kernel)(A...), const char* name, dim3 grid, dim3 block, size_t shared_mem, void** args,
-                  const size_t* sizes, int nargs, char* err, size_t errlen) {
+                  const size_t* sizes, int nargs, char* err, size_t errlen, int order = 0, uint64_t seed = 0) {
     if (nargs != (int)sizeof...(A)) {
         std::snprintf(err, errlen, "%s: expected %zu arguments, found %d", name, sizeof...(A), nargs);
         return 1;
     }
     Call<A...> call{kernel, {}};
     if (!unpack<0, A...>(call.args, args, sizes, err, errlen, name)) return 1;
-    return run_grid(name, grid, block, shared_mem, &Call<A...>::invoke, &call, err, errlen);
+    return run_grid(name, grid, block, shared_mem, &Call<A...>::invoke, &call, err, errlen, order, seed);
 }
 
 // The signature the brief documents (kernel name unknown: "kernel").

@@ -678,50 +678,48 @@ def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> 
         _fill_rest(out, base, tenant_ids, rest)
 
 
-def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
-    """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above."""
-    device = x.device
-    m_rows, k = x.shape
-    tenants, n_planes, n, w = planes.shape
-    xp = torch.empty(SPLITS[dt] * m_rows * w * 16, dtype=torch.int32, device=device)
+@functools.lru_cache(maxsize=4096)
+def _mma_launches(m_rows, k, n, w, tenants, n_planes, use, row_scales, dt, ldx, ldb, ldy, vec_ok):
+    """The shape-only parts of the two tensor-core launches, built once per shape."""
     total = m_rows * w * 16
-    prep_blocks = min(-(-total // PREP_THREADS), 65535)
-    _launch(
-        device,
+    prep = (
         f"qd_prep_x<{dt}>",
-        (prep_blocks,),
-        (PREP_THREADS,),
-        (_ptr(x), np.int64(x.stride(0)), np.int32(m_rows), np.int32(k), np.int32(w), _ptr(xp)),
+        (min(-(-total // PREP_THREADS), 65535),),
+        (np.int64(ldx), np.int32(m_rows), np.int32(k), np.int32(w)),
     )
     ft, nt, wf, wm, ks = TILES["decode" if m_rows <= 64 else "prefill"]
     grid = (-(-m_rows // (8 * nt * wm)), -(-n // (16 * ft * wf)))
     if grid[1] > 65535:
         raise ShapeError(f"N = {n} output features is more than this kernel's grid supports")
-    vec_ok = w % 4 == 0 and planes.data_ptr() % 16 == 0
-    _launch(
-        device,
+    ints = (m_rows, n, w, tenants, n_planes, use, int(row_scales), int(vec_ok))
+    mma = (
         f"qd_delta_mm<{dt}, {ft}, {nt}, {wf}, {wm}, {ks}>",
         grid,
         (32 * wf * wm * ks,),
-        (
-            _ptr(xp),
-            _ptr(planes),
-            _ptr(scales),
-            _ptr(tenant_ids),
-            _ptr(base),
-            np.int64(base.stride(0) if base is not None else 0),
-            _ptr(out),
-            np.int64(out.stride(0)),
-            np.int32(m_rows),
-            np.int32(n),
-            np.int32(w),
-            np.int32(tenants),
-            np.int32(n_planes),
-            np.int32(use),
-            np.int32(1 if row_scales else 0),
-            np.int32(1 if vec_ok else 0),
-        ),
+        (np.int64(ldb), np.int64(ldy)),
+        tuple(np.int32(v) for v in ints),
     )
+    return SPLITS[dt] * total, prep, mma
+
+
+def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above."""
+    device = x.device
+    m_rows, k = x.shape
+    tenants, n_planes, n, w = planes.shape
+    vec_ok = w % 4 == 0 and planes.data_ptr() % 16 == 0
+    ldb = base.stride(0) if base is not None else 0
+    words, prep, mma = _mma_launches(
+        m_rows, k, n, w, tenants, n_planes, use, row_scales, dt,
+        x.stride(0), ldb, out.stride(0), vec_ok,
+    )  # fmt: skip
+    xp = torch.empty(words, dtype=torch.int32, device=device)
+    p_xp = _ptr(xp)
+    name, grid, (ldx, m32, k32, w32) = prep
+    _launch(device, name, grid, (PREP_THREADS,), (_ptr(x), ldx, m32, k32, w32, p_xp))
+    name, grid, block, (ldb64, ldy64), ints = mma
+    args = (p_xp, _ptr(planes), _ptr(scales), _ptr(tenant_ids), _ptr(base), ldb64, _ptr(out))
+    _launch(device, name, grid, block, (*args, ldy64, *ints))
 
 
 def delta_matmul(

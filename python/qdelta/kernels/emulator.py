@@ -10,6 +10,9 @@ fragment layouts, conversions are bit-exact software versions (docs/CUDA.md,
 ``with emulate(): ...`` makes the real host code of ``qdelta.kernels.cuda`` and
 ``qdelta.ring.cuda_block`` run on CPU tensors through the emulator, by swapping
 the kernel runtime (``qdelta.kernels.cuda.RUNTIME``) for the duration.
+``emulate(order="reverse")`` (or ``"shuffle"`` with a ``seed``) resumes the threads
+of a block in another order between barriers: results that change with the order
+come from a race inside a barrier interval (tests/test_cuda_emulated_races.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ HEADER = CUDA_DIR / "emu" / "cuda_emu.h"
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w")
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without the opt-in
 _ERR_BYTES = 2048
+# The scheduler's run orders (qd_emu::Order): the order in which each scheduling
+# round resumes the runnable threads of a block, lanes of a warp included.
+ORDERS = ("forward", "reverse", "shuffle")
 
 # `extern __shared__ T name[];` (dynamic shared memory) -> a pointer to the launch's buffer.
 _DYN_SHARED = re.compile(
@@ -93,11 +99,21 @@ def translation_unit(source_name: str, text: str, names: Sequence[str]) -> str:
         lines.append(
             f'extern "C" int qd_emu_entry_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
             "unsigned by, unsigned bz, size_t smem, void** args, const size_t* sizes, int nargs, "
-            "char* err, size_t errlen) {\n"
+            "char* err, size_t errlen, int order, unsigned long long seed) {\n"
             f'    return ::qd_emu::launch(&{name}, "{name}", dim3(gx, gy, gz), dim3(bx, by, bz), '
-            "smem, args, sizes, nargs, err, errlen);\n}"
+            "smem, args, sizes, nargs, err, errlen, order, seed);\n}"
         )
     return "\n".join(lines) + "\n"
+
+
+def order_code(order: str) -> int:
+    """The scheduler's code for a run order name (a KernelLaunchError for another name)."""
+    try:
+        return ORDERS.index(order)
+    except ValueError:
+        raise KernelLaunchError(
+            f"emulator run order {order!r}: expected one of {', '.join(ORDERS)}"
+        ) from None
 
 
 def _dims(v, what: str) -> tuple[int, int, int]:
@@ -108,7 +124,11 @@ def _dims(v, what: str) -> tuple[int, int, int]:
 
 
 class EmulatedKernel:
-    """One compiled kernel, called like a cupy kernel: ``kernel(grid, block, args, shared_mem=0)``."""
+    """One compiled kernel, called like a cupy kernel: ``kernel(grid, block, args, shared_mem=0)``.
+
+    ``order`` / ``seed`` (emulator only): the run order of the threads of each block
+    between barriers, one of :data:`ORDERS`; ``seed`` drives ``"shuffle"``.
+    """
 
     def __init__(self, name: str, entry) -> None:
         self.name = name
@@ -116,8 +136,17 @@ class EmulatedKernel:
         # The attribute cupy exposes; the emulator enforces it as the GPU does.
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED_LIMIT
 
-    def __call__(self, grid, block, args: Sequence, shared_mem: int = 0) -> None:
+    def __call__(
+        self,
+        grid,
+        block,
+        args: Sequence,
+        shared_mem: int = 0,
+        order: str = "forward",
+        seed: int = 0,
+    ) -> None:
         g, b = _dims(grid, "grid"), _dims(block, "block")
+        code = order_code(order)
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise KernelLaunchError(
                 f"{self.name}: {shared_mem} bytes of dynamic shared memory, expected at most "
@@ -137,7 +166,9 @@ class EmulatedKernel:
         ptrs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(x) for x in bufs])
         sizes = (ctypes.c_size_t * max(n, 1))(*[len(x) for x in blobs])
         err = ctypes.create_string_buffer(_ERR_BYTES)
-        rc = self._entry(*g, *b, int(shared_mem), ptrs, sizes, n, err, _ERR_BYTES)
+        rc = self._entry(
+            *g, *b, int(shared_mem), ptrs, sizes, n, err, _ERR_BYTES, code, int(seed) % 2**64
+        )
         if rc != 0:
             raise KernelLaunchError(err.value.decode(errors="replace"))
 
@@ -151,8 +182,9 @@ class EmulatedModule:
         text = self.source.read_text()
         cpp = translation_unit(self.source.name, text, self.names)
         cxx = compiler()
+        # The translation unit (source, entry points) and the header it includes.
         key = hashlib.sha256(
-            "\0".join([HEADER.read_text(), text, *self.names, *FLAGS, cxx]).encode()
+            "\0".join([HEADER.read_text(), cpp, *self.names, *FLAGS, cxx]).encode()
         ).hexdigest()
         self.library = cache_dir() / f"{key}.so"
         if not self.library.exists():
@@ -181,6 +213,8 @@ class EmulatedModule:
                 ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_ulonglong,
             ]
             kernel = self._kernels[name] = EmulatedKernel(name, entry)
         return kernel
@@ -216,13 +250,21 @@ def module(source: Path, name_expressions: Sequence[str]) -> EmulatedModule:
 
 
 class EmulatorRuntime(cuda_backend.KernelRuntime):
-    """The kernel runtime behind :func:`emulate`: CPU tensors, g++-compiled kernels."""
+    """The kernel runtime behind :func:`emulate`: CPU tensors, g++-compiled kernels.
+
+    ``order`` and ``seed`` (attributes, may be changed between launches) are the run
+    order every launch uses: "forward" (thread order, the default), "reverse" or
+    "shuffle" (a pseudo-random order per scheduling round from ``seed``).
+    """
 
     emulated = True
 
-    def __init__(self, sm_count: int = 132) -> None:
+    def __init__(self, sm_count: int = 132, order: str = "forward", seed: int = 0) -> None:
         super().__init__()
         self._sms = sm_count
+        order_code(order)
+        self.order = order
+        self.seed = seed
 
     def on_device(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu"
@@ -245,7 +287,7 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
         cuda_backend._check_grid(name, grid)
         try:
             cuda_backend._opt_in_shared(kernel, self.shared_opt_in, 0, name, shared_mem)
-            kernel(grid, block, args, shared_mem=shared_mem)
+            kernel(grid, block, args, shared_mem=shared_mem, order=self.order, seed=self.seed)
         except Exception as exc:
             raise KernelLaunchError(
                 f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
@@ -253,15 +295,19 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
 
 
 @contextlib.contextmanager
-def emulate(sm_count: int = 132) -> Iterator[EmulatorRuntime]:
+def emulate(
+    sm_count: int = 132, order: str = "forward", seed: int = 0
+) -> Iterator[EmulatorRuntime]:
     """Within the block, qdelta's CUDA kernels run on CPU tensors through the emulator.
 
     ``sm_count`` is the SM count the host code plans launches for (132: an H100/H200).
+    ``order`` / ``seed``: the run order of the threads of a block between barriers
+    (:class:`EmulatorRuntime`); results must not depend on it.
     Not thread-safe with respect to other threads using the CUDA backend meanwhile.
     """
     compiler()  # fail early and clearly without g++
+    runtime = EmulatorRuntime(sm_count, order, seed)
     previous = cuda_backend.RUNTIME
-    runtime = EmulatorRuntime(sm_count)
     cuda_backend.RUNTIME = runtime
     try:
         yield runtime
