@@ -41,3 +41,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+@pytest.fixture
+def gen(rng: np.random.Generator) -> torch.Generator:
+    """A torch generator seeded from the rng fixture (seed printed on failure)."""
+    return torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The CUDA host code on CPU tensors through the kernel emulator
+    (qdelta.kernels.emulator, 4 SMs); torch.cuda must not be touched meanwhile."""
+    from qdelta.kernels import emulator
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch.cuda function ran under emulation")
+
+    for name in ("current_stream", "synchronize", "current_device", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
+    with emulator.emulate(sm_count=4) as runtime:
+        yield runtime

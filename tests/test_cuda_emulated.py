@@ -2,8 +2,8 @@
 
 qdelta.kernels.emulator compiles cuda/delta_matmul.cu with g++ against
 cuda/emu/cuda_emu.h; under ``emulate()`` the host code of qdelta.kernels.cuda
-runs every path ("decode", "prefill", "mma") on CPU tensors. Checked against the
-float64 oracle of tests/test_cuda_kernels.py with the same tolerances, on fresh
+runs every path ("decode", "prefill", "gemm", "mma") on CPU tensors. Checked against
+the float64 oracle of tests/delta_cases.py with the GPU tests' tolerances, on fresh
 random data, NaN-poisoned outputs. The first part tests the emulator itself with
 the small kernels of tests/emu_selftest.cu.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests import delta_cases
+from tests.delta_cases import DTYPES, assert_close, oracle, poisoned
 
 from qdelta import QDeltaError, ShapeError
 from qdelta.kernels import cuda as cuda_backend
@@ -48,8 +50,6 @@ SELFTEST_KERNELS = [
     "racy_last_writer",
     "racy_cp_async",
 ]
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
-DTYPES = list(TOL)
 PATHS = ["decode", "prefill", "gemm", "mma"]
 
 
@@ -60,26 +60,6 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
 @pytest.fixture(scope="module")
 def selftest():
     return emulator.module(SELFTEST, SELFTEST_KERNELS)
-
-
-@pytest.fixture
-def gen(rng: np.random.Generator) -> torch.Generator:
-    """A torch generator seeded from the suite's rng fixture (seed printed on failure)."""
-    return torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    """The CUDA host code on CPU tensors; torch.cuda must not be touched meanwhile."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a torch.cuda function ran under emulation")
-
-    for name in ("current_stream", "synchronize", "current_device", "get_device_properties"):
-        monkeypatch.setattr(torch.cuda, name, refuse)
-    monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
-    with emulator.emulate(sm_count=4) as runtime:
-        yield runtime
 
 
 # ---------------------------------------------------------------------------
@@ -454,50 +434,11 @@ def test_emulate_swaps_the_runtime_back():
 
 
 def random_planes(t: int, p: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    w = -(-k // 32)
-    planes = torch.randint(-(2**31), 2**31, (t, p, n, w), dtype=torch.int64, generator=gen)
-    tail = k - 32 * (w - 1)
-    if tail < 32:  # the format's zero tail padding
-        planes[..., -1] &= (1 << tail) - 1
-    return planes.to(torch.int32)
+    return delta_cases.random_planes(t, p, n, k, generator=gen)
 
 
 def random_scales(t: int, p: int, n: int, row: bool, gen: torch.Generator) -> torch.Tensor:
-    shape = (t, p, n) if row else (t, p)
-    return torch.rand(shape, generator=gen) * 0.02 + 0.001
-
-
-def oracle(x, planes, scales, ids, base=None) -> torch.Tensor:
-    """float64 result from the reference's dense unpack."""
-    out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float64)
-    for t in range(planes.shape[0]):
-        rows = ids == t
-        if rows.any():
-            dense = reference.dense_delta(planes[t], scales[t], x.shape[1]).double()
-            out[rows] = x[rows].double() @ dense.T
-    if base is not None:
-        out += base.double()
-    return out
-
-
-def assert_close(y: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    finite = torch.isfinite(y)
-    if not finite.all():
-        bad = (~finite).nonzero()[:5].tolist()
-        pytest.fail(f"{what}: {int((~finite).sum())} non-finite outputs, first at {bad}")
-    err = (y.double() - want).abs()
-    scale = want.abs().max().clamp_min(1e-30)
-    rel = float(err.max() / scale)
-    if rel > TOL[y.dtype]:
-        where = divmod(int(err.argmax()), y.shape[1])
-        pytest.fail(
-            f"{what}: max relative error {rel:.3g} > {TOL[y.dtype]:.1g} at [row, col] = "
-            f"{list(where)}: got {float(y[where]):.6g}, expected {float(want[where]):.6g}"
-        )
-
-
-def poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((m, n), float("nan"), dtype=dtype)
+    return delta_cases.random_scales(t, p, n, row, generator=gen)
 
 
 CASES = [

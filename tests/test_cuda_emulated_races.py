@@ -37,11 +37,8 @@ pytestmark = pytest.mark.skipif(
 
 emulator = pytest.importorskip("qdelta.kernels.emulator")
 
-# The fixtures of tests/test_cuda_emulated.py: the self-test module, a seeded torch
-# generator, the CUDA host code under emulate(sm_count=4) with torch.cuda refused.
+# The self-test module of tests/test_cuda_emulated.py (gen and emulated: tests/conftest.py).
 selftest = emulated_suite.selftest
-gen = emulated_suite.gen
-emulated = emulated_suite.emulated
 
 HALF = [torch.float16, torch.bfloat16]
 

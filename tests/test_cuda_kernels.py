@@ -6,6 +6,8 @@ an element the kernel forgets to write fails the test.
 
 import pytest
 import torch
+from tests import delta_cases
+from tests.delta_cases import DTYPES, assert_close, oracle
 
 from qdelta import QDeltaError, ShapeError
 from qdelta.kernels import reference
@@ -17,8 +19,6 @@ if not cuda_backend.available():
     pytest.skip("needs a CUDA device and cupy", allow_module_level=True)
 
 DEV = torch.device("cuda")
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-4}
-DTYPES = list(TOL)
 
 
 @pytest.fixture(autouse=True)
@@ -27,51 +27,15 @@ def sync_after_each_launch(monkeypatch):
 
 
 def random_planes(t: int, p: int, n: int, k: int) -> torch.Tensor:
-    w = -(-k // 32)
-    planes = torch.randint(-(2**31), 2**31, (t, p, n, w), dtype=torch.int64, device=DEV)
-    tail = k - 32 * (w - 1)
-    if tail < 32:  # the format's zero tail padding
-        planes[..., -1] &= (1 << tail) - 1
-    return planes.to(torch.int32)
+    return delta_cases.random_planes(t, p, n, k, device=DEV)
 
 
 def random_scales(t: int, p: int, n: int, row: bool) -> torch.Tensor:
-    shape = (t, p, n) if row else (t, p)
-    return torch.rand(shape, device=DEV) * 0.02 + 0.001
-
-
-def oracle(x, planes, scales, ids, base=None) -> torch.Tensor:
-    """float64 result from the reference's dense unpack."""
-    out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float64, device=DEV)
-    for t in range(planes.shape[0]):
-        rows = ids == t
-        if rows.any():
-            dense = reference.dense_delta(planes[t], scales[t], x.shape[1]).double()
-            out[rows] = x[rows].double() @ dense.T
-    if base is not None:
-        out += base.double()
-    return out
-
-
-def assert_close(y: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert y.dtype in TOL, what
-    finite = torch.isfinite(y)
-    if not finite.all():
-        bad = (~finite).nonzero()[:5].tolist()
-        pytest.fail(f"{what}: {int((~finite).sum())} non-finite outputs, first at {bad}")
-    err = (y.double() - want).abs()
-    scale = want.abs().max().clamp_min(1e-30)
-    rel = float(err.max() / scale)
-    if rel > TOL[y.dtype]:
-        where = divmod(int(err.argmax()), y.shape[1])
-        pytest.fail(
-            f"{what}: max relative error {rel:.3g} > {TOL[y.dtype]:.1g} at [row, col] = "
-            f"{list(where)}: got {float(y[where]):.6g}, expected {float(want[where]):.6g}"
-        )
+    return delta_cases.random_scales(t, p, n, row, device=DEV)
 
 
 def poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    return delta_cases.poisoned(m, n, dtype, DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -41,18 +41,6 @@ MMA2_CASES = [
 ]
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a torch.cuda function ran under emulation")
-
-    for name in ("current_stream", "synchronize", "current_device", "get_device_properties"):
-        monkeypatch.setattr(torch.cuda, name, refuse)
-    monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
-    with emulator.emulate() as runtime:
-        yield runtime
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
