@@ -31,15 +31,24 @@
 // qdelta-instantiate: qd_delta_mm<0, 2, 4, 2, 2, 1>
 // qdelta-instantiate: qd_delta_mm<1, 2, 4, 2, 2, 1>
 // qdelta-instantiate: qd_delta_mm<2, 2, 4, 2, 2, 1>
-// qdelta-instantiate: qd_delta_lut<0, 1>
-// qdelta-instantiate: qd_delta_lut<1, 1>
-// qdelta-instantiate: qd_delta_lut<2, 1>
-// qdelta-instantiate: qd_delta_lut<0, 2>
-// qdelta-instantiate: qd_delta_lut<1, 2>
-// qdelta-instantiate: qd_delta_lut<2, 2>
-// qdelta-instantiate: qd_delta_lut<0, 4>
-// qdelta-instantiate: qd_delta_lut<1, 4>
-// qdelta-instantiate: qd_delta_lut<2, 4>
+// qdelta-instantiate: qd_delta_lut<0, 1, 0>
+// qdelta-instantiate: qd_delta_lut<1, 1, 0>
+// qdelta-instantiate: qd_delta_lut<2, 1, 0>
+// qdelta-instantiate: qd_delta_lut<0, 2, 0>
+// qdelta-instantiate: qd_delta_lut<1, 2, 0>
+// qdelta-instantiate: qd_delta_lut<2, 2, 0>
+// qdelta-instantiate: qd_delta_lut<0, 4, 0>
+// qdelta-instantiate: qd_delta_lut<1, 4, 0>
+// qdelta-instantiate: qd_delta_lut<2, 4, 0>
+// qdelta-instantiate: qd_delta_lut<0, 1, 1>
+// qdelta-instantiate: qd_delta_lut<1, 1, 1>
+// qdelta-instantiate: qd_delta_lut<2, 1, 1>
+// qdelta-instantiate: qd_delta_lut<0, 2, 1>
+// qdelta-instantiate: qd_delta_lut<1, 2, 1>
+// qdelta-instantiate: qd_delta_lut<2, 2, 1>
+// qdelta-instantiate: qd_delta_lut<0, 4, 1>
+// qdelta-instantiate: qd_delta_lut<1, 4, 1>
+// qdelta-instantiate: qd_delta_lut<2, 4, 1>
 // qdelta-instantiate: qd_lut_finish<0>
 // qdelta-instantiate: qd_lut_finish<1>
 // qdelta-instantiate: qd_lut_finish<2>
@@ -453,7 +462,10 @@ __device__ __forceinline__ void qd_lut_load(qd_u32 (&wv)[STEPS], qd_u32& okmask,
     }
 }
 
-template <int DT, int R>
+// PF = 1: the next slice's plane words are loaded while this slice's lookups run
+// (twice the load registers; the latency of a block's later slices is hidden by
+// a whole slice of work instead of by the table build alone).
+template <int DT, int R, int PF>
 __global__ void __launch_bounds__(QD_LUT_THREADS, 2)
 qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
              const qd_u32* __restrict__ planes,  // [T][P][N][W]
@@ -538,11 +550,15 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
     // the tile (< 1024 * W words) stay 32-bit to keep register pressure low.
     qd_u32 wv[STEPS];
     qd_u32 okmask = 0u;
+    qd_u32 wn[PF ? STEPS : 1];  // PF: the next slice's words, in flight during the lookups
+    qd_u32 okn = 0u;
     const int stride = 32 * W;
     const int n_lane = n_begin + warp * 4 + q;  // this lane's feature at step 0
     // load_flags bit 0: issue the loads before the table build; bit 1: 128-byte L2 fetches.
-    const int early_loads = load_flags & 1;
+    const int early_loads = PF ? 0 : load_flags & 1;
     const int l2_line = (load_flags >> 1) & 1;
+    if (PF && sl_begin < sl_end)
+        qd_lut_load<STEPS>(wv, okmask, plane, sl_begin, W, n_lane, n_end, w, stride, l2_line);
 
     for (int sl = sl_begin; sl < sl_end; ++sl) {
         // early_loads: the loads overlap the table build below (their latency
@@ -583,7 +599,12 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
         }
         __syncthreads();
 
-        if (!early_loads) qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
+        if (PF) {
+            if (sl + 1 < sl_end)
+                qd_lut_load<PF ? STEPS : 1>(wn, okn, plane, sl + 1, W, n_lane, n_end, w, stride, l2_line);
+        } else if (!early_loads) {
+            qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
+        }
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
             if ((okmask >> s) & 1u) {
@@ -595,6 +616,11 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
                         if (r < nr) acc[r][s] += lut[r * QD_LUT_PER_ROW + idx];
                 }
             }
+        }
+        if (PF) {
+#pragma unroll
+            for (int s = 0; s < (PF ? STEPS : 1); ++s) wv[s] = wn[s];
+            okmask = okn;
         }
     }
 

@@ -4,6 +4,7 @@ Each file declares the template instantiations to check with lines
 ``// qdelta-instantiate: name<...>``.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,16 @@ from qdelta.kernels.nvrtc import ARCHS, CUDA_DIR, compile_source, find_ptxas, ke
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed")
 
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-# Spills that are known and measured, as (mangled-name fragment, arch) -> most bytes allowed.
-# Any other spill, or a bigger one, fails: it would be a regression.
+# Spills that are known and measured, as (regex on the mangled name, arch) -> most bytes
+# allowed. Any other spill, or a bigger one, fails: it would be a regression.
 KNOWN_SPILLS = {
     # R = 1 table kernel under __launch_bounds__(256, 2) (128 registers): 32 loads in flight
     # plus 32 sums; sm_90 fits them, sm_80 spills a little (docs/CUDA.md).
-    ("12qd_delta_lutILi", "sm_80"): 96,
-    # The CUDA-core block kernel (the tensor-core one is the default on sm_80+).
-    ("15attention_blockILi0ELi64E", "sm_90"): 48,
+    (r"12qd_delta_lutILi\dELi1E", "sm_80"): 96,
+    # Its next-slice prefetch variant (LUT_PREFETCH_NEXT, off by default) holds 32 more.
+    (r"12qd_delta_lutILi\dELi1ELi1E", "sm_90"): 96,
+    # The CUDA-core block kernel (the tensor-core ones are the default on sm_80+).
+    (r"15attention_blockILi0ELi64E", "sm_90"): 48,
 }
 
 
@@ -46,7 +49,7 @@ def test_compiles(source: Path, arch: str):
         k: v
         for k, v in resources.items()
         if v["spill_bytes"]
-        > max((b for (f, a), b in KNOWN_SPILLS.items() if f in k and a == arch), default=0)
+        > max((b for (f, a), b in KNOWN_SPILLS.items() if re.search(f, k) and a == arch), default=0)
     }
     assert not spilling, f"{source.name} ({arch}): kernels spill registers: {spilling}"
 

@@ -555,8 +555,13 @@ def test_expansion_kernels_are_bit_identical(emulated, gen, monkeypatch, dtype, 
     assert_close(got["rows"], want, f"expansion P={n_planes} {dtype}")
 
 
-@pytest.mark.parametrize(("early", "l2"), [(False, False), (True, False), (False, True)])
-def test_decode_load_variants_are_bit_identical(emulated, gen, monkeypatch, early, l2):
+@pytest.mark.parametrize(
+    ("early", "l2", "prefetch"),
+    [(False, False, False), (True, False, False), (False, True, False), (True, True, True)],
+)
+def test_decode_load_variants_are_bit_identical(emulated, gen, monkeypatch, early, l2, prefetch):
+    """Load order, L2 line fetches and the next-slice prefetch change timing only (K = 600:
+    3 slices per block, so the prefetch runs across slices)."""
     m, k, n, t = 5, 600, 70, 2
     x = torch.randn(m, k, generator=gen).half()
     planes = random_planes(t, 2, n, k, gen)
@@ -565,6 +570,8 @@ def test_decode_load_variants_are_bit_identical(emulated, gen, monkeypatch, earl
     default = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="decode")
     monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
     monkeypatch.setattr(cuda_backend, "LUT_L2_LINE_LOADS", l2)
+    monkeypatch.setattr(cuda_backend, "LUT_PREFETCH_NEXT", prefetch)
+    assert cuda_backend.lut_plan(m, n, planes.shape[-1], 2, t, 4)["spc"] == 3
     y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="decode")
     assert torch.equal(y.view(torch.int16), default.view(torch.int16))
 

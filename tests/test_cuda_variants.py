@@ -63,14 +63,18 @@ def test_lut_load_variants_match_original(monkeypatch, dtype, m, t, k, n):
     got = {}
     for early in (False, True):
         for line in (False, True):
-            monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
-            monkeypatch.setattr(cuda_backend, "LUT_L2_LINE_LOADS", line)
-            got[early, line] = cuda_backend.multi_tenant_delta_matmul(
-                x, planes, scales, ids, out=poisoned(m, n, dtype), path="decode"
-            )
-    first = got[False, False]
+            for prefetch in (False, True):
+                monkeypatch.setattr(cuda_backend, "LUT_EARLY_LOADS", early)
+                monkeypatch.setattr(cuda_backend, "LUT_L2_LINE_LOADS", line)
+                monkeypatch.setattr(cuda_backend, "LUT_PREFETCH_NEXT", prefetch)
+                got[early, line, prefetch] = cuda_backend.multi_tenant_delta_matmul(
+                    x, planes, scales, ids, out=poisoned(m, n, dtype), path="decode"
+                )
+    first = got[False, False, False]
     for key, y in got.items():
-        assert torch.equal(y, first), f"early, line = {key} changes the sums M={m} {dtype}"
+        assert torch.equal(y, first), (
+            f"early, line, prefetch = {key} changes the sums M={m} {dtype}"
+        )
     assert_close(first, oracle(x, planes, scales, ids), f"table decode M={m} {dtype}")
 
 

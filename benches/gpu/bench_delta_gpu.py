@@ -227,7 +227,8 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     """Each switchable variant against the one it replaced, same inputs, same card.
 
     The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_EARLY_LOADS, LUT_L2_LINE_LOADS,
-    EXPAND_KERNEL) should be set from these numbers; the defaults are restored after.
+    LUT_PREFETCH_NEXT, EXPAND_KERNEL) should be set from these numbers; the defaults are
+    restored after.
     """
     k = n
     row: dict = {"kind": "variant", "N": n, "K": k}
@@ -237,22 +238,35 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     x = torch.randn(b, k, device="cuda", dtype=torch.float16)
     ids = torch.arange(b, device="cuda")
     out = torch.empty(b, n, device="cuda", dtype=torch.float16)
-    defaults = (cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS)
+    defaults = (
+        cuda_backend.LUT_EARLY_LOADS,
+        cuda_backend.LUT_L2_LINE_LOADS,
+        cuda_backend.LUT_PREFETCH_NEXT,
+    )
     try:
-        for early, line in ((False, False), (True, False), (True, True)):
+        for early, line, prefetch in (
+            (False, False, False),
+            (True, False, False),
+            (True, True, False),
+            (True, True, True),
+        ):
             cuda_backend.LUT_EARLY_LOADS = early
             cuda_backend.LUT_L2_LINE_LOADS = line
+            cuda_backend.LUT_PREFETCH_NEXT = prefetch
 
             def lut():
                 cuda_backend.multi_tenant_delta_matmul(
                     x, planes, scales, ids, out=out, check_ids=False, path="decode"
                 )
 
-            row[f"decode_B16_early_{early}_l2line_{line}_us"] = gpu_time_us(
-                lut, warmup=3, iters=iters, flush=flush
-            )
+            key = f"decode_B16_early_{early}_l2line_{line}" + ("_prefetch" if prefetch else "")
+            row[f"{key}_us"] = gpu_time_us(lut, warmup=3, iters=iters, flush=flush)
     finally:
-        cuda_backend.LUT_EARLY_LOADS, cuda_backend.LUT_L2_LINE_LOADS = defaults
+        (
+            cuda_backend.LUT_EARLY_LOADS,
+            cuda_backend.LUT_L2_LINE_LOADS,
+            cuda_backend.LUT_PREFETCH_NEXT,
+        ) = defaults
     one = planes[:1]
     for path in ("mma", "decode"):
 
@@ -332,15 +346,17 @@ def markdown(report: dict) -> str:
             "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
             "",
             "| N=K | B=16 tables: loads after build µs | loads before build µs "
-            "| + L2 128-byte lines µs "
+            "| + L2 128-byte lines µs | + next-slice prefetch µs "
             "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in variants:
             lines.append(
                 f"| {r['N']} | {r['decode_B16_early_False_l2line_False_us']:.1f} "
                 f"| {r['decode_B16_early_True_l2line_False_us']:.1f} "
-                f"| {r['decode_B16_early_True_l2line_True_us']:.1f} | {r['decode_B1_mma_us']:.1f} "
+                f"| {r['decode_B16_early_True_l2line_True_us']:.1f} "
+                f"| {r.get('decode_B16_early_True_l2line_True_prefetch_us', float('nan')):.1f} "
+                f"| {r['decode_B1_mma_us']:.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
             )

@@ -44,6 +44,10 @@ LUT_EARLY_LOADS = True
 # for the whole 128-byte line (PTX ld .L2::128B), so the row's next three slices hit
 # L2 instead of DRAM. False: plain 32-byte sector reads (the first measured version).
 LUT_L2_LINE_LOADS = True
+# The table kernel loads the next K slice's words while the current slice's lookups run
+# (qd_delta_lut<..., 1>; LUT_EARLY_LOADS no longer applies). False: each slice's loads
+# are issued at its start (the measured default). Checked by the emulator; not yet timed.
+LUT_PREFETCH_NEXT = False
 # Prefill expansion kernel: "rows" (qd_expand_rows: 2-D grid, no 64-bit division,
 # sign-bit flip for one plane) or "flat" (the original qd_expand). Same output bits.
 EXPAND_KERNEL = "rows"
@@ -86,7 +90,9 @@ def name_expressions() -> list[str]:
     names = [f"qd_prep_x<{dt}>" for dt in dts]
     for tile in TILES.values():
         names += [f"qd_delta_mm<{dt}, {', '.join(map(str, tile))}>" for dt in dts]
-    names += [f"qd_delta_lut<{dt}, {r}>" for r in LUT_GROUP_ROWS for dt in dts]
+    names += [
+        f"qd_delta_lut<{dt}, {r}, {pf}>" for pf in (0, 1) for r in LUT_GROUP_ROWS for dt in dts
+    ]
     names += [f"qd_lut_finish<{dt}>" for dt in dts]
     names += [f"qd_expand<{dt}>" for dt in dts]
     names += [f"qd_expand_rows<{dt}>" for dt in dts]
@@ -460,7 +466,22 @@ def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: i
 
 @functools.lru_cache(maxsize=4096)
 def _lut_launches(
-    m_rows, k, n, w, tenants, n_planes, use, row_scales, one_tenant, dt, ldx, ldb, ldy, sms, flags
+    m_rows,
+    k,
+    n,
+    w,
+    tenants,
+    n_planes,
+    use,
+    row_scales,
+    one_tenant,
+    dt,
+    ldx,
+    ldb,
+    ldy,
+    sms,
+    flags,
+    prefetch,
 ) -> tuple:
     """Everything of the two decode launches that depends only on shapes, built once.
 
@@ -472,7 +493,7 @@ def _lut_launches(
     z = use * plan["kch"]
     ints = (m_rows, n, w, tenants, n_planes, int(row_scales), plan["nb"], plan["spc"], plan["kch"])
     lut = (
-        f"qd_delta_lut<{dt}, {plan['rows']}>",
+        f"qd_delta_lut<{dt}, {plan['rows']}, {int(prefetch)}>",
         (-(-n // plan["nb"]), m_rows, z),
         (np.int64(ldx), np.int32(k)),
         tuple(np.int32(v) for v in (*ints, flags)),
@@ -497,7 +518,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
     ldb = base.stride(0) if base is not None else 0
     z, lut, finish = _lut_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
-        x.stride(0), ldb, out.stride(0), sms, flags,
+        x.stride(0), ldb, out.stride(0), sms, flags, LUT_PREFETCH_NEXT,
     )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
     ids, p_part = _ptr(tenant_ids), _ptr(part)
