@@ -45,23 +45,30 @@ class _NoModule:
 CACHES = {"decode": cuda_backend._lut_launches, "mma": cuda_backend._mma_launches}
 
 
-def per_call_us(fn, calls: int, rounds: int) -> tuple[float, list[float]]:
-    for _ in range(50):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns, calls: int, rounds: int) -> list[tuple[float, list[float]]]:
+    """Median µs per call of each function, timed in interleaved rounds.
+
+    This machine's speed drifts with its neighbours' load; interleaving keeps a
+    drift from landing on one side of the comparison only.
+    """
+    for fn in fns:
+        for _ in range(50):
             fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples), samples
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, samples, strict=True):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - t0) / calls * 1e6)
+    return [(statistics.median(s), s) for s in samples]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benches/results"))
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     n = k = 4096
     rows = []
@@ -81,17 +88,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             calls = args.calls if m < 100 else 200
-            median, samples = per_call_us(call, calls, args.rounds)
-            row = {"path": path, "rows": m, "tenants": tenants, "N": n, "K": k,
-                   "host_us_per_call": median, "samples_us": samples}  # fmt: skip
             cache = CACHES.get(path)
+            fns = [call]
             if cache is not None:  # side by side: the launch arguments rebuilt every call
 
                 def uncached(call=call, cache=cache):
                     cache.cache_clear()
                     call()
 
-                row["host_us_per_call_rebuilt"], _ = per_call_us(uncached, calls, args.rounds)
+                fns.append(uncached)
+            timed = per_call_us(fns, calls, args.rounds)
+            median, samples = timed[0]
+            row = {"path": path, "rows": m, "tenants": tenants, "N": n, "K": k,
+                   "host_us_per_call": median, "samples_us": samples}  # fmt: skip
+            if cache is not None:
+                row["host_us_per_call_rebuilt"], row["samples_rebuilt_us"] = timed[1]
                 row["cache_speedup"] = row["host_us_per_call_rebuilt"] / median
             rows.append(row)
             extra = (
