@@ -67,3 +67,22 @@ def assert_close(y: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def poisoned(m: int, n: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     """An output buffer of NaN: an element the kernel forgets to write fails the check."""
     return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+SENTINEL = -7.25  # exact in fp16, bf16 and fp32
+
+
+def guarded(m: int, n: int, dtype: torch.dtype, device="cpu", margin: int = 64):
+    """A NaN-poisoned ``[m, n]`` output inside a larger buffer whose margins hold a
+    sentinel, and a check that fails when a kernel wrote outside its output."""
+    big = torch.full((m * n + 2 * margin,), float("nan"), dtype=dtype, device=device)
+    big[:margin] = SENTINEL
+    big[-margin:] = SENTINEL
+    out = big[margin : margin + m * n].view(m, n)
+
+    def check() -> None:
+        for name, part in (("before", big[:margin]), ("after", big[-margin:])):
+            hit = (part != SENTINEL).nonzero().flatten().tolist()
+            assert not hit, f"a kernel wrote {len(hit)} elements {name} its output"
+
+    return out, check

@@ -350,6 +350,14 @@ def test_dynamic_shared_memory_is_poisoned_at_every_block(selftest):
         assert list(got[b, 1]) == [1000 * b + (i + 1) % n for i in range(n)]
 
 
+def test_write_past_dynamic_shared_memory_is_reported(selftest):
+    """One word short: the last thread's store lands in the canary after the buffer."""
+    n = 96
+    out = torch.zeros(2 * n, dtype=torch.int32)
+    with pytest.raises(cuda_backend.KernelLaunchError, match="past its end"):
+        selftest.get_function("dynamic_shared")((1,), (n,), (ptr(out),), shared_mem=4 * n - 4)
+
+
 def test_static_shared_memory_and_block_barrier(selftest, gen):
     x = torch.randint(-1000, 1000, (3 * 256,), dtype=torch.int32, generator=gen)
     out = torch.zeros_like(x)
@@ -463,9 +471,9 @@ def test_every_path_matches_the_oracle(emulated, gen, dtype, path, case):
     scales = random_scales(t, p, n, row, gen)
     ids = torch.randint(-1, t, (m,), generator=gen)
     ids[0] = -1
-    y = cuda_backend.multi_tenant_delta_matmul(
-        x, planes, scales, ids, out=poisoned(m, n, dtype), path=path
-    )
+    out, untouched_outside = delta_cases.guarded(m, n, dtype)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, out=out, path=path)
+    untouched_outside()
     assert_close(y, oracle(x, planes, scales, ids), f"path={path} {case} {dtype}")
     assert (y[0] == 0).all(), "a row with id -1 and no base is 0"
 
@@ -642,7 +650,9 @@ def test_gemm_one_tenant_many_tiles_in_several_launches(emulated, gen, monkeypat
     x = torch.randn(m, k, generator=gen).half()
     planes = random_planes(1, 1, n, k, gen)[0]
     scales = random_scales(1, 1, n, False, gen)[0]
-    y = cuda_backend.delta_matmul(x, planes, scales, out=poisoned(m, n, x.dtype), path="gemm")
+    out, untouched_outside = delta_cases.guarded(m, n, x.dtype)
+    y = cuda_backend.delta_matmul(x, planes, scales, out=out, path="gemm")
+    untouched_outside()
     assert names == ["qd_delta_gemm<0, 8>"] * 3  # 6 tiles, 2 per launch
     ids = torch.zeros(m, dtype=torch.int64)
     assert_close(y, oracle(x, planes[None], scales[None], ids), "6 tiles in 3 launches")

@@ -326,6 +326,8 @@ struct Fiber {
 
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kGuardBytes = 4096;  // overflowing a fiber stack faults instead of corrupting
+constexpr size_t kCanaryBytes = 256;  // checked after every block: writes past dynamic shared memory
+constexpr unsigned char kCanaryByte = 0xA5;
 
 // The order in which a scheduling round resumes the runnable fibers of a block.
 enum class Order : int { Forward = 0, Reverse = 1, Shuffle = 2 };
@@ -352,7 +354,8 @@ struct Scheduler {
     void* call = nullptr;
     std::string error;
     const char* kernel_name = "";
-    std::vector<unsigned char> dyn_smem;  // 16-byte aligned start below
+    std::vector<unsigned char> dyn_smem;  // 16-byte aligned start below, then a canary
+    size_t dyn_bytes = 0;                 // the launch's dynamic shared memory
     unsigned char* dyn_base = nullptr;
 };
 
@@ -369,7 +372,7 @@ inline void* dyn_smem() { return sched().dyn_base; }
 // Bytes of dynamic shared memory this launch has (PTX %dynamic_smem_size).
 inline unsigned int dyn_smem_bytes() {
     const Scheduler& s = sched();
-    return s.dyn_smem.empty() ? 0u : (unsigned int)(s.dyn_smem.size() - 16);
+    return (unsigned int)s.dyn_bytes;
 }
 
 // cp.async: an immediate copy of src_bytes, zeros up to cp_bytes.
@@ -700,7 +703,10 @@ inline bool run_block(Scheduler& s) {
         f.state = State::Run;
         f.op = Op::None;
     }
-    if (!s.dyn_smem.empty()) std::memset(s.dyn_base, 0xff, s.dyn_smem.size() - 16);
+    if (s.dyn_bytes) {
+        std::memset(s.dyn_base, 0xff, s.dyn_bytes);
+        std::memset(s.dyn_base + s.dyn_bytes, kCanaryByte, kCanaryBytes);
+    }
     int live = s.nthreads;
     const int nwarps = (s.nthreads + 31) / 32;
     // Reverse and Shuffle resume the fibers through s.perm; Forward is thread order.
@@ -763,6 +769,15 @@ inline bool run_block(Scheduler& s) {
             }
         }
     }
+    // A write just past the end of dynamic shared memory (on a GPU: another block's
+    // memory, or a fault) lands in the canary.
+    for (size_t i = 0; i < (s.dyn_bytes ? kCanaryBytes : 0); ++i)
+        if (s.dyn_base[s.dyn_bytes + i] != kCanaryByte) {
+            s.error = std::string(s.kernel_name) + " " + block_str(s) + ": wrote byte " +
+                      std::to_string(s.dyn_bytes + i) + " of " + std::to_string(s.dyn_bytes) +
+                      " bytes of dynamic shared memory (past its end)";
+            return false;
+        }
     return true;
 }
 
@@ -804,7 +819,8 @@ inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_mem, 
     s.call = call;
     s.error.clear();
     s.kernel_name = name;
-    s.dyn_smem.assign(shared_mem ? shared_mem + 16 : 0, 0xff);
+    s.dyn_bytes = shared_mem;
+    s.dyn_smem.assign(shared_mem ? shared_mem + 16 + kCanaryBytes : 0, 0xff);
     if (shared_mem) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(s.dyn_smem.data());
         s.dyn_base = reinterpret_cast<unsigned char*>((a + 15) & ~uintptr_t(15));
