@@ -53,3 +53,11 @@ def test_variant_switches_name_compiled_kernels():
     assert isinstance(cuda_backend.LUT_EARLY_LOADS, bool)
     for dt in cuda_backend.DTYPE_CODES.values():
         assert f"qd_expand_rows<{dt}>" in names and f"qd_expand<{dt}>" in names
+
+
+def test_fewer_blocks_per_sm_gives_longer_blocks():
+    """LUT_BLOCKS_PER_SM = 1 splits K less: more slices per block for the prefetch."""
+    default = cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132)
+    long = cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, per_sm=1)
+    assert long["kch"] < default["kch"] and long["spc"] > default["spc"]
+    assert long["spc"] * long["kch"] >= long["slices"]

@@ -242,17 +242,20 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
         cuda_backend.LUT_EARLY_LOADS,
         cuda_backend.LUT_L2_LINE_LOADS,
         cuda_backend.LUT_PREFETCH_NEXT,
+        cuda_backend.LUT_BLOCKS_PER_SM,
     )
     try:
-        for early, line, prefetch in (
-            (False, False, False),
-            (True, False, False),
-            (True, True, False),
-            (True, True, True),
+        for early, line, prefetch, per_sm in (
+            (False, False, False, 3),
+            (True, False, False, 3),
+            (True, True, False, 3),
+            (True, True, True, 3),
+            (True, True, True, 1),  # fewer K splits: more slices per block to prefetch
         ):
             cuda_backend.LUT_EARLY_LOADS = early
             cuda_backend.LUT_L2_LINE_LOADS = line
             cuda_backend.LUT_PREFETCH_NEXT = prefetch
+            cuda_backend.LUT_BLOCKS_PER_SM = per_sm
 
             def lut():
                 cuda_backend.multi_tenant_delta_matmul(
@@ -260,12 +263,14 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
                 )
 
             key = f"decode_B16_early_{early}_l2line_{line}" + ("_prefetch" if prefetch else "")
+            key += "" if per_sm == 3 else f"_per_sm{per_sm}"
             row[f"{key}_us"] = gpu_time_us(lut, warmup=3, iters=iters, flush=flush)
     finally:
         (
             cuda_backend.LUT_EARLY_LOADS,
             cuda_backend.LUT_L2_LINE_LOADS,
             cuda_backend.LUT_PREFETCH_NEXT,
+            cuda_backend.LUT_BLOCKS_PER_SM,
         ) = defaults
     one = planes[:1]
     for path in ("mma", "decode"):
@@ -346,9 +351,9 @@ def markdown(report: dict) -> str:
             "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
             "",
             "| N=K | B=16 tables: loads after build µs | loads before build µs "
-            "| + L2 128-byte lines µs | + next-slice prefetch µs "
+            "| + L2 128-byte lines µs | + next-slice prefetch µs | same, 1 block/SM plan µs "
             "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in variants:
             lines.append(
@@ -356,6 +361,7 @@ def markdown(report: dict) -> str:
                 f"| {r['decode_B16_early_True_l2line_False_us']:.1f} "
                 f"| {r['decode_B16_early_True_l2line_True_us']:.1f} "
                 f"| {r.get('decode_B16_early_True_l2line_True_prefetch_us', float('nan')):.1f} "
+                f"| {r.get('decode_B16_early_True_l2line_True_prefetch_per_sm1_us', float('nan')):.1f} "
                 f"| {r['decode_B1_mma_us']:.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"

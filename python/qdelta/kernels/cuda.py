@@ -48,6 +48,10 @@ LUT_L2_LINE_LOADS = True
 # (qd_delta_lut<..., 1>; LUT_EARLY_LOADS no longer applies). False: each slice's loads
 # are issued at its start (the measured default). Checked by the emulator; not yet timed.
 LUT_PREFETCH_NEXT = False
+# lut_plan splits K (then shrinks feature tiles) until the grid has this many blocks per
+# SM. Fewer blocks mean more K slices per block, which is what the prefetch needs to
+# hide latency; 3 is the measured default.
+LUT_BLOCKS_PER_SM = 3
 # Prefill expansion kernel: "rows" (qd_expand_rows: 2-D grid, no 64-bit division,
 # sign-bit flip for one plane) or "flat" (the original qd_expand). Same output bits.
 EXPAND_KERNEL = "rows"
@@ -431,17 +435,21 @@ def _device_index(device: torch.device) -> int:
     return RUNTIME.device_index(device)
 
 
-def lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
+def lut_plan(
+    m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int, per_sm: int = 3
+) -> dict:
     """Launch shape of the decode kernel (pure function of the shapes; unit-tested on CPU).
 
     ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
     of rows per tenant made without reading the ids: any R gives the same result.
     """
-    return dict(_lut_plan(m_rows, n, w, use, tenants, sms))
+    return dict(_lut_plan(m_rows, n, w, use, tenants, sms, per_sm))
 
 
 @functools.lru_cache(maxsize=4096)
-def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int) -> dict:
+def _lut_plan(
+    m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int, per_sm: int
+) -> dict:
     """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
     rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
@@ -451,7 +459,7 @@ def _lut_plan(m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: i
     groups = -(-m_rows // rows)
     kch_max = max(1, min(slices, w // 16))  # partial sums stay <= 1/8 of the plane bytes
     kch = 1
-    target = 3 * sms
+    target = per_sm * sms
     while -(-n // nb) * groups * use * kch < target:
         if kch < kch_max:
             kch = min(kch_max, 2 * kch)
@@ -482,13 +490,14 @@ def _lut_launches(
     sms,
     flags,
     prefetch,
+    per_sm,
 ) -> tuple:
     """Everything of the two decode launches that depends only on shapes, built once.
 
     A decode step repeats the same shapes every call; making the numpy scalars and the
     plan again each time was most of the host cost of a call.
     """
-    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms)
+    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms, per_sm)
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
     ints = (m_rows, n, w, tenants, n_planes, int(row_scales), plan["nb"], plan["spc"], plan["kch"])
@@ -518,7 +527,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> N
     ldb = base.stride(0) if base is not None else 0
     z, lut, finish = _lut_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
-        x.stride(0), ldb, out.stride(0), sms, flags, LUT_PREFETCH_NEXT,
+        x.stride(0), ldb, out.stride(0), sms, flags, LUT_PREFETCH_NEXT, LUT_BLOCKS_PER_SM,
     )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
     ids, p_part = _ptr(tenant_ids), _ptr(part)
