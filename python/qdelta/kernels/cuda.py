@@ -7,6 +7,7 @@ launch, so an asynchronous fault is reported at the launch that caused it.
 
 from __future__ import annotations
 
+import abc
 import functools
 import os
 import re
@@ -129,7 +130,7 @@ def available() -> bool:
     return True
 
 
-class KernelRuntime:
+class KernelRuntime(abc.ABC):
     """Where the kernels are compiled and run: the seam between the host code and cupy.
 
     Every host path of this module and of qdelta.ring.cuda_block asks the module-level
@@ -145,22 +146,25 @@ class KernelRuntime:
         self.kernels: dict[tuple[int, str], object] = {}  # (device index, name) -> kernel
         self.shared_opt_in: dict[tuple[int, str], int] = {}  # dynamic shared memory allowed
 
+    @abc.abstractmethod
     def on_device(self, t: torch.Tensor) -> bool:
         """True when ``t`` lives where the kernels run."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def device_index(self, device: torch.device) -> int:
-        raise NotImplementedError
+        """The index of ``device`` (the current device when it names none)."""
 
+    @abc.abstractmethod
     def sm_count(self, index: int) -> int:
-        raise NotImplementedError
+        """Streaming multiprocessors of device ``index`` (launch plans depend on it)."""
 
+    @abc.abstractmethod
     def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
         """The compiled module of ``source`` for device ``index`` (has ``get_function``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
-        raise NotImplementedError
+        """Run ``kernel``; a failed launch raises KernelLaunchError naming it."""
 
 
 @functools.cache
