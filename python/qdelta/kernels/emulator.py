@@ -37,8 +37,8 @@ from qdelta.kernels import cuda as cuda_backend
 from qdelta.kernels.cuda import CUDA_DIR, KernelLaunchError
 
 HEADER = CUDA_DIR / "emu" / "cuda_emu.h"
-# -O2: delta_matmul.cu's 27 instantiations compile in ~5 s here (-O1: ~3 s, not worth
-# the slower kernels); a module compiles once per source edit (cached on disk).
+# -O2: delta_matmul.cu (every instantiation) compiles in seconds here (-O1 saves a
+# little but runs slower); a module compiles once per source edit (cached on disk).
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w")
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without the opt-in
 _ERR_BYTES = 2048
