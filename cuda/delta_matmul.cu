@@ -964,9 +964,8 @@ qd_delta_gemm(const qd_u16* __restrict__ x, long long ldx, int K,
               const float* __restrict__ scales,   // [T][P] or [T][P][N]
               const int* __restrict__ rows,       // [M] tenant-sorted row order, or null (identity)
               const int* __restrict__ tiles,      // [grid y][3] (tenant, start, count)
-              int M, const void* base, long long ldb, void* y, long long ldy,
+              const void* base, long long ldb, void* y, long long ldy,
               int N, int W, int P, int P_use, int row_scales, int vec_ok) {
-    (void)M;  // the tiles bound the rows
     constexpr int BM = 16 * NT;  // x rows per block: 2 warps x NT tiles of 8
     extern __shared__ __align__(16) qd_u32 qg_smem[];  // [STAGES] x rows, [STAGES] plane words, alpha pairs
     __shared__ int s_rows[BM];

@@ -694,7 +694,6 @@ def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> 
                 _ptr(scales),
                 _ptr(rows),
                 np.uint64(tiles.data_ptr() + 12 * first),
-                np.int32(m_rows),
                 _ptr(base),
                 np.int64(base.stride(0) if base is not None else 0),
                 _ptr(out),
