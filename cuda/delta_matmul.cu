@@ -398,8 +398,8 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
 // For a byte of 8 sign bits b0..b7 covering x[k0 .. k0+8), the contribution is
 // sum_j (1 - 2 b_j) x[k0 + j]: one of 256 values. A block builds, per x row,
 // a table of all 256 for every byte of an 8-word K slice (32 bytes x 256
-// entries, fp32, 32 KB) and then streams packed words: one PRMT (byte), one
-// shift-add (address), one LDS and one FADD per 8 weights.
+// entries, fp32, 32 KB) and then streams packed words: one SHF (rotate), one
+// LOP3 (address), one LDS and one FADD per 8 weights.
 //
 // Lanes: w = lane & 7 picks the word of the slice, q = lane >> 3 the output
 // feature (4 per warp instruction). Table layout lut[r][v][j][w] (index
@@ -438,26 +438,23 @@ __device__ __forceinline__ qd_u32 qd_ldg_l2_128(const qd_u32* p) {
 
 // One slice's plane words for a lane: feature n0 + 32 * s at step s, word w of the slice.
 template <int STEPS>
-__device__ __forceinline__ void qd_lut_load(qd_u32 (&wv)[STEPS], qd_u32& okmask,
+__device__ __forceinline__ void qd_lut_load(qd_u32 (&wv)[STEPS],
                                             const qd_u32* __restrict__ plane, int sl, int W,
                                             int n0, int n_end, int w, int stride, int l2_line) {
     const int wd = sl * QD_LUT_WORDS + w;
     const bool word_ok = wd < W;
     const qd_u32* rowp = plane + (long long)n0 * W + wd;
-    okmask = 0u;
     if (l2_line) {
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
             const bool ok = word_ok && n0 + s * 32 < n_end;
             wv[s] = ok ? qd_ldg_l2_128(rowp + s * stride) : 0u;
-            okmask |= (ok ? 1u : 0u) << s;
         }
     } else {
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
             const bool ok = word_ok && n0 + s * 32 < n_end;
             wv[s] = ok ? __ldg(rowp + s * stride) : 0u;
-            okmask |= (ok ? 1u : 0u) << s;
         }
     }
 }
@@ -532,13 +529,17 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
 
     const int w = lane & 7;
     const int q = lane >> 3;
-    int sel[4], off[4];
+    // Byte address of entry (v = byte j of the word, j, w) is v * 128 + (j * 8 + w) * 4:
+    // rotating the word right by 8j - 7 (mod 32) puts byte j at bits 7-14, so one
+    // SHF (rotate) and one LOP3 ((rot & 0x7f80) | lane offset) make the address.
+    qd_u32 rot[4], offb[4];
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
         const int j = (jj + q) & 3;
-        sel[jj] = 0x4440 | j;  // byte j of the word into the low byte, zeros above
-        off[jj] = j * 8 + w;
+        rot[jj] = (qd_u32)((8 * j + 25) & 31);
+        offb[jj] = (qd_u32)((j * 8 + w) * 4);
     }
+    const char* lut_bytes = reinterpret_cast<const char*>(lut);
 
     float acc[R][STEPS];
 #pragma unroll
@@ -549,21 +550,18 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
     // Plane words of one slice: every load in flight at once. Step offsets within
     // the tile (< 1024 * W words) stay 32-bit to keep register pressure low.
     qd_u32 wv[STEPS];
-    qd_u32 okmask = 0u;
     qd_u32 wn[PF ? STEPS : 1];  // PF: the next slice's words, in flight during the lookups
-    qd_u32 okn = 0u;
     const int stride = 32 * W;
     const int n_lane = n_begin + warp * 4 + q;  // this lane's feature at step 0
-    // load_flags bit 0: issue the loads before the table build; bit 1: 128-byte L2 fetches.
-    const int early_loads = PF ? 0 : load_flags & 1;
-    const int l2_line = (load_flags >> 1) & 1;
+    const int live_steps = (n_end - n_begin + 31) / 32;  // steps with a feature in the tile
+    const int l2_line = load_flags & 1;  // bit 0: 128-byte L2 fetches
     if (PF && sl_begin < sl_end)
-        qd_lut_load<STEPS>(wv, okmask, plane, sl_begin, W, n_lane, n_end, w, stride, l2_line);
+        qd_lut_load<STEPS>(wv, plane, sl_begin, W, n_lane, n_end, w, stride, l2_line);
 
     for (int sl = sl_begin; sl < sl_end; ++sl) {
-        // early_loads: the loads overlap the table build below (their latency
-        // was exposed once per slice); 0 keeps the original order.
-        if (early_loads) qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
+        // PF = 0: this slice's loads overlap the table build below. (Issuing them
+        // after the build measured no faster on an H200 and spills at sm_90.)
+        if (!PF) qd_lut_load<STEPS>(wv, plane, sl, W, n_lane, n_end, w, stride, l2_line);
         __syncthreads();  // the previous slice's lookups are done
         {
             // Thread = (byte-group gi = lane, high nibbles h = 2*warp + {0, 1}).
@@ -599,28 +597,29 @@ qd_delta_lut(const void* __restrict__ x, long long ldx, int K,
         }
         __syncthreads();
 
-        if (PF) {
-            if (sl + 1 < sl_end)
-                qd_lut_load<PF ? STEPS : 1>(wn, okn, plane, sl + 1, W, n_lane, n_end, w, stride, l2_line);
-        } else if (!early_loads) {
-            qd_lut_load<STEPS>(wv, okmask, plane, sl, W, n_lane, n_end, w, stride, l2_line);
-        }
+        if (PF && sl + 1 < sl_end)
+            qd_lut_load<PF ? STEPS : 1>(wn, plane, sl + 1, W, n_lane, n_end, w, stride, l2_line);
+        // Only a block-uniform branch per step (steps past the tile's last
+        // feature): a word past W was loaded as 0 and the table of k >= K is all
+        // zeros (x read as 0 there), so it adds exactly 0. The branch also keeps
+        // ptxas from hoisting every step's lookups at once, which would spill the
+        // accumulators at 128 registers.
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
-            if ((okmask >> s) & 1u) {
+            if (s >= live_steps) break;
 #pragma unroll
-                for (int jj = 0; jj < 4; ++jj) {
-                    const int idx = (int)(__byte_perm(wv[s], 0u, sel[jj]) << 5) + off[jj];
+            for (int jj = 0; jj < 4; ++jj) {
+                const qd_u32 at = (__funnelshift_r(wv[s], wv[s], rot[jj]) & 0x7f80u) | offb[jj];
 #pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        if (r < nr) acc[r][s] += lut[r * QD_LUT_PER_ROW + idx];
-                }
+                for (int r = 0; r < R; ++r)
+                    if (r == 0 || r < nr)  // nr >= 1: row 0 needs no test
+                        acc[r][s] += *reinterpret_cast<const float*>(
+                            lut_bytes + r * (QD_LUT_PER_ROW * 4) + at);
             }
         }
         if (PF) {
 #pragma unroll
             for (int s = 0; s < (PF ? STEPS : 1); ++s) wv[s] = wn[s];
-            okmask = okn;
         }
     }
 

@@ -18,10 +18,11 @@ SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 # Spills that are known and measured, as (regex on the mangled name, arch) -> most bytes
 # allowed. Any other spill, or a bigger one, fails: it would be a regression.
 KNOWN_SPILLS = {
-    # R = 1 table kernel under __launch_bounds__(256, 2) (128 registers): 32 loads in flight
-    # plus 32 sums; sm_90 fits them, sm_80 spills a little (docs/CUDA.md).
-    (r"12qd_delta_lutILi\dELi1E", "sm_80"): 96,
-    # Its next-slice prefetch variant (LUT_PREFETCH_NEXT, off by default) holds 32 more.
+    # R = 1 table kernel with the next-slice prefetch (LUT_PREFETCH_NEXT, off by default)
+    # under __launch_bounds__(256, 2) (128 registers): 32 words in flight, 32 more being
+    # prefetched and 32 sums; both spill a little (docs/CUDA.md). The default R = 1
+    # kernel (no prefetch) fits in 128 registers on both.
+    (r"12qd_delta_lutILi\dELi1ELi1E", "sm_80"): 200,
     (r"12qd_delta_lutILi\dELi1ELi1E", "sm_90"): 96,
     # The CUDA-core block kernel (the tensor-core ones are the default on sm_80+).
     (r"15attention_blockILi0ELi64E", "sm_90"): 48,

@@ -50,7 +50,8 @@ def test_auto_path_rule(monkeypatch):
 def test_variant_switches_name_compiled_kernels():
     names = set(cuda_backend.name_expressions())
     assert cuda_backend.EXPAND_KERNEL in ("rows", "flat")
-    assert isinstance(cuda_backend.LUT_EARLY_LOADS, bool)
+    assert isinstance(cuda_backend.LUT_L2_LINE_LOADS, bool)
+    assert isinstance(cuda_backend.LUT_PREFETCH_NEXT, bool)
     for dt in cuda_backend.DTYPE_CODES.values():
         assert f"qd_expand_rows<{dt}>" in names and f"qd_expand<{dt}>" in names
 

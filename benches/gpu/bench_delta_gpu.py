@@ -54,6 +54,28 @@ def gpu_time_us(fn, *, warmup: int, iters: int, flush: torch.Tensor) -> float:
     return times[len(times) // 2]
 
 
+def tuned_us(cuda_backend, fn, *, iters: int, flush: torch.Tensor) -> tuple[float, str]:
+    """Time of ``fn`` with autotuning on (decisions in a fresh temporary file), and the
+    kernel choice it made; the tuning call itself is not timed."""
+    import tempfile
+
+    from qdelta.kernels import autotune
+
+    saved = autotune.ENABLED, autotune.CACHE
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = autotune.DecisionCache(Path(tmp) / "autotune.json")
+        autotune.ENABLED, autotune.CACHE = True, cache
+        try:
+            fn()  # tunes
+            us = gpu_time_us(fn, warmup=2, iters=iters, flush=flush)
+            choices = sorted(
+                {e["choice"] for e in json.loads(cache.path.read_text())["entries"].values()}
+            )
+        finally:
+            autotune.ENABLED, autotune.CACHE = saved
+    return us, "+".join(choices)
+
+
 def graph_call_us(fn, calls: int = 20, replays: int = 10) -> float:
     """Wall time per call when ``calls`` calls are replayed from one CUDA graph.
 
@@ -126,6 +148,7 @@ def bench_decode(cuda_backend, n: int, b: int, bandwidth: float, flush, iters: i
         cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, out=out, check_ids=False)
 
     kernel_us = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
+    tuned, choice = tuned_us(cuda_backend, kernel, iters=iters, flush=flush)
     host_us = host_call_us(kernel)
     try:  # a capture failure must not lose the row's other numbers
         graph_us = graph_call_us(kernel)
@@ -154,6 +177,9 @@ def bench_decode(cuda_backend, n: int, b: int, bandwidth: float, flush, iters: i
         "packed_bytes": packed_bytes,
         "memory_floor_us": floor_us,
         "kernel_over_floor": kernel_us / floor_us,
+        "tuned_us": tuned,
+        "tuned_choice": choice,
+        "tuned_speedup_vs_naive": naive_us / tuned,
         "floor_counts": floor_us > FLOOR_MIN_US,
         "host_call_us": host_us,
         "graph_call_us": graph_us,
@@ -177,7 +203,11 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
     def expand_only():
         cuda_backend._expand(planes, scales, 1, False, 0, torch.float16, k)
 
+    def auto():
+        cuda_backend.delta_matmul(x, planes, scales, out=out)
+
     kernel_us = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
+    tuned, choice = tuned_us(cuda_backend, auto, iters=iters, flush=flush)
     dense_us = gpu_time_us(gemm, warmup=5, iters=iters, flush=flush)
     expand_us = gpu_time_us(expand_only, warmup=3, iters=iters, flush=flush)
     row = {
@@ -190,6 +220,9 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
         "expand_us": expand_us,
         "dense_fp16_gemm_us": dense_us,
         "kernel_over_dense": kernel_us / dense_us,
+        "tuned_us": tuned,
+        "tuned_choice": choice,
+        "tuned_over_dense": tuned / dense_us,
         "kernel_tflops": 2 * m * n * k / kernel_us / 1e6,
     }
     saved = cuda_backend.GEMM_ROWS
@@ -223,12 +256,24 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
     return row
 
 
+# (L2 128-byte lines, next-slice prefetch, blocks per SM) of the table kernel, in table order;
+# the last has fewer K splits: more slices per block to prefetch across.
+LUT_VARIANTS = ((False, False, 3), (True, False, 3), (True, True, 3), (True, True, 1))
+
+
+def variant_key(line: bool, prefetch: bool, per_sm: int) -> str:
+    """JSON key of one table-kernel variant's B = 16 time."""
+    key = f"decode_B16_l2line_{line}" + ("_prefetch" if prefetch else "")
+    return key + ("" if per_sm == 3 else f"_per_sm{per_sm}") + "_us"
+
+
 def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     """Each switchable variant against the one it replaced, same inputs, same card.
 
-    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_EARLY_LOADS, LUT_L2_LINE_LOADS,
-    LUT_PREFETCH_NEXT, EXPAND_KERNEL) should be set from these numbers; the defaults are
-    restored after.
+    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_L2_LINE_LOADS, LUT_PREFETCH_NEXT,
+    LUT_BLOCKS_PER_SM, EXPAND_KERNEL) should be set from these numbers; the defaults are
+    restored after. B = 16 also runs through the tensor-core kernel (path "mma"), the
+    alternative to the tables at that batch.
     """
     k = n
     row: dict = {"kind": "variant", "N": n, "K": k}
@@ -239,20 +284,12 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     ids = torch.arange(b, device="cuda")
     out = torch.empty(b, n, device="cuda", dtype=torch.float16)
     defaults = (
-        cuda_backend.LUT_EARLY_LOADS,
         cuda_backend.LUT_L2_LINE_LOADS,
         cuda_backend.LUT_PREFETCH_NEXT,
         cuda_backend.LUT_BLOCKS_PER_SM,
     )
     try:
-        for early, line, prefetch, per_sm in (
-            (False, False, False, 3),
-            (True, False, False, 3),
-            (True, True, False, 3),
-            (True, True, True, 3),
-            (True, True, True, 1),  # fewer K splits: more slices per block to prefetch
-        ):
-            cuda_backend.LUT_EARLY_LOADS = early
+        for line, prefetch, per_sm in LUT_VARIANTS:
             cuda_backend.LUT_L2_LINE_LOADS = line
             cuda_backend.LUT_PREFETCH_NEXT = prefetch
             cuda_backend.LUT_BLOCKS_PER_SM = per_sm
@@ -262,16 +299,22 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
                     x, planes, scales, ids, out=out, check_ids=False, path="decode"
                 )
 
-            key = f"decode_B16_early_{early}_l2line_{line}" + ("_prefetch" if prefetch else "")
-            key += "" if per_sm == 3 else f"_per_sm{per_sm}"
-            row[f"{key}_us"] = gpu_time_us(lut, warmup=3, iters=iters, flush=flush)
+            row[variant_key(line, prefetch, per_sm)] = gpu_time_us(
+                lut, warmup=3, iters=iters, flush=flush
+            )
     finally:
         (
-            cuda_backend.LUT_EARLY_LOADS,
             cuda_backend.LUT_L2_LINE_LOADS,
             cuda_backend.LUT_PREFETCH_NEXT,
             cuda_backend.LUT_BLOCKS_PER_SM,
         ) = defaults
+
+    def mma16():
+        cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, out=out, check_ids=False, path="mma"
+        )
+
+    row["decode_B16_mma_us"] = gpu_time_us(mma16, warmup=3, iters=iters, flush=flush)
     one = planes[:1]
     for path in ("mma", "decode"):
 
@@ -307,8 +350,8 @@ def markdown(report: dict) -> str:
         "## Decode (1 row per tenant, fp16)",
         "",
         "| N=K | B | kernel µs | naive bmm µs | speedup | floor µs | kernel/floor | host call µs "
-        "| per call in a CUDA graph µs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| per call in a CUDA graph µs | autotuned µs | tuned choice | tuned speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r.get("kind") == "decode" and "kernel_us" in r:
@@ -318,7 +361,9 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {r['N']} | {r['B']} | {r['kernel_us']:.1f} | {r['naive_bmm_fp16_us']:.1f} | "
                 f"{r['speedup_vs_naive']:.1f}x | {r['memory_floor_us']:.1f} | {ratio} | "
-                f"{r['host_call_us']:.1f} | {r.get('graph_call_us', float('nan')):.1f} |"
+                f"{r['host_call_us']:.1f} | {r.get('graph_call_us', float('nan')):.1f} | "
+                f"{r.get('tuned_us', float('nan')):.1f} | {r.get('tuned_choice', '-')} | "
+                f"{r.get('tuned_speedup_vs_naive', float('nan')):.1f}x |"
             )
     lines += [
         "",
@@ -326,12 +371,12 @@ def markdown(report: dict) -> str:
         "",
         "One tenant: the default prefill path, the expansion alone, the fused GEMM with 128- "
         "and 64-row tiles, and a dense fp16 GEMM of the same shape; then 4 tenants x "
-        f"{PREFILL_ROWS // 4} rows in one call.",
+        f"{PREFILL_ROWS // 4} rows in one call; last, path='auto' with autotuning on.",
         "",
         "| N=K | default path | µs | of which expansion µs | fused 128 µs | fused 64 µs "
         "| dense fp16 GEMM µs | default/dense | fused 128/dense | fused 64/dense "
-        "| 4 tenants expand µs | 4 tenants fused µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| 4 tenants expand µs | 4 tenants fused µs | autotuned µs | tuned choice | tuned/dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r.get("kind") == "prefill" and "kernel_us" in r:
@@ -342,7 +387,9 @@ def markdown(report: dict) -> str:
                 f"| {r['kernel_over_dense']:.2f} | {r.get('gemm128_over_dense', float('nan')):.2f} "
                 f"| {r.get('gemm64_over_dense', float('nan')):.2f} "
                 f"| {r.get('tenants4_expand_us', float('nan')):.1f} "
-                f"| {r.get('tenants4_gemm_us', float('nan')):.1f} |"
+                f"| {r.get('tenants4_gemm_us', float('nan')):.1f} "
+                f"| {r.get('tuned_us', float('nan')):.1f} | {r.get('tuned_choice', '-')} "
+                f"| {r.get('tuned_over_dense', float('nan')):.2f} |"
             )
     variants = [r for r in report["results"] if r.get("kind") == "variant" and "N" in r]
     if variants:
@@ -350,19 +397,18 @@ def markdown(report: dict) -> str:
             "",
             "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
             "",
-            "| N=K | B=16 tables: loads after build µs | loads before build µs "
-            "| + L2 128-byte lines µs | + next-slice prefetch µs | same, 1 block/SM plan µs "
+            "| N=K | B=16 tables µs | + L2 128-byte lines µs | + next-slice prefetch µs "
+            "| same, 1 block/SM plan µs | B=16 mma µs "
             "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        nan = float("nan")
         for r in variants:
+            lut = [r.get(variant_key(*v), nan) for v in LUT_VARIANTS]
             lines.append(
-                f"| {r['N']} | {r['decode_B16_early_False_l2line_False_us']:.1f} "
-                f"| {r['decode_B16_early_True_l2line_False_us']:.1f} "
-                f"| {r['decode_B16_early_True_l2line_True_us']:.1f} "
-                f"| {r.get('decode_B16_early_True_l2line_True_prefetch_us', float('nan')):.1f} "
-                f"| {r.get('decode_B16_early_True_l2line_True_prefetch_per_sm1_us', float('nan')):.1f} "
-                f"| {r['decode_B1_mma_us']:.1f} "
+                f"| {r['N']} | "
+                + " | ".join(f"{t:.1f}" for t in lut)
+                + f" | {r.get('decode_B16_mma_us', nan):.1f} | {r['decode_B1_mma_us']:.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
             )

@@ -200,6 +200,11 @@ inline unsigned int __brev(unsigned int x) {
     x = ((x >> 8) & 0x00ff00ffu) | ((x & 0x00ff00ffu) << 8);
     return (x >> 16) | (x << 16);
 }
+// CUDA __funnelshift_r: the low 32 bits of {hi:lo} >> (shift & 31).
+inline unsigned int __funnelshift_r(unsigned int lo, unsigned int hi, unsigned int shift) {
+    const uint64_t v = ((uint64_t)hi << 32) | lo;
+    return (unsigned int)(v >> (shift & 31u));
+}
 // PTX prmt.b32 (default mode): result byte i is byte (s_i & 7) of {y:x}
 // (x = bytes 0-3, y = bytes 4-7); with bit 3 of s_i set, that byte's sign bit
 // replicated over the byte.

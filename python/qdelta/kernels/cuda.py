@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from qdelta.errors import DTypeError, QDeltaError, ShapeError
+from qdelta.kernels import autotune
 
 CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"
 SOURCE = CUDA_DIR / "delta_matmul.cu"
@@ -38,16 +39,13 @@ DECODE_MAX_ROWS_ONE_TENANT = 16
 # (N = K = 4096 / 8192) against 27.9 / 29.6 us for the lookup-table kernel, whose
 # table build and second launch are fixed costs. 0 sends every decode to the tables.
 DECODE_MMA_MAX_ROWS = 1
-# The table kernel issues a slice's plane loads before building the slice's table
-# (load latency overlaps the build). False restores the original order.
-LUT_EARLY_LOADS = True
 # The table kernel reads 32 bytes of a row per slice; with this set its loads ask L2
 # for the whole 128-byte line (PTX ld .L2::128B), so the row's next three slices hit
 # L2 instead of DRAM. False: plain 32-byte sector reads (the first measured version).
 LUT_L2_LINE_LOADS = True
 # The table kernel loads the next K slice's words while the current slice's lookups run
-# (qd_delta_lut<..., 1>; LUT_EARLY_LOADS no longer applies). False: each slice's loads
-# are issued at its start (the measured default). Checked by the emulator; not yet timed.
+# (qd_delta_lut<..., 1>). False: each slice's loads are issued at its start, before
+# its table is built (the measured default). Checked by the emulator; not yet timed.
 LUT_PREFETCH_NEXT = False
 # lut_plan splits K (then shrinks feature tiles) until the grid has this many blocks per
 # SM. Fewer blocks mean more K slices per block, which is what the prefetch needs to
@@ -166,6 +164,26 @@ class KernelRuntime(abc.ABC):
     def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
         """Run ``kernel``; a failed launch raises KernelLaunchError naming it."""
 
+    @abc.abstractmethod
+    def device_name(self, index: int) -> str:
+        """What autotuning decisions are keyed by (a new card is measured afresh)."""
+
+    def capturing(self, device: torch.device) -> bool:
+        """True while a CUDA graph is being captured (nothing may be timed then)."""
+        return False
+
+    def time_us(self, device: torch.device, fn) -> float:
+        """Median wall time of ``fn`` in microseconds, after one warm-up call."""
+        import time
+
+        fn()
+        times = []
+        for _ in range(autotune.REPEATS):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        return sorted(times)[len(times) // 2]
+
 
 @functools.cache
 def _cupy_module(index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
@@ -209,6 +227,33 @@ class CupyRuntime(KernelRuntime):
             raise KernelLaunchError(
                 f"{name} grid={grid} block={block}: expected a clean launch, found {exc}"
             ) from exc
+
+    def device_name(self, index: int) -> str:
+        return torch.cuda.get_device_name(index)
+
+    def capturing(self, device: torch.device) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    def time_us(self, device: torch.device, fn) -> float:
+        """Median CUDA-event time of ``fn`` on torch's current stream, after a warm-up call.
+
+        L2 is flushed before each timed call: in a model the weights of a layer come
+        from HBM (the other layers evicted them), so a candidate is timed that way too.
+        """
+        fn()
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+        flush = torch.empty(max(l2, 1 << 20) * 2, dtype=torch.uint8, device=device)
+        pairs = []
+        for _ in range(autotune.REPEATS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize(device)
+        times = sorted(s.elapsed_time(e) * 1000.0 for s, e in pairs)
+        return times[len(times) // 2]
 
 
 RUNTIME: KernelRuntime = CupyRuntime()
@@ -404,18 +449,101 @@ def multi_tenant_delta_matmul(
     if x.stride(1) != 1:
         raise ShapeError(f"x: expected unit stride along K, found strides {x.stride()}")
 
-    if path == "auto":
-        path = auto_path(m_rows, tenant_ids is None or tenants == 1)
     dt = DTYPE_CODES[x.dtype]
-    if path == "decode":
-        _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
-    elif path == "gemm" or (path == "prefill" and PREFILL_KERNEL == "gemm"):
-        _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
-    elif path == "prefill":
-        _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    if path == "auto":
+        choice = _auto_choice(tenant_ids is None or tenants == 1, args)
     else:
-        _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+        choice = path_choice(path)
+    _run_choice(choice, *args)
     return out
+
+
+# What each kernel choice runs; autotuning picks among these (docs/CUDA.md).
+KERNEL_CHOICES = ("mma", "lut", "lut-prefetch", "expand", "gemm128", "gemm64")
+
+
+def path_choice(path: str) -> str:
+    """The kernel choice a fixed ``path`` runs under the module's switches."""
+    if path == "decode":
+        return "lut-prefetch" if LUT_PREFETCH_NEXT else "lut"
+    if path == "gemm" or (path == "prefill" and PREFILL_KERNEL == "gemm"):
+        if GEMM_ROWS not in GEMM_ROW_CHOICES:
+            raise ShapeError(f"GEMM_ROWS: expected one of {GEMM_ROW_CHOICES}, found {GEMM_ROWS}")
+        return f"gemm{GEMM_ROWS}"
+    return "expand" if path == "prefill" else "mma"
+
+
+def _run_choice(choice, x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+    args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
+    if choice in ("lut", "lut-prefetch"):
+        _run_lut(*args, prefetch=choice == "lut-prefetch")
+    elif choice in ("gemm128", "gemm64"):
+        _run_gemm(*args, tile_rows=int(choice[4:]))
+    elif choice == "expand":
+        _run_expand(*args)
+    elif choice == "mma":
+        _run_mma(*args)
+    else:
+        raise ShapeError(f"kernel choice: expected one of {KERNEL_CHOICES}, found {choice!r}")
+
+
+def row_bucket(m_rows: int) -> int:
+    """Rows rounded up to a power of two: one tuning decision covers the bucket."""
+    return 1 << max(0, m_rows - 1).bit_length()
+
+
+def tuning_candidates(bucket: int, dt: int, use: int) -> tuple[str, ...]:
+    """The kernel choices autotuning times for a row bucket (see :func:`row_bucket`)."""
+    gemm_ok = dt != DTYPE_CODES[torch.float32] and use <= GEMM_MAX_PLANES
+    if bucket <= DECODE_MAX_ROWS:
+        wide = ("expand", "gemm64") if gemm_ok else ("expand",)
+        return ("mma", "lut", "lut-prefetch") + (wide if bucket >= 16 else ())
+    return ("expand", "gemm128", "gemm64") if gemm_ok else ("expand",)
+
+
+@functools.cache
+def _source_hash() -> str:
+    import hashlib
+
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def tuning_key(device_name: str, bucket: int, one_tenant: bool, n, k, use, row_scales, dt) -> str:
+    """Autotuning decision key: card, kernel source, row bucket and the shape class."""
+    scale = "row" if row_scales else "matrix"
+    tenancy = "one" if one_tenant else "multi"
+    return (
+        f"delta_matmul|{device_name}|src={_source_hash()}|rows<={bucket}|{tenancy}|"
+        f"N={n}|K={k}|planes={use}|scales={scale}|dtype={dt}"
+    )
+
+
+def _auto_choice(one_tenant: bool, args: tuple) -> str:
+    """The fixed rule (auto_path), or with autotuning on the measured winner."""
+    x, planes, scales, tenant_ids, base, out, use, row_scales, dt = args
+    m_rows, k = x.shape
+    rule = path_choice(auto_path(m_rows, one_tenant))
+    if not autotune.enabled():
+        return rule
+    bucket = row_bucket(m_rows)
+    device = x.device
+    key = tuning_key(
+        RUNTIME.device_name(_device_index(device)),
+        bucket, one_tenant, planes.shape[2], k, use, row_scales, dt,
+    )  # fmt: skip
+    known = autotune.decided(key)
+    if known is not None:
+        return known
+    if RUNTIME.capturing(device):
+        return rule
+    scratch = torch.empty_like(out)  # the caller's out (maybe base itself) is written once
+
+    def run(choice: str) -> None:
+        _run_choice(choice, x, planes, scales, tenant_ids, base, scratch, use, row_scales, dt)
+
+    candidates = tuning_candidates(bucket, dt, use)
+    return autotune.choose(key, candidates, run, lambda fn: RUNTIME.time_us(device, fn))
 
 
 def auto_path(m_rows: int, one_tenant: bool) -> str:
@@ -521,17 +649,17 @@ def _lut_launches(
     return z, lut, finish
 
 
-def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt, prefetch) -> None:
     """Decode: lookup-table kernel writes partial sums, qd_lut_finish reduces + adds base."""
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
     sms = RUNTIME.sm_count(_device_index(device))
-    flags = (1 if LUT_EARLY_LOADS else 0) | (2 if LUT_L2_LINE_LOADS else 0)
+    flags = 1 if LUT_L2_LINE_LOADS else 0
     ldb = base.stride(0) if base is not None else 0
     z, lut, finish = _lut_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
-        x.stride(0), ldb, out.stride(0), sms, flags, LUT_PREFETCH_NEXT, LUT_BLOCKS_PER_SM,
+        x.stride(0), ldb, out.stride(0), sms, flags, prefetch, LUT_BLOCKS_PER_SM,
     )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
     ids, p_part = _ptr(tenant_ids), _ptr(part)
@@ -658,13 +786,11 @@ def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
     return padded
 
 
-def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
+def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt, tile_rows) -> None:
     """Prefill on the fused GEMM: one launch over every tenant's row tiles, no dense delta."""
     if dt == DTYPE_CODES[torch.float32] or use > GEMM_MAX_PLANES:
         _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
         return
-    if GEMM_ROWS not in GEMM_ROW_CHOICES:
-        raise ShapeError(f"GEMM_ROWS: expected one of {GEMM_ROW_CHOICES}, found {GEMM_ROWS}")
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
@@ -672,18 +798,18 @@ def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> 
     rows = None
     rest = None
     if tenant_ids is None:
-        tile_list = gemm_tiles([m_rows], GEMM_ROWS)
+        tile_list = gemm_tiles([m_rows], tile_rows)
     else:
         order, counts = _tenant_order(tenant_ids, tenants)
         rows = order.to(torch.int32)
-        tile_list = gemm_tiles(counts[:tenants], GEMM_ROWS)
+        tile_list = gemm_tiles(counts[:tenants], tile_rows)
         rest = order[sum(counts[:tenants]) :]
     tiles = torch.tensor(tile_list, dtype=torch.int32).reshape(-1, 3).to(device)
     vec_ok = w % 4 == 0 and planes.data_ptr() % 16 == 0
     for first in range(0, len(tile_list), MAX_GRID_Y):  # grid y holds at most 65535 tiles
         _launch(
             device,
-            f"qd_delta_gemm<{dt}, {GEMM_ROWS // 16}>",
+            f"qd_delta_gemm<{dt}, {tile_rows // 16}>",
             (-(-n // GEMM_FEATURES), min(MAX_GRID_Y, len(tile_list) - first)),
             (GEMM_THREADS,),
             (
@@ -705,7 +831,7 @@ def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> 
                 np.int32(1 if row_scales else 0),
                 np.int32(1 if vec_ok else 0),
             ),
-            shared_mem=gemm_shared_bytes(use, GEMM_ROWS),
+            shared_mem=gemm_shared_bytes(use, tile_rows),
         )
     if rest is not None:
         _fill_rest(out, base, tenant_ids, rest)

@@ -275,6 +275,9 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
     def sm_count(self, index: int) -> int:
         return self._sms
 
+    def device_name(self, index: int) -> str:
+        return f"qdelta CUDA emulator ({self._sms} SMs)"
+
     def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
         try:
             return module(source, names)

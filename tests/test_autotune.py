@@ -1,0 +1,223 @@
+"""Autotuning of the delta-matmul kernel choice (qdelta.kernels.autotune).
+
+The decision logic and the cache file are tested with injected timers; the glue
+into multi_tenant_delta_matmul runs the real kernels under the CPU emulator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tests.delta_cases import assert_close, oracle, random_planes, random_scales
+
+from qdelta.kernels import autotune
+from qdelta.kernels import cuda as cuda_backend
+
+
+def fake_timer(times: dict[str, float], calls: list[str]):
+    """time_us that reports ``times[candidate]``; ``run`` records which candidate ran."""
+    state = {}
+
+    def run(candidate: str) -> None:
+        calls.append(candidate)
+        state["last"] = candidate
+
+    def time_us(fn) -> float:
+        fn()
+        return times[state["last"]]
+
+    return run, time_us
+
+
+def test_choose_picks_the_fastest_and_times_once(tmp_path):
+    cache = autotune.DecisionCache(tmp_path / "tune.json")
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 5.0, "b": 2.0, "c": 9.0}, calls)
+    assert autotune.choose("k1", ("a", "b", "c"), run, time_us, cache=cache) == "b"
+    assert calls == ["a", "b", "c"]
+    assert autotune.choose("k1", ("a", "b", "c"), run, time_us, cache=cache) == "b"
+    assert calls == ["a", "b", "c"]  # decided: nothing timed again
+    data = json.loads((tmp_path / "tune.json").read_text())
+    assert data["format"] == autotune.FORMAT and data["version"] == autotune.VERSION
+    assert data["entries"]["k1"] == {"choice": "b", "us": {"a": 5.0, "b": 2.0, "c": 9.0}}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_decisions_survive_a_new_process_and_merge(tmp_path):
+    path = tmp_path / "sub" / "tune.json"  # the folder is made on first write
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 1.0, "b": 2.0}, calls)
+    autotune.choose("k1", ("a", "b"), run, time_us, cache=autotune.DecisionCache(path))
+    other = autotune.DecisionCache(path)  # another process, same file
+    run2, time_us2 = fake_timer({"a": 3.0, "b": 1.0}, calls)
+    assert autotune.choose("k2", ("a", "b"), run2, time_us2, cache=other) == "b"
+    fresh = autotune.DecisionCache(path)
+    assert fresh.get("k1") == "a" and fresh.get("k2") == "b"
+    assert len(calls) == 4
+
+
+def test_a_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
+    cache = autotune.DecisionCache(tmp_path / "tune.json")
+
+    def run(candidate: str) -> None:
+        if candidate != "ok":
+            raise RuntimeError(f"{candidate} needs more shared memory")
+
+    assert autotune.choose("k", ("big", "ok"), run, lambda fn: fn() or 1.0, cache=cache) == "ok"
+    entry = json.loads((tmp_path / "tune.json").read_text())["entries"]["k"]
+    assert entry["us"] == {"big": None, "ok": 1.0}  # JSON has no infinity
+    with pytest.raises(RuntimeError, match="big needs"):
+        autotune.choose("k2", ("big",), run, lambda fn: fn() or 1.0, cache=cache)
+    assert cache.get("k2") is None
+    with pytest.raises(ValueError, match="at least one candidate"):
+        autotune.choose("k3", (), run, lambda fn: 1.0, cache=cache)
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe\x00"]
+)
+def test_unreadable_cache_file_warns_and_is_replaced(tmp_path, content):
+    path = tmp_path / "tune.json"
+    path.write_bytes(content)
+    cache = autotune.DecisionCache(path)
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 1.0}, calls)
+    with pytest.warns(autotune.AutotuneWarning, match="expected"):
+        assert autotune.choose("k", ("a",), run, time_us, cache=cache) == "a"
+    assert json.loads(path.read_text())["entries"]["k"]["choice"] == "a"
+
+
+def test_other_version_is_measured_again_and_stale_choice_retuned(tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"format": autotune.FORMAT, "version": 0, "entries": {}}))
+    cache = autotune.DecisionCache(path)
+    assert cache.get("k") is None
+    cache.put("k", "gone", {"gone": 1.0})  # a choice that is no longer a candidate
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 1.0}, calls)
+    assert autotune.choose("k", ("a",), run, time_us, cache=cache) == "a" and calls == ["a"]
+
+
+def test_unwritable_cache_warns_and_keeps_deciding(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cache = autotune.DecisionCache(blocker / "tune.json")  # parent is a file
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 2.0, "b": 1.0}, calls)
+    with pytest.warns(autotune.AutotuneWarning, match="writable"):
+        assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
+    assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
+    assert len(calls) == 2
+
+
+def test_switches(monkeypatch, tmp_path):
+    monkeypatch.setattr(autotune, "ENABLED", None)
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    assert not autotune.enabled()
+    monkeypatch.setenv(autotune.ENV, "1")
+    assert autotune.enabled()
+    monkeypatch.setattr(autotune, "ENABLED", False)
+    assert not autotune.enabled()
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "t.json"))
+    assert autotune.cache_path() == tmp_path / "t.json"
+
+
+def test_candidates_keys_and_buckets():
+    assert [cuda_backend.row_bucket(m) for m in (1, 2, 3, 16, 17, 64, 65)] == [
+        1, 2, 4, 16, 32, 64, 128,
+    ]  # fmt: skip
+    fp16, fp32 = cuda_backend.DTYPE_CODES[torch.float16], cuda_backend.DTYPE_CODES[torch.float32]
+    assert cuda_backend.tuning_candidates(1, fp16, 1) == ("mma", "lut", "lut-prefetch")
+    assert cuda_backend.tuning_candidates(16, fp16, 1)[-2:] == ("expand", "gemm64")
+    assert cuda_backend.tuning_candidates(16, fp32, 1)[-1] == "expand"
+    assert cuda_backend.tuning_candidates(512, fp16, 1) == ("expand", "gemm128", "gemm64")
+    assert cuda_backend.tuning_candidates(512, fp16, 9) == ("expand",)  # > 8 planes
+    every = {c for b in (1, 16, 512) for c in cuda_backend.tuning_candidates(b, fp16, 1)}
+    assert every == set(cuda_backend.KERNEL_CHOICES)
+    key = cuda_backend.tuning_key("card", 16, False, 300, 4097, 2, True, fp16)
+    assert key != cuda_backend.tuning_key("other card", 16, False, 300, 4097, 2, True, fp16)
+    assert key != cuda_backend.tuning_key("card", 32, False, 300, 4097, 2, True, fp16)
+    assert "src=" in key  # an edited kernel source is measured afresh
+
+
+def test_every_choice_computes_the_same_delta(emulated, gen):
+    """Each kernel choice autotuning may pick, against the float64 oracle."""
+    m, k, n, t = 17, 300, 70, 3
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(t, 2, n, k, generator=gen)
+    scales = random_scales(t, 2, n, True, generator=gen)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    want = oracle(x, planes, scales, ids)
+    dt = cuda_backend.DTYPE_CODES[torch.float16]
+    for choice in cuda_backend.KERNEL_CHOICES:
+        out = torch.full((m, n), math.nan, dtype=torch.float16)
+        cuda_backend._run_choice(choice, x, planes, scales, ids, None, out, 2, True, dt)
+        assert_close(out, want, f"choice {choice}")
+    with pytest.raises(cuda_backend.ShapeError, match="kernel choice"):
+        cuda_backend._run_choice("nope", x, planes, scales, ids, None, out, 2, True, dt)
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Autotuning on, decisions in a fresh file, a timer that makes ``favorite`` win."""
+    cache = autotune.DecisionCache(tmp_path / "tune.json")
+    monkeypatch.setattr(autotune, "CACHE", cache)
+    monkeypatch.setattr(autotune, "ENABLED", True)
+    state = {"favorite": None, "timed": []}
+    real_run = cuda_backend._run_choice
+
+    def spy(choice, *args):
+        state["last"] = choice
+        return real_run(choice, *args)
+
+    def time_us(device, fn) -> float:
+        fn()
+        state["timed"].append(state["last"])
+        return 1.0 if state["last"] == state["favorite"] else 10.0
+
+    monkeypatch.setattr(cuda_backend, "_run_choice", spy)
+    monkeypatch.setattr(cuda_backend.RUNTIME, "time_us", time_us)
+    return state, cache
+
+
+@pytest.mark.parametrize("favorite", ["lut-prefetch", "gemm64", "expand"])
+def test_auto_path_runs_the_measured_winner(emulated, gen, tuned, favorite):
+    """In place (out is base): tuning writes a scratch output, base gets the delta once."""
+    state, cache = tuned
+    state["favorite"] = favorite
+    m, k, n, t = 16, 200, 40, 2
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(t, 1, n, k, generator=gen)
+    scales = random_scales(t, 1, n, False, generator=gen)
+    ids = torch.randint(0, t, (m,), generator=gen)
+    base = torch.randn(m, n, generator=gen).half()
+    want = oracle(x, planes, scales, ids, base)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, base=base, out=base)
+    assert y is base
+    assert_close(y, want, f"autotuned ({favorite}), in place")
+    candidates = cuda_backend.tuning_candidates(16, 0, 1)
+    assert state["timed"] == list(candidates)
+    (key,) = json.loads(cache._file_path().read_text())["entries"]
+    assert cache.get(key) == favorite and "emulator" in key
+    state["timed"].clear()
+    y2 = cuda_backend.multi_tenant_delta_matmul(x[:9], planes, scales, ids[:9])  # same bucket
+    assert state["timed"] == [] and state["last"] == favorite
+    assert_close(y2, oracle(x[:9], planes, scales, ids[:9]), "decided bucket")
+
+
+def test_no_timing_while_capturing_and_when_off(emulated, gen, tuned, monkeypatch):
+    state, _ = tuned
+    state["favorite"] = "lut"
+    x = torch.randn(3, 64, generator=gen).half()
+    planes = random_planes(1, 1, 8, 64, generator=gen)[0]
+    scales = random_scales(1, 1, 8, False, generator=gen)[0]
+    monkeypatch.setattr(emulated, "capturing", lambda device: True)
+    cuda_backend.delta_matmul(x, planes, scales)
+    assert state["timed"] == [] and state["last"] == cuda_backend.path_choice("decode")
+    monkeypatch.setattr(autotune, "ENABLED", False)
+    monkeypatch.setattr(emulated, "capturing", lambda device: False)
+    cuda_backend.delta_matmul(x[:1], planes, scales)
+    assert state["timed"] == [] and state["last"] == "mma"  # the fixed rule
