@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from qdelta.algebra import DenseDelta, as_dense, dense_delta
+from qdelta.atomic_io import write_text_atomic
 from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
 from qdelta.errors import AlgebraError, ShapeError
@@ -299,7 +300,7 @@ def run_analyze(args: Any) -> int:
         return 1
     print(format_analysis(result))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps(result, indent=2, default=_jsonable))
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2, default=_jsonable))
     if args.plot:
         plot_analysis(result, args.plot)
     return 0
@@ -315,22 +316,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(type(x).__name__)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

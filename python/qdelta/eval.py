@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdelta.atomic_io import write_json_atomic
 from qdelta.errors import EvalError
 from qdelta.tokenizer import ByteTokenizer
 
@@ -309,13 +309,7 @@ def write_results(path: str | Path, rows: Sequence[ResultRow], meta: dict | None
     """Write ``{"meta": .., "rows": [..]}`` as JSON atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, {"meta": meta or {}, "rows": [asdict(r) for r in rows]})
 
 
 def read_results(path: str | Path) -> tuple[dict, list[ResultRow]]:

@@ -7,11 +7,11 @@ round-trips exactly (invalid UTF-8 in ``decode`` becomes U+FFFD).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
+from qdelta.atomic_io import write_json_atomic
 from qdelta.errors import ZooError
 
 TOKENIZER_FILE = "qdelta_tokenizer.json"
@@ -48,14 +48,7 @@ class ByteTokenizer:
         return {"type": "qdelta-byte", "vocab_size": self.vocab_size, "specials": self.specials}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / TOKENIZER_FILE
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / TOKENIZER_FILE, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> ByteTokenizer:

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from qdelta.atomic_io import write_json_atomic
 from qdelta.corpus import DOMAINS, DomainCorpus, build_domain
 from qdelta.errors import ZooError
 from qdelta.eval import perplexity
@@ -382,15 +383,6 @@ def default_cache_dir() -> Path:
     return Path(root) / "zoo"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _build_corpora(config: ZooConfig) -> tuple[dict[str, DomainCorpus], list[str]]:
     corpora, notes = {}, []
     for domain in tqdm(DOMAINS, desc="corpora", leave=False):
@@ -614,7 +606,7 @@ def build_zoo(
             warnings.simplefilter("ignore", UserWarning)  # peft / transformers chatter
             warnings.simplefilter("ignore", FutureWarning)
             manifest = _build(config, tmp, progress)
-        _write_json(tmp / MANIFEST, manifest)
+        write_json_atomic(tmp / MANIFEST, manifest)
         try:
             os.rename(tmp, final)
         except OSError:

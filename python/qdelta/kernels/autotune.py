@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from qdelta.atomic_io import write_json_atomic
 
 FORMAT = "qdelta-autotune"
 VERSION = 1
@@ -108,7 +109,9 @@ class DecisionCache:
             "us": {c: (t if math.isfinite(t) else None) for c, t in times_us.items()},
         }
         try:
-            _write_atomic(path, {"format": FORMAT, "version": VERSION, "entries": entries})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = {"format": FORMAT, "version": VERSION, "entries": entries}
+            write_json_atomic(path, data, indent=1, sort_keys=True)
         except OSError as exc:
             warnings.warn(
                 f"autotune cache {path}: expected a writable file, found {exc}; "
@@ -121,20 +124,6 @@ class DecisionCache:
         """Forget the in-memory decisions (the file is read again on next use)."""
         self._memory.clear()
         self._loaded = False
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 CACHE = DecisionCache()
