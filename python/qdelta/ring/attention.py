@@ -145,10 +145,15 @@ def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
 
 
 def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq):
-    """Add this K/V block's share to dq; return the block's (dk, dv) share."""
+    """Add this K/V block's share to dq; return the block's (dk, dv) share.
+
+    The accumulators are made lazily: a pair that covers the whole block hands its
+    own gradients over (no zeroed block, no copy), which takes two block-sized
+    buffers off a rank's peak memory.
+    """
     acc = dq.dtype
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dk = dv = None
+    whole = slice(0, k.shape[2])
     for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
         bdq, bdk, bdv = block_attention_backward(
             q[:, :, qs],
@@ -167,8 +172,17 @@ def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout,
             backend=plan.backend,
         )
         dq[:, :, qs] += bdq
+        if dk is None and ks.indices(k.shape[2]) == whole.indices(k.shape[2]):
+            dk, dv = bdk.to(acc).contiguous(), bdv.to(acc).contiguous()
+            continue
+        if dk is None:
+            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         dk[:, :, ks] += bdk
         dv[:, :, ks] += bdv
+    if dk is None:  # no pair: this block gets nothing from these queries
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     return dk, dv
 
 

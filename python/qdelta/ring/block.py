@@ -269,6 +269,13 @@ def _math_backward_tile(
     return dq.reshape(b, hq, sq, d), dk, dv
 
 
+def _rows_dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is dense (the CPU flash backward reads strided
+    views: a ring block's rows are a slice of the shard, copying them cost a
+    block-sized buffer per tensor and pair), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and all(s > 0 for s in t.stride()) else t.contiguous()
+
+
 def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg):
     """torch's fused CPU flash backward, fed the final out/lse (exact per block)."""
     b, hq, sq, d = q.shape
@@ -283,12 +290,12 @@ def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv
         bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.to(q.dtype).contiguous(),
-        q.contiguous(),
-        _expand_kv(k, hq).contiguous(),
-        _expand_kv(v, hq).contiguous(),
-        out.to(q.dtype).contiguous(),
-        lse.to(lse_dtype).contiguous(),
+        _rows_dense(dout.to(q.dtype)),
+        _rows_dense(q),
+        _rows_dense(_expand_kv(k, hq)),
+        _rows_dense(_expand_kv(v, hq)),
+        _rows_dense(out.to(q.dtype)),
+        _rows_dense(lse.to(lse_dtype)),
         0.0,
         diagonal,
         attn_mask=bias,
