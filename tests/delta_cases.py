@@ -34,7 +34,10 @@ def random_scales(
 
 
 def oracle(x, planes, scales, ids, base=None) -> torch.Tensor:
-    """float64 result from the reference's dense unpack (id -1 and bad ids: no delta)."""
+    """float64 result from the reference's dense unpack (id -1 and bad ids: no delta;
+    ids None: every row tenant 0)."""
+    if ids is None:
+        ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float64, device=x.device)
     for t in range(planes.shape[0]):
         rows = ids == t

@@ -131,10 +131,16 @@ def test_candidates_keys_and_buckets():
     ]  # fmt: skip
     fp16, fp32 = cuda_backend.DTYPE_CODES[torch.float16], cuda_backend.DTYPE_CODES[torch.float32]
     assert cuda_backend.tuning_candidates(1, fp16, 1) == ("mma", "lut", "lut-prefetch")
-    assert cuda_backend.tuning_candidates(16, fp16, 1)[-2:] == ("expand", "gemm64")
-    assert cuda_backend.tuning_candidates(16, fp32, 1)[-1] == "expand"
-    assert cuda_backend.tuning_candidates(512, fp16, 1) == ("expand", "gemm128", "gemm64")
-    assert cuda_backend.tuning_candidates(512, fp16, 9) == ("expand",)  # > 8 planes
+    assert cuda_backend.tuning_candidates(16, fp16, 1)[-3:] == (
+        "expand",
+        "expand-overlap",
+        "gemm64",
+    )
+    assert cuda_backend.tuning_candidates(16, fp32, 1)[-1] == "expand-overlap"
+    assert cuda_backend.tuning_candidates(512, fp16, 1) == (
+        "expand", "expand-overlap", "gemm128", "gemm64",
+    )  # fmt: skip
+    assert cuda_backend.tuning_candidates(512, fp16, 9) == ("expand", "expand-overlap")
     every = {c for b in (1, 16, 512) for c in cuda_backend.tuning_candidates(b, fp16, 1)}
     assert every == set(cuda_backend.KERNEL_CHOICES)
     key = cuda_backend.tuning_key("card", 16, False, 300, 4097, 2, True, fp16)
@@ -183,7 +189,7 @@ def tuned(monkeypatch, tmp_path):
     return state, cache
 
 
-@pytest.mark.parametrize("favorite", ["lut-prefetch", "gemm64", "expand"])
+@pytest.mark.parametrize("favorite", ["lut-prefetch", "gemm64", "expand", "expand-overlap"])
 def test_auto_path_runs_the_measured_winner(emulated, gen, tuned, favorite):
     """In place (out is base): tuning writes a scratch output, base gets the delta once."""
     state, cache = tuned

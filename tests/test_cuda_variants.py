@@ -129,3 +129,57 @@ def test_prefill_gemm_matches_the_expand_path(monkeypatch, dtype, tile_rows, m, 
             x, planes, scales, ids, base=base, out=poisoned(m, n, dtype), path="prefill"
         )
         assert_close(got[kernel], want, f"prefill {kernel} rows={tile_rows} M={m} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("m", "t", "n", "planes_n"), [(512, 1, 4096, 1), (300, 3, 1100, 1), (77, 2, 700, 2)]
+)
+def test_overlapped_prefill_matches_the_oracle(monkeypatch, dtype, m, t, n, planes_n):
+    """PREFILL_KERNEL = "overlap": expansion pieces on the caller's stream, their GEMMs on
+    side streams (4 at once at N = 4096); in place (out is base) and with tenants."""
+    monkeypatch.delenv("QDELTA_CUDA_SYNC", raising=False)  # keep the streams overlapping
+    monkeypatch.setattr(cuda_backend, "PREFILL_KERNEL", "overlap")
+    k = 1000
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    planes = random_planes(t, planes_n, n, k)
+    scales = random_scales(t, planes_n, n, row=True)
+    ids = None if t == 1 else torch.randint(-1, t, (m,), device=DEV)
+    base = torch.randn(m, n, device=DEV).to(dtype)
+    want = oracle(x, planes, scales, ids, base)
+    for _ in range(3):  # repeated calls reuse the side streams and the freed pieces' blocks
+        got = base.clone()
+        cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, base=got, out=got, path="prefill"
+        )
+    torch.cuda.synchronize()
+    assert_close(got, want, f"overlapped prefill M={m} T={t} N={n} {dtype}")
+
+
+def test_overlapped_prefill_in_a_cuda_graph(monkeypatch):
+    """The side streams fork from and join the capturing stream, so the call captures."""
+    monkeypatch.delenv("QDELTA_CUDA_SYNC", raising=False)
+    monkeypatch.setattr(cuda_backend, "PREFILL_KERNEL", "overlap")
+    m, k, n = 256, 512, 2048
+    x = torch.randn(m, k, device=DEV).half()
+    planes = random_planes(1, 1, n, k)
+    scales = random_scales(1, 1, n, row=False)
+    out = torch.empty(m, n, device=DEV, dtype=x.dtype)
+
+    def step():
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales, None, out=out, path="prefill")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.copy_(torch.randn_like(x))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ids = torch.zeros(m, dtype=torch.long, device=DEV)
+    assert_close(out, oracle(x, planes, scales, ids), "overlapped prefill, graph replay")

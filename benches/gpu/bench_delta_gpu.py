@@ -3,8 +3,9 @@
 Decode (the lookup-table path): one row per tenant, B tenants, N = K; kernel vs (a) naive: B dense fp16
 matmuls of per-tenant weights (torch.bmm), (b) the memory floor: packed bytes /
 measured device-to-device bandwidth. Prefill: M = 512 rows of one tenant vs a
-dense fp16 GEMM of the same shape, for both prefill kernels side by side: the
-expansion + cuBLAS (the expansion alone is timed too) and the fused GEMM
+dense fp16 GEMM of the same shape, for every prefill kernel side by side: the
+expansion + cuBLAS (the expansion alone is timed too), the same with expansion
+pieces overlapped with their GEMMs on side streams, and the fused GEMM
 (qd_delta_gemm, 128- and 64-row tiles); and 4 tenants x 128 rows in one call.
 
 GPU times come from CUDA events around the work only: the GPU is kept busy
@@ -225,8 +226,12 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
         "tuned_over_dense": tuned / dense_us,
         "kernel_tflops": 2 * m * n * k / kernel_us / 1e6,
     }
-    saved = cuda_backend.GEMM_ROWS
+    saved = cuda_backend.GEMM_ROWS, cuda_backend.PREFILL_KERNEL
     try:
+        cuda_backend.PREFILL_KERNEL = "overlap"  # expansion pieces overlapped with cuBLAS
+        row["overlap_us"] = gpu_time_us(kernel, warmup=5, iters=iters, flush=flush)
+        row["overlap_over_dense"] = row["overlap_us"] / dense_us
+        cuda_backend.PREFILL_KERNEL = saved[1]
         for rows in cuda_backend.GEMM_ROW_CHOICES:
             cuda_backend.GEMM_ROWS = rows
 
@@ -242,17 +247,21 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
         scales4 = torch.rand(tenants, 1, device="cuda") * 0.01
         ids = torch.arange(tenants, device="cuda").repeat_interleave(m // tenants)
         cuda_backend.GEMM_ROWS = 128
-        for path in ("prefill", "gemm"):
+        for key, path, prefill in (
+            ("expand", "prefill", "expand"),
+            ("overlap", "prefill", "overlap"),
+            ("gemm", "gemm", "expand"),
+        ):
+            cuda_backend.PREFILL_KERNEL = prefill
 
             def mixed(path=path):
                 cuda_backend.multi_tenant_delta_matmul(
                     x, planes4, scales4, ids, out=out, check_ids=False, path=path
                 )
 
-            key = "expand" if path == "prefill" else "gemm"
             row[f"tenants4_{key}_us"] = gpu_time_us(mixed, warmup=3, iters=iters, flush=flush)
     finally:
-        cuda_backend.GEMM_ROWS = saved
+        cuda_backend.GEMM_ROWS, cuda_backend.PREFILL_KERNEL = saved
     return row
 
 
@@ -369,24 +378,28 @@ def markdown(report: dict) -> str:
         "",
         f"## Prefill (M = {PREFILL_ROWS}, fp16)",
         "",
-        "One tenant: the default prefill path, the expansion alone, the fused GEMM with 128- "
-        "and 64-row tiles, and a dense fp16 GEMM of the same shape; then 4 tenants x "
+        "One tenant: the default prefill path, the expansion alone, the overlapped expansion, "
+        "the fused GEMM with 128- and 64-row tiles, and a dense fp16 GEMM of the same shape; then 4 tenants x "
         f"{PREFILL_ROWS // 4} rows in one call; last, path='auto' with autotuning on.",
         "",
-        "| N=K | default path | µs | of which expansion µs | fused 128 µs | fused 64 µs "
-        "| dense fp16 GEMM µs | default/dense | fused 128/dense | fused 64/dense "
-        "| 4 tenants expand µs | 4 tenants fused µs | autotuned µs | tuned choice | tuned/dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N=K | default path | µs | of which expansion µs | overlapped µs | fused 128 µs "
+        "| fused 64 µs | dense fp16 GEMM µs | default/dense | overlapped/dense | fused 128/dense "
+        "| fused 64/dense | 4 tenants expand µs | 4 tenants overlapped µs | 4 tenants fused µs "
+        "| autotuned µs | tuned choice | tuned/dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r.get("kind") == "prefill" and "kernel_us" in r:
             lines.append(
                 f"| {r['N']} | {r.get('prefill_kernel', 'expand')} | {r['kernel_us']:.1f} "
-                f"| {r['expand_us']:.1f} | {r.get('gemm128_us', float('nan')):.1f} "
+                f"| {r['expand_us']:.1f} | {r.get('overlap_us', float('nan')):.1f} "
+                f"| {r.get('gemm128_us', float('nan')):.1f} "
                 f"| {r.get('gemm64_us', float('nan')):.1f} | {r['dense_fp16_gemm_us']:.1f} "
-                f"| {r['kernel_over_dense']:.2f} | {r.get('gemm128_over_dense', float('nan')):.2f} "
+                f"| {r['kernel_over_dense']:.2f} | {r.get('overlap_over_dense', float('nan')):.2f} "
+                f"| {r.get('gemm128_over_dense', float('nan')):.2f} "
                 f"| {r.get('gemm64_over_dense', float('nan')):.2f} "
                 f"| {r.get('tenants4_expand_us', float('nan')):.1f} "
+                f"| {r.get('tenants4_overlap_us', float('nan')):.1f} "
                 f"| {r.get('tenants4_gemm_us', float('nan')):.1f} "
                 f"| {r.get('tuned_us', float('nan')):.1f} | {r.get('tuned_choice', '-')} "
                 f"| {r.get('tuned_over_dense', float('nan')):.2f} |"

@@ -59,7 +59,8 @@ EXPAND_KERNEL = "rows"
 # (qd_delta_gemm: one fused tensor-core GEMM straight from the packed words, no dense
 # delta written; checked by the emulator, not yet timed on a GPU). fp16/bf16 only:
 # fp32 inputs and more than GEMM_MAX_PLANES planes always expand.
-PREFILL_KERNEL = "expand"
+PREFILL_KERNEL = "expand"  # or "overlap": the expansion overlapped with cuBLAS (overlap.py)
+SIDE_STREAMS = 4  # streams the overlapped prefill runs its GEMM pieces on
 # Fused prefill GEMM (qd_delta_gemm): tile and pipeline shape, as in the .cu file.
 # x rows per block (one tile of one tenant's rows): 128 (NT = 8 row tiles per warp) or
 # 64 (NT = 4: twice the blocks when M is small; each sign fragment feeds 4 mmas, not 8).
@@ -172,6 +173,20 @@ class KernelRuntime(abc.ABC):
         """True while a CUDA graph is being captured (nothing may be timed then)."""
         return False
 
+    def current_stream(self, device: torch.device):
+        """The stream kernels are queued on (None: one implicit stream)."""
+        return None
+
+    def side_streams(self, device: torch.device) -> list:
+        """Extra streams work may fork onto and join back from ([]: run in order)."""
+        return []
+
+    def stream_context(self, stream):
+        """A context that queues torch work and kernel launches on ``stream``."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def time_us(self, device: torch.device, fn) -> float:
         """Median wall time of ``fn`` in microseconds, after one warm-up call."""
         import time
@@ -234,6 +249,21 @@ class CupyRuntime(KernelRuntime):
     def capturing(self, device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def side_streams(self, device: torch.device) -> list:
+        index = _device_index(device)
+        streams = _SIDE_STREAMS.get(index)
+        if streams is None:
+            with torch.cuda.device(index):
+                streams = [torch.cuda.Stream() for _ in range(SIDE_STREAMS)]
+            _SIDE_STREAMS[index] = streams
+        return streams
+
+    def stream_context(self, stream):
+        return torch.cuda.stream(stream)
+
     def time_us(self, device: torch.device, fn) -> float:
         """Median CUDA-event time of ``fn`` on torch's current stream, after a warm-up call.
 
@@ -257,6 +287,7 @@ class CupyRuntime(KernelRuntime):
 
 
 RUNTIME: KernelRuntime = CupyRuntime()
+_SIDE_STREAMS: dict[int, list] = {}  # device index -> streams the overlapped prefill forks onto
 _STREAMS: dict[tuple[int, int], object] = {}  # (device, stream handle) -> ExternalStream
 
 
@@ -460,13 +491,19 @@ def multi_tenant_delta_matmul(
 
 
 # What each kernel choice runs; autotuning picks among these (docs/CUDA.md).
-KERNEL_CHOICES = ("mma", "lut", "lut-prefetch", "expand", "gemm128", "gemm64")
+KERNEL_CHOICES = ("mma", "lut", "lut-prefetch", "expand", "expand-overlap", "gemm128", "gemm64")
 
 
 def path_choice(path: str) -> str:
     """The kernel choice a fixed ``path`` runs under the module's switches."""
     if path == "decode":
         return "lut-prefetch" if LUT_PREFETCH_NEXT else "lut"
+    if path == "prefill" and PREFILL_KERNEL not in ("expand", "gemm", "overlap"):
+        raise ShapeError(
+            f"PREFILL_KERNEL: expected 'expand', 'gemm' or 'overlap', found {PREFILL_KERNEL!r}"
+        )
+    if path == "prefill" and PREFILL_KERNEL == "overlap":
+        return "expand-overlap"
     if path == "gemm" or (path == "prefill" and PREFILL_KERNEL == "gemm"):
         if GEMM_ROWS not in GEMM_ROW_CHOICES:
             raise ShapeError(f"GEMM_ROWS: expected one of {GEMM_ROW_CHOICES}, found {GEMM_ROWS}")
@@ -482,6 +519,10 @@ def _run_choice(choice, x, planes, scales, tenant_ids, base, out, use, row_scale
         _run_gemm(*args, tile_rows=int(choice[4:]))
     elif choice == "expand":
         _run_expand(*args)
+    elif choice == "expand-overlap":
+        from qdelta.kernels import overlap  # imports this module
+
+        overlap.run(*args)
     elif choice == "mma":
         _run_mma(*args)
     else:
@@ -496,10 +537,11 @@ def row_bucket(m_rows: int) -> int:
 def tuning_candidates(bucket: int, dt: int, use: int) -> tuple[str, ...]:
     """The kernel choices autotuning times for a row bucket (see :func:`row_bucket`)."""
     gemm_ok = dt != DTYPE_CODES[torch.float32] and use <= GEMM_MAX_PLANES
+    expand = ("expand", "expand-overlap")
     if bucket <= DECODE_MAX_ROWS:
-        wide = ("expand", "gemm64") if gemm_ok else ("expand",)
+        wide = expand + (("gemm64",) if gemm_ok else ())
         return ("mma", "lut", "lut-prefetch") + (wide if bucket >= 16 else ())
-    return ("expand", "gemm128", "gemm64") if gemm_ok else ("expand",)
+    return expand + (("gemm128", "gemm64") if gemm_ok else ())
 
 
 @functools.cache
