@@ -188,6 +188,19 @@ def test_runs_on_torch_current_stream():
     assert_close(y, oracle(x, planes, scales, ids), "side stream")
 
 
+def capture_graph(step) -> torch.cuda.CUDAGraph:
+    """``step`` run once on a side stream (compiles, fills the caches), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.mark.parametrize(("path", "m"), [("decode", 8), ("mma", 1)])
 def test_decode_step_replays_from_a_cuda_graph(monkeypatch, path, m):
     """The decode paths make no host sync (check_ids=False): a serving loop can capture
@@ -206,14 +219,7 @@ def test_decode_step_replays_from_a_cuda_graph(monkeypatch, path, m):
             x, planes, scales, ids, base=base, out=out, check_ids=False, path=path
         )
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and fill the caches outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         ids.copy_(torch.randint(-1, t, (m,), device=DEV))

@@ -18,6 +18,7 @@ from tests.test_cuda_kernels import (  # noqa: E402
     DEV,
     DTYPES,
     assert_close,
+    capture_graph,
     oracle,
     poisoned,
     random_planes,
@@ -169,14 +170,7 @@ def test_overlapped_prefill_in_a_cuda_graph(monkeypatch):
     def step():
         cuda_backend.multi_tenant_delta_matmul(x, planes, scales, None, out=out, path="prefill")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)
     x.copy_(torch.randn_like(x))
     out.fill_(float("nan"))
     graph.replay()
