@@ -189,6 +189,32 @@ __device__ __forceinline__ int qd_warp_min(int v) {
     return v;
 }
 
+// Words c .. c+3 of the warp tile's 2*FT feature rows (zeros past ce or N).
+template <int FT>
+__device__ __forceinline__ void qd_mm_load_words(qd_u32 (&wv)[FT][2][4],
+                                                 const qd_u32* const (&wrow)[FT][2], int c,
+                                                 int ce, int vec_ok) {
+#pragma unroll
+    for (int f = 0; f < FT; ++f)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const qd_u32* src = wrow[f][h];
+            if (src == nullptr) {
+#pragma unroll
+                for (int v = 0; v < 4; ++v) wv[f][h][v] = 0u;
+            } else if (vec_ok) {
+                const uint4 q = __ldg(reinterpret_cast<const uint4*>(src + c));
+                wv[f][h][0] = q.x;
+                wv[f][h][1] = q.y;
+                wv[f][h][2] = q.z;
+                wv[f][h][3] = q.w;
+            } else {
+#pragma unroll
+                for (int v = 0; v < 4; ++v) wv[f][h][v] = c + v < ce ? __ldg(src + c + v) : 0u;
+            }
+        }
+}
+
 // One block: WF x WM warp tiles, each split over KS warps along K.
 // Warp tile: 16*FT features x 8*NT rows. Grid: x = row tiles, y = feature tiles.
 template <int DT, int FT, int NT, int WF, int WM, int KS>
@@ -266,27 +292,13 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                     wrow[f][h] = n < N ? plane + (long long)n * W : nullptr;
                 }
 
+            // The next 4 words are loaded while this group's mmas run: each group
+            // used to wait a full DRAM latency before its first mma.
+            qd_u32 wv[FT][2][4];
+            qd_u32 wn[FT][2][4];
+            if (cb < ce) qd_mm_load_words<FT>(wv, wrow, cb, ce, vec_ok);
             for (int c = cb; c < ce; c += 4) {
-                qd_u32 wv[FT][2][4];
-#pragma unroll
-                for (int f = 0; f < FT; ++f)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const qd_u32* src = wrow[f][h];
-                        if (src == nullptr) {
-#pragma unroll
-                            for (int v = 0; v < 4; ++v) wv[f][h][v] = 0u;
-                        } else if (vec_ok) {
-                            const uint4 q = __ldg(reinterpret_cast<const uint4*>(src + c));
-                            wv[f][h][0] = q.x;
-                            wv[f][h][1] = q.y;
-                            wv[f][h][2] = q.z;
-                            wv[f][h][3] = q.w;
-                        } else {
-#pragma unroll
-                            for (int v = 0; v < 4; ++v) wv[f][h][v] = c + v < ce ? __ldg(src + c + v) : 0u;
-                        }
-                    }
+                if (c + 4 < ce) qd_mm_load_words<FT>(wn, wrow, c + 4, ce, vec_ok);
 #pragma unroll
                 for (int v = 0; v < 4; ++v) {
                     const int chunk = c + v;
@@ -325,6 +337,12 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                         }
                     }
                 }
+#pragma unroll
+                for (int f = 0; f < FT; ++f)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int v = 0; v < 4; ++v) wv[f][h][v] = wn[f][h][v];
             }
             // Scale this plane's partial sums by alpha[tenant, p(, feature)] in fp32.
 #pragma unroll
