@@ -189,9 +189,9 @@ __device__ __forceinline__ int qd_warp_min(int v) {
     return v;
 }
 
-// Words c .. c+3 of the warp tile's 2*FT feature rows (zeros past ce or N).
-template <int FT>
-__device__ __forceinline__ void qd_mm_load_words(qd_u32 (&wv)[FT][2][4],
+// Words c .. c+G-1 of the warp tile's 2*FT feature rows (zeros past ce or N).
+template <int FT, int G>
+__device__ __forceinline__ void qd_mm_load_words(qd_u32 (&wv)[FT][2][G],
                                                  const qd_u32* const (&wrow)[FT][2], int c,
                                                  int ce, int vec_ok) {
 #pragma unroll
@@ -199,18 +199,23 @@ __device__ __forceinline__ void qd_mm_load_words(qd_u32 (&wv)[FT][2][4],
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const qd_u32* src = wrow[f][h];
-            if (src == nullptr) {
 #pragma unroll
-                for (int v = 0; v < 4; ++v) wv[f][h][v] = 0u;
-            } else if (vec_ok) {
-                const uint4 q = __ldg(reinterpret_cast<const uint4*>(src + c));
-                wv[f][h][0] = q.x;
-                wv[f][h][1] = q.y;
-                wv[f][h][2] = q.z;
-                wv[f][h][3] = q.w;
-            } else {
+            for (int q4 = 0; q4 < G; q4 += 4) {
+                const int c4 = c + q4;
+                if (src == nullptr || c4 >= ce) {
 #pragma unroll
-                for (int v = 0; v < 4; ++v) wv[f][h][v] = c + v < ce ? __ldg(src + c + v) : 0u;
+                    for (int v = 0; v < 4; ++v) wv[f][h][q4 + v] = 0u;
+                } else if (vec_ok) {  // ce is a multiple of 4 or W: the 16 bytes exist
+                    const uint4 q = __ldg(reinterpret_cast<const uint4*>(src + c4));
+                    wv[f][h][q4 + 0] = q.x;
+                    wv[f][h][q4 + 1] = q.y;
+                    wv[f][h][q4 + 2] = q.z;
+                    wv[f][h][q4 + 3] = q.w;
+                } else {
+#pragma unroll
+                    for (int v = 0; v < 4; ++v)
+                        wv[f][h][q4 + v] = c4 + v < ce ? __ldg(src + c4 + v) : 0u;
+                }
             }
         }
 }
@@ -292,15 +297,23 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                     wrow[f][h] = n < N ? plane + (long long)n * W : nullptr;
                 }
 
-            // The next 4 words are loaded while this group's mmas run: each group
-            // used to wait a full DRAM latency before its first mma.
-            qd_u32 wv[FT][2][4];
-            qd_u32 wn[FT][2][4];
-            if (cb < ce) qd_mm_load_words<FT>(wv, wrow, cb, ce, vec_ok);
-            for (int c = cb; c < ce; c += 4) {
-                if (c + 4 < ce) qd_mm_load_words<FT>(wn, wrow, c + 4, ce, vec_ok);
+            // Each group of G words used to wait a full DRAM latency before its first
+            // mma. One-row tiles (decode) load 16 words per row at once, a warp's
+            // whole K share at K = 4096; wider tiles, short of registers, load 4 and
+            // prefetch the next 4 while this group's mmas run.
+            constexpr int G = NT == 1 ? 16 : 4;
+            constexpr bool PREFETCH = NT != 1;
+            qd_u32 wv[FT][2][G];
+            qd_u32 wn[FT][2][PREFETCH ? G : 1];
+            if (PREFETCH && cb < ce) qd_mm_load_words<FT, G>(wv, wrow, cb, ce, vec_ok);
+            for (int c = cb; c < ce; c += G) {
+                if constexpr (PREFETCH) {
+                    if (c + G < ce) qd_mm_load_words<FT, G>(wn, wrow, c + G, ce, vec_ok);
+                } else {
+                    qd_mm_load_words<FT, G>(wv, wrow, c, ce, vec_ok);
+                }
 #pragma unroll
-                for (int v = 0; v < 4; ++v) {
+                for (int v = 0; v < G; ++v) {
                     const int chunk = c + v;
                     if (chunk >= ce) break;
                     qd_u32 b[SPLITS][NT][4];
@@ -337,12 +350,14 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                         }
                     }
                 }
+                if constexpr (PREFETCH) {
 #pragma unroll
-                for (int f = 0; f < FT; ++f)
+                    for (int f = 0; f < FT; ++f)
 #pragma unroll
-                    for (int h = 0; h < 2; ++h)
+                        for (int h = 0; h < 2; ++h)
 #pragma unroll
-                        for (int v = 0; v < 4; ++v) wv[f][h][v] = wn[f][h][v];
+                            for (int v = 0; v < G; ++v) wv[f][h][v] = wn[f][h][v];
+                }
             }
             // Scale this plane's partial sums by alpha[tenant, p(, feature)] in fp32.
 #pragma unroll

@@ -721,3 +721,19 @@ def test_gemm_refuses_too_little_shared_memory(emulated, gen, monkeypatch):
     scales = random_scales(1, 1, 8, False, gen)[0]
     with pytest.raises(cuda_backend.KernelLaunchError, match="dynamic shared memory"):
         cuda_backend.delta_matmul(x, planes, scales, path="gemm")
+
+
+@pytest.mark.parametrize("k", [8300, 8200, 1500])  # W = 260 (16-byte loads), 257, 47
+@pytest.mark.parametrize("m", [1, 3, 66])  # the one-row tile (16 words a load) and the wide one
+def test_mma_long_k_loads_every_word_group(emulated, gen, k, m):
+    """Per-warp K shares of several 16-word load groups (the last partial), with and
+    without 16-byte loads; M = 66 takes the wide tile's 4-word prefetch."""
+    t, n = 2, 24
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(t, 1, n, k, gen)
+    scales = random_scales(t, 1, n, True, gen)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    y = cuda_backend.multi_tenant_delta_matmul(
+        x, planes, scales, ids, out=poisoned(m, n, x.dtype), path="mma"
+    )
+    assert_close(y, oracle(x, planes, scales, ids), f"mma M={m} K={k}")
