@@ -227,3 +227,19 @@ def test_no_timing_while_capturing_and_when_off(emulated, gen, tuned, monkeypatc
     monkeypatch.setattr(emulated, "capturing", lambda device: False)
     cuda_backend.delta_matmul(x[:1], planes, scales)
     assert state["timed"] == [] and state["last"] == "mma"  # the fixed rule
+
+
+def test_cli_shows_and_clears_decisions(tmp_path, capsys):
+    from qdelta.cli import main
+
+    path = tmp_path / "tune.json"
+    cache = autotune.DecisionCache(path)
+    cache.put("delta_matmul|card|rows<=16", "lut", {"lut": 12.5, "mma": 20.0, "expand": math.inf})
+    assert main(["autotune", "--file", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "1 kernel decisions" in shown and "lut (12.5 us; timed: lut 12.5, mma 20.0 us)" in shown
+    assert "delta_matmul|card|rows<=16" in shown
+    assert main(["autotune", "--file", str(path), "--clear"]) == 0
+    assert "removed 1 decisions" in capsys.readouterr().out and not path.exists()
+    assert main(["autotune", "--file", str(path)]) == 0
+    assert "0 kernel decisions" in capsys.readouterr().out

@@ -89,6 +89,27 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return run_analyze(args)
 
 
+def _cmd_autotune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qdelta.kernels import autotune
+
+    cache = autotune.DecisionCache(Path(args.file) if args.file else None)
+    path = cache._file_path()
+    if args.clear:
+        print(f"removed {autotune.forget(cache)} decisions from {path}")
+        return 0
+    entries = autotune.recorded(cache)
+    print(f"{len(entries)} kernel decisions in {path}")
+    for key, entry in sorted(entries.items()):
+        times = {c: t for c, t in (entry.get("us") or {}).items() if t is not None}
+        best = times.get(entry.get("choice"))
+        timed = ", ".join(f"{c} {t:.1f}" for c, t in sorted(times.items(), key=lambda x: x[1]))
+        shown = f"{best:.1f} us" if best is not None else "-"
+        print(f"  {entry.get('choice')} ({shown}; timed: {timed or '-'} us)\n    {key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ring.add_argument("--cache", default=None, help="zoo cache directory (with --zoo)")
     ring.set_defaults(func=_cmd_ring_demo)
+    tune = sub.add_parser(
+        "autotune", help="show (or --clear) the GPU kernel choices autotuning has measured"
+    )
+    tune.add_argument("--clear", action="store_true", help="delete the decisions")
+    tune.add_argument(
+        "--file", default=None, help="decision file (default $QDELTA_AUTOTUNE_CACHE or ~/.cache)"
+    )
+    tune.set_defaults(func=_cmd_autotune)
     analyze = sub.add_parser(
         "analyze", help="per-layer delta statistics of fine-tunes (norms, signs, DoRA view)"
     )

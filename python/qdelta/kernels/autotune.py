@@ -129,6 +129,20 @@ class DecisionCache:
 CACHE = DecisionCache()
 
 
+def recorded(cache: DecisionCache | None = None) -> dict[str, dict]:
+    """Every decision in the decision file: key -> ``{"choice", "us"}`` (nothing is timed)."""
+    return (CACHE if cache is None else cache)._read_file()
+
+
+def forget(cache: DecisionCache | None = None) -> int:
+    """Delete the decision file and the in-memory decisions; the number of entries dropped."""
+    cache = CACHE if cache is None else cache
+    count = len(cache._read_file())
+    cache._file_path().unlink(missing_ok=True)
+    cache.clear()
+    return count
+
+
 def choose(
     key: str,
     candidates: Sequence[str],
