@@ -65,3 +65,42 @@ def test_declared_instantiations_match_launched_kernels():
     assert sorted(map(normalize, declared)) == sorted(
         map(normalize, cuda_backend.name_expressions())
     )
+
+
+def _opcode(instr: str) -> str:
+    """``@!P0 LDS.U R1, [R2]`` -> ``LDS``."""
+    words = instr.split()
+    op = words[1] if words[0].startswith("@") else words[0]
+    return op.split(".")[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_table_lookup_loop_issue_budget(arch):
+    """The decode kernel's lookup loop (after a slice's last barrier, before the lane
+    sums' shuffles) costs at most 22 instructions per packed word: 4 LDS, and per byte
+    one rotate, one LOP3 and one FADD, plus the step's uniform branch (19.3 on sm_80,
+    19.8 on sm_90 with the ptxas 12.9 triton ships; the budget leaves room for other ptxas
+    versions, the previous form cost 24). No per-lane branch (BSSY) around the steps.
+    A regression here is a slower kernel whatever the GPU (docs/CUDA.md)."""
+    ptxas = find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas")
+    from qdelta.kernels.nvrtc import kernel_sass
+
+    ptx = compile_source(
+        cuda_backend.SOURCE.read_text(), "delta_matmul.cu", arch, ["qd_delta_lut<0, 1, 0>"]
+    )
+    listing = kernel_sass(ptx, arch, ptxas)
+    if listing is None:
+        pytest.skip("no nvdisasm next to ptxas")
+    (sass,) = [v for k, v in listing.items() if "qd_delta_lut" in k]
+    ops = [_opcode(i) for i in sass]
+    last_barrier = max(i for i, op in enumerate(ops) if op == "BAR")
+    loop = ops[last_barrier + 1 : ops.index("SHFL", last_barrier)]
+    words = loop.count("LDS") / 4
+    assert words == 32, (
+        f"expected 32 words (4 LDS each) per lane and slice, found {loop.count('LDS')} LDS"
+    )
+    per_word = len(loop) / words
+    assert per_word <= 22, f"{arch}: expected <= 22 instructions per word, found {per_word:.1f}"
+    assert "BSSY" not in loop, f"{arch}: a per-lane branch is back in the lookup loop"

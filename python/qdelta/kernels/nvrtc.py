@@ -91,8 +91,8 @@ def find_ptxas() -> str | None:
     return str(candidate) if candidate.is_file() else None
 
 
-def kernel_resources(ptx: bytes, arch: str, ptxas: str) -> dict[str, dict[str, int]]:
-    """Registers and spill bytes per entry point, from ``ptxas -v`` on ``ptx``.
+def _assemble(ptx: bytes, arch: str, ptxas: str, out_dir: Path) -> str:
+    """``ptxas -v`` on ``ptx`` into ``out_dir/k.cubin``; its report (stderr).
 
     The NVRTC wheel may emit a newer PTX ISA version than an older ptxas accepts;
     the kernels use nothing newer than 8.x, so the version line is lowered to what
@@ -100,28 +100,36 @@ def kernel_resources(ptx: bytes, arch: str, ptxas: str) -> dict[str, dict[str, i
     """
     import re
     import subprocess
-    import tempfile
 
     text = ptx.rstrip(b"\0").decode()
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernels.ptx"
-        for attempt in range(2):
-            src.write_text(text)
-            run = subprocess.run(
-                [ptxas, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            supported = re.search(r"current version is '(\d+\.\d+)'", run.stderr)
-            if run.returncode == 0 or attempt or not supported:
-                break
-            text = re.sub(r"^\.version \S+", f".version {supported.group(1)}", text, flags=re.M)
+    src = out_dir / "kernels.ptx"
+    for attempt in range(2):
+        src.write_text(text)
+        run = subprocess.run(
+            [ptxas, f"-arch={arch}", "-v", str(src), "-o", str(out_dir / "k.cubin")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        supported = re.search(r"current version is '(\d+\.\d+)'", run.stderr)
+        if run.returncode == 0 or attempt or not supported:
+            break
+        text = re.sub(r"^\.version \S+", f".version {supported.group(1)}", text, flags=re.M)
     if run.returncode != 0:
         raise KernelCompileError(f"ptxas ({arch}): expected a clean assembly, found:\n{run.stderr}")
+    return run.stderr
+
+
+def kernel_resources(ptx: bytes, arch: str, ptxas: str) -> dict[str, dict[str, int]]:
+    """Registers and spill bytes per entry point, from ``ptxas -v`` on ``ptx``."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = _assemble(ptx, arch, ptxas, Path(tmp))
     resources: dict[str, dict[str, int]] = {}
     current = None
-    for line in run.stderr.splitlines():
+    for line in report.splitlines():
         entry = re.search(r"Compiling entry function '(\S+)'", line)
         if entry:
             current = resources.setdefault(entry.group(1), {"registers": 0, "spill_bytes": 0})
@@ -133,3 +141,35 @@ def kernel_resources(ptx: bytes, arch: str, ptxas: str) -> dict[str, dict[str, i
             if used:
                 current["registers"] = int(used.group(1))
     return resources
+
+
+def kernel_sass(ptx: bytes, arch: str, ptxas: str) -> dict[str, list[str]] | None:
+    """Each entry point's SASS instructions (opcode and operands, one per item), from
+    nvdisasm next to ``ptxas``; None when there is no nvdisasm."""
+    import re
+    import subprocess
+    import tempfile
+
+    nvdisasm = Path(ptxas).with_name("nvdisasm")
+    if not nvdisasm.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        _assemble(ptx, arch, ptxas, Path(tmp))
+        listing = subprocess.run(
+            [str(nvdisasm), "-c", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+    kernels: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in listing.splitlines():
+        section = re.match(r"\s*\.text\.(\S+):", line)
+        if section:
+            current = kernels.setdefault(section.group(1), [])
+            continue
+        instr = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if instr and current is not None:
+            current.append(instr.group(1))
+    return kernels
