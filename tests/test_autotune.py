@@ -130,7 +130,12 @@ def test_candidates_keys_and_buckets():
         1, 2, 4, 16, 32, 64, 128,
     ]  # fmt: skip
     fp16, fp32 = cuda_backend.DTYPE_CODES[torch.float16], cuda_backend.DTYPE_CODES[torch.float32]
-    assert cuda_backend.tuning_candidates(1, fp16, 1) == ("mma", "lut", "lut-prefetch")
+    assert cuda_backend.tuning_candidates(1, fp16, 1) == (
+        "mma",
+        "lut",
+        "lut-prefetch",
+        "lut-narrow",
+    )
     assert cuda_backend.tuning_candidates(16, fp16, 1)[-3:] == (
         "expand",
         "expand-overlap",

@@ -62,3 +62,15 @@ def test_fewer_blocks_per_sm_gives_longer_blocks():
     long = cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, per_sm=1)
     assert long["kch"] < default["kch"] and long["spc"] > default["spc"]
     assert long["spc"] * long["kch"] >= long["slices"]
+
+
+def test_feature_cap_narrows_tiles_and_splits_k_less():
+    """max_features (the "lut-narrow" choice) caps nb; the grid then fills with fewer K
+    splits, so each block runs more slices."""
+    wide = cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132)
+    narrow = cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, max_features=256)
+    assert wide["nb"] == 1024 and narrow["nb"] == 256
+    assert narrow["kch"] < wide["kch"] and narrow["spc"] * narrow["kch"] >= narrow["slices"]
+    assert cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, max_features=300)["nb"] == 288
+    assert cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, max_features=1)["nb"] == 32
+    assert cuda_backend.lut_plan(16, 4096, 128, 1, 16, 132, max_features=99999)["nb"] == 1024

@@ -268,6 +268,8 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
 # (L2 128-byte lines, next-slice prefetch, blocks per SM) of the table kernel, in table order;
 # the last has fewer K splits: more slices per block to prefetch across.
 LUT_VARIANTS = ((False, False, 3), (True, False, 3), (True, True, 3), (True, True, 1))
+# Kernel choices timed at B = 16 beside the table variants (cuda.KERNEL_CHOICES).
+DECODE_CHOICES = ("lut-narrow", "mma")
 
 
 def variant_key(line: bool, prefetch: bool, per_sm: int) -> str:
@@ -318,12 +320,13 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
             cuda_backend.LUT_BLOCKS_PER_SM,
         ) = defaults
 
-    def mma16():
-        cuda_backend.multi_tenant_delta_matmul(
-            x, planes, scales, ids, out=out, check_ids=False, path="mma"
-        )
+    dt = cuda_backend.DTYPE_CODES[x.dtype]
+    for choice in DECODE_CHOICES:
 
-    row["decode_B16_mma_us"] = gpu_time_us(mma16, warmup=3, iters=iters, flush=flush)
+        def run(choice=choice):
+            cuda_backend._run_choice(choice, x, planes, scales, ids, None, out, 1, False, dt)
+
+        row[f"decode_B16_{choice}_us"] = gpu_time_us(run, warmup=3, iters=iters, flush=flush)
     one = planes[:1]
     for path in ("mma", "decode"):
 
@@ -411,9 +414,9 @@ def markdown(report: dict) -> str:
             "## Variants (same inputs; the defaults are set in qdelta/kernels/cuda.py)",
             "",
             "| N=K | B=16 tables µs | + L2 128-byte lines µs | + next-slice prefetch µs "
-            "| same, 1 block/SM plan µs | B=16 mma µs "
+            "| same, 1 block/SM plan µs | B=16 narrow tiles µs | B=16 mma µs "
             "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         nan = float("nan")
         for r in variants:
@@ -421,7 +424,8 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {r['N']} | "
                 + " | ".join(f"{t:.1f}" for t in lut)
-                + f" | {r.get('decode_B16_mma_us', nan):.1f} | {r['decode_B1_mma_us']:.1f} "
+                + f" | {r.get('decode_B16_lut-narrow_us', nan):.1f} "
+                + f"| {r.get('decode_B16_mma_us', nan):.1f} | {r['decode_B1_mma_us']:.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
             )

@@ -47,6 +47,11 @@ LUT_L2_LINE_LOADS = True
 # (qd_delta_lut<..., 1>). False: each slice's loads are issued at its start, before
 # its table is built (the measured default). Checked by the emulator; not yet timed.
 LUT_PREFETCH_NEXT = False
+# Feature-tile cap of the "lut-narrow" choice. A full tile is 1024 rows; with 128-byte L2
+# lines (LUT_L2_LINE_LOADS) a wave of 264 such blocks keeps about 35 MB of lines open
+# for their next slices, near all of an H200's 50 MB L2. At 256 rows it is a quarter,
+# and the table build is amortized over 4x fewer lookups. Not yet timed.
+LUT_NARROW_FEATURES = 256
 # lut_plan splits K (then shrinks feature tiles) until the grid has this many blocks per
 # SM. Fewer blocks mean more K slices per block, which is what the prefetch needs to
 # hide latency; 3 is the measured default.
@@ -491,7 +496,9 @@ def multi_tenant_delta_matmul(
 
 
 # What each kernel choice runs; autotuning picks among these (docs/CUDA.md).
-KERNEL_CHOICES = ("mma", "lut", "lut-prefetch", "expand", "expand-overlap", "gemm128", "gemm64")
+KERNEL_CHOICES = (
+    "mma", "lut", "lut-prefetch", "lut-narrow", "expand", "expand-overlap", "gemm128", "gemm64",
+)  # fmt: skip
 
 
 def path_choice(path: str) -> str:
@@ -515,6 +522,8 @@ def _run_choice(choice, x, planes, scales, tenant_ids, base, out, use, row_scale
     args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     if choice in ("lut", "lut-prefetch"):
         _run_lut(*args, prefetch=choice == "lut-prefetch")
+    elif choice == "lut-narrow":
+        _run_lut(*args, prefetch=False, max_features=LUT_NARROW_FEATURES)
     elif choice in ("gemm128", "gemm64"):
         _run_gemm(*args, tile_rows=int(choice[4:]))
     elif choice == "expand":
@@ -540,7 +549,7 @@ def tuning_candidates(bucket: int, dt: int, use: int) -> tuple[str, ...]:
     expand = ("expand", "expand-overlap")
     if bucket <= DECODE_MAX_ROWS:
         wide = expand + (("gemm64",) if gemm_ok else ())
-        return ("mma", "lut", "lut-prefetch") + (wide if bucket >= 16 else ())
+        return ("mma", "lut", "lut-prefetch", "lut-narrow") + (wide if bucket >= 16 else ())
     return expand + (("gemm128", "gemm64") if gemm_ok else ())
 
 
@@ -610,25 +619,41 @@ def _device_index(device: torch.device) -> int:
 
 
 def lut_plan(
-    m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int, per_sm: int = 3
+    m_rows: int,
+    n: int,
+    w: int,
+    use: int,
+    tenants: int | None,
+    sms: int,
+    per_sm: int = 3,
+    max_features: int | None = None,
 ) -> dict:
     """Launch shape of the decode kernel (pure function of the shapes; unit-tested on CPU).
 
     ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
     of rows per tenant made without reading the ids: any R gives the same result.
+    ``max_features`` caps the feature tile (``nb``, rounded down to 32): the rows a
+    wave of blocks has open in L2 at once (see LUT_NARROW_FEATURES).
     """
-    return dict(_lut_plan(m_rows, n, w, use, tenants, sms, per_sm))
+    return dict(_lut_plan(m_rows, n, w, use, tenants, sms, per_sm, max_features))
 
 
 @functools.lru_cache(maxsize=4096)
 def _lut_plan(
-    m_rows: int, n: int, w: int, use: int, tenants: int | None, sms: int, per_sm: int
+    m_rows: int,
+    n: int,
+    w: int,
+    use: int,
+    tenants: int | None,
+    sms: int,
+    per_sm: int,
+    max_features: int | None = None,
 ) -> dict:
     """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
     rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
     nb_max = 32 * (32 // rows)  # 8 warps x 4 features x (32 / R) steps
-    nb = nb_max
+    nb = nb_max if max_features is None else max(32, min(nb_max, max_features // 32 * 32))
     slices = -(-w // LUT_WORDS)
     groups = -(-m_rows // rows)
     kch_max = max(1, min(slices, w // 16))  # partial sums stay <= 1/8 of the plane bytes
@@ -665,13 +690,14 @@ def _lut_launches(
     flags,
     prefetch,
     per_sm,
+    max_features=None,
 ) -> tuple:
     """Everything of the two decode launches that depends only on shapes, built once.
 
     A decode step repeats the same shapes every call; making the numpy scalars and the
     plan again each time was most of the host cost of a call.
     """
-    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms, per_sm)
+    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms, per_sm, max_features)
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
     ints = (m_rows, n, w, tenants, n_planes, int(row_scales), plan["nb"], plan["spc"], plan["kch"])
@@ -691,7 +717,9 @@ def _lut_launches(
     return z, lut, finish
 
 
-def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt, prefetch) -> None:
+def _run_lut(
+    x, planes, scales, tenant_ids, base, out, use, row_scales, dt, prefetch, max_features=None
+) -> None:
     """Decode: lookup-table kernel writes partial sums, qd_lut_finish reduces + adds base."""
     device = x.device
     m_rows, k = x.shape
@@ -701,7 +729,7 @@ def _run_lut(x, planes, scales, tenant_ids, base, out, use, row_scales, dt, pref
     ldb = base.stride(0) if base is not None else 0
     z, lut, finish = _lut_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
-        x.stride(0), ldb, out.stride(0), sms, flags, prefetch, LUT_BLOCKS_PER_SM,
+        x.stride(0), ldb, out.stride(0), sms, flags, prefetch, LUT_BLOCKS_PER_SM, max_features,
     )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
     ids, p_part = _ptr(tenant_ids), _ptr(part)
