@@ -248,3 +248,18 @@ def test_cli_shows_and_clears_decisions(tmp_path, capsys):
     assert "removed 1 decisions" in capsys.readouterr().out and not path.exists()
     assert main(["autotune", "--file", str(path)]) == 0
     assert "0 kernel decisions" in capsys.readouterr().out
+
+
+def test_narrow_table_tiles_match_the_oracle(emulated, gen):
+    """lut-narrow at N = 600: three feature tiles of at most 256 rows (the last ragged)."""
+    m, k, n, t = 5, 700, 600, 2
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    planes = random_planes(t, 2, n, k, generator=gen)
+    scales = random_scales(t, 2, n, True, generator=gen)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    plan = cuda_backend.lut_plan(m, n, planes.shape[-1], 2, t, 4, max_features=256)
+    assert plan["nb"] == 256
+    out = torch.full((m, n), math.nan, dtype=torch.bfloat16)
+    dt = cuda_backend.DTYPE_CODES[torch.bfloat16]
+    cuda_backend._run_choice("lut-narrow", x, planes, scales, ids, None, out, 2, True, dt)
+    assert_close(out, oracle(x, planes, scales, ids), "narrow tiles")
