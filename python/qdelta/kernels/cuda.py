@@ -274,14 +274,20 @@ class CupyRuntime(KernelRuntime):
 
         L2 is flushed before each timed call: in a model the weights of a layer come
         from HBM (the other layers evicted them), so a candidate is timed that way too.
+        The GPU is kept busy (torch.cuda._sleep) while the host enqueues the call, so
+        the events time the kernels, not the host's launch cost (which a CUDA graph
+        removes and which is about the same for every choice).
         """
         fn()
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
         flush = torch.empty(max(l2, 1 << 20) * 2, dtype=torch.uint8, device=device)
+        sleep = getattr(torch.cuda, "_sleep", None)
         pairs = []
         for _ in range(autotune.REPEATS):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             flush.zero_()
+            if sleep is not None:
+                sleep(1_000_000)  # about 0.5 ms of GPU time, longer than one call's enqueue
             start.record()
             fn()
             end.record()
