@@ -167,8 +167,8 @@ profile() {
         return 0
     fi
     "$ncu" --version | tail -n 1
-    "$ncu" --target-processes all --kernel-name regex:'qd_delta_lut|qd_delta_gemm|attention_block' \
-        --launch-count 10 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    "$ncu" --target-processes all --kernel-name regex:'qd_delta_lut|qd_delta_gemm|qd_delta_mm|attention_block' \
+        --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section Occupancy --section WarpStateStats --section LaunchStats \
         --csv --page details --log-file "$OUT/ncu.csv" \
         $PY scripts/profile_kernels.py || echo "ncu exited with $? (see $OUT/ncu.csv)"

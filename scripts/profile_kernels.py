@@ -2,7 +2,8 @@
 
 Run under ``ncu`` by scripts/gpu_check.sh when the GPU machine has it; alone it
 just runs the launches. The shapes are the benchmark's: decode B = 16 tenants x 1
-row at N = K = 4096 (the table kernel ran at 3x its memory floor), prefill
+row at N = K = 4096 (the table kernel ran at 3x its memory floor; also with
+narrow tiles), one row on the tensor-core kernel, prefill
 M = 512 at 4096 on the fused GEMM, and the ring block kernels at S = 4096.
 The profile answers what the benchmark cannot: whether a kernel waits on memory
 latency, DRAM efficiency, shared memory or issue slots.
@@ -34,6 +35,14 @@ def main() -> int:
         cuda_backend.multi_tenant_delta_matmul(
             x, planes, scales, ids, check_ids=False, path="decode"
         )
+    # The same decode with 256-row feature tiles (the L2-footprint question), and the
+    # single-row decode on the tensor-core kernel (14 us against a 0.5 us floor).
+    out = torch.empty(tenants, n, device="cuda", dtype=x.dtype)
+    dt = cuda_backend.DTYPE_CODES[x.dtype]
+    cuda_backend._run_choice("lut-narrow", x, planes, scales, ids, None, out, 1, False, dt)
+    cuda_backend.multi_tenant_delta_matmul(
+        x[:1], planes[:1], scales[:1], ids[:1], check_ids=False, path="mma"
+    )
     xp = torch.randn(512, k, device="cuda", dtype=torch.float16)
     for _ in range(2):
         cuda_backend.delta_matmul(xp, planes[0], scales[0], path="gemm")
