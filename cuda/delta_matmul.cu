@@ -189,6 +189,26 @@ __device__ __forceinline__ int qd_warp_min(int v) {
     return v;
 }
 
+// Four 16-bit x values from k0 (zeros at k >= K), as two u32 pairs.
+__device__ __forceinline__ uint2 qd_x4(const qd_u16* __restrict__ row, int k0, int K, int x_vec) {
+    if (x_vec && k0 + 3 < K) return __ldg(reinterpret_cast<const uint2*>(row + k0));
+    qd_u32 e[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) e[i] = k0 + i < K ? (qd_u32)__ldg(row + k0 + i) : 0u;
+    return make_uint2(e[0] | (e[1] << 16), e[2] | (e[3] << 16));
+}
+
+// What qd_prep_x stores for slots 4*t4 .. 4*t4+3 of a chunk, built from x itself:
+// slot s = (x[32c + 15 - s], x[32c + 31 - s]); k0 = 32c + 12 - 4*t4, so slot
+// 4*t4 + j takes element 3 - j of the runs at k0 and k0 + 16.
+__device__ __forceinline__ uint4 qd_x_fragment(const qd_u16* __restrict__ row, int k0, int K,
+                                               int x_vec) {
+    const uint2 lo = qd_x4(row, k0, K, x_vec);
+    const uint2 hi = qd_x4(row, k0 + 16, K, x_vec);
+    return make_uint4(__byte_perm(lo.y, hi.y, 0x7632), __byte_perm(lo.y, hi.y, 0x5410),
+                      __byte_perm(lo.x, hi.x, 0x7632), __byte_perm(lo.x, hi.x, 0x5410));
+}
+
 // Words c .. c+G-1 of the warp tile's 2*FT feature rows (zeros past ce or N).
 template <int FT, int G>
 __device__ __forceinline__ void qd_mm_load_words(qd_u32 (&wv)[FT][2][G],
@@ -230,9 +250,13 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
             const long long* __restrict__ ids,  // [M], or null: every row is tenant 0
             const void* base, long long ldb,    // [M][N] added to the result, or null
             void* y, long long ldy,             // [M][N]; may alias base
-            int M, int N, int W, int T, int P, int P_use, int row_scales, int vec_ok) {
+            int M, int N, int W, int T, int P, int P_use, int row_scales, int vec_ok,
+            const qd_u16* __restrict__ xd, long long ldx, int K, int x_vec) {
+    // xp == null: 16-bit x is read straight from xd [M][ldx] (no qd_prep_x launch);
+    // x_vec: its rows allow 8-byte loads.
     constexpr int SPLITS = QdSplits<DT>::value;
     constexpr int ACC = FT * NT * 4;
+    constexpr bool DIRECT_X = DT != 2 && NT == 1;  // the host sends xp == null only then
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int ks = warp % KS;
@@ -297,11 +321,12 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                     wrow[f][h] = n < N ? plane + (long long)n * W : nullptr;
                 }
 
-            // Each group of G words used to wait a full DRAM latency before its first
-            // mma. One-row tiles (decode) load 16 words per row at once, a warp's
-            // whole K share at K = 4096; wider tiles, short of registers, load 4 and
-            // prefetch the next 4 while this group's mmas run.
-            constexpr int G = NT == 1 ? 16 : 4;
+            // Each group of 4 words used to wait a full DRAM latency before its first
+            // mma. One-row tiles (decode) load 8 words per row at once: half a warp's
+            // K share at K = 4096 (16 words would take it in one, but needs more than
+            // 128 registers: half the blocks per SM, or spills); wider tiles, short of
+            // registers, load 4 and prefetch the next 4 while this group's mmas run.
+            constexpr int G = NT == 1 ? 8 : 4;
             constexpr bool PREFETCH = NT != 1;
             qd_u32 wv[FT][2][G];
             qd_u32 wn[FT][2][PREFETCH ? G : 1];
@@ -323,8 +348,14 @@ qd_delta_mm(const qd_u32* __restrict__ xp,      // [splits][M][W][16]
                         for (int r = 0; r < NT; ++r) {
                             uint4 q = make_uint4(0u, 0u, 0u, 0u);
                             if (use[r]) {
-                                q = __ldg(reinterpret_cast<const uint4*>(
-                                    xp + (((long long)sp * M + xrow[r]) * W + chunk) * 16 + 4 * t4));
+                                if (DIRECT_X && xp == nullptr) {
+                                    q = qd_x_fragment(xd + xrow[r] * ldx,
+                                                      32 * chunk + 12 - 4 * t4, K, x_vec);
+                                } else {
+                                    q = __ldg(reinterpret_cast<const uint4*>(
+                                        xp + (((long long)sp * M + xrow[r]) * W + chunk) * 16 +
+                                        4 * t4));
+                                }
                             }
                             b[sp][r][0] = q.x;
                             b[sp][r][1] = q.y;

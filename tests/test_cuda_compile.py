@@ -24,10 +24,6 @@ KNOWN_SPILLS = {
     # kernel (no prefetch) fits in 128 registers on both.
     (r"12qd_delta_lutILi\dELi1ELi1E", "sm_80"): 200,
     (r"12qd_delta_lutILi\dELi1ELi1E", "sm_90"): 96,
-    # The one-row tensor-core tile (fp16/bf16) holds a warp's 16 words per feature row in
-    # flight at once; ptxas keeps it at 128 registers on sm_90 and parks one word from
-    # the prologue to the epilogue (outside every loop).
-    (r"11qd_delta_mmILi[01]ELi2ELi1ELi1ELi1ELi8E", "sm_90"): 12,
     # The CUDA-core block kernel (the tensor-core ones are the default on sm_80+).
     (r"15attention_blockILi0ELi64E", "sm_90"): 48,
 }

@@ -724,9 +724,9 @@ def test_gemm_refuses_too_little_shared_memory(emulated, gen, monkeypatch):
 
 
 @pytest.mark.parametrize("k", [8300, 8200, 1500])  # W = 260 (16-byte loads), 257, 47
-@pytest.mark.parametrize("m", [1, 3, 66])  # the one-row tile (16 words a load) and the wide one
+@pytest.mark.parametrize("m", [1, 3, 66])  # the one-row tile (8 words a load) and the wide one
 def test_mma_long_k_loads_every_word_group(emulated, gen, k, m):
-    """Per-warp K shares of several 16-word load groups (the last partial), with and
+    """Per-warp K shares of several 8-word load groups (the last partial), with and
     without 16-byte loads; M = 66 takes the wide tile's 4-word prefetch."""
     t, n = 2, 24
     x = torch.randn(m, k, generator=gen).half()
@@ -737,3 +737,25 @@ def test_mma_long_k_loads_every_word_group(emulated, gen, k, m):
         x, planes, scales, ids, out=poisoned(m, n, x.dtype), path="mma"
     )
     assert_close(y, oracle(x, planes, scales, ids), f"mma M={m} K={k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "k", "offset"), [(1, 300, 0), (5, 33, 0), (3, 301, 1), (64, 520, 2)])
+def test_mma_direct_x_is_bit_identical_to_prep(emulated, gen, monkeypatch, dtype, m, k, offset):
+    """The one-row tile's x fragments read from x itself equal qd_prep_x's, bit for bit:
+    8-byte loads (K = 300), the scalar tail (K = 33, 301), rows not 8-byte aligned
+    (x a view at an odd element offset)."""
+    t, n = 3, 40
+    storage = torch.randn(m, k + offset, generator=gen).to(dtype)
+    x = storage[:, offset:]
+    planes = random_planes(t, 2, n, k, gen)
+    scales = random_scales(t, 2, n, True, gen)
+    ids = torch.randint(-1, t, (m,), generator=gen)
+    got = {}
+    for direct in (False, True):
+        monkeypatch.setattr(cuda_backend, "MMA_DIRECT_X", direct)
+        got[direct] = cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, out=poisoned(m, n, dtype), path="mma"
+        )
+    assert torch.equal(got[True].view(torch.int16), got[False].view(torch.int16))
+    assert_close(got[True], oracle(x, planes, scales, ids), f"direct x M={m} K={k}")

@@ -281,8 +281,8 @@ def variant_key(line: bool, prefetch: bool, per_sm: int) -> str:
 def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
     """Each switchable variant against the one it replaced, same inputs, same card.
 
-    The defaults (cuda.DECODE_MMA_MAX_ROWS, LUT_L2_LINE_LOADS, LUT_PREFETCH_NEXT,
-    LUT_BLOCKS_PER_SM, EXPAND_KERNEL) should be set from these numbers; the defaults are
+    The defaults (cuda.DECODE_MMA_MAX_ROWS, MMA_DIRECT_X, LUT_L2_LINE_LOADS,
+    LUT_PREFETCH_NEXT, LUT_BLOCKS_PER_SM, EXPAND_KERNEL) should be set from these numbers; the defaults are
     restored after. B = 16 also runs through the tensor-core kernel (path "mma"), the
     alternative to the tables at that batch.
     """
@@ -337,6 +337,14 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
 
         row[f"decode_B1_{path}_us"] = gpu_time_us(single, warmup=3, iters=iters, flush=flush)
         row[f"decode_B1_{path}_host_us"] = host_call_us(single)
+    saved_direct = cuda_backend.MMA_DIRECT_X
+    try:  # the single-row mma with the separate x-prep launch it had before
+        cuda_backend.MMA_DIRECT_X = False
+        row["decode_B1_mma_prep_us"] = gpu_time_us(
+            lambda: single("mma"), warmup=3, iters=iters, flush=flush
+        )
+    finally:
+        cuda_backend.MMA_DIRECT_X = saved_direct
     default_expand = cuda_backend.EXPAND_KERNEL
     try:
         for kind in ("flat", "rows"):
@@ -415,8 +423,9 @@ def markdown(report: dict) -> str:
             "",
             "| N=K | B=16 tables µs | + L2 128-byte lines µs | + next-slice prefetch µs "
             "| same, 1 block/SM plan µs | B=16 narrow tiles µs | B=16 mma µs "
-            "| B=1 mma µs | B=1 tables µs | expand flat µs | expand rows µs | expand floor µs |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| B=1 mma µs | B=1 mma + x prep µs | B=1 tables µs | expand flat µs | expand rows µs "
+            "| expand floor µs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         nan = float("nan")
         for r in variants:
@@ -426,6 +435,7 @@ def markdown(report: dict) -> str:
                 + " | ".join(f"{t:.1f}" for t in lut)
                 + f" | {r.get('decode_B16_lut-narrow_us', nan):.1f} "
                 + f"| {r.get('decode_B16_mma_us', nan):.1f} | {r['decode_B1_mma_us']:.1f} "
+                + f"| {r.get('decode_B1_mma_prep_us', nan):.1f} "
                 f"| {r['decode_B1_decode_us']:.1f} | {r['expand_flat_us']:.1f} "
                 f"| {r['expand_rows_us']:.1f} | {r['expand_floor_us']:.1f} |"
             )

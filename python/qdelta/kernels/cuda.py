@@ -47,6 +47,9 @@ LUT_L2_LINE_LOADS = True
 # (qd_delta_lut<..., 1>). False: each slice's loads are issued at its start, before
 # its table is built (the measured default). Checked by the emulator; not yet timed.
 LUT_PREFETCH_NEXT = False
+# The one-row tensor-core tile (M <= 64, fp16/bf16) reads x straight into its mma
+# fragments; False restores the qd_prep_x launch and its scratch (the measured version).
+MMA_DIRECT_X = True
 # Feature-tile cap of the "lut-narrow" choice. A full tile is 1024 rows; with 128-byte L2
 # lines (LUT_L2_LINE_LOADS) a wave of 264 such blocks keeps about 35 MB of lines open
 # for their next slices, near all of an H200's 50 MB L2. At 256 rows it is a quarter,
@@ -938,23 +941,34 @@ def _mma_launches(m_rows, k, n, w, tenants, n_planes, use, row_scales, dt, ldx, 
 
 
 def _run_mma(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
-    """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above."""
+    """The tensor-core kernel (path="mma"): decode tile for M <= 64, prefill tile above.
+
+    The decode tile with 16-bit x builds its x fragments from x itself (MMA_DIRECT_X):
+    one launch, no scratch; otherwise qd_prep_x writes them first.
+    """
     device = x.device
     m_rows, k = x.shape
     tenants, n_planes, n, w = planes.shape
     vec_ok = w % 4 == 0 and planes.data_ptr() % 16 == 0
     ldb = base.stride(0) if base is not None else 0
+    direct = MMA_DIRECT_X and dt != DTYPE_CODES[torch.float32] and m_rows <= 64
     words, prep, mma = _mma_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, dt,
         x.stride(0), ldb, out.stride(0), vec_ok,
     )  # fmt: skip
-    xp = torch.empty(words, dtype=torch.int32, device=device)
-    p_xp = _ptr(xp)
     name, grid, (ldx, m32, k32, w32) = prep
-    _launch(device, name, grid, (PREP_THREADS,), (_ptr(x), ldx, m32, k32, w32, p_xp))
+    if direct:
+        p_xp = _NULL
+        x_vec = np.int32(1 if x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0 else 0)
+        tail = (_ptr(x), ldx, k32, x_vec)
+    else:
+        xp = torch.empty(words, dtype=torch.int32, device=device)
+        p_xp = _ptr(xp)
+        _launch(device, name, grid, (PREP_THREADS,), (_ptr(x), ldx, m32, k32, w32, p_xp))
+        tail = (_NULL, np.int64(0), k32, np.int32(0))
     name, grid, block, (ldb64, ldy64), ints = mma
     args = (p_xp, _ptr(planes), _ptr(scales), _ptr(tenant_ids), _ptr(base), ldb64, _ptr(out))
-    _launch(device, name, grid, block, (*args, ldy64, *ints))
+    _launch(device, name, grid, block, (*args, ldy64, *ints, *tail))
 
 
 def delta_matmul(
