@@ -177,3 +177,25 @@ def test_overlapped_prefill_in_a_cuda_graph(monkeypatch):
     torch.cuda.synchronize()
     ids = torch.zeros(m, dtype=torch.long, device=DEV)
     assert_close(out, oracle(x, planes, scales, ids), "overlapped prefill, graph replay")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("m", "k", "offset"), [(1, 4096, 0), (1, 8192, 0), (7, 1001, 1), (64, 520, 2)]
+)
+def test_mma_direct_x_matches_the_prep_kernel(monkeypatch, dtype, m, k, offset):
+    """MMA_DIRECT_X (x fragments from x itself) against qd_prep_x, bit for bit; rows
+    that are not 8-byte aligned take the scalar loads."""
+    t, n = 3, 1100
+    x = torch.randn(m, k + offset, device=DEV).to(dtype)[:, offset:]
+    planes = random_planes(t, 2, n, k)
+    scales = random_scales(t, 2, n, row=True)
+    ids = torch.randint(-1, t, (m,), device=DEV)
+    got = {}
+    for direct in (False, True):
+        monkeypatch.setattr(cuda_backend, "MMA_DIRECT_X", direct)
+        got[direct] = cuda_backend.multi_tenant_delta_matmul(
+            x, planes, scales, ids, out=poisoned(m, n, dtype), path="mma"
+        )
+    assert torch.equal(got[True], got[False]), f"direct x changes the sums M={m} K={k}"
+    assert_close(got[True], oracle(x, planes, scales, ids), f"direct x M={m} K={k} {dtype}")
