@@ -252,7 +252,7 @@ class CupyRuntime(KernelRuntime):
             ) from exc
 
     def device_name(self, index: int) -> str:
-        return torch.cuda.get_device_name(index)
+        return _device_name(index)
 
     def capturing(self, device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
@@ -569,6 +569,7 @@ def _source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4096)  # a decode loop asks for the same key every step
 def tuning_key(device_name: str, bucket: int, one_tenant: bool, n, k, use, row_scales, dt) -> str:
     """Autotuning decision key: card, kernel source, row bucket and the shape class."""
     scale = "row" if row_scales else "matrix"
@@ -616,6 +617,11 @@ def auto_path(m_rows: int, one_tenant: bool) -> str:
         return "mma"
     limit = DECODE_MAX_ROWS_ONE_TENANT if one_tenant else DECODE_MAX_ROWS
     return "decode" if m_rows <= limit else "prefill"
+
+
+@functools.cache
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
 @functools.cache
