@@ -22,6 +22,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_kernels: no CUDA device; nothing launched")
         return 0
+    from qdelta.kernels import choices
     from qdelta.kernels import cuda as cuda_backend
 
     n = k = 4096
@@ -39,7 +40,7 @@ def main() -> int:
     # single-row decode on the tensor-core kernel (14 us against a 0.5 us floor).
     out = torch.empty(tenants, n, device="cuda", dtype=x.dtype)
     dt = cuda_backend.DTYPE_CODES[x.dtype]
-    cuda_backend._run_choice("lut-narrow", x, planes, scales, ids, None, out, 1, False, dt)
+    choices.run_choice("lut-narrow", x, planes, scales, ids, None, out, 1, False, dt)
     cuda_backend.multi_tenant_delta_matmul(
         x[:1], planes[:1], scales[:1], ids[:1], check_ids=False, path="mma"
     )

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tests.delta_cases import assert_close, oracle, random_planes, random_scales
 
-from qdelta.kernels import autotune
+from qdelta.kernels import autotune, choices
 from qdelta.kernels import cuda as cuda_backend
 
 
@@ -126,31 +126,31 @@ def test_switches(monkeypatch, tmp_path):
 
 
 def test_candidates_keys_and_buckets():
-    assert [cuda_backend.row_bucket(m) for m in (1, 2, 3, 16, 17, 64, 65)] == [
+    assert [choices.row_bucket(m) for m in (1, 2, 3, 16, 17, 64, 65)] == [
         1, 2, 4, 16, 32, 64, 128,
     ]  # fmt: skip
     fp16, fp32 = cuda_backend.DTYPE_CODES[torch.float16], cuda_backend.DTYPE_CODES[torch.float32]
-    assert cuda_backend.tuning_candidates(1, fp16, 1) == (
+    assert choices.tuning_candidates(1, fp16, 1) == (
         "mma",
         "lut",
         "lut-prefetch",
         "lut-narrow",
     )
-    assert cuda_backend.tuning_candidates(16, fp16, 1)[-3:] == (
+    assert choices.tuning_candidates(16, fp16, 1)[-3:] == (
         "expand",
         "expand-overlap",
         "gemm64",
     )
-    assert cuda_backend.tuning_candidates(16, fp32, 1)[-1] == "expand-overlap"
-    assert cuda_backend.tuning_candidates(512, fp16, 1) == (
+    assert choices.tuning_candidates(16, fp32, 1)[-1] == "expand-overlap"
+    assert choices.tuning_candidates(512, fp16, 1) == (
         "expand", "expand-overlap", "gemm128", "gemm64",
     )  # fmt: skip
-    assert cuda_backend.tuning_candidates(512, fp16, 9) == ("expand", "expand-overlap")
-    every = {c for b in (1, 16, 512) for c in cuda_backend.tuning_candidates(b, fp16, 1)}
-    assert every == set(cuda_backend.KERNEL_CHOICES)
-    key = cuda_backend.tuning_key("card", 16, False, 300, 4097, 2, True, fp16)
-    assert key != cuda_backend.tuning_key("other card", 16, False, 300, 4097, 2, True, fp16)
-    assert key != cuda_backend.tuning_key("card", 32, False, 300, 4097, 2, True, fp16)
+    assert choices.tuning_candidates(512, fp16, 9) == ("expand", "expand-overlap")
+    every = {c for b in (1, 16, 512) for c in choices.tuning_candidates(b, fp16, 1)}
+    assert every == set(choices.KERNEL_CHOICES)
+    key = choices.tuning_key("card", 16, False, 300, 4097, 2, True, fp16)
+    assert key != choices.tuning_key("other card", 16, False, 300, 4097, 2, True, fp16)
+    assert key != choices.tuning_key("card", 32, False, 300, 4097, 2, True, fp16)
     assert "src=" in key  # an edited kernel source is measured afresh
 
 
@@ -163,12 +163,12 @@ def test_every_choice_computes_the_same_delta(emulated, gen):
     ids = torch.randint(-1, t, (m,), generator=gen)
     want = oracle(x, planes, scales, ids)
     dt = cuda_backend.DTYPE_CODES[torch.float16]
-    for choice in cuda_backend.KERNEL_CHOICES:
+    for choice in choices.KERNEL_CHOICES:
         out = torch.full((m, n), math.nan, dtype=torch.float16)
-        cuda_backend._run_choice(choice, x, planes, scales, ids, None, out, 2, True, dt)
+        choices.run_choice(choice, x, planes, scales, ids, None, out, 2, True, dt)
         assert_close(out, want, f"choice {choice}")
     with pytest.raises(cuda_backend.ShapeError, match="kernel choice"):
-        cuda_backend._run_choice("nope", x, planes, scales, ids, None, out, 2, True, dt)
+        choices.run_choice("nope", x, planes, scales, ids, None, out, 2, True, dt)
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def tuned(monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "CACHE", cache)
     monkeypatch.setattr(autotune, "ENABLED", True)
     state = {"favorite": None, "timed": []}
-    real_run = cuda_backend._run_choice
+    real_run = choices.run_choice
 
     def spy(choice, *args):
         state["last"] = choice
@@ -189,7 +189,7 @@ def tuned(monkeypatch, tmp_path):
         state["timed"].append(state["last"])
         return 1.0 if state["last"] == state["favorite"] else 10.0
 
-    monkeypatch.setattr(cuda_backend, "_run_choice", spy)
+    monkeypatch.setattr(choices, "run_choice", spy)
     monkeypatch.setattr(cuda_backend.RUNTIME, "time_us", time_us)
     return state, cache
 
@@ -209,7 +209,7 @@ def test_auto_path_runs_the_measured_winner(emulated, gen, tuned, favorite):
     y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, base=base, out=base)
     assert y is base
     assert_close(y, want, f"autotuned ({favorite}), in place")
-    candidates = cuda_backend.tuning_candidates(16, 0, 1)
+    candidates = choices.tuning_candidates(16, 0, 1)
     assert state["timed"] == list(candidates)
     (key,) = json.loads(cache._file_path().read_text())["entries"]
     assert cache.get(key) == favorite and "emulator" in key
@@ -227,7 +227,7 @@ def test_no_timing_while_capturing_and_when_off(emulated, gen, tuned, monkeypatc
     scales = random_scales(1, 1, 8, False, generator=gen)[0]
     monkeypatch.setattr(emulated, "capturing", lambda device: True)
     cuda_backend.delta_matmul(x, planes, scales)
-    assert state["timed"] == [] and state["last"] == cuda_backend.path_choice("decode")
+    assert state["timed"] == [] and state["last"] == choices.path_choice("decode")
     monkeypatch.setattr(autotune, "ENABLED", False)
     monkeypatch.setattr(emulated, "capturing", lambda device: False)
     cuda_backend.delta_matmul(x[:1], planes, scales)
@@ -261,5 +261,5 @@ def test_narrow_table_tiles_match_the_oracle(emulated, gen):
     assert plan["nb"] == 256
     out = torch.full((m, n), math.nan, dtype=torch.bfloat16)
     dt = cuda_backend.DTYPE_CODES[torch.bfloat16]
-    cuda_backend._run_choice("lut-narrow", x, planes, scales, ids, None, out, 2, True, dt)
+    choices.run_choice("lut-narrow", x, planes, scales, ids, None, out, 2, True, dt)
     assert_close(out, oracle(x, planes, scales, ids), "narrow tiles")

@@ -268,7 +268,7 @@ def bench_prefill(cuda_backend, n: int, flush, iters: int) -> dict:
 # (L2 128-byte lines, next-slice prefetch, blocks per SM) of the table kernel, in table order;
 # the last has fewer K splits: more slices per block to prefetch across.
 LUT_VARIANTS = ((False, False, 3), (True, False, 3), (True, True, 3), (True, True, 1))
-# Kernel choices timed at B = 16 beside the table variants (cuda.KERNEL_CHOICES).
+# Kernel choices timed at B = 16 beside the table variants (choices.KERNEL_CHOICES).
 DECODE_CHOICES = ("lut-narrow", "mma")
 
 
@@ -320,11 +320,13 @@ def bench_variants(cuda_backend, n: int, flush, iters: int) -> dict:
             cuda_backend.LUT_BLOCKS_PER_SM,
         ) = defaults
 
+    from qdelta.kernels import choices
+
     dt = cuda_backend.DTYPE_CODES[x.dtype]
     for choice in DECODE_CHOICES:
 
         def run(choice=choice):
-            cuda_backend._run_choice(choice, x, planes, scales, ids, None, out, 1, False, dt)
+            choices.run_choice(choice, x, planes, scales, ids, None, out, 1, False, dt)
 
         row[f"decode_B16_{choice}_us"] = gpu_time_us(run, warmup=3, iters=iters, flush=flush)
     one = planes[:1]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from qdelta.errors import DTypeError, QDeltaError, ShapeError
-from qdelta.kernels import autotune
+from qdelta.kernels import autotune  # REPEATS, for the runtimes' timers
 
 CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"
 SOURCE = CUDA_DIR / "delta_matmul.cu"
@@ -494,117 +494,16 @@ def multi_tenant_delta_matmul(
     if x.stride(1) != 1:
         raise ShapeError(f"x: expected unit stride along K, found strides {x.stride()}")
 
+    from qdelta.kernels import choices  # imports this module
+
     dt = DTYPE_CODES[x.dtype]
     args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     if path == "auto":
-        choice = _auto_choice(tenant_ids is None or tenants == 1, args)
+        choice = choices.auto_choice(tenant_ids is None or tenants == 1, args)
     else:
-        choice = path_choice(path)
-    _run_choice(choice, *args)
+        choice = choices.path_choice(path)
+    choices.run_choice(choice, *args)
     return out
-
-
-# What each kernel choice runs; autotuning picks among these (docs/CUDA.md).
-KERNEL_CHOICES = (
-    "mma", "lut", "lut-prefetch", "lut-narrow", "expand", "expand-overlap", "gemm128", "gemm64",
-)  # fmt: skip
-
-
-def path_choice(path: str) -> str:
-    """The kernel choice a fixed ``path`` runs under the module's switches."""
-    if path == "decode":
-        return "lut-prefetch" if LUT_PREFETCH_NEXT else "lut"
-    if path == "prefill" and PREFILL_KERNEL not in ("expand", "gemm", "overlap"):
-        raise ShapeError(
-            f"PREFILL_KERNEL: expected 'expand', 'gemm' or 'overlap', found {PREFILL_KERNEL!r}"
-        )
-    if path == "prefill" and PREFILL_KERNEL == "overlap":
-        return "expand-overlap"
-    if path == "gemm" or (path == "prefill" and PREFILL_KERNEL == "gemm"):
-        if GEMM_ROWS not in GEMM_ROW_CHOICES:
-            raise ShapeError(f"GEMM_ROWS: expected one of {GEMM_ROW_CHOICES}, found {GEMM_ROWS}")
-        return f"gemm{GEMM_ROWS}"
-    return "expand" if path == "prefill" else "mma"
-
-
-def _run_choice(choice, x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
-    args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
-    if choice in ("lut", "lut-prefetch"):
-        _run_lut(*args, prefetch=choice == "lut-prefetch")
-    elif choice == "lut-narrow":
-        _run_lut(*args, prefetch=False, max_features=LUT_NARROW_FEATURES)
-    elif choice in ("gemm128", "gemm64"):
-        _run_gemm(*args, tile_rows=int(choice[4:]))
-    elif choice == "expand":
-        _run_expand(*args)
-    elif choice == "expand-overlap":
-        from qdelta.kernels import overlap  # imports this module
-
-        overlap.run(*args)
-    elif choice == "mma":
-        _run_mma(*args)
-    else:
-        raise ShapeError(f"kernel choice: expected one of {KERNEL_CHOICES}, found {choice!r}")
-
-
-def row_bucket(m_rows: int) -> int:
-    """Rows rounded up to a power of two: one tuning decision covers the bucket."""
-    return 1 << max(0, m_rows - 1).bit_length()
-
-
-def tuning_candidates(bucket: int, dt: int, use: int) -> tuple[str, ...]:
-    """The kernel choices autotuning times for a row bucket (see :func:`row_bucket`)."""
-    gemm_ok = dt != DTYPE_CODES[torch.float32] and use <= GEMM_MAX_PLANES
-    expand = ("expand", "expand-overlap")
-    if bucket <= DECODE_MAX_ROWS:
-        wide = expand + (("gemm64",) if gemm_ok else ())
-        return ("mma", "lut", "lut-prefetch", "lut-narrow") + (wide if bucket >= 16 else ())
-    return expand + (("gemm128", "gemm64") if gemm_ok else ())
-
-
-@functools.cache
-def _source_hash() -> str:
-    import hashlib
-
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=4096)  # a decode loop asks for the same key every step
-def tuning_key(device_name: str, bucket: int, one_tenant: bool, n, k, use, row_scales, dt) -> str:
-    """Autotuning decision key: card, kernel source, row bucket and the shape class."""
-    scale = "row" if row_scales else "matrix"
-    tenancy = "one" if one_tenant else "multi"
-    return (
-        f"delta_matmul|{device_name}|src={_source_hash()}|rows<={bucket}|{tenancy}|"
-        f"N={n}|K={k}|planes={use}|scales={scale}|dtype={dt}"
-    )
-
-
-def _auto_choice(one_tenant: bool, args: tuple) -> str:
-    """The fixed rule (auto_path), or with autotuning on the measured winner."""
-    x, planes, scales, tenant_ids, base, out, use, row_scales, dt = args
-    m_rows, k = x.shape
-    rule = path_choice(auto_path(m_rows, one_tenant))
-    if not autotune.enabled():
-        return rule
-    bucket = row_bucket(m_rows)
-    device = x.device
-    key = tuning_key(
-        RUNTIME.device_name(_device_index(device)),
-        bucket, one_tenant, planes.shape[2], k, use, row_scales, dt,
-    )  # fmt: skip
-    known = autotune.decided(key)
-    if known is not None:
-        return known
-    if RUNTIME.capturing(device):
-        return rule
-    scratch = torch.empty_like(out)  # the caller's out (maybe base itself) is written once
-
-    def run(choice: str) -> None:
-        _run_choice(choice, x, planes, scales, tenant_ids, base, scratch, use, row_scales, dt)
-
-    candidates = tuning_candidates(bucket, dt, use)
-    return autotune.choose(key, candidates, run, lambda fn: RUNTIME.time_us(device, fn))
 
 
 def auto_path(m_rows: int, one_tenant: bool) -> str:
