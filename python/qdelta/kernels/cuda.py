@@ -553,16 +553,7 @@ def lut_plan(
 
 
 @functools.lru_cache(maxsize=4096)
-def _lut_plan(
-    m_rows: int,
-    n: int,
-    w: int,
-    use: int,
-    tenants: int | None,
-    sms: int,
-    per_sm: int,
-    max_features: int | None = None,
-) -> dict:
+def _lut_plan(m_rows, n, w, use, tenants, sms, per_sm, max_features=None) -> dict:
     """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
     rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
