@@ -55,7 +55,7 @@ def run(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
         rest = order[start:]
     streams = cuda_backend.RUNTIME.side_streams(device)
     caller = cuda_backend.RUNTIME.current_stream(device)
-    keep: list = []  # alive until the join: see the module docstring
+    keep: list = []  # every piece's tensors, alive until the join (module docstring)
     gathered = []
     piece = 0
     for t, rows in groups:
@@ -76,13 +76,12 @@ def run(x, planes, scales, tenant_ids, base, out, use, row_scales, dt) -> None:
             piece += 1
             with _on(side, caller):
                 cuda_backend._dense_rows(xs, dense, None if bs is None else bs[:, a:b], ys[:, a:b])
-    for side in streams[: min(piece, len(streams))] if streams else ():
+    for side in streams[:piece]:  # the streams that got a piece
         caller.wait_stream(side)
     for rows, ys in gathered:
         out.index_copy_(0, rows, ys)
     if rest is not None:
         cuda_backend._fill_rest(out, base, tenant_ids, rest)
-    del keep
 
 
 @contextlib.contextmanager
