@@ -154,15 +154,20 @@ def test_candidates_keys_and_buckets():
     assert "src=" in key  # an edited kernel source is measured afresh
 
 
-def test_every_choice_computes_the_same_delta(emulated, gen):
-    """Each kernel choice autotuning may pick, against the float64 oracle."""
-    m, k, n, t = 17, 300, 70, 3
-    x = torch.randn(m, k, generator=gen).half()
+def _choice_case(gen, m, k, n, t, dtype):
+    """Inputs for run_choice: x, two planes per tenant, per-row scales, ids in -1..T-1."""
+    x = torch.randn(m, k, generator=gen).to(dtype)
     planes = random_planes(t, 2, n, k, generator=gen)
     scales = random_scales(t, 2, n, True, generator=gen)
     ids = torch.randint(-1, t, (m,), generator=gen)
+    return x, planes, scales, ids, cuda_backend.DTYPE_CODES[dtype]
+
+
+def test_every_choice_computes_the_same_delta(emulated, gen):
+    """Each kernel choice autotuning may pick, against the float64 oracle."""
+    m, n = 17, 70
+    x, planes, scales, ids, dt = _choice_case(gen, m, 300, n, 3, torch.float16)
     want = oracle(x, planes, scales, ids)
-    dt = cuda_backend.DTYPE_CODES[torch.float16]
     for choice in choices.KERNEL_CHOICES:
         out = torch.full((m, n), math.nan, dtype=torch.float16)
         choices.run_choice(choice, x, planes, scales, ids, None, out, 2, True, dt)
@@ -252,14 +257,10 @@ def test_cli_shows_and_clears_decisions(tmp_path, capsys):
 
 def test_narrow_table_tiles_match_the_oracle(emulated, gen):
     """lut-narrow at N = 600: three feature tiles of at most 256 rows (the last ragged)."""
-    m, k, n, t = 5, 700, 600, 2
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    planes = random_planes(t, 2, n, k, generator=gen)
-    scales = random_scales(t, 2, n, True, generator=gen)
-    ids = torch.randint(-1, t, (m,), generator=gen)
+    m, n, t = 5, 600, 2
+    x, planes, scales, ids, dt = _choice_case(gen, m, 700, n, t, torch.bfloat16)
     plan = cuda_backend.lut_plan(m, n, planes.shape[-1], 2, t, 4, max_features=256)
     assert plan["nb"] == 256
     out = torch.full((m, n), math.nan, dtype=torch.bfloat16)
-    dt = cuda_backend.DTYPE_CODES[torch.bfloat16]
     choices.run_choice("lut-narrow", x, planes, scales, ids, None, out, 2, True, dt)
     assert_close(out, oracle(x, planes, scales, ids), "narrow tiles")

@@ -494,8 +494,6 @@ def multi_tenant_delta_matmul(
     if x.stride(1) != 1:
         raise ShapeError(f"x: expected unit stride along K, found strides {x.stride()}")
 
-    from qdelta.kernels import choices  # imports this module
-
     dt = DTYPE_CODES[x.dtype]
     args = (x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
     if path == "auto":
@@ -885,3 +883,8 @@ def delta_matmul(
     return multi_tenant_delta_matmul(
         x, planes[None], scales[None], None, bits=bits, base=base, out=out, path=path
     )
+
+
+# Last: choices (and overlap) import this module, so they load once it is complete; a
+# module-level name keeps the import off the per-call path.
+from qdelta.kernels import choices  # noqa: E402
