@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +286,116 @@ def test_greedy_soup_scores_the_recompressed_soup_it_returns(family):
     dense_soup = qdelta.soup([packed[i] for i in result.chosen], dense=True)
     assert result.selection_score == pytest.approx(score(dense_soup), rel=1e-9)
     assert result.soup_score != result.selection_score
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_greedy_soup_refuses_a_non_finite_score(bad):
+    # A NaN sorts anywhere: with [nan, 5, 0.5] it used to be picked as the best.
+    scores = {frozenset({0}): bad, frozenset({1}): 5.0, frozenset({2}): 0.5}
+    with pytest.raises(qdelta.AlgebraError, match=rf"ingredient 0 \('i0'\).*{bad}"):
+        qdelta.greedy_soup(_indicator_deltas(3), lambda d: scores[_members(d)])
+    # A soup's score too, naming the ingredient tried.
+    scores[frozenset({1, 2})] = float("nan")
+    scores[frozenset({0})] = 9.0
+    with pytest.raises(qdelta.AlgebraError, match=r"ingredient 1 \('i1'\).*nan"):
+        qdelta.greedy_soup(_indicator_deltas(3), lambda d: scores[_members(d)])
+    with pytest.raises(qdelta.AlgebraError, match=r"ingredient 2 \('i2'\).*'bad'"):
+        qdelta.greedy_soup(_indicator_deltas(3), lambda d: "bad" if _members(d) == {2} else 1.0)
+
+
+def test_greedy_soup_takes_any_iterable():
+    scores = {frozenset({0}): 2.0, frozenset({1}): 1.0, frozenset({0, 1}): 0.5}
+    result = qdelta.greedy_soup((d for d in _indicator_deltas(2)), lambda d: scores[_members(d)])
+    assert result.chosen == [1, 0] and result.soup_score == 0.5
+
+
+def test_soup_weights_are_checked_and_normalised_safely(family):
+    base, fts = family
+    d = [qdelta.dense_delta(base, ft) for ft in fts[:2]]
+    # 1e308 + 1e308 overflows: every weight used to become 0 (an all-zero soup).
+    huge = qdelta.soup(d, weights=[1e308, 1e308])
+    uniform = qdelta.soup(d)
+    for name in uniform.layers:
+        torch.testing.assert_close(huge.layers[name], uniform.layers[name], atol=0, rtol=0)
+    for key in uniform.params:
+        torch.testing.assert_close(huge.params[key], uniform.params[key], atol=0, rtol=0)
+    assert huge.metadata["weights"] == "0.5,0.5"
+    for weights, found in (
+        ([float("inf"), 1.0], "weight 0: expected a finite number, found inf"),
+        ([1.0, float("nan")], "weight 1: expected a finite number, found nan"),
+        (["a", 1.0], "weight 0: expected a number, found 'a'"),
+        ([None, 1.0], "weight 0: expected a number, found None"),
+        ([1.0, -2.0], "weight 1: expected a non-negative number, found -2.0"),
+        ([0.0, 0.0], "expected weights with a positive sum, found [0.0, 0.0]"),
+        (3.0, "expected a sequence of weights, found float"),
+        ("ab", "expected a sequence of weights, found str"),
+    ):
+        with pytest.raises(qdelta.AlgebraError, match=re.escape(found)):
+            qdelta.soup(d, weights=weights)
+
+
+def test_integer_params_are_not_truncated():
+    fp = "f" * 32
+    layer = {"l": torch.zeros(1, 2)}
+    a = DenseDelta(dict(layer), {"count": torch.tensor([1, 2])}, fp)
+    b = DenseDelta(dict(layer), {"count": torch.tensor([2, 3])}, fp)
+    # (1 + 2) / 2 used to be written back as 1: refused, naming the param and dtype.
+    with pytest.raises(qdelta.DTypeError, match=r"param 'count'.*torch.int64.*1.5"):
+        qdelta.soup([a, b])
+    # An exact integer result is written as is.
+    c = DenseDelta(dict(layer), {"count": torch.tensor([3, 4])}, fp)
+    got = qdelta.soup([a, c]).params["count"]
+    assert got.dtype == torch.int64 and got.tolist() == [2, 3]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_merge_into_validates_everything_before_writing(family):
+    base, fts = family
+    delta = qdelta.dense_delta(base, fts[0])
+    assert delta.params  # norms: the params are written after the layers
+    model = copy.deepcopy(base)
+    before = _snapshot(model)
+    key = next(iter(delta.params))
+    bad = DenseDelta(delta.layers, {**delta.params, key: torch.zeros(3)}, delta.base_fingerprint)
+    with pytest.raises(qdelta.ShapeError, match=rf"param {key!r}: expected shape \[.*found \[3\]"):
+        bad.merge_into(model)
+    _assert_unchanged(model, before)
+    missing = DenseDelta(
+        delta.layers, {**delta.params, "no.such": torch.zeros(3)}, delta.base_fingerprint
+    )
+    with pytest.raises(qdelta.ModelMismatchError, match=r"param 'no\.such'"):
+        missing.merge_into(model)
+    _assert_unchanged(model, before)
+    name = sorted(delta.layers)[-1]  # the last layer is checked after the others
+    layers = {**delta.layers, name: delta.layers[name][:, :-1]}
+    with pytest.raises(qdelta.ShapeError, match=f"layer {name}"):
+        DenseDelta(layers, delta.params, delta.base_fingerprint).merge_into(model)
+    _assert_unchanged(model, before)
+    layers = {**delta.layers, "model.nowhere": torch.zeros(2, 2)}
+    with pytest.raises(qdelta.ModelMismatchError, match=r"layer 'model\.nowhere'"):
+        DenseDelta(layers, delta.params, delta.base_fingerprint).merge_into(model)
+    _assert_unchanged(model, before)
+    # Still merges correctly after all that.
+    merged = delta.merge_into(model).state_dict()
+    for k, v in fts[0].state_dict().items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=0)
+
+
+def test_merge_into_a_module_without_a_weight():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    before = _snapshot(model)
+    delta = DenseDelta({"0": torch.ones(2, 2), "1": torch.ones(2, 2)}, {}, "f" * 32)
+    with pytest.raises(qdelta.ModelMismatchError, match="layer '1': expected a module with a"):
+        delta.merge_into(model, check=False)
+    _assert_unchanged(model, before)

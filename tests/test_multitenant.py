@@ -159,7 +159,7 @@ def test_bad_input_is_a_clear_error():
         module.remove_tenant("zz")
     with pytest.raises(KeyError):
         module.tenant_id(3)
-    with pytest.raises(qdelta.QDeltaError, match="expected an int >= 0"):
+    with pytest.raises(qdelta.QDeltaError, match=r"expected an int in \[0, 2\*\*63\)"):
         module.add_tenant(-1, packed(8, 50, 1, "row", gen))
     with pytest.raises(qdelta.DTypeError, match=r"base_layer: expected a torch\.nn\.Linear"):
         qdelta.MultiTenantLinear(torch.nn.Conv1d(2, 2, 1))

@@ -28,6 +28,7 @@ from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     AlgebraError,
     BaseMismatchError,
+    DTypeError,
     ModelMismatchError,
     NonFiniteError,
     ShapeError,
@@ -100,25 +101,52 @@ class DenseDelta:
 
     @torch.no_grad()
     def merge_into(self, model: torch.nn.Module, *, check: bool = True) -> torch.nn.Module:
-        """Write base + this delta into ``model`` (the base) in place, like :func:`qdelta.merge`."""
+        """Write base + this delta into ``model`` (the base) in place, like :func:`qdelta.merge`.
+
+        Every layer and param is checked (:class:`ModelMismatchError` for a
+        missing one, :class:`ShapeError` for another shape) before anything is
+        written, so a refused merge leaves ``model`` as it was.
+        """
         if check:
             check_base(self, model)
-        for name in self.layers:
-            weight = model.get_submodule(name).weight
-            if tuple(weight.shape) != tuple(self.weight(name).shape):
-                raise ShapeError(
-                    f"layer {name}: expected a {list(weight.shape)} delta, "
-                    f"found {list(self.weight(name).shape)}"
-                )
-            weight.copy_((weight.float() + self.weight(name).to(weight.device)).to(weight.dtype))
+        weights = {name: self._target_weight(model, name) for name in self.layers}
         state = model.state_dict()
         for key, value in self.params.items():
-            if key not in state or state[key].shape != value.shape:
-                raise ShapeError(
-                    f"{key}: expected a tensor of the model with shape {list(value.shape)}"
+            if key not in state:
+                raise ModelMismatchError(
+                    f"param {key!r}: expected a parameter or buffer of the model, found none"
                 )
+            if state[key].shape != value.shape:
+                raise ShapeError(
+                    f"param {key!r}: expected shape {list(state[key].shape)}, "
+                    f"found {list(value.shape)}"
+                )
+        for name, weight in weights.items():
+            weight.copy_((weight.float() + self.weight(name).to(weight.device)).to(weight.dtype))
+        for key, value in self.params.items():
             state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
         return model
+
+    def _target_weight(self, model: torch.nn.Module, name: str) -> torch.Tensor:
+        """Layer ``name``'s weight in ``model``, checked against this delta's shape."""
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ModelMismatchError(
+                f"layer {name!r}: expected the model to have this module, found none"
+            ) from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ModelMismatchError(
+                f"layer {name!r}: expected a module with a weight tensor, "
+                f"found {type(module).__name__} without one"
+            )
+        want = tuple(self.weight(name).shape)
+        if tuple(weight.shape) != want:
+            raise ShapeError(
+                f"layer {name}: expected a {list(weight.shape)} delta, found {list(want)}"
+            )
+        return weight
 
     def weight(self, name: str) -> torch.Tensor:
         """Layer ``name``'s delta in the module's own orientation (transposed for Conv1D)."""
@@ -285,8 +313,21 @@ def _combine_params(
             acc += w * (value - ref if ref is not None else value)
         if ref is not None:
             acc += ref
-        out[k] = acc.to(first.dtype)
+        out[k] = _cast_back(acc, first.dtype, k)
     return out
+
+
+def _cast_back(acc: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """``acc`` (float64) as ``dtype``; an integer or bool param must come out exact."""
+    out = acc.to(dtype)
+    if dtype.is_floating_point or dtype.is_complex or torch.equal(out.double(), acc):
+        return out
+    # A cast would truncate (or wrap) silently: (1 + 2) / 2 is not 1.
+    bad = acc[out.double() != acc].flatten()[0].item()
+    raise DTypeError(
+        f"param {key!r}: expected a result exact in its dtype {dtype}, found {bad:g} "
+        "(writing it back would truncate it)"
+    )
 
 
 def combine(
@@ -307,7 +348,8 @@ def combine(
     (:class:`BaseMismatchError` naming both) and the same layers and shapes.
     The result is a :class:`Delta` with ``bits`` planes (default: the most any
     compressed input has) when an input is compressed or ``bits`` is given,
-    else a :class:`DenseDelta` (``dense=True`` forces dense).
+    else a :class:`DenseDelta` (``dense=True`` forces dense). Integer or bool
+    parameters kept whole must come out whole (else :class:`DTypeError`).
     """
     pairs = _pairs(deltas)
     _check_compatible([d for d, _ in pairs])
@@ -355,29 +397,51 @@ def soup(
 
     Compressed inputs are decompressed, averaged and recompressed to their bits
     (``bits`` / ``dense`` as in :func:`combine`). Save the result with
-    ``.save(path)`` (compressed) like any tenant.
+    ``.save(path)`` (compressed) like any tenant. ``weights``: one finite,
+    non-negative number per delta, not all zero. Integer (or bool) parameters
+    kept whole must average to whole values: a fraction raises
+    :class:`DTypeError` rather than being truncated.
     """
     deltas = list(deltas)
     if not deltas:
         raise AlgebraError("soup: expected at least one delta, found none")
-    if weights is None:
-        weights = [1.0] * len(deltas)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(deltas):
-        raise AlgebraError(f"soup: expected {len(deltas)} weights, found {len(weights)}")
-    total = sum(weights)
-    if any(w < 0 for w in weights) or not total > 0:
-        raise AlgebraError(
-            f"soup: expected non-negative weights with a positive sum, found {weights}"
-        )
+    weights = _soup_weights(weights, len(deltas))
     return combine(
-        [(d, w / total) for d, w in zip(deltas, weights, strict=True)],
+        list(zip(deltas, weights, strict=True)),
         base=base,
         bits=bits,
         scale=scale,
         dense=dense,
         source="soup",
     )
+
+
+def _soup_weights(weights: Any, n: int) -> list[float]:
+    """``weights`` (or uniform) normalised to sum to 1, each checked first."""
+    if weights is None:
+        return [1.0 / n] * n
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise AlgebraError(f"soup: expected a sequence of weights, found {type(weights).__name__}")
+    out = []
+    for i, w in enumerate(weights):
+        try:
+            f = float(w)
+        except (TypeError, ValueError):
+            raise AlgebraError(f"soup: weight {i}: expected a number, found {w!r}") from None
+        if not math.isfinite(f):
+            raise AlgebraError(f"soup: weight {i}: expected a finite number, found {f}")
+        if f < 0:
+            raise AlgebraError(f"soup: weight {i}: expected a non-negative number, found {f}")
+        out.append(f)
+    if len(out) != n:
+        raise AlgebraError(f"soup: expected {n} weights, found {len(out)}")
+    # Divide by the largest first: the sum of huge weights cannot overflow to inf.
+    top = max(out)
+    if not top > 0:
+        raise AlgebraError(f"soup: expected weights with a positive sum, found {out}")
+    scaled = [w / top for w in out]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 @dataclass
@@ -402,7 +466,7 @@ class GreedySoup:
 
 
 def greedy_soup(
-    deltas: Sequence[AnyDelta],
+    deltas: Iterable[AnyDelta],
     score_fn: Callable[[DenseDelta], float],
     *,
     lower_is_better: bool = True,
@@ -418,13 +482,33 @@ def greedy_soup(
     ``score_fn`` gets a :class:`DenseDelta` (e.g. held-out perplexity:
     ``lower_is_better``). The returned soup is recompressed like :func:`soup`
     when an input is compressed or ``bits`` is given; its own score is
-    ``soup_score`` (see :class:`GreedySoup`).
+    ``soup_score`` (see :class:`GreedySoup`). Every score must be a finite
+    number: NaN or infinity raises :class:`AlgebraError` naming what was scored.
     """
+    deltas = list(deltas)  # indexed again at the end: a generator would be spent
     dense = [as_dense(d) for d in deltas]
     if not dense:
         raise AlgebraError("greedy_soup: expected at least one delta, found none")
     _check_compatible(dense)
-    scores = [float(score_fn(d)) for d in dense]
+
+    def score(d: DenseDelta, what: str) -> float:
+        # NaN sorts and compares arbitrarily and an infinite score ties or wins for
+        # good: neither can rank ingredients, so refuse it rather than pick by it.
+        value = score_fn(d)
+        try:
+            s = float(value)
+        except (TypeError, ValueError):
+            s = math.nan
+        if not math.isfinite(s):
+            raise AlgebraError(
+                f"greedy_soup: score_fn on {what}: expected a finite number, found {value!r}"
+            )
+        return s
+
+    def name(i: int) -> str:
+        return f"ingredient {i} ({_label(deltas[i], i)!r})"
+
+    scores = [score(d, name(i)) for i, d in enumerate(dense)]
 
     def better(a: float, b: float) -> bool:
         return a < b if lower_is_better else a > b
@@ -433,7 +517,7 @@ def greedy_soup(
     chosen, best, history = [order[0]], scores[order[0]], []
     for i in order[1:]:
         candidate = soup([dense[j] for j in [*chosen, i]], base=base, dense=True)
-        s = float(score_fn(candidate))  # type: ignore[arg-type]
+        s = score(candidate, f"the soup with {name(i)}")  # type: ignore[arg-type]
         kept = better(s, best)
         history.append((i, s, kept))
         if kept:
@@ -444,5 +528,5 @@ def greedy_soup(
     result.metadata["source"] = "soup"
     result.metadata["recipe"] = "greedy"
     # A dense result is the soup scored last for ``chosen``; a recompressed one is not.
-    final = float(score_fn(as_dense(result))) if isinstance(result, Delta) else best
+    final = score(as_dense(result), "the recompressed soup") if isinstance(result, Delta) else best
     return GreedySoup(result, chosen, order, scores, final, history, best)

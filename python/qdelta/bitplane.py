@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import operator
 import sys
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from qdelta import _core
-from qdelta.errors import DTypeError, ShapeError
+from qdelta.errors import DTypeError, QDeltaError, ShapeError
 
 FloatName = Literal["float32", "float16", "bfloat16"]
 ScaleMode = Literal["matrix", "row"]
@@ -26,7 +26,10 @@ MAX_PLANES: int = _core.MAX_PLANES
 
 def words_per_row(cols: int) -> int:
     """u32 words a packed row of ``cols`` columns takes."""
-    return -(-cols // WORD_BITS)
+    n = _int(cols)
+    if n is None or n < 0:
+        raise ShapeError(f"cols: expected an int >= 0, found {cols!r}")
+    return -(-n // WORD_BITS)
 
 
 def _storage(delta: Any) -> tuple[np.ndarray, FloatName]:
@@ -136,7 +139,7 @@ def unpack_scaled(
 ) -> np.ndarray:
     """Dense ``alpha * sign`` matrix. ``scales``: one value (per matrix) or ``out`` values (per row)."""
     rows, cols = _shape2(shape)
-    s = np.ascontiguousarray(scales, dtype=np.float32)
+    s = _scales_array(scales)
     if s.size == 1:
         s = s.reshape(1)
     elif s.shape == (rows,):
@@ -151,6 +154,26 @@ def unpack_scaled(
     return _result(_core.unpack_planes(planes, s, rows, cols, dtype, None), dtype)
 
 
+def _scales_array(scales: Any) -> np.ndarray:
+    """Real scales (numbers, a numpy array or a torch tensor) as contiguous float32."""
+    if hasattr(scales, "detach"):  # a torch tensor, maybe one that requires grad
+        scales = scales.detach().cpu().numpy()
+    try:
+        arr = np.asarray(scales)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "fiu":
+        found = type(scales).__name__ if arr is None else f"{type(scales).__name__} of {arr.dtype}"
+        raise DTypeError(f"scales: expected real numbers (float or int), found {found}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def check_scale_mode(scale: Any) -> None:
+    """QDeltaError unless ``scale`` is ``"matrix"`` or ``"row"`` (as the core says it)."""
+    if not isinstance(scale, str) or scale not in get_args(ScaleMode):
+        raise QDeltaError(f'scale granularity: expected "matrix" or "row", found {scale!r}')
+
+
 def pack_residual(
     delta: Any, bits: int = 1, scale: ScaleMode = "matrix"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +181,7 @@ def pack_residual(
 
     Returns ``(planes [bits, out, words] uint32, scales [bits] or [bits, out] float32)``.
     """
+    check_scale_mode(scale)
     n = _bits(bits, MAX_PLANES, "")
     arr, dtype = _storage(delta)
     return _core.pack_residual(arr, dtype, n, scale)
@@ -183,9 +207,21 @@ def unpack_residual(
 
 
 def as_torch(arr: np.ndarray, dtype: FloatName = "float32") -> Any:
-    """Wrap a core result as a torch tensor without copying (uint16 bits -> bfloat16)."""
+    """Wrap a core result as a torch tensor without copying (uint16 bits -> bfloat16).
+
+    ``dtype`` names what ``arr`` holds, as the core returned it: float32 and
+    float16 arrays, or uint16 bits for bfloat16; anything else is a DTypeError.
+    """
     import torch
 
+    storage = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+    if dtype not in storage:
+        raise DTypeError(f"dtype: expected one of {sorted(storage)}, found {dtype!r}")
+    if not isinstance(arr, np.ndarray) or arr.dtype != storage[dtype]:
+        found = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise DTypeError(
+            f"as_torch({dtype}): expected a {np.dtype(storage[dtype]).name} array, found {found}"
+        )
     if dtype == "bfloat16":
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)

@@ -14,9 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qdelta.bitplane import ScaleMode, pack_residual
+from qdelta.bitplane import ScaleMode, check_scale_mode, pack_residual
 from qdelta.delta import Delta, PackedLayer
-from qdelta.errors import ModelMismatchError, NonFiniteError, ShapeError, TargetError
+from qdelta.errors import (
+    DTypeError,
+    ModelMismatchError,
+    NonFiniteError,
+    ShapeError,
+    TargetError,
+)
 from qdelta.sources import (
     LayerKind,
     ModelSource,
@@ -45,10 +51,20 @@ def in_block(name: str) -> bool:
     return any(part.isdigit() for part in name.split("."))
 
 
-def _as_list(patterns: Patterns) -> list[str]:
+def _as_list(patterns: Patterns, what: str = "targets") -> list[str]:
     if patterns is None:
         return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
+    if isinstance(patterns, str):
+        return [patterns]
+    try:
+        items = list(patterns)
+    except TypeError:
+        items = None
+    if items is None or not all(isinstance(p, str) for p in items):
+        raise TargetError(
+            f"{what}: expected a layer name pattern (str) or a list of them, found {patterns!r}"
+        )
+    return items
 
 
 def select_targets(
@@ -62,7 +78,7 @@ def select_targets(
     Every pattern in ``targets`` and ``exclude`` must select at least one
     layer: a typo is an error, not a silently uncompressed model.
     """
-    wanted, unwanted = _as_list(targets), _as_list(exclude)
+    wanted, unwanted = _as_list(targets, "targets"), _as_list(exclude, "exclude")
     if wanted:
         candidates = [n for n, k in kinds.items() if k != "embedding" or compress_embeddings]
         _require_matches(wanted, candidates, "target")
@@ -116,6 +132,11 @@ def check_same_architecture(
 
 def check_finite(state: Mapping[str, torch.Tensor], which: str) -> None:
     for key, value in state.items():
+        if value.is_meta:
+            raise DTypeError(
+                f"{which} {key}: expected a tensor with data, found a meta tensor "
+                "(load the weights first, e.g. without device_map='meta' / low_cpu_mem_usage)"
+            )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             bad = (~torch.isfinite(value)).nonzero()[0].tolist()
             raise NonFiniteError(f"{which} {key}: expected finite values, found NaN/Inf at {bad}")
@@ -180,6 +201,7 @@ def compress(
     whole when they differ from the base. With only state dicts, every 2-D
     ``*.weight`` is taken for an ``nn.Linear`` weight ``[out, in]``.
     """
+    check_scale_mode(scale)  # before the (slow) state-dict work
     base_sd, ft_sd, module, kinds, names = prepare_pair(
         base, finetuned, targets, exclude, compress_embeddings
     )

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from qdelta.bitplane import FloatName, unpack_residual, words_per_row
-from qdelta.errors import DTypeError, ShapeError
+from qdelta.errors import DTypeError, NonFiniteError, ShapeError
 
 
 @dataclass
@@ -29,8 +29,13 @@ class PackedLayer:
     transposed: bool = False
 
     def __post_init__(self) -> None:
-        out, inp = (int(s) for s in self.shape)
+        out, inp = _layer_shape(self.shape)
         self.shape = (out, inp)
+        for name in ("planes", "scales"):
+            if not isinstance(getattr(self, name), np.ndarray):
+                raise DTypeError(
+                    f"{name}: expected a numpy array, found {type(getattr(self, name)).__name__}"
+                )
         if self.planes.dtype != np.uint32 or self.planes.ndim != 3:
             raise DTypeError(
                 f"planes: expected uint32 [bits, out, words], found {self.planes.dtype} "
@@ -46,6 +51,13 @@ class PackedLayer:
             raise ShapeError(
                 f"scales: expected float32 [{bits}] or [{bits}, {out}], found "
                 f"{self.scales.dtype} {list(self.scales.shape)}"
+            )
+        finite = np.isfinite(self.scales)
+        if not finite.all():
+            at = np.unravel_index(int(np.argmin(finite)), self.scales.shape)
+            raise NonFiniteError(
+                f"scales: expected finite values, found {self.scales[at]} at index "
+                f"{list(int(i) for i in at)}"
             )
 
     @property
@@ -63,6 +75,22 @@ class PackedLayer:
     def dense(self, dtype: FloatName = "float32", bits: int | None = None) -> np.ndarray:
         """The ``[out, in]`` delta reconstructed from the first ``bits`` planes."""
         return unpack_residual(self.planes, self.scales, self.shape, dtype, bits)
+
+
+def _layer_shape(shape: object) -> tuple[int, int]:
+    """``(out, in)`` as two ints >= 1; refuses floats, bools and other lengths."""
+    try:
+        dims = tuple(shape)  # type: ignore[arg-type]
+    except TypeError:
+        dims = None
+    if (
+        dims is None
+        or len(dims) != 2
+        or not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims)
+        or min(dims) < 1
+    ):
+        raise ShapeError(f"shape: expected (out, in), two ints >= 1, found {shape!r}")
+    return int(dims[0]), int(dims[1])
 
 
 @dataclass(eq=False)  # identity equality and hash: a Delta can key a combine() mapping

@@ -7,9 +7,28 @@ model shapes we cannot build here, such as a 7B Llama.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import operator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from qdelta.bitplane import MAX_PLANES
+from qdelta.errors import ShapeError
 
 LLAMA_7B = {"layers": 32, "hidden": 4096, "mlp": 11008, "vocab": 32000}
+
+
+def _count(value: Any, what: str, most: int | None = None) -> int:
+    """``value`` as an int in ``1..=most`` (Python or numpy int, not bool), else ShapeError."""
+    n = None
+    if not isinstance(value, bool):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            pass
+    if n is None or n < 1 or (most is not None and n > most):
+        want = "an int >= 1" if most is None else f"an int in 1..={most}"
+        raise ShapeError(f"{what}: expected {want}, found {value!r}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -18,6 +37,11 @@ class LlamaShape:
     hidden: int
     mlp: int
     vocab: int
+
+    def __post_init__(self) -> None:
+        # Every dimension is a size: zero or negative gives no model (and 0 / 0 ratios).
+        for f in fields(self):
+            object.__setattr__(self, f.name, _count(getattr(self, f.name), f.name))
 
     @property
     def linear_weights(self) -> int:
@@ -50,8 +74,15 @@ def llama_serving_bytes(
 
     Each delta: ``bits`` sign planes of every block linear, float32 scales (per
     row or per matrix), norms whole; embeddings and head whole (BitDelta's
-    choice) or packed like the linears (``pack_embeddings``).
+    choice) or packed like the linears (``pack_embeddings``). ``n`` (tenants),
+    ``bits`` (1 to ``MAX_PLANES``) and ``dtype_bytes`` must be positive ints:
+    with no tenant there is nothing to serve or compare.
     """
+    if not isinstance(shape, LlamaShape):
+        raise ShapeError(f"shape: expected a LlamaShape, found {type(shape).__name__}")
+    n = _count(n, "n")
+    bits = _count(bits, "bits", MAX_PLANES)
+    dtype_bytes = _count(dtype_bytes, "dtype_bytes")
     full = dtype_bytes * (shape.linear_weights + 2 * shape.embedding_weights + shape.norm_weights)
     scales_per_plane = shape.linear_rows if row_scales else 7 * shape.layers
     delta = bits * shape.linear_weights // 8 + 4 * bits * scales_per_plane

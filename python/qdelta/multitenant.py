@@ -17,13 +17,20 @@ from torch import nn
 
 from qdelta import kernels
 from qdelta.delta import PackedLayer
-from qdelta.errors import DTypeError, QDeltaError, ShapeError, UnknownTenantError
+from qdelta.errors import (
+    DTypeError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnknownTenantError,
+)
 from qdelta.kernels import Backend, cpu
 
 TenantKey = str | int
 
 # Marks an id with no tenant in the id -> slot table.
 _NO_SLOT = -2
+_MAX_ID = 2**63 - 1
 
 #: Rows up to which the layer runs base matmul and deltas as one Rust call
 #: (src/fused.rs: one pass, no separate BLAS call) on CPUs with AVX-512; from
@@ -51,6 +58,7 @@ class MultiTenantLinear(nn.Module):
             raise DTypeError(
                 f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}"
             )
+        kernels.check_backend(backend)
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -67,8 +75,13 @@ class MultiTenantLinear(nn.Module):
             torch.zeros(0, 0, self.out_features, dtype=torch.float32, device=device),
             persistent=False,
         )
+        # Loaded ids, sorted, and their stack slots: a lookup by binary search, so an
+        # id's size costs nothing (ids may be any int64 >= 0, e.g. hashes).
         self.register_buffer(
-            "slot_of_id", torch.zeros(0, dtype=torch.int64, device=device), persistent=False
+            "known_ids", torch.zeros(0, dtype=torch.int64, device=device), persistent=False
+        )
+        self.register_buffer(
+            "known_slots", torch.zeros(0, dtype=torch.int64, device=device), persistent=False
         )
         self._names: dict[str, int] = {}  # name -> id
         self._slots: dict[int, int] = {}  # id -> slot in the stacks
@@ -116,6 +129,8 @@ class MultiTenantLinear(nn.Module):
                 f"(not transposed) for this layer, found {list(layer.shape)}"
                 f"{' transposed' if layer.transposed else ''}"
             )
+        if not np.isfinite(layer.scales).all():  # checked when built; arrays stay mutable
+            raise NonFiniteError(f"tenant {key!r}: expected finite scales, found NaN/Inf")
         if isinstance(key, str):
             tid = self._names.get(key)
             if tid is None:
@@ -222,7 +237,7 @@ class MultiTenantLinear(nn.Module):
             key is not None
             and key[0] is tenant_ids
             and key[1] == rows
-            and key[2] is self.slot_of_id
+            and key[2] is self.known_ids
             and key[3] is not None
             and key[3] == cpu._version(tenant_ids)
             and key[4] == x.device
@@ -232,14 +247,14 @@ class MultiTenantLinear(nn.Module):
         array = slots.numpy() if slots.device.type == "cpu" else None
         if isinstance(tenant_ids, torch.Tensor):
             version = cpu._version(tenant_ids)
-            self._slots_key = (tenant_ids, rows, self.slot_of_id, version, x.device)
+            self._slots_key = (tenant_ids, rows, self.known_ids, version, x.device)
             self._slots_value = (slots, array)
         return slots, array
 
     def _compute_row_slots(
         self, tenant_ids: torch.Tensor | Sequence[int], x: torch.Tensor
     ) -> torch.Tensor:
-        ids = tenant_ids if isinstance(tenant_ids, torch.Tensor) else torch.as_tensor(tenant_ids)
+        ids = tenant_ids if isinstance(tenant_ids, torch.Tensor) else _ids_tensor(tenant_ids)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise DTypeError(f"tenant_ids: expected an integer tensor (int64), found {ids.dtype}")
         what = "sequence" if x.dim() == 3 else "row"
@@ -248,11 +263,11 @@ class MultiTenantLinear(nn.Module):
                 f"tenant_ids: expected one id per {what} of x, shape [{x.shape[0]}], "
                 f"found shape {list(ids.shape)}"
             )
-        ids = ids.to(device=self.slot_of_id.device, dtype=torch.int64)
-        table = self.slot_of_id
-        if table.numel():
-            known = (ids >= 0) & (ids < table.shape[0])
-            slots = torch.where(known, table[ids.clamp(0, table.shape[0] - 1)], _NO_SLOT)
+        ids = ids.to(device=self.known_ids.device, dtype=torch.int64)
+        keys = self.known_ids
+        if keys.numel():
+            at = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
+            slots = torch.where(keys[at] == ids, self.known_slots[at], _NO_SLOT)
         else:
             slots = torch.full_like(ids, _NO_SLOT)
         slots = torch.where(ids == -1, -1, slots)
@@ -275,8 +290,10 @@ class MultiTenantLinear(nn.Module):
             raise DTypeError(
                 f"tenant: expected a name (str) or an id (int >= 0), found {type(key).__name__}"
             )
-        if key < 0:
-            raise QDeltaError(f"tenant id: expected an int >= 0 (-1 means base only), found {key}")
+        if not 0 <= key <= _MAX_ID:
+            raise QDeltaError(
+                f"tenant id: expected an int in [0, 2**63) (-1 means base only), found {key}"
+            )
         return int(key)
 
     def _resize_planes(self, depth: int) -> None:
@@ -291,11 +308,10 @@ class MultiTenantLinear(nn.Module):
 
     def _rebuild_table(self) -> None:
         self._plan = None
-        size = max(self._slots, default=-1) + 1
-        table = torch.full((size,), _NO_SLOT, dtype=torch.int64)
-        for tid, slot in self._slots.items():
-            table[tid] = slot
-        self.slot_of_id = table.to(self.planes.device)
+        ids = sorted(self._slots)
+        device = self.planes.device
+        self.known_ids = torch.tensor(ids, dtype=torch.int64).to(device)
+        self.known_slots = torch.tensor([self._slots[i] for i in ids], dtype=torch.int64).to(device)
 
     def extra_repr(self) -> str:
         return (
@@ -411,6 +427,21 @@ def _storage(layer: nn.Linear) -> tuple[int, int]:
     """Where the base's weight and bias live (a replaced ``.data`` moves them)."""
     bias = layer.bias
     return layer.weight.data_ptr(), 0 if bias is None else bias.data_ptr()
+
+
+def _ids_tensor(ids: object) -> torch.Tensor:
+    """A sequence of int tenant ids as an int64 tensor (empty for no rows)."""
+    try:
+        seq = list(ids)  # type: ignore[call-overload]
+        if not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in seq):
+            bad = next(i for i in seq if not isinstance(i, int | np.integer) or isinstance(i, bool))
+            raise TypeError(f"found {type(bad).__name__} {bad!r}")
+        return torch.tensor(seq, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        found = str(err) if str(err).startswith("found") else f"found {type(ids).__name__}"
+        raise DTypeError(
+            f"tenant_ids: expected an int64 tensor or a sequence of int ids in [-1, 2**63), {found}"
+        ) from None
 
 
 def _pad_planes(t: torch.Tensor, depth: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from qdelta import kernels
 from qdelta.delta import Delta, PackedLayer
-from qdelta.errors import ModelMismatchError, ShapeError
+from qdelta.errors import DTypeError, ModelMismatchError, NonFiniteError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
@@ -85,6 +85,8 @@ class BitDeltaLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, layer: PackedLayer, *, backend: str = "auto"):
         super().__init__()
+        _check_layer(layer)
+        kernels.check_backend(backend)
         out_f, in_f = _linear_shape(base_layer)
         if (out_f, in_f) != layer.shape:
             raise ShapeError(
@@ -101,6 +103,9 @@ class BitDeltaLinear(nn.Module):
         self.transposed = layer.transposed
         self.backend = backend
         self.merged = False
+        # Where subtracting the delta again does not round back to the original
+        # bits: (indices, original values), so unmerge() restores them exactly.
+        self._merge_fix: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         device = _linear_weight(base_layer).device
         self.register_buffer("planes", _planes_tensor(layer.planes).to(device))
         self.scales = nn.Parameter(torch.tensor(layer.scales, dtype=torch.float32, device=device))
@@ -114,6 +119,10 @@ class BitDeltaLinear(nn.Module):
         return dense_delta(self.planes, self.scales.detach(), self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"x: expected [..., {self.in_features}] (in_features last), found {list(x.shape)}"
+            )
         if not self.merged and self._fuses(x):
             # Decode-sized float32 CPU batch: base and delta in one Rust pass.
             arrays = cpu.base_arrays(self.base_layer)
@@ -164,16 +173,32 @@ class BitDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact to float rounding)."""
+        """Undo :meth:`merge`: the base weight gets its exact original bits back
+        (as long as neither it nor the scales changed while merged)."""
         if self.merged:
-            self._shift(-1.0)
+            w = _linear_weight(self.base_layer)
+            w.copy_(self._shifted(w, -1.0))
+            if self._merge_fix is not None:
+                index, values = self._merge_fix
+                w[tuple(i.to(w.device) for i in index)] = values.to(w.device)
+            self._merge_fix = None
             self.merged = False
 
+    @torch.no_grad()
     def _shift(self, sign: float) -> None:
+        """Adds (+1) the delta into the base weight, remembering what a later
+        subtraction would not round back exactly."""
         w = _linear_weight(self.base_layer)
+        merged = self._shifted(w, sign)
+        wrong = _bits(self._shifted(merged, -sign)) != _bits(w)
+        index = wrong.nonzero(as_tuple=True)
+        self._merge_fix = (index, w[index].clone()) if index[0].numel() else None
+        w.copy_(merged)
+
+    def _shifted(self, w: torch.Tensor, sign: float) -> torch.Tensor:
         d = self.delta_weight().to(w.device)
         d = d.T if self.transposed else d
-        w.copy_((w.to(torch.float32) + sign * d).to(w.dtype))
+        return (w.to(torch.float32) + sign * d).to(w.dtype)
 
     def extra_repr(self) -> str:
         mode = "matrix" if self.scales.dim() == 1 else "row"
@@ -189,6 +214,7 @@ class BitDeltaEmbedding(nn.Module):
 
     def __init__(self, base_layer: nn.Embedding, layer: PackedLayer):
         super().__init__()
+        _check_layer(layer)
         if tuple(base_layer.weight.shape) != layer.shape or layer.transposed:
             raise ShapeError(
                 f"delta: expected a {list(base_layer.weight.shape)} embedding delta, "
@@ -218,6 +244,21 @@ class BitDeltaEmbedding(nn.Module):
 
 
 DeltaModule = (BitDeltaLinear, BitDeltaEmbedding)
+
+
+def _check_layer(layer: object) -> None:
+    if not isinstance(layer, PackedLayer):
+        raise DTypeError(f"layer: expected a qdelta.PackedLayer, found {type(layer).__name__}")
+
+
+def _check_delta(delta: object) -> None:
+    if not isinstance(delta, Delta):
+        raise DTypeError(f"delta: expected a qdelta.Delta, found {type(delta).__name__}")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (exact comparison, NaN included)."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def _linear_weight(layer: nn.Module) -> torch.Tensor:
@@ -277,6 +318,9 @@ def _swap_each(
     for key, value in params.items():
         owner_name, _, attr = key.rpartition(".")
         owner = _find_module(model, owner_name, "tensor owner") if owner_name else model
+        current = owner._parameters.get(attr, owner._buffers.get(attr))
+        if current is not None:
+            _check_param_value(key, value, current)
         if attr in owner._parameters and owner._parameters[attr] is not None:
             old = owner._parameters[attr]
             if old.shape != value.shape:
@@ -299,6 +343,23 @@ def _swap_each(
         originals[key] = old
 
 
+def _check_param_value(key: str, value: object, current: torch.Tensor) -> None:
+    """A tensor of the model tensor's kind (float for float, int for int), finite:
+    a cast would silently drop an imaginary part or a fraction, NaN would spread."""
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.is_complex()
+        or value.is_floating_point() != current.is_floating_point()
+    ):
+        found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise DTypeError(
+            f"{key}: expected a tensor of the model's kind ({current.dtype}), found {found}"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        at = (~torch.isfinite(value)).nonzero()[0].tolist()
+        raise NonFiniteError(f"{key}: expected finite values, found NaN/Inf at {at}")
+
+
 def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     for key, old in originals.items():
         owner_name, _, attr = key.rpartition(".")
@@ -318,10 +379,12 @@ def apply(
     the model's fingerprint must be the delta's base fingerprint
     (:class:`BaseMismatchError` otherwise).
     """
+    _check_delta(delta)
     if getattr(model, _STASH, None) is not None:
         raise ModelMismatchError(
             "model: expected a plain base model, found a delta already applied"
         )
+    kernels.check_backend(backend)
     if check:
         check_base(delta, model)
     modules = {name: _find_module(model, name, "delta layer") for name in delta.layers}
@@ -360,37 +423,53 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     Unlike :func:`apply` this changes the base weights themselves. ``check``:
     as in :func:`apply`.
     """
+    _check_delta(delta)
     if getattr(model, _STASH, None) is not None:
         raise ModelMismatchError(
             "model: expected a plain base model, found a delta applied (unapply it first)"
         )
     if check:
         check_base(delta, model)
-    for name, layer in delta.layers.items():
-        module = _find_module(model, name, "delta layer")
-        weight = module.weight
-        if isinstance(module, nn.Embedding):
-            shape = tuple(weight.shape)
-        else:
-            try:
-                shape = _linear_shape(module)
-            except ModelMismatchError as err:
-                raise ModelMismatchError(f"layer {name}: {err}") from None
-        if shape != layer.shape or is_conv1d(module) != layer.transposed:
-            raise ShapeError(
-                f"layer {name}: expected a {list(shape)} delta, found {list(layer.shape)}"
-            )
+    # Everything is checked before the first write: a bad delta leaves the model as it was.
+    weights = {name: _merge_target(model, name, layer) for name, layer in delta.layers.items()}
+    tensors = {key: _param_target(model, key, value) for key, value in delta.params.items()}
+    for name, weight in weights.items():
+        layer = delta.layers[name]
         d = torch.from_numpy(layer.dense()).to(weight.device)
         d = d.T if layer.transposed else d
         weight.copy_((weight.to(torch.float32) + d).to(weight.dtype))
-    for key, value in delta.params.items():
-        target = model.get_parameter(key) if _is_parameter(model, key) else model.get_buffer(key)
-        if target.shape != value.shape:
-            raise ShapeError(
-                f"{key}: expected shape {list(target.shape)}, found {list(value.shape)}"
-            )
-        target.copy_(value.to(device=target.device, dtype=target.dtype))
+    for key, target in tensors.items():
+        target.copy_(delta.params[key].to(device=target.device, dtype=target.dtype))
     return model
+
+
+def _merge_target(model: nn.Module, name: str, layer: PackedLayer) -> torch.Tensor:
+    """The weight ``merge`` adds layer ``name``'s delta into, checked against the delta."""
+    module = _find_module(model, name, "delta layer")
+    if isinstance(module, nn.Embedding):
+        shape = tuple(module.weight.shape)
+    else:
+        try:
+            shape = _linear_shape(module)
+        except ModelMismatchError as err:
+            raise ModelMismatchError(f"layer {name}: {err}") from None
+    if shape != layer.shape or is_conv1d(module) != layer.transposed:
+        raise ShapeError(f"layer {name}: expected a {list(shape)} delta, found {list(layer.shape)}")
+    return module.weight  # type: ignore[return-value]
+
+
+def _param_target(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+    """The parameter or buffer ``merge`` overwrites with ``value``, checked."""
+    try:
+        target = model.get_parameter(key) if _is_parameter(model, key) else model.get_buffer(key)
+    except AttributeError:
+        raise ModelMismatchError(
+            f"{key}: expected a parameter or buffer of the model, found none"
+        ) from None
+    _check_param_value(key, value, target)
+    if target.shape != value.shape:
+        raise ShapeError(f"{key}: expected shape {list(target.shape)}, found {list(value.shape)}")
+    return target
 
 
 def _is_parameter(model: nn.Module, key: str) -> bool:

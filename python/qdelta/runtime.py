@@ -13,6 +13,8 @@ forward in flight.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +31,7 @@ from qdelta.errors import (
     BaseMismatchError,
     BudgetError,
     DTypeError,
+    NonFiniteError,
     QDeltaError,
     ShapeError,
     UnknownTenantError,
@@ -73,8 +77,9 @@ class MultiTenantModel(nn.Module):
     ``store``: a ``qdelta.DeltaStore``; its tenants are registered and load
     lazily on first use. ``tenants``: names to load now, or a mapping
     name -> ``Delta`` to add. ``budget_bytes``: the most bytes of loaded tenant
-    tensors kept resident; the least recently used tenant not in the current
-    batch is evicted to make room.
+    tensors kept resident (None: no limit; an int >= 0, also when set later);
+    the least recently used tenant not in the current batch is evicted to make
+    room.
 
     Row tenants (``tenant_ids``) are names, integer ids (``tenant_id(name)``)
     or None / ``-1`` for the base model alone.
@@ -88,12 +93,11 @@ class MultiTenantModel(nn.Module):
         *,
         budget_bytes: int | None = None,
     ) -> None:
+        budget_bytes = _budget(budget_bytes)
         super().__init__()
-        if budget_bytes is not None and budget_bytes < 0:
-            raise BudgetError(f"budget_bytes: expected >= 0 or None, found {budget_bytes}")
         self.model = base_model.eval()
         self.store = store
-        self.budget_bytes = budget_bytes
+        self._budget_bytes = budget_bytes
         self._route = Route()
         # The base as built, captured before any swap (references, no copies).
         self._base_modules = dict(base_model.named_modules())
@@ -120,6 +124,15 @@ class MultiTenantModel(nn.Module):
             self.preload(names)
 
     # ---- tenant registry ----------------------------------------------------
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The most bytes of loaded tenant tensors kept resident (None: no limit)."""
+        return self._budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int | None) -> None:
+        self._budget_bytes = _budget(value)
 
     @property
     def tenants(self) -> list[str]:
@@ -207,7 +220,8 @@ class MultiTenantModel(nn.Module):
     # ---- checking a delta against the base ----------------------------------
 
     def _check(self, delta: Delta, name: str) -> None:
-        """Refuse a delta made against another base or not fitting its shapes."""
+        """Refuse a delta made against another base, not fitting its shapes, or
+        with values the base cannot serve (complex, NaN/Inf, out of its dtype)."""
         try:
             check_base(delta, self.base_fingerprint())
         except BaseMismatchError as e:
@@ -227,15 +241,33 @@ class MultiTenantModel(nn.Module):
                     f"tenant {name!r}: layer {lname!r} is {list(module.weight.shape)} in the "
                     f"base, the delta has {list(packed.shape)}"
                 )
+            # PackedLayer checks its scales when built; they may be changed since.
+            if not np.isfinite(packed.scales).all():
+                raise NonFiniteError(
+                    f"tenant {name!r}: layer {lname!r}: expected finite scales, found NaN/Inf"
+                )
         for pname, value in delta.params.items():
             base = self._base_params.get(pname)
             if base is None:
                 raise ShapeError(f"tenant {name!r}: the base has no parameter {pname!r}")
+            # Same kind as the base's tensor (float for float, int for int buffers):
+            # a cast would silently drop an imaginary part or a fraction.
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.is_complex()
+                or value.is_floating_point() != base.is_floating_point()
+            ):
+                found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise DTypeError(
+                    f"tenant {name!r}: parameter {pname!r}: expected a tensor of the base's "
+                    f"kind ({base.dtype}), found {found}"
+                )
             if tuple(value.shape) != tuple(base.shape):
                 raise ShapeError(
                     f"tenant {name!r}: parameter {pname!r} is {list(base.shape)} in the base, "
                     f"the delta has {list(value.shape)}"
                 )
+            _check_finite(value, base.dtype, f"tenant {name!r}: parameter {pname!r}")
         for mname, attrs in self._params_by_module(delta).items():
             module = self._base_modules[mname]
             packed = mname in delta.layers
@@ -479,6 +511,14 @@ class MultiTenantModel(nn.Module):
     def _check_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated ``(input_ids, attention_mask)`` as int64 tensors.
+
+        ``input_ids``: an integer tensor ``[batch >= 1, length >= 1]`` of token
+        ids in ``[0, vocab)``; an empty batch is an error (ShapeError), not an
+        empty result. ``attention_mask``: None, or a tensor (not a list: DTypeError)
+        of ``input_ids``' shape, bool, integer or floating dtype, every value
+        exactly 0 or 1, left-padded.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INT_DTYPES:
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids)
             raise DTypeError(f"input_ids: expected an integer tensor, found {found}")
@@ -486,6 +526,8 @@ class MultiTenantModel(nn.Module):
             raise ShapeError(
                 f"input_ids: expected [batch, length >= 1], found {list(input_ids.shape)}"
             )
+        if input_ids.shape[0] == 0:
+            raise ShapeError("input_ids: expected at least one sequence, found batch 0")
         vocab = self._vocab_size()
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
             raise ShapeError(
@@ -494,14 +536,28 @@ class MultiTenantModel(nn.Module):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise DTypeError(
+                f"attention_mask: expected a torch.Tensor, found {type(attention_mask).__name__}"
+            )
+        if attention_mask.dtype is not torch.bool and (
+            attention_mask.dtype not in _INT_DTYPES and not attention_mask.is_floating_point()
+        ):
+            raise DTypeError(
+                f"attention_mask: expected a bool, integer or float tensor, found "
+                f"{attention_mask.dtype}"
+            )
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ShapeError(
                 f"attention_mask: expected shape {list(input_ids.shape)}, found "
                 f"{list(attention_mask.shape)}"
             )
+        # Values before the conversion: .to(long) would turn 0.5 into 0 and 1.7 into 1.
+        bad = ~((attention_mask == 0) | (attention_mask == 1))
+        if bool(bad.any()):
+            found = attention_mask[bad][0].item()
+            raise ShapeError(f"attention_mask: expected only 0 and 1, found {found}")
         mask = attention_mask.to(torch.long)
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ShapeError("attention_mask: expected only 0 and 1")
         if not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not bool(mask[:, -1].all()):
             raise ShapeError(
                 "attention_mask: expected left padding (zeros, then ones to the end of each row)"
@@ -536,18 +592,29 @@ class MultiTenantModel(nn.Module):
         default, or sampling with ``temperature`` / ``top_k`` from a generator
         seeded with ``seed``. A row that emitted ``eos_token_id`` keeps
         emitting it; decoding stops early when every row has.
+
+        Every argument is checked before anything is loaded or generated
+        (DTypeError for a wrong type, ShapeError for a value out of range):
+        ``max_new_tokens`` an int >= 1; ``temperature`` a finite number >= 0,
+        > 0 when sampling (greedy decoding ignores it); ``top_k`` None or an
+        int >= 1; ``seed`` None or an int in [0, 2**63); ``eos_token_id`` None
+        or a token id in [0, vocab).
         """
         ids, mask = self._check_inputs(input_ids, attention_mask)
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise ShapeError(f"max_new_tokens: expected an int >= 1, found {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ShapeError(f"temperature: expected > 0 when sampling, found {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ShapeError(f"top_k: expected an int >= 1 or None, found {top_k!r}")
+        max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise DTypeError(f"temperature: expected a number, found {type(temperature).__name__}")
+        if not math.isfinite(temperature) or temperature < 0 or (do_sample and temperature == 0):
+            raise ShapeError(
+                f"temperature: expected a finite number > 0 when sampling (>= 0 when "
+                f"greedy), found {temperature}"
+            )
+        if top_k is not None:
+            top_k = _int_arg("top_k", top_k, 1)
+        if seed is not None:
+            seed = _int_arg("seed", seed, 0, 2**63, "2**63")
+        if eos_token_id is not None:
+            eos_token_id = _int_arg("eos_token_id", eos_token_id, 0, self._vocab_size())
         generator = None
         if do_sample:
             generator = torch.Generator(device=ids.device)
@@ -598,6 +665,46 @@ class MultiTenantModel(nn.Module):
             tokens=new,
             logits=torch.stack(step_logits, dim=1) if return_logits else None,
         )
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int | None = None, hi_text: str = "") -> int:
+    """``value`` as an int in ``[lo, hi)``, or a DTypeError / ShapeError naming it."""
+    try:
+        if isinstance(value, bool):  # an int to Python, never meant as a count or id
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
+    if i < lo or (hi is not None and i >= hi):
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi_text or hi})"
+        raise ShapeError(f"{name}: expected an int {want}, found {i}")
+    return i
+
+
+def _budget(value: Any) -> int | None:
+    """A valid ``budget_bytes`` (None or an int >= 0), or a BudgetError naming it."""
+    if value is None:
+        return None
+    try:
+        return _int_arg("budget_bytes", value, 0)
+    except QDeltaError:
+        raise BudgetError(
+            f"budget_bytes: expected None or an int >= 0, found {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _check_finite(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse NaN/Inf, and values that would overflow to Inf in the base ``dtype``."""
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        at = (~finite).nonzero()[0].tolist()
+        raise NonFiniteError(f"{what}: expected finite values, found NaN/Inf at {at}")
+    if value.numel() and dtype.is_floating_point:
+        peak = float(value.detach().abs().max())
+        if peak > torch.finfo(dtype).max:
+            raise NonFiniteError(
+                f"{what}: expected values finite in the base's {dtype}, found magnitude {peak:g}"
+            )
 
 
 def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:

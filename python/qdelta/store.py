@@ -22,7 +22,14 @@ import torch
 
 from qdelta import _core
 from qdelta.delta import Delta, PackedLayer
-from qdelta.errors import BaseMismatchError, DTypeError, FileError, UnknownTenantError
+from qdelta.errors import (
+    BaseMismatchError,
+    DTypeError,
+    FileError,
+    NonFiniteError,
+    ShapeError,
+    UnknownTenantError,
+)
 
 PathLike = str | os.PathLike
 
@@ -250,13 +257,16 @@ class DeltaFile:
         return _typed(dtype, shape, raw)
 
     def _packed(self, row: tuple) -> PackedLayer:
-        _name, shape, _bits, _scale, transposed, planes, scales = row
-        return PackedLayer(
-            planes=self.tensor(planes),
-            scales=self.tensor(scales),
-            shape=shape,
-            transposed=transposed,
-        )
+        name, shape, _bits, _scale, transposed, planes, scales = row
+        try:
+            return PackedLayer(
+                planes=self.tensor(planes),
+                scales=self.tensor(scales),
+                shape=shape,
+                transposed=transposed,
+            )
+        except (NonFiniteError, ShapeError, DTypeError) as err:  # e.g. NaN scales on disk
+            raise type(err)(f"{self.path}: layer {name}: {err}") from None
 
     def layer(self, name: str) -> PackedLayer:
         """One layer's planes and scales, zero-copy (only this layer is set up)."""

@@ -44,6 +44,12 @@ CPU_MIN_ROWS = 64
 CPU_WEIGHTS_PER_ROW = 1024
 
 
+def check_backend(backend: object) -> None:
+    """Raises :class:`QDeltaError` unless ``backend`` is one of :data:`Backend`'s names."""
+    if backend not in get_args(Backend):
+        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+
+
 def cpu_max_rows(out_features: int, in_features: int) -> int:
     """The most rows "auto" hands to the Rust kernel for one ``[out, in]`` delta."""
     return max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)
@@ -65,8 +71,7 @@ def _use_cpu(
     only when the rows pass the one-tenant limit): the reference decodes each
     tenant's delta once, so its cost grows with them while the kernel's grows
     with rows only, and the limit applies to rows per tenant."""
-    if backend not in get_args(Backend):
-        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+    check_backend(backend)
     if backend != "auto":
         return backend == "cpu"
     needs_grad = _needs_grad(x, scales)
@@ -138,8 +143,7 @@ def cuda_choice(
     or no CUDA device and cupy are there. ``cuda_available`` is called only when
     the answer depends on it.
     """
-    if backend not in get_args(Backend):
-        raise QDeltaError(f"backend: expected one of {get_args(Backend)}, found {backend!r}")
+    check_backend(backend)
     if backend == "cuda":
         if needs_grad:
             raise QDeltaError(
