@@ -292,6 +292,9 @@ fn check_layer(name: &str, e: &LayerEntry, header: &Header) -> Result<()> {
 /// A memory-mapped, header-validated .qdelta file.
 pub struct DeltaFile {
     pub path: PathBuf,
+    /// Kept open so the current size can be compared with the mapping's
+    /// (`check_size`) with one fstat.
+    file: File,
     map: Mmap,
     pub contents: Contents,
 }
@@ -300,21 +303,68 @@ fn file_err(path: &Path, action: &str, e: std::io::Error) -> Error {
     Error::File(format!("cannot {action} {}: {e}", path.display()))
 }
 
+/// What a non-regular file is, for the error message.
+fn file_kind(t: &fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_char_device() {
+            return "character device";
+        }
+        if t.is_block_device() {
+            return "block device";
+        }
+    }
+    if t.is_dir() {
+        "directory"
+    } else if t.is_symlink() {
+        "symbolic link"
+    } else {
+        "special file"
+    }
+}
+
+fn expect_regular(path: &Path, meta: &fs::Metadata) -> Result<()> {
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(Error::File(format!(
+        "{}: expected a regular .qdelta file, found a {}",
+        path.display(),
+        file_kind(&meta.file_type())
+    )))
+}
+
+/// Opens for reading without blocking on a FIFO swapped in after the type
+/// check. The flag changes nothing for a regular file, which is only mapped.
+fn open_no_wait(path: &Path) -> std::io::Result<File> {
+    let mut o = fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Opening a FIFO with O_NONBLOCK returns at once instead of waiting for a writer.
+        o.custom_flags(libc::O_NONBLOCK);
+    }
+    o.open(path)
+}
+
 impl DeltaFile {
     pub fn open(path: &Path) -> Result<DeltaFile> {
-        let file = File::open(path).map_err(|e| file_err(path, "open", e))?;
+        // Check the type before opening: opening a FIFO blocks until a writer
+        // appears, and opening a device may have side effects.
+        let meta = fs::metadata(path).map_err(|e| file_err(path, "open", e))?;
+        expect_regular(path, &meta)?;
+        let file = open_no_wait(path).map_err(|e| file_err(path, "open", e))?;
+        // Again on what was opened: the path may have been swapped meanwhile.
         let meta = file.metadata().map_err(|e| file_err(path, "stat", e))?;
-        if !meta.is_file() {
-            return Err(Error::File(format!(
-                "{}: expected a regular .qdelta file, found a {}",
-                path.display(),
-                if meta.is_dir() {
-                    "directory"
-                } else {
-                    "special file"
-                }
-            )));
-        }
+        expect_regular(path, &meta)?;
         if meta.len() < PREFIX_LEN as u64 {
             return Err(fmt_err(format!(
                 "{}: file is truncated: expected at least {PREFIX_LEN} bytes, found {}",
@@ -324,11 +374,13 @@ impl DeltaFile {
         }
         // SAFETY: the mapping is read-only. qdelta never modifies a published
         // file in place (writers rename a new file over it), so the bytes stay
-        // valid for the life of the mapping.
+        // valid for the life of the mapping; a file another program rewrites
+        // in place is caught by `check_size` before its bytes are handed out.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, "map", e))?;
         let contents = parse(&map).map_err(|e| prefix_path(e, path))?;
         Ok(DeltaFile {
             path: path.to_path_buf(),
+            file,
             map,
             contents,
         })
@@ -338,25 +390,53 @@ impl DeltaFile {
         self.map.len()
     }
 
+    /// Refuses a file that was rewritten in place since it was mapped: pages
+    /// past a truncation read as a SIGBUS (a crash), not as an error. One
+    /// fstat per call. This narrows the race but cannot close it: a
+    /// truncation after the check still faults. Only replacing files by
+    /// rename, as `write_atomic` does, is safe.
+    fn check_size(&self) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| file_err(&self.path, "stat", e))?
+            .len();
+        let was = self.map.len() as u64;
+        if now != was {
+            return Err(Error::File(format!(
+                "{}: the file changed size while mapped (was {was} bytes, now {now}): it was \
+                 rewritten in place; replace .qdelta files by rename (qdelta writes do)",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn slice(&self, t: &TensorInfo) -> &[u8] {
+        let start = self.contents.header.data_start;
+        &self.map[start + t.begin..start + t.end]
+    }
+
     /// The bytes of tensor `name` inside the mapping.
     pub fn bytes(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
         let t = self.contents.header.get(name).ok_or_else(|| {
             Error::Value(format!("{}: no tensor named {name:?}", self.path.display()))
         })?;
-        let start = self.contents.header.data_start;
-        Ok((t, &self.map[start + t.begin..start + t.end]))
+        self.check_size()?;
+        Ok((t, self.slice(t)))
     }
 
     /// Checks every tensor against its checksum (in parallel); returns the
     /// number of tensors checked.
     pub fn verify(&self) -> Result<usize> {
+        self.check_size()?;
         let mut bad: Vec<String> = self
             .contents
             .header
             .tensors
             .par_iter()
             .filter_map(|t| {
-                let (_, data) = self.bytes(&t.name).expect("name from the header");
+                let data = self.slice(t);
                 let want = self.contents.checksums[&t.name];
                 let got = xxh3_64(data);
                 (got != want)
@@ -562,8 +642,9 @@ mod erased {
 }
 
 /// Writes `d` to `path` atomically: a temporary file in the same directory,
-/// fsync, rename over `path`, fsync of the directory. Readers that mapped
-/// the old file keep it (its inode lives until they unmap it).
+/// fsync, rename over `path`, fsync of the directory (best effort: see
+/// `write_atomic_with`). Readers that mapped the old file keep it (its
+/// inode lives until they unmap it).
 pub fn write(path: &Path, d: &DeltaData<'_>) -> Result<()> {
     let (head, tensors) = build(d)?;
     write_atomic(path, |w| {
@@ -581,46 +662,76 @@ pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    write_atomic_with(path, fill, sync_dir)
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// A temporary name beside the target. Short, whatever the target's length
+/// (a long target name plus a suffix would exceed NAME_MAX), and unique per
+/// process (pid), call (counter) and pid reuse after a crash (clock). It
+/// keeps the `.tmp-` marker that tests look for (tests/test_store.py).
+fn temp_name() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(".qdelta.tmp-{}-{seq}-{nanos}", std::process::id())
+}
+
+/// `write_atomic` with the directory sync as a parameter, so tests can make
+/// it fail.
+fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
+    sync_dir: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::File(format!("{}: expected a file path", path.display())))?;
+    if path.file_name().is_none() {
+        return Err(Error::File(format!(
+            "{}: expected a file path",
+            path.display()
+        )));
+    }
     if path.is_dir() {
         return Err(Error::File(format!(
             "{}: expected a file path, found a directory",
             path.display()
         )));
     }
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{nanos}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(temp_name());
+    // Not removed on failure: if it exists, it is not ours.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| file_err(path, "write", e))?;
     let result = (|| -> std::io::Result<()> {
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, &file);
         fill(&mut w)?;
         w.flush()?;
         drop(w);
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // The rename is durable only once the directory entry is.
-        File::open(&dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
-    result.map_err(|e| {
+    if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
-        file_err(path, "write", e)
-    })
+        return Err(file_err(path, "write", e));
+    }
+    // The rename has published the new file: the write has happened, and
+    // reporting it as failed would be false (and a retry pointless). The
+    // directory sync only makes the rename survive a power loss, so it is
+    // best effort and its error is deliberately ignored.
+    let _ = sync_dir(&dir);
+    Ok(())
 }
 
 #[cfg(test)]

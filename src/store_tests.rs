@@ -511,3 +511,197 @@ fn mutation_fuzz_never_panics_and_agrees_with_reference() {
     // Data-only mutations keep the header valid: the check saw both outcomes.
     assert!(accepted > 0, "seed {seed}: no mutant was accepted");
 }
+
+/// A fresh directory of its own, so leftover checks see only this test's files.
+fn own_dir(tag: &str) -> PathBuf {
+    let dir = tmp_path(tag).with_extension("d");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn temp_leftovers(dir: &Path) -> Vec<std::ffi::OsString> {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp-"))
+        .collect()
+}
+
+/// Runs `f` on another thread; fails the test if it does not return in time
+/// (a blocked `open` would otherwise hang the whole suite).
+fn within_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: still blocked after 10 s"))
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_sockets_and_devices_are_refused_without_hanging() {
+    let dir = own_dir("special");
+    let fifo = dir.join("fifo.qdelta");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let sock = dir.join("sock.qdelta");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let link = dir.join("link.qdelta");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let mut cases = vec![
+        (fifo.clone(), "found a FIFO"),
+        (link, "found a FIFO"),
+        (sock, "found a socket"),
+        (PathBuf::from("/dev/zero"), "found a character device"),
+    ];
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(block) = fs::read_dir("/dev").ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+    }) {
+        cases.push((block.path(), "found a block device"));
+    }
+    for (path, want) in cases {
+        let p = path.clone();
+        let e = within_seconds(&format!("open {}", path.display()), move || {
+            DeltaFile::open(&p).err()
+        })
+        .unwrap_or_else(|| panic!("{}: opened", path.display()));
+        assert!(
+            matches!(e, Error::File(_))
+                && e.to_string().contains(want)
+                && e.to_string().contains("expected a regular .qdelta file")
+                && e.to_string().contains(&path.display().to_string()),
+            "{}: {e}",
+            path.display()
+        );
+    }
+    // The open itself does not wait for a writer either (the case of a FIFO
+    // swapped in after the type check), and the re-check on the open file
+    // names it.
+    let meta = within_seconds("open_no_wait", move || {
+        open_no_wait(&fifo).unwrap().metadata().unwrap()
+    });
+    let e = expect_regular(Path::new("x.qdelta"), &meta).unwrap_err();
+    assert!(e.to_string().contains("found a FIFO"), "{e}");
+}
+
+#[test]
+fn a_file_rewritten_in_place_while_mapped_is_an_error_not_a_crash() {
+    let dir = own_dir("inplace");
+    let path = dir.join("t.qdelta");
+    let image = sample(13);
+    fs::write(&path, &image).unwrap();
+    let f = DeltaFile::open(&path).unwrap();
+    assert_eq!(f.verify().unwrap(), 6);
+    // What `cp new old` or os.truncate does: same inode, new length. Touching
+    // the pages past the new end would be a SIGBUS.
+    let n = image.len() as u64;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(n / 2)
+        .unwrap();
+    let want = format!(
+        "the file changed size while mapped (was {n} bytes, now {})",
+        n / 2
+    );
+    for e in [f.bytes("emb").unwrap_err(), f.verify().unwrap_err()] {
+        assert!(
+            matches!(e, Error::File(_))
+                && e.to_string().contains(&want)
+                && e.to_string().contains("rename")
+                && e.to_string().contains(&path.display().to_string()),
+            "{e}"
+        );
+    }
+    // Grown in place is refused alike; a fresh open sees the new file.
+    fs::write(&path, [image.as_slice(), &[0u8; 8]].concat()).unwrap();
+    assert!(f.bytes("emb").unwrap_err().to_string().contains("now"));
+    fs::write(&path, &image).unwrap();
+    assert_eq!(f.verify().unwrap(), 6);
+}
+
+#[test]
+fn a_failing_directory_sync_after_the_rename_is_not_a_failed_write() {
+    let dir = own_dir("dirsync");
+    let path = dir.join("t.qdelta");
+    fs::write(&path, sample(14)).unwrap();
+    let r = write_atomic_with(
+        &path,
+        |w| w.write_all(&sample(15)),
+        |_| Err(std::io::Error::other("directory sync failed")),
+    );
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(fs::read(&path).unwrap(), sample(15));
+    assert!(temp_leftovers(&dir).is_empty());
+    // The real sync fails on a directory that cannot be opened for reading;
+    // root may open it anyway, then there is nothing to provoke.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o300)).unwrap();
+        if File::open(&dir).is_err() {
+            let r = write_atomic(&path, |w| w.write_all(&sample(16)));
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            assert!(r.is_ok(), "{r:?}");
+            assert_eq!(fs::read(&path).unwrap(), sample(16));
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+    }
+}
+
+#[test]
+fn failures_before_the_rename_keep_the_old_file_and_remove_the_temporary() {
+    let dir = own_dir("prerename");
+    let path = dir.join("t.qdelta");
+    fs::write(&path, sample(17)).unwrap();
+    // The writer fails half way.
+    let e = write_atomic(&path, |w| {
+        w.write_all(&sample(18)[..100])?;
+        Err(std::io::Error::other("disk full"))
+    })
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::File(_)) && e.to_string().contains("disk full"),
+        "{e}"
+    );
+    assert_eq!(fs::read(&path).unwrap(), sample(17));
+    assert!(temp_leftovers(&dir).is_empty());
+    // The rename fails: a non-empty directory took the target name meanwhile.
+    let target = dir.join("u.qdelta");
+    let t = target.clone();
+    let e = write_atomic(&target, move |w| {
+        fs::create_dir(&t)?;
+        fs::write(t.join("x"), b"x")?;
+        w.write_all(&sample(19))
+    })
+    .unwrap_err();
+    assert!(matches!(e, Error::File(_)), "{e}");
+    assert!(target.is_dir());
+    assert!(temp_leftovers(&dir).is_empty());
+}
+
+#[test]
+fn long_file_names_up_to_name_max_can_be_saved() {
+    let dir = own_dir("longname");
+    let name = format!("{}.qdelta", "a".repeat(235));
+    assert_eq!(name.len(), 242);
+    let path = dir.join(&name);
+    write_atomic(&path, |w| w.write_all(&sample(20))).unwrap();
+    assert_eq!(DeltaFile::open(&path).unwrap().verify().unwrap(), 6);
+    write_atomic(&path, |w| w.write_all(&sample(21))).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), sample(21));
+    assert!(temp_leftovers(&dir).is_empty());
+    // Temporary names are short and distinct even within one clock tick.
+    let (a, b) = (temp_name(), temp_name());
+    assert_ne!(a, b);
+    assert!(a.len() < 80 && a.contains(".tmp-"), "{a}");
+}

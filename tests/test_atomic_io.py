@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdelta.atomic_io import write_json_atomic, write_text_atomic
+from qdelta import atomic_io
+from qdelta.atomic_io import (
+    atomic_open,
+    check_output,
+    ensure_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from qdelta.errors import FileError
 
 
 @settings(max_examples=30, deadline=None)
@@ -47,3 +57,147 @@ def test_unserializable_data_writes_nothing(tmp_path):
 def test_json_options(tmp_path):
     path = write_json_atomic(tmp_path / "f.json", {"b": 1, "a": 2}, indent=1, sort_keys=True)
     assert path.read_text() == '{\n "a": 2,\n "b": 1\n}'
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_new_files_get_the_umask_mode_not_0600(tmp_path, umask_022):
+    """mkstemp's 0o600 is not what a plain open() would have made."""
+    assert atomic_io._umask() == 0o022
+    for write in (
+        lambda p: write_text_atomic(p, "x"),
+        lambda p: write_json_atomic(p, {"a": 1}),
+        lambda p: write_bytes_atomic(p, b"\x00\x01"),
+    ):
+        path = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        write(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path, umask_022):
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    path.chmod(0o640)
+    write_json_atomic(path, {"v": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and json.loads(path.read_text()) == {"v": 2}
+
+
+def test_umask_without_proc_falls_back_to_the_round_trip(monkeypatch, umask_022):
+    real_open = open
+
+    def no_proc(name, *args, **kwargs):
+        if str(name).startswith("/proc/"):
+            raise FileNotFoundError(name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert atomic_io._umask() == 0o022
+    assert os.umask(0o022) == 0o022  # restored
+
+
+def test_the_folder_is_fsynced_and_its_failure_ignored(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        if synced[-1]:
+            raise OSError("fsync of a directory not supported")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = write_text_atomic(tmp_path / "f.txt", "new")  # the folder's failure is ignored
+    assert synced == [False, True] and path.read_text() == "new"
+
+
+def test_bytes_and_a_failing_writer_keep_the_old_file(tmp_path):
+    path = tmp_path / "p.png"
+    write_bytes_atomic(path, b"old")
+    with pytest.raises(RuntimeError, match="half way"), atomic_open(path, "wb") as f:
+        f.write(b"half a new file")
+        raise RuntimeError("half way")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    with pytest.raises(ValueError, match="mode"), atomic_open(path, "a"):
+        pass
+
+
+def test_check_output(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("text")
+    inputs = [model, calib]
+    assert check_output(tmp_path / "new.qdelta", "-o", inputs) == tmp_path / "new.qdelta"
+    assert check_output(model / "new.qdelta", "-o", inputs)  # a new file in a model dir is fine
+    (tmp_path / "old.qdelta").write_text("x")
+    assert check_output(tmp_path / "old.qdelta", "-o", inputs)  # replacing a non-input is fine
+    for path, want in (
+        (model / "config.json", "input directory"),
+        (tmp_path / "model" / ".." / "model" / "config.json", "input directory"),
+        (calib, "input file"),
+        (model, "found a directory"),
+        (tmp_path / "nodir" / "x", "found nothing there"),
+        (calib / "x", "found a file"),
+    ):
+        with pytest.raises(FileError, match=want):
+            check_output(path, "-o", inputs)
+    link = tmp_path / "link.json"
+    link.symlink_to(model / "config.json")
+    with pytest.raises(FileError, match="input directory"):
+        check_output(link, "--json", inputs)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(FileError, match="special file"):
+        check_output(fifo, "--json", inputs)
+
+
+def test_ensure_dir(tmp_path):
+    assert ensure_dir(tmp_path / "a" / "b", "--out").is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    with pytest.raises(FileError, match=r"expected a directory, found a file$"):
+        ensure_dir(blocker, "--out")
+    with pytest.raises(FileError, match=r"found a file \(.*file\)"):
+        ensure_dir(blocker / "below", "--out")
+    assert blocker.read_text() == "keep"
+
+
+def _png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_are_written_atomically(tmp_path, monkeypatch, umask_022):
+    import matplotlib.figure
+
+    from qdelta.analysis import plot_analysis
+    from qdelta.plots import plot_memory
+
+    result = {
+        "finetuned": ["a"],
+        "steps": False,
+        "layers": [{"finetuned": "a", "layer": "l", "delta_d": 0.1, "delta_m": 0.2}],
+    }
+    path = plot_analysis(result, tmp_path / "a.png")
+    assert _png(path) and stat.S_IMODE(path.stat().st_mode) == 0o644
+    table = [
+        {"n": n, "full_models_bytes": n * 2**20, "base_plus_deltas_bytes": 2**20} for n in (1, 2)
+    ]
+    assert _png(plot_memory(table, tmp_path / "m.png", "t"))
+
+    def torn(self, fname, **kw):  # half a PNG, then the disk fills up
+        fname.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn)
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        plot_analysis(result, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.png"]

@@ -79,15 +79,19 @@ def test_a_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
 @pytest.mark.parametrize(
     "content", [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe\x00"]
 )
-def test_unreadable_cache_file_warns_and_is_replaced(tmp_path, content):
+def test_unreadable_cache_file_warns_and_is_left_alone(tmp_path, content):
     path = tmp_path / "tune.json"
     path.write_bytes(content)
     cache = autotune.DecisionCache(path)
     calls: list[str] = []
     run, time_us = fake_timer({"a": 1.0}, calls)
-    with pytest.warns(autotune.AutotuneWarning, match="expected"):
+    with pytest.warns(autotune.AutotuneWarning, match="expected.*left alone"):
         assert autotune.choose("k", ("a",), run, time_us, cache=cache) == "a"
-    assert json.loads(path.read_text())["entries"]["k"]["choice"] == "a"
+    assert path.read_bytes() == content  # not someone's file lost
+    assert cache.get("k") == "a"  # the decision is kept in memory
+    calls.clear()
+    assert autotune.choose("k", ("a",), run, time_us, cache=cache) == "a"
+    assert calls == []  # decided: not timed again
 
 
 def test_other_version_is_measured_again_and_stale_choice_retuned(tmp_path):
@@ -264,3 +268,43 @@ def test_narrow_table_tiles_match_the_oracle(emulated, gen):
     out = torch.full((m, n), math.nan, dtype=torch.bfloat16)
     choices.run_choice("lut-narrow", x, planes, scales, ids, None, out, 2, True, dt)
     assert_close(out, oracle(x, planes, scales, ids), "narrow tiles")
+
+
+def test_forget_leaves_anything_but_a_decision_file_alone(tmp_path):
+    from qdelta.errors import FileError, FormatError
+
+    foreign = tmp_path / "weights.safetensors"
+    foreign.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(FormatError, match="not removing"):
+        autotune.forget(autotune.DecisionCache(foreign))
+    assert foreign.read_bytes() == b"\x08\x00\x00\x00\x00\x00\x00\x00{}"
+    with pytest.raises(FileError, match="found a directory"):
+        autotune.forget(autotune.DecisionCache(tmp_path))
+    assert autotune.forget(autotune.DecisionCache(tmp_path / "none.json")) == 0
+    assert autotune.forget(autotune.DecisionCache(foreign / "below.json")) == 0
+
+
+def test_a_directory_as_decision_file_is_left_alone(tmp_path):
+    cache = autotune.DecisionCache(tmp_path)
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 2.0, "b": 1.0}, calls)
+    with pytest.warns(autotune.AutotuneWarning, match="found a directory; it is left alone"):
+        assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
+
+
+def test_malformed_entries_are_skipped_not_trusted(tmp_path):
+    path = tmp_path / "tune.json"
+    entries = {
+        "good": {"choice": "a", "us": {"a": 1.0, "b": None}},
+        "us-list": {"choice": "a", "us": [1, 2]},
+        "us-text": {"choice": "a", "us": {"a": "fast"}},
+        "choice-list": {"choice": ["a"], "us": {}},
+    }
+    path.write_text(json.dumps({"format": autotune.FORMAT, "version": 1, "entries": entries}))
+    with pytest.warns(autotune.AutotuneWarning, match="3 malformed"):
+        assert list(autotune.recorded(autotune.DecisionCache(path))) == ["good"]
+    cache = autotune.DecisionCache(path)
+    with pytest.warns(autotune.AutotuneWarning, match="malformed"):
+        cache.put("new", "b", {"b": 1.0})  # rewriting drops the malformed entries
+    assert sorted(json.loads(path.read_text())["entries"]) == ["good", "new"]

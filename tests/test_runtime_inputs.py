@@ -193,7 +193,10 @@ def test_non_finite_params_are_refused_at_add_tenant(model, delta, value):
 def test_complex_or_non_tensor_params_are_refused(model, delta):
     fp = delta.base_fingerprint
     complex_value = torch.ones(48, dtype=torch.complex64)
-    with pytest.raises(qdelta.DTypeError, match=r"model.norm.weight.*base.s kind .torch.float32., found torch.complex64"):
+    with pytest.raises(
+        qdelta.DTypeError,
+        match=r"model.norm.weight.*base.s kind .torch.float32., found torch.complex64",
+    ):
         model.add_tenant("c", qdelta.Delta({}, {"model.norm.weight": complex_value}, fp))
     with pytest.raises(qdelta.DTypeError, match=r"model.norm.weight.*found list"):
         model.add_tenant("l", qdelta.Delta({}, {"model.norm.weight": [1.0] * 48}, fp))

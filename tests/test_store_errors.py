@@ -199,6 +199,25 @@ def test_directory_where_a_file_is_expected(tmp_path, rng):
         make_delta(rng).save(tmp_path / "dir.qdelta")
 
 
+def test_fifo_in_a_store_is_refused_without_hanging(tmp_path, rng):
+    store = qdelta.DeltaStore(tmp_path / "s")
+    store.add("a", make_delta(rng, tenant="a"))
+    os.mkfifo(tmp_path / "s" / "b.qdelta")  # nobody ever writes to it
+    with pytest.raises(qdelta.FileError, match=r"expected a regular \.qdelta file, found a FIFO"):
+        store.open("b")
+    assert store.open("a").tenant == "a"
+
+
+def test_file_rewritten_in_place_while_mapped(good):
+    f = qdelta.DeltaFile(good)
+    name = f.tensors[0][0]
+    size = good.stat().st_size
+    os.truncate(good, size // 2)  # what `cp new old` does for a moment
+    for call in (f.verify, lambda: f.tensor(name)):
+        with pytest.raises(qdelta.FileError, match="changed size while mapped"):
+            call()
+
+
 def test_file_where_a_store_directory_is_expected(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(qdelta.FileError, match=r"expected a directory .* found a file"):

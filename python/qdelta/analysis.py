@@ -44,7 +44,7 @@ from qdelta.algebra import DenseDelta, as_dense, dense_delta
 from qdelta.atomic_io import write_text_atomic
 from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
-from qdelta.errors import AlgebraError, ShapeError
+from qdelta.errors import AlgebraError, FileError, ShapeError
 from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, load
 
@@ -216,10 +216,9 @@ def plot_analysis(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_title("weight decomposition per layer (DoRA analysis)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from qdelta.plots import save_figure
+
+    return save_figure(fig, path, dpi=120)
 
 
 def _layer_type(name: str) -> tuple[str, str]:
@@ -272,7 +271,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("finetuned", nargs="+", help="fine-tuned model dirs or .qdelta files")
     parser.add_argument("--json", default=None, help="write the statistics as JSON")
     parser.add_argument("--plot", default=None, help="write a PNG of dM vs dD per layer")
-    parser.add_argument("--planes", type=int, default=3, help="max planes for errors (3)")
+    from qdelta.cli import int_at_least
+
+    parser.add_argument(
+        "--planes",
+        type=int_at_least(1, MAX_PLANES),
+        default=3,
+        help=f"max planes for errors (1..{MAX_PLANES}, default 3)",
+    )
     parser.add_argument(
         "--steps",
         action="store_true",
@@ -282,6 +288,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _plot_formats() -> dict[str, str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def check_outputs(args: Any) -> None:
+    """``--json`` / ``--plot``, checked before the (slow) analysis: a FileError unless
+    each can be written without touching an input or writing into a folder."""
+    from qdelta.atomic_io import check_output
+
+    inputs = [args.base, *args.finetuned]
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output(path, flag, inputs)
+    if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
+        raise FileError(f"--json and --plot: expected two different files, found {args.json}")
+    if args.plot:
+        suffix = Path(args.plot).suffix.lstrip(".").lower() or "png"
+        if suffix not in _plot_formats():
+            raise FileError(
+                f"--plot {args.plot}: expected an image suffix ({', '.join(_plot_formats())}), "
+                f"found .{suffix}"
+            )
+
+
 def run_analyze(args: Any) -> int:
     """The ``qdelta analyze`` command."""
     import sys
@@ -289,6 +321,7 @@ def run_analyze(args: Any) -> int:
     from qdelta.errors import QDeltaError
 
     try:
+        check_outputs(args)
         result = analyze(
             args.base,
             args.finetuned,
@@ -296,7 +329,8 @@ def run_analyze(args: Any) -> int:
             steps=bool(getattr(args, "steps", False)),
         )
     except QDeltaError as e:
-        print(f"qdelta analyze: {type(e).__name__}: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())
+        print(f"qdelta analyze: error: {type(e).__name__}: {message}", file=sys.stderr)
         return 1
     print(format_analysis(result))
     if args.json:

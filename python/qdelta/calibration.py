@@ -70,7 +70,18 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
             raise CalibrationError(
                 f"calibration: expected a text file path (or a list of strings), found no file {path}"
             )
-        return _windows(_encode(tokenizer, path.read_text(encoding="utf-8"), str(path)), seq_len)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CalibrationError(
+                f"calibration file {path}: expected UTF-8 text, found byte "
+                f"0x{e.object[e.start]:02x} at offset {e.start} ({e.reason})"
+            ) from e
+        except OSError as e:
+            raise CalibrationError(
+                f"calibration file {path}: expected a readable file, found {e}"
+            ) from e
+        return _windows(_encode(tokenizer, text, str(path)), seq_len)
     if isinstance(calib, Sequence) and all(isinstance(s, str) for s in calib):
         return [_encode(tokenizer, s, "text")[:seq_len] for s in calib]
     raise CalibrationError(

@@ -4,7 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an int in ``low..high`` (no upper bound without ``high``),
+    else a one-line usage error naming what was expected and what was found."""
+    expected = f"an int >= {low}" if high is None else f"an int in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {value}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -90,16 +108,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_autotune(args: argparse.Namespace) -> int:
+    import warnings
     from pathlib import Path
 
     from qdelta.kernels import autotune
 
     cache = autotune.DecisionCache(Path(args.file) if args.file else None)
     path = cache._file_path()
+    # Skipped malformed entries are reported as one line each, not a warning's source dump.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", autotune.AutotuneWarning)
+        if args.clear:
+            count = autotune.forget(cache)  # refuses anything that is not a decision file
+        else:
+            entries = autotune.recorded(cache, strict=True)
+    for w in caught:
+        print(f"qdelta autotune: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     if args.clear:
-        print(f"removed {autotune.forget(cache)} decisions from {path}")
+        print(f"removed {count} decisions from {path}")
         return 0
-    entries = autotune.recorded(cache)
     print(f"{len(entries)} kernel decisions in {path}")
     for key, entry in sorted(entries.items()):
         times = {c: t for c, t in (entry.get("us") or {}).items() if t is not None}
@@ -118,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
     demo.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
-    demo.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
+    demo.add_argument(
+        "--steps", type=int_at_least(0), default=None, help="distillation steps (default 200)"
+    )
     demo.set_defaults(func=_cmd_demo)
     ev = sub.add_parser(
         "eval", help="held-out perplexity of every zoo tenant: base, fine-tune, 1/2/3-bit deltas"
@@ -127,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
     ev.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
-    ev.add_argument("--steps", type=int, default=None, help="distillation steps (default 200)")
+    ev.add_argument(
+        "--steps", type=int_at_least(0), default=None, help="distillation steps (default 200)"
+    )
     ev.set_defaults(func=_cmd_eval)
     inspect = sub.add_parser(
         "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"
@@ -144,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--bits", type=int, default=1, help="sign planes per layer (default 1)")
     comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
     comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
-    comp.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    comp.add_argument(
+        "--steps", type=int_at_least(0), default=200, help="distillation steps (default 200)"
+    )
     comp.add_argument("--seed", type=int, default=0)
     comp.set_defaults(func=_cmd_compress)
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
@@ -155,8 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     ring = sub.add_parser(
         "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
     )
-    ring.add_argument("--world-size", type=int, default=2)
-    ring.add_argument("--seq-len", type=int, default=1024)
+    ring.add_argument("--world-size", type=int_at_least(1), default=2, help="ranks (default 2)")
+    ring.add_argument(
+        "--seq-len",
+        type=int_at_least(1),
+        default=1024,
+        help="random input tokens (default 1024; at least one per chunk of the layout)",
+    )
     ring.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     ring.add_argument("--seed", type=int, default=0)
     ring.add_argument(

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from qdelta.atomic_io import check_output
 from qdelta.compress import compress
 from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, QDeltaError
@@ -76,6 +77,9 @@ def _dense_bytes(model, delta: Delta) -> int:
 
 
 def run_compress(args: argparse.Namespace) -> int:
+    # Before any work: -o must not be (or be inside the model dirs as) an existing input.
+    inputs = [args.base, args.finetuned, *([args.calib] if args.calib else [])]
+    check_output(args.output, "-o", inputs)
     base = load_hf_model(args.base)
     finetuned = load_hf_model(args.finetuned)
     tokenizer = calibration_tokenizer(args.finetuned, args.base, finetuned) if args.calib else None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qdelta.atomic_io import ensure_dir, write_text_atomic
 from qdelta.compress import compress
 from qdelta.memory import LLAMA_7B, LlamaShape, llama_serving_bytes
 from qdelta.nn import merge
@@ -204,7 +205,7 @@ def run_demo(
     """Run the whole demo; returns (and writes to ``out_dir/demo.json``) every number."""
     started = time.perf_counter()
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out")  # a file there is a clear error, not FileExistsError
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     print(f"[1/6] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)
@@ -255,9 +256,7 @@ def run_demo(
         "plots": plots,
         "seconds": time.perf_counter() - started,
     }
-    tmp = out / ".demo.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "demo.json")
+    write_text_atomic(out / "demo.json", json.dumps(result, indent=2))
     print(f"\nresults: {out} (demo.json, quality.json, *.png, deltas/)")
     print(f"done in {result['seconds']:.0f} s")
     return result

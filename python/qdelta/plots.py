@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from qdelta.atomic_io import atomic_open
 from qdelta.eval import ResultRow
 
 # (variant, bits per weight) for the two series: greedy initial scales, distilled scales.
@@ -20,6 +21,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it;
+    the format follows the suffix (PNG without one)."""
+    path = Path(path)
+    try:
+        with atomic_open(path, "wb") as f:
+            # The temporary's name ends in .tmp, so the format is given, not guessed.
+            fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
+    return path
 
 
 def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
@@ -45,10 +59,7 @@ def plot_quality(rows: Sequence[ResultRow], path: str | Path) -> Path:
     axes[0][0].set_ylabel("perplexity (held-out, per byte)")
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_memory(
@@ -83,7 +94,4 @@ def plot_memory(
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

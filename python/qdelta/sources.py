@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qdelta.errors import ModelMismatchError
+from qdelta.errors import FileError, FormatError, ModelMismatchError
 
 ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 LayerKind = Literal["linear", "conv1d", "embedding"]
@@ -29,12 +29,34 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
             f"{directory}: expected a Hugging Face model directory with config.json, found none"
         )
     import transformers
+    from safetensors import SafetensorError
 
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    config_file = directory / "config.json"
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except OSError as e:  # transformers' word for unreadable or invalid JSON
+        raise FormatError(
+            f"{config_file}: expected a readable Hugging Face config (JSON), found: "
+            f"{' '.join(str(e).split())}"
+        ) from e
+    except ValueError as e:  # e.g. an unknown model_type
+        raise FormatError(f"{config_file}: expected a known model config, found: {e}") from e
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
     cls = cls or transformers.AutoModel
-    model = cls.from_pretrained(directory, local_files_only=True)
+    try:
+        model = cls.from_pretrained(directory, local_files_only=True)
+    except SafetensorError as e:  # truncated or corrupt weights
+        files = ", ".join(p.name for p in sorted(directory.glob("*.safetensors")))
+        raise FormatError(
+            f"{directory}: expected complete safetensors weights, found a damaged file "
+            f"({files or 'none'}): {e}"
+        ) from e
+    except OSError as e:  # no weights file, or one that cannot be read
+        raise FileError(
+            f"{directory}: expected model weights (model.safetensors), found: "
+            f"{' '.join(str(e).split())}"
+        ) from e
     return model.eval()
 
 

@@ -101,11 +101,18 @@ def _form_lines(f: DeltaFile) -> list[str]:
     lines = [f"stored form  {stored}, from {_SOURCES.get(source, source)}"]
     if source in ("lora", "dora") and "adapter_bytes" in meta:
         planes_bytes = sum(n for t, _, _, n in f.tensors if t not in f._file.params)
-        adapter = int(meta["adapter_bytes"])
-        smaller = "adapter" if adapter < planes_bytes else "planes"
+        try:
+            adapter: int | None = int(meta["adapter_bytes"])
+        except (TypeError, ValueError):  # user metadata is free text: show it as written
+            adapter = None
+        if adapter is None:
+            shown, smaller = repr(meta["adapter_bytes"]), ""
+        else:
+            shown = _fmt_bytes(adapter)
+            smaller = f" (smaller: {'adapter' if adapter < planes_bytes else 'planes'})"
         lines.append(
             f"vs adapter   rank {meta.get('lora_rank', '?')} {source} adapter: "
-            f"{_fmt_bytes(adapter)}; these planes: {_fmt_bytes(planes_bytes)} (smaller: {smaller})"
+            f"{shown}; these planes: {_fmt_bytes(planes_bytes)}{smaller}"
         )
     return lines
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from qdelta.atomic_io import write_json_atomic
-from qdelta.errors import ZooError
+from qdelta.errors import FileError, FormatError
 
 TOKENIZER_FILE = "qdelta_tokenizer.json"
 
@@ -53,11 +53,22 @@ class ByteTokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> ByteTokenizer:
         path = Path(directory) / TOKENIZER_FILE
-        try:
-            spec = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ZooError(f"expected a byte tokenizer file at {path}, found: {e}") from e
         tok = cls()
-        if spec.get("type") != "qdelta-byte" or spec.get("specials") != tok.specials:
-            raise ZooError(f"{path}: expected {tok.to_dict()}, found {spec}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise FileError(f"expected a byte tokenizer file at {path}, found: {e}") from e
+        except ValueError as e:  # not UTF-8
+            raise FormatError(f"{path}: expected {tok.to_dict()} as JSON, found: {e}") from e
+        try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise FormatError(f"{path}: expected {tok.to_dict()} as JSON, found: {e}") from e
+        # Any JSON value may be there ([] or a number): check it is the object we write.
+        if (
+            not isinstance(spec, dict)
+            or spec.get("type") != "qdelta-byte"
+            or spec.get("specials") != tok.specials
+        ):
+            raise FormatError(f"{path}: expected {tok.to_dict()}, found {spec!r:.200}")
         return tok

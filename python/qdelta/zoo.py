@@ -39,9 +39,9 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from qdelta.atomic_io import write_json_atomic
+from qdelta.atomic_io import ensure_dir, write_json_atomic
 from qdelta.corpus import DOMAINS, DomainCorpus, build_domain
-from qdelta.errors import ZooError
+from qdelta.errors import FileError, FormatError, ZooError
 from qdelta.eval import perplexity
 from qdelta.tokenizer import ByteTokenizer
 
@@ -555,22 +555,46 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
             f"expected a complete zoo with {MANIFEST} in {root}, found: {e}; "
             f"delete the directory to rebuild it"
         ) from e
-    config = ZooConfig.from_dict(manifest["config"])
-    domains = sorted(manifest["corpora"])
-    models = manifest["models"]
+    rebuild = f"delete {root} to rebuild it"
+    try:
+        config = ZooConfig.from_dict(manifest["config"])
+        domains = sorted(manifest["corpora"])
+        models = manifest["models"]
+        tenants = {
+            n: Tenant(n, m["domain"], m["kind"], root / m["path"])
+            for n, m in models.items()
+            if m["listed"]
+        }
+        ingredients = {n: root / m["path"] for n, m in models.items() if not m["listed"]}
+    except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or foreign zoo.json
+        found = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ZooError(
+            f"{root / MANIFEST}: expected a zoo manifest with config, corpora and models, "
+            f"found {found}; {rebuild}"
+        ) from e
+
+    def text(name: str) -> str:
+        try:
+            return (root / "data" / name).read_text()
+        except (OSError, ValueError) as e:
+            raise ZooError(
+                f"{root}: expected a complete zoo with data/{name}, found {type(e).__name__}: "
+                f"{e}; {rebuild}"
+            ) from e
+
+    try:
+        tokenizer = ByteTokenizer.load(root / "base")
+    except (FileError, FormatError) as e:
+        raise ZooError(f"{root}: {e}; {rebuild}") from e
     return Zoo(
         root=root,
         config=config,
         base_dir=root / "base",
-        tenants={
-            n: Tenant(n, m["domain"], m["kind"], root / m["path"])
-            for n, m in models.items()
-            if m["listed"]
-        },
-        ingredients={n: root / m["path"] for n, m in models.items() if not m["listed"]},
-        eval_texts={d: (root / "data" / f"{d}.eval.txt").read_text() for d in domains},
-        train_texts={d: (root / "data" / f"{d}.train.txt").read_text() for d in domains},
-        tokenizer=ByteTokenizer.load(root / "base"),
+        tenants=tenants,
+        ingredients=ingredients,
+        eval_texts={d: text(f"{d}.eval.txt") for d in domains},
+        train_texts={d: text(f"{d}.train.txt") for d in domains},
+        tokenizer=tokenizer,
         manifest=manifest,
         built=built,
     )
@@ -599,7 +623,7 @@ def build_zoo(
                 f"found {zoo.manifest.get('key')}; delete the directory to rebuild it"
             )
         return zoo
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cache_dir, "zoo cache")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=cache_dir))
     try:
         with warnings.catch_warnings():

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qdelta.atomic_io import ensure_dir
 from qdelta.compress import compress
 from qdelta.delta import Delta
 from qdelta.distill import DistillResult, distill
@@ -140,7 +141,7 @@ def run_eval(
 ) -> list[ResultRow]:
     """``qdelta eval``: build (or find cached) the zoo and evaluate every tenant into ``out_dir``."""
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out")  # a file there is a clear error, not FileExistsError
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     zoo = build_zoo(config, cache_dir, progress=progress)

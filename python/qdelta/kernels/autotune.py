@@ -9,7 +9,9 @@ that class runs the winner. Decisions are kept in memory and in a JSON file
 by the device name and a hash of the kernel source, so a new card or an edited
 kernel is measured afresh. The file is written atomically and re-read before
 each write (two processes tuning at once lose nothing but a duplicate timing);
-an unreadable file is reported once and replaced.
+anything at that path that is not a decision file (unreadable, another format,
+a directory, a FIFO) is reported and left alone: decisions then stay in memory.
+Malformed entries are skipped.
 
 Off by default: ``QDELTA_AUTOTUNE=1`` or ``qdelta.kernels.autotune.ENABLED = True``.
 While a CUDA graph is being captured nothing is timed: a shape class without a
@@ -21,11 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qdelta.atomic_io import write_json_atomic
+from qdelta.errors import FileError, FormatError, QDeltaError
 
 FORMAT = "qdelta-autotune"
 VERSION = 1
@@ -53,6 +57,18 @@ def cache_path() -> Path:
     )
 
 
+def _well_formed(entry: object) -> bool:
+    """``{"choice": str, "us": {candidate: number or None}}``, as ``put`` writes it."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("choice"), str):
+        return False
+    times = entry.get("us", {})
+    return isinstance(times, dict) and all(
+        isinstance(c, str)
+        and (t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)))
+        for c, t in times.items()
+    )
+
+
 class DecisionCache:
     """Decisions in memory, backed by one JSON file (``{"entries": {key: {...}}}``)."""
 
@@ -64,32 +80,67 @@ class DecisionCache:
     def _file_path(self) -> Path:
         return self.path if self.path is not None else cache_path()
 
-    def _read_file(self) -> dict[str, dict]:
+    def _load(self) -> tuple[dict[str, dict], type[QDeltaError] | None, str, list[str]]:
+        """``(entries, error, problem, malformed)``: the well-formed decisions; when the
+        file is not a decision file, the error class and what is wrong (else None, "");
+        the keys of malformed entries. A missing file is an empty, valid one."""
         path = self._file_path()
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            warnings.warn(
-                f"autotune cache {path}: expected a {FORMAT} JSON file, found unreadable "
-                f"content ({exc}); it will be replaced",
-                AutotuneWarning,
-                stacklevel=4,
-            )
-            return {}
+            # O_NONBLOCK: opening a FIFO must not hang; fstat then refuses it.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}, None, "", []
+        except OSError as exc:
+            return {}, FileError, f"expected a readable {FORMAT} JSON file, found {exc}", []
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            found = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            return {}, FileError, f"expected a regular {FORMAT} JSON file, found {found}", []
+        with os.fdopen(fd, "rb") as f:
+            try:
+                data = json.loads(f.read())
+            except (OSError, ValueError) as exc:
+                problem = f"expected a {FORMAT} JSON file, found unreadable content ({exc})"
+                return {}, FormatError, problem, []
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            warnings.warn(
-                f"autotune cache {path}: expected format {FORMAT!r}, found "
-                f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}; "
-                "it will be replaced",
-                AutotuneWarning,
-                stacklevel=4,
-            )
-            return {}
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            return {}, FormatError, f"expected format {FORMAT!r}, found {found!r}", []
         if data.get("version") != VERSION or not isinstance(data.get("entries"), dict):
-            return {}  # another version's decisions: measure again
-        return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
+            return {}, None, "", []  # another version's decisions: measure again
+        entries: dict[str, dict] = {}
+        malformed: list[str] = []
+        for key, entry in data["entries"].items():
+            if _well_formed(entry):
+                entries[key] = entry
+            else:
+                malformed.append(key)
+        return entries, None, "", malformed
+
+    def _warn(self, error, problem: str, malformed: list[str], stacklevel: int) -> None:
+        path = self._file_path()
+        if error is not None:
+            fate = "it is left alone and decisions stay in memory (delete it to keep them)"
+            warnings.warn(
+                f"autotune cache {path}: {problem}; {fate}", AutotuneWarning, stacklevel=stacklevel
+            )
+        if malformed:
+            warnings.warn(
+                f"autotune cache {path}: expected entries {{'choice': str, 'us': {{name: "
+                f"float | null}}}}, found {len(malformed)} malformed ({', '.join(malformed)}); "
+                "skipped them",
+                AutotuneWarning,
+                stacklevel=stacklevel,
+            )
+
+    def _read_file(self, strict: bool = False) -> dict[str, dict]:
+        """The well-formed decisions; a file that is not a decision file warns (or with
+        ``strict`` raises), malformed entries warn and are skipped."""
+        entries, error, problem, malformed = self._load()
+        if error is not None and strict:
+            raise error(f"autotune cache {self._file_path()}: {problem}")
+        self._warn(error, problem, malformed, stacklevel=5)
+        return entries
 
     def get(self, key: str) -> str | None:
         if not self._loaded:
@@ -103,7 +154,11 @@ class DecisionCache:
     def put(self, key: str, choice: str, times_us: dict[str, float]) -> None:
         self._memory[key] = choice
         path = self._file_path()
-        entries = self._read_file()  # merge with what other processes wrote meanwhile
+        # Merge with what other processes wrote meanwhile.
+        entries, error, problem, malformed = self._load()
+        self._warn(error, problem, malformed, stacklevel=4)
+        if error is not None:  # never replace what is not a decision file: it may be the user's
+            return
         entries[key] = {
             "choice": choice,
             "us": {c: (t if math.isfinite(t) else None) for c, t in times_us.items()},
@@ -129,18 +184,32 @@ class DecisionCache:
 CACHE = DecisionCache()
 
 
-def recorded(cache: DecisionCache | None = None) -> dict[str, dict]:
-    """Every decision in the decision file: key -> ``{"choice", "us"}`` (nothing is timed)."""
-    return (CACHE if cache is None else cache)._read_file()
+def recorded(cache: DecisionCache | None = None, *, strict: bool = False) -> dict[str, dict]:
+    """Every decision in the decision file: key -> ``{"choice", "us"}`` (nothing is timed).
+
+    Malformed entries are skipped with an :class:`AutotuneWarning`; a file that is not
+    a decision file warns too, or with ``strict`` raises FileError / FormatError."""
+    return (CACHE if cache is None else cache)._read_file(strict=strict)
 
 
 def forget(cache: DecisionCache | None = None) -> int:
-    """Delete the decision file and the in-memory decisions; the number of entries dropped."""
+    """Delete the decision file and the in-memory decisions; the number of entries dropped.
+
+    Only a decision file is deleted: anything else (another file at that path, a
+    directory, a FIFO) is left alone with a FileError / FormatError."""
     cache = CACHE if cache is None else cache
-    count = len(cache._read_file())
-    cache._file_path().unlink(missing_ok=True)
+    path = cache._file_path()
+    entries, error, problem, malformed = cache._load()
+    if error is not None:
+        raise error(f"autotune cache {path}: {problem}; not removing it")
+    try:
+        path.unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise FileError(f"autotune cache {path}: expected a removable file, found {exc}") from exc
     cache.clear()
-    return count
+    return len(entries) + len(malformed)
 
 
 def choose(

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from qdelta.errors import FileError
+from qdelta.ring.errors import RingError
 from qdelta.ring.launch import spawn_ring
 from qdelta.ring.layout import unshard
 
@@ -40,7 +42,22 @@ def tiny_llama(seed: int = 0, max_positions: int = 8192):
 def _load(model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # A local directory only: a name like "nope" must not become a hub download.
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileError(
+            f"--model {model_dir}: expected a local model directory with config.json, found "
+            + ("no config.json in it" if Path(model_dir).is_dir() else "no such directory")
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError) as e:  # bad config, missing / unreadable weights
+        raise FileError(
+            f"--model {model_dir}: expected a loadable causal LM checkpoint, found: "
+            f"{' '.join(str(e).split())}"
+        ) from e
+    return model.eval()
 
 
 def _rank_logits(rank, world_size, model_dir, input_ids, layout):
@@ -67,6 +84,13 @@ def run_ring_demo(
     """Run the demo; return ``{"max_abs_error", "ok", ...}`` and print a summary.
     ``input_ids`` (``[1, S]``, e.g. tokenized text) replaces the random input of
     ``seq_len`` tokens."""
+    length = seq_len if input_ids is None else int(input_ids.shape[-1])
+    chunks = max(world_size, 1) * (2 if layout == "zigzag" else 1)
+    if world_size < 1 or length < chunks:  # checked before any model is built or loaded
+        raise RingError(
+            f"expected world size >= 1 and at least {chunks} tokens (one per "
+            f"{layout} chunk), found world size {world_size} and {length} tokens"
+        )
     with tempfile.TemporaryDirectory(prefix="qdelta-ring-demo-") as tmp:
         if model_dir is None:
             model_dir = str(Path(tmp) / "model")
