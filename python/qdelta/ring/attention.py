@@ -144,15 +144,18 @@ def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
         (merge_fused_ if fast else merge_)(out[:, :, qs], lse[:, :, qs], bo, bl)
 
 
-def _accumulate_grad(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq):
-    """Add this K/V block's share to dq; return the block's (dk, dv) share.
+def _accumulate_grad(
+    plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse, dout, dlse, dq, into=None
+):
+    """Add this K/V block's share to dq; return the block's (dk, dv).
 
-    The accumulators are made lazily: a pair that covers the whole block hands its
-    own gradients over (no zeroed block, no copy), which takes two block-sized
-    buffers off a rank's peak memory.
+    ``into``: the block's (dk, dv) accumulators, added to in place and returned.
+    Without them they are made lazily: a pair that covers the whole block hands
+    its own gradients over (no zeroed block, no copy), which takes two
+    block-sized buffers off a rank's peak memory.
     """
     acc = dq.dtype
-    dk = dv = None
+    dk, dv = (None, None) if into is None else into
     whole = slice(0, k.shape[2])
     for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
         bdq, bdk, bdv = block_attention_backward(
@@ -227,13 +230,21 @@ def _ring_backward(plan, kv_comm, grad_comm, rank, q, k, v, seg, out, lse, dout,
             nxt = (rank - step - 1) % w
             incoming = kv_comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
             kv_comm.commit()
-        dk, dv = _accumulate_grad(
-            plan, rank, src, q, seg, block[0], block[1], _third(block), out, lse, dout, dlse, dq
-        )
+        # This block's accumulator (sent on by the previous rank one step ago) is
+        # waited for before computing, and this step adds into it: the pair sent
+        # last step is released by the wait and no second pair is made, four
+        # block-sized buffers off the peak. The price: the dK/dV transfer is not
+        # hidden behind this step's compute (the K/V transfer still is).
+        into = None
         if grad_in is not None:
             grad_comm.wait()
-            dk += grad_in[0]
-            dv += grad_in[1]
+            into, grad_in = grad_in, None
+        dk = dv = None  # the pair sent last step: free once the transfer is done
+        dk, dv = _accumulate_grad(
+            plan, rank, src, q, seg, block[0], block[1], _third(block), out, lse, dout, dlse,
+            dq, into,
+        )  # fmt: skip
+        into = None
         if w > 1:
             # Hand block src's gradient on; receive the one of the block we get next
             # (after the last step: our own block's, home after a full turn).
@@ -386,12 +397,10 @@ class _VirtualRingAttention(torch.autograd.Function):
         for r in range(w):
             for step in range(w):
                 src = (r - step) % w
-                dk, dv = _accumulate_grad(
+                _accumulate_grad(
                     plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src],
-                    outs[r], lses[r], dos[r], dlses[r], dqs[r],
+                    outs[r], lses[r], dos[r], dlses[r], dqs[r], (dks[src], dvs[src]),
                 )  # fmt: skip
-                dks[src] += dk
-                dvs[src] += dv
         dq, dk, dv = (unshard(g, layout=lay) for g in (dqs, dks, dvs))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 

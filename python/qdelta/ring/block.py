@@ -301,9 +301,10 @@ def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv
         attn_mask=bias,
         scale=scale,
     )
-    dk = dk.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
-    dv = dv.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
-    return dq.to(acc), dk, dv
+    if hq != hkv:  # GQA: the query heads of a group share one K/V head's gradient
+        dk = dk.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+        dv = dv.to(acc).reshape(b, hkv, hq // hkv, sk, d).sum(2)
+    return dq.to(acc), dk.to(acc), dv.to(acc)
 
 
 # ---------------------------------------------------------------- sdpa backend
