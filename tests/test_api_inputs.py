@@ -285,3 +285,75 @@ def test_compress_refuses_a_bad_scale_mode_and_meta_tensors():
     meta = _model().to("meta")
     with pytest.raises(qdelta.DTypeError, match="found a meta tensor"):
         qdelta.compress(meta, _model(1))
+
+
+# ---------------------------------------------------------------- cached kernel state
+
+
+def _mt_with_two_tenants(rng, n=64, k=96):
+    mt = qdelta.MultiTenantLinear(nn.Linear(k, n))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    for name in ("a", "b"):
+        planes, scales = qdelta.pack_residual(torch.randn(n, k, generator=gen) * 0.05, bits=2)
+        mt.add_tenant(name, qdelta.PackedLayer(planes, scales, (n, k)))
+    return mt
+
+
+def _mt_reference(mt, x, ids):
+    """float64, row by row, from the layer's current stack tensors."""
+    w = mt.base_layer.weight.double()
+    out = x.double() @ w.T + mt.base_layer.bias.double()
+    signs = (
+        1.0
+        - 2.0
+        * torch.from_numpy(
+            np.unpackbits(mt.planes.numpy().view(np.uint8), axis=-1, bitorder="little")
+        )[..., : mt.in_features].double()
+    )  # [T, P, N, K]
+    dense = (signs * mt.scales.double()[..., None]).sum(1)  # [T, N, K]
+    for r, t in enumerate(ids.tolist()):
+        if t >= 0:
+            out[r] += x[r].double() @ dense[mt._slots[t]].T
+    return out
+
+
+@pytest.mark.parametrize("rows", [4, 40])  # the fused plan and the add-into path
+@pytest.mark.parametrize("change", ["share_memory", "data", "reassign"])
+def test_cached_stack_follows_moved_or_replaced_storage(rng, rows, change):
+    mt = _mt_with_two_tenants(rng)
+    ids = torch.tensor([i % 3 - 1 for i in range(rows)])  # -1, a, b, ...
+    x = torch.randn(rows, mt.in_features)
+    with torch.no_grad():
+        mt(x, ids)  # builds the cached stack (and the fused plan for few rows)
+        if change == "share_memory":
+            mt.share_memory()  # moves the storage: the old memory is freed
+        elif change == "data":
+            mt.scales.data = torch.randn_like(mt.scales)
+        else:
+            mt.scales = mt.scales * 2
+        got = mt(x, ids)
+    torch.testing.assert_close(got.double(), _mt_reference(mt, x, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_out_must_not_overlap_inputs_or_need_grad():
+    from qdelta.kernels import cpu
+
+    b = torch.randn(5, 8)
+    with pytest.raises(qdelta.ShapeError, match="out: expected memory not shared with x"):
+        cpu.rms_norm_rows(b[:-1], torch.ones(1, 8), 1e-6, b[1:])
+    x = torch.randn(3, 40)
+    planes = torch.zeros(1, 1, 40, 2, dtype=torch.int32)
+    scales = torch.ones(1, 1)
+    ids = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(qdelta.ShapeError, match="overlap"):
+        cpu.multi_tenant_delta_matmul(x, planes, scales, ids, out=x)
+    with pytest.raises(qdelta.QDeltaError, match="out: expected a tensor that needs no gradient"):
+        cpu.multi_tenant_delta_matmul(
+            x, planes, scales, ids, out=torch.zeros(3, 40, requires_grad=True)
+        )
+    # Disjoint views of one storage are fine.
+    buf = torch.zeros(2, 5, 8)
+    buf[0] = torch.randn(5, 8)
+    cpu.rms_norm_rows(buf[0], torch.ones(1, 8), 1e-6, buf[1])
+    want = buf[0] / buf[0].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(buf[1], want, atol=1e-6, rtol=1e-5)

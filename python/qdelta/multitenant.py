@@ -394,8 +394,10 @@ class _FusedPlan:
         ):
             return False
         base = self.base
+        buffers = layer._buffers
         if (
             layer._modules["base_layer"] is not base
+            or not self.stack.current(buffers["planes"], buffers["scales"])
             or base._parameters["weight"] is not self.weight_param
             or base._parameters.get("bias") is not self.bias_param
             or cpu._version(tenant_ids) != self.version

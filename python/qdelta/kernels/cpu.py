@@ -98,7 +98,7 @@ def multi_tenant_delta_matmul(
     if out is not None:
         if _on_cpu(out, "out").dtype != torch.float32:
             raise DTypeError(f"out: expected float32, found {out.dtype}")
-        out_arr = out.detach().numpy()
+        out_arr = _out_array(out, x=x)
     y = _core.delta_matmul(
         xa,
         name,
@@ -125,7 +125,11 @@ class PreparedStack:
     """
 
     def __init__(self, planes: torch.Tensor, scales: torch.Tensor) -> None:
+        # Identity and version catch in-place edits; the data pointers catch storage
+        # that moved under the same tensor (share_memory_(), ``.data = ...``), which
+        # would leave the arrays below pointing at freed memory.
         self._sources = (planes, _version(planes), scales, _version(scales))
+        self._pointers = (planes.data_ptr(), scales.data_ptr(), planes.shape, scales.shape)
         planes = _on_cpu(planes, "planes")
         scales = _on_cpu(scales, "scales")
         if planes.dim() != 4 or scales.dim() not in (2, 3):
@@ -142,6 +146,8 @@ class PreparedStack:
         return (
             p is planes and s is scales and pv is not None and sv is not None
             and pv == _version(planes) and sv == _version(scales)
+            and self._pointers
+            == (planes.data_ptr(), scales.data_ptr(), planes.shape, scales.shape)
         )  # fmt: skip
 
     def add_into(self, x: torch.Tensor, tenant_ids: np.ndarray, out: torch.Tensor) -> None:
@@ -184,7 +190,7 @@ def single_fused_linear(
     rows = out.numel() // max(out.shape[-1], 1)
     _core.fused_linear(
         _plain(x), weight, bias, _planes_array(planes)[None], _plain(scales)[None],
-        np.zeros(rows, dtype=np.int64), out.numpy(),
+        np.zeros(rows, dtype=np.int64), _out_array(out, x=x),
     )  # fmt: skip
 
 
@@ -198,14 +204,14 @@ def rowwise_linear(
     """``out[r] = x[r] @ weights[index[r]].T + biases[index[r]]`` (src/rowwise.rs):
     float32 contiguous CPU ``x`` ``[..., K]`` and ``out`` ``[..., N]``, float32
     ``[N, K]`` weights, ``[N]`` biases or None, int64 ``index`` (one per row)."""
-    _core.rowwise_linear(_plain(x), weights, biases, index, out.numpy())
+    _core.rowwise_linear(_plain(x), weights, biases, index, _out_array(out, x=x))
 
 
 def rms_norm_rows(x: torch.Tensor, weights: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     """``out[r] = weights[r // s] * x[r] / sqrt(mean(x[r]^2) + eps)`` (src/rmsnorm.rs):
     float32 contiguous CPU ``x`` and ``out`` ``[..., D]``, ``weights`` ``[G, D]``,
     ``s`` = rows / G."""
-    _core.rms_norm_rows(_plain(x), _plain(weights), eps, out.numpy())
+    _core.rms_norm_rows(_plain(x), _plain(weights), eps, _out_array(out, x=x, weights=weights))
 
 
 def packed_embedding(
@@ -220,7 +226,8 @@ def packed_embedding(
     (src/embedding.rs): float32 ``base`` ``[V, H]``, uint32 ``planes`` ``[T, P, V, W]``,
     float32 ``scales`` ``[T, P]`` / ``[T, P, V]``, int64 ``tokens`` (M of them) and
     ``tenants`` ``[M]`` (``-1`` = the base row), float32 ``out`` ``[..., H]``."""
-    _core.packed_embedding(_plain(base), planes, scales, tokens.numpy(), tenants, out.numpy())
+    out_arr = _out_array(out, base=base)
+    _core.packed_embedding(_plain(base), planes, scales, tokens.numpy(), tenants, out_arr)
 
 
 def gather_embedding(
@@ -228,7 +235,36 @@ def gather_embedding(
 ) -> None:
     """``out[m] = tables[table[m]][tokens[m]]`` (src/embedding.rs): float32 ``[V, H]``
     tables, int64 ``tokens`` (M of them) and ``table`` ``[M]``, float32 ``out``."""
-    _core.gather_embedding(tables, tokens.numpy(), table, out.numpy())
+    _core.gather_embedding(tables, tokens.numpy(), table, _out_array(out))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[first, last + 1)`` a strided tensor's elements lie in (torch
+    strides are never negative)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _out_array(out: torch.Tensor, **inputs: torch.Tensor) -> np.ndarray:
+    """The array a kernel writes ``out`` through, after the checks numpy cannot do
+    for torch views: no gradient to track (the write bypasses autograd) and no
+    memory shared with an input (the core reads inputs while writing ``out``)."""
+    if out.requires_grad:
+        raise QDeltaError(
+            "out: expected a tensor that needs no gradient (the kernel writes it in place, "
+            "unseen by autograd), found requires_grad=True"
+        )
+    if out.numel():
+        o0, o1 = _span(out)
+        for name, t in inputs.items():
+            if t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                a0, a1 = _span(t)
+                if a0 < o1 and o0 < a1:
+                    raise ShapeError(
+                        f"out: expected memory not shared with {name}, found the two overlap "
+                        "(pass a separate output tensor)"
+                    )
+    return out.numpy()
 
 
 def _plain(t: torch.Tensor) -> np.ndarray:
