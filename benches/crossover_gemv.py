@@ -8,12 +8,14 @@ the Rust delta matmul. Writes benches/results/gemv_crossover.json.
 from __future__ import annotations
 
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import machine_info  # benches/conftest.py: the CPU the numbers came from
 from qdelta import reference
 from qdelta.kernels import cpu
 from qdelta.kernels import reference as dense_path
@@ -42,7 +44,7 @@ def main() -> None:
             print(f"{n}x{n} M={m}: rust {rust:.1f} ms, reference {ref:.1f} ms, {ref / rust:.2f}x")
     out = Path("benches/results/gemv_crossover.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    machine = {**machine_info(), "torch_threads": torch.get_num_threads()}
     out.write_text(json.dumps({"machine": machine, "isa": cpu.ISA, "rows": rows}, indent=1))
 
 

@@ -49,10 +49,19 @@ pub fn packed_embedding(
             continue;
         }
         for p in 0..stack.shape.planes {
-            let alpha = match stack.mode {
-                ScaleMode::Matrix => stack.scales_of(t as usize, p)[0],
-                ScaleMode::Row => stack.scales_of(t as usize, p)[v],
+            let (alpha, at) = match stack.mode {
+                ScaleMode::Matrix => (stack.scales_of(t as usize, p)[0], 0),
+                ScaleMode::Row => (stack.scales_of(t as usize, p)[v], v),
             };
+            // As delta_matmul refuses them: a NaN / Inf scale would make the
+            // row NaN / Inf. Only the scales read are checked (one per row and
+            // plane), not a tenant's whole [P, V] table on every call.
+            if !alpha.is_finite() {
+                return Err(Error::NonFinite(format!(
+                    "delta scales: expected finite values, found {alpha} for tenant {t}, \
+                     plane {p}, index {at}"
+                )));
+            }
             if alpha == 0.0 {
                 continue; // a padding plane, or a token this tenant leaves alone
             }
@@ -101,6 +110,9 @@ pub fn gather_embedding(
             "table: expected indices in [0, {}), found {i} at position {r}",
             tables.len()
         )));
+    }
+    if width == 0 {
+        return Ok(()); // rows of no values: nothing to copy
     }
     for ((y, &v), &i) in out.chunks_exact_mut(width).zip(tokens).zip(table) {
         let v = v as usize;
@@ -188,6 +200,56 @@ mod tests {
         assert!(
             err.to_string().contains("tokens: expected ids in [0, 4)"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn non_finite_scales_of_a_used_tenant_are_an_error() {
+        let shape = stack_shape(2, 2, 4, 8);
+        let planes = vec![0u32; 2 * 2 * 4];
+        let base = vec![0f32; 32];
+        let mut out = vec![0f32; 16];
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // Matrix scales [2, 2]: tenant 1, plane 1 is bad.
+            let scales = [1.0, 0.5, 0.25, bad];
+            let st = stack(&planes, &scales, ScaleMode::Matrix, shape);
+            let e = packed_embedding(&base, &st, &[0, 1], &[0, 1], &mut out).unwrap_err();
+            assert!(matches!(e, Error::NonFinite(_)), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("delta scales: expected finite values")
+                    && msg.contains("tenant 1, plane 1"),
+                "{msg}"
+            );
+            // Row scales [2, 2, 4]: token 2's scale of tenant 0, plane 1 is bad.
+            let mut scales = vec![0.5f32; 16];
+            scales[6] = bad;
+            let st = stack(&planes, &scales, ScaleMode::Row, shape);
+            let e = packed_embedding(&base, &st, &[0, 2], &[-1, 0], &mut out).unwrap_err();
+            assert!(matches!(e, Error::NonFinite(_)), "{e}");
+            assert!(e.to_string().contains("tenant 0, plane 1, index 2"), "{e}");
+            // Scales no row reads (another tenant's, another token's) are
+            // not read: the rows are finite.
+            packed_embedding(&base, &st, &[2, 1], &[1, 0], &mut out).unwrap();
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn an_empty_width_gathers_nothing() {
+        let (a, b): (Vec<f32>, Vec<f32>) = (vec![], vec![]);
+        let mut out: Vec<f32> = vec![];
+        gather_embedding(&[&a, &b], 4, 0, &[3, 0, 1], &[1, 0, 1], &mut out).unwrap();
+        // The ids are still checked.
+        let e = gather_embedding(&[&a], 4, 0, &[4], &[0], &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("tokens: expected ids in [0, 4)"),
+            "{e}"
+        );
+        let e = gather_embedding(&[&a], 4, 0, &[0], &[1], &mut out).unwrap_err();
+        assert!(
+            e.to_string().contains("table: expected indices in [0, 1)"),
+            "{e}"
         );
     }
 

@@ -3,6 +3,7 @@
 //! owned buffers out; it never knows about torch. The PyO3 bindings live in
 //! `python.rs` behind the `python` feature so `cargo test` needs no libpython.
 
+pub mod args;
 pub mod bitplane;
 pub mod embedding;
 pub mod error;

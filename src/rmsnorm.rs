@@ -9,6 +9,26 @@
 
 use crate::error::{Error, Result};
 
+/// The array shapes of a call: `x` `[..., D]`, `weights` `[G, D]` (G weight
+/// rows, one per group of rows), `out` exactly `x`'s shape. The kernel sees
+/// flat slices, where a `[1, 2D]` weight would pass as two groups and an
+/// `out` of x's transposed shape as x's; the bindings check shapes here.
+pub fn check_shapes(x: &[usize], weights: &[usize], out: &[usize]) -> Result<()> {
+    let width = x.last().copied().unwrap_or(1);
+    if weights.len() != 2 || weights[1] != width {
+        return Err(Error::Shape(format!(
+            "weights: expected [groups, {width}] (one weight row of x's width {width} per \
+             group of rows), found {weights:?}"
+        )));
+    }
+    if out != x {
+        return Err(Error::Shape(format!(
+            "out: expected {x:?} (the shape of x), found {out:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// `x`: `[rows, width]`; `weights`: `[groups, width]`, `rows` a multiple of
 /// `groups` (row `r` uses weight `r / (rows / groups)`); `out`: like `x`.
 pub fn rms_norm_rows(
@@ -108,5 +128,36 @@ mod tests {
         assert!(msg.contains("eps"), "{msg}");
         let msg = err(rms_norm_rows(&[0.0; 5], 3, &[1.0; 3], 1e-6, &mut out));
         assert!(msg.contains("rms norm: expected x [rows, 3]"), "{msg}");
+    }
+
+    #[test]
+    fn shapes_are_checked_whole_not_by_element_count() {
+        assert!(check_shapes(&[6, 8], &[3, 8], &[6, 8]).is_ok());
+        assert!(check_shapes(&[2, 3, 8], &[2, 8], &[2, 3, 8]).is_ok());
+        // Weights of another width, whose element count happens to fit.
+        for w in [[1, 16], [4, 2], [2, 12]] {
+            let e = check_shapes(&[6, 8], &w, &[6, 8]).unwrap_err();
+            assert!(matches!(e, Error::Shape(_)));
+            let msg = e.to_string();
+            assert!(
+                msg.contains("weights: expected [groups, 8]") && msg.contains(&format!("{w:?}")),
+                "{msg}"
+            );
+        }
+        let msg = err_of(check_shapes(&[6, 8], &[8], &[6, 8]));
+        assert!(msg.contains("weights: expected [groups, 8]"), "{msg}");
+        // out: x's shape, not merely its element count.
+        for o in [&[8, 6][..], &[48], &[2, 3, 8]] {
+            let msg = err_of(check_shapes(&[6, 8], &[1, 8], o));
+            assert!(
+                msg.contains("out: expected [6, 8] (the shape of x)")
+                    && msg.contains(&format!("found {o:?}")),
+                "{msg}"
+            );
+        }
+    }
+
+    fn err_of(r: Result<()>) -> String {
+        r.unwrap_err().to_string()
     }
 }

@@ -684,6 +684,34 @@ fn temp_name() -> String {
     format!(".qdelta.tmp-{}-{seq}-{nanos}", std::process::id())
 }
 
+/// The rename would put a regular file in place of whatever `path` names: a
+/// FIFO, socket or device node someone relies on would be lost, so anything
+/// but a new path, a regular file or a link to one is refused. A link to a
+/// regular file is replaced by the new file (the link itself, as always);
+/// a dangling link counts as a new path. Errors of the lookups are left to
+/// the write itself, which reports them.
+fn check_write_target(path: &Path) -> Result<()> {
+    let Ok(own) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let (meta, via) = if own.file_type().is_symlink() {
+        match fs::metadata(path) {
+            Ok(m) => (m, "a symbolic link to "),
+            Err(_) => return Ok(()),
+        }
+    } else {
+        (own, "")
+    };
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(Error::File(format!(
+        "{}: expected a regular file (or a new path) to write, found {via}a {}",
+        path.display(),
+        file_kind(&meta.file_type())
+    )))
+}
+
 /// `write_atomic` with the directory sync as a parameter, so tests can make
 /// it fail.
 fn write_atomic_with(
@@ -707,6 +735,7 @@ fn write_atomic_with(
             path.display()
         )));
     }
+    check_write_target(path)?;
     let tmp = dir.join(temp_name());
     // Not removed on failure: if it exists, it is not ours.
     let file = fs::OpenOptions::new()

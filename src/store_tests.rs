@@ -705,3 +705,67 @@ fn long_file_names_up_to_name_max_can_be_saved() {
     assert_ne!(a, b);
     assert!(a.len() < 80 && a.contains(".tmp-"), "{a}");
 }
+
+#[cfg(unix)]
+#[test]
+fn writes_refuse_fifos_sockets_and_devices_at_the_target_and_keep_them() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = own_dir("writespecial");
+    let fifo = dir.join("fifo.qdelta");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let sock = dir.join("sock.qdelta");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let to_fifo = dir.join("to-fifo.qdelta");
+    std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+    // A link (in our own directory) to a device: only the link could be
+    // replaced, the device is never opened or written.
+    let to_dev = dir.join("to-dev.qdelta");
+    std::os::unix::fs::symlink("/dev/zero", &to_dev).unwrap();
+    for (path, want) in [
+        (&fifo, "found a FIFO"),
+        (&sock, "found a socket"),
+        (&to_fifo, "found a symbolic link to a FIFO"),
+        (&to_dev, "found a symbolic link to a character device"),
+    ] {
+        let before = fs::symlink_metadata(path).unwrap().file_type();
+        let p = path.clone();
+        let e = within_seconds(&format!("write {}", path.display()), move || {
+            write_atomic(&p, |w| w.write_all(&sample(22)))
+        })
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::File(_))
+                && msg.contains(&path.display().to_string())
+                && msg.contains("expected a regular file (or a new path) to write")
+                && msg.contains(want),
+            "{}: {msg}",
+            path.display()
+        );
+        let after = fs::symlink_metadata(path).unwrap().file_type();
+        assert_eq!(before, after, "{}: replaced", path.display());
+    }
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(temp_leftovers(&dir).is_empty());
+    // A link to a regular file, and a dangling one, are replaced as before
+    // (the link itself: the file it named is left as it was).
+    let plain = dir.join("plain.qdelta");
+    fs::write(&plain, b"keep").unwrap();
+    let to_plain = dir.join("to-plain.qdelta");
+    std::os::unix::fs::symlink(&plain, &to_plain).unwrap();
+    let dangling = dir.join("dangling.qdelta");
+    std::os::unix::fs::symlink(dir.join("nothing-here"), &dangling).unwrap();
+    for path in [&to_plain, &dangling] {
+        write_atomic(path, |w| w.write_all(&sample(23))).unwrap();
+        assert!(fs::symlink_metadata(path).unwrap().is_file());
+        assert_eq!(fs::read(path).unwrap(), sample(23));
+    }
+    assert_eq!(fs::read(&plain).unwrap(), b"keep");
+    write_atomic(&plain, |w| w.write_all(&sample(24))).unwrap();
+    assert_eq!(fs::read(&plain).unwrap(), sample(24));
+    assert!(temp_leftovers(&dir).is_empty());
+}

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from qdelta.errors import CalibrationError
@@ -20,14 +21,84 @@ from qdelta.errors import CalibrationError
 Calibration = Sequence[str] | str | os.PathLike | torch.Tensor | Mapping[str, Any]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _int_tensor(ids: torch.Tensor, what: str) -> torch.Tensor:
+    # bool and complex are not floating point either, and are no token ids
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise CalibrationError(
+            f"{what}: expected integer token ids, found {ids.dtype} {list(ids.shape)}"
+        )
+    return ids
+
+
+def _check_ids(ids: list[int], what: str) -> list[int]:
+    bad = next((i for i in ids if i < 0), None)
+    if bad is not None:
+        raise CalibrationError(f"{what}: expected token ids >= 0, found {bad}")
+    return ids
+
+
+def _check_min(ids: torch.Tensor, what: str) -> None:
+    if ids.numel() and int(ids.min()) < 0:
+        raise CalibrationError(f"{what}: expected token ids >= 0, found {int(ids.min())}")
+
+
 def _encode(tokenizer: Callable[..., Any] | None, text: str, what: str) -> list[int]:
     if tokenizer is None:
         raise CalibrationError(
             f"calibration {what}: expected a tokenizer to encode text, found None"
         )
+    if not callable(tokenizer):
+        raise CalibrationError(
+            f"calibration {what}: expected a callable tokenizer (text -> token ids), "
+            f"found {type(tokenizer).__name__}"
+        )
     out = tokenizer(text)
-    ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
-    return [int(i) for i in ids]
+    if isinstance(out, Mapping) or (hasattr(out, "keys") and hasattr(out, "__getitem__")):
+        if "input_ids" not in out:
+            raise CalibrationError(
+                f"tokenizer output for {what}: expected 'input_ids', found {sorted(out.keys())}"
+            )
+        out = out["input_ids"]
+    if isinstance(out, np.ndarray):
+        out = torch.as_tensor(out)
+    if isinstance(out, torch.Tensor):
+        out = _int_tensor(out, f"tokenizer output for {what}")
+        if out.dim() == 2 and out.shape[0] == 1:  # one row, as from return_tensors="pt"
+            out = out[0]
+        if out.dim() != 1:
+            raise CalibrationError(
+                f"tokenizer output for {what}: expected token ids [L] or [1, L], "
+                f"found shape {list(out.shape)}"
+            )
+        out = out.tolist()
+    if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
+        raise CalibrationError(
+            f"tokenizer output for {what}: expected token ids (a list of ints or a mapping "
+            f"with input_ids), found {type(out).__name__}"
+        )
+    if len(out) == 1 and isinstance(out[0], Sequence) and not isinstance(out[0], str):
+        out = out[0]  # one row of a batch
+    bad = next((i for i in out if not _is_int(i)), None)
+    if bad is not None:
+        raise CalibrationError(
+            f"tokenizer output for {what}: expected int token ids, found "
+            f"{type(bad).__name__} {bad!r}"
+        )
+    return _check_ids([int(i) for i in out], f"tokenizer output for {what}")
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, strings, objects
+        raise CalibrationError(
+            f"calibration mapping {what}: expected a rectangular [n, L] or [L] array of "
+            f"numbers, found {type(value).__name__} ({e})"
+        ) from e
 
 
 def _windows(stream: list[int], seq_len: int) -> list[list[int]]:
@@ -46,11 +117,13 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[int]]:
     if isinstance(calib, torch.Tensor):
-        if calib.is_floating_point() or calib.dim() not in (1, 2):
+        if calib.dim() not in (1, 2):
             raise CalibrationError(
                 f"calibration tensor: expected integer token ids [n, L] or [L], "
                 f"found {calib.dtype} {list(calib.shape)}"
             )
+        _int_tensor(calib, "calibration tensor [n, L] or [L]")
+        _check_min(calib, "calibration tensor")
         if calib.dim() == 1:
             return _windows(calib.tolist(), seq_len)
         return [row[:seq_len] for row in calib.tolist()]
@@ -59,8 +132,17 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
             raise CalibrationError(
                 f"calibration mapping: expected 'input_ids', found {sorted(calib)}"
             )
-        ids = torch.as_tensor(calib["input_ids"])
-        mask = torch.as_tensor(calib.get("attention_mask", torch.ones_like(ids)))
+        ids = _as_tensor(calib["input_ids"], "input_ids")
+        mask = ids.new_ones(ids.shape)
+        if calib.get("attention_mask") is not None:
+            mask = _as_tensor(calib["attention_mask"], "attention_mask")
+        if ids.dim() not in (1, 2) or mask.shape != ids.shape:
+            raise CalibrationError(
+                "calibration mapping: expected input_ids [n, L] or [L] and an attention_mask "
+                f"of the same shape, found shape {list(ids.shape)} and {list(mask.shape)}"
+            )
+        _int_tensor(ids, "calibration mapping input_ids")
+        _check_min(ids[mask.bool()], "calibration mapping input_ids")  # padding may be anything
         if ids.dim() == 1:
             ids, mask = ids[None], mask[None]
         return [r[m.bool()].tolist()[:seq_len] for r, m in zip(ids, mask, strict=True)]
@@ -98,8 +180,9 @@ def prepare_calibration(
     Empty sequences are dropped; fewer than ``min_sequences`` remaining is a
     :class:`CalibrationError`.
     """
-    if seq_len < 1:
-        raise CalibrationError(f"seq_len: expected >= 1, found {seq_len}")
+    for name, value in (("seq_len", seq_len), ("min_sequences", min_sequences)):
+        if not _is_int(value) or value < 1:
+            raise CalibrationError(f"{name}: expected an int >= 1, found {value!r}")
     seqs = [s for s in _sequences(calib, tokenizer, seq_len) if s]
     if len(seqs) < min_sequences:
         tokens = sum(len(s) for s in seqs)

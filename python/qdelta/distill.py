@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,12 +22,14 @@ from torch import nn
 from tqdm import tqdm
 
 from qdelta.calibration import Calibration, prepare_calibration
+from qdelta.compress import check_same_architecture
 from qdelta.delta import Delta
-from qdelta.errors import ModelMismatchError
+from qdelta.errors import CalibrationError, DTypeError, ModelMismatchError, ShapeError
 from qdelta.nn import apply, delta_modules, read_scales, unapply
-from qdelta.sources import ModelSource, as_module, model_output
+from qdelta.sources import ModelSource, as_module, layer_kinds, model_output, state_dict_of
 
 LossName = Literal["mse", "kl"]
+LOSSES = ("mse", "kl")
 
 
 @dataclass
@@ -50,7 +54,7 @@ def output_loss(
             F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none"
         ).sum(-1)
     else:
-        raise ValueError(f"loss: expected 'mse' or 'kl', found {kind!r}")
+        raise ShapeError(f"loss: expected one of {LOSSES}, found {kind!r}")
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
@@ -76,6 +80,67 @@ class _Runner:
         ids, mask = ids.to(self.device), mask.to(self.device)
         out = self.model(ids, attention_mask=mask) if self.takes_mask else self.model(ids)
         return model_output(out)
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi)``: DTypeError for another type, ShapeError out of range."""
+    try:
+        if isinstance(value, bool):  # an int to Python, never meant as a count
+            raise TypeError
+        i = operator.index(value)
+    except TypeError:
+        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
+    if i < lo or (hi is not None and i >= hi):
+        want = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ShapeError(f"{name}: expected an int {want}, found {i}")
+    return i
+
+
+def _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches) -> None:
+    _int_arg("steps", steps, 0)
+    _int_arg("batch_size", batch_size, 1)
+    _int_arg("seq_len", seq_len, 1)
+    _int_arg("seed", seed, 0, 2**63)
+    _int_arg("eval_batches", eval_batches, 0)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise DTypeError(f"lr: expected a number, found {type(lr).__name__}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ShapeError(f"lr: expected a finite number > 0, found {lr}")
+    if loss not in LOSSES:
+        raise ShapeError(f"loss: expected one of {LOSSES}, found {loss!r}")
+
+
+def _check_pair(base: nn.Module, finetuned: nn.Module) -> None:
+    """One architecture (names and shapes), or the student trains toward the wrong outputs."""
+    ft_sd = state_dict_of(finetuned)
+    kinds = {n: k for n, k in layer_kinds(finetuned).items() if f"{n}.weight" in ft_sd}
+    check_same_architecture(state_dict_of(base), ft_sd, kinds)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    try:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # a transformers model without input embeddings
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _check_vocab(ids: torch.Tensor, model: nn.Module) -> None:
+    vocab = _vocab_size(model)
+    if vocab is None or not ids.numel():
+        return
+    bad = (ids < 0) | (ids >= vocab)
+    if bool(bad.any()):
+        row, pos = (int(i) for i in bad.nonzero()[0])
+        raise CalibrationError(
+            f"calibration token ids: expected ids in the model's vocabulary of {vocab} "
+            f"(0..{vocab - 1}), found {int(ids[row, pos])} at row {row}, position {pos} "
+            "(padding included: check the tokenizer's pad_token_id)"
+        )
 
 
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -109,20 +174,25 @@ def distill(
     the device it should run on; the student runs where ``base`` is.
     ``loss_before`` / ``loss_after``: the mean loss over the first
     ``eval_batches`` calibration batches with the initial and the trained scales.
+    Every argument, the model pair and the calibration data are checked before
+    the delta is applied to ``base``.
     """
+    _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches)
     base_mod, ft_mod = as_module(base), as_module(finetuned)
     if base_mod is None or ft_mod is None:
         raise ModelMismatchError(
             "distill: expected modules or model directories, found a state dict"
         )
+    _check_pair(base_mod, ft_mod)
     ids, mask = prepare_calibration(calib, tokenizer, seq_len=seq_len, min_sequences=batch_size)
+    _check_vocab(ids, base_mod)
     student, teacher = _Runner(base_mod), _Runner(ft_mod)
     modes = {m: m.training for m in (base_mod, ft_mod)}
     grads = {p: p.requires_grad for p in base_mod.parameters()}
-    base_mod.eval()
-    ft_mod.eval()
-    apply(base_mod, delta)
+    apply(base_mod, delta)  # refuses a delta that does not fit before changing the model
     try:
+        base_mod.eval()
+        ft_mod.eval()
         for p in base_mod.parameters():
             p.requires_grad_(False)
         scales = [m.scales for m in delta_modules(base_mod).values()]

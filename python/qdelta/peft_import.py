@@ -14,8 +14,12 @@ independent computation that the tests compare against PEFT's merge.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import pickle
+import warnings
 from collections.abc import Mapping
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -24,29 +28,148 @@ from torch import nn
 
 from qdelta.algebra import DenseDelta
 from qdelta.bitplane import words_per_row
-from qdelta.errors import ModelMismatchError
+from qdelta.errors import FileError, FormatError, ModelMismatchError, NonFiniteError, ShapeError
 from qdelta.store import fingerprint
 
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 
-def _peft_model(base_model: nn.Module | None, adapter: Any) -> Any:
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_config(directory: Path) -> Any:
+    """The adapter's LoraConfig, checked: PEFT itself takes r="x" or alpha NaN."""
+    from peft import PeftConfig, PeftType
+
+    path = directory / CONFIG_NAME
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSON, fields, unknown peft_type
+        raise FormatError(
+            f"{path}: expected a valid PEFT adapter config, found: {type(e).__name__}: {e}"
+        ) from e
+    if config.peft_type != PeftType.LORA:
+        raise ModelMismatchError(
+            f"{path}: expected a LoRA / DoRA adapter, found peft_type {config.peft_type}"
+        )
+    ranks = {
+        "r": config.r,
+        **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()},
+    }
+    for what, r in ranks.items():
+        if not _is_int(r) or r < 1:
+            raise FormatError(f"{path} {what}: expected an int >= 1, found {r!r}")
+    alphas = {
+        "lora_alpha": config.lora_alpha,
+        **{f"alpha_pattern[{k!r}]": v for k, v in (config.alpha_pattern or {}).items()},
+    }
+    for what, alpha in alphas.items():
+        if isinstance(alpha, bool) or not isinstance(alpha, Real):
+            raise FormatError(f"{path} {what}: expected a number, found {alpha!r}")
+        if not math.isfinite(alpha):
+            raise NonFiniteError(f"{path} {what}: expected a finite number, found {alpha}")
+    return config
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors as saved (keys without the adapter name), checked finite."""
+    from peft.utils import load_peft_weights
+    from safetensors import SafetensorError
+
+    found = [directory / n for n in WEIGHT_NAMES if (directory / n).is_file()]
+    if not found:
+        # PEFT would take the directory for a hub repo id and fail obscurely.
+        raise FileError(
+            f"{directory}: expected {' or '.join(WEIGHT_NAMES)} with the adapter weights, found neither"
+        )
+    try:
+        weights = load_peft_weights(str(directory), device="cpu")
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as e:
+        raise FormatError(
+            f"{found[0]}: expected a readable adapter weights file, found: "
+            f"{type(e).__name__}: {' '.join(str(e).split())}"
+        ) from e
+    for key, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"{found[0]} {key}: expected finite values, found NaN/Inf")
+    return weights
+
+
+def _check_keys(peft_model: Any, name: str, weights: Mapping[str, Any], directory: Path) -> None:
+    """Every adapter tensor the model expects was in the file, and none was left over:
+    PEFT only warns, keeping A's random init or B's zeros (a wrong delta)."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = {k for k in get_peft_model_state_dict(peft_model, adapter_name=name) if "lora_" in k}
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ModelMismatchError(
+            f"{directory}: expected a tensor for every adapted layer, found {len(missing)} "
+            f"missing: {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+        )
+    unused = sorted(k for k in set(weights) - expected if "lora_" in k)
+    if unused:
+        raise ModelMismatchError(
+            f"{directory}: expected adapter tensors for layers of base_model, found "
+            f"{len(unused)} not in the model: {unused[:4]}{' ...' if len(unused) > 4 else ''} "
+            "(is base_model the adapter's base?)"
+        )
+
+
+def _load_directory(base_model: nn.Module, directory: Path, name: str) -> Any:
+    from peft import PeftModel
+
+    try:
+        from peft.utils.error import NoMatchingPeftModuleError
+    except ImportError:  # older PEFT raises a plain ValueError
+        NoMatchingPeftModuleError = ValueError
+
+    config = _read_config(directory)
+    weights = _read_weights(directory)
+    try:
+        with warnings.catch_warnings():
+            # _check_keys raises on missing keys instead of PEFT's warning
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            # PEFT injects its layers in place: keep the caller's model untouched.
+            model = PeftModel.from_pretrained(
+                copy.deepcopy(base_model), str(directory), adapter_name=name, config=config
+            )
+    except NoMatchingPeftModuleError as e:
+        raise ModelMismatchError(
+            f"{directory}: expected a base model with the adapter's target modules "
+            f"{config.target_modules}, found none in {type(base_model).__name__} ({e})"
+        ) from e
+    except RuntimeError as e:  # load_state_dict: the adapter's tensors do not fit
+        if "size mismatch" not in str(e):
+            raise
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
+        raise ShapeError(
+            f"{directory}: expected adapter tensors of the shapes base_model and {CONFIG_NAME} "
+            f"(r={config.r}) give, found: {detail}"
+        ) from e
+    _check_keys(model, name, weights, directory)
+    return model
+
+
+def _peft_model(base_model: nn.Module | None, adapter: Any, name: str) -> Any:
     from peft import PeftModel
 
     if isinstance(adapter, PeftModel):
         return adapter
     if isinstance(adapter, (str, os.PathLike)):
         directory = Path(adapter)
-        if not (directory / "adapter_config.json").is_file():
+        if not (directory / CONFIG_NAME).is_file():
             raise ModelMismatchError(
-                f"{directory}: expected a PEFT adapter directory with adapter_config.json, "
-                "found none"
+                f"{directory}: expected a PEFT adapter directory with {CONFIG_NAME}, found none"
             )
         if not isinstance(base_model, nn.Module):
             raise ModelMismatchError(
                 "base_model: expected the nn.Module the adapter was trained on, "
                 f"found {type(base_model).__name__}"
             )
-        # PEFT injects its layers in place: keep the caller's model untouched.
-        return PeftModel.from_pretrained(copy.deepcopy(base_model), directory, is_trainable=False)
+        return _load_directory(base_model, directory, name)
     raise ModelMismatchError(
         f"adapter: expected a PeftModel or an adapter directory, found {type(adapter).__name__}"
     )
@@ -66,6 +189,39 @@ def _clean_base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_given_base(base_model: Any, peft_model: Any, peft_base: dict, peft_fp: str) -> None:
+    """A base_model given with a PeftModel must be the PeftModel's base, or the
+    delta would silently be made against (and fingerprinted as) the other one."""
+    if base_model is peft_model or base_model is peft_model.get_base_model():
+        return
+    if not isinstance(base_model, nn.Module):
+        raise ModelMismatchError(
+            f"base_model: expected None or the PeftModel's base nn.Module, found "
+            f"{type(base_model).__name__}"
+        )
+    given = _clean_base_state(base_model)
+    only_given = [k for k in given if k not in peft_base]
+    only_peft = [k for k in peft_base if k not in given]
+    if only_given or only_peft:
+        raise ModelMismatchError(
+            "base_model: expected the architecture of the PeftModel's base, found tensors "
+            f"only in base_model: {only_given[:5]}, only in the PeftModel's base: {only_peft[:5]}"
+        )
+    for key, value in given.items():
+        if value.shape != peft_base[key].shape:
+            raise ShapeError(
+                f"base_model {key}: expected base_model's shape to equal the PeftModel's base "
+                f"{list(peft_base[key].shape)}, found {list(value.shape)}"
+            )
+    found = fingerprint(given)
+    if found != peft_fp:
+        raise ModelMismatchError(
+            f"base_model: expected the weights the PeftModel wraps (fingerprint {peft_fp}), "
+            f"found other weights (fingerprint {found}); pass base_model=None to use the "
+            "PeftModel's own base"
+        )
+
+
 def from_peft(
     base_model: nn.Module | None,
     adapter: Any,
@@ -75,18 +231,27 @@ def from_peft(
 ) -> DenseDelta:
     """A PEFT LoRA or DoRA adapter as a :class:`DenseDelta` against ``base_model``.
 
-    ``adapter``: a ``PeftModel`` (``base_model`` may then be None) or a local
-    directory written by ``save_pretrained`` (loaded onto a copy of
-    ``base_model``). ``adapter_name``: which adapter (default: the active one).
-    ``metadata["source"]`` is ``"lora"`` or ``"dora"``, with the rank and the
+    ``adapter``: a ``PeftModel`` (``base_model`` may then be None; if given it
+    must be the PeftModel's base) or a local directory written by
+    ``save_pretrained`` (loaded onto a copy of ``base_model``; every adapter
+    tensor must be in it). ``adapter_name``: which adapter (default: the active
+    one). ``metadata["source"]`` is ``"lora"`` or ``"dora"``, with the rank and the
     adapter's own size in bytes (``adapter_bytes``) for :func:`memory_report`.
     """
     from peft.tuners.lora import LoraLayer
 
-    peft_model = _peft_model(base_model, adapter)
+    peft_model = _peft_model(base_model, adapter, adapter_name or "default")
     name = adapter_name or peft_model.active_adapter
+    if name not in peft_model.peft_config:
+        raise ModelMismatchError(
+            f"adapter {name!r}: expected one of the PeftModel's adapters "
+            f"{sorted(peft_model.peft_config)}, found none by that name"
+        )
     inner = peft_model.get_base_model()
     base_sd = _clean_base_state(inner)
+    base_fp = fingerprint(base_sd)
+    if base_model is not None and adapter is peft_model:
+        _check_given_base(base_model, peft_model, base_sd, base_fp)
     layers, transposed, ranks, adapter_bytes, dora = {}, set(), set(), 0, set()
     for mod_name, module in inner.named_modules():
         if not isinstance(module, LoraLayer) or name not in getattr(module, "lora_A", {}):
@@ -115,6 +280,11 @@ def from_peft(
                 magnitude.numel() * module.lora_magnitude_vector[name].weight.element_size()
             )
             dora.add(mod_name)
+        if not bool(torch.isfinite(delta).all()):
+            raise NonFiniteError(
+                f"layer {mod_name}: expected a finite delta, found NaN/Inf (scaling "
+                f"{float(module.scaling[name])}: check the adapter's weights and lora_alpha)"
+            )
         layers[mod_name] = delta.float().contiguous()
         if fan_in_fan_out:
             transposed.add(mod_name)
@@ -127,7 +297,7 @@ def from_peft(
     return DenseDelta(
         layers=layers,
         params={},
-        base_fingerprint=fingerprint(base_sd),
+        base_fingerprint=base_fp,
         transposed=frozenset(transposed),
         tenant=tenant,
         metadata={

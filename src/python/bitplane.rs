@@ -8,7 +8,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use super::{check_array, run, to_py, DTypeError, ShapeError};
+use super::{check_array, run, slice, to_py, DTypeError, ShapeError, Size};
 use crate::bitplane::{self, ScaleMode};
 use crate::float::{halves_from_bits, halves_into_bits};
 
@@ -26,21 +26,21 @@ fn storage_dtype(dtype: &str) -> PyResult<&'static str> {
 
 /// Calls `$body` with `$slice: &[T]` for the element type named by `$dtype`.
 macro_rules! with_float_slice {
-    ($arr:expr, $dtype:expr, |$slice:ident| $body:expr) => {{
+    ($arr:expr, $what:expr, $dtype:expr, |$slice:ident| $body:expr) => {{
         match $dtype {
             "float32" => {
                 let a: PyReadonlyArray2<f32> = $arr.extract()?;
-                let $slice: &[f32] = a.as_slice().expect("checked contiguous");
+                let $slice: &[f32] = slice(&a, $what)?;
                 $body
             }
             "float16" => {
                 let a: PyReadonlyArray2<u16> = $arr.extract()?;
-                let $slice: &[f16] = halves_from_bits(a.as_slice().expect("checked contiguous"));
+                let $slice: &[f16] = halves_from_bits(slice(&a, $what)?);
                 $body
             }
             _ => {
                 let a: PyReadonlyArray2<u16> = $arr.extract()?;
-                let $slice: &[bf16] = halves_from_bits(a.as_slice().expect("checked contiguous"));
+                let $slice: &[bf16] = halves_from_bits(slice(&a, $what)?);
                 $body
             }
         }
@@ -66,9 +66,10 @@ fn pack_signs<'py>(
     check_array(delta, "delta", 2, storage_dtype(dtype)?)?;
     let (rows, cols) = matrix_shape(delta);
     let words = bitplane::words_per_row(cols);
-    let packed = with_float_slice!(delta, dtype, |s| run(py, || bitplane::pack_signs(
-        s, rows, cols
-    ))?);
+    let packed = with_float_slice!(delta, "delta", dtype, |s| run(
+        py,
+        || bitplane::pack_signs(s, rows, cols)
+    )?);
     Ok(Array2::from_shape_vec((rows, words), packed)
         .expect("sized by core")
         .into_pyarray(py))
@@ -96,13 +97,14 @@ fn check_packed_shape(
 fn unpack_signs<'py>(
     py: Python<'py>,
     packed: &Bound<'py, PyAny>,
-    rows: usize,
-    cols: usize,
+    rows: Size,
+    cols: Size,
 ) -> PyResult<Bound<'py, PyArray2<i8>>> {
+    let (rows, cols) = (rows.get("rows")?, cols.get("cols")?);
     check_array(packed, "packed", 2, "uint32")?;
     let packed: PyReadonlyArray2<u32> = packed.extract()?;
     check_packed_shape(packed.shape(), None, rows, cols)?;
-    let src = packed.as_slice().expect("checked contiguous");
+    let src = slice(&packed, "packed")?;
     let out = run(py, || bitplane::unpack_signs(src, rows, cols))?;
     Ok(Array2::from_shape_vec((rows, cols), out)
         .expect("sized by core")
@@ -117,11 +119,13 @@ fn unpack_planes<'py>(
     py: Python<'py>,
     planes: &Bound<'py, PyAny>,
     scales: &Bound<'py, PyAny>,
-    rows: usize,
-    cols: usize,
+    rows: Size,
+    cols: Size,
     dtype: &str,
-    bits: Option<usize>,
+    bits: Option<Size>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let (rows, cols) = (rows.get("rows")?, cols.get("cols")?);
+    let bits = bits.map(|b| b.get("bits")).transpose()?;
     storage_dtype(dtype)?;
     check_array(planes, "planes", 3, "uint32")?;
     let planes: PyReadonlyArray3<u32> = planes.extract()?;
@@ -141,10 +145,7 @@ fn unpack_planes<'py>(
     };
     check_array(scales, "scales", scales_arr.ndim(), "float32")?;
     let scales: PyReadonlyArrayDyn<f32> = scales.extract()?;
-    let (p, s) = (
-        planes.as_slice().expect("contiguous"),
-        scales.as_slice().expect("contiguous"),
-    );
+    let (p, s) = (slice(&planes, "planes")?, slice(&scales, "scales")?);
     let use_k = bits.unwrap_or(k);
     fn shaped<T: numpy::Element>(
         py: Python<'_>,
@@ -192,16 +193,16 @@ fn pack_residual<'py>(
     py: Python<'py>,
     delta: &Bound<'py, PyAny>,
     dtype: &str,
-    bits: usize,
+    bits: Size,
     scale: &str,
 ) -> PyResult<(Bound<'py, PyArray3<u32>>, Bound<'py, PyAny>)> {
+    let bits = bits.get("bits")?;
     check_array(delta, "delta", 2, storage_dtype(dtype)?)?;
     let mode = ScaleMode::parse(scale).map_err(to_py)?;
     let (rows, cols) = matrix_shape(delta);
-    let (planes, scales) =
-        with_float_slice!(delta, dtype, |s| run(py, || bitplane::pack_residual(
-            s, rows, cols, bits, mode
-        ))?);
+    let (planes, scales) = with_float_slice!(delta, "delta", dtype, |s| run(py, || {
+        bitplane::pack_residual(s, rows, cols, bits, mode)
+    })?);
     let planes = Array3::from_shape_vec((bits, rows, bitplane::words_per_row(cols)), planes)
         .expect("sized by core")
         .into_pyarray(py);

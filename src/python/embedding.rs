@@ -4,7 +4,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArr
 use pyo3::prelude::*;
 
 use super::gemv::{shape_of, stack_of};
-use super::{check_array, run, writable_f32, ShapeError};
+use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::embedding;
 
 /// `out[m] = base[tokens[m]] + tenant tenants[m]'s packed delta row of that
@@ -34,11 +34,19 @@ fn packed_embedding<'py>(
     let stack = stack_of(&pa, &sa, width)?;
     let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
     let na: PyReadonlyArray1<i64> = tenants.extract()?;
-    let mut out_rw = writable_f32(out)?;
-    let b = ba.as_slice().expect("checked contiguous");
-    let t = ta.as_slice().expect("checked contiguous");
-    let n = na.as_slice().expect("checked contiguous");
-    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    let mut out_rw = writable_f32(out, || {
+        named(&[
+            ("base", base),
+            ("planes", planes),
+            ("scales", scales),
+            ("tokens", tokens),
+            ("tenants", tenants),
+        ])
+    })?;
+    let b = slice(&ba, "base")?;
+    let t = slice(&ta, "tokens")?;
+    let n = slice(&na, "tenants")?;
+    let y = slice_mut(&mut out_rw, "out")?;
     run(py, || embedding::packed_embedding(b, &stack, t, n, y))
 }
 
@@ -66,16 +74,35 @@ fn gather_embedding<'py>(
         ));
     };
     let (vocab, width) = (first.shape()[0], first.shape()[1]);
+    // The core checks each table's length only: a [2V, H/2] table would be
+    // read as [V, H].
+    if let Some((i, v)) = views
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.shape() != [vocab, width])
+    {
+        return Err(ShapeError::new_err(format!(
+            "tables[{i}]: expected [{vocab}, {width}] (the shape of tables[0]), found {:?}",
+            v.shape()
+        )));
+    }
     let slices: Vec<&[f32]> = views
         .iter()
-        .map(|v| v.as_slice().expect("checked contiguous"))
-        .collect();
+        .enumerate()
+        .map(|(i, v)| slice(v, &format!("tables[{i}]")))
+        .collect::<PyResult<_>>()?;
     let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
     let ia: PyReadonlyArray1<i64> = table.extract()?;
-    let mut out_rw = writable_f32(out)?;
-    let t = ta.as_slice().expect("checked contiguous");
-    let i = ia.as_slice().expect("checked contiguous");
-    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    let mut out_rw = writable_f32(out, || {
+        let mut inputs = named(&[("tokens", tokens), ("table", table)]);
+        for (i, t) in tables.iter().enumerate() {
+            inputs.push((format!("tables[{i}]"), t.clone()));
+        }
+        inputs
+    })?;
+    let t = slice(&ta, "tokens")?;
+    let i = slice(&ia, "table")?;
+    let y = slice_mut(&mut out_rw, "out")?;
     run(py, || {
         embedding::gather_embedding(&slices, vocab, width, t, i, y)
     })

@@ -5,7 +5,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArr
 use pyo3::prelude::*;
 
 use super::gemv::{rows_and_width, shape_of, stack_of};
-use super::{check_array, run, writable_f32, ShapeError};
+use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::fused::{self, BaseLinear};
 use crate::rowwise;
 
@@ -56,16 +56,24 @@ fn fused_linear<'py>(
     let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
     let stack = stack_of(&pa, &sa, k)?;
     let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
-    let mut out_rw = writable_f32(out)?;
+    let mut out_rw = writable_f32(out, || {
+        let mut inputs = named(&[
+            ("x", x),
+            ("weight", weight),
+            ("planes", planes),
+            ("scales", scales),
+            ("tenant_ids", tenant_ids),
+        ]);
+        inputs.extend(bias.map(|b| ("bias".to_string(), b.clone())));
+        inputs
+    })?;
     let base = BaseLinear {
-        weight: wa.as_slice().expect("checked contiguous"),
-        bias: ba
-            .as_ref()
-            .map(|b| b.as_slice().expect("checked contiguous")),
+        weight: slice(&wa, "weight")?,
+        bias: ba.as_ref().map(|b| slice(b, "bias")).transpose()?,
     };
-    let xs = xa.as_slice().expect("checked contiguous");
-    let ids = ids.as_slice().expect("checked contiguous");
-    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    let xs = slice(&xa, "x")?;
+    let ids = slice(&ids, "tenant_ids")?;
+    let y = slice_mut(&mut out_rw, "out")?;
     run(py, || fused::fused_linear(xs, rows, base, &stack, ids, y))
 }
 
@@ -100,6 +108,14 @@ fn rowwise_linear<'py>(
     let mut ws: Vec<PyReadonlyArray2<f32>> = Vec::with_capacity(weights.len());
     for (i, w) in weights.iter().enumerate() {
         check_array(w, &format!("weights[{i}]"), 2, "float32")?;
+        // The core checks the length only: a transposed [K, N] weight
+        // would be read as [N, K].
+        if shape_of(w) != [n, k] {
+            return Err(ShapeError::new_err(format!(
+                "weights[{i}]: expected [{n}, {k}] (out's {n} features, x's {k}), found {:?}",
+                shape_of(w)
+            )));
+        }
         ws.push(w.extract()?);
     }
     let mut bs: Vec<Option<PyReadonlyArray1<f32>>> = Vec::with_capacity(biases.len());
@@ -112,21 +128,30 @@ fn rowwise_linear<'py>(
             None => None,
         });
     }
-    let layers: Vec<BaseLinear> = ws
-        .iter()
-        .zip(&bs)
-        .map(|(w, b)| BaseLinear {
-            weight: w.as_slice().expect("checked contiguous"),
+    let mut layers: Vec<BaseLinear> = Vec::with_capacity(ws.len());
+    for (i, (w, b)) in ws.iter().zip(&bs).enumerate() {
+        layers.push(BaseLinear {
+            weight: slice(w, &format!("weights[{i}]"))?,
             bias: b
                 .as_ref()
-                .map(|b| b.as_slice().expect("checked contiguous")),
-        })
-        .collect();
+                .map(|b| slice(b, &format!("biases[{i}]")))
+                .transpose()?,
+        });
+    }
     let ids: PyReadonlyArray1<i64> = index.extract()?;
-    let mut out_rw = writable_f32(out)?;
-    let xs = xa.as_slice().expect("checked contiguous");
-    let ids = ids.as_slice().expect("checked contiguous");
-    let y = out_rw.as_slice_mut().expect("checked contiguous");
+    let mut out_rw = writable_f32(out, || {
+        let mut inputs = named(&[("x", x), ("index", index)]);
+        for (i, w) in weights.iter().enumerate() {
+            inputs.push((format!("weights[{i}]"), w.clone()));
+        }
+        for (i, b) in biases.iter().enumerate() {
+            inputs.extend(b.as_ref().map(|b| (format!("biases[{i}]"), b.clone())));
+        }
+        inputs
+    })?;
+    let xs = slice(&xa, "x")?;
+    let ids = slice(&ids, "index")?;
+    let y = slice_mut(&mut out_rw, "out")?;
     run(py, || {
         rowwise::rowwise_linear(xs, rows, &layers, n, k, ids, y)
     })

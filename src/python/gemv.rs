@@ -3,12 +3,13 @@
 use half::{bf16, f16};
 use numpy::ndarray::Array2;
 use numpy::{
-    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn,
-    PyReadwriteArray2, PyUntypedArray, PyUntypedArrayMethods,
+    IntoPyArray, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
-use super::{check_array, run, DTypeError, ShapeError};
+use super::{
+    check_array, named, run, slice, slice_mut, writable_f32, DTypeError, ShapeError, Size,
+};
 use crate::bitplane::{words_per_row, ScaleMode};
 use crate::float::halves_from_bits;
 use crate::gemv::{self, DeltaStack, StackShape};
@@ -44,9 +45,10 @@ fn delta_matmul<'py>(
     planes: &Bound<'py, PyAny>,
     scales: &Bound<'py, PyAny>,
     tenant_ids: &Bound<'py, PyAny>,
-    bits: Option<usize>,
+    bits: Option<Size>,
     out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let bits = bits.map(|b| b.get("bits")).transpose()?;
     let storage = match dtype {
         "float32" => "float32",
         "float16" | "bfloat16" => "uint16",
@@ -65,12 +67,18 @@ fn delta_matmul<'py>(
     };
     let scale_dims = shape_of(scales).len();
     check_array(scales, "scales", scale_dims, "float32")?;
-    let planes: PyReadonlyArrayDyn<u32> = planes.extract()?;
-    let scales: PyReadonlyArrayDyn<f32> = scales.extract()?;
-    let stack = stack_of(&planes, &scales, k)?;
+    let planes_ro: PyReadonlyArrayDyn<u32> = planes.extract()?;
+    let scales_ro: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let stack = stack_of(&planes_ro, &scales_ro, k)?;
     let n = stack.shape.out_features;
     let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
-    let ids = ids.as_slice().expect("checked contiguous");
+    let ids = slice(&ids, "tenant_ids")?;
+    // x is borrowed before out, so that an out that is also x is refused
+    // (and named) when out is borrowed for writing.
+    let xa = match storage {
+        "float32" => XArray::F32(x.extract()?),
+        _ => XArray::Bits(x.extract()?),
+    };
 
     let result: Bound<'py, PyAny> = match out {
         Some(o) => {
@@ -87,31 +95,30 @@ fn delta_matmul<'py>(
     };
     let accumulate = out.is_some();
     {
-        let out_arr: Bound<'py, PyArray2<f32>> = result.clone().cast_into()?;
-        let mut out_rw: PyReadwriteArray2<f32> = out_arr.try_readwrite().map_err(|e| {
-            ShapeError::new_err(format!(
-                "out: expected an array not used by another argument ({e})"
-            ))
+        let mut out_rw = writable_f32(&result, || {
+            named(&[
+                ("x", x),
+                ("planes", planes),
+                ("scales", scales),
+                ("tenant_ids", tenant_ids),
+            ])
         })?;
-        let y = out_rw.as_slice_mut().expect("checked contiguous");
-        match dtype {
-            "float32" => {
-                let xa: PyReadonlyArray2<f32> = x.extract()?;
-                let xs = xa.as_slice().expect("checked contiguous");
+        let y = slice_mut(&mut out_rw, "out")?;
+        match (&xa, dtype) {
+            (XArray::F32(xa), _) => {
+                let xs = slice(xa, "x")?;
                 run(py, || {
                     gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
                 })?
             }
-            "float16" => {
-                let xa: PyReadonlyArray2<u16> = x.extract()?;
-                let xs: &[f16] = halves_from_bits(xa.as_slice().expect("checked contiguous"));
+            (XArray::Bits(xa), "float16") => {
+                let xs: &[f16] = halves_from_bits(slice(xa, "x")?);
                 run(py, || {
                     gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
                 })?
             }
-            _ => {
-                let xa: PyReadonlyArray2<u16> = x.extract()?;
-                let xs: &[bf16] = halves_from_bits(xa.as_slice().expect("checked contiguous"));
+            (XArray::Bits(xa), _) => {
+                let xs: &[bf16] = halves_from_bits(slice(xa, "x")?);
                 run(py, || {
                     gemv::delta_matmul(xs, rows, &stack, ids, bits, y, accumulate)
                 })?
@@ -119,6 +126,12 @@ fn delta_matmul<'py>(
         }
     }
     Ok(result)
+}
+
+/// `x` of `delta_matmul` borrowed: float32, or the uint16 bits of halves.
+enum XArray<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    Bits(PyReadonlyArrayDyn<'py, u16>),
 }
 
 /// The stack of `planes` (uint32 `[T, P, N, W]`) and `scales` (float32
@@ -153,12 +166,8 @@ pub(super) fn stack_of<'a>(
         }
     };
     Ok(DeltaStack {
-        planes: planes
-            .as_slice()
-            .map_err(|_| ShapeError::new_err("planes: expected a C-contiguous array"))?,
-        scales: scales
-            .as_slice()
-            .map_err(|_| ShapeError::new_err("scales: expected a C-contiguous array"))?,
+        planes: slice(planes, "planes")?,
+        scales: slice(scales, "scales")?,
         mode,
         shape: StackShape {
             tenants: t,

@@ -4,13 +4,16 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use numpy::ndarray::Dimension;
 use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+    BorrowError, Element, PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadwriteArray,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyOverflowError};
 use pyo3::prelude::*;
 
+use crate::args::{self, OutConflict};
 use crate::error::Error;
 
 mod bitplane;
@@ -105,16 +108,104 @@ pub(crate) fn run<T: Send>(
 }
 
 /// `out` (a float32 array of any shape, checked by `check_array`) for
-/// writing, refused when another argument of the call shares its memory.
+/// writing. Every input must already be borrowed (read-only) when this is
+/// called, so that an `out` that is also an input is caught here and named:
+/// `others` lists the inputs by name, built only on that error (the call is
+/// on the per-token path).
 pub(crate) fn writable_f32<'py>(
     out: &Bound<'py, PyAny>,
+    others: impl FnOnce() -> Vec<(String, Bound<'py, PyAny>)>,
 ) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     let arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
     arr.try_readwrite().map_err(|e| {
-        ShapeError::new_err(format!(
-            "out: expected an array not used by another argument ({e})"
-        ))
+        let err = match e {
+            BorrowError::NotWriteable => args::out_conflict(OutConflict::ReadOnly, None),
+            _ => {
+                let ranges: Vec<(String, (usize, usize))> = others()
+                    .into_iter()
+                    .filter_map(|(name, a)| byte_range(&a).map(|r| (name, r)))
+                    .collect();
+                let with = byte_range(out).and_then(|r| args::overlapping(r, &ranges));
+                args::out_conflict(OutConflict::Shared, with)
+            }
+        };
+        to_py(err)
     })
+}
+
+/// The inputs of a call by name, for `writable_f32`.
+pub(crate) fn named<'py>(args: &[(&str, &Bound<'py, PyAny>)]) -> Vec<(String, Bound<'py, PyAny>)> {
+    args.iter()
+        .map(|(n, a)| (n.to_string(), (*a).clone()))
+        .collect()
+}
+
+/// The bytes `[start, end)` a (C-contiguous) numpy array spans; None for
+/// anything else.
+fn byte_range(arr: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
+    let a = arr.cast::<PyUntypedArray>().ok()?;
+    let start = data_addr(a);
+    use numpy::PyArrayDescrMethods;
+    let len = a.len().max(1) * a.dtype().itemsize();
+    Some((start, start + len))
+}
+
+/// The address of an array's first element.
+fn data_addr(a: &Bound<'_, PyUntypedArray>) -> usize {
+    // SAFETY: reads one field of the live array object `a` holds.
+    unsafe { (*a.as_array_ptr()).fields.data as usize }
+}
+
+/// The elements of a checked (aligned, C-contiguous) array. `check_array`
+/// has refused the arrays this fails on; the error, not a panic, stays in
+/// case numpy's own flags disagree with those checks.
+pub(crate) fn slice<'a, T: Element, D: Dimension>(
+    a: &'a PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| not_a_slice(what))
+}
+
+/// `slice` for an array borrowed for writing.
+pub(crate) fn slice_mut<'a, T: Element, D: Dimension>(
+    a: &'a mut PyReadwriteArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    a.as_slice_mut().map_err(|_| not_a_slice(what))
+}
+
+fn not_a_slice(what: &str) -> PyErr {
+    ShapeError::new_err(format!(
+        "{what}: expected an aligned, C-contiguous array, found one numpy does not flag as both \
+         (copy it: np.ascontiguousarray / np.require(..., requirements='CA'))"
+    ))
+}
+
+/// A size or count argument (see `args::size_arg`): taken as any Python
+/// int so that a negative or huge one gets an error naming the argument,
+/// where pyo3's usize conversion raises an OverflowError naming nothing.
+#[derive(Clone, Debug)]
+pub(crate) struct Size(std::result::Result<i64, String>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Size {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(Size(Ok(v))),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+                Ok(Size(Err(obj.str()?.to_string())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Size {
+    /// The value as a usize, or a ShapeError naming `what`.
+    pub(crate) fn get(&self, what: &str) -> PyResult<usize> {
+        args::size_arg(self.0.clone(), what).map_err(to_py)
+    }
 }
 
 /// Rank, C-contiguity and dtype of an incoming array, with a clear message.
@@ -168,6 +259,19 @@ pub(crate) fn check_array(
              (pass np.ascontiguousarray(x) or tensor.contiguous())",
             untyped.strides()
         )));
+    }
+    // A contiguous view can still start at an odd byte (a uint8 buffer
+    // sliced by one, then viewed as float32): not readable as a Rust slice.
+    // An empty array is read as an empty slice wherever it points.
+    if untyped.len() > 0 {
+        let align = match dtype {
+            "float32" => std::mem::align_of::<f32>(),
+            "uint32" => std::mem::align_of::<u32>(),
+            "int64" => std::mem::align_of::<i64>(),
+            "uint16" => std::mem::align_of::<u16>(),
+            _ => 1,
+        };
+        args::check_aligned(what, data_addr(untyped), align).map_err(to_py)?;
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use super::{run, to_py};
+use super::{run, slice, to_py, Size};
 use crate::bitplane::ScaleMode;
 use crate::fingerprint::{self as fp, Weight};
 use crate::header::Dtype;
@@ -180,6 +180,15 @@ fn extract_bytes<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonl
     obj.extract()
 }
 
+/// The dims of tensor `name`'s shape, each an int >= 0.
+fn dims(shape: &[Size], name: &str) -> PyResult<Vec<usize>> {
+    shape
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.get(&format!("{name} shape[{i}]")))
+        .collect()
+}
+
 fn dtype(name: &str) -> PyResult<Dtype> {
     Dtype::parse(name).map_err(to_py)
 }
@@ -195,35 +204,47 @@ fn write_delta(
     path: PathBuf,
     layers: Vec<(
         String,
-        (usize, usize),
-        usize,
+        (Size, Size),
+        Size,
         String,
         bool,
         Bound<'_, PyAny>,
         Bound<'_, PyAny>,
     )>,
-    params: Vec<(String, String, Vec<usize>, Bound<'_, PyAny>)>,
+    params: Vec<(String, String, Vec<Size>, Bound<'_, PyAny>)>,
     tenant: String,
     base_fingerprint: String,
     user_metadata: BTreeMap<String, String>,
 ) -> PyResult<()> {
     let mut held = Vec::new();
+    let mut held_names = Vec::new();
     let mut layer_meta = Vec::new();
-    for (name, shape, bits, scale, transposed, planes, scales) in &layers {
+    for (name, (rows, cols), bits, scale, transposed, planes, scales) in &layers {
+        let shape = (
+            rows.get(&format!("{name} shape[0]"))?,
+            cols.get(&format!("{name} shape[1]"))?,
+        );
+        let bits = bits.get(&format!("{name} bits"))?;
         let mode = ScaleMode::parse(scale).map_err(to_py)?;
-        held.push(extract_bytes(planes, &format!("{name} planes"))?);
-        held.push(extract_bytes(scales, &format!("{name} scales"))?);
-        layer_meta.push((name.clone(), *shape, *bits, mode, *transposed));
+        for (what, arr) in [("planes", planes), ("scales", scales)] {
+            let what = format!("{name} {what}");
+            held.push(extract_bytes(arr, &what)?);
+            held_names.push(what);
+        }
+        layer_meta.push((name.clone(), shape, bits, mode, *transposed));
     }
     let mut param_meta = Vec::new();
     for (name, dt, shape, data) in &params {
-        param_meta.push((name.clone(), dtype(dt)?, shape.clone()));
+        let shape = dims(shape, name)?;
+        param_meta.push((name.clone(), dtype(dt)?, shape));
         held.push(extract_bytes(data, name)?);
+        held_names.push(name.clone());
     }
     let slices: Vec<&[u8]> = held
         .iter()
-        .map(|a| a.as_slice().expect("checked contiguous"))
-        .collect();
+        .zip(&held_names)
+        .map(|(a, name)| slice(a, name))
+        .collect::<PyResult<_>>()?;
     let n_layers = layer_meta.len();
     let data = store::DeltaData {
         layers: layer_meta
@@ -264,21 +285,22 @@ fn fingerprint(py: Python<'_>, weights: &Bound<'_, PyList>) -> PyResult<String> 
     let mut meta = Vec::with_capacity(weights.len());
     let mut held = Vec::with_capacity(weights.len());
     for item in weights.iter() {
-        let (name, dt, shape, data): (String, String, Vec<usize>, Bound<'_, PyAny>) =
+        let (name, dt, shape, data): (String, String, Vec<Size>, Bound<'_, PyAny>) =
             item.extract()?;
+        let shape = dims(&shape, &name)?;
         held.push(extract_bytes(&data, &name)?);
         meta.push((name, dt, shape));
     }
-    let mut ws: Vec<Weight<'_>> = meta
-        .into_iter()
-        .zip(held.iter())
-        .map(|((name, dtype, shape), a)| Weight {
+    let mut ws: Vec<Weight<'_>> = Vec::with_capacity(meta.len());
+    for ((name, dtype, shape), a) in meta.into_iter().zip(held.iter()) {
+        let data = slice(a, &name)?;
+        ws.push(Weight {
             name,
             dtype,
             shape,
-            data: a.as_slice().expect("checked contiguous"),
-        })
-        .collect();
+            data,
+        });
+    }
     run(py, || fp::fingerprint(&mut ws))
 }
 

@@ -12,6 +12,7 @@ one process: for debugging, and for benchmarking the blockwise path on one GPU.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,15 +22,26 @@ import torch.distributed as dist
 from qdelta.errors import ShapeError
 from qdelta.ring import virtual_batched
 from qdelta.ring.block import (
+    BACKENDS,
     Backend,
     block_attention_backward,
     block_partial,
     check_inputs,
     partial_dtype,
 )
-from qdelta.ring.comm import RingComm, all_lengths
+from qdelta.ring.comm import RingComm, all_gather_ints, check_timeout
 from qdelta.ring.errors import RingError
-from qdelta.ring.layout import Chunk, Layout, rank_chunks, seq_len_from_local, shard, unshard
+from qdelta.ring.layout import (
+    LAYOUTS,
+    Chunk,
+    Layout,
+    as_int,
+    chunks_of,
+    rank_chunks,
+    seq_len_from_local,
+    shard,
+    unshard,
+)
 from qdelta.ring.merge import empty_partial, merge_, merge_fused_
 
 KV_TAG, GRAD_TAG = 11, 12
@@ -46,8 +58,8 @@ class _Plan:
     scale: float
     backend: str
 
-    def chunks(self, rank: int) -> list[Chunk]:
-        return rank_chunks(self.seq_len, self.world_size, rank, self.layout)
+    def chunks(self, rank: int) -> tuple[Chunk, ...]:
+        return chunks_of(self.seq_len, self.world_size, rank, self.layout)
 
     def length(self, rank: int) -> int:
         return sum(c.length for c in self.chunks(rank))
@@ -310,21 +322,119 @@ def ring_attention(
     shard's ``[B, S_local]`` or ``[S_local]`` segment ids (tokens attend only within
     their segment). Returns the output shard in q's dtype, and with ``return_lse``
     also the fp32 log-sum-exp ``[B, Hq, S_local]`` (differentiable too).
-    ``timeout``: seconds to wait for a peer before raising RingError (default: the
-    process group's timeout).
+    ``timeout``: seconds to wait for a peer before raising RingError (None, the
+    default: the process group's timeout; else a finite number > 0).
+
+    Before any K/V moves, the ranks exchange one small signature of their inputs
+    (local length, batch, heads, head_dim, dtypes, segment ids, causal, layout,
+    scale, backend): if they disagree, every rank raises RingError naming the
+    ranks and fields that differ; if one rank's own inputs are invalid, it raises
+    its error and the others a RingError naming it.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RingError(
             "ring_attention: expected an initialized torch.distributed process group "
             "(use virtual_ring_attention for one process)"
         )
-    scale = check_inputs(q, k, v, softmax_scale, segment_ids, segment_ids)
-    _check_same_len(q, k, segment_ids)
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    lengths = all_lengths(q.shape[2], group, q.device)
+    if rank < 0:
+        raise RingError("ring_attention: expected this process to be a member of group, it is not")
+    # Every rank checks its own inputs, then all exchange one signature of what must
+    # agree before any K/V moves: mismatched shards would otherwise abort gloo on one
+    # rank and give another garbage. A rank whose inputs are invalid still takes part,
+    # so its peers raise at once instead of waiting for it until the timeout.
+    try:
+        timeout = check_timeout(timeout)
+        scale = check_inputs(
+            q, k, v, softmax_scale, segment_ids, segment_ids, causal=causal, backend=backend
+        )
+        _check_same_len(q, k, segment_ids)
+        rank_chunks(0, 1, 0, layout)  # validates the layout name
+        signature, local_error = _signature(q, k, segment_ids, causal, layout, scale, backend), None
+    except Exception as exc:
+        signature, local_error = [0] * len(_SIGNATURE), exc
+    signatures = all_gather_ints(
+        signature, group, timeout=None if local_error else timeout, what="the input signatures"
+    )
+    if local_error is not None:
+        raise local_error
+    _check_signatures(signatures, rank)
+    lengths = [sig[1] for sig in signatures]
     plan = _Plan(seq_len_from_local(lengths, layout), world_size, layout, causal, scale, backend)
     out, lse = _RingAttention.apply(q, k, v, segment_ids, plan, group, rank, timeout)
     return (out, lse) if return_lse else out
+
+
+# What each rank's signature holds (one int64 each), in order. "ok" is 0 for a rank
+# whose own inputs failed its checks; "local length" may differ (the layout decides).
+_SIGNATURE = (
+    "ok", "local length", "batch", "query heads", "key/value heads", "head_dim", "dtype",
+    "segment_ids", "segment_ids dims", "segment_ids batch", "segment_ids dtype", "causal",
+    "layout", "softmax_scale", "backend",
+)  # fmt: skip
+# Every torch dtype, in one order on every rank (same torch build): a dtype's code.
+_DTYPES = sorted({t for t in vars(torch).values() if isinstance(t, torch.dtype)}, key=str)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _signature(q, k, seg, causal, layout, scale, backend) -> list[int]:
+    has_seg = seg is not None
+    return [
+        1, q.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3], _dtype_code(q.dtype),
+        int(has_seg), seg.dim() if has_seg else 0,
+        seg.shape[0] if has_seg and seg.dim() == 2 else 0,
+        _dtype_code(seg.dtype) if has_seg else -1,
+        int(bool(causal)), LAYOUTS.index(layout),
+        struct.unpack("<q", struct.pack("<d", scale))[0],  # the float's exact bits
+        BACKENDS.index("sdpa" if backend == "auto" else backend),  # auto is sdpa
+    ]  # fmt: skip
+
+
+def _describe(field: str, value: int) -> str:
+    if field in ("dtype", "segment_ids dtype"):
+        return str(_DTYPES[value]) if 0 <= value < len(_DTYPES) else "an unknown dtype"
+    if field == "segment_ids":
+        return "given" if value else "none"
+    if field == "causal":
+        return str(bool(value))
+    if field == "layout":
+        return repr(LAYOUTS[value])
+    if field == "backend":
+        return repr(BACKENDS[value])
+    if field == "softmax_scale":
+        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
+    return str(value)
+
+
+def _check_signatures(signatures: list[list[int]], rank: int) -> None:
+    """RingError on every rank (all hold every signature) naming each rank whose
+    inputs differ from rank 0's, and how; or a rank that rejected its inputs."""
+    world_size = len(signatures)
+    rejected = [r for r, sig in enumerate(signatures) if sig[0] == 0]
+    if rejected:
+        raise RingError(
+            f"ring rank {rank}/{world_size}: rank(s) {rejected} rejected their inputs (their "
+            "own errors say why); no rank ran the ring"
+        )
+    ref = signatures[0]
+    seg = _SIGNATURE.index("segment_ids")
+    diffs = [
+        f"rank {r} has {field} {_describe(field, sig[i])}, rank 0 has {_describe(field, ref[i])}"
+        for r, sig in enumerate(signatures[1:], start=1)
+        for i, field in enumerate(_SIGNATURE)
+        if field not in ("ok", "local length")
+        and sig[i] != ref[i]
+        # Segment ids on one rank only: their shape and dtype on the other say nothing.
+        and not (field.startswith("segment_ids ") and sig[seg] != ref[seg])
+    ]
+    if diffs:
+        raise RingError(
+            f"ring rank {rank}/{world_size}: expected every rank's inputs to agree in shape, "
+            f"dtype and arguments, found: {'; '.join(diffs)}"
+        )
 
 
 def _check_same_len(q, k, seg):
@@ -423,8 +533,11 @@ def virtual_ring_attention(
     Same blocks, schedule and merges as :func:`ring_attention`, without communication:
     ``q`` ``[B, Hq, S, D]``, ``k``/``v`` ``[B, Hkv, S, D]``, ``segment_ids`` ``[B, S]`` or ``[S]``.
     """
-    scale = check_inputs(q, k, v, softmax_scale, segment_ids, segment_ids)
+    scale = check_inputs(
+        q, k, v, softmax_scale, segment_ids, segment_ids, causal=causal, backend=backend
+    )
     _check_same_len(q, k, segment_ids)
+    world_size = as_int("virtual ring: world_size", world_size)
     if world_size < 1:
         raise RingError(f"virtual ring: expected world_size >= 1, found {world_size}")
     plan = _Plan(q.shape[2], world_size, layout, causal, scale, backend)

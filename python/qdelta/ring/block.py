@@ -16,15 +16,22 @@ Backends: ``math`` (torch, the reference), ``sdpa`` (torch's fused kernels that
 return the log-sum-exp; falls back to ``math`` with a RingBackendWarning where
 they cannot run a case), ``cuda`` (cuda/attention_block.cu through cupy),
 ``auto`` (``sdpa``; the ``cuda`` kernel runs only on request).
+
+Empty blocks (no query rows, no keys, no heads or an empty batch) never
+reach a kernel: every backend returns ``out = 0``, ``lse = -inf`` of the right
+shapes (torch's fused CPU kernels die with SIGFPE on zero-size inputs).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import warnings
 from collections import Counter
 from typing import Literal
 
+import numpy as np
 import torch
 
 from qdelta.errors import DTypeError, ShapeError
@@ -55,12 +62,59 @@ def block_attention(
     kv_segment_ids: torch.Tensor | None = None,
     backend: Backend = "math",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``q`` against one key/value block; see the module docstring."""
-    return block_partial(
-        q, k, v, softmax_scale=softmax_scale, causal=causal, q_start=q_start,
-        kv_start=kv_start, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        backend=backend, cast=True,
+    """``(out, lse)`` of ``q`` against one key/value block; see the module docstring.
+
+    Differentiable in ``out`` and ``lse`` on every backend. ``math`` is plain torch
+    autograd (double backward too); the other backends run their fused forward and,
+    when q, k or v require grad, a backward by :func:`block_attention_backward` on
+    the same backend (exact for both outputs: the fused CPU backward without an lse
+    gradient, the math backward with one). torch's fused kernels give their lse no
+    gradient, so without this the lse term of a loss would be silently dropped.
+    """
+    kw = dict(
+        softmax_scale=softmax_scale, causal=causal, q_start=q_start, kv_start=kv_start,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, backend=backend,
     )  # fmt: skip
+    grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)
+    )
+    if grad:
+        check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
+        if backend != "math" or _is_empty(q, k):  # (empty: zeros no graph would reach)
+            return _BlockAttention.apply(q, k, v, kw)
+    return block_partial(q, k, v, **kw, cast=True)
+
+
+class _BlockAttention(torch.autograd.Function):
+    """block_attention on a fused backend with a backward through out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kw):
+        out, lse = block_partial(q, k, v, **kw, cast=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.kw = kw
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = block_attention_backward(q, k, v, out, lse, dout, dlse, **ctx.kw)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _is_empty(q, k) -> bool:
+    return q.numel() == 0 or k.numel() == 0
+
+
+def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial of a block with no rows, heads or keys: ``out = 0``, ``lse = -inf``."""
+    acc = partial_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    return out, torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
 
 
 def block_partial(
@@ -79,7 +133,12 @@ def block_partial(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_attention`; with ``cast=False`` ``out`` may stay in the kernel's
     dtype (bf16/fp16 from flash attention) for :func:`merge_fused_` to read directly."""  # fmt: skip
-    scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
+    scale = check_inputs(
+        q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
+        causal=causal, q_start=q_start, kv_start=kv_start, backend=backend,
+    )  # fmt: skip
+    if _is_empty(q, k):
+        return _empty_result(q)
     args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
     if backend == "auto":
         backend = _auto_backend(q)
@@ -95,8 +154,17 @@ def block_partial(
     raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
 
 
-def check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids) -> float:
-    """Validate shapes and dtypes; return the softmax scale to use."""
+def check_inputs(
+    q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
+    *, causal=False, q_start=0, kv_start=0, backend="math",
+) -> float:  # fmt: skip
+    """Validate shapes, dtypes, devices and arguments (metadata only); return the
+    softmax scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(
+                f"block attention: expected {name} as a torch.Tensor, found {type(t).__name__}"
+            )
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(
             "block attention: expected q, k, v as [batch, heads, seq, head_dim], found "
@@ -107,7 +175,13 @@ def check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids) -> float
             "block attention: expected k and v of one shape sharing batch and head_dim with q, "
             f"found q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if q.shape[1] % k.shape[1] != 0:
+    if q.shape[3] == 0 or (k.shape[1] == 0 and q.shape[1] != 0):
+        # (No heads at all is an empty block; query heads need a key/value head.)
+        raise ShapeError(
+            "block attention: expected head_dim >= 1 and at least one key/value head for "
+            f"the query heads, found q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if k.shape[1] != 0 and q.shape[1] % k.shape[1] != 0:
         raise ShapeError(
             f"block attention: expected query heads ({q.shape[1]}) to be a multiple of "
             f"key/value heads ({k.shape[1]})"
@@ -117,24 +191,103 @@ def check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids) -> float
             f"block attention: expected q, k, v of one floating dtype, found "
             f"{q.dtype}, {k.dtype}, {v.dtype}"
         )
-    for name, seg, length in (
-        ("q_segment_ids", q_segment_ids, q.shape[2]),
-        ("kv_segment_ids", kv_segment_ids, k.shape[2]),
-    ):
-        if seg is not None and (seg.shape[-1] != length or seg.dim() not in (1, 2)):
-            raise ShapeError(
-                f"block attention: expected {name} of shape [{length}] or [batch, {length}], "
-                f"found {tuple(seg.shape)}"
-            )
+    if not (q.device == k.device == v.device):
+        # A fused kernel would read k/v through pointers of the wrong device.
+        raise DTypeError(
+            f"block attention: expected q, k, v on one device, found {q.device}, "
+            f"{k.device}, {v.device}"
+        )
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ShapeError(
             "block attention: expected both q_segment_ids and kv_segment_ids, or neither"
         )
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
+    for name, seg, length in (
+        ("q_segment_ids", q_segment_ids, q.shape[2]),
+        ("kv_segment_ids", kv_segment_ids, k.shape[2]),
+    ):
+        if seg is None:
+            continue
+        if not isinstance(seg, torch.Tensor):
+            raise DTypeError(
+                f"block attention: expected {name} as a torch.Tensor, found {type(seg).__name__}"
+            )
+        if (
+            seg.dim() not in (1, 2)
+            or seg.shape[-1] != length
+            or (seg.dim() == 2 and seg.shape[0] not in (1, q.shape[0]))
+        ):
+            raise ShapeError(
+                f"block attention: expected {name} of shape [{length}] or [batch, {length}] "
+                f"with batch {q.shape[0]} (q's) or 1, found {tuple(seg.shape)}"
+            )
+        if seg.device != q.device and seg.device.type != "cpu":
+            raise DTypeError(
+                f"block attention: expected {name} on {q.device} (like q) or the CPU, "
+                f"found {seg.device}"
+            )
+    if not isinstance(causal, bool | np.bool_) and not (
+        isinstance(causal, int) and causal in (0, 1)
+    ):
+        raise DTypeError(f"block attention: expected causal as a bool, found {causal!r}")
+    _int_arg("q_start", q_start)
+    _int_arg("kv_start", kv_start)
+    if backend not in BACKENDS:
+        raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise DTypeError(
+            "block attention: expected softmax_scale as a number or None, found "
+            f"{type(softmax_scale).__name__}"
+        )
+    if not math.isfinite(softmax_scale):
         # Every backend would turn it into NaN outputs (or, in a kernel, into something
         # else): refuse it here, once, for all of them.
         raise ShapeError(f"block attention: expected a finite softmax_scale, found {softmax_scale}")
-    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return float(softmax_scale)
+
+
+def _int_arg(name: str, value) -> int:
+    try:
+        if isinstance(value, bool):  # an int to Python, never meant as a position
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise DTypeError(
+            f"block attention: expected {name} as an int, found {type(value).__name__}"
+        ) from None
+
+
+def _check_grad_inputs(q, out, lse, dout, dlse) -> None:
+    """The backward's out/dout ``[B, Hq, Sq, D]`` and lse/dlse ``[B, Hq, Sq]``: a fused
+    kernel reads them by q's shape, so a wrong one would be read out of bounds."""
+    for name, t, shape in (
+        ("out", out, q.shape),
+        ("lse", lse, q.shape[:-1]),
+        ("dout", dout, q.shape),
+        ("dlse", dlse, q.shape[:-1]),
+    ):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(
+                f"block attention backward: expected {name} as a torch.Tensor, found "
+                f"{type(t).__name__}"
+            )
+        if t.shape != shape:
+            raise ShapeError(
+                f"block attention backward: expected {name} of shape {tuple(shape)} "
+                f"(q {tuple(q.shape)}), found {tuple(t.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise DTypeError(
+                f"block attention backward: expected a floating {name}, found {t.dtype}"
+            )
+        if t.device != q.device:
+            raise DTypeError(
+                f"block attention backward: expected {name} on {q.device} (like q), "
+                f"found {t.device}"
+            )
 
 
 def allowed_mask(
@@ -220,15 +373,20 @@ def block_attention_backward(
 
     Backends: ``math`` (torch, in tiles of BACKWARD_ROWS query rows); ``sdpa`` /
     ``auto`` use torch's fused CPU flash backward where it applies (CPU, no
-    ``dlse``, every row's final lse finite) and ``math`` otherwise.
+    ``dlse``, every row's final lse finite) and ``math`` otherwise. ``out`` and
+    ``dout`` must have q's shape, ``lse`` and ``dlse`` ``[B, Hq, Sq]`` (ShapeError).
     """
-    scale = check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
-    if backend not in BACKENDS:
-        raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+    scale = check_inputs(
+        q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
+        causal=causal, q_start=q_start, kv_start=kv_start, backend=backend,
+    )  # fmt: skip
+    _check_grad_inputs(q, out, lse, dout, dlse)
+    acc = partial_dtype(q.dtype)
+    if _is_empty(q, k):  # nothing to attend: zero gradients, no kernel on zero sizes
+        return tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
     args = (q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start)
     if backend != "math" and q.device.type == "cpu" and dlse is None and torch.isfinite(lse).all():
         return _sdpa_cpu_backward(*args, q_segment_ids, kv_segment_ids)
-    acc = partial_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -334,7 +492,10 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg, cast=Tr
     mask = (
         None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
     )
-    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    # The fused kernels read rows as dense: a strided last dim (x.mT.contiguous().mT)
+    # gives garbage on CPU, so copy such inputs (ring slices of a shard stay views).
+    q = _rows_dense(q)
+    k, v = _rows_dense(_expand_kv(k, q.shape[1])), _rows_dense(_expand_kv(v, q.shape[1]))
     acc = partial_dtype(q.dtype)
     try:
         if q.device.type == "cpu":

@@ -9,13 +9,30 @@ is the one being sent, the next one lands in fresh buffers.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from qdelta.errors import DTypeError
 from qdelta.ring.errors import RingError
+
+
+def check_timeout(timeout) -> float | None:
+    """``timeout`` as seconds: None (the process group's) or a finite number > 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise DTypeError(
+            f"ring timeout: expected None or a number of seconds, found {type(timeout).__name__}"
+        )
+    if not math.isfinite(timeout) or timeout <= 0:
+        # 0 or less would time every exchange out at once.
+        raise RingError(f"ring timeout: expected a finite number of seconds > 0, found {timeout}")
+    return float(timeout)
 
 
 class RingComm:
@@ -26,7 +43,7 @@ class RingComm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.tag = tag
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         real_group = group if group is not None else dist.group.WORLD
         self.send_rank = dist.get_global_rank(real_group, (self.rank + 1) % self.world_size)
         self.recv_rank = dist.get_global_rank(real_group, (self.rank - 1) % self.world_size)
@@ -84,19 +101,32 @@ class RingComm:
         )
 
 
-def all_lengths(local_len: int, group, device: torch.device) -> list[int]:
-    """Every rank's local sequence length, in rank order."""
+def all_gather_ints(
+    values: Sequence[int], group, *, timeout: float | None = None, what: str = "values"
+) -> list[list[int]]:
+    """Every rank's ``values`` (the same count on every rank), in rank order: one
+    small int64 all-gather. ``timeout`` (seconds, None: the group's) bounds the wait."""
     world_size = dist.get_world_size(group)
     if world_size == 1:
-        return [local_len]
-    mine = torch.tensor([local_len], dtype=torch.int64, device=device)
+        return [list(values)]
+    backend = str(dist.get_backend(group)).lower()
+    # NCCL gathers CUDA tensors only; every other backend (gloo, or gloo for the CPU
+    # half of a mixed one) takes CPU tensors. Independent of the inputs, so a rank
+    # whose inputs are invalid can still take part and tell its peers.
+    nccl_only = "nccl" in backend and "cpu" not in backend and "gloo" not in backend
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl_only else "cpu"
+    mine = torch.tensor(list(values), dtype=torch.int64, device=device)
     out = [torch.empty_like(mine) for _ in range(world_size)]
     try:
-        dist.all_gather(out, mine, group=group)
+        work = dist.all_gather(out, mine, group=group, async_op=True)
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise RingError(
-            f"ring rank {dist.get_rank(group)}/{world_size}: gathering the local sequence "
-            f"lengths failed: {first} (a peer rank died or hung)"
+            f"ring rank {dist.get_rank(group)}/{world_size}: gathering {what} failed: {first} "
+            "(a peer rank died or hung)"
         ) from exc
-    return [int(t.item()) for t in out]
+    return [t.tolist() for t in out]

@@ -10,7 +10,9 @@ from collections.abc import Callable
 import torch
 import torch.utils.checkpoint
 
+from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingError
+from qdelta.ring.layout import as_int
 
 
 def blockwise_feedforward(
@@ -28,8 +30,27 @@ def blockwise_feedforward(
     backward pass), otherwise its hidden activations would be kept for backward
     and nothing would be saved.
     """
+    if not callable(ffn):
+        raise DTypeError(
+            f"blockwise_feedforward: expected ffn as a callable, found {type(ffn).__name__}"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(
+            f"blockwise_feedforward: expected x as a torch.Tensor, found {type(x).__name__}"
+        )
+    chunk_size = as_int("blockwise_feedforward: chunk_size", chunk_size)
     if chunk_size < 1:
         raise RingError(f"blockwise_feedforward: expected chunk_size >= 1, found {chunk_size}")
+    dim = as_int("blockwise_feedforward: dim", dim)
+    if not -x.dim() <= dim < x.dim():
+        raise ShapeError(
+            f"blockwise_feedforward: expected dim in [{-x.dim()}, {x.dim()}) for x of shape "
+            f"{tuple(x.shape)}, found {dim}"
+        )
+    if checkpoint not in (None, True, False):
+        raise DTypeError(
+            f"blockwise_feedforward: expected checkpoint None or a bool, found {checkpoint!r}"
+        )
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled() and x.requires_grad
     outs = []

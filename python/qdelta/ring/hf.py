@@ -4,23 +4,36 @@
 attention function with transformers' AttentionInterface and switches the
 model to it; each rank then runs the model on its shard of the tokens with
 the shard's global position ids (so RoPE sees true positions), and attention
-spans the whole sequence through the ring. ``ring_forward`` does the sharding.
+spans the whole sequence through the ring. ``ring_forward`` does the sharding,
+with the group and layout recorded by ``use_ring_attention``.
 No causal mask tensor is built: causality (and the layout's positions) are
-handled inside ring_attention. Prefill/training only: a KV cache is refused.
+handled inside ring_attention. Padding masks are refused (the ring attends over
+the whole sequence). Prefill/training only: a KV cache is refused.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.attention import ring_attention
+from qdelta.ring.block import BACKENDS
 from qdelta.ring.errors import RingError
-from qdelta.ring.layout import Layout, position_ids, shard
+from qdelta.ring.layout import LAYOUTS, Layout, position_ids, shard
 
 ATTENTION_NAME = "qdelta_ring"
+
+PADDING_HINT = (
+    "padding masks are not supported by ring attention: expected attention_mask None or all "
+    "ones; drop the padding (pack the sequences into one row; qdelta.ring.ring_attention takes "
+    "segment_ids to keep packed sequences apart)"
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,33 @@ class RingSettings:
     layout: str
     backend: str
     timeout: float | None
+
+
+def _check_mask(mask: torch.Tensor | None, q_len: int, causal: bool) -> None:
+    """Refuse a mask that hides any key a plain (causal) attention would see."""
+    if mask is None:
+        return
+    visible = mask if mask.dtype == torch.bool else mask == 0  # additive masks: 0 = visible
+    if bool(visible.all()):
+        return
+    # Older transformers build the plain causal mask for custom attention functions.
+    if causal and tuple(visible.shape[-2:]) == (q_len, q_len):
+        tril = torch.ones(q_len, q_len, dtype=torch.bool, device=mask.device).tril()
+        if bool((visible == tril).all()):
+            return
+    raise RingError(f"{PADDING_HINT}; found a {list(mask.shape)} mask that hides some keys")
+
+
+def ring_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
+    """transformers mask-interface function: no mask tensor, but refuse padding.
+
+    Without it, transformers drops a 2-D padding mask for an attention function it
+    does not know, and the padded keys would be attended silently.
+    """
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        padded = int((~attention_mask.bool()).sum())
+        raise RingError(f"{PADDING_HINT}; found {padded} padded positions")
+    return None
 
 
 def ring_attention_forward(
@@ -47,11 +87,13 @@ def ring_attention_forward(
         )
     if dropout and module.training:
         raise RingError(f"ring attention: expected attention dropout 0, found {dropout}")
+    causal = getattr(module, "is_causal", True)
+    _check_mask(attention_mask, query.shape[2], causal)
     out = ring_attention(
         query,
         key,
         value,
-        causal=getattr(module, "is_causal", True),
+        causal=causal,
         group=settings.group,
         layout=settings.layout,
         softmax_scale=scaling,
@@ -59,6 +101,33 @@ def ring_attention_forward(
         timeout=settings.timeout,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_settings(group, layout, backend, timeout) -> None:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise RingError(
+            f"use_ring_attention group: expected None or a torch.distributed ProcessGroup, "
+            f"found {type(group).__name__}"
+        )
+    if layout not in LAYOUTS:
+        raise RingError(f"use_ring_attention layout: expected one of {LAYOUTS}, found {layout!r}")
+    if backend not in BACKENDS:
+        raise RingError(
+            f"use_ring_attention backend: expected one of {BACKENDS}, found {backend!r}"
+        )
+    # As comm.check_timeout: DTypeError for a wrong type, RingError for a bad value.
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, Real):
+        raise DTypeError(
+            f"use_ring_attention timeout: expected None or a number of seconds, "
+            f"found {type(timeout).__name__}"
+        )
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise RingError(
+            f"use_ring_attention timeout: expected None or a finite number of seconds > 0, "
+            f"found {timeout!r}"
+        )
 
 
 def use_ring_attention(
@@ -69,28 +138,69 @@ def use_ring_attention(
     backend: str = "auto",
     timeout: float | None = None,
 ) -> torch.nn.Module:
-    """Switch ``model`` (in place) to ring attention over ``group``; returns it."""
+    """Switch ``model`` (in place) to ring attention over ``group``; returns it.
+
+    Every argument is checked before the model is changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise DTypeError(
+            f"use_ring_attention: expected a torch.nn.Module, found {type(model).__name__}"
+        )
+    _check_settings(group, layout, backend, timeout)
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
-    settings = RingSettings(group, layout, backend, timeout)
-    found = 0
-    for module in model.modules():
-        if hasattr(module, "num_key_value_groups") and hasattr(module, "is_causal"):
-            module._qdelta_ring = settings
-            found += 1
-    if not found:
+    modules = [
+        m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")
+    ]
+    if not modules:
         raise RingError(
             f"use_ring_attention: expected Llama-style attention modules in {type(model).__name__}, found none"
         )
-    configs = [
-        model.config,
-        *(getattr(model.config, k) for k in getattr(model.config, "sub_configs", {})),
-    ]
+    config = getattr(model, "config", None)
+    if config is None:
+        raise RingError(
+            f"use_ring_attention: expected a transformers model with a config, "
+            f"found {type(model).__name__} without one"
+        )
+    AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # older transformers pass their masks to the attention function
+        pass
+    else:
+        AttentionMaskInterface.register(ATTENTION_NAME, ring_mask)
+    settings = RingSettings(group, layout, backend, timeout)
+    for module in modules:
+        module._qdelta_ring = settings
+    configs = [config, *(getattr(config, k) for k in getattr(config, "sub_configs", {}))]
     for cfg in configs:
         if cfg is not None:
             cfg._attn_implementation = ATTENTION_NAME
     return model
+
+
+def _recorded_settings(model: nn.Module) -> RingSettings:
+    """The settings use_ring_attention left on ``model``'s attention modules."""
+    found = {id(s): s for m in model.modules() if (s := getattr(m, "_qdelta_ring", None))}
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not found or implementation != ATTENTION_NAME:
+        # Plain attention here would attend within each rank's shard only: wrong logits.
+        raise RingError(
+            f"ring_forward: expected a model switched to ring attention, found "
+            f"{type(model).__name__} using attention {implementation!r}: call "
+            "qdelta.ring.hf.use_ring_attention(model, group=..., layout=...) first"
+        )
+    if len(found) > 1:
+        raise RingError(
+            f"ring_forward: expected one ring setting for the whole model, found {len(found)} "
+            "(use_ring_attention was applied to parts of it): call use_ring_attention on the model"
+        )
+    return next(iter(found.values()))
+
+
+def _same_group(a, b) -> bool:
+    world = (None, dist.group.WORLD)  # None means the default group
+    return a is b or (a in world and b in world)
 
 
 def ring_forward(
@@ -98,13 +208,50 @@ def ring_forward(
     input_ids: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
-    layout: Layout = "contiguous",
+    layout: Layout | None = None,
 ) -> torch.Tensor:
     """This rank's logits for its shard of the full ``input_ids`` ``[B, S]``.
 
-    The model must already use ring attention over ``group`` with ``layout``.
+    The model must already use ring attention (:func:`use_ring_attention`);
+    ``group`` and ``layout`` default to the ones given there, and others are
+    refused (the tokens must be sharded the way the attention expects).
     Reassemble the full logits with ``qdelta.ring.unshard(shards, layout=layout)``.
     """
+    if not isinstance(model, nn.Module):
+        raise DTypeError(f"ring_forward: expected a torch.nn.Module, found {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise DTypeError(
+            f"ring_forward input_ids: expected an integer tensor [batch, seq], "
+            f"found {type(input_ids).__name__}"
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise DTypeError(
+            f"ring_forward input_ids: expected integer token ids, found {input_ids.dtype}"
+        )
+    if input_ids.dim() != 2:
+        raise ShapeError(
+            f"ring_forward input_ids: expected [batch, seq], found shape {list(input_ids.shape)}"
+        )
+    settings = _recorded_settings(model)
+    if layout is None:
+        layout = settings.layout
+    elif layout != settings.layout:
+        raise RingError(
+            f"ring_forward layout: expected {settings.layout!r} as given to use_ring_attention "
+            f"(or None), found {layout!r}"
+        )
+    if group is None:
+        group = settings.group
+    elif not _same_group(group, settings.group):
+        raise RingError(
+            "ring_forward group: expected the process group given to use_ring_attention (or None), "
+            "found another one"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise RingError(
+            "ring_forward: expected an initialized torch.distributed process group "
+            "(dist.init_process_group, or qdelta.ring.launch.spawn_ring)"
+        )
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     local_ids = shard(input_ids, world_size, rank, layout=layout, dim=-1)
     pos = position_ids(input_ids.shape[-1], world_size, rank, layout).to(input_ids.device)

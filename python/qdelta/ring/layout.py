@@ -10,12 +10,14 @@ the first ``S % n`` one token longer, so odd lengths need no padding.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from qdelta.errors import ShapeError
+from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingError
 
 Layout = Literal["contiguous", "zigzag"]
@@ -42,11 +44,22 @@ def chunk_sizes(seq_len: int, n: int) -> list[int]:
 def rank_chunks(seq_len: int, world_size: int, rank: int, layout: Layout) -> list[Chunk]:
     """The global chunks rank ``rank`` holds, in the order they sit in its local shard."""
     _check_layout(layout)
+    world_size, rank = _check_world(world_size, rank)
+    seq_len = as_int("seq_len", seq_len)
+    if seq_len < 0:
+        raise ShapeError(f"layout: expected seq_len >= 0, found {seq_len}")
+    return list(chunks_of(seq_len, world_size, rank, layout))
+
+
+@functools.lru_cache(maxsize=4096)
+def chunks_of(seq_len: int, world_size: int, rank: int, layout: str) -> tuple[Chunk, ...]:
+    """:func:`rank_chunks` of arguments already checked, cached: the ring's inner
+    loops ask for the same few chunk lists once per block pair."""
     n = world_size if layout == "contiguous" else 2 * world_size
     sizes = chunk_sizes(seq_len, n)
     starts = [sum(sizes[:i]) for i in range(n)]
     ids = [rank] if layout == "contiguous" else [rank, n - 1 - rank]
-    return [Chunk(starts[i], sizes[i]) for i in ids]
+    return tuple(Chunk(starts[i], sizes[i]) for i in ids)
 
 
 def local_length(seq_len: int, world_size: int, rank: int, layout: Layout) -> int:
@@ -64,12 +77,39 @@ def shard(
 ) -> torch.Tensor:
     """Rank ``rank``'s part of the full sequence ``x`` along ``dim``."""
     _check_world(world_size, rank)
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"shard: expected x as a torch.Tensor, found {type(x).__name__}")
+    dim = _check_dim("shard", x, dim)
     chunks = rank_chunks(x.shape[dim], world_size, rank, layout)
     return torch.cat([x.narrow(dim, c.start, c.length) for c in chunks], dim=dim)
 
 
 def unshard(shards: list[torch.Tensor], *, layout: Layout = "contiguous", dim: int = -2):
     """The full sequence back from every rank's shard (``shards[r]`` from rank ``r``)."""
+    _check_layout(layout)
+    if not isinstance(shards, list | tuple) or not shards:
+        found = (
+            f"{len(shards)} shards" if isinstance(shards, list | tuple) else type(shards).__name__
+        )
+        raise ShapeError(f"unshard: expected a non-empty list of shards, found {found}")
+    for rank, part in enumerate(shards):
+        if not isinstance(part, torch.Tensor):
+            raise DTypeError(
+                f"unshard: expected rank {rank}'s shard as a torch.Tensor, found "
+                f"{type(part).__name__}"
+            )
+    first = shards[0]
+    dim = _check_dim("unshard", first, dim)
+    for rank, part in enumerate(shards):
+        other = list(part.shape)
+        if part.dim() == first.dim():
+            other[dim] = first.shape[dim]
+        if other != list(first.shape) or part.dtype != first.dtype or part.device != first.device:
+            raise ShapeError(
+                f"unshard: expected every shard shaped like rank 0's {tuple(first.shape)} "
+                f"({first.dtype}, {first.device}) except along dim {dim}, found rank {rank}'s "
+                f"{tuple(part.shape)} ({part.dtype}, {part.device})"
+            )
     world_size = len(shards)
     seq_len = sum(s.shape[dim] for s in shards)
     pieces: list[tuple[int, torch.Tensor]] = []
@@ -104,10 +144,36 @@ def seq_len_from_local(lengths: list[int], layout: Layout) -> int:
 
 
 def _check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise RingError(f"layout: expected one of {LAYOUTS}, found {layout!r}")
 
 
-def _check_world(world_size: int, rank: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
+def as_int(name: str, value) -> int:
+    """``value`` as an int (an int or a numpy integer, not a bool), else DTypeError."""
+    try:
+        if isinstance(value, bool):  # an int to Python, never meant as a count
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
+
+
+def _check_world(world_size: int, rank: int) -> tuple[int, int]:
+    world_size, rank = as_int("world_size", world_size), as_int("rank", rank)
+    if world_size < 1:
+        raise RingError(f"expected world_size >= 1, found {world_size}")
+    if not 0 <= rank < world_size:
+        # A negative rank would silently index chunks from the end.
         raise RingError(f"expected 0 <= rank < world_size, found rank {rank}, world {world_size}")
+    return world_size, rank
+
+
+def _check_dim(what: str, x: torch.Tensor, dim) -> int:
+    """``dim`` of ``x`` as a non-negative index, else ShapeError / DTypeError."""
+    dim = as_int(f"{what}: dim", dim)
+    if not -x.dim() <= dim < x.dim():
+        raise ShapeError(
+            f"{what}: expected dim in [{-x.dim()}, {x.dim()}) for a tensor of shape "
+            f"{tuple(x.shape)}, found {dim}"
+        )
+    return dim % x.dim()

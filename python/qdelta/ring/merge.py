@@ -14,6 +14,62 @@ from __future__ import annotations
 
 import torch
 
+from qdelta.errors import DTypeError, ShapeError
+
+
+def check_partials(what: str, out, lse, block_out, block_lse, *, devices: bool = True) -> None:
+    """Metadata checks of two partials to merge (no data is read): ``out`` and
+    ``block_out`` of one shape ``[..., S, D]``, ``lse`` and ``block_lse`` of
+    ``[..., S]``, all floating, on one device (``devices=False``: the caller's
+    torch ops catch a device mismatch). Broadcasting is refused: a block of one
+    row would silently be merged into every row."""
+    try:  # one cheap expression on the hot path; _explain says what is wrong
+        shape = out.shape
+        ok = (
+            len(shape) > 0
+            and block_out.shape == shape
+            and lse.shape == shape[:-1]
+            and block_lse.shape == lse.shape
+            and out.dtype.is_floating_point
+            and lse.dtype.is_floating_point
+            and block_out.dtype.is_floating_point
+            and block_lse.dtype.is_floating_point
+            and (not devices or out.device == lse.device == block_out.device == block_lse.device)
+        )
+    except AttributeError:
+        ok = False
+    if not ok:
+        _explain(what, out, lse, block_out, block_lse)
+
+
+def _explain(what: str, out, lse, block_out, block_lse) -> None:
+    names = ("out", "lse", "block_out", "block_lse")
+    parts = (out, lse, block_out, block_lse)
+    for name, t in zip(names, parts, strict=True):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{what}: expected {name} as a torch.Tensor, found {type(t).__name__}")
+    if (
+        out.dim() < 1
+        or block_out.shape != out.shape
+        or lse.shape != out.shape[:-1]
+        or block_lse.shape != lse.shape
+    ):
+        raise ShapeError(
+            f"{what}: expected out and block_out of one shape [..., S, D], lse and block_lse "
+            f"[..., S], found out {tuple(out.shape)}, lse {tuple(lse.shape)}, block_out "
+            f"{tuple(block_out.shape)}, block_lse {tuple(block_lse.shape)}"
+        )
+    if not all(t.dtype.is_floating_point for t in parts):
+        raise DTypeError(
+            f"{what}: expected floating partials, found out {out.dtype}, lse {lse.dtype}, "
+            f"block_out {block_out.dtype}, block_lse {block_lse.dtype}"
+        )
+    if not (out.device == lse.device == block_out.device == block_lse.device):
+        raise DTypeError(
+            f"{what}: expected partials on one device, found out {out.device}, lse "
+            f"{lse.device}, block_out {block_out.device}, block_lse {block_lse.device}"
+        )
+
 
 def merge(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
@@ -21,7 +77,9 @@ def merge(
     """Combine two partials. ``out``: ``[..., S, D]``, ``lse``: ``[..., S]``; returns new ones.
 
     Computed in the partials' dtype (keep them fp32 or fp64); ``block_*`` are cast to it.
+    Shapes must match exactly (ShapeError), dtypes be floating (DTypeError).
     """
+    check_partials("merge", out, lse, block_out, block_lse)
     block_out = block_out.to(out.dtype)
     block_lse = block_lse.to(lse.dtype)
     new_lse = torch.logaddexp(lse, block_lse)
@@ -36,6 +94,7 @@ def merge_(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> None:
     """In-place :func:`merge` into ``out`` and ``lse`` (which may be views of larger buffers)."""
+    check_partials("merge_", out, lse, block_out, block_lse)
     new_out, new_lse = merge(out, lse, block_out, block_lse)
     out.copy_(new_out)
     lse.copy_(new_lse)
@@ -60,7 +119,14 @@ def merge_fused_(
     ``exp(block_lse - new_lse) = sigmoid(block_lse - lse)``; when both are ``-inf``
     that is NaN, set to 0 (the row keeps ``out = 0``, ``lse = -inf``).
     """
-    block_lse = block_lse.to(lse.dtype)
-    w = torch.nan_to_num_(torch.sigmoid(block_lse - lse), nan=0.0).unsqueeze(-1)
-    out.mul_(1.0 - w).addcmul_(block_out, w)
-    torch.logaddexp(lse, block_lse, out=lse)
+    check_partials("merge_fused_", out, lse, block_out, block_lse, devices=False)
+    try:
+        block_lse = block_lse.to(lse.dtype)
+        w = torch.nan_to_num_(torch.sigmoid(block_lse - lse), nan=0.0).unsqueeze(-1)
+        out.mul_(1.0 - w).addcmul_(block_out, w)
+        torch.logaddexp(lse, block_lse, out=lse)
+    except RuntimeError:
+        # The hot path leaves device checks to torch (which refuses a mismatch
+        # before writing): name the devices when that is what failed.
+        _explain("merge_fused_", out, lse, block_out, block_lse)
+        raise

@@ -1,0 +1,133 @@
+"""qdelta.ring.hf refuses misuse with clear errors, before changing the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+
+from tests.tiny_models import VOCAB, tiny_llama
+
+from qdelta.errors import DTypeError, ShapeError
+from qdelta.ring.errors import RingError
+from qdelta.ring.hf import ATTENTION_NAME, ring_forward, use_ring_attention
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group in this process, destroyed afterwards."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ids(batch: int = 2, seq: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _attn_impl(model) -> str:
+    return model.config._attn_implementation
+
+
+def test_ring_forward_equals_plain_forward_with_the_recorded_layout(one_rank):
+    ids = _ids()
+    with torch.no_grad():
+        want = tiny_llama(3)(ids).logits
+        model = use_ring_attention(tiny_llama(3), layout="zigzag", backend="math", timeout=30)
+        got = ring_forward(model, ids)  # layout and group from use_ring_attention
+        again = ring_forward(model, ids, layout="zigzag")
+        ones = model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ones, want, atol=1e-5, rtol=1e-5)  # all-ones mask: no padding
+
+
+def test_ring_forward_refuses_a_model_without_ring_attention(one_rank):
+    # Plain attention would attend within each rank's shard only.
+    with pytest.raises(RingError, match=r"call qdelta\.ring\.hf\.use_ring_attention"):
+        ring_forward(tiny_llama(), _ids())
+    model = use_ring_attention(tiny_llama())
+    model.config._attn_implementation = "sdpa"  # switched back by hand
+    with pytest.raises(RingError, match="using attention 'sdpa'"):
+        ring_forward(model, _ids())
+
+
+def test_ring_forward_refuses_another_layout_than_use_ring_attention(one_rank):
+    model = use_ring_attention(tiny_llama(), layout="zigzag")
+    with pytest.raises(RingError, match=r"expected 'zigzag'.*found 'contiguous'"):
+        ring_forward(model, _ids(), layout="contiguous")
+    other = dist.new_group([0])
+    with pytest.raises(RingError, match="process group given to use_ring_attention"):
+        ring_forward(model, _ids(), group=other)
+
+
+def test_padding_mask_is_refused(one_rank):
+    model = use_ring_attention(tiny_llama())
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(RingError, match=r"padding masks are not supported.*segment_ids"):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    # A prepared 4-D mask reaches the attention function itself.
+    mask4 = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask4[0, :, :, :2] = False
+    with pytest.raises(RingError, match="padding masks are not supported"):
+        model(input_ids=ids, attention_mask=mask4, use_cache=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (
+            {"layout": "bogus"},
+            RingError,
+            r"expected one of \('contiguous', 'zigzag'\), found 'bogus'",
+        ),
+        ({"backend": "nope"}, RingError, r"backend: expected one of \(.*'sdpa'.*\), found 'nope'"),
+        ({"timeout": "x"}, DTypeError, r"timeout: expected None or a number of seconds, found str"),
+        ({"timeout": True}, DTypeError, "found bool"),
+        ({"timeout": 0}, RingError, "finite number of seconds > 0, found 0"),
+        ({"timeout": float("nan")}, RingError, "found nan"),
+        ({"timeout": -1.5}, RingError, "found -1.5"),
+        ({"group": "world"}, RingError, "group: expected None or a torch.distributed ProcessGroup"),
+    ],
+)
+def test_use_ring_attention_checks_arguments_before_changing_the_model(kwargs, error, match):
+    model = tiny_llama()
+    before = _attn_impl(model)
+    with pytest.raises(error, match=match):
+        use_ring_attention(model, **kwargs)
+    assert _attn_impl(model) == before != ATTENTION_NAME
+    assert not any(hasattr(m, "_qdelta_ring") for m in model.modules())
+    model(_ids())  # still runs
+
+
+def test_use_ring_attention_refuses_a_non_module():
+    with pytest.raises(DTypeError, match=r"expected a torch\.nn\.Module, found dict"):
+        use_ring_attention({"weights": 1})
+
+
+def test_ring_forward_without_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    model = use_ring_attention(tiny_llama())
+    with pytest.raises(
+        RingError, match=r"expected an initialized torch\.distributed process group"
+    ):
+        ring_forward(model, _ids())
+
+
+def test_ring_forward_checks_its_inputs(one_rank):
+    model = use_ring_attention(tiny_llama())
+    with pytest.raises(ShapeError, match=r"expected \[batch, seq\], found shape \[9\]"):
+        ring_forward(model, _ids()[0])
+    with pytest.raises(DTypeError, match=r"expected integer token ids, found torch\.float32"):
+        ring_forward(model, _ids().float())
+    with pytest.raises(DTypeError, match="found list"):
+        ring_forward(model, [[1, 2, 3]])
+    with pytest.raises(DTypeError, match=r"expected a torch\.nn\.Module, found str"):
+        ring_forward("model-dir", _ids())
