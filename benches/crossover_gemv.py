@@ -33,7 +33,7 @@ def median_ms(fn, reps: int = 5) -> float:
 
 def main() -> None:
     rows = []
-    for n in (1024, 2048):
+    for n in (512, 1024, 2048):
         planes, scales = reference.pack_residual(torch.randn(n, n), 1, "matrix")
         for m in (64, 256, 1024, 2048, 4096):
             x = torch.randn(m, n)

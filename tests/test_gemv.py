@@ -116,14 +116,15 @@ def test_zero_scale_planes_add_nothing():
 
 def test_auto_dispatch_rule():
     scales = torch.ones(1)
-    # Few rows of a small delta, or up to N*K/1024 rows of a large one: the Rust kernel.
+    # Few rows of a small delta, or up to N*K/2048 rows of a large one: the Rust kernel.
     assert kernels.cpu_max_rows(128, 128) == kernels.CPU_MIN_ROWS
-    assert kernels.cpu_max_rows(2048, 2048) == 4096
+    assert kernels.cpu_max_rows(2048, 2048) == 2048 * 2048 // kernels.CPU_WEIGHTS_PER_ROW
     small = torch.randn(kernels.CPU_MIN_ROWS, 3)
     assert kernels._use_cpu(small, scales, "auto", 5)
     assert not kernels._use_cpu(torch.randn(kernels.CPU_MIN_ROWS + 1, 3), scales, "auto", 5)
-    assert kernels._use_cpu(torch.randn(4096, 2048), scales, "auto", 2048)
-    assert not kernels._use_cpu(torch.randn(4097, 2048), scales, "auto", 2048)
+    limit = kernels.cpu_max_rows(2048, 2048)
+    assert kernels._use_cpu(torch.randn(limit, 2048), scales, "auto", 2048)
+    assert not kernels._use_cpu(torch.randn(limit + 1, 2048), scales, "auto", 2048)
     assert not kernels._use_cpu(small.double(), scales, "auto", 5)
     assert not kernels._use_cpu(small.requires_grad_(), scales, "auto", 5)
     assert not kernels._use_cpu(torch.randn(2, 3), scales.requires_grad_(), "auto", 5)

@@ -36,12 +36,13 @@ Backend = Literal["auto", "reference", "cpu", "cuda"]
 #: ``max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)`` rows.
 #: The reference decodes the whole delta once per call and then uses BLAS, so
 #: the more rows share that decode, the better it does; the kernel's cost grows
-#: with rows times weights. Measured crossovers (AMD EPYC, 2 cores; 1 plane):
-#: 128x128 between 64 and 256 rows, 512x512 between 256 and 512, 1024x1024
-#: between 512 and 2048, 2048x2048 above 2048 (docs/CPU_KERNEL.md). Inputs
-#: that need gradients stay on the (differentiable) reference.
-CPU_MIN_ROWS = 64
-CPU_WEIGHTS_PER_ROW = 1024
+#: with rows times weights. Measured crossovers (Intel Xeon, 2 cores, AVX-512;
+#: 1 plane; benches/crossover_gemv.py and docs/CPU_KERNEL.md): 128x128 at about
+#: 200 rows, 256x256 about 150, 512x512 about 500, 1024x1024 about 600,
+#: 2048x2048 about 1900. Inputs that need gradients stay on the
+#: (differentiable) reference.
+CPU_MIN_ROWS = 128
+CPU_WEIGHTS_PER_ROW = 2048
 
 
 def check_backend(backend: object) -> None:
