@@ -339,13 +339,13 @@ def test_kernel_out_must_not_overlap_inputs_or_need_grad():
     from qdelta.kernels import cpu
 
     b = torch.randn(5, 8)
-    with pytest.raises(qdelta.ShapeError, match="out: expected memory not shared with x"):
+    with pytest.raises(qdelta.ShapeError, match=r"out: expected an array not shared .* also x"):
         cpu.rms_norm_rows(b[:-1], torch.ones(1, 8), 1e-6, b[1:])
     x = torch.randn(3, 40)
     planes = torch.zeros(1, 1, 40, 2, dtype=torch.int32)
     scales = torch.ones(1, 1)
     ids = torch.zeros(3, dtype=torch.int64)
-    with pytest.raises(qdelta.ShapeError, match="overlap"):
+    with pytest.raises(qdelta.ShapeError, match="found it is also x"):
         cpu.multi_tenant_delta_matmul(x, planes, scales, ids, out=x)
     with pytest.raises(qdelta.QDeltaError, match="out: expected a tensor that needs no gradient"):
         cpu.multi_tenant_delta_matmul(

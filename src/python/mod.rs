@@ -117,20 +117,32 @@ pub(crate) fn writable_f32<'py>(
     others: impl FnOnce() -> Vec<(String, Bound<'py, PyAny>)>,
 ) -> PyResult<PyReadwriteArrayDyn<'py, f32>> {
     let arr: Bound<'py, PyArrayDyn<f32>> = out.clone().cast_into()?;
-    arr.try_readwrite().map_err(|e| {
-        let err = match e {
-            BorrowError::NotWriteable => args::out_conflict(OutConflict::ReadOnly, None),
-            _ => {
-                let ranges: Vec<(String, (usize, usize))> = others()
-                    .into_iter()
-                    .filter_map(|(name, a)| byte_range(&a).map(|r| (name, r)))
-                    .collect();
-                let with = byte_range(out).and_then(|r| args::overlapping(r, &ranges));
-                args::out_conflict(OutConflict::Shared, with)
-            }
-        };
-        to_py(err)
-    })
+    let overlap = |others: Vec<(String, Bound<'py, PyAny>)>| {
+        let ranges: Vec<(String, (usize, usize))> = others
+            .into_iter()
+            .filter_map(|(name, a)| byte_range(&a).map(|r| (name, r)))
+            .collect();
+        byte_range(out).and_then(|r| args::overlapping(r, &ranges).map(str::to_owned))
+    };
+    match arr.try_readwrite() {
+        // numpy's borrow flags only see arrays with one base object: views of
+        // one buffer made separately (e.g. two torch views' .numpy()) pass
+        // them, so the address ranges are compared too.
+        Ok(rw) => match overlap(others()) {
+            None => Ok(rw),
+            Some(name) => Err(to_py(args::out_conflict(OutConflict::Shared, Some(&name)))),
+        },
+        Err(BorrowError::NotWriteable) => {
+            Err(to_py(args::out_conflict(OutConflict::ReadOnly, None)))
+        }
+        Err(_) => {
+            let with = overlap(others());
+            Err(to_py(args::out_conflict(
+                OutConflict::Shared,
+                with.as_deref(),
+            )))
+        }
+    }
 }
 
 /// The inputs of a call by name, for `writable_f32`.
@@ -140,13 +152,16 @@ pub(crate) fn named<'py>(args: &[(&str, &Bound<'py, PyAny>)]) -> Vec<(String, Bo
         .collect()
 }
 
-/// The bytes `[start, end)` a (C-contiguous) numpy array spans; None for
-/// anything else.
+/// The bytes `[start, end)` a (C-contiguous) numpy array spans; None for an
+/// empty array or anything else.
 fn byte_range(arr: &Bound<'_, PyAny>) -> Option<(usize, usize)> {
     let a = arr.cast::<PyUntypedArray>().ok()?;
     let start = data_addr(a);
     use numpy::PyArrayDescrMethods;
-    let len = a.len().max(1) * a.dtype().itemsize();
+    if a.len() == 0 {
+        return None; // no bytes: overlaps nothing
+    }
+    let len = a.len() * a.dtype().itemsize();
     Some((start, start + len))
 }
 

@@ -98,7 +98,7 @@ def multi_tenant_delta_matmul(
     if out is not None:
         if _on_cpu(out, "out").dtype != torch.float32:
             raise DTypeError(f"out: expected float32, found {out.dtype}")
-        out_arr = _out_array(out, x=x)
+        out_arr = _out_array(out)
     y = _core.delta_matmul(
         xa,
         name,
@@ -190,7 +190,7 @@ def single_fused_linear(
     rows = out.numel() // max(out.shape[-1], 1)
     _core.fused_linear(
         _plain(x), weight, bias, _planes_array(planes)[None], _plain(scales)[None],
-        np.zeros(rows, dtype=np.int64), _out_array(out, x=x),
+        np.zeros(rows, dtype=np.int64), _out_array(out),
     )  # fmt: skip
 
 
@@ -204,14 +204,14 @@ def rowwise_linear(
     """``out[r] = x[r] @ weights[index[r]].T + biases[index[r]]`` (src/rowwise.rs):
     float32 contiguous CPU ``x`` ``[..., K]`` and ``out`` ``[..., N]``, float32
     ``[N, K]`` weights, ``[N]`` biases or None, int64 ``index`` (one per row)."""
-    _core.rowwise_linear(_plain(x), weights, biases, index, _out_array(out, x=x))
+    _core.rowwise_linear(_plain(x), weights, biases, index, _out_array(out))
 
 
 def rms_norm_rows(x: torch.Tensor, weights: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     """``out[r] = weights[r // s] * x[r] / sqrt(mean(x[r]^2) + eps)`` (src/rmsnorm.rs):
     float32 contiguous CPU ``x`` and ``out`` ``[..., D]``, ``weights`` ``[G, D]``,
     ``s`` = rows / G."""
-    _core.rms_norm_rows(_plain(x), _plain(weights), eps, _out_array(out, x=x, weights=weights))
+    _core.rms_norm_rows(_plain(x), _plain(weights), eps, _out_array(out))
 
 
 def packed_embedding(
@@ -226,7 +226,7 @@ def packed_embedding(
     (src/embedding.rs): float32 ``base`` ``[V, H]``, uint32 ``planes`` ``[T, P, V, W]``,
     float32 ``scales`` ``[T, P]`` / ``[T, P, V]``, int64 ``tokens`` (M of them) and
     ``tenants`` ``[M]`` (``-1`` = the base row), float32 ``out`` ``[..., H]``."""
-    out_arr = _out_array(out, base=base)
+    out_arr = _out_array(out)
     _core.packed_embedding(_plain(base), planes, scales, tokens.numpy(), tenants, out_arr)
 
 
@@ -238,32 +238,15 @@ def gather_embedding(
     _core.gather_embedding(tables, tokens.numpy(), table, _out_array(out))
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The bytes ``[first, last + 1)`` a strided tensor's elements lie in (torch
-    strides are never negative)."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _out_array(out: torch.Tensor, **inputs: torch.Tensor) -> np.ndarray:
-    """The array a kernel writes ``out`` through, after the checks numpy cannot do
-    for torch views: no gradient to track (the write bypasses autograd) and no
-    memory shared with an input (the core reads inputs while writing ``out``)."""
+def _out_array(out: torch.Tensor) -> np.ndarray:
+    """The array a kernel writes ``out`` through, refusing a tensor that needs a
+    gradient: the write bypasses autograd. (The core refuses an ``out`` whose
+    memory overlaps an input.)"""
     if out.requires_grad:
         raise QDeltaError(
             "out: expected a tensor that needs no gradient (the kernel writes it in place, "
             "unseen by autograd), found requires_grad=True"
         )
-    if out.numel():
-        o0, o1 = _span(out)
-        for name, t in inputs.items():
-            if t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-                a0, a1 = _span(t)
-                if a0 < o1 and o0 < a1:
-                    raise ShapeError(
-                        f"out: expected memory not shared with {name}, found the two overlap "
-                        "(pass a separate output tensor)"
-                    )
     return out.numpy()
 
 
