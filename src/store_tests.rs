@@ -520,6 +520,21 @@ fn own_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A FIFO and a listening Unix socket named like .qdelta files in `dir` (the
+/// listener must stay alive for the socket to exist).
+#[cfg(unix)]
+fn fifo_and_socket(dir: &Path) -> (PathBuf, PathBuf, std::os::unix::net::UnixListener) {
+    let fifo = dir.join("fifo.qdelta");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let sock = dir.join("sock.qdelta");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    (fifo, sock, listener)
+}
+
 fn temp_leftovers(dir: &Path) -> Vec<std::ffi::OsString> {
     fs::read_dir(dir)
         .unwrap()
@@ -544,14 +559,7 @@ fn within_seconds<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 
 #[test]
 fn fifos_sockets_and_devices_are_refused_without_hanging() {
     let dir = own_dir("special");
-    let fifo = dir.join("fifo.qdelta");
-    let ok = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let sock = dir.join("sock.qdelta");
-    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (fifo, sock, _listener) = fifo_and_socket(&dir);
     let link = dir.join("link.qdelta");
     std::os::unix::fs::symlink(&fifo, &link).unwrap();
     let mut cases = vec![
@@ -711,14 +719,7 @@ fn long_file_names_up_to_name_max_can_be_saved() {
 fn writes_refuse_fifos_sockets_and_devices_at_the_target_and_keep_them() {
     use std::os::unix::fs::FileTypeExt;
     let dir = own_dir("writespecial");
-    let fifo = dir.join("fifo.qdelta");
-    let ok = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let sock = dir.join("sock.qdelta");
-    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (fifo, sock, _listener) = fifo_and_socket(&dir);
     let to_fifo = dir.join("to-fifo.qdelta");
     std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
     // A link (in our own directory) to a device: only the link could be

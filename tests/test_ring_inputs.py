@@ -186,7 +186,7 @@ def _bad_block_calls():
             Q, Q, Q, q_segment_ids=[0, 0, 0, 0], kv_segment_ids=seg, backend=be),
          DTypeError, "q_segment_ids"),
         ("q_start str", lambda be, Q: block_attention(Q, Q, Q, causal=True, q_start="1", backend=be),
-         DTypeError, "q_start as an int"),
+         DTypeError, "q_start: expected an int"),
         ("kv_start float", lambda be, Q: block_attention(
             Q, Q, Q, causal=True, kv_start=1.0, backend=be), DTypeError, "kv_start"),
         ("causal str", lambda be, Q: block_attention(Q, Q, Q, causal="yes", backend=be), DTypeError,

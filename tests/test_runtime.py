@@ -14,6 +14,7 @@ from tests.runtime_helpers import (
     tiny_llama,
     trained,
 )
+from tests.tiny_models import one_thread
 
 import qdelta
 from qdelta import MultiTenantModel
@@ -24,12 +25,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the math.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from tests.runtime_helpers import left_pad, make_delta, perturbed, tiny_llama
+from tests.tiny_models import one_thread
 
 import qdelta
 from qdelta import MultiTenantModel
@@ -18,11 +19,8 @@ VOCAB = 101  # tiny_llama's
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

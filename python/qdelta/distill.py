@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qdelta.calibration import Calibration, prepare_calibration
+from qdelta.checks import as_int
 from qdelta.compress import check_same_architecture
 from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, DTypeError, ModelMismatchError, ShapeError
@@ -82,26 +82,12 @@ class _Runner:
         return model_output(out)
 
 
-def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi)``: DTypeError for another type, ShapeError out of range."""
-    try:
-        if isinstance(value, bool):  # an int to Python, never meant as a count
-            raise TypeError
-        i = operator.index(value)
-    except TypeError:
-        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
-    if i < lo or (hi is not None and i >= hi):
-        want = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
-        raise ShapeError(f"{name}: expected an int {want}, found {i}")
-    return i
-
-
 def _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches) -> None:
-    _int_arg("steps", steps, 0)
-    _int_arg("batch_size", batch_size, 1)
-    _int_arg("seq_len", seq_len, 1)
-    _int_arg("seed", seed, 0, 2**63)
-    _int_arg("eval_batches", eval_batches, 0)
+    as_int("steps", steps, 0)
+    as_int("batch_size", batch_size, 1)
+    as_int("seq_len", seq_len, 1)
+    as_int("seed", seed, 0, 2**63)
+    as_int("eval_batches", eval_batches, 0)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise DTypeError(f"lr: expected a number, found {type(lr).__name__}")
     if not math.isfinite(lr) or lr <= 0:

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from qdelta import kernels
+from qdelta.checks import check_tensor_like
 from qdelta.delta import Delta, PackedLayer
-from qdelta.errors import DTypeError, ModelMismatchError, NonFiniteError, ShapeError
+from qdelta.errors import DTypeError, ModelMismatchError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
@@ -320,7 +321,7 @@ def _swap_each(
         owner = _find_module(model, owner_name, "tensor owner") if owner_name else model
         current = owner._parameters.get(attr, owner._buffers.get(attr))
         if current is not None:
-            _check_param_value(key, value, current)
+            check_tensor_like(key, value, current)
         if attr in owner._parameters and owner._parameters[attr] is not None:
             old = owner._parameters[attr]
             if old.shape != value.shape:
@@ -341,23 +342,6 @@ def _swap_each(
                 f"{key}: expected a parameter or buffer of the model, found none"
             )
         originals[key] = old
-
-
-def _check_param_value(key: str, value: object, current: torch.Tensor) -> None:
-    """A tensor of the model tensor's kind (float for float, int for int), finite:
-    a cast would silently drop an imaginary part or a fraction, NaN would spread."""
-    if (
-        not isinstance(value, torch.Tensor)
-        or value.is_complex()
-        or value.is_floating_point() != current.is_floating_point()
-    ):
-        found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-        raise DTypeError(
-            f"{key}: expected a tensor of the model's kind ({current.dtype}), found {found}"
-        )
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        at = (~torch.isfinite(value)).nonzero()[0].tolist()
-        raise NonFiniteError(f"{key}: expected finite values, found NaN/Inf at {at}")
 
 
 def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
@@ -466,7 +450,7 @@ def _param_target(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tens
         raise ModelMismatchError(
             f"{key}: expected a parameter or buffer of the model, found none"
         ) from None
-    _check_param_value(key, value, target)
+    check_tensor_like(key, value, target)
     if target.shape != value.shape:
         raise ShapeError(f"{key}: expected shape {list(target.shape)}, found {list(value.shape)}")
     return target

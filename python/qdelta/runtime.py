@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qdelta.checks import as_int, check_tensor_like
 from qdelta.delta import Delta
 from qdelta.errors import (
     BaseMismatchError,
@@ -250,24 +251,13 @@ class MultiTenantModel(nn.Module):
             base = self._base_params.get(pname)
             if base is None:
                 raise ShapeError(f"tenant {name!r}: the base has no parameter {pname!r}")
-            # Same kind as the base's tensor (float for float, int for int buffers):
-            # a cast would silently drop an imaginary part or a fraction.
-            if (
-                not isinstance(value, torch.Tensor)
-                or value.is_complex()
-                or value.is_floating_point() != base.is_floating_point()
-            ):
-                found = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-                raise DTypeError(
-                    f"tenant {name!r}: parameter {pname!r}: expected a tensor of the base's "
-                    f"kind ({base.dtype}), found {found}"
-                )
+            check_tensor_like(f"tenant {name!r}: parameter {pname!r}", value, base, "base")
             if tuple(value.shape) != tuple(base.shape):
                 raise ShapeError(
                     f"tenant {name!r}: parameter {pname!r} is {list(base.shape)} in the base, "
                     f"the delta has {list(value.shape)}"
                 )
-            _check_finite(value, base.dtype, f"tenant {name!r}: parameter {pname!r}")
+            _check_fits(value, base.dtype, f"tenant {name!r}: parameter {pname!r}")
         for mname, attrs in self._params_by_module(delta).items():
             module = self._base_modules[mname]
             packed = mname in delta.layers
@@ -601,7 +591,7 @@ class MultiTenantModel(nn.Module):
         or a token id in [0, vocab).
         """
         ids, mask = self._check_inputs(input_ids, attention_mask)
-        max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 1)
+        max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise DTypeError(f"temperature: expected a number, found {type(temperature).__name__}")
         if not math.isfinite(temperature) or temperature < 0 or (do_sample and temperature == 0):
@@ -610,11 +600,11 @@ class MultiTenantModel(nn.Module):
                 f"greedy), found {temperature}"
             )
         if top_k is not None:
-            top_k = _int_arg("top_k", top_k, 1)
+            top_k = as_int("top_k", top_k, 1)
         if seed is not None:
-            seed = _int_arg("seed", seed, 0, 2**63, "2**63")
+            seed = as_int("seed", seed, 0, 2**63, "2**63")
         if eos_token_id is not None:
-            eos_token_id = _int_arg("eos_token_id", eos_token_id, 0, self._vocab_size())
+            eos_token_id = as_int("eos_token_id", eos_token_id, 0, self._vocab_size())
         generator = None
         if do_sample:
             generator = torch.Generator(device=ids.device)
@@ -667,39 +657,21 @@ class MultiTenantModel(nn.Module):
         )
 
 
-def _int_arg(name: str, value: Any, lo: int, hi: int | None = None, hi_text: str = "") -> int:
-    """``value`` as an int in ``[lo, hi)``, or a DTypeError / ShapeError naming it."""
-    try:
-        if isinstance(value, bool):  # an int to Python, never meant as a count or id
-            raise TypeError
-        i = operator.index(value)
-    except TypeError:
-        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
-    if i < lo or (hi is not None and i >= hi):
-        want = f">= {lo}" if hi is None else f"in [{lo}, {hi_text or hi})"
-        raise ShapeError(f"{name}: expected an int {want}, found {i}")
-    return i
-
-
 def _budget(value: Any) -> int | None:
     """A valid ``budget_bytes`` (None or an int >= 0), or a BudgetError naming it."""
     if value is None:
         return None
     try:
-        return _int_arg("budget_bytes", value, 0)
+        return as_int("budget_bytes", value, 0)
     except QDeltaError:
         raise BudgetError(
             f"budget_bytes: expected None or an int >= 0, found {value!r} ({type(value).__name__})"
         ) from None
 
 
-def _check_finite(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """Refuse NaN/Inf, and values that would overflow to Inf in the base ``dtype``."""
-    finite = torch.isfinite(value)
-    if not bool(finite.all()):
-        at = (~finite).nonzero()[0].tolist()
-        raise NonFiniteError(f"{what}: expected finite values, found NaN/Inf at {at}")
-    if value.numel() and dtype.is_floating_point:
+def _check_fits(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Refuse (finite) values that would overflow to Inf in the base ``dtype``."""
+    if value.numel() and value.is_floating_point() and dtype.is_floating_point:
         peak = float(value.detach().abs().max())
         if peak > torch.finfo(dtype).max:
             raise NonFiniteError(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import warnings
 from collections import Counter
 from typing import Literal
@@ -34,6 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from qdelta.checks import as_int
 from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingBackendWarning, RingError
 
@@ -229,8 +229,8 @@ def check_inputs(
         isinstance(causal, int) and causal in (0, 1)
     ):
         raise DTypeError(f"block attention: expected causal as a bool, found {causal!r}")
-    _int_arg("q_start", q_start)
-    _int_arg("kv_start", kv_start)
+    as_int("block attention: q_start", q_start)
+    as_int("block attention: kv_start", kv_start)
     if backend not in BACKENDS:
         raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
     if softmax_scale is None:
@@ -245,17 +245,6 @@ def check_inputs(
         # else): refuse it here, once, for all of them.
         raise ShapeError(f"block attention: expected a finite softmax_scale, found {softmax_scale}")
     return float(softmax_scale)
-
-
-def _int_arg(name: str, value) -> int:
-    try:
-        if isinstance(value, bool):  # an int to Python, never meant as a position
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise DTypeError(
-            f"block attention: expected {name} as an int, found {type(value).__name__}"
-        ) from None
 
 
 def _check_grad_inputs(q, out, lse, dout, dlse) -> None:

@@ -11,12 +11,12 @@ the first ``S % n`` one token longer, so odd lengths need no padding.
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from qdelta.checks import as_int
 from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingError
 
@@ -146,16 +146,6 @@ def seq_len_from_local(lengths: list[int], layout: Layout) -> int:
 def _check_layout(layout: str) -> None:
     if not isinstance(layout, str) or layout not in LAYOUTS:
         raise RingError(f"layout: expected one of {LAYOUTS}, found {layout!r}")
-
-
-def as_int(name: str, value) -> int:
-    """``value`` as an int (an int or a numpy integer, not a bool), else DTypeError."""
-    try:
-        if isinstance(value, bool):  # an int to Python, never meant as a count
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise DTypeError(f"{name}: expected an int, found {type(value).__name__}") from None
 
 
 def _check_world(world_size: int, rank: int) -> tuple[int, int]:
