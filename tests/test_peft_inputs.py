@@ -149,9 +149,9 @@ def test_peft_model_with_a_base_model_that_is_not_its_base(base):
     assert inner.base_fingerprint == dense.base_fingerprint
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         qdelta.from_peft(tiny_llama(5), model)
-    with pytest.raises(ModelMismatchError, match="only in base_model"):
+    with pytest.raises(ModelMismatchError, match="only in the base_model"):
         qdelta.from_peft(tiny_llama(0, num_hidden_layers=3), model)
-    with pytest.raises(ShapeError, match=r"expected base_model's shape"):
+    with pytest.raises(ShapeError, match=r"expected the base_model.s shape"):
         qdelta.from_peft(tiny_llama(0, intermediate_size=40), model)
 
 

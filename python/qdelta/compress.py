@@ -111,22 +111,25 @@ def check_same_architecture(
     base: Mapping[str, torch.Tensor],
     finetuned: Mapping[str, torch.Tensor],
     kinds: Mapping[str, LayerKind] | None = None,
+    names: tuple[str, str] = ("base", "fine-tune"),
 ) -> None:
-    """Same tensor names and shapes, else an error naming the first difference."""
+    """Same tensor names and shapes, else an error naming the first difference.
+    ``names``: what to call the two sides in the message."""
+    base_name, ft_name = names
     missing = [k for k in finetuned if k not in base]
     extra = [k for k in base if k not in finetuned]
     if missing or extra:
         raise ModelMismatchError(
-            "base and fine-tune: expected the same architecture, found tensors only in the "
-            f"fine-tune: {missing[:5]}, only in the base: {extra[:5]}"
+            f"{base_name} and {ft_name}: expected the same architecture, found tensors only "
+            f"in the {ft_name}: {missing[:5]}, only in the {base_name}: {extra[:5]}"
         )
     embeddings = {f"{n}.weight" for n, k in (kinds or {}).items() if k == "embedding"}
     for key, ft in finetuned.items():
         if ft.shape != base[key].shape:
             hint = " (vocabulary sizes must match)" if key in embeddings else ""
             raise ShapeError(
-                f"{key}: expected the fine-tune's shape to equal the base's {list(base[key].shape)}, "
-                f"found {list(ft.shape)}{hint}"
+                f"{key}: expected the {ft_name}'s shape to equal the {base_name}'s "
+                f"{list(base[key].shape)}, found {list(ft.shape)}{hint}"
             )
 
 

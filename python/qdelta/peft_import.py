@@ -28,6 +28,7 @@ from torch import nn
 
 from qdelta.algebra import DenseDelta
 from qdelta.bitplane import words_per_row
+from qdelta.compress import check_same_architecture
 from qdelta.errors import FileError, FormatError, ModelMismatchError, NonFiniteError, ShapeError
 from qdelta.store import fingerprint
 
@@ -200,19 +201,7 @@ def _check_given_base(base_model: Any, peft_model: Any, peft_base: dict, peft_fp
             f"{type(base_model).__name__}"
         )
     given = _clean_base_state(base_model)
-    only_given = [k for k in given if k not in peft_base]
-    only_peft = [k for k in peft_base if k not in given]
-    if only_given or only_peft:
-        raise ModelMismatchError(
-            "base_model: expected the architecture of the PeftModel's base, found tensors "
-            f"only in base_model: {only_given[:5]}, only in the PeftModel's base: {only_peft[:5]}"
-        )
-    for key, value in given.items():
-        if value.shape != peft_base[key].shape:
-            raise ShapeError(
-                f"base_model {key}: expected base_model's shape to equal the PeftModel's base "
-                f"{list(peft_base[key].shape)}, found {list(value.shape)}"
-            )
+    check_same_architecture(peft_base, given, names=("PeftModel's base", "base_model"))
     found = fingerprint(given)
     if found != peft_fp:
         raise ModelMismatchError(
