@@ -173,3 +173,36 @@ def test_saving_over_special_files_refuses_and_keeps_them(tmp_path, rng):
     link.symlink_to("/dev/null")  # only the link is ever written to, never /dev
     _raises(qdelta.FileError, "found a symbolic link to a character device", delta.save, link)
     assert os.path.islink(link) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_outputs_must_have_the_rows_and_width_not_just_the_size():
+    x = np.ones((4, 40), np.float32)
+    weight = np.ones((6, 40), np.float32)
+    planes, scales = qdelta.pack_residual(np.ones((6, 40), np.float32))
+    ids = np.zeros(4, np.int64)
+    _raises(
+        qdelta.ShapeError,
+        r"out: expected \[\.\.\., 6\] with 4 rows in all, found \[8, 3\]",
+        _core.fused_linear, x, weight, None, planes[None], scales[None], ids, np.empty((8, 3), np.float32),
+    )  # fmt: skip
+    _raises(
+        qdelta.ShapeError,
+        r"out: expected \[\.\.\., 12\] with 4 rows in all, found \[2, 12\]",
+        _core.rowwise_linear, x, [weight], [None], np.zeros(4, np.int64), np.empty((2, 12), np.float32),
+    )  # fmt: skip
+    base = np.ones((10, 40), np.float32)
+    tokens = np.array([1, 2], np.int64)
+    _raises(
+        qdelta.ShapeError,
+        r"out: expected \[\.\.\., 40\] with 2 rows in all, found \[4, 20\]",
+        _core.packed_embedding,
+        base, planes[None][:, :, :1].repeat(10, axis=2)[:, :, :10], scales[None], tokens,
+        np.zeros(2, np.int64), np.empty((4, 20), np.float32),
+    )  # fmt: skip
+    # Leading dims may be anything with the right row count.
+    out = np.empty((2, 2, 6), np.float32)
+    _core.fused_linear(x, weight, None, planes[None], scales[None], ids, out)
+    assert np.allclose(
+        out.reshape(4, 6),
+        x @ weight.T + np.ones((4, 40)) @ qdelta.unpack_residual(planes, scales, (6, 40)).T,
+    )

@@ -3,7 +3,7 @@
 use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::gemv::{shape_of, stack_of};
+use super::gemv::{check_out_rows, shape_of, stack_of};
 use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::embedding;
 
@@ -33,6 +33,7 @@ fn packed_embedding<'py>(
     let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
     let stack = stack_of(&pa, &sa, width)?;
     let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
+    check_out_rows(out, ta.len(), width)?;
     let na: PyReadonlyArray1<i64> = tenants.extract()?;
     let mut out_rw = writable_f32(out, || {
         named(&[

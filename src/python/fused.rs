@@ -4,7 +4,7 @@
 use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::gemv::{rows_and_width, shape_of, stack_of};
+use super::gemv::{check_out_rows, rows_and_width, shape_of, stack_of};
 use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::fused::{self, BaseLinear};
 use crate::rowwise;
@@ -51,6 +51,7 @@ fn fused_linear<'py>(
             wa.shape()
         )));
     }
+    check_out_rows(out, rows, wa.shape()[0])?;
     let ba: Option<PyReadonlyArray1<f32>> = bias.map(|b| b.extract()).transpose()?;
     let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
     let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
@@ -105,6 +106,7 @@ fn rowwise_linear<'py>(
     let xa: PyReadonlyArrayDyn<f32> = x.extract()?;
     let (rows, k) = rows_and_width(xa.shape());
     let (_, n) = rows_and_width(&shape_of(out));
+    check_out_rows(out, rows, n)?;
     let mut ws: Vec<PyReadonlyArray2<f32>> = Vec::with_capacity(weights.len());
     for (i, w) in weights.iter().enumerate() {
         check_array(w, &format!("weights[{i}]"), 2, "float32")?;

@@ -22,6 +22,18 @@ pub(super) fn rows_and_width(shape: &[usize]) -> (usize, usize) {
     }
 }
 
+/// `out` `[..., n]` with `rows` rows in all: the kernels write by element
+/// count, so a `[2 * rows, n / 2]` array would pass them and come out scrambled.
+pub(super) fn check_out_rows(out: &Bound<'_, PyAny>, rows: usize, n: usize) -> PyResult<()> {
+    let shape = shape_of(out);
+    if rows_and_width(&shape) != (rows, n) {
+        return Err(ShapeError::new_err(format!(
+            "out: expected [..., {n}] with {rows} rows in all, found {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
 pub(super) fn shape_of(arr: &Bound<'_, PyAny>) -> Vec<usize> {
     arr.cast::<PyUntypedArray>()
         .map(|a| a.shape().to_vec())
