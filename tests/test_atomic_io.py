@@ -201,3 +201,12 @@ def test_plots_are_written_atomically(tmp_path, monkeypatch, umask_022):
         plot_analysis(result, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "m.png"]
+
+
+def test_a_long_but_valid_name_can_be_written(tmp_path):
+    # The temporary file must not be named after the target: 250 bytes + a
+    # prefix and suffix would pass NAME_MAX (255).
+    path = tmp_path / ("a" * 245 + ".json")
+    write_json_atomic(path, {"ok": True})
+    assert json.loads(path.read_text()) == {"ok": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -69,7 +69,8 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise ValueError(f"atomic_open: expected mode 'w' or 'wb', found {mode!r}")
     path = Path(path)
     perm = _mode_for(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A short temporary name: any target name up to NAME_MAX can be written.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".qdelta-", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f

@@ -121,7 +121,7 @@ def inspect(path: str) -> int:
     try:
         print(describe(DeltaFile(path)))
     except QDeltaError as e:
-        print(f"qdelta inspect: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"qdelta inspect: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -131,7 +131,7 @@ def verify(path: str) -> int:
         f = DeltaFile(path)
         n = f.verify()
     except QDeltaError as e:
-        print(f"qdelta verify: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"qdelta verify: error: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"{path}: OK ({n} tensors, every checksum matches)")
     return 0
