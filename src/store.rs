@@ -331,11 +331,17 @@ fn file_kind(t: &fs::FileType) -> &'static str {
 }
 
 fn expect_regular(path: &Path, meta: &fs::Metadata) -> Result<()> {
+    regular_or(path, meta, "a regular .qdelta file", "")
+}
+
+/// Ok for a regular file, else a File error: "`path`: expected `expected`,
+/// found `via`a FIFO" (or whatever kind `meta` is).
+fn regular_or(path: &Path, meta: &fs::Metadata, expected: &str, via: &str) -> Result<()> {
     if meta.is_file() {
         return Ok(());
     }
     Err(Error::File(format!(
-        "{}: expected a regular .qdelta file, found a {}",
+        "{}: expected {expected}, found {via}a {}",
         path.display(),
         file_kind(&meta.file_type())
     )))
@@ -702,14 +708,7 @@ fn check_write_target(path: &Path) -> Result<()> {
     } else {
         (own, "")
     };
-    if meta.is_file() {
-        return Ok(());
-    }
-    Err(Error::File(format!(
-        "{}: expected a regular file (or a new path) to write, found {via}a {}",
-        path.display(),
-        file_kind(&meta.file_type())
-    )))
+    regular_or(path, &meta, "a regular file (or a new path) to write", via)
 }
 
 /// `write_atomic` with the directory sync as a parameter, so tests can make
