@@ -63,3 +63,13 @@ def emulated(monkeypatch):
     monkeypatch.setenv("QDELTA_CUDA_SYNC", "1")
     with emulator.emulate(sm_count=4) as runtime:
         yield runtime
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """The tiny model zoo, built once per session into ``<tmp>/zoo`` (the layout
+    of ``$QDELTA_CACHE/zoo``); tests that need another cache build their own."""
+    from qdelta.zoo import ZooConfig, build_zoo
+
+    cache = tmp_path_factory.mktemp("qdelta-cache") / "zoo"
+    return build_zoo(ZooConfig.tiny(), cache, progress=False)

@@ -8,12 +8,11 @@ import pytest
 
 import qdelta
 from qdelta.algebra_zoo import _ppl, format_report, soup_report
-from qdelta.zoo import ZooConfig, build_zoo
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(ZooConfig.tiny(), tmp_path_factory.mktemp("zoo-cache"), progress=False)
+def zoo(tiny_zoo):
+    return tiny_zoo
 
 
 def test_soup_report_on_tiny_zoo(zoo):

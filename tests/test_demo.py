@@ -12,8 +12,8 @@ from qdelta.eval import VARIANTS, read_results
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("zoo-cache")
+def cache(tiny_zoo):
+    return tiny_zoo.root.parent  # the session's tiny zoo, already built
 
 
 @pytest.fixture(scope="module")

@@ -142,3 +142,17 @@ def test_prepare_calibration_checks():
     # a tokenizer returning one row as a [1, L] tensor or list is fine
     ids, _ = qdelta.prepare_calibration(["ab"], lambda s: torch.tensor([[1, 2]]), seq_len=4)
     assert ids.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    "calib, shown",
+    [
+        ("x" * 5000, r"'x{60}'\.\.\. \(5000 characters\)"),  # longer than any path: was OSError
+        ("def f():\n    return 1\n" * 3, r"'def f\(\):\\n.*\(66 characters\)"),  # text
+        ("calib\0.txt", "calib"),  # a NUL: was ValueError
+        ("no-such-file.txt", "no-such-file.txt"),
+    ],
+)
+def test_text_passed_where_a_path_goes_is_a_clear_error(calib, shown):
+    with pytest.raises(CalibrationError, match=f"found no file {shown}.*list of strings"):
+        qdelta.prepare_calibration(calib, lambda s: [1, 2])

@@ -1,4 +1,4 @@
-"""The tiny zoo, built end to end once per test session into a temporary cache."""
+"""The tiny zoo, built end to end once per test session into a temporary cache (conftest)."""
 
 import dataclasses
 import itertools
@@ -14,9 +14,8 @@ from qdelta.zoo import LINEAR_NAMES, ZooConfig, build_zoo, soup_state_dict, trai
 
 
 @pytest.fixture(scope="module")
-def zoo_and_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("zoo-cache")
-    return build_zoo(ZooConfig.tiny(), cache, progress=False), cache
+def zoo_and_cache(tiny_zoo):
+    return tiny_zoo, tiny_zoo.root.parent
 
 
 @pytest.fixture(scope="module")

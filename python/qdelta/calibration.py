@@ -148,9 +148,17 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
         return [r[m.bool()].tolist()[:seq_len] for r, m in zip(ids, mask, strict=True)]
     if isinstance(calib, (str, os.PathLike)):
         path = Path(calib)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a name too long for a path, or a NUL in it
+            is_file = False
+        if not is_file:
+            shown = str(calib)
+            if len(shown) > 80 or "\n" in shown:
+                shown = f"{shown[:60]!r}... ({len(shown)} characters)"
             raise CalibrationError(
-                f"calibration: expected a text file path (or a list of strings), found no file {path}"
+                f"calibration: expected a text file path, found no file {shown}; pass "
+                "calibration text as a list of strings"
             )
         try:
             text = path.read_text(encoding="utf-8")
