@@ -25,6 +25,7 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 from qdelta.kernels import Backend, cpu
+from qdelta.locking import SerializedCalls, serialized
 
 TenantKey = str | int
 
@@ -39,7 +40,7 @@ _MAX_ID = 2**63 - 1
 FUSED_MAX_ROWS = 16
 
 
-class MultiTenantLinear(nn.Module):
+class MultiTenantLinear(SerializedCalls, nn.Module):
     """``y[r] = base_layer(x[r]) + sum_p alpha[t_r, p] * x[r] @ S[t_r, p]^T``.
 
     ``base_layer`` is shared, not copied. The loaded tenants' planes are
@@ -54,6 +55,7 @@ class MultiTenantLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, *, backend: Backend = "auto") -> None:
         super().__init__()
+        self._init_lock()  # calls from several threads take turns (qdelta.locking)
         if not isinstance(base_layer, nn.Linear):
             raise DTypeError(
                 f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}"
@@ -89,14 +91,15 @@ class MultiTenantLinear(nn.Module):
         # Per-call work done once: the CPU kernel's view of the stack, and the
         # row slots of the last ids tensor (keyed by identity and version).
         self._prepared: cpu.PreparedStack | None = None
-        self._slots_key: tuple | None = None
-        self._slots_value: tuple[torch.Tensor, np.ndarray | None] | None = None
+        # (key, (slots, slots array)) in one attribute, replaced whole.
+        self._slots_cache: tuple[tuple, tuple[torch.Tensor, np.ndarray | None]] | None = None
         # The fused call of the last decode-sized batch (see _FusedPlan).
         self._plan: _FusedPlan | None = None
 
     # -- tenants ---------------------------------------------------------------
 
     @property
+    @serialized
     def tenants(self) -> dict[TenantKey, int]:
         """Every loaded tenant: key (name, or the id itself) -> id."""
         named = set(self._names.values())
@@ -104,6 +107,7 @@ class MultiTenantLinear(nn.Module):
         keys.update({i: i for i in self._slots if i not in named})
         return keys
 
+    @serialized
     def tenant_id(self, key: TenantKey) -> int:
         """The id ``forward`` takes for a loaded tenant."""
         if isinstance(key, str):
@@ -119,6 +123,7 @@ class MultiTenantLinear(nn.Module):
             )
         return i
 
+    @serialized
     def add_tenant(self, key: TenantKey, layer: PackedLayer) -> int:
         """Loads (or replaces) one tenant's delta of this layer; returns its id."""
         if not isinstance(layer, PackedLayer):
@@ -159,6 +164,7 @@ class MultiTenantLinear(nn.Module):
         self._rebuild_table()
         return tid
 
+    @serialized
     def remove_tenant(self, key: TenantKey) -> None:
         """Unloads a tenant; rows that still name it are then refused."""
         tid = self.tenant_id(key)
@@ -174,6 +180,7 @@ class MultiTenantLinear(nn.Module):
 
     # -- forward -----------------------------------------------------------------
 
+    @serialized
     def forward(self, x: torch.Tensor, tenant_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """``x``: ``[B, S, K]`` with one tenant id per sequence, or ``[M, K]`` with one per row."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_features:
@@ -232,7 +239,8 @@ class MultiTenantLinear(nn.Module):
         on x's device and (on the CPU) an int64 array. Remembered for the last ids
         tensor: decode passes the same one every step."""
         rows = x.shape[:-1]
-        key = self._slots_key
+        cached = self._slots_cache
+        key = cached[0] if cached is not None else None
         if (
             key is not None
             and key[0] is tenant_ids
@@ -242,13 +250,13 @@ class MultiTenantLinear(nn.Module):
             and key[3] == cpu._version(tenant_ids)
             and key[4] == x.device
         ):
-            return self._slots_value
+            return cached[1]
         slots = self._compute_row_slots(tenant_ids, x)
         array = slots.numpy() if slots.device.type == "cpu" else None
         if isinstance(tenant_ids, torch.Tensor):
             version = cpu._version(tenant_ids)
-            self._slots_key = (tenant_ids, rows, self.known_ids, version, x.device)
-            self._slots_value = (slots, array)
+            key = (tenant_ids, rows, self.known_ids, version, x.device)
+            self._slots_cache = (key, (slots, array))
         return slots, array
 
     def _compute_row_slots(
@@ -301,6 +309,7 @@ class MultiTenantLinear(nn.Module):
         self.planes = _pad_planes(self.planes.transpose(0, 1), depth).transpose(0, 1).contiguous()
         self.scales = _pad_planes(self.scales.transpose(0, 1), depth).transpose(0, 1).contiguous()
 
+    @serialized
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # Moves and casts replace the stack tensors: the fused plan's views are stale.
         self._plan = None

@@ -37,6 +37,7 @@ from qdelta.errors import (
     ShapeError,
     UnknownTenantError,
 )
+from qdelta.locking import SerializedCalls, serialized
 from qdelta.store import check_base, fingerprint
 from qdelta.tenant_modules import (
     PackedRowEmbedding,
@@ -72,7 +73,7 @@ def _is_rms_norm(module: nn.Module) -> bool:
     )
 
 
-class MultiTenantModel(nn.Module):
+class MultiTenantModel(SerializedCalls, nn.Module):
     """One base causal LM serving many tenants' deltas in one mixed batch.
 
     ``store``: a ``qdelta.DeltaStore``; its tenants are registered and load
@@ -96,6 +97,7 @@ class MultiTenantModel(nn.Module):
     ) -> None:
         budget_bytes = _budget(budget_bytes)
         super().__init__()
+        self._init_lock()  # calls from several threads take turns (qdelta.locking)
         self.model = base_model.eval()
         self.store = store
         self._budget_bytes = budget_bytes
@@ -132,6 +134,7 @@ class MultiTenantModel(nn.Module):
         return self._budget_bytes
 
     @budget_bytes.setter
+    @serialized
     def budget_bytes(self, value: int | None) -> None:
         self._budget_bytes = _budget(value)
 
@@ -150,6 +153,7 @@ class MultiTenantModel(nn.Module):
         """Bytes of loaded tenant tensors (what the budget counts)."""
         return sum(self._loaded.values())
 
+    @serialized
     def memory(self) -> dict[str, int]:
         """Resident bytes measured from the tensors: the base model's parameters
         and buffers, and the tenant tensors the swapped modules hold."""
@@ -173,6 +177,7 @@ class MultiTenantModel(nn.Module):
             self._fingerprint = fingerprint(self._base_state)
         return self._fingerprint
 
+    @serialized
     def add_tenant(self, name: str, delta: Delta | None = None) -> int:
         """Register a tenant while serving; returns its integer id.
 
@@ -197,6 +202,7 @@ class MultiTenantModel(nn.Module):
             self._evict(name)
         return self._register(name, source)
 
+    @serialized
     def preload(self, names: Iterable[str]) -> None:
         """Load these tenants now (within the budget) instead of at first use."""
         names = list(names)
@@ -204,6 +210,7 @@ class MultiTenantModel(nn.Module):
             self.tenant_id(name)
         self._ensure_loaded(names)
 
+    @serialized
     def remove_tenant(self, name: str) -> None:
         """Unload and unregister a tenant while serving; its id is retired."""
         self.tenant_id(name)
@@ -466,22 +473,26 @@ class MultiTenantModel(nn.Module):
 
     @contextmanager
     def routing(self, tenant_ids: TenantIds, batch: int) -> Iterator[None]:
-        """Route the rows of the forward(s) inside to their tenants (loading them)."""
-        names = self._row_tenants(tenant_ids, batch)
-        # Outside inference mode even when called inside it: loaded tenant tensors
-        # and the routing tensors then keep version counters, which the modules'
-        # per-batch shortcuts check (inference tensors have none, and would force
-        # every shortcut to be rebuilt on every call).
-        self._ensure_loaded(n for n in names if n is not None)
-        with torch.inference_mode(False):
-            device = next(iter(self._base_params.values())).device
-            slots = [-1 if n is None else self._slot_of[n] for n in names]
-            self._route.slots = torch.tensor(slots, dtype=torch.long, device=device)
-        try:
-            yield
-        finally:
-            self._route.slots = None
+        """Route the rows of the forward(s) inside to their tenants (loading them).
 
+        Holds the model's lock until the block ends: the route is the model's."""
+        with self._lock:
+            names = self._row_tenants(tenant_ids, batch)
+            # Outside inference mode even when called inside it: loaded tenant tensors
+            # and the routing tensors then keep version counters, which the modules'
+            # per-batch shortcuts check (inference tensors have none, and would force
+            # every shortcut to be rebuilt on every call).
+            self._ensure_loaded(n for n in names if n is not None)
+            with torch.inference_mode(False):
+                device = next(iter(self._base_params.values())).device
+                slots = [-1 if n is None else self._slot_of[n] for n in names]
+                self._route.slots = torch.tensor(slots, dtype=torch.long, device=device)
+            try:
+                yield
+            finally:
+                self._route.slots = None
+
+    @serialized
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -562,6 +573,7 @@ class MultiTenantModel(nn.Module):
 
     # ---- generation ------------------------------------------------------------
 
+    @serialized
     def generate(
         self,
         input_ids: torch.Tensor,

@@ -333,6 +333,10 @@ class DeltaStore:
             raise FileError(f"cannot create the delta store directory {self.directory}: {e}") from e
         self._cache: dict[str, tuple[tuple[int, int, int, int], DeltaFile]] = {}
         self._lock = threading.Lock()
+        # Held across a write and the open of what it wrote, and by remove: in this
+        # process, add() returns the file it wrote (across processes, the last
+        # rename wins).
+        self._write_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"DeltaStore({str(self.directory)!r})"
@@ -395,19 +399,21 @@ class DeltaStore:
         path = self.path(name)
         if delta.tenant != name:
             delta = replace(delta, tenant=name)
-        save(delta, path)
-        with self._lock:
-            self._cache.pop(name, None)
-        return self.open(name)
+        with self._write_lock:
+            save(delta, path)
+            with self._lock:
+                self._cache.pop(name, None)
+            return self.open(name)
 
     def remove(self, name: str) -> None:
         """Delete tenant ``name``; readers that already opened it keep their mapping."""
         path = self.path(name)
-        with self._lock:
-            self._cache.pop(name, None)
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            raise UnknownTenantError(f"no tenant {name!r} in {self.directory}") from None
-        except OSError as e:
-            raise FileError(f"cannot remove {path}: {e}") from e
+        with self._write_lock:
+            with self._lock:
+                self._cache.pop(name, None)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                raise UnknownTenantError(f"no tenant {name!r} in {self.directory}") from None
+            except OSError as e:
+                raise FileError(f"cannot remove {path}: {e}") from e
