@@ -1,4 +1,4 @@
-"""Every .cu file in cuda/ compiles with NVRTC for the shipped architectures (no GPU needed).
+"""Every .cu file in qdelta/_cuda/ compiles with NVRTC for the shipped architectures (no GPU needed).
 
 Each file declares the template instantiations to check with lines
 ``// qdelta-instantiate: name<...>``.
@@ -31,6 +31,19 @@ KNOWN_SPILLS = {
 
 def test_cuda_folder_has_sources():
     assert cuda_backend.SOURCE in SOURCES
+
+
+def test_kernel_sources_ship_inside_the_package():
+    # The wheel holds the package directory only: sources outside it (the old
+    # top-level cuda/) were missing from every installed copy.
+    import qdelta
+    from qdelta.kernels import emulator
+    from qdelta.ring import cuda_block
+
+    package = Path(qdelta.__file__).resolve().parent
+    for path in (cuda_backend.SOURCE, cuda_block.SOURCE, emulator.HEADER, *SOURCES):
+        assert path.is_file() and path.is_relative_to(package), path
+    assert {p.name for p in SOURCES} == {"delta_matmul.cu", "attention_block.cu"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,7 +1,7 @@
 """The real CUDA kernels and host code on the CPU, through the emulator (no GPU needed).
 
-qdelta.kernels.emulator compiles cuda/delta_matmul.cu with g++ against
-cuda/emu/cuda_emu.h; under ``emulate()`` the host code of qdelta.kernels.cuda
+qdelta.kernels.emulator compiles qdelta/_cuda/delta_matmul.cu with g++ against
+qdelta/_cuda/emu/cuda_emu.h; under ``emulate()`` the host code of qdelta.kernels.cuda
 runs every path ("decode", "prefill", "gemm", "mma") on CPU tensors. Checked against
 the float64 oracle of tests/delta_cases.py with the GPU tests' tolerances, on fresh
 random data, NaN-poisoned outputs. The first part tests the emulator itself with
@@ -437,7 +437,7 @@ def test_emulate_swaps_the_runtime_back():
 
 
 # ---------------------------------------------------------------------------
-# cuda/delta_matmul.cu through the real host code
+# qdelta/_cuda/delta_matmul.cu through the real host code
 # ---------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The modules' CUDA path, run by the CPU emulator: MultiTenantLinear and BitDeltaLinear
-hand their rows to the CUDA kernels (cuda/delta_matmul.cu through the real host code),
+hand their rows to the CUDA kernels (qdelta/_cuda/delta_matmul.cu through the real host code),
 and the results match the per-tenant dense reference in float64."""
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def test_emulate_takes_the_order():
 
 
 # ---------------------------------------------------------------------------
-# cuda/delta_matmul.cu
+# qdelta/_cuda/delta_matmul.cu
 # ---------------------------------------------------------------------------
 
 DELTA_CASES = {
@@ -257,7 +257,7 @@ def test_expansion_kernels_do_not_depend_on_the_order(
 
 
 # ---------------------------------------------------------------------------
-# cuda/attention_block.cu (the ring block kernels)
+# qdelta/_cuda/attention_block.cu (the ring block kernels)
 # ---------------------------------------------------------------------------
 
 RING_CASES = [

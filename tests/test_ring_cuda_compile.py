@@ -1,6 +1,6 @@
-"""cuda/attention_block.cu declares exactly the instantiations the cuda backend launches.
+"""qdelta/_cuda/attention_block.cu declares exactly the instantiations the cuda backend launches.
 
-tests/test_cuda_compile.py compiles every cuda/*.cu with NVRTC (sm_80, sm_90)
+tests/test_cuda_compile.py compiles every qdelta/_cuda/*.cu with NVRTC (sm_80, sm_90)
 for the instantiations its ``// qdelta-instantiate:`` lines declare.
 """
 

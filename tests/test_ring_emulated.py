@@ -1,4 +1,4 @@
-"""The ring block kernels (cuda/attention_block.cu) on the CPU through the emulator.
+"""The ring block kernels (qdelta/_cuda/attention_block.cu) on the CPU through the emulator.
 
 ``attention_block`` (CUDA cores), ``attention_block_mma`` (mma.sync) and
 ``attention_block_mma2`` (mma.sync with cp.async double buffering and ldmatrix)

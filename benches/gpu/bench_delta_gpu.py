@@ -1,4 +1,4 @@
-"""GPU benchmark of the binary-delta matmul kernels (cuda/delta_matmul.cu).
+"""GPU benchmark of the binary-delta matmul kernels (qdelta/_cuda/delta_matmul.cu).
 
 Decode (the lookup-table path): one row per tenant, B tenants, N = K; kernel vs (a) naive: B dense fp16
 matmuls of per-tenant weights (torch.bmm), (b) the memory floor: packed bytes /

@@ -1,6 +1,6 @@
 """GPU benchmark of ring attention's pieces (bf16).
 
-1. Block kernel: cuda/attention_block.cu (``backend="cuda"``; each row names the
+1. Block kernel: qdelta/_cuda/attention_block.cu (``backend="cuda"``; each row names the
    kernel: ``mma2``, the default (cp.async double buffering, ldmatrix), and
    ``mma``, the first tensor-core kernel, side by side; one ``v1`` row for the
    CUDA-core kernel) vs torch's SDPA flash kernel

@@ -1,4 +1,4 @@
-"""CUDA backend: cuda/delta_matmul.cu compiled at run time by cupy.RawModule.
+"""CUDA backend: qdelta/_cuda/delta_matmul.cu compiled at run time by cupy.RawModule.
 
 Torch tensors are passed by pointer (no copies) and every kernel runs on
 torch's current stream. Set ``QDELTA_CUDA_SYNC=1`` to synchronize after each
@@ -17,10 +17,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from qdelta._cuda import DIR as KERNEL_DIR
 from qdelta.errors import DTypeError, QDeltaError, ShapeError
 from qdelta.kernels import autotune  # REPEATS, for the runtimes' timers
 
-CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"
+CUDA_DIR = KERNEL_DIR  # the .cu files ship inside the package (qdelta/_cuda)
 SOURCE = CUDA_DIR / "delta_matmul.cu"
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -368,7 +369,7 @@ def _opt_in_shared(kernel, opted: dict, index: int, name: str, shared_mem: int) 
 
 
 def _launch(device: torch.device, name: str, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch kernel ``name`` of cuda/delta_matmul.cu (see :func:`launch`)."""
+    """Launch kernel ``name`` of qdelta/_cuda/delta_matmul.cu (see :func:`launch`)."""
     kernel = _kernel(_device_index(device), name)
     launch(kernel, device, name, grid, block, args, shared_mem)
 

@@ -1,7 +1,7 @@
 """Run the project's CUDA kernels on the CPU: a test tool for machines without a GPU.
 
-The real sources (cuda/delta_matmul.cu, cuda/attention_block.cu) are compiled by
-g++ against ``cuda/emu/cuda_emu.h``, which emulates the CUDA subset they use:
+The real sources (qdelta/_cuda/delta_matmul.cu, qdelta/_cuda/attention_block.cu) are compiled by
+g++ against ``qdelta/_cuda/emu/cuda_emu.h``, which emulates the CUDA subset they use:
 blocks run one after another, the threads of a block are cooperative fibers
 switched at barriers and warp collectives, ``mma.sync`` is computed from the PTX
 fragment layouts, conversions are bit-exact software versions (docs/CUDA.md,

@@ -1,6 +1,6 @@
 """Compile CUDA sources with NVRTC without a GPU (NVRTC needs no device).
 
-Used by CI to prove every kernel in cuda/ compiles for the architectures we
+Used by CI to prove every kernel in qdelta/_cuda/ compiles for the architectures we
 ship for; on a GPU machine cupy.RawModule compiles the same sources.
 """
 
@@ -11,9 +11,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from qdelta._cuda import DIR as KERNEL_DIR
 from qdelta.errors import QDeltaError
 
-CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"
+CUDA_DIR = KERNEL_DIR  # the .cu files ship inside the package (qdelta/_cuda)
 ARCHS = ("sm_80", "sm_90")
 
 

@@ -14,7 +14,7 @@ segment ids (``[B, S]`` or ``[S]`` integers), when both lie in the same segment.
 
 Backends: ``math`` (torch, the reference), ``sdpa`` (torch's fused kernels that
 return the log-sum-exp; falls back to ``math`` with a RingBackendWarning where
-they cannot run a case), ``cuda`` (cuda/attention_block.cu through cupy),
+they cannot run a case), ``cuda`` (qdelta/_cuda/attention_block.cu through cupy),
 ``auto`` (``sdpa``; the ``cuda`` kernel runs only on request).
 
 Empty blocks (no query rows, no keys, no heads or an empty batch) never

@@ -1,4 +1,4 @@
-"""The ``cuda`` block backend: cuda/attention_block.cu compiled by cupy.RawModule.
+"""The ``cuda`` block backend: qdelta/_cuda/attention_block.cu compiled by cupy.RawModule.
 
 fp16/bf16 inputs, head dims 64 and 128, on a CUDA device; returns fp32
 ``(out, lse)`` like every block backend (see block.py). Torch tensors are passed
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdelta._cuda import DIR as KERNEL_DIR
 from qdelta.errors import DTypeError, ShapeError
 from qdelta.ring.errors import RingError
 
-SOURCE = Path(__file__).resolve().parents[3] / "cuda" / "attention_block.cu"
+SOURCE = KERNEL_DIR / "attention_block.cu"  # shipped inside the package (qdelta/_cuda)
 HEAD_DIMS = (64, 128)
 # Which kernel backend "cuda" runs: "mma2" (tensor cores, cp.async + ldmatrix),
 # "mma" (the first tensor-core kernel) or "v1" (the first kernel, CUDA cores).

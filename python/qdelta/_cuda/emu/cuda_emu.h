@@ -1,4 +1,4 @@
-// cuda_emu.h: a CPU emulator for the CUDA subset used by cuda/*.cu, so the real
+// cuda_emu.h: a CPU emulator for the CUDA subset used by qdelta/_cuda/*.cu, so the real
 // kernel sources run (and are tested) on machines without a GPU.
 //
 // Execution model (docs/CUDA.md, "Running the kernels without a GPU"):
