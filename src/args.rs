@@ -76,6 +76,16 @@ pub fn out_conflict(kind: OutConflict, with: Option<&str>) -> Error {
     }
 }
 
+/// The error for input `what` that numpy's borrow flags show is being
+/// written: the `out` of a call running on another thread (the GIL is
+/// released while the core runs), which a read here would race with.
+pub fn input_in_use(what: &str) -> Error {
+    Error::Shape(format!(
+        "{what}: expected an array not being written, found it in use as the output of a call \
+         running on another thread (pass a copy, or wait for that call to return)"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +141,12 @@ mod tests {
             ),
             "{msg}"
         );
+        let msg = input_in_use("weights[1]").to_string();
+        assert!(
+            msg.starts_with("weights[1]: expected an array not being written, found it in use"),
+            "{msg}"
+        );
+        assert!(msg.contains("as the output of a call running on another thread"));
         let msg = out_conflict(OutConflict::Shared, None).to_string();
         assert!(
             msg.contains("found it in use by another argument or by a call"),

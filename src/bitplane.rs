@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{checked_mul, Error, Result};
 use crate::float::Float;
+use crate::pool;
 
 pub const WORD_BITS: usize = 32;
 /// Rows handed to one rayon task at least; keeps small matrices single-threaded.
@@ -135,12 +136,14 @@ pub fn pack_signs<T: Float>(data: &[T], rows: usize, cols: usize) -> Result<Vec<
     check_matrix(data.len(), rows, cols, "pack_signs")?;
     let words = words_per_row(cols);
     let mut out = vec![0u32; rows * words];
-    let bad = out
-        .par_chunks_mut(words)
-        .zip(data.par_chunks(cols))
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .enumerate()
-        .find_map_first(|(r, (dst, src))| pack_row(src, dst).map(|c| (r, c)));
+    // On the crate's pool, not rayon's global one: see `pool` (fork).
+    let bad = pool::install(|| {
+        out.par_chunks_mut(words)
+            .zip(data.par_chunks(cols))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .find_map_first(|(r, (dst, src))| pack_row(src, dst).map(|c| (r, c)))
+    });
     if let Some((r, c)) = bad {
         return Err(non_finite_error("pack_signs", r, c, data[r * cols + c]));
     }
@@ -189,10 +192,13 @@ pub fn unpack_signs(packed: &[u32], rows: usize, cols: usize) -> Result<Vec<i8>>
     check_packed(packed.len(), 1, rows, cols)?;
     let words = words_per_row(cols);
     let mut out = vec![0i8; rows * cols];
-    out.par_chunks_mut(cols)
-        .zip(packed.par_chunks(words))
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(dst, src)| select_row(src, dst, 1i8, -1i8));
+    // On the crate's pool, not rayon's global one: see `pool` (fork).
+    pool::install(|| {
+        out.par_chunks_mut(cols)
+            .zip(packed.par_chunks(words))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(dst, src)| select_row(src, dst, 1i8, -1i8))
+    });
     Ok(out)
 }
 
@@ -251,30 +257,34 @@ pub fn unpack_planes<T: Float>(
         ScaleMode::Row => scales[p * per_plane + r],
     };
     let mut out = vec![T::from_f32(0.0); rows * cols];
-    out.par_chunks_mut(cols)
-        .enumerate()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each_init(
-            || vec![0f32; cols],
-            |acc, (r, dst)| {
-                if use_planes == 1 {
-                    // One plane: each output is one of two values; pick, no math.
-                    let a = scale(0, r);
-                    let src = &planes[r * words..(r + 1) * words];
-                    select_row(src, dst, T::from_f32(a), T::from_f32(-a));
-                    return;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for p in 0..use_planes {
-                    let a = scale(p, r);
-                    let src = &planes[p * plane_len + r * words..p * plane_len + (r + 1) * words];
-                    add_row(src, acc, a);
-                }
-                for (d, a) in dst.iter_mut().zip(acc.iter()) {
-                    *d = T::from_f32(*a);
-                }
-            },
-        );
+    // On the crate's pool, not rayon's global one: see `pool` (fork).
+    pool::install(|| {
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each_init(
+                || vec![0f32; cols],
+                |acc, (r, dst)| {
+                    if use_planes == 1 {
+                        // One plane: each output is one of two values; pick, no math.
+                        let a = scale(0, r);
+                        let src = &planes[r * words..(r + 1) * words];
+                        select_row(src, dst, T::from_f32(a), T::from_f32(-a));
+                        return;
+                    }
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    for p in 0..use_planes {
+                        let a = scale(p, r);
+                        let src =
+                            &planes[p * plane_len + r * words..p * plane_len + (r + 1) * words];
+                        add_row(src, acc, a);
+                    }
+                    for (d, a) in dst.iter_mut().zip(acc.iter()) {
+                        *d = T::from_f32(*a);
+                    }
+                },
+            )
+    });
     Ok(out)
 }
 
@@ -295,56 +305,60 @@ pub fn pack_residual<T: Float>(
             "bits: expected 1..={MAX_PLANES} residual planes, found {bits}"
         )));
     }
-    if let Some(i) = data.par_iter().position_first(|v| !v.is_finite_value()) {
-        return Err(non_finite_error(
-            "pack_residual",
-            i / cols,
-            i % cols,
-            data[i],
-        ));
-    }
-    let words = words_per_row(cols);
-    let plane_len = rows * words;
-    let mut residual: Vec<f32> = data.par_iter().map(|v| v.to_f32()).collect();
-    let mut planes = vec![0u32; bits * plane_len];
-    let per_plane = mode.per_plane(rows);
-    let mut scales = vec![0f32; bits * per_plane];
-
-    for (plane, plane_scales) in planes
-        .chunks_mut(plane_len)
-        .zip(scales.chunks_mut(per_plane))
-    {
-        // Row sums of |R| in f64 so large matrices do not lose the mean.
-        let row_abs: Vec<f64> = residual
-            .par_chunks(cols)
-            .map(|row| row.iter().map(|v| v.abs() as f64).sum())
-            .collect();
-        match mode {
-            ScaleMode::Matrix => {
-                plane_scales[0] = (row_abs.iter().sum::<f64>() / (rows * cols) as f64) as f32
-            }
-            ScaleMode::Row => {
-                for (s, sum) in plane_scales.iter_mut().zip(&row_abs) {
-                    *s = (sum / cols as f64) as f32;
-                }
-            }
+    // On the crate's pool, not rayon's global one: see `pool` (fork). One
+    // install for the whole pass, whose parallel steps all run on it.
+    pool::install(|| {
+        if let Some(i) = data.par_iter().position_first(|v| !v.is_finite_value()) {
+            return Err(non_finite_error(
+                "pack_residual",
+                i / cols,
+                i % cols,
+                data[i],
+            ));
         }
-        let plane_scales = &*plane_scales;
-        residual
-            .par_chunks_mut(cols)
-            .zip(plane.par_chunks_mut(words))
-            .enumerate()
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .for_each(|(r, (res, dst))| {
-                pack_row(res, dst);
-                let a = plane_scales[if mode == ScaleMode::Row { r } else { 0 }];
-                for v in res.iter_mut() {
-                    // Same sign rule as the packed bit: sign bit set -> -1.
-                    *v -= if v.is_sign_negative() { -a } else { a };
+        let words = words_per_row(cols);
+        let plane_len = rows * words;
+        let mut residual: Vec<f32> = data.par_iter().map(|v| v.to_f32()).collect();
+        let mut planes = vec![0u32; bits * plane_len];
+        let per_plane = mode.per_plane(rows);
+        let mut scales = vec![0f32; bits * per_plane];
+
+        for (plane, plane_scales) in planes
+            .chunks_mut(plane_len)
+            .zip(scales.chunks_mut(per_plane))
+        {
+            // Row sums of |R| in f64 so large matrices do not lose the mean.
+            let row_abs: Vec<f64> = residual
+                .par_chunks(cols)
+                .map(|row| row.iter().map(|v| v.abs() as f64).sum())
+                .collect();
+            match mode {
+                ScaleMode::Matrix => {
+                    plane_scales[0] = (row_abs.iter().sum::<f64>() / (rows * cols) as f64) as f32
                 }
-            });
-    }
-    Ok((planes, scales))
+                ScaleMode::Row => {
+                    for (s, sum) in plane_scales.iter_mut().zip(&row_abs) {
+                        *s = (sum / cols as f64) as f32;
+                    }
+                }
+            }
+            let plane_scales = &*plane_scales;
+            residual
+                .par_chunks_mut(cols)
+                .zip(plane.par_chunks_mut(words))
+                .enumerate()
+                .with_min_len(MIN_ROWS_PER_TASK)
+                .for_each(|(r, (res, dst))| {
+                    pack_row(res, dst);
+                    let a = plane_scales[if mode == ScaleMode::Row { r } else { 0 }];
+                    for v in res.iter_mut() {
+                        // Same sign rule as the packed bit: sign bit set -> -1.
+                        *v -= if v.is_sign_negative() { -a } else { a };
+                    }
+                });
+        }
+        Ok((planes, scales))
+    })
 }
 
 #[cfg(test)]

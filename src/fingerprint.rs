@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use crate::error::{Error, Result};
+use crate::pool;
 
 /// Bytes hashed per parallel task; part of the definition, never change it.
 pub const CHUNK_BYTES: usize = 8 << 20;
@@ -50,10 +51,13 @@ pub fn fingerprint(weights: &mut [Weight<'_>]) -> Result<String> {
         .enumerate()
         .flat_map(|(i, w)| w.data.chunks(CHUNK_BYTES).map(move |c| (i, c)))
         .collect();
-    let digests: Vec<(usize, u128)> = tasks
-        .par_iter()
-        .map(|&(i, chunk)| (i, xxh3_128(chunk)))
-        .collect();
+    // On the crate's pool, not rayon's global one: see `pool` (fork).
+    let digests: Vec<(usize, u128)> = pool::install(|| {
+        tasks
+            .par_iter()
+            .map(|&(i, chunk)| (i, xxh3_128(chunk)))
+            .collect()
+    });
     let mut h = Xxh3::new();
     h.update(DOMAIN);
     put_u64(&mut h, weights.len() as u64);

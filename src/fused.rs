@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use crate::bitplane::{ScaleMode, WORD_BITS};
 use crate::error::{checked_mul, Error, Result};
 use crate::gemv::{check_tenant_ids, live_planes, padded_rows, DeltaStack, Isa};
+use crate::pool;
 
 /// Output features per tile (one AVX-512 vector of results).
 pub(crate) const TILE: usize = 16;
@@ -181,7 +182,8 @@ pub(crate) fn run_tiles(
     if rows * n * k < parallel_from {
         scratch.chunks_mut(chunk).enumerate().for_each(task);
     } else {
-        scratch.par_chunks_mut(chunk).enumerate().for_each(task);
+        // On the crate's pool, not rayon's global one: see `pool` (fork).
+        pool::install(|| scratch.par_chunks_mut(chunk).enumerate().for_each(task));
     }
     for (r, y) in out.chunks_exact_mut(n).enumerate() {
         for (t, y) in y.chunks_mut(TILE).enumerate() {

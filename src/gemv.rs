@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use crate::bitplane::{words_per_row, ScaleMode, WORD_BITS};
 use crate::error::{checked_mul, first_outside, Error, Result};
 use crate::float::Float;
+use crate::pool;
 
 /// Output features one rayon task computes (a multiple of the 4-feature tile).
 const FEATURES_PER_TASK: usize = 64;
@@ -585,11 +586,14 @@ fn delta_matmul_with<F: Float>(
         // the calling thread: waking the pool would cost more than the work.
         features(0, &mut result_t);
     } else {
-        // Feature-major result so each task owns one contiguous slice.
-        result_t
-            .par_chunks_mut(FEATURES_PER_TASK * rows)
-            .enumerate()
-            .for_each(|(task, dst)| features(task * FEATURES_PER_TASK, dst));
+        // Feature-major result so each task owns one contiguous slice. On
+        // the crate's pool, not rayon's global one: see `pool` (fork).
+        pool::install(|| {
+            result_t
+                .par_chunks_mut(FEATURES_PER_TASK * rows)
+                .enumerate()
+                .for_each(|(task, dst)| features(task * FEATURES_PER_TASK, dst))
+        });
     }
     for (r, y) in out.chunks_exact_mut(n).enumerate() {
         if tenant_ids[r] < 0 {

@@ -12,6 +12,7 @@ pub mod float;
 pub mod fused;
 pub mod gemv;
 pub mod header;
+pub mod pool;
 pub mod rmsnorm;
 pub mod rowwise;
 pub mod store;

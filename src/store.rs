@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::bitplane::{words_per_row, ScaleMode, MAX_PLANES};
 use crate::error::{Error, Result};
 use crate::header::{Dtype, Header, TensorInfo, METADATA_KEY, PREFIX_LEN};
+use crate::pool;
 
 pub const FORMAT_NAME: &str = "qdelta";
 pub const FORMAT_VERSION: u32 = 1;
@@ -436,19 +437,21 @@ impl DeltaFile {
     /// number of tensors checked.
     pub fn verify(&self) -> Result<usize> {
         self.check_size()?;
-        let mut bad: Vec<String> = self
-            .contents
-            .header
-            .tensors
-            .par_iter()
-            .filter_map(|t| {
-                let data = self.slice(t);
-                let want = self.contents.checksums[&t.name];
-                let got = xxh3_64(data);
-                (got != want)
-                    .then(|| format!("{:?} (expected {want:016x}, found {got:016x})", t.name))
-            })
-            .collect();
+        // On the crate's pool, not rayon's global one: see `pool` (fork).
+        let mut bad: Vec<String> = pool::install(|| {
+            self.contents
+                .header
+                .tensors
+                .par_iter()
+                .filter_map(|t| {
+                    let data = self.slice(t);
+                    let want = self.contents.checksums[&t.name];
+                    let got = xxh3_64(data);
+                    (got != want)
+                        .then(|| format!("{:?} (expected {want:016x}, found {got:016x})", t.name))
+                })
+                .collect()
+        });
         if bad.is_empty() {
             return Ok(self.contents.header.tensors.len());
         }
@@ -588,10 +591,13 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
             .cmp(&a.dtype.size())
             .then_with(|| a.name.cmp(&b.name))
     });
-    let checksums: BTreeMap<String, String> = tensors
-        .par_iter()
-        .map(|t| (t.name.clone(), format!("{:016x}", xxh3_64(t.data))))
-        .collect();
+    // On the crate's pool, not rayon's global one: see `pool` (fork).
+    let checksums: BTreeMap<String, String> = pool::install(|| {
+        tensors
+            .par_iter()
+            .map(|t| (t.name.clone(), format!("{:016x}", xxh3_64(t.data))))
+            .collect()
+    });
 
     let to_json = |v: &dyn erased::Json| v.json();
     let mut meta = BTreeMap::new();

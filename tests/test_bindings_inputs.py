@@ -8,6 +8,8 @@ import os
 import re
 import socket
 import stat
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -127,6 +129,62 @@ def test_out_aliasing_an_input_or_read_only():
         r"out: expected a writable array, found a read-only one",
         _core.delta_matmul, x, "float32", planes[None], scales[None], ids, None, ro,
     )  # fmt: skip
+
+
+def test_input_being_written_by_another_thread_is_a_shape_error():
+    """An input that a call on another thread is writing as its ``out`` (the GIL
+    is released while the core runs): a ShapeError naming the input, not
+    numpy's bare TypeError "The given array is already borrowed"."""
+    m, k = 64, 2048
+    planes, scales = qdelta.pack_residual(np.ones((k, k), np.float32) * 0.1, bits=4)
+    big_p, big_s = planes[None], scales[None]
+    x = np.ones((m, k), np.float32)
+    ids = np.zeros(m, np.int64)
+    y = np.zeros((m, k), np.float32)  # the out of the long calls; [m, k] fits as an input
+    small_p, small_s = qdelta.pack_residual(np.ones((1, k), np.float32), bits=1)
+    small_p, small_s = small_p[None], small_s[None]
+    cases = {
+        "x": lambda: _core.delta_matmul(y, "float32", small_p, small_s, ids),
+        "delta": lambda: _core.pack_signs(y, "float32"),
+        "weights": lambda: _core.rms_norm_rows(x, y, 1e-6, np.empty_like(x)),
+        "weights[0]": lambda: _core.rowwise_linear(
+            x[:1], [y], [None], np.zeros(1, np.int64), np.empty((1, m), np.float32)
+        ),
+        "y": lambda: _core.fingerprint([("y", "F32", [m, k], y.reshape(-1).view(np.uint8))]),
+    }
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            _core.delta_matmul(x, "float32", big_p, big_s, ids, None, y)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    seen: dict[str, BaseException] = {}
+    deadline = time.monotonic() + 60
+    try:
+        # Until each input has been caught while the writer was inside its call
+        # (between its calls the borrow is released and the call here succeeds).
+        while len(seen) < len(cases) and time.monotonic() < deadline:
+            for name, call in cases.items():
+                if name in seen:
+                    continue
+                try:
+                    call()
+                except BaseException as exc:
+                    seen[name] = exc
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert set(seen) == set(cases), f"not caught while the writer ran: {set(cases) - set(seen)}"
+    for name, exc in seen.items():
+        assert isinstance(exc, qdelta.ShapeError), f"{name}: {type(exc).__name__}: {exc}"
+        assert str(exc).startswith(
+            f"{name}: expected an array not being written, found it in use as the output "
+            "of a call running on another thread"
+        ), str(exc)
 
 
 def test_packed_embedding_refuses_non_finite_scales():

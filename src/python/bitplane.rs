@@ -8,7 +8,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use super::{check_array, run, slice, to_py, DTypeError, ShapeError, Size};
+use super::{check_array, readonly, run, slice, to_py, DTypeError, ShapeError, Size};
 use crate::bitplane::{self, ScaleMode};
 use crate::float::{halves_from_bits, halves_into_bits};
 
@@ -29,17 +29,17 @@ macro_rules! with_float_slice {
     ($arr:expr, $what:expr, $dtype:expr, |$slice:ident| $body:expr) => {{
         match $dtype {
             "float32" => {
-                let a: PyReadonlyArray2<f32> = $arr.extract()?;
+                let a: PyReadonlyArray2<f32> = readonly($arr, $what)?;
                 let $slice: &[f32] = slice(&a, $what)?;
                 $body
             }
             "float16" => {
-                let a: PyReadonlyArray2<u16> = $arr.extract()?;
+                let a: PyReadonlyArray2<u16> = readonly($arr, $what)?;
                 let $slice: &[f16] = halves_from_bits(slice(&a, $what)?);
                 $body
             }
             _ => {
-                let a: PyReadonlyArray2<u16> = $arr.extract()?;
+                let a: PyReadonlyArray2<u16> = readonly($arr, $what)?;
                 let $slice: &[bf16] = halves_from_bits(slice(&a, $what)?);
                 $body
             }
@@ -102,7 +102,7 @@ fn unpack_signs<'py>(
 ) -> PyResult<Bound<'py, PyArray2<i8>>> {
     let (rows, cols) = (rows.get("rows")?, cols.get("cols")?);
     check_array(packed, "packed", 2, "uint32")?;
-    let packed: PyReadonlyArray2<u32> = packed.extract()?;
+    let packed: PyReadonlyArray2<u32> = readonly(packed, "packed")?;
     check_packed_shape(packed.shape(), None, rows, cols)?;
     let src = slice(&packed, "packed")?;
     let out = run(py, || bitplane::unpack_signs(src, rows, cols))?;
@@ -128,7 +128,7 @@ fn unpack_planes<'py>(
     let bits = bits.map(|b| b.get("bits")).transpose()?;
     storage_dtype(dtype)?;
     check_array(planes, "planes", 3, "uint32")?;
-    let planes: PyReadonlyArray3<u32> = planes.extract()?;
+    let planes: PyReadonlyArray3<u32> = readonly(planes, "planes")?;
     let k = planes.shape()[0];
     check_packed_shape(planes.shape(), Some(k), rows, cols)?;
     let scales_arr = scales
@@ -144,7 +144,7 @@ fn unpack_planes<'py>(
         }
     };
     check_array(scales, "scales", scales_arr.ndim(), "float32")?;
-    let scales: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let scales: PyReadonlyArrayDyn<f32> = readonly(scales, "scales")?;
     let (p, s) = (slice(&planes, "planes")?, slice(&scales, "scales")?);
     let use_k = bits.unwrap_or(k);
     fn shaped<T: numpy::Element>(

@@ -4,7 +4,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArr
 use pyo3::prelude::*;
 
 use super::gemv::{check_out_rows, shape_of, stack_of};
-use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
+use super::{check_array, named, readonly, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::embedding;
 
 /// `out[m] = base[tokens[m]] + tenant tenants[m]'s packed delta row of that
@@ -27,14 +27,14 @@ fn packed_embedding<'py>(
     check_array(tokens, "tokens", shape_of(tokens).len().max(1), "int64")?;
     check_array(tenants, "tenants", 1, "int64")?;
     check_array(out, "out", shape_of(out).len().max(1), "float32")?;
-    let ba: PyReadonlyArray2<f32> = base.extract()?;
+    let ba: PyReadonlyArray2<f32> = readonly(base, "base")?;
     let width = ba.shape()[1];
-    let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
-    let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let pa: PyReadonlyArrayDyn<u32> = readonly(planes, "planes")?;
+    let sa: PyReadonlyArrayDyn<f32> = readonly(scales, "scales")?;
     let stack = stack_of(&pa, &sa, width)?;
-    let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
+    let ta: PyReadonlyArrayDyn<i64> = readonly(tokens, "tokens")?;
     check_out_rows(out, ta.len(), width)?;
-    let na: PyReadonlyArray1<i64> = tenants.extract()?;
+    let na: PyReadonlyArray1<i64> = readonly(tenants, "tenants")?;
     let mut out_rw = writable_f32(out, || {
         named(&[
             ("base", base),
@@ -67,7 +67,7 @@ fn gather_embedding<'py>(
     let mut views: Vec<PyReadonlyArray2<f32>> = Vec::with_capacity(tables.len());
     for (i, t) in tables.iter().enumerate() {
         check_array(t, &format!("tables[{i}]"), 2, "float32")?;
-        views.push(t.extract()?);
+        views.push(readonly(t, &format!("tables[{i}]"))?);
     }
     let Some(first) = views.first() else {
         return Err(ShapeError::new_err(
@@ -92,8 +92,8 @@ fn gather_embedding<'py>(
         .enumerate()
         .map(|(i, v)| slice(v, &format!("tables[{i}]")))
         .collect::<PyResult<_>>()?;
-    let ta: PyReadonlyArrayDyn<i64> = tokens.extract()?;
-    let ia: PyReadonlyArray1<i64> = table.extract()?;
+    let ta: PyReadonlyArrayDyn<i64> = readonly(tokens, "tokens")?;
+    let ia: PyReadonlyArray1<i64> = readonly(table, "table")?;
     let mut out_rw = writable_f32(out, || {
         let mut inputs = named(&[("tokens", tokens), ("table", table)]);
         for (i, t) in tables.iter().enumerate() {

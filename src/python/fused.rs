@@ -5,7 +5,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArr
 use pyo3::prelude::*;
 
 use super::gemv::{check_out_rows, rows_and_width, shape_of, stack_of};
-use super::{check_array, named, run, slice, slice_mut, writable_f32, ShapeError};
+use super::{check_array, named, readonly, run, slice, slice_mut, writable_f32, ShapeError};
 use crate::fused::{self, BaseLinear};
 use crate::rowwise;
 
@@ -41,9 +41,9 @@ fn fused_linear<'py>(
     }
     let scale_dims = shape_of(scales).len();
     check_array(scales, "scales", scale_dims, "float32")?;
-    let xa: PyReadonlyArrayDyn<f32> = x.extract()?;
+    let xa: PyReadonlyArrayDyn<f32> = readonly(x, "x")?;
     let (rows, k) = rows_and_width(xa.shape());
-    let wa: PyReadonlyArray2<f32> = weight.extract()?;
+    let wa: PyReadonlyArray2<f32> = readonly(weight, "weight")?;
     if wa.shape() != [shape_of(planes)[2], k] {
         return Err(ShapeError::new_err(format!(
             "weight: expected [out, {k}] with out = the planes' {} rows, found {:?}",
@@ -52,11 +52,11 @@ fn fused_linear<'py>(
         )));
     }
     check_out_rows(out, rows, wa.shape()[0])?;
-    let ba: Option<PyReadonlyArray1<f32>> = bias.map(|b| b.extract()).transpose()?;
-    let pa: PyReadonlyArrayDyn<u32> = planes.extract()?;
-    let sa: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let ba: Option<PyReadonlyArray1<f32>> = bias.map(|b| readonly(b, "bias")).transpose()?;
+    let pa: PyReadonlyArrayDyn<u32> = readonly(planes, "planes")?;
+    let sa: PyReadonlyArrayDyn<f32> = readonly(scales, "scales")?;
     let stack = stack_of(&pa, &sa, k)?;
-    let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
+    let ids: PyReadonlyArray1<i64> = readonly(tenant_ids, "tenant_ids")?;
     let mut out_rw = writable_f32(out, || {
         let mut inputs = named(&[
             ("x", x),
@@ -103,7 +103,7 @@ fn rowwise_linear<'py>(
             biases.len()
         )));
     }
-    let xa: PyReadonlyArrayDyn<f32> = x.extract()?;
+    let xa: PyReadonlyArrayDyn<f32> = readonly(x, "x")?;
     let (rows, k) = rows_and_width(xa.shape());
     let (_, n) = rows_and_width(&shape_of(out));
     check_out_rows(out, rows, n)?;
@@ -118,14 +118,14 @@ fn rowwise_linear<'py>(
                 shape_of(w)
             )));
         }
-        ws.push(w.extract()?);
+        ws.push(readonly(w, &format!("weights[{i}]"))?);
     }
     let mut bs: Vec<Option<PyReadonlyArray1<f32>>> = Vec::with_capacity(biases.len());
     for (i, b) in biases.iter().enumerate() {
         bs.push(match b {
             Some(b) => {
                 check_array(b, &format!("biases[{i}]"), 1, "float32")?;
-                Some(b.extract()?)
+                Some(readonly(b, &format!("biases[{i}]"))?)
             }
             None => None,
         });
@@ -140,7 +140,7 @@ fn rowwise_linear<'py>(
                 .transpose()?,
         });
     }
-    let ids: PyReadonlyArray1<i64> = index.extract()?;
+    let ids: PyReadonlyArray1<i64> = readonly(index, "index")?;
     let mut out_rw = writable_f32(out, || {
         let mut inputs = named(&[("x", x), ("index", index)]);
         for (i, w) in weights.iter().enumerate() {

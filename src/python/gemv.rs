@@ -8,7 +8,7 @@ use numpy::{
 use pyo3::prelude::*;
 
 use super::{
-    check_array, named, run, slice, slice_mut, writable_f32, DTypeError, ShapeError, Size,
+    check_array, named, readonly, run, slice, slice_mut, writable_f32, DTypeError, ShapeError, Size,
 };
 use crate::bitplane::{words_per_row, ScaleMode};
 use crate::float::halves_from_bits;
@@ -79,17 +79,17 @@ fn delta_matmul<'py>(
     };
     let scale_dims = shape_of(scales).len();
     check_array(scales, "scales", scale_dims, "float32")?;
-    let planes_ro: PyReadonlyArrayDyn<u32> = planes.extract()?;
-    let scales_ro: PyReadonlyArrayDyn<f32> = scales.extract()?;
+    let planes_ro: PyReadonlyArrayDyn<u32> = readonly(planes, "planes")?;
+    let scales_ro: PyReadonlyArrayDyn<f32> = readonly(scales, "scales")?;
     let stack = stack_of(&planes_ro, &scales_ro, k)?;
     let n = stack.shape.out_features;
-    let ids: PyReadonlyArray1<i64> = tenant_ids.extract()?;
+    let ids: PyReadonlyArray1<i64> = readonly(tenant_ids, "tenant_ids")?;
     let ids = slice(&ids, "tenant_ids")?;
     // x is borrowed before out, so that an out that is also x is refused
     // (and named) when out is borrowed for writing.
     let xa = match storage {
-        "float32" => XArray::F32(x.extract()?),
-        _ => XArray::Bits(x.extract()?),
+        "float32" => XArray::F32(readonly(x, "x")?),
+        _ => XArray::Bits(readonly(x, "x")?),
     };
 
     let result: Bound<'py, PyAny> = match out {

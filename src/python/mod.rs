@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use numpy::ndarray::Dimension;
 use numpy::{
-    BorrowError, Element, PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadwriteArray,
+    BorrowError, Element, PyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadwriteArray,
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
@@ -143,6 +143,27 @@ pub(crate) fn writable_f32<'py>(
             )))
         }
     }
+}
+
+/// Input `what` borrowed for reading. A wrong type, rank or dtype fails as
+/// numpy's extraction does; an array being written meanwhile (the `out` of
+/// a call running on another thread: numpy's borrow flags say so) is a
+/// ShapeError naming `what`, not numpy's bare TypeError "already borrowed".
+/// Every read-only array argument goes through here.
+pub(crate) fn readonly<'py, T: Element, D: Dimension>(
+    arr: &Bound<'py, PyAny>,
+    what: &str,
+) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    arr.extract().or_else(|err: PyErr| {
+        // Only on the error path: if the type, rank and dtype fit, the borrow
+        // is what failed (the flags cannot change meanwhile: the GIL is held).
+        match arr.cast::<PyArray<T, D>>() {
+            Ok(typed) => typed
+                .try_readonly()
+                .map_err(|_| to_py(args::input_in_use(what))),
+            Err(_) => Err(err),
+        }
+    })
 }
 
 /// The inputs of a call by name, for `writable_f32`.

@@ -4,7 +4,7 @@ use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use super::gemv::{rows_and_width, shape_of};
-use super::{check_array, named, run, slice, slice_mut, to_py, writable_f32};
+use super::{check_array, named, readonly, run, slice, slice_mut, to_py, writable_f32};
 use crate::rmsnorm;
 
 /// `out[r] = weights[r / s] * x[r] / sqrt(mean(x[r]^2) + eps)`: float32 `x`
@@ -21,9 +21,9 @@ fn rms_norm_rows<'py>(
     check_array(weights, "weights", 2, "float32")?;
     check_array(out, "out", shape_of(out).len().max(1), "float32")?;
     rmsnorm::check_shapes(&shape_of(x), &shape_of(weights), &shape_of(out)).map_err(to_py)?;
-    let xa: PyReadonlyArrayDyn<f32> = x.extract()?;
+    let xa: PyReadonlyArrayDyn<f32> = readonly(x, "x")?;
     let (_, width) = rows_and_width(xa.shape());
-    let wa: PyReadonlyArray2<f32> = weights.extract()?;
+    let wa: PyReadonlyArray2<f32> = readonly(weights, "weights")?;
     let mut out_rw = writable_f32(out, || named(&[("x", x), ("weights", weights)]))?;
     let xs = slice(&xa, "x")?;
     let ws = slice(&wa, "weights")?;

@@ -177,7 +177,7 @@ impl PyDeltaFile {
 
 fn extract_bytes<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray1<'py, u8>> {
     super::check_array(obj, what, 1, "uint8")?;
-    obj.extract()
+    super::readonly(obj, what)
 }
 
 /// The dims of tensor `name`'s shape, each an int >= 0.
