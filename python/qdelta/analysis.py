@@ -45,6 +45,7 @@ from qdelta.atomic_io import write_text_atomic
 from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
 from qdelta.errors import AlgebraError, FileError, ShapeError
+from qdelta.optional import require
 from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, load
 
@@ -194,7 +195,7 @@ _Y_LABEL = "magnitude change ΔM = mean |Δ‖row‖|"
 def plot_analysis(result: dict[str, Any], path: str | Path) -> Path:
     """ΔM vs ΔD per layer: a scatter series per fine-tune, or with ``steps``
     one trajectory per layer through the checkpoints (a panel per layer type)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "qdelta analyze --plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

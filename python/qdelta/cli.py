@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -139,6 +140,9 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
+    from qdelta import __version__
+
+    parser.add_argument("--version", action="version", version=f"qdelta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demonstration")
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
@@ -230,13 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qdelta.errors import QDeltaError
+    from qdelta.optional import EXTRAS, missing
 
     try:
         return int(args.func(args))
+    except ModuleNotFoundError as e:  # an optional package a command reached
+        if (e.name or "").split(".")[0] not in EXTRAS:
+            raise
+        return _error(args.command, missing(e.name, f"qdelta {args.command}"))
     except QDeltaError as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"qdelta {args.command}: error: {message}", file=sys.stderr)
+        return _error(args.command, e)
+    except BrokenPipeError:
+        # `qdelta inspect F | head`: the reader left; no traceback, no second error
+        # when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _error(command: str, e: Exception) -> int:
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"qdelta {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

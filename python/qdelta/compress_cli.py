@@ -13,6 +13,7 @@ from qdelta.atomic_io import check_output
 from qdelta.compress import compress
 from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, QDeltaError
+from qdelta.optional import require
 from qdelta.sources import load_hf_model
 from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
@@ -55,7 +56,7 @@ def calibration_tokenizer(finetuned: str | Path, base: str | Path, model: nn.Mod
     for d in dirs:
         if not any((d / name).is_file() for name in HF_TOKENIZER_FILES):
             continue
-        from transformers import AutoTokenizer
+        AutoTokenizer = require("transformers", f"the tokenizer in {d}").AutoTokenizer
 
         try:
             return AutoTokenizer.from_pretrained(d, local_files_only=True)

@@ -25,6 +25,7 @@ __all__ = [
     "EvalError",
     "FileError",
     "FormatError",
+    "MissingDependencyError",
     "ModelMismatchError",
     "NonFiniteError",
     "QDeltaError",
@@ -73,3 +74,7 @@ class EvalError(QDeltaError):
 
 class AlgebraError(QDeltaError):
     """Deltas cannot be combined as asked (no inputs, bad weights, base weights needed)."""
+
+
+class MissingDependencyError(QDeltaError):
+    """A feature needs an optional package that is not installed (names the pip extra)."""

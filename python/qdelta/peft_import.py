@@ -30,6 +30,7 @@ from qdelta.algebra import DenseDelta
 from qdelta.bitplane import words_per_row
 from qdelta.compress import check_same_architecture
 from qdelta.errors import FileError, FormatError, ModelMismatchError, NonFiniteError, ShapeError
+from qdelta.optional import require
 from qdelta.store import fingerprint
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,6 +43,7 @@ def _is_int(value: Any) -> bool:
 
 def _read_config(directory: Path) -> Any:
     """The adapter's LoraConfig, checked: PEFT itself takes r="x" or alpha NaN."""
+    require("peft", "qdelta.from_peft")
     from peft import PeftConfig, PeftType
 
     path = directory / CONFIG_NAME
@@ -227,7 +229,7 @@ def from_peft(
     one). ``metadata["source"]`` is ``"lora"`` or ``"dora"``, with the rank and the
     adapter's own size in bytes (``adapter_bytes``) for :func:`memory_report`.
     """
-    from peft.tuners.lora import LoraLayer
+    LoraLayer = require("peft.tuners.lora", "qdelta.from_peft").LoraLayer
 
     peft_model = _peft_model(base_model, adapter, adapter_name or "default")
     name = adapter_name or peft_model.active_adapter

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qdelta.atomic_io import atomic_open
 from qdelta.eval import ResultRow
+from qdelta.optional import require
 
 # (variant, bits per weight) for the two series: greedy initial scales, distilled scales.
 _INITIAL = (("bitdelta-init", 1.0), ("2-bit", 2.0), ("3-bit", 3.0))
@@ -15,7 +16,7 @@ _ROW_DISTILLED = (("bitdelta-row-distilled", 1.0),)
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require("matplotlib", "plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

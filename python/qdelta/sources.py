@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qdelta.errors import FileError, FormatError, ModelMismatchError
+from qdelta.optional import require
 
 ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 LayerKind = Literal["linear", "conv1d", "embedding"]
@@ -28,7 +29,7 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
         raise ModelMismatchError(
             f"{directory}: expected a Hugging Face model directory with config.json, found none"
         )
-    import transformers
+    transformers = require("transformers", "loading a Hugging Face model directory")
     from safetensors import SafetensorError
 
     config_file = directory / "config.json"

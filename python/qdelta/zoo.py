@@ -43,6 +43,7 @@ from qdelta.atomic_io import ensure_dir, write_json_atomic
 from qdelta.corpus import DOMAINS, DomainCorpus, build_domain
 from qdelta.errors import FileError, FormatError, ZooError
 from qdelta.eval import perplexity
+from qdelta.optional import require
 from qdelta.tokenizer import ByteTokenizer
 
 # Bump when a change to this module or qdelta.corpus changes what a build makes.
@@ -241,7 +242,7 @@ class Zoo:
 
     def load(self, name: str = "base", dtype: torch.dtype = torch.float32):
         """The model ``name`` ("base", a tenant or an ingredient) as a LlamaForCausalLM."""
-        from transformers import LlamaForCausalLM
+        LlamaForCausalLM = require("transformers", "Zoo.load").LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(self.model_dir(name), dtype=dtype)
         return model.eval()
@@ -607,6 +608,8 @@ def build_zoo(
     progress: bool = True,
 ) -> Zoo:
     """The zoo of ``config`` from ``cache_dir``, built there first if absent."""
+    for package in ("transformers", "peft"):  # training, the LoRA tenant, loading
+        require(package, "the model zoo")
     config = config or ZooConfig.default()
     if config.eval_window > config.seq_len:
         raise ZooError(

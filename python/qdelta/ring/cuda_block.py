@@ -18,8 +18,6 @@ kernel=name)`` also takes a KERNELS name directly.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qdelta.errors import FileError
+from qdelta.optional import require
 from qdelta.ring.errors import RingError
 from qdelta.ring.launch import spawn_ring
 from qdelta.ring.layout import unshard
@@ -84,6 +85,7 @@ def run_ring_demo(
     """Run the demo; return ``{"max_abs_error", "ok", ...}`` and print a summary.
     ``input_ids`` (``[1, S]``, e.g. tokenized text) replaces the random input of
     ``seq_len`` tokens."""
+    require("transformers", "the ring demo")
     length = seq_len if input_ids is None else int(input_ids.shape[-1])
     chunks = max(world_size, 1) * (2 if layout == "zigzag" else 1)
     if world_size < 1 or length < chunks:  # checked before any model is built or loaded

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qdelta.errors import DTypeError, ShapeError
+from qdelta.optional import require
 from qdelta.ring.attention import ring_attention
 from qdelta.ring.block import BACKENDS
 from qdelta.ring.errors import RingError
@@ -147,7 +148,7 @@ def use_ring_attention(
             f"use_ring_attention: expected a torch.nn.Module, found {type(model).__name__}"
         )
     _check_settings(group, layout, backend, timeout)
-    from transformers import AttentionInterface
+    AttentionInterface = require("transformers", "use_ring_attention").AttentionInterface
 
     modules = [
         m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")
