@@ -12,6 +12,7 @@ forward in flight.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -67,6 +68,11 @@ def _store_delta(store: Any, name: str) -> Delta:
     return store.open(name).to_delta()
 
 
+def _given(delta: Delta) -> Delta:
+    """The source of a tenant added as a Delta (a partial of it pickles; a lambda not)."""
+    return delta
+
+
 def _is_rms_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and isinstance(
         getattr(module, "weight", None), torch.Tensor
@@ -116,7 +122,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._wrapped: dict[str, nn.Module] = {}
         if store is not None:
             for name in store.tenants():
-                self._register(name, lambda n=name: _store_delta(self.store, n))
+                self._register(name, functools.partial(_store_delta, self.store, name))
         if isinstance(tenants, Mapping):
             for name, delta in tenants.items():
                 self.add_tenant(name, delta)
@@ -192,12 +198,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 raise UnknownTenantError(
                     f"tenant {name!r}: no delta given and no such tenant in the store"
                 )
-            source: Callable[[], Delta] = lambda: _store_delta(self.store, name)  # noqa: E731
+            source: Callable[[], Delta] = functools.partial(_store_delta, self.store, name)
         else:
             if not isinstance(delta, Delta):
                 raise DTypeError(f"delta: expected qdelta.Delta, found {type(delta).__name__}")
             self._check(delta, name)
-            source = lambda: delta  # noqa: E731
+            source = functools.partial(_given, delta)
         if name in self._loaded:
             self._evict(name)
         return self._register(name, source)
@@ -419,6 +425,27 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             self._wrapped[mname] = wrapper
             self._refresh_slots()
         return self._wrapped[mname]
+
+    @serialized
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """``.to()``, ``.half()``, ``.cuda()``...: tenant tensors are stacked per module in
+        the base's dtype and device, so they are unloaded, the base is cast, and they
+        load again in the new form. Deltas stay checked against the base as built."""
+        self.base_fingerprint()
+        loaded = list(self._loaded)
+        for name in loaded:
+            self._evict(name)
+        result = super()._apply(fn, recurse)
+        # Parameters may be replaced, not converted in place; state tensors always are.
+        self._base_params = {k: self._base_attr(k) for k in self._base_params}
+        self._base_state = {k: self._base_attr(k).detach() for k in self._base_state}
+        if loaded:
+            self._ensure_loaded(loaded)
+        return result
+
+    def _base_attr(self, key: str) -> torch.Tensor:
+        mname, _, attr = key.rpartition(".")
+        return getattr(self._base_modules[mname], attr)
 
     # ---- requests ------------------------------------------------------------
 

@@ -338,6 +338,13 @@ class DeltaStore:
         # rename wins).
         self._write_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # A copy (pickle, deepcopy) is the same directory with its own locks and cache.
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
     def __repr__(self) -> str:
         return f"DeltaStore({str(self.directory)!r})"
 

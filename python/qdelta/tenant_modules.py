@@ -30,6 +30,25 @@ class Route:
         self.slots: torch.Tensor | None = None
 
 
+def _base_keys_out(module: TenantModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    base = prefix + "base."
+    mine = [k for k in state_dict if k.startswith(prefix)]
+    values = {k: state_dict.pop(k) for k in mine}
+    for k, v in values.items():
+        if k.startswith(base):
+            state_dict[prefix + k[len(base) :]] = v
+
+
+def _base_keys_in(module: TenantModule, state_dict: dict, prefix: str, *args) -> None:
+    paths = [prefix + p + "." for p in module._base_paths()]
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        if any(k.startswith(p) for p in paths):
+            continue  # already in the wrapper's own form
+        value = state_dict.pop(k)
+        for p in paths:
+            state_dict[p + k[len(prefix) :]] = value
+
+
 class TenantModule(nn.Module):
     """Common part: the slot -> local index map and the local tenant order."""
 
@@ -40,6 +59,15 @@ class TenantModule(nn.Module):
         self._names: list[str] = []
         self.register_buffer("_slot_map", torch.full((1,), -1, dtype=torch.long), persistent=False)
         self._local_cache: tuple | None = None
+        # The wrapped model's state dict (save_pretrained, checkpoints) stays the
+        # base's own: under this module's name, the base module's keys, once.
+        self.register_state_dict_post_hook(_base_keys_out)
+        self.register_load_state_dict_pre_hook(_base_keys_in)
+
+    def _base_paths(self) -> list[str]:
+        """Where the base module sits inside this wrapper ("base", and e.g. a
+        MultiTenantLinear's "layer.base_layer"): the same module, more than one name."""
+        return [n for n, m in self.named_modules(remove_duplicate=False) if m is self.base]
 
     @property
     def tenants(self) -> list[str]:
