@@ -102,8 +102,11 @@ def test_base_layer_is_shared_not_copied(rng):
     layer = _layer(rng, 8, 33, 2, "matrix")
     mod = qdelta.BitDeltaLinear(base, layer)
     assert mod.base_layer is base and mod.base_layer.weight.data_ptr() == base.weight.data_ptr()
-    # The planes buffer views the numpy planes (int32 view of the uint32 bits).
-    assert mod.planes.dtype == torch.int32 and mod.planes.data_ptr() == layer.planes.ctypes.data
+    # The planes buffer is the module's own copy (int32 bits of the uint32 planes):
+    # load_state_dict writes into it, never into the caller's (or a mapped file's) arrays.
+    assert mod.planes.dtype == torch.int32
+    assert not np.shares_memory(mod.planes.numpy(), layer.planes)
+    assert np.array_equal(mod.planes.numpy().view(np.uint32), layer.planes)
     assert isinstance(mod.scales, nn.Parameter) and mod.scales.requires_grad
 
 

@@ -26,6 +26,7 @@ from qdelta.errors import (
 )
 from qdelta.kernels import Backend, cpu
 from qdelta.locking import SerializedCalls, serialized
+from qdelta.nn import plain_linear
 
 TenantKey = str | int
 
@@ -364,7 +365,8 @@ class _FusedPlan:
     ) -> _FusedPlan | None:
         """A plan for this call, or None when the fused kernel does not apply:
         it needs AVX-512, float32 CPU input of at most FUSED_MAX_ROWS rows, some
-        row with a delta, nothing needing gradients, a float32 contiguous base."""
+        row with a delta, nothing needing gradients, a float32 contiguous base
+        that :func:`qdelta.nn.plain_linear` accepts (hooks, subclasses: torch)."""
         if (
             not isinstance(tenant_ids, torch.Tensor)
             or cpu._version(tenant_ids) is None
@@ -374,6 +376,7 @@ class _FusedPlan:
             or x.dtype != torch.float32
             or slots_array.shape[0] > FUSED_MAX_ROWS
             or not (slots_array >= 0).any()
+            or not plain_linear(layer.base_layer)
             or _tracks_grad(layer.base_layer, x)
         ):
             return None
@@ -415,7 +418,7 @@ class _FusedPlan:
         weight, bias = self.weight_param, self.bias_param
         if (weight.data_ptr(), 0 if bias is None else bias.data_ptr()) != self.pointers:
             return False
-        return not (torch.is_grad_enabled() and _tracks_grad(base, x))
+        return plain_linear(base) and not (torch.is_grad_enabled() and _tracks_grad(base, x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from qdelta import kernels
 from qdelta.checks import check_tensor_like
@@ -25,14 +26,46 @@ from qdelta.sources import is_conv1d
 from qdelta.store import check_base
 
 _STASH = "_qdelta_replaced"  # model attribute: state-dict name -> the original tensor
+# State-dict key of a merged BitDeltaLinear (torch's name for extra state; torch
+# never reports it as unexpected). Written only while merged.
+_MERGE_KEY = "_extra_state"
 
 
-def _planes_tensor(planes: np.ndarray) -> torch.Tensor:
-    """uint32 planes as an int32 tensor sharing their memory (read-only maps included)."""
+def _planes_tensor(planes: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint32 planes as a new int32 tensor on ``device``, owned by the module.
+
+    A copy (P bits per weight, 1/32 of float32 weights per plane): a view would
+    let ``load_state_dict`` write into the caller's Delta, or into the read-only
+    map of a loaded file (a segfault).
+    """
     view = np.ascontiguousarray(planes).view(np.int32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(view)
+        return torch.from_numpy(view).to(device, copy=True)
+
+
+def plain_linear(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` is exactly ``F.linear``: an ``nn.Linear`` (no
+    subclass) without forward hooks or pre-hooks, its own or global. Only then
+    may a fused kernel stand in for the call."""
+    return (
+        type(layer) is nn.Linear
+        and not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        and not _module._global_forward_hooks
+        and not _module._global_forward_pre_hooks
+    )
+
+
+def _tracing() -> bool:
+    """jit.trace or torch.compile is recording: the Rust kernels write through
+    numpy, which neither sees, so only torch ops may run."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 inputs are computed in float64, everything else in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _human(nbytes: int) -> str:
@@ -48,7 +81,9 @@ class _DeltaMatmul(torch.autograd.Function):
     """``x @ D^T`` through the kernel dispatch, with gradients for ``x`` and the scales.
 
     The backward does not rely on the kernel being differentiable: it decodes
-    the sign planes (torch reference) and forms both gradients densely.
+    the sign planes (torch reference) and forms both gradients densely, from
+    tensors that are not detached, so ``create_graph=True`` differentiates them
+    again. float64 inputs stay float64 throughout.
     """
 
     @staticmethod
@@ -63,15 +98,16 @@ class _DeltaMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor):
         x, planes, scales = ctx.saved_tensors
         grad_x = grad_scales = None
-        g = grad.to(torch.float32)
+        ct = _compute_dtype(x)
+        g = grad.to(ct)
         # The signs are decoded once per backward (torch, any device).
-        signs = unpack_signs(planes, x.shape[-1]).to(torch.float32)  # [P, N, K]
+        signs = unpack_signs(planes, x.shape[-1]).to(ct)  # [P, N, K]
         if ctx.needs_input_grad[0]:
-            s = scales.detach().to(torch.float32)
+            s = scales.to(ct)  # not detached: grad_x depends on the scales (double backward)
             s = s[:, None, None] if s.dim() == 1 else s[:, :, None]
             grad_x = (g @ (signs * s).sum(0)).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            per_plane = torch.einsum("mk,pnk->pmn", x.to(torch.float32), signs) * g
+            per_plane = torch.einsum("mk,pnk->pmn", x.to(ct), signs) * g
             grad_scales = per_plane.sum((1, 2)) if scales.dim() == 1 else per_plane.sum(1)
             grad_scales = grad_scales.to(scales.dtype)
         return grad_x, None, grad_scales, None
@@ -80,8 +116,12 @@ class _DeltaMatmul(torch.autograd.Function):
 class BitDeltaLinear(nn.Module):
     """``base_layer(x) + x @ (sum_p alpha_p S_p)^T`` for an ``nn.Linear`` or a GPT-2 ``Conv1D``.
 
-    ``planes`` is an int32 buffer ``[P, out, ceil(in/32)]`` (the uint32 bits);
+    ``planes`` is an int32 buffer ``[P, out, ceil(in/32)]`` (the uint32 bits,
+    copied: the module owns them, P/32 of the float32 weight bytes);
     ``scales`` a float32 parameter ``[P]`` or ``[P, out]``, trainable.
+    A merged module's ``state_dict`` carries ``_extra_state`` (the merged flag
+    and what :meth:`unmerge` needs for the exact base bits); an unmerged one's
+    has just the tensors.
     """
 
     def __init__(self, base_layer: nn.Module, layer: PackedLayer, *, backend: str = "auto"):
@@ -108,7 +148,7 @@ class BitDeltaLinear(nn.Module):
         # bits: (indices, original values), so unmerge() restores them exactly.
         self._merge_fix: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         device = _linear_weight(base_layer).device
-        self.register_buffer("planes", _planes_tensor(layer.planes).to(device))
+        self.register_buffer("planes", _planes_tensor(layer.planes, device))
         self.scales = nn.Parameter(torch.tensor(layer.scales, dtype=torch.float32, device=device))
 
     @property
@@ -116,15 +156,23 @@ class BitDeltaLinear(nn.Module):
         return int(self.planes.shape[0])
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense ``[out, in]`` float32 delta (no gradient)."""
-        return dense_delta(self.planes, self.scales.detach(), self.in_features)
+        """The dense ``[out, in]`` delta (no gradient): float32, float64 after ``.double()``."""
+        scales = self.scales.detach()
+        return dense_delta(self.planes, scales, self.in_features, dtype=_compute_dtype(scales))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ShapeError(
                 f"x: expected [..., {self.in_features}] (in_features last), found {list(x.shape)}"
             )
-        if not self.merged and self._fuses(x):
+        if self.merged:
+            return self.base_layer(x)
+        ct = _compute_dtype(x)
+        if _tracing():
+            y = self.base_layer(x)
+            dense = dense_delta(self.planes, self.scales.to(ct), self.in_features, dtype=ct)
+            return y + (x.to(ct) @ dense.T).to(y.dtype)
+        if self._fuses(x):
             # Decode-sized float32 CPU batch: base and delta in one Rust pass.
             arrays = cpu.base_arrays(self.base_layer)
             if arrays is not None:
@@ -133,24 +181,25 @@ class BitDeltaLinear(nn.Module):
                 cpu.single_fused_linear(x, *arrays, self.planes, self.scales, y)
                 return y
         y = self.base_layer(x)
-        if self.merged:
-            return y
         flat = x.reshape(-1, self.in_features)
-        # float(): a model-wide .half() must not change the kernel's scale dtype.
-        d = _DeltaMatmul.apply(flat, self.planes, self.scales.float(), self.backend)
+        # to(ct): a model-wide .half() must not change the kernel's scale dtype;
+        # float64 runs on the (float64) torch reference, no kernel takes it.
+        backend = "reference" if ct == torch.float64 else self.backend
+        d = _DeltaMatmul.apply(flat, self.planes, self.scales.to(ct), backend)
         return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
 
     def _fuses(self, x: torch.Tensor) -> bool:
-        """Whether src/fused.rs does this call: AVX-512, an nn.Linear base, float32
-        CPU input of at most FUSED_MAX_ROWS rows and float32 scales, nothing that
-        autograd must track (scale distillation keeps the differentiable path)."""
+        """Whether src/fused.rs does this call: AVX-512, a plain nn.Linear base
+        (:func:`plain_linear`: the kernel replaces its call), float32 CPU input of
+        at most FUSED_MAX_ROWS rows and float32 scales, nothing that autograd must
+        track (scale distillation keeps the differentiable path)."""
         from qdelta.multitenant import FUSED_MAX_ROWS
 
         if (
             cpu.ISA != "avx512"
             or self.backend not in ("auto", "cpu")
             or self.transposed
-            or not isinstance(self.base_layer, nn.Linear)
+            or not plain_linear(self.base_layer)
             or x.dtype != torch.float32
             or x.is_cuda
             or self.scales.dtype != torch.float32
@@ -197,9 +246,42 @@ class BitDeltaLinear(nn.Module):
         w.copy_(merged)
 
     def _shifted(self, w: torch.Tensor, sign: float) -> torch.Tensor:
-        d = self.delta_weight().to(w.device)
-        d = d.T if self.transposed else d
-        return (w.to(torch.float32) + sign * d).to(w.dtype)
+        ct = _compute_dtype(w)
+        d = dense_delta(self.planes, self.scales.detach(), self.in_features, dtype=ct)
+        d = d.to(w.device).T if self.transposed else d.to(w.device)
+        return (w.to(ct) + sign * d).to(w.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            # The base weight saved beside it has the delta in: a loader must know.
+            index, values = self._merge_fix or ((), torch.zeros(0))
+            w = _linear_weight(self.base_layer)
+            destination[prefix + _MERGE_KEY] = {
+                "merged": True,
+                "merge_fix_index": torch.stack(index).cpu()
+                if index
+                else torch.zeros(w.dim(), 0, dtype=torch.int64),
+                "merge_fix_values": values.detach().cpu().to(w.dtype).clone(),
+            }
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        key = prefix + _MERGE_KEY
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict and prefix + "base_layer.weight" not in state_dict:
+            return  # a partial load that leaves the base weight alone
+        # No key: an unmerged module's state (and every checkpoint of older versions).
+        state = state_dict.get(key, {"merged": False})
+        try:
+            self.merged, self._merge_fix = _merge_state(state, _linear_weight(self.base_layer))
+        except (TypeError, ValueError) as err:
+            errors.append(f"{key}: expected the merged state of a BitDeltaLinear, {err}")
 
     def extra_repr(self) -> str:
         mode = "matrix" if self.scales.dim() == 1 else "row"
@@ -224,7 +306,7 @@ class BitDeltaEmbedding(nn.Module):
         self.base_layer = base_layer
         self.embedding_dim = base_layer.embedding_dim
         device = base_layer.weight.device
-        self.register_buffer("planes", _planes_tensor(layer.planes).to(device))
+        self.register_buffer("planes", _planes_tensor(layer.planes, device))
         self.scales = nn.Parameter(torch.tensor(layer.scales, dtype=torch.float32, device=device))
 
     @property
@@ -236,7 +318,7 @@ class BitDeltaEmbedding(nn.Module):
         flat = ids.reshape(-1)
         rows = self.planes.index_select(1, flat)
         scales = self.scales if self.scales.dim() == 1 else self.scales.index_select(1, flat)
-        d = unpack_planes(rows, scales.float(), self.embedding_dim)
+        d = unpack_planes(rows, scales, self.embedding_dim, dtype=_compute_dtype(y))
         return y + d.reshape(*ids.shape, self.embedding_dim).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -255,6 +337,32 @@ def _check_layer(layer: object) -> None:
 def _check_delta(delta: object) -> None:
     if not isinstance(delta, Delta):
         raise DTypeError(f"delta: expected a qdelta.Delta, found {type(delta).__name__}")
+
+
+def _merge_state(
+    state: Any, weight: torch.Tensor
+) -> tuple[bool, tuple[tuple[torch.Tensor, ...], torch.Tensor] | None]:
+    """``(merged, merge fix)`` from a state-dict entry, checked against the base weight."""
+    if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
+        raise TypeError(f"found {type(state).__name__} {state!r:.80}")
+    if not state["merged"]:
+        return False, None
+    index, values = state.get("merge_fix_index"), state.get("merge_fix_values")
+    if (
+        not isinstance(index, torch.Tensor)
+        or not isinstance(values, torch.Tensor)
+        or index.dtype != torch.int64
+        or index.dim() != 2
+        or index.shape[0] != weight.dim()
+        or values.shape != (index.shape[1],)
+        or bool((index < 0).any() or (index >= torch.tensor(weight.shape)[:, None]).any())
+    ):
+        raise ValueError(
+            f"found a merge fix that does not index a {list(weight.shape)} weight "
+            "(unmerge could not restore the exact base bits)"
+        )
+    fix = (tuple(index), values.clone()) if index.shape[1] else None
+    return True, fix
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Torch reference kernels: dense unpack + matmul in float32. The oracle."""
+"""Torch reference kernels: dense unpack + matmul in float32 (float64 for
+float64 inputs). The oracle."""
 
 from __future__ import annotations
 
@@ -7,16 +8,23 @@ import torch
 from qdelta import reference
 
 
-def dense_delta(planes: torch.Tensor, scales: torch.Tensor, cols: int, bits: int | None = None):
-    """``[P, N, W]`` planes -> float32 ``[N, cols]``."""
-    return reference.unpack_planes(planes, scales, cols, bits=bits, dtype=torch.float32)
+def dense_delta(
+    planes: torch.Tensor,
+    scales: torch.Tensor,
+    cols: int,
+    bits: int | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """``[P, N, W]`` planes -> ``[N, cols]`` of ``dtype`` (float32 unless asked)."""
+    return reference.unpack_planes(planes, scales, cols, bits=bits, dtype=dtype)
 
 
 def delta_matmul(
     x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, *, bits: int | None = None
 ) -> torch.Tensor:
-    dense = dense_delta(planes, scales, x.shape[-1], bits).to(x.device)
-    return (x.to(torch.float32) @ dense.T).to(x.dtype)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dense = dense_delta(planes, scales, x.shape[-1], bits, dtype=ct).to(x.device)
+    return (x.to(ct) @ dense.T).to(x.dtype)
 
 
 def multi_tenant_delta_matmul(
