@@ -73,8 +73,17 @@ fuzz:
 	  QDELTA_FUZZ_ITERS=300000 cargo test --release --quiet mutation_fuzz -- --nocapture; \
 	fi
 
-wheel: $(STAMP)
-	$(VENV)/bin/maturin build --release --out dist
+# The abi3 wheel linked against glibc 2.28 symbols (manylinux_2_28, the floor torch
+# wheels have too) through zig, whatever this machine's glibc is; ziglang comes from pip.
+WHEEL_BUILD = PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release \
+	--compatibility manylinux_2_28 --zig
+
+$(VENV)/.ziglang: $(STAMP)
+	$(PY) -m pip install --quiet 'ziglang>=0.11'
+	touch $@
+
+wheel: $(VENV)/.ziglang
+	$(WHEEL_BUILD) --out dist
 
 # On a GPU machine (torch + cupy, no Rust, no network): GPU tests + kernel benchmarks into $$OUT.
 gpu-check:
@@ -82,9 +91,9 @@ gpu-check:
 
 # Here: what gpu-check needs carried: the abi3 wheel and pure-python test deps.
 GPU_TEST_DEPS := pytest pluggy iniconfig packaging hypothesis sortedcontainers attrs pytest-timeout tqdm
-gpu-wheelhouse: $(STAMP)
+gpu-wheelhouse: $(VENV)/.ziglang
 	rm -rf wheelhouse && mkdir -p wheelhouse
-	$(VENV)/bin/maturin build --release --out wheelhouse
+	$(WHEEL_BUILD) --out wheelhouse
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 		--dest wheelhouse $(GPU_TEST_DEPS)
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

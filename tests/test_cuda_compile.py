@@ -113,3 +113,21 @@ def test_table_lookup_loop_issue_budget(arch):
     per_word = len(loop) / words
     assert per_word <= 22, f"{arch}: expected <= 22 instructions per word, found {per_word:.1f}"
     assert "BSSY" not in loop, f"{arch}: a per-lane branch is back in the lookup loop"
+
+
+def test_no_module_reads_files_outside_the_package():
+    # What the wheel ships is the package directory: a path climbing out of it
+    # from __file__ works in this checkout and breaks every installed copy.
+    import re
+
+    import qdelta
+
+    package = Path(qdelta.__file__).resolve().parent
+    climbing = re.compile(r"__file__\)?(\.resolve\(\))?\.(parents\[[1-9]|parent\.parent)")
+    offenders = [
+        f"{p.relative_to(package)}:{n}"
+        for p in sorted(package.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if climbing.search(line)
+    ]
+    assert not offenders, offenders
