@@ -73,3 +73,14 @@ def tiny_zoo(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("qdelta-cache") / "zoo"
     return build_zoo(ZooConfig.tiny(), cache, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_runtime_restored():
+    """No test may leave the CUDA backend's runtime swapped (e.g. the emulator):
+    later tests would take the CUDA path on CPU tensors without knowing it."""
+    from qdelta.kernels import cuda
+
+    before = cuda.RUNTIME
+    yield
+    assert cuda.RUNTIME is before, "a test left qdelta.kernels.cuda.RUNTIME replaced"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qdelta
-from docs_snippets import Snippet, all_snippets
+from docs_snippets import ROOT, Snippet, all_snippets
 from qdelta.ring.launch import spawn_ring
 from ring_reference import reference_attention
 
@@ -293,6 +293,8 @@ RUNNERS = [
     ("docs/ZOO.md", "build_zoo(ZooConfig.default())", zoo_api),
     ("docs/CUDA.md", "with emulate(", cuda_emulator),
 ]
+if not (ROOT / "README.md").is_file():  # a partial copy of the tree (no docs)
+    pytest.skip("README.md and docs/ are not in this tree", allow_module_level=True)
 SNIPPETS = all_snippets()
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 def _copy_repo(dest: Path, *, with_tests: bool = True) -> None:
     """The parts of the tree the script uses, without the built extension."""
     ignore = shutil.ignore_patterns("_core*.so", "__pycache__", "*.pyc")
-    parts = ["python", "scripts", "cuda", "benches", "pyproject.toml"]
+    parts = ["python", "scripts", "benches", "docs", "README.md", "pyproject.toml"]
     if with_tests:
         parts.append("tests")
     for part in parts:

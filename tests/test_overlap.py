@@ -109,40 +109,45 @@ class Stream:
 
 def test_gemms_fork_after_their_expansion_and_join_before_use(emulated, gen, monkeypatch):
     log: list = []
-    monkeypatch.setattr(cuda_backend, "RUNTIME", RecordingRuntime(emulated, log))
-    real_expand, real_rows = cuda_backend._expand, cuda_backend._dense_rows
-    runtime = cuda_backend.RUNTIME
+    # Not monkeypatch: its undo would run after the emulated fixture restored the
+    # real runtime, and put the emulator back for every later test.
+    cuda_backend.RUNTIME = RecordingRuntime(emulated, log)
+    try:
+        real_expand, real_rows = cuda_backend._expand, cuda_backend._dense_rows
+        runtime = cuda_backend.RUNTIME
 
-    def expand(*a):
-        log.append(("expand", runtime.current))
-        return real_expand(*a)
+        def expand(*a):
+            log.append(("expand", runtime.current))
+            return real_expand(*a)
 
-    def rows(*a):
-        log.append(("gemm", runtime.current))
-        return real_rows(*a)
+        def rows(*a):
+            log.append(("gemm", runtime.current))
+            return real_rows(*a)
 
-    monkeypatch.setattr(cuda_backend, "_expand", expand)
-    monkeypatch.setattr(cuda_backend, "_dense_rows", rows)
-    real_copy = torch.Tensor.index_copy_
-    monkeypatch.setattr(
-        torch.Tensor, "index_copy_", lambda s, *a: log.append(("copy",)) or real_copy(s, *a)
-    )
-    m, k, n, t = 9, 40, 600, 2
-    x = torch.randn(m, k, generator=gen).half()
-    planes = random_planes(t, 1, n, k, generator=gen)
-    scales = random_scales(t, 1, n, False, generator=gen)
-    ids = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 0])
-    got = _run(x, planes, scales, ids, None, torch.empty(m, n, dtype=torch.float16), 1, False)
-    assert_close(got, oracle(x, planes, scales, ids), "recorded run")
-    pieces = [("expand", None), ("wait", "side0", "caller"), ("gemm", "side0"),
-              ("expand", None), ("wait", "side1", "caller"), ("gemm", "side1")]  # fmt: skip
-    assert log[:6] == pieces and log[6:12] == pieces  # 2 tenants x 2 chunks, streams alternate
-    assert log[12:] == [
-        ("wait", "caller", "side0"),
-        ("wait", "caller", "side1"),
-        ("copy",),
-        ("copy",),
-    ]
+        monkeypatch.setattr(cuda_backend, "_expand", expand)
+        monkeypatch.setattr(cuda_backend, "_dense_rows", rows)
+        real_copy = torch.Tensor.index_copy_
+        monkeypatch.setattr(
+            torch.Tensor, "index_copy_", lambda s, *a: log.append(("copy",)) or real_copy(s, *a)
+        )
+        m, k, n, t = 9, 40, 600, 2
+        x = torch.randn(m, k, generator=gen).half()
+        planes = random_planes(t, 1, n, k, generator=gen)
+        scales = random_scales(t, 1, n, False, generator=gen)
+        ids = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 0])
+        got = _run(x, planes, scales, ids, None, torch.empty(m, n, dtype=torch.float16), 1, False)
+        assert_close(got, oracle(x, planes, scales, ids), "recorded run")
+        pieces = [("expand", None), ("wait", "side0", "caller"), ("gemm", "side0"),
+                  ("expand", None), ("wait", "side1", "caller"), ("gemm", "side1")]  # fmt: skip
+        assert log[:6] == pieces and log[6:12] == pieces  # 2 tenants x 2 chunks, streams alternate
+        assert log[12:] == [
+            ("wait", "caller", "side0"),
+            ("wait", "caller", "side1"),
+            ("copy",),
+            ("copy",),
+        ]
+    finally:
+        cuda_backend.RUNTIME = emulated
 
 
 def test_auto_and_prefill_switch_reach_it(emulated, gen, monkeypatch):

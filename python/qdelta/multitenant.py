@@ -314,7 +314,12 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # Moves and casts replace the stack tensors: the fused plan's views are stale.
         self._plan = None
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        # Scales are kernel data (float32 in every kernel), not the model's dtype:
+        # .half() / .double() cast the base, and the stacks keep their exact values.
+        if self.scales.dtype != torch.float32:
+            self.scales = self.scales.float()
+        return result
 
     def _rebuild_table(self) -> None:
         self._plan = None

@@ -30,10 +30,12 @@ def delta_matmul(
 def multi_tenant_delta_matmul(
     x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, tenant_ids: torch.Tensor
 ) -> torch.Tensor:
-    out = torch.zeros(x.shape[0], planes.shape[2], dtype=torch.float32, device=x.device)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(x.shape[0], planes.shape[2], dtype=ct, device=x.device)
     for t in torch.unique(tenant_ids).tolist():
         if t < 0:
             continue
         rows = tenant_ids == t
-        out[rows] = x[rows].to(torch.float32) @ dense_delta(planes[t], scales[t], x.shape[-1]).T
+        dense = dense_delta(planes[t], scales[t], x.shape[-1], dtype=ct)
+        out[rows] = x[rows].to(ct) @ dense.T
     return out.to(x.dtype)
