@@ -2,9 +2,11 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
+import qdelta
 from qdelta import QDeltaError, kernels
 from qdelta.kernels import cuda as cuda_backend
 from qdelta.kernels import reference
@@ -163,3 +165,21 @@ def test_auto_on_cuda_with_gradients_does_not_warn_about_cupy(monkeypatch):
         assert not kernels._use_cuda_for("auto", is_cuda=True, needs_grad=True)
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)]
     assert not kernels._warned_no_cupy
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+@pytest.mark.parametrize("rows", [2, 200])  # "auto": the CPU kernel, then the reference
+@pytest.mark.parametrize("bits", [0, -1, 3, 2.0, True])
+def test_bits_checked_the_same_on_every_backend(backend, rows, bits):
+    planes, scales = qdelta.pack_residual(np.ones((5, 40), np.float32), bits=2)
+    planes_t, scales_t = torch.from_numpy(planes.view(np.int32)), torch.from_numpy(scales)
+    x = torch.randn(rows, 40)
+    error = qdelta.DTypeError if isinstance(bits, (bool, float)) else qdelta.ShapeError
+    with pytest.raises(error, match="bits: expected"):
+        kernels.delta_matmul(x, planes_t, scales_t, bits=bits, backend=backend)
+    one = kernels.delta_matmul(x, planes_t, scales_t, bits=1, backend=backend)
+    expected = (
+        x.double()
+        @ torch.from_numpy(qdelta.unpack_residual(planes, scales, (5, 40), bits=1)).double().T
+    )
+    torch.testing.assert_close(one.double(), expected, rtol=1e-5, atol=1e-5)

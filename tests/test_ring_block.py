@@ -44,6 +44,25 @@ def test_merge_of_two_key_blocks_equals_attention_over_all_keys():
         assert (lse - full_lse).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("magnitude", [1e2, 1e4, 1e6, 2e7])
+def test_merge_is_stable_for_large_lse(magnitude):
+    # The weights come from the lse difference: the rounding of a large new lse
+    # (eps * |lse|) used to go straight into them (2e7 in fp32: a 90% error).
+    gen = torch.Generator().manual_seed(3)
+    lse_a = magnitude + torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    lse_b = magnitude + torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    out_a, out_b = (torch.randn(4, 16, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    f32 = [t.float() for t in (out_a, lse_a, out_b, lse_b)]
+    out_a, lse_a, out_b, lse_b = (t.double() for t in f32)  # the truth of the fp32 inputs
+    w = torch.sigmoid(lse_b - lse_a)[..., None]
+    expected = out_a * (1 - w) + out_b * w
+    out, _ = merge(*f32)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+    fused_out, fused_lse = f32[0].clone(), f32[1].clone()
+    merge_fused_(fused_out, fused_lse, f32[2], f32[3])
+    torch.testing.assert_close(fused_out.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_merge_never_makes_nan_from_fully_masked_rows():
     out = rnd(5, 4)
     lse = torch.tensor([NEG_INF, NEG_INF, 0.3, 1.0, NEG_INF], dtype=torch.float64)

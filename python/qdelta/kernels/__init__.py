@@ -20,13 +20,14 @@ explicit ``backend="cpu"`` runs the Rust kernel as asked (no gradient).
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 
-from qdelta.errors import QDeltaError
+from qdelta.errors import DTypeError, QDeltaError, ShapeError
 from qdelta.kernels import cpu, reference
 from qdelta.kernels import cuda as _cuda  # cupy itself is imported only when used
 
@@ -97,6 +98,8 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
+    if isinstance(planes, torch.Tensor) and planes.dim() == 3:
+        bits = _check_bits(bits, planes.shape[0])  # once, the same for every backend
     if _use_cuda(backend, x, scales):
         from qdelta.kernels import cuda
 
@@ -104,6 +107,17 @@ def delta_matmul(
     if _use_cpu(x, scales, backend, planes.shape[-2]):
         return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
+
+
+def _check_bits(bits: object, stored: int) -> int | None:
+    """``bits`` (None: every plane) as an int in 1..=stored, or a ShapeError naming it."""
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise DTypeError(f"bits: expected an int or None, found {type(bits).__name__}")
+    if not 1 <= bits <= stored:
+        raise ShapeError(f"bits: expected 1..={stored} (planes stored), found {bits}")
+    return int(bits)
 
 
 def multi_tenant_delta_matmul(

@@ -83,10 +83,11 @@ def merge(
     block_out = block_out.to(out.dtype)
     block_lse = block_lse.to(lse.dtype)
     new_lse = torch.logaddexp(lse, block_lse)
-    # Where both are -inf the row has still seen nothing: subtract 0 instead of -inf.
-    ref = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-    w_old = torch.exp(lse - ref).unsqueeze(-1)
-    w_new = torch.exp(block_lse - ref).unsqueeze(-1)
+    # exp(lse - new_lse) = sigmoid(lse - block_lse): from the difference alone, so the
+    # rounding of a large new_lse (|lse| ~ 1e7 in fp32) never reaches the weights.
+    # Where both are -inf the row has still seen nothing: NaN weights become 0.
+    w_old = torch.nan_to_num(torch.sigmoid(lse - block_lse), nan=0.0).unsqueeze(-1)
+    w_new = torch.nan_to_num(torch.sigmoid(block_lse - lse), nan=0.0).unsqueeze(-1)
     return out * w_old + block_out * w_new, new_lse
 
 
