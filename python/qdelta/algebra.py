@@ -121,11 +121,36 @@ class DenseDelta:
                     f"param {key!r}: expected shape {list(state[key].shape)}, "
                     f"found {list(value.shape)}"
                 )
+        twins = self._tied_twins(weights)
         for name, weight in weights.items():
+            if name in twins:
+                continue  # a tied weight takes its (one) delta once
             weight.copy_((weight.float() + self.weight(name).to(weight.device)).to(weight.dtype))
         for key, value in self.params.items():
             state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
         return model
+
+    def _tied_twins(self, weights: Mapping[str, torch.Tensor]) -> set[str]:
+        """Layers whose weight is the same tensor as an earlier layer's (tied embeddings
+        and head): their delta is already added through that one. Refuses tied layers
+        with different deltas (a tied model holds one weight)."""
+        sharing: dict[tuple, list[str]] = {}
+        for name, w in weights.items():
+            where = (id(w),) if w.is_meta else (w.device, w.untyped_storage().data_ptr())
+            key = (*where, w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+            sharing.setdefault(key, []).append(name)
+        twins: set[str] = set()
+        for names in (n for n in sharing.values() if len(n) > 1):
+            for other in names[1:]:
+                if not torch.equal(self.weight(names[0]), self.weight(other)):
+                    raise ModelMismatchError(
+                        f"layers {names[0]!r} and {other!r}: expected one delta for the "
+                        "weight they share (tied), found two different ones; untie the "
+                        "weights first (e.g. model.lm_head.weight = "
+                        "nn.Parameter(model.lm_head.weight.clone()))"
+                    )
+                twins.add(other)
+        return twins
 
     def _target_weight(self, model: torch.nn.Module, name: str) -> torch.Tensor:
         """Layer ``name``'s weight in ``model``, checked against this delta's shape."""

@@ -161,6 +161,33 @@ def pack_layer(
     return PackedLayer(planes, scales, tuple(delta.shape), transposed=transposed)
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    where = (id(t),) if t.is_meta else (t.device, t.untyped_storage().data_ptr())
+    return (*where, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def tied_twins(
+    base_sd: Mapping[str, torch.Tensor],
+    ft_sd: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    kinds: Mapping[str, LayerKind],
+) -> dict[str, str]:
+    """Layer -> the earlier layer of ``names`` whose weight is the very same tensor in
+    both the base and the fine-tune (tied embeddings and head), in one orientation."""
+    first: dict[tuple, str] = {}
+    twins: dict[str, str] = {}
+    for n in names:
+        key = (
+            _storage_key(base_sd[f"{n}.weight"]),
+            _storage_key(ft_sd[f"{n}.weight"]),
+            kinds[n] == "conv1d",
+        )
+        twin = first.setdefault(key, n)
+        if twin != n:
+            twins[n] = twin
+    return twins
+
+
 def prepare_pair(
     base: ModelSource,
     finetuned: ModelSource,
@@ -208,10 +235,18 @@ def compress(
     base_sd, ft_sd, module, kinds, names = prepare_pair(
         base, finetuned, targets, exclude, compress_embeddings
     )
-    layers = {
-        n: pack_layer(n, base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"], kinds[n], bits, scale)
-        for n in names
-    }
+    twins = tied_twins(base_sd, ft_sd, names, kinds)
+    layers: dict[str, PackedLayer] = {}
+    for n in names:
+        if n in twins:
+            # The same tensor as an earlier layer (tied embeddings and head): the same
+            # planes, bit for bit, so merge() can add it once to the one weight.
+            src = layers[twins[n]]
+            layers[n] = PackedLayer(src.planes.copy(), src.scales.copy(), src.shape, src.transposed)
+        else:
+            layers[n] = pack_layer(
+                n, base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"], kinds[n], bits, scale
+            )
     covered = {f"{n}.weight" for n in names}
     params = {
         key: value.cpu().clone()

@@ -293,7 +293,14 @@ class BitDeltaLinear(nn.Module):
 
 
 class BitDeltaEmbedding(nn.Module):
-    """``base_layer(ids) + delta[ids]`` for an ``nn.Embedding`` whose delta was compressed."""
+    """``base_layer(ids) + delta[ids]`` for an ``nn.Embedding`` whose delta was compressed.
+
+    For an embedding that scales its lookup (Gemma's ``*ScaledWordEmbedding``:
+    ``weight[ids] * embed_scale``) the delta rows are scaled the same way, so the
+    output is the fine-tuned module's. Subclasses whose forward is not such a
+    lookup (checked by :func:`qdelta.sources.embedding_form`, e.g. OPT's
+    positional embedding) are refused with ModelMismatchError.
+    """
 
     def __init__(self, base_layer: nn.Embedding, layer: PackedLayer):
         super().__init__()
@@ -303,6 +310,16 @@ class BitDeltaEmbedding(nn.Module):
                 f"delta: expected a {list(base_layer.weight.shape)} embedding delta, "
                 f"found {list(layer.shape)}"
             )
+        from qdelta.sources import embedding_form
+
+        form = embedding_form(base_layer)
+        if form is None:
+            raise ModelMismatchError(
+                f"delta: expected an embedding whose forward is a lookup of its weight, found "
+                f"{type(base_layer).__name__}, whose forward computes something else "
+                "(keep its weight whole: compress leaves such modules out of its layers)"
+            )
+        self._scaled = form == "scaled"
         self.base_layer = base_layer
         self.embedding_dim = base_layer.embedding_dim
         device = base_layer.weight.device
@@ -319,6 +336,9 @@ class BitDeltaEmbedding(nn.Module):
         rows = self.planes.index_select(1, flat)
         scales = self.scales if self.scales.dim() == 1 else self.scales.index_select(1, flat)
         d = unpack_planes(rows, scales, self.embedding_dim, dtype=_compute_dtype(y))
+        if self._scaled:  # y is weight[ids] * embed_scale: the delta rows are scaled too
+            scale = torch.as_tensor(self.base_layer.embed_scale, device=d.device)
+            d = d * scale.to(self.base_layer.weight.dtype).to(d.dtype)  # as the module rounds it
         return y + d.reshape(*ids.shape, self.embedding_dim).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -525,10 +545,39 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     # Everything is checked before the first write: a bad delta leaves the model as it was.
     weights = {name: _merge_target(model, name, layer) for name, layer in delta.layers.items()}
     tensors = {key: _param_target(model, key, value) for key, value in delta.params.items()}
-    for name, weight in weights.items():
+
+    def oriented(name: str) -> torch.Tensor:
         layer = delta.layers[name]
-        d = torch.from_numpy(layer.dense()).to(weight.device)
-        d = d.T if layer.transposed else d
+        d = torch.from_numpy(layer.dense())
+        return d.T if layer.transposed else d
+
+    # Tied layers (an embedding and the head sharing one tensor) are one weight: it
+    # takes the delta once. Their deltas must agree (compress packs both alike).
+    sharing: dict[tuple, list[str]] = {}
+    for name, weight in weights.items():
+        key = (
+            (weight.device, weight.untyped_storage().data_ptr(), weight.storage_offset())
+            if not weight.is_meta
+            else (id(weight),),  # meta tensors have no storage to share
+            tuple(weight.shape),
+            tuple(weight.stride()),
+        )
+        sharing.setdefault(key, []).append(name)
+    twins = set()
+    for names in (names for names in sharing.values() if len(names) > 1):
+        d0 = oriented(names[0])
+        for other in names[1:]:
+            if not torch.equal(d0, oriented(other)):
+                raise ModelMismatchError(
+                    f"layers {names[0]} and {other}: expected one delta for the weight they "
+                    "share (tied), found two different ones; untie the weights first (e.g. "
+                    "model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone()))"
+                )
+            twins.add(other)
+    for name, weight in weights.items():
+        if name in twins:
+            continue
+        d = oriented(name).to(weight.device)
         weight.copy_((weight.to(torch.float32) + d).to(weight.dtype))
     for key, target in tensors.items():
         target.copy_(delta.params[key].to(device=target.device, dtype=target.dtype))

@@ -39,6 +39,7 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 from qdelta.locking import SerializedCalls, serialized
+from qdelta.sources import embedding_form, linear_form
 from qdelta.store import check_base, fingerprint
 from qdelta.tenant_modules import (
     PackedRowEmbedding,
@@ -47,6 +48,7 @@ from qdelta.tenant_modules import (
     RowEmbedding,
     RowLinear,
     RowRMSNorm,
+    rms_norm_form,
 )
 
 TenantIds = torch.Tensor | Sequence[str | int | None]
@@ -73,10 +75,16 @@ def _given(delta: Delta) -> Delta:
     return delta
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and isinstance(
-        getattr(module, "weight", None), torch.Tensor
-    )
+def _servable(module: nn.Module) -> bool:
+    """Whether a per-row module can stand in for ``module`` exactly: a plain linear
+    map or embedding lookup (subclasses checked on a probe, Gemma's scaled lookup
+    included), or an RMSNorm of either formula (x / rms(x) * w or * (1 + w)),
+    checked on a probe input rather than by class name."""
+    if isinstance(module, nn.Embedding):
+        return embedding_form(module) is not None
+    if isinstance(module, nn.Linear):
+        return linear_form(module)
+    return rms_norm_form(module) is not None
 
 
 class MultiTenantModel(SerializedCalls, nn.Module):
@@ -113,6 +121,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._base_params = dict(base_model.named_parameters(remove_duplicate=False))
         self._base_state = dict(base_model.state_dict())
         self._ties = self._tied_groups(base_model)
+        self._probe_results: dict[str, bool] = {}  # module name -> _servable(), probed once
         self._fingerprint: str | None = None
         self._sources: dict[str, Callable[[], Delta]] = {}
         self._ids: dict[str, int] = {}
@@ -250,6 +259,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 )
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
                 raise QDeltaError(f"tenant {name!r}: {lname!r} uses max_norm, not supported")
+            if not self._probed(lname):
+                raise QDeltaError(
+                    f"tenant {name!r}: packed layer {lname!r} is a {type(module).__name__}, "
+                    f"whose forward is not a plain {_plain_what(module)}; a per-row delta "
+                    f"for it would be guesswork (keep that layer frozen in the fine-tune)"
+                )
             if tuple(module.weight.shape) != packed.shape:
                 raise ShapeError(
                     f"tenant {name!r}: layer {lname!r} is {list(module.weight.shape)} in the "
@@ -279,15 +294,16 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"tenant {name!r}: {mname!r} has a packed delta and full-precision "
                     f"{sorted(attrs)}; only a bias may be replaced beside a packed delta"
                 )
-            if not packed and not (
-                isinstance(module, (nn.Embedding, nn.Linear)) or _is_rms_norm(module)
-            ):
-                raise QDeltaError(
-                    f"tenant {name!r}: per-row parameters of {type(module).__name__} "
-                    f"({mname!r}) are not supported; expected Embedding, Linear or RMSNorm"
-                )
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
                 raise QDeltaError(f"tenant {name!r}: {mname!r} uses max_norm, not supported")
+            if not packed and not self._probed(mname):
+                raise QDeltaError(
+                    f"tenant {name!r}: per-row parameters of {type(module).__name__} "
+                    f"({mname!r}) are not supported; expected Embedding, Linear or RMSNorm "
+                    f"(a plain lookup, linear map or x / rms(x) * w or * (1 + w), checked on "
+                    f"a probe input); keep {sorted(attrs)} frozen in the fine-tune or serve "
+                    f"it with qdelta.apply"
+                )
             current = self._wrapped.get(mname)
             wants = _wrapper_class(module, packed)
             if current is not None and not isinstance(current, wants):
@@ -304,6 +320,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"other tenants; mixing packed and full-precision deltas on one layer "
                     f"is not supported"
                 )
+
+    def _probed(self, mname: str) -> bool:
+        """:func:`_servable` for base module ``mname``, probed once (the base as built)."""
+        if mname not in self._probe_results:
+            self._probe_results[mname] = _servable(self._base_modules[mname])
+        return self._probe_results[mname]
 
     @staticmethod
     def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -716,6 +738,10 @@ def _check_fits(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
             raise NonFiniteError(
                 f"{what}: expected values finite in the base's {dtype}, found magnitude {peak:g}"
             )
+
+
+def _plain_what(module: nn.Module) -> str:
+    return "embedding lookup" if isinstance(module, nn.Embedding) else "linear map"
 
 
 def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:

@@ -3,12 +3,14 @@ Hugging Face model directory (safetensors, loaded offline)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qdelta.errors import FileError, FormatError, ModelMismatchError
@@ -16,6 +18,7 @@ from qdelta.optional import require
 
 ModelSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 LayerKind = Literal["linear", "conv1d", "embedding"]
+EmbeddingForm = Literal["plain", "scaled"]
 
 
 def load_hf_model(path: str | os.PathLike) -> nn.Module:
@@ -93,16 +96,124 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _single_input_forward(module: nn.Module) -> bool:
+    """Whether the class's ``forward`` takes exactly one input and nothing else (no
+    defaults, no ``*args`` / ``**kwargs``): a lookup or linear map of one tensor.
+    OPT's positional embedding (``forward(attention_mask, past_key_values_length,
+    position_ids)``) is not."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(params) == 1 and params[0].kind in kinds
+
+
+def _close(found: object, want: torch.Tensor) -> bool:
+    """``found`` is a tensor equal to ``want`` up to a few roundings of its dtype."""
+    if not isinstance(found, torch.Tensor) or found.shape != want.shape:
+        return False
+    tol = 8 * torch.finfo(want.dtype).eps
+    found, want = found.detach().double(), want.detach().double()
+    if not bool(torch.isfinite(found).all()):
+        return False
+    return bool(((found - want).abs() <= tol * (want.abs() + want.abs().max())).all())
+
+
+def embedding_form(module: nn.Module) -> EmbeddingForm | None:
+    """How ``module(ids)`` is computed from ``module.weight``, or None when it is not
+    a lookup a delta of the weight's rows can follow.
+
+    ``"plain"``: ``F.embedding(ids, weight)``: ``nn.Embedding`` itself, or a subclass
+    whose forward takes the ids alone and is checked on probe ids to compute exactly
+    that. ``"scaled"``: the lookup times ``module.embed_scale`` in the weight's dtype
+    (Gemma's ``*ScaledWordEmbedding``), also checked on probe ids. Anything else
+    (e.g. OPT's positional embedding, whose forward takes a mask and offsets the
+    positions) is None: wrapping it would be guesswork.
+    """
+    if not isinstance(module, nn.Embedding):
+        return None
+    if type(module) is nn.Embedding:
+        return "plain"
+    weight = module.weight
+    if (
+        module.max_norm is not None  # F.embedding would renormalise the rows in place
+        or not _single_input_forward(module)
+        or not isinstance(weight, torch.Tensor)
+        or weight.is_meta
+        or not weight.is_floating_point()
+    ):
+        return None
+    n = module.num_embeddings
+    ids = torch.linspace(0, n - 1, steps=min(n, 16)).round().long().unique()[None]
+    ids = ids.to(weight.device)
+    try:
+        with torch.no_grad():
+            found = module(ids)
+            raw = F.embedding(ids, weight, module.padding_idx)
+    except Exception:  # a forward that does not take ids: not a lookup
+        return None
+    if not bool(raw.any()):
+        return None  # all-zero rows prove nothing about a factor
+    if _close(found, raw):
+        return "plain"
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, (torch.Tensor, float, int)) and not isinstance(scale, bool):
+        factor = torch.as_tensor(scale).to(device=weight.device, dtype=weight.dtype)
+        if factor.numel() == 1 and _close(found, raw * factor):
+            return "scaled"
+    return None
+
+
+def embedding_scale(module: nn.Module) -> torch.Tensor:
+    """The factor a ``"scaled"`` embedding multiplies its lookup by, as the module
+    does: ``embed_scale`` in the weight's dtype (read now, so it follows ``.to()``)."""
+    weight = module.weight
+    return torch.as_tensor(module.embed_scale).to(device=weight.device, dtype=weight.dtype)
+
+
+def linear_form(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is ``F.linear(x, weight, bias)``: ``nn.Linear`` itself, or
+    a subclass whose forward takes one input and is checked on a probe input."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module) is nn.Linear:
+        return True
+    weight, bias = module.weight, module.bias
+    if (
+        not _single_input_forward(module)
+        or not isinstance(weight, torch.Tensor)
+        or weight.is_meta
+        or not weight.is_floating_point()
+        or weight.dim() != 2
+    ):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[1], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            return _close(module(x), F.linear(x, weight, bias))
+    except Exception:
+        return False
+
+
 def layer_kinds(module: nn.Module) -> dict[str, LayerKind]:
-    """Module name -> kind for every layer a delta can replace."""
+    """Module name -> kind for every layer a delta can replace.
+
+    Subclasses of ``nn.Linear`` / ``nn.Embedding`` count only when their forward is
+    checked to be the plain map (:func:`linear_form`, :func:`embedding_form`);
+    the others (OPT's positional embedding, say) keep their weights whole.
+    """
     kinds: dict[str, LayerKind] = {}
     for name, child in module.named_modules():
         if isinstance(child, nn.Linear):
-            kinds[name] = "linear"
+            if linear_form(child):
+                kinds[name] = "linear"
         elif is_conv1d(child):
             kinds[name] = "conv1d"
         elif isinstance(child, nn.Embedding):
-            kinds[name] = "embedding"
+            if embedding_form(child) is not None:
+                kinds[name] = "embedding"
     return kinds
 
 

@@ -10,6 +10,7 @@ there.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdelta.delta import PackedLayer
+from qdelta.errors import QDeltaError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.reference import unpack_signs
+from qdelta.sources import embedding_form, embedding_scale
 
 
 class Route:
@@ -91,6 +94,25 @@ class TenantModule(nn.Module):
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
+    def _folded(self, x: torch.Tensor, local: torch.Tensor) -> bool:
+        """Whether ``x``'s first dimension is not the batch while every row is on the
+        base (the base module then serves it); raises when some row has a tenant.
+
+        A model that folds the batch into another dimension (OPT's decoder runs its
+        MLP on ``[batch * seq, hidden]``) leaves no per-row tenant to find, and
+        guessing the fold would be guesswork: a ShapeError, not other rows' weights."""
+        if x.dim() > 0 and x.shape[0] == local.shape[0]:
+            return False
+        if not bool((local >= 0).any()):
+            return True
+        raise ShapeError(
+            f"{type(self).__name__} ({type(self.base).__name__}): expected the batch's "
+            f"{local.shape[0]} rows first in the input, found shape {list(x.shape)}: the "
+            "model reshapes the batch before this layer (OPT flattens [batch, seq] before "
+            "its MLP), so per-row tenants cannot be routed here; keep this layer frozen "
+            "in the fine-tune, or serve it with qdelta.apply"
+        )
+
     def local_rows(self) -> torch.Tensor | None:
         """Local tenant index per batch row, or None when no row needs a tenant here."""
         slots = self._route.slots
@@ -137,6 +159,8 @@ class _TwoForms(TenantModule, ABC):
         local = self.local_rows()
         if local is None:
             return self.base(x)
+        if self._folded(x, local):
+            return self.base(x)
         fast = self._rowwise(x, local)
         return fast if fast is not None else self._torch_form(x, local)
 
@@ -152,6 +176,7 @@ class RowEmbedding(_TwoForms):
 
     def __init__(self, base: nn.Embedding, route: Route) -> None:
         super().__init__(base, route)
+        self._scaled = _lookup_form(base) == "scaled"
         self._tables: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None
         self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
@@ -198,6 +223,8 @@ class RowEmbedding(_TwoForms):
             plan = self._plan = (local, _version(local), ids.shape, storage, tables, index)
         out = torch.empty(*ids.shape, weight.shape[1])
         cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
+        if self._scaled:  # the base's own product: lookup * embed_scale (weight dtype)
+            out.mul_(embedding_scale(self.base))
         return out
 
     def _torch_form(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -206,6 +233,8 @@ class RowEmbedding(_TwoForms):
         shape = (-1,) + (1,) * (ids.dim() - 1)
         flat = local.clamp(min=0).view(shape) * self.base.num_embeddings + ids
         gathered = self._stacked.view(-1, out.shape[-1])[flat]
+        if self._scaled:
+            gathered = gathered * embedding_scale(self.base)
         return torch.where((local >= 0).view(*shape, 1), gathered, out)
 
 
@@ -216,6 +245,7 @@ class PackedRowEmbedding(_TwoForms):
 
     def __init__(self, base: nn.Embedding, route: Route) -> None:
         super().__init__(base, route)
+        self._scaled = _lookup_form(base) == "scaled"
         self._planes: list[torch.Tensor] = []  # per tenant: int32 [P, V, W]
         self._scales: list[torch.Tensor] = []  # per tenant: float32 [P, V]
         self._stacked_planes: torch.Tensor | None = None  # [T, P_max, V, W]
@@ -289,6 +319,8 @@ class PackedRowEmbedding(_TwoForms):
             plan = self._plan = (local, _version(local), ids.shape, planes, scales, tenants, stack)
         out = torch.empty(*ids.shape, weight.shape[1])
         cpu.packed_embedding(weight, *plan[6], ids.contiguous(), plan[5], out)
+        if self._scaled:  # (base + delta) rows times embed_scale, as the fine-tune's module
+            out.mul_(embedding_scale(self.base))
         return out
 
     def _torch_form(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -301,20 +333,89 @@ class PackedRowEmbedding(_TwoForms):
         signs = unpack_signs(planes, out.shape[-1]).to(torch.float32)
         delta = (signs * scales[..., None]).sum(-2)
         delta = delta * (local >= 0).view(*shape, 1)
+        if self._scaled:  # out is already scaled (the base's forward); the delta too
+            delta = delta * embedding_scale(self.base).to(torch.float32)
         return out + delta.to(out.dtype)
 
 
-class RowRMSNorm(TenantModule):
-    """An RMSNorm (LlamaRMSNorm and kin) with per-tenant weights gathered per row.
+def _lookup_form(base: nn.Embedding) -> str:
+    """The base embedding's form (:func:`qdelta.sources.embedding_form`), or a
+    QDeltaError when its forward is not a lookup a per-row table can stand in for."""
+    form = embedding_form(base)
+    if form is None:
+        raise QDeltaError(
+            f"{type(base).__name__}: expected an embedding whose forward is a lookup of its "
+            "weight (nn.Embedding, or a subclass checked to compute one, possibly times "
+            "embed_scale), found another forward; per-row tenants are not supported for it"
+        )
+    return form
 
-    The arithmetic is the base module's formula (LlamaRMSNorm: float32
-    ``x * rsqrt(mean(x^2) + eps)``, then the weight in the input dtype), so a
-    row's result is the tenant's own norm to float32 rounding.
+
+def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
+    """``(offset, eps)`` when ``module(x)`` is ``x * rsqrt(mean(x^2) + eps) * (offset +
+    weight)``: offset 0 for LlamaRMSNorm and kin, 1 for Gemma's RMSNorms; else None.
+
+    Decided from the module's output, not its class name: its forward runs on a
+    probe input with a probe float32 weight (``torch.func.functional_call``), with
+    rows large and small enough for ``eps`` to matter, and must match one formula
+    to float32 rounding. A LayerNorm (mean subtracted, a bias) matches neither.
+    """
+    weight = getattr(module, "weight", None)
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 1
+        or not weight.is_floating_point()
+        or weight.is_meta
+        or {n for n, _ in module.named_parameters()} != {"weight"}
+    ):
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        return None
+    eps = float(eps)
+    dim = weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, dim, generator=gen, dtype=torch.float64) + 0.5
+    x[2:] *= math.sqrt(max(eps, 1e-12))  # rows where eps changes the result
+    w = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
+    try:
+        with torch.no_grad():
+            probe = {"weight": w.to(device=weight.device, dtype=torch.float32)}
+            found = torch.func.functional_call(
+                module, probe, (x.to(device=weight.device, dtype=torch.float32),)
+            )
+    except Exception:
+        return None
+    if not isinstance(found, torch.Tensor) or found.shape != x.shape:
+        return None
+    found = found.detach().double().cpu()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    for offset in (0.0, 1.0):
+        want = normed * (offset + w)
+        if bool(((found - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all()):
+            return offset, eps
+    return None
+
+
+class RowRMSNorm(TenantModule):
+    """An RMSNorm (LlamaRMSNorm and kin, Gemma's) with per-tenant weights gathered per row.
+
+    The arithmetic is the base module's formula, found by :func:`rms_norm_form`:
+    LlamaRMSNorm's float32 ``x * rsqrt(mean(x^2) + eps)``, then the weight in
+    the input dtype; Gemma's ``(normed * (1 + weight)).to(dtype)`` in float32. A
+    row's result is the tenant's own norm to float32 rounding. A module matching
+    neither formula is refused (QDeltaError).
     """
 
     def __init__(self, base: nn.Module, route: Route) -> None:
         super().__init__(base, route)
-        self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6)))
+        form = rms_norm_form(base)
+        if form is None:
+            raise QDeltaError(
+                f"{type(base).__name__}: expected an RMSNorm computing x / rms(x) * weight "
+                "or * (1 + weight) (checked on a probe input), found another formula"
+            )
+        self.offset, self.eps = form
         self._rows_cache: tuple | None = None
         self._weights: list[torch.Tensor] = []
         self._stacked: torch.Tensor | None = None
@@ -330,7 +431,8 @@ class RowRMSNorm(TenantModule):
         self._stacked = _restack(self._weights)
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
-        """Each row's norm weight; gathered once per routed batch (decode steps reuse it)."""
+        """Each row's factor (its norm weight; ``1 + weight`` in float32 for Gemma's
+        form); gathered once per routed batch (decode steps reuse it)."""
         stacked, weight = self._stacked, self.base.weight
         versions = (_version(local), _version(stacked), _version(weight))
         cached = self._rows_cache
@@ -344,12 +446,16 @@ class RowRMSNorm(TenantModule):
         ):
             return cached[4]
         rows = torch.where((local >= 0)[:, None], stacked[local.clamp(min=0)], weight)
+        if self.offset:
+            rows = self.offset + rows.to(torch.float32)
         self._rows_cache = (local, stacked, weight, versions, rows)
         return rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
         if local is None:
+            return self.base(hidden)
+        if self._folded(hidden, local):
             return self.base(hidden)
         rows = self._row_weights(local)
         if (
@@ -368,7 +474,10 @@ class RowRMSNorm(TenantModule):
         # The base's formula, x * rsqrt(mean(x^2) + eps) in float32, as one op:
         # at decode sizes each torch op costs microseconds whatever its size.
         h = F.rms_norm(hidden.to(torch.float32), (hidden.shape[-1],), eps=self.eps)
-        return rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1) * h.to(dtype)
+        rows = rows.view(rows.shape[0], *(1,) * (hidden.dim() - 2), -1)
+        if self.offset:  # Gemma: (normed * (1 + w)) in float32, then the input dtype
+            return (h * rows).to(dtype)
+        return rows * h.to(dtype)
 
 
 class RowLinear(_TwoForms):
@@ -527,6 +636,8 @@ class RoutedLinear(TenantModule):
         local = self.local_rows()
         if local is None:
             local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        elif self._folded(x, local):
+            return self.base(x)
         # Straight to forward: the layer is internal (no hooks of its own), and
         # nn.Module's call machinery costs a fifth of a decode-sized call.
         out = self.layer.forward(x, local)

@@ -88,6 +88,7 @@ def ring_attention_forward(
         )
     if dropout and module.training:
         raise RingError(f"ring attention: expected attention dropout 0, found {dropout}")
+    _check_attention_kwargs(module, query.shape[2], settings.group, kwargs)
     causal = getattr(module, "is_causal", True)
     _check_mask(attention_mask, query.shape[2], causal)
     out = ring_attention(
@@ -102,6 +103,67 @@ def ring_attention_forward(
         timeout=settings.timeout,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_attention_kwargs(module, q_len: int, group, kwargs: dict) -> None:
+    """Refuse what the model asks of its attention that the ring does not do:
+    logit soft-capping (Gemma2's ``attn_logit_softcapping``) and a sliding window
+    narrower than the whole sequence (``sliding_window``: Mistral, Qwen2 sliding
+    layers, Gemma2/3 local layers). Ignoring them would give other logits."""
+    name = type(module).__name__
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        raise RingError(
+            f"{name}: ring attention does not soft-cap attention logits; expected the model "
+            f"setting attn_logit_softcapping None, found softcap={softcap!r}"
+        )
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        total = q_len * world
+        if window < total:
+            raise RingError(
+                f"{name}: ring attention attends over the whole sequence; the model setting "
+                f"sliding_window={window} hides keys further back in this {total}-token "
+                "sequence (expected sliding_window None or at least the sequence length)"
+            )
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        raise RingError(f"{name}: ring attention has no attention sinks (s_aux); found some")
+
+
+def _unsupported_attention(config) -> str | None:
+    """Why ring attention would not compute this config's attention (None: it does).
+
+    Refused: ``attn_logit_softcapping`` set; sliding-window layers whose
+    ``sliding_window`` is under ``max_position_embeddings`` (a sequence the model
+    takes could be wider than the window); layer types other than full or sliding
+    attention."""
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        return (
+            f"attn_logit_softcapping={softcap!r}: ring attention does not soft-cap attention "
+            "logits (expected None)"
+        )
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if other:
+            return f"layer_types {other}: ring attention runs full causal attention only"
+        sliding = "sliding_attention" in layer_types
+    else:  # e.g. Mistral: one window for every layer; older Qwen2: use_sliding_window
+        sliding = bool(getattr(config, "use_sliding_window", True))
+    if window is None or not sliding:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and window >= limit:
+        return None  # wider than any sequence the model takes: plain causal attention
+    return (
+        f"sliding_window={window} (max_position_embeddings={limit}): ring attention attends "
+        "over the whole sequence, not a sliding window (expected sliding_window None or at "
+        "least max_position_embeddings)"
+    )
 
 
 def _check_settings(group, layout, backend, timeout) -> None:
@@ -163,6 +225,11 @@ def use_ring_attention(
             f"use_ring_attention: expected a transformers model with a config, "
             f"found {type(model).__name__} without one"
         )
+    configs = [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]
+    for cfg in configs:
+        reason = None if cfg is None else _unsupported_attention(cfg)
+        if reason is not None:
+            raise RingError(f"use_ring_attention: {type(model).__name__}: {reason}")
     AttentionInterface.register(ATTENTION_NAME, ring_attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface
@@ -173,7 +240,6 @@ def use_ring_attention(
     settings = RingSettings(group, layout, backend, timeout)
     for module in modules:
         module._qdelta_ring = settings
-    configs = [config, *(getattr(config, k) for k in getattr(config, "sub_configs", {}))]
     for cfg in configs:
         if cfg is not None:
             cfg._attn_implementation = ATTENTION_NAME
