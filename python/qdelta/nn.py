@@ -337,8 +337,9 @@ class BitDeltaEmbedding(nn.Module):
         scales = self.scales if self.scales.dim() == 1 else self.scales.index_select(1, flat)
         d = unpack_planes(rows, scales, self.embedding_dim, dtype=_compute_dtype(y))
         if self._scaled:  # y is weight[ids] * embed_scale: the delta rows are scaled too
-            scale = torch.as_tensor(self.base_layer.embed_scale, device=d.device)
-            d = d * scale.to(self.base_layer.weight.dtype).to(d.dtype)  # as the module rounds it
+            from qdelta.sources import embedding_scale
+
+            d = d * embedding_scale(self.base_layer).to(d.dtype)  # as the module rounds it
         return y + d.reshape(*ids.shape, self.embedding_dim).to(y.dtype)
 
     def extra_repr(self) -> str:
