@@ -20,9 +20,9 @@
 
 use rayon::prelude::*;
 
-use crate::bitplane::{ScaleMode, WORD_BITS};
+use crate::bitplane::ScaleMode;
 use crate::error::{checked_mul, Error, Result};
-use crate::gemv::{check_tenant_ids, live_planes, padded_rows, DeltaStack, Isa};
+use crate::gemv::{check_tenant_ids, live_planes, DeltaStack, Isa, SignRows};
 use crate::pool;
 
 /// Output features per tile (one AVX-512 vector of results).
@@ -96,12 +96,10 @@ pub fn fused_linear_with(
             live[t] = Some(live_planes(stack, t, stack.shape.planes)?);
         }
     }
-    let (xs, totals) = padded_rows(x, rows, k);
+    let xs = SignRows::new(isa, x, rows, k);
     let layer = Layer {
         isa,
         xs: &xs,
-        stride: stack.shape.words() * WORD_BITS,
-        totals: &totals,
         base,
         stack,
         tenant_ids,
@@ -196,10 +194,9 @@ pub(crate) fn run_tiles(
 /// Everything one call's tiles share.
 struct Layer<'a> {
     isa: Isa,
-    /// Rows padded with zeros to whole words, `stride` floats each.
-    xs: &'a [f32],
-    stride: usize,
-    totals: &'a [f32],
+    /// Rows padded with zeros to whole words, some (huge activations only)
+    /// scaled by a power of two, with what undoes it and their folds.
+    xs: &'a SignRows<'a>,
     base: BaseLinear<'a>,
     stack: &'a DeltaStack<'a>,
     tenant_ids: &'a [i64],
@@ -237,27 +234,36 @@ impl Layer<'_> {
         let nf = TILE.min(n - f0);
         let weight = &self.base.weight[f0 * k..(f0 + nf) * k];
         for (r, y) in dst.chunks_exact_mut(TILE).enumerate() {
-            let x = &self.xs[r * self.stride..(r + 1) * self.stride];
+            let x = self.xs.row(r);
             let y = &mut y[..nf];
             for (v, w) in y.iter_mut().zip(weight.chunks_exact(k)) {
                 *v = x[..k].iter().zip(w).map(|(a, b)| a * b).sum();
-            }
-            if let Some(b) = self.base.bias {
-                y.iter_mut().zip(&b[f0..f0 + nf]).for_each(|(v, b)| *v += b);
             }
             let (t, planes) = self.planes_of(r);
             for &p in planes {
                 let bits = &self.stack.plane(t, p)[f0 * words..(f0 + nf) * words];
                 let scales = self.stack.scales_of(t, p);
-                let mut neg = [0f32; TILE];
-                self.isa.masked_sums(&[x], bits, words, &mut neg[..nf]);
-                for (j, (v, &s)) in y.iter_mut().zip(&neg).enumerate() {
+                let mut dots = [0f32; TILE];
+                let folds = self.xs.fold(r);
+                let folds = folds.as_ref().map(std::slice::from_ref);
+                self.isa
+                    .signed_sums(&[x], folds, bits, words, &mut dots[..nf]);
+                for (j, (v, &dot)) in y.iter_mut().zip(&dots).enumerate() {
                     let alpha = match self.stack.mode {
                         ScaleMode::Matrix => scales[0],
                         ScaleMode::Row => scales[f0 + j],
                     };
-                    *v += alpha * (self.totals[r] - 2.0 * s);
+                    *v += alpha * dot;
                 }
+            }
+            // Base and deltas are of the row as scaled; the bias is not.
+            let unscale = self.xs.unscale[r];
+            match self.base.bias {
+                Some(b) => y
+                    .iter_mut()
+                    .zip(&b[f0..f0 + nf])
+                    .for_each(|(v, b)| *v = *v * unscale + b),
+                None => y.iter_mut().for_each(|v| *v *= unscale),
             }
         }
     }
@@ -268,6 +274,7 @@ impl Layer<'_> {
 pub(crate) mod avx512 {
     use super::{Layer, TILE};
     use crate::bitplane::ScaleMode;
+    use crate::gemv::FOLD_WORDS;
     use std::arch::x86_64::*;
 
     /// Lane `f` of the result = the sum of the 16 lanes of `acc[f]`.
@@ -357,33 +364,34 @@ pub(crate) mod avx512 {
         // time) so each loaded weight vector serves several rows and a block
         // touches few weight rows at once (16 rows K floats apart would share
         // cache sets when K is a multiple of 1024).
-        let xs: Vec<*const f32> = (0..rows)
-            .map(|r| layer.xs.as_ptr().add(r * layer.stride))
-            .collect();
+        let xs: Vec<*const f32> = (0..rows).map(|r| layer.xs.row(r).as_ptr()).collect();
         let dsts: Vec<*mut f32> = (0..rows).map(|r| dst.as_mut_ptr().add(r * TILE)).collect();
         dense_rows(&xs, weight, k, nf, &dsts);
         for r in 0..rows {
-            let x = layer.xs.as_ptr().add(r * layer.stride);
+            let x = layer.xs.row(r).as_ptr();
+            let fold = layer.xs.fold(r);
             let mut y = _mm512_maskz_loadu_ps(lanes, dst.as_ptr().add(r * TILE));
-            if let Some(b) = bias {
-                y = _mm512_add_ps(y, b);
-            }
             let (t, planes) = layer.planes_of(r);
-            if !planes.is_empty() {
-                let total = _mm512_set1_ps(layer.totals[r]);
-                for &p in planes {
-                    let bits = layer.stack.plane(t, p).as_ptr().add(f0 * words);
-                    let scales = layer.stack.scales_of(t, p);
-                    let alpha = match layer.stack.mode {
-                        ScaleMode::Matrix => _mm512_set1_ps(scales[0]),
-                        ScaleMode::Row => _mm512_maskz_loadu_ps(lanes, scales.as_ptr().add(f0)),
-                    };
-                    // x . S = total - 2 * (sum of x where the bit is 1).
-                    let neg = masked(x, bits, words, nf);
-                    let dot = _mm512_fnmadd_ps(_mm512_set1_ps(2.0), neg, total);
-                    y = _mm512_fmadd_ps(alpha, dot, y);
-                }
+            for &p in planes {
+                let bits = layer.stack.plane(t, p).as_ptr().add(f0 * words);
+                let scales = layer.stack.scales_of(t, p);
+                let alpha = match layer.stack.mode {
+                    ScaleMode::Matrix => _mm512_set1_ps(scales[0]),
+                    ScaleMode::Row => _mm512_maskz_loadu_ps(lanes, scales.as_ptr().add(f0)),
+                };
+                let dot = match fold {
+                    Some(h) => folded(x, h.as_ptr(), bits, words, nf),
+                    None => signed(x, bits, words, nf),
+                };
+                y = _mm512_fmadd_ps(alpha, dot, y);
             }
+            // Base and deltas are of the row as scaled (gemv::delta_rows);
+            // the bias is not. The factor is a power of two: exact.
+            let unscale = _mm512_set1_ps(layer.xs.unscale[r]);
+            y = match bias {
+                Some(b) => _mm512_fmadd_ps(y, unscale, b),
+                None => _mm512_mul_ps(y, unscale),
+            };
             _mm512_mask_storeu_ps(dst.as_mut_ptr().add(r * TILE), lanes, y);
         }
     }
@@ -479,24 +487,84 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Lane `f` = `sum(x where bit(f, .) = 1)` for `nf <= 16` packed rows of
-    /// `words` u32 from `bits` (the other lanes 0); `x` holds `words * 32`
-    /// floats. Each half word is the write mask of one masked add over 16
-    /// activations.
+    /// Lane `f` = `x . S[f]` for `nf <= 16` packed rows of `words` u32 from
+    /// `bits` (the other lanes 0), for a row without infinities; `x` holds
+    /// `words * 32` floats, `folds` the row's folds (`gemv::SignRows`). As
+    /// `gemv`'s fold kernel: each half word is the write mask of one masked
+    /// add, and every block of `FOLD_WORDS` words starts by taking away half
+    /// its plain sums (adding the fold), so the accumulators end at
+    /// `-(x . S) / 2` and never hold more than about half a block's plain sum.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn masked(x: *const f32, bits: *const u32, words: usize, nf: usize) -> __m512 {
+    unsafe fn folded(
+        x: *const f32,
+        folds: *const f32,
+        bits: *const u32,
+        words: usize,
+        nf: usize,
+    ) -> __m512 {
         let halves = bits as *const u16;
         let mut acc = [_mm512_setzero_ps(); TILE];
         // Little-endian words: the low half masks inputs 0..16.
+        macro_rules! blocks {
+            ($count:expr) => {{
+                let mut w0 = 0;
+                let mut block = 0;
+                while w0 < words {
+                    let h = _mm512_loadu_ps(folds.add(16 * block));
+                    for f in 0..$count {
+                        acc[f] = if block == 0 {
+                            h
+                        } else {
+                            _mm512_add_ps(acc[f], h)
+                        };
+                    }
+                    let end = words.min(w0 + FOLD_WORDS);
+                    for w in w0..end {
+                        let lo = _mm512_loadu_ps(x.add(32 * w));
+                        let hi = _mm512_loadu_ps(x.add(32 * w + 16));
+                        for f in 0..$count {
+                            let half = halves.add(2 * (f * words + w));
+                            acc[f] = _mm512_mask_add_ps(acc[f], *half, acc[f], lo);
+                            acc[f] = _mm512_mask_add_ps(acc[f], *half.add(1), acc[f], hi);
+                        }
+                    }
+                    w0 = end;
+                    block += 1;
+                }
+            }};
+        }
+        if nf == TILE {
+            blocks!(TILE);
+        } else {
+            blocks!(nf);
+        }
+        _mm512_mul_ps(_mm512_set1_ps(-2.0), reduce16(&acc))
+    }
+
+    /// Lane `f` = `x . S[f]` (`sum_k (bit ? -x_k : x_k)`) for `nf <= 16`
+    /// packed rows of `words` u32 from `bits` (the other lanes 0); `x` holds
+    /// `words * 32` floats. Each half word is the mask of one blend making 16
+    /// signs `+-1.0`, then one fused multiply-add (exact product) adds the 16
+    /// signed activations.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn signed(x: *const f32, bits: *const u32, words: usize, nf: usize) -> __m512 {
+        let halves = bits as *const u16;
+        let plus = _mm512_set1_ps(1.0);
+        let minus = _mm512_set1_ps(-1.0);
+        let mut acc = [_mm512_setzero_ps(); TILE];
+        // Little-endian words: the low half signs inputs 0..16.
         macro_rules! word {
             ($w:expr, $count:expr) => {{
                 let lo = _mm512_loadu_ps(x.add(32 * $w));
                 let hi = _mm512_loadu_ps(x.add(32 * $w + 16));
                 for f in 0..$count {
                     let half = halves.add(2 * (f * words + $w));
-                    acc[f] = _mm512_mask_add_ps(acc[f], *half, acc[f], lo);
-                    acc[f] = _mm512_mask_add_ps(acc[f], *half.add(1), acc[f], hi);
+                    let slo = _mm512_mask_blend_ps(*half, plus, minus);
+                    let shi = _mm512_mask_blend_ps(*half.add(1), plus, minus);
+                    acc[f] = _mm512_fmadd_ps(lo, slo, acc[f]);
+                    acc[f] = _mm512_fmadd_ps(hi, shi, acc[f]);
                 }
             }};
         }

@@ -190,3 +190,54 @@ fn empty_batch_is_fine() {
     };
     fused_linear(&[], 0, base, &stack, &[], &mut []).unwrap();
 }
+
+/// Infinities, NaN, huge and non-zero-mean activations, rows of each kind
+/// side by side, against the definition (f64: NaN only where infinities of
+/// both signs meet), on every instruction set and both thread paths.
+#[test]
+fn extreme_activations_match_the_definition() {
+    use crate::gemv::tests::{assert_like, magnitudes};
+    let shape = stack_shape(2, 2, 35, 100);
+    let (n, k) = (35, 100);
+    for isa in isas() {
+        for mode in [ScaleMode::Matrix, ScaleMode::Row] {
+            let mut rng = Lcg(31);
+            let (planes, scales) = random_stack(&mut rng, shape, mode, false);
+            let stack = stack(&planes, &scales, mode, shape);
+            let weight: Vec<f32> = (0..n * k).map(|_| rng.unit() * 1e-3).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
+            let rows = 7;
+            let mut x: Vec<f32> = (0..rows * k).map(|_| 10.0 + rng.unit()).collect();
+            x[7] = f32::INFINITY;
+            x[k + 50] = f32::NEG_INFINITY;
+            x[2 * k + 1] = f32::INFINITY;
+            x[2 * k + 99] = f32::NEG_INFINITY;
+            x[3 * k + 20] = f32::NAN;
+            x[4 * k..5 * k].fill(1e36);
+            x[5 * k..6 * k].iter_mut().for_each(|v| *v *= -1e35);
+            let ids = [0i64, 1, 0, 1, 0, 1, -1];
+            let base = BaseLinear {
+                weight: &weight,
+                bias: Some(&bias),
+            };
+            let want = reference(&x, rows, &weight, Some(&bias), &stack, &ids);
+            let wabs: Vec<f32> = weight.iter().map(|w| w.abs()).collect();
+            let babs: Vec<f32> = bias.iter().map(|b| b.abs()).collect();
+            let xabs: Vec<f32> = x
+                .iter()
+                .map(|v| if v.is_finite() { v.abs() } else { 0.0 })
+                .collect();
+            let mut scale = magnitudes(&x, rows, &stack, &ids);
+            let none = [-1i64; 7];
+            let base_mag = reference(&xabs, rows, &wabs, Some(&babs), &stack, &none);
+            scale.iter_mut().zip(&base_mag).for_each(|(s, b)| *s += b);
+            for parallel_from in [usize::MAX, 0] {
+                let mut out = vec![0f32; rows * n];
+                fused_linear_with(isa, parallel_from, &x, rows, base, &stack, &ids, &mut out)
+                    .unwrap();
+                let what = format!("{isa:?} {mode:?} parallel_from={parallel_from}");
+                assert_like(&out, &want, &scale, 2e-6, &what);
+            }
+        }
+    }
+}

@@ -5,14 +5,19 @@
 //!
 //! with one tenant id per row of `x` (`-1` = no delta for that row).
 //!
-//! Formulation: with `S = 1 - 2 * bit`, `x . S = sum(x) - 2 * sum(x where bit = 1)`.
-//! `sum(x)` is computed once per row; the masked sum is the hot loop. With
-//! AVX-512 each half of a u32 word *is* the write mask of one masked add over
-//! 16 activations (one instruction per 16 weights, no unpacking); elsewhere a
-//! portable loop ANDs each activation with its bit spread to a full-lane mask,
-//! which the compiler vectorises. Each weight bit is read once per call for
-//! small batches (the batch rows reuse it from L1), so the kernel streams 1/32
-//! of the bytes a float32 dense delta would.
+//! Formulation: `x . S` is summed as it is defined, `sum_k (bit_k ? -x_k : x_k)`,
+//! in float32 lanes: no `sum(x) - 2 * sum(x where bit = 1)`, whose two large
+//! terms cancel (inaccurate when `x` has a non-zero mean, NaN for an infinite
+//! `x`, overflow for a huge one). With AVX-512 each half of a u32 word is the
+//! mask of one blend that makes the 16 signs `+-1.0`, shared by the rows of a
+//! tile, and each row takes one fused multiply-add per 16 weights (`x * +-1`
+//! is exact, so this is a signed add); elsewhere a portable loop flips each
+//! activation's sign bit with its weight bit (XOR) and adds, which the
+//! compiler vectorises. Rows whose activations are so large that a partial
+//! sum could overflow float32 are scaled by a power of two first (exact) and
+//! their results scaled back. Each weight bit is read once per call for small
+//! batches (the batch rows reuse it from L1), so the kernel streams 1/32 of
+//! the bytes a float32 dense delta would.
 //!
 //! Threads split the output features; rows are grouped by tenant so every
 //! tenant's planes are read once however its rows are scattered in the batch.
@@ -124,7 +129,7 @@ impl DeltaStack<'_> {
     }
 }
 
-/// The instruction set the masked-sum loop runs on.
+/// The instruction set the signed-sum loop runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Avx512,
@@ -179,95 +184,389 @@ impl Isa {
         }
     }
 
-    /// `sums[i * count + n] = sum(xs[i] where bit(n, .) = 1)` for `count`
-    /// consecutive packed rows and up to [`ROW_TILE`] activation rows.
-    /// Only called after `available()` said yes.
-    pub(crate) fn masked_sums(self, xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+    /// `sums[i * count + n] = xs[i] . S[n]` (`S = 1 - 2 * bit`: the signed sum
+    /// `sum_k (bit ? -x : x)`) for `count` consecutive packed rows and up to
+    /// [`ROW_TILE`] activation rows. Only called after `available()` said yes.
+    ///
+    /// `folds`: the rows' folds ([`SignRows::fold`]), for the fold kernel
+    /// (rows without infinities); `None`: the exact kernel.
+    pub(crate) fn signed_sums(
+        self,
+        xs: &[&[f32]],
+        folds: Option<&[&[f32]]>,
+        bits: &[u32],
+        words: usize,
+        sums: &mut [f32],
+    ) {
         let count = bits.len() / words;
         assert!(xs.len() <= ROW_TILE && bits.len() == count * words);
         assert!(sums.len() == xs.len() * count);
         assert!(xs.iter().all(|x| x.len() >= words * WORD_BITS));
+        if let Some(folds) = folds {
+            assert!(folds.len() == xs.len());
+            assert!(folds.iter().all(|h| h.len() >= self.fold_len(words)));
+        }
         match self {
             // SAFETY: the slices are sized as checked above and the CPU
             // feature was detected before this Isa was chosen.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::masked_sums(xs, bits, words, sums) },
+            Isa::Avx512 => unsafe { avx512::signed_sums(xs, folds, bits, words, sums) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { masked_sums_avx2(xs, bits, words, sums) },
-            _ => masked_sums_portable(xs, bits, words, sums),
+            Isa::Avx2 => match folds {
+                Some(folds) => {
+                    let count = count.max(1);
+                    for ((x, fold), sums) in xs.iter().zip(folds).zip(sums.chunks_exact_mut(count))
+                    {
+                        unsafe { avx2::folded_sums(x, fold, bits, words, sums) }
+                    }
+                }
+                None => unsafe { signed_sums_avx2(xs, None, bits, words, sums) },
+            },
+            _ => signed_sums_portable(xs, folds, bits, words, sums),
+        }
+    }
+
+    /// Lanes of the fold kernel's accumulators, so of a block's folds: 16
+    /// (AVX-512: inputs `32w + j` and `32w + 16 + j` share lane `j`) or 32
+    /// (the portable loop: input `32w + j` in lane `j`).
+    pub(crate) fn fold_lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            _ => WORD_BITS,
+        }
+    }
+
+    /// Floats of one row's folds: [`Isa::fold_lanes`] per block of
+    /// [`FOLD_WORDS`] words.
+    pub(crate) fn fold_len(self, words: usize) -> usize {
+        self.fold_lanes() * words.div_ceil(FOLD_WORDS)
+    }
+
+    /// [`row_scale`] compiled for this instruction set.
+    fn row_scale(self, row: &[f32]) -> (f32, bool) {
+        match self {
+            // SAFETY: the CPU feature was detected before this Isa was chosen.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { prepare::row_scale_avx512(row) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { prepare::row_scale_avx2(row) },
+            _ => row_scale(row),
+        }
+    }
+
+    /// [`fold_row`] for this instruction set's lanes, compiled for it.
+    fn fold_row(self, row: &[f32], dst: &mut [f32]) {
+        match self {
+            // SAFETY: the CPU feature was detected before this Isa was chosen.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { prepare::fold_row_avx512(row, dst) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { prepare::fold_row_avx2(row, dst) },
+            _ => fold_row::<WORD_BITS>(row, dst),
         }
     }
 }
 
-/// Portable masked sums: each bit becomes an all-ones / all-zeros lane mask.
+/// Portable signed sums, 32 lanes (lane `j`: bit `j` of each word), which the
+/// compiler vectorises.
+///
+/// With `folds` (rows without infinities): each bit spread to a full-lane
+/// mask keeps or drops its activation (AND), so a lane gathers the
+/// activations whose bit is set; every block of [`FOLD_WORDS`] words starts
+/// by adding the block's fold (minus half its plain sums), so the lanes end
+/// at `-(x . S) / 2` and never hold more than about half a block's plain sum:
+/// no large sums cancel. Otherwise each bit, as a mask on the sign bit, flips
+/// the sign of its activation (XOR), which is added: one more operation per
+/// weight, and infinities of both signs meet only where the definition has
+/// them meet.
 #[inline(always)]
-fn masked_sums_portable(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+fn signed_sums_portable(
+    xs: &[&[f32]],
+    folds: Option<&[&[f32]]>,
+    bits: &[u32],
+    words: usize,
+    sums: &mut [f32],
+) {
     let count = bits.len() / words;
-    for (x, sums) in xs.iter().zip(sums.chunks_exact_mut(count.max(1))) {
+    for (i, (x, sums)) in xs
+        .iter()
+        .zip(sums.chunks_exact_mut(count.max(1)))
+        .enumerate()
+    {
+        let Some(fold) = folds.map(|f| f[i]) else {
+            for (sum, row) in sums.iter_mut().zip(bits.chunks_exact(words)) {
+                let mut acc = [0f32; WORD_BITS];
+                for (&word, xw) in row.iter().zip(x.chunks_exact(WORD_BITS)) {
+                    let xw: &[f32; WORD_BITS] = xw.try_into().expect("exact chunk");
+                    for j in 0..WORD_BITS {
+                        let flip = ((word >> j) & 1).wrapping_neg() & 0x8000_0000;
+                        acc[j] += f32::from_bits(xw[j].to_bits() ^ flip);
+                    }
+                }
+                *sum = acc.iter().sum();
+            }
+            continue;
+        };
         for (sum, row) in sums.iter_mut().zip(bits.chunks_exact(words)) {
-            let mut acc = [0f32; WORD_BITS];
-            for (&word, xw) in row.iter().zip(x.chunks_exact(WORD_BITS)) {
-                let xw: &[f32; WORD_BITS] = xw.try_into().expect("exact chunk");
+            // Each block in lanes of its own (in registers), folded and
+            // summed to one number: nested loops carrying the lanes across
+            // blocks would leave them in memory or in scalars.
+            let mut total = 0f64;
+            let blocks = row
+                .chunks(FOLD_WORDS)
+                .zip(x.chunks(FOLD_WORDS * WORD_BITS))
+                .zip(fold.chunks_exact(WORD_BITS));
+            for ((block, xb), h) in blocks {
+                let h: &[f32; WORD_BITS] = h.try_into().expect("one block's folds");
+                let mut v = masked_block(block, xb);
                 for j in 0..WORD_BITS {
-                    let keep = ((word >> j) & 1).wrapping_neg();
-                    acc[j] += f32::from_bits(xw[j].to_bits() & keep);
+                    v[j] += h[j];
+                }
+                total += tree_sum(v) as f64;
+            }
+            *sum = (-2.0 * total) as f32;
+        }
+    }
+}
+
+/// `x where bit = 1` summed over one block, lane `j` taking bit `j` of each
+/// word.
+#[inline(always)]
+fn masked_block(bits: &[u32], x: &[f32]) -> [f32; WORD_BITS] {
+    let mut acc = [0f32; WORD_BITS];
+    for (&word, xw) in bits.iter().zip(x.chunks_exact(WORD_BITS)) {
+        let xw: &[f32; WORD_BITS] = xw.try_into().expect("exact chunk");
+        for j in 0..WORD_BITS {
+            let keep = ((word >> j) & 1).wrapping_neg();
+            acc[j] += f32::from_bits(xw[j].to_bits() & keep);
+        }
+    }
+    acc
+}
+
+/// The lanes' sum as a tree of halves (vector adds, not 31 scalar ones).
+#[inline(always)]
+fn tree_sum(mut v: [f32; WORD_BITS]) -> f32 {
+    let mut half = WORD_BITS / 2;
+    while half > 0 {
+        for j in 0..half {
+            v[j] += v[j + half];
+        }
+        half /= 2;
+    }
+    v[0]
+}
+
+/// The AVX2 fold kernel, written out: the portable loop's lanes, compiled
+/// with AVX2, would not stay in registers across blocks.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{FOLD_WORDS, WORD_BITS};
+    use std::arch::x86_64::*;
+
+    /// `sums[n] = x . S[n]` for each packed row `n` of `bits` (`words` u32
+    /// each), a row without infinities: as `signed_sums_portable` with folds,
+    /// 32 lanes in 4 vectors, bit `j` moved to the sign position and spread
+    /// over lane `j` (shift, arithmetic shift), ANDed with its activation.
+    ///
+    /// Safety: AVX2 available; `x` holds `words * 32` floats, `fold`
+    /// `32 * ceil(words / FOLD_WORDS)`, `bits` `sums.len() * words` words.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn folded_sums(
+        x: &[f32],
+        fold: &[f32],
+        bits: &[u32],
+        words: usize,
+        sums: &mut [f32],
+    ) {
+        assert!(x.len() >= words * WORD_BITS && bits.len() == sums.len() * words);
+        assert!(fold.len() >= WORD_BITS * words.div_ceil(FOLD_WORDS));
+        // Lane j of vector i holds bit 8i + j: shifted left by 31 - (8i + j).
+        let shift = |i: i32| {
+            let s = 31 - 8 * i;
+            _mm256_setr_epi32(s, s - 1, s - 2, s - 3, s - 4, s - 5, s - 6, s - 7)
+        };
+        let shifts = [shift(0), shift(1), shift(2), shift(3)];
+        let (xp, hp) = (x.as_ptr(), fold.as_ptr());
+        // Two packed rows at a time: 8 independent sums per word, not 4.
+        let mut pairs = sums.chunks_exact_mut(2).zip(bits.chunks_exact(2 * words));
+        for (sum, rows) in &mut pairs {
+            let (a, b) = rows.split_at(words);
+            let s = pass::<2>([a, b], words, xp, hp, &shifts);
+            sum.copy_from_slice(&s);
+        }
+        let done = sums.len() / 2 * 2;
+        for (sum, row) in sums[done..]
+            .iter_mut()
+            .zip(bits[done * words..].chunks_exact(words))
+        {
+            *sum = pass::<1>([row], words, xp, hp, &shifts)[0];
+        }
+    }
+
+    /// `x . S` of `F` packed rows in one pass over `x`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn pass<const F: usize>(
+        rows: [&[u32]; F],
+        words: usize,
+        xp: *const f32,
+        hp: *const f32,
+        shifts: &[__m256i; 4],
+    ) -> [f32; F] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; F];
+        for w in 0..words {
+            if w % FOLD_WORDS == 0 {
+                let h = hp.add(w / FOLD_WORDS * WORD_BITS);
+                for i in 0..4 {
+                    let h = _mm256_loadu_ps(h.add(8 * i));
+                    for f in 0..F {
+                        acc[f][i] = _mm256_add_ps(acc[f][i], h);
+                    }
                 }
             }
-            *sum = acc.iter().sum();
+            let mut v = [_mm256_setzero_ps(); 4];
+            for i in 0..4 {
+                v[i] = _mm256_loadu_ps(xp.add(WORD_BITS * w + 8 * i));
+            }
+            for f in 0..F {
+                let b = _mm256_set1_epi32(*rows[f].get_unchecked(w) as i32);
+                for i in 0..4 {
+                    let keep = _mm256_srai_epi32::<31>(_mm256_sllv_epi32(b, shifts[i]));
+                    let kept = _mm256_and_ps(_mm256_castsi256_ps(keep), v[i]);
+                    acc[f][i] = _mm256_add_ps(acc[f][i], kept);
+                }
+            }
         }
+        let mut out = [0f32; F];
+        for f in 0..F {
+            let a = &acc[f];
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_shuffle_ps::<1>(q, q));
+            out[f] = -2.0 * _mm_cvtss_f32(q);
+        }
+        out
     }
 }
 
 /// The portable loop compiled with AVX2 enabled (variable shifts per lane).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn masked_sums_avx2(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
-    masked_sums_portable(xs, bits, words, sums)
+unsafe fn signed_sums_avx2(
+    xs: &[&[f32]],
+    folds: Option<&[&[f32]]>,
+    bits: &[u32],
+    words: usize,
+    sums: &mut [f32],
+) {
+    signed_sums_portable(xs, folds, bits, words, sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::ROW_TILE;
+    use super::{FOLD_WORDS, ROW_TILE};
     use std::arch::x86_64::*;
 
-    /// Masked sums of `F` packed rows for `R` activation rows in one pass:
-    /// `R * F` accumulators (16 registers), each mask moved into a mask
-    /// register once and used for `R` rows, each activation vector loaded
-    /// once and used for `F` features.
+    /// Signed sums of `F` packed rows for `R` activation rows in one pass,
+    /// `R * F` accumulators (16 registers), each activation vector loaded once
+    /// and used for `F` features, each mask half used for `R` rows.
     ///
-    /// Safety: AVX-512F available; each `x[r]` holds `words * 32` floats,
-    /// `bits` `F * words` words, `out[r * stride + f]` in bounds.
+    /// `FOLD` (rows without infinities): each half word is the write mask of
+    /// one masked add, so an accumulator gathers `sum(x where bit = 1)`; at
+    /// the start of every block of [`FOLD_WORDS`] words it takes away half
+    /// the block's plain sums (`folds`: per row, minus those halves, 16 lanes
+    /// a block). It ends at `-(x . S) / 2` and never holds more than about
+    /// half a block's plain sum (what the masked adds take back within the
+    /// block): no large sums cancel. One instruction per 16 weights and row,
+    /// plus one per block after the first.
+    ///
+    /// Otherwise (any row with an infinity): each half word becomes a vector
+    /// of signs `+-1.0` (one blend), shared by the `R` rows, each of which
+    /// adds `x * sign` with one fused multiply-add (an exact product: a signed
+    /// add). Infinities of both signs meet only where the definition has
+    /// them meet.
+    ///
+    /// Safety: AVX-512F available; each `x[r]` holds `words * 32` floats and,
+    /// with `FOLD`, each `folds[r]` `16 * ceil(words / FOLD_WORDS)`; `bits`
+    /// `F * words` words; `out[r * stride + f]` in bounds.
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const F: usize, const R: usize>(
+    unsafe fn tile<const F: usize, const R: usize, const FOLD: bool>(
         x: [*const f32; R],
+        folds: [*const f32; R],
         bits: *const u32,
         words: usize,
         out: &mut [f32],
         stride: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); F]; R];
-        for w in 0..words {
-            let mut lo = [_mm512_setzero_ps(); R];
-            let mut hi = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                lo[r] = _mm512_loadu_ps(x[r].add(w * 32));
-                hi[r] = _mm512_loadu_ps(x[r].add(w * 32 + 16));
-            }
-            for f in 0..F {
-                // The two mask halves straight from memory (little-endian words).
-                let half = (bits as *const u16).add(2 * (f * words + w));
-                let (mlo, mhi) = (*half, *half.add(1));
+        // The two mask halves straight from memory (little-endian words).
+        let half = |f: usize, w: usize| (bits as *const u16).add(2 * (f * words + w));
+        if FOLD {
+            let mut w0 = 0;
+            let mut block = 0;
+            while w0 < words {
                 for r in 0..R {
-                    acc[r][f] = _mm512_mask_add_ps(acc[r][f], mlo, acc[r][f], lo[r]);
-                    acc[r][f] = _mm512_mask_add_ps(acc[r][f], mhi, acc[r][f], hi[r]);
+                    let h = _mm512_loadu_ps(folds[r].add(16 * block));
+                    for f in 0..F {
+                        acc[r][f] = if block == 0 {
+                            h
+                        } else {
+                            _mm512_add_ps(acc[r][f], h)
+                        };
+                    }
+                }
+                let end = words.min(w0 + FOLD_WORDS);
+                for w in w0..end {
+                    let mut lo = [_mm512_setzero_ps(); R];
+                    let mut hi = [_mm512_setzero_ps(); R];
+                    for r in 0..R {
+                        lo[r] = _mm512_loadu_ps(x[r].add(w * 32));
+                        hi[r] = _mm512_loadu_ps(x[r].add(w * 32 + 16));
+                    }
+                    for f in 0..F {
+                        let (mlo, mhi) = (*half(f, w), *half(f, w).add(1));
+                        for r in 0..R {
+                            acc[r][f] = _mm512_mask_add_ps(acc[r][f], mlo, acc[r][f], lo[r]);
+                            acc[r][f] = _mm512_mask_add_ps(acc[r][f], mhi, acc[r][f], hi[r]);
+                        }
+                    }
+                }
+                w0 = end;
+                block += 1;
+            }
+            for r in 0..R {
+                for f in 0..F {
+                    out[r * stride + f] = -2.0 * _mm512_reduce_add_ps(acc[r][f]);
                 }
             }
-        }
-        for r in 0..R {
-            for f in 0..F {
-                out[r * stride + f] = _mm512_reduce_add_ps(acc[r][f]);
+        } else {
+            let plus = _mm512_set1_ps(1.0);
+            let minus = _mm512_set1_ps(-1.0);
+            for w in 0..words {
+                let mut lo = [_mm512_setzero_ps(); R];
+                let mut hi = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    lo[r] = _mm512_loadu_ps(x[r].add(w * 32));
+                    hi[r] = _mm512_loadu_ps(x[r].add(w * 32 + 16));
+                }
+                for f in 0..F {
+                    let slo = _mm512_mask_blend_ps(*half(f, w), plus, minus);
+                    let shi = _mm512_mask_blend_ps(*half(f, w).add(1), plus, minus);
+                    for r in 0..R {
+                        acc[r][f] = _mm512_fmadd_ps(lo[r], slo, acc[r][f]);
+                        acc[r][f] = _mm512_fmadd_ps(hi[r], shi, acc[r][f]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for f in 0..F {
+                    out[r * stride + f] = _mm512_reduce_add_ps(acc[r][f]);
+                }
             }
         }
     }
@@ -275,8 +574,9 @@ mod avx512 {
     /// Features `F_BIG, 4, 1` at a time for `R` rows.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows<const F_BIG: usize, const R: usize>(
+    unsafe fn rows<const F_BIG: usize, const R: usize, const FOLD: bool>(
         x: [*const f32; R],
+        folds: [*const f32; R],
         bits: &[u32],
         words: usize,
         sums: &mut [f32],
@@ -285,29 +585,54 @@ mod avx512 {
         let bp = bits.as_ptr();
         let mut f = 0;
         while f + F_BIG <= count {
-            tile::<F_BIG, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            let out = &mut sums[f..];
+            tile::<F_BIG, R, FOLD>(x, folds, bp.add(f * words), words, out, count);
             f += F_BIG;
         }
         while f + 4 <= count {
-            tile::<4, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            tile::<4, R, FOLD>(x, folds, bp.add(f * words), words, &mut sums[f..], count);
             f += 4;
         }
         while f < count {
-            tile::<1, R>(x, bp.add(f * words), words, &mut sums[f..], count);
+            tile::<1, R, FOLD>(x, folds, bp.add(f * words), words, &mut sums[f..], count);
             f += 1;
         }
     }
 
-    /// Safety: AVX-512F available; sizes as `Isa::masked_sums` checks them.
+    /// Safety: AVX-512F available; sizes as `Isa::signed_sums` checks them.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn masked_sums(xs: &[&[f32]], bits: &[u32], words: usize, sums: &mut [f32]) {
+    pub(super) unsafe fn signed_sums(
+        xs: &[&[f32]],
+        folds: Option<&[&[f32]]>,
+        bits: &[u32],
+        words: usize,
+        sums: &mut [f32],
+    ) {
         const _: () = assert!(ROW_TILE == 4);
         let p = |i: usize| xs[i].as_ptr();
+        let Some(folds) = folds else {
+            let z = std::ptr::null();
+            match xs.len() {
+                4 => rows::<4, 4, false>([p(0), p(1), p(2), p(3)], [z; 4], bits, words, sums),
+                3 => rows::<4, 3, false>([p(0), p(1), p(2)], [z; 3], bits, words, sums),
+                2 => rows::<8, 2, false>([p(0), p(1)], [z; 2], bits, words, sums),
+                1 => rows::<16, 1, false>([p(0)], [z; 1], bits, words, sums),
+                _ => {}
+            }
+            return;
+        };
+        let h = |i: usize| folds[i].as_ptr();
         match xs.len() {
-            4 => rows::<4, 4>([p(0), p(1), p(2), p(3)], bits, words, sums),
-            3 => rows::<4, 3>([p(0), p(1), p(2)], bits, words, sums),
-            2 => rows::<8, 2>([p(0), p(1)], bits, words, sums),
-            1 => rows::<16, 1>([p(0)], bits, words, sums),
+            4 => rows::<4, 4, true>(
+                [p(0), p(1), p(2), p(3)],
+                [h(0), h(1), h(2), h(3)],
+                bits,
+                words,
+                sums,
+            ),
+            3 => rows::<4, 3, true>([p(0), p(1), p(2)], [h(0), h(1), h(2)], bits, words, sums),
+            2 => rows::<8, 2, true>([p(0), p(1)], [h(0), h(1)], bits, words, sums),
+            1 => rows::<16, 1, true>([p(0)], [h(0)], bits, words, sums),
             _ => {}
         }
     }
@@ -396,38 +721,224 @@ fn as_f32<F: Float>(x: &[F]) -> Option<&[f32]> {
 }
 
 /// `x` as float32 rows padded with zeros to whole words (so the padding bits,
-/// whatever they hold, add nothing and nothing past `K` is read), and each
-/// row's plain sum. Float32 rows that already fill whole words are borrowed,
-/// not copied.
-pub(crate) fn padded_rows<F: Float>(
-    x: &[F],
-    rows: usize,
-    cols: usize,
-) -> (Cow<'_, [f32]>, Vec<f32>) {
-    let row_sum = |row: &mut dyn Iterator<Item = f32>| row.map(|v| v as f64).sum::<f64>() as f32;
+/// whatever they hold, add nothing and nothing past `K` is read). Float32 rows
+/// that already fill whole words are borrowed, not copied.
+pub(crate) fn padded_rows<F: Float>(x: &[F], rows: usize, cols: usize) -> Cow<'_, [f32]> {
     if cols.is_multiple_of(WORD_BITS) {
         if let Some(xf) = as_f32(x) {
-            let totals = xf
-                .chunks_exact(cols.max(1))
-                .map(|r| row_sum(&mut r.iter().copied()))
-                .collect();
-            return (Cow::Borrowed(xf), totals);
+            return Cow::Borrowed(xf);
         }
     }
     let stride = words_per_row(cols) * WORD_BITS;
     let mut padded = vec![0f32; rows * stride];
-    let mut totals = vec![0f32; rows];
-    for ((dst, src), total) in padded
-        .chunks_exact_mut(stride)
-        .zip(x.chunks_exact(cols))
-        .zip(totals.iter_mut())
-    {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
+    if cols > 0 {
+        for (dst, src) in padded.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = s.to_f32();
+            }
         }
-        *total = row_sum(&mut dst.iter().copied());
     }
-    (Cow::Owned(padded), totals)
+    Cow::Owned(padded)
+}
+
+/// Rows whose largest finite `|x|` times their length stays below this are
+/// summed as they are: no partial sum of theirs (at most `sum |x|`) can come
+/// near float32's range, nor `alpha *` one for any sane scale.
+const SUM_BOUND: f64 = (1u128 << 100) as f64;
+/// A larger row is scaled by a power of two that brings that bound to this.
+const SCALED_BOUND_LOG2: i32 = 64;
+/// Words per block of the AVX-512 fold kernel (see `avx512::tile`): its
+/// accumulators never hold more than about half one block's plain sum, 16
+/// words (512 inputs, 32 per lane) keeping its rounding at that of the plain
+/// signed sum (measured: float32 dense matmul's, for x ~ N(10, 1) and
+/// N(1000, 1), K up to 65536) for one extra add per 512 weights.
+pub(crate) const FOLD_WORDS: usize = 16;
+
+/// The factor that undoes the power of two a row is multiplied by before it
+/// is summed (1 for any row of realistic activations), and whether it holds
+/// an infinity. The bound `max finite |x| * len` on its partial sums is
+/// brought from above [`SUM_BOUND`] down to about `2^SCALED_BOUND_LOG2`, so a
+/// sign sum cannot overflow where the delta's output is finite. Infinities
+/// and NaN are left out of the bound (scaling keeps them as they are).
+#[inline(always)]
+fn row_scale(row: &[f32]) -> (f32, bool) {
+    let mut top = abs_bits_max(row);
+    let mut has_inf = false;
+    if top >= 0x7f80_0000 {
+        // An infinity or a NaN (rare): whether there is an infinity, and the
+        // largest finite |x|.
+        has_inf = row.iter().any(|v| v.is_infinite());
+        top = row
+            .iter()
+            .map(|v| v.to_bits() & 0x7fff_ffff)
+            .filter(|&a| a < 0x7f80_0000)
+            .max()
+            .unwrap_or(0);
+    }
+    let bound = f32::from_bits(top) as f64 * row.len() as f64;
+    if bound < SUM_BOUND {
+        return (1.0, has_inf);
+    }
+    // 2^100 <= bound < 2^128 * 2^61 (a slice of f32 has fewer than 2^61
+    // elements), so 36 <= e <= 125: 2^e and 2^-e are normal floats.
+    let e = bound.log2().ceil() as i32 - SCALED_BOUND_LOG2;
+    (f32::from_bits(((127 + e) as u32) << 23), has_inf)
+}
+
+/// The largest `|x|` of a row as bits (those of non-negative floats are in
+/// their numeric order; an infinity's, then a NaN's, above every finite
+/// one). Below the sign bit the bits compare the same as i32, whose max
+/// vectorises in 8 independent lanes even on baseline x86-64.
+#[inline(always)]
+fn abs_bits_max(row: &[f32]) -> u32 {
+    let abs = |v: &f32| (v.to_bits() & 0x7fff_ffff) as i32;
+    let mut lanes = [0i32; 8];
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = (*m).max(abs(v));
+        }
+    }
+    let top = rest.iter().map(abs).fold(0, i32::max);
+    lanes.into_iter().fold(top, i32::max) as u32
+}
+
+/// A row's folds for `LANES`-lane accumulators (`dst`: `LANES` per block of
+/// [`FOLD_WORDS`] words): minus half the block's plain sums, lane `j` taking
+/// input `32w + j` and, for 16 lanes, `32w + 16 + j` of each word. Summed in
+/// f64, rounded once.
+#[inline(always)]
+fn fold_row<const LANES: usize>(row: &[f32], dst: &mut [f32]) {
+    for (block, dst) in row
+        .chunks(FOLD_WORDS * WORD_BITS)
+        .zip(dst.chunks_exact_mut(LANES))
+    {
+        let mut acc = [0f64; WORD_BITS];
+        for word in block.chunks_exact(WORD_BITS) {
+            let word: &[f32; WORD_BITS] = word.try_into().expect("exact chunk");
+            for j in 0..WORD_BITS {
+                acc[j] += word[j] as f64;
+            }
+        }
+        for (j, d) in dst.iter_mut().enumerate() {
+            let sum = if LANES == 16 {
+                acc[j] + acc[j + 16]
+            } else {
+                acc[j]
+            };
+            *d = (-0.5 * sum) as f32;
+        }
+    }
+}
+
+/// The preparation of rows compiled with the vector instructions the kernel
+/// uses (baseline x86-64 has neither a 32-bit integer max nor wide f64).
+#[cfg(target_arch = "x86_64")]
+mod prepare {
+    use super::{fold_row, row_scale, WORD_BITS};
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn row_scale_avx512(row: &[f32]) -> (f32, bool) {
+        row_scale(row)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row_scale_avx2(row: &[f32]) -> (f32, bool) {
+        row_scale(row)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fold_row_avx512(row: &[f32], dst: &mut [f32]) {
+        fold_row::<16>(row, dst)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fold_row_avx2(row: &[f32], dst: &mut [f32]) {
+        fold_row::<WORD_BITS>(row, dst)
+    }
+}
+
+/// A call's activation rows as the signed-sum kernels read them: padded to
+/// whole words ([`padded_rows`]); each with the factor its results are
+/// multiplied by afterwards (1 but for the rows [`row_scale`] scales: those
+/// are copied and divided by that power of two, exactly but for values that
+/// would become subnormal: those, under `2^-44` of the row's largest, are
+/// flushed to zero, far below the rounding of the sums, as subnormal
+/// arithmetic is slow); and, for AVX-512, each row's folds: minus half its
+/// plain sums over each block of [`FOLD_WORDS`] words, 16 lanes (lane `j`:
+/// inputs `32w + j` and `32w + 16 + j` of the block's words), summed in f64
+/// and rounded once. A row with an infinity has no folds: it takes the
+/// exact kernel.
+pub(crate) struct SignRows<'a> {
+    xs: Cow<'a, [f32]>,
+    stride: usize,
+    /// Per row, what multiplies its results back.
+    pub(crate) unscale: Vec<f32>,
+    /// `[rows, fold_len]`, those of a row that is not `foldable` unset.
+    folds: Vec<f32>,
+    foldable: Vec<bool>,
+    fold_len: usize,
+}
+
+impl<'a> SignRows<'a> {
+    pub(crate) fn new<F: Float>(isa: Isa, x: &'a [F], rows: usize, cols: usize) -> Self {
+        let mut xs = padded_rows(x, rows, cols);
+        let words = words_per_row(cols);
+        let stride = words * WORD_BITS;
+        let (unscale, has_inf): (Vec<f32>, Vec<bool>) = if stride == 0 {
+            (vec![1.0; rows], vec![false; rows])
+        } else {
+            xs.chunks_exact(stride).map(|r| isa.row_scale(r)).unzip()
+        };
+        if unscale.iter().any(|&u| u != 1.0) {
+            for (row, &u) in xs.to_mut().chunks_exact_mut(stride).zip(&unscale) {
+                if u != 1.0 {
+                    let s = 1.0 / u; // exact: a power of two
+                    for v in row {
+                        let scaled = *v * s;
+                        *v = if scaled.abs() < f32::MIN_POSITIVE {
+                            0.0
+                        } else {
+                            scaled
+                        };
+                    }
+                }
+            }
+        }
+        let mut foldable = has_inf;
+        foldable.iter_mut().for_each(|f| *f = !*f);
+        let fold_len = isa.fold_len(words);
+        let mut folds = vec![0f32; rows * fold_len];
+        if fold_len > 0 {
+            for ((row, dst), _) in xs
+                .chunks_exact(stride)
+                .zip(folds.chunks_exact_mut(fold_len))
+                .zip(&foldable)
+                .filter(|(_, &ok)| ok)
+            {
+                isa.fold_row(row, dst);
+            }
+        }
+        SignRows {
+            xs,
+            stride,
+            unscale,
+            folds,
+            foldable,
+            fold_len,
+        }
+    }
+
+    /// Row `r`, `stride` floats.
+    pub(crate) fn row(&self, r: usize) -> &[f32] {
+        &self.xs[r * self.stride..(r + 1) * self.stride]
+    }
+
+    /// Row `r`'s folds, for the fold kernel (None: the exact kernel).
+    pub(crate) fn fold(&self, r: usize) -> Option<&[f32]> {
+        self.foldable[r].then(|| &self.folds[r * self.fold_len..(r + 1) * self.fold_len])
+    }
 }
 
 /// The delta matmul on the best instruction set of this CPU.
@@ -542,8 +1053,7 @@ fn delta_matmul_with<F: Float>(
     }
 
     let words = stack.shape.words();
-    let stride = words * WORD_BITS;
-    let (xs, totals) = padded_rows(x, rows, k);
+    let xs = SignRows::new(isa, x, rows, k);
     // Packed words the call reads, counted once per row tile.
     let work: usize = groups
         .iter()
@@ -562,18 +1072,26 @@ fn delta_matmul_with<F: Float>(
                 let scales = stack.scales_of(t, p);
                 for tile_rows in group_rows.chunks(ROW_TILE) {
                     let mut x_tile: [&[f32]; ROW_TILE] = [&[]; ROW_TILE];
-                    for (slot, &r) in x_tile.iter_mut().zip(tile_rows) {
-                        *slot = &xs[r * stride..(r + 1) * stride];
+                    let mut folds: [&[f32]; ROW_TILE] = [&[]; ROW_TILE];
+                    let mut fold = true;
+                    for ((slot, h), &r) in x_tile.iter_mut().zip(&mut folds).zip(tile_rows) {
+                        *slot = xs.row(r);
+                        match xs.fold(r) {
+                            Some(f) => *h = f,
+                            None => fold = false,
+                        }
                     }
-                    let sums = &mut sums[..tile_rows.len() * count];
-                    isa.masked_sums(&x_tile[..tile_rows.len()], bits, words, sums);
+                    let m = tile_rows.len();
+                    let sums = &mut sums[..m * count];
+                    let folds = fold.then_some(&folds[..m]);
+                    isa.signed_sums(&x_tile[..m], folds, bits, words, sums);
                     for (&r, sums) in tile_rows.iter().zip(sums.chunks_exact(count)) {
-                        for (j, &neg) in sums.iter().enumerate() {
+                        for (j, &dot) in sums.iter().enumerate() {
                             let alpha = match stack.mode {
                                 ScaleMode::Matrix => scales[0],
                                 ScaleMode::Row => scales[n0 + j],
                             };
-                            dst[j * rows + r] += alpha * (totals[r] - 2.0 * neg);
+                            dst[j * rows + r] += alpha * dot;
                         }
                     }
                 }
@@ -599,15 +1117,16 @@ fn delta_matmul_with<F: Float>(
         if tenant_ids[r] < 0 {
             continue;
         }
+        let unscale = xs.unscale[r];
         for (j, v) in y.iter_mut().enumerate() {
-            *v += result_t[j * rows + r];
+            *v += result_t[j * rows + r] * unscale;
         }
     }
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::{bf16, f16};
 
@@ -866,6 +1385,168 @@ mod tests {
         assert!(e.contains("tenant 1, plane 0"), "{e}");
         // A NaN scale of a tenant no row uses is not read.
         delta_matmul(&x, 2, &bad_scale, &[0, -1], None, &mut out, false).unwrap();
+    }
+
+    /// `got` equals the definition `want` (f64, IEEE: NaN only where
+    /// infinities of both signs meet): the same NaN / infinity, else within
+    /// `rel` of `scale`.
+    pub(crate) fn assert_like(got: &[f32], want: &[f64], scale: &[f64], rel: f64, what: &str) {
+        for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
+            let ok = if w.is_nan() {
+                g.is_nan()
+            } else if w.is_infinite() {
+                g as f64 == w
+            } else {
+                g.is_finite() && (g as f64 - w).abs() <= rel * s + 1e-30
+            };
+            assert!(ok, "{what}: index {i}: got {g}, want {w} (scale {s})");
+        }
+    }
+
+    /// Per output, `sum_p |alpha| * sum_k |x|` over the finite x: what the
+    /// rounding of that output scales with.
+    pub(crate) fn magnitudes(
+        x: &[f32],
+        rows: usize,
+        stack: &DeltaStack<'_>,
+        ids: &[i64],
+    ) -> Vec<f64> {
+        let abs: Vec<f32> = x
+            .iter()
+            .map(|v| if v.is_finite() { v.abs() } else { 0.0 })
+            .collect();
+        let n = stack.shape.out_features;
+        let plus = vec![0u32; stack.planes.len()]; // every sign +1
+        let scales: Vec<f32> = stack.scales.iter().map(|s| s.abs()).collect();
+        let all_plus = DeltaStack {
+            planes: &plus,
+            scales: &scales,
+            ..*stack
+        };
+        let m = naive(&abs, rows, &all_plus, ids, stack.shape.planes);
+        assert_eq!(m.len(), rows * n);
+        m
+    }
+
+    #[test]
+    fn infinities_meet_only_where_the_definition_has_them_meet() {
+        // Rows: +inf, -inf, both, NaN, finite, +inf twice; each tile of 4 rows
+        // mixes rows with and without infinities (the kernels differ).
+        let shape = stack_shape(2, 2, 37, 70);
+        let rows = 6;
+        for isa in isas() {
+            for mode in [ScaleMode::Matrix, ScaleMode::Row] {
+                let mut rng = Lcg(21);
+                let (planes, scales) = random_stack(&mut rng, shape, mode, false);
+                let stack = stack(&planes, &scales, mode, shape);
+                let mut x: Vec<f32> = (0..rows * 70).map(|_| rng.unit() + 0.5).collect();
+                x[3] = f32::INFINITY;
+                x[70 + 69] = f32::NEG_INFINITY;
+                x[140 + 5] = f32::INFINITY;
+                x[140 + 40] = f32::NEG_INFINITY;
+                x[210 + 33] = f32::NAN;
+                x[350 + 1] = f32::INFINITY;
+                x[350 + 64] = f32::INFINITY;
+                let ids = [0i64, 1, 0, 1, 0, 0];
+                let want = naive(&x, rows, &stack, &ids, 2);
+                let scale = magnitudes(&x, rows, &stack, &ids);
+                for parallel_from in [usize::MAX, 0] {
+                    let mut out = vec![0f32; rows * 37];
+                    delta_matmul_with(
+                        isa,
+                        parallel_from,
+                        &x,
+                        rows,
+                        &stack,
+                        &ids,
+                        None,
+                        &mut out,
+                        false,
+                    )
+                    .unwrap();
+                    assert_like(&out, &want, &scale, 1e-6, &format!("{isa:?} {mode:?}"));
+                }
+                // The finite row is what it is without the others.
+                let mut alone = vec![0f32; 37];
+                delta_matmul_on(isa, &x[280..350], 1, &stack, &[0], None, &mut alone, false)
+                    .unwrap();
+                assert_like(
+                    &alone,
+                    &want[4 * 37..5 * 37],
+                    &scale[4 * 37..],
+                    1e-6,
+                    "alone",
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn huge_activations_stay_finite_where_the_delta_is() {
+        // x . S itself overflows float32 (64 * 1e37) while alpha * x . S does
+        // not; 2 * x (3e38) overflows too. Also tiny values beside huge ones.
+        let shape = stack_shape(1, 1, 5, 64);
+        let mut planes = vec![0u32; 5 * 2]; // feature 0: all +1
+        planes[2..4].fill(u32::MAX); // feature 1: all -1
+        planes[4] = 0x5555_5555; // feature 2: alternating
+        planes[5] = 0x5555_5555;
+        planes[6] = 1; // feature 3: -1 at input 0
+        planes[8] = 0xffff_fffe; // feature 4: -1 but at input 0
+        planes[9] = u32::MAX;
+        let scales = [0.01f32];
+        let stack = stack(&planes, &scales, ScaleMode::Matrix, shape);
+        let mut cases: Vec<Vec<f32>> = vec![
+            vec![1e37; 64],
+            vec![-3e38; 64],
+            (0..64)
+                .map(|i| if i % 2 == 0 { 3e38 } else { 1e-30 })
+                .collect(),
+        ];
+        let mut one = vec![0f32; 64];
+        one[0] = 3e38;
+        one[1] = -3.3e38;
+        cases.push(one);
+        for isa in isas() {
+            for x in &cases {
+                let want = naive(x, 1, &stack, &[0], 1);
+                let mut out = vec![0f32; 5];
+                delta_matmul_on(isa, x, 1, &stack, &[0], None, &mut out, false).unwrap();
+                let scale = magnitudes(x, 1, &stack, &[0]);
+                assert_like(&out, &want, &scale, 1e-6, &format!("{isa:?} x[0]={}", x[0]));
+            }
+            // float16 / bfloat16 inputs: bfloat16 reaches float32's range.
+            let xb: Vec<bf16> = cases[0].iter().map(|&v| bf16::from_f32(v)).collect();
+            let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let mut out = vec![0f32; 5];
+            delta_matmul_on(isa, &xb, 1, &stack, &[0], None, &mut out, false).unwrap();
+            let scale = magnitudes(&xr, 1, &stack, &[0]);
+            assert_like(&out, &naive(&xr, 1, &stack, &[0], 1), &scale, 1e-6, "bf16");
+        }
+    }
+
+    #[test]
+    fn a_non_zero_mean_costs_no_accuracy() {
+        // x ~ 10 + U(-1, 1): x . S is a random walk of ~sqrt(K) * 10 while
+        // sum(x) is K * 10; a kernel that subtracts two such sums loses about
+        // log2(sqrt(K)) bits (3e-6 of max |y| here, float32 dense: 3e-7).
+        let shape = stack_shape(1, 1, 64, 4096);
+        let mut rng = Lcg(9);
+        let (planes, scales) = random_stack(&mut rng, shape, ScaleMode::Matrix, false);
+        let stack = stack(&planes, &scales, ScaleMode::Matrix, shape);
+        let rows = 5;
+        let x: Vec<f32> = (0..rows * 4096).map(|_| 10.0 + rng.unit()).collect();
+        let ids = [0i64; 5];
+        let want = naive(&x, rows, &stack, &ids, 1);
+        let top = want.iter().fold(0f64, |m, w| m.max(w.abs()));
+        for isa in isas() {
+            let mut out = vec![0f32; rows * 64];
+            delta_matmul_on(isa, &x, rows, &stack, &ids, None, &mut out, false).unwrap();
+            let err = out
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+            assert!(err <= 1e-6 * top, "{isa:?}: error {err} of max |y| {top}");
+        }
     }
 
     #[test]

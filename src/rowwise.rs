@@ -68,7 +68,7 @@ pub fn rowwise_linear_with(
             weights.len()
         )));
     }
-    let (xs, _) = padded_rows(x, rows, k);
+    let xs = padded_rows(x, rows, k);
     let stride = words_per_row(k) * WORD_BITS;
     let groups = Groups::new(index, weights.len());
     let tile = |f0: usize, dst: &mut [f32]| {
