@@ -1,7 +1,7 @@
 """Architectures beyond Llama, on tiny offline Hugging Face models: Gemma's
-(1 + w) RMSNorm and scaled embeddings, tied embeddings, OPT's positional
-embedding, and the attention settings ring attention refuses (sliding windows,
-logit soft-capping).
+(1 + w) RMSNorm and scaled embeddings, LayerNorms and GPT-2's Conv1D (GPT-2,
+GPT-NeoX, OPT), tied embeddings, OPT's positional embedding, and the attention
+settings ring attention refuses (sliding windows, logit soft-capping).
 
 Every result is compared with an independent dense reference (the base weights
 plus the sign planes decoded with numpy here, not by qdelta) and with the HF
@@ -68,6 +68,47 @@ def _config(arch: str, **kw):
             **kw,
         )
         return cfg, T.OPTForCausalLM
+    if arch == "neox":
+        cfg = T.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **kw,
+        )
+        return cfg, T.GPTNeoXForCausalLM
+    if arch == "phi":
+        cfg = T.PhiConfig(**{k: v for k, v in COMMON.items() if k != "num_key_value_heads"}, **kw)
+        return cfg, T.PhiForCausalLM
+    if arch == "falcon":
+        cfg = T.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            multi_query=True,
+            parallel_attn=True,
+            bias=True,
+            **kw,
+        )
+        return cfg, T.FalconForCausalLM
+    if arch == "bloom":
+        return T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, **kw), (
+            T.BloomForCausalLM
+        )
+    if arch == "bigcode":
+        cfg = T.GPTBigCodeConfig(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **kw
+        )
+        return cfg, T.GPTBigCodeForCausalLM
+    if arch == "gptj":
+        cfg = T.GPTJConfig(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, rotary_dim=4, **kw
+        )
+        return cfg, T.GPTJForCausalLM
     if arch == "gpt2":
         cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **kw)
         cfg.bos_token_id = cfg.eos_token_id = 0
@@ -76,7 +117,16 @@ def _config(arch: str, **kw):
 
 
 def _available(arch: str) -> bool:
-    names = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+    names = {
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3": "Gemma3ForCausalLM",
+        "neox": "GPTNeoXForCausalLM",
+        "phi": "PhiForCausalLM",
+        "falcon": "FalconForCausalLM",
+        "bloom": "BloomForCausalLM",
+        "bigcode": "GPTBigCodeForCausalLM",
+        "gptj": "GPTJForCausalLM",
+    }
     return hasattr(transformers, names.get(arch, "LlamaForCausalLM"))
 
 
@@ -306,6 +356,230 @@ def test_embedding_and_linear_forms_are_probed():
         assert sources.embedding_form(build("gemma3").model.embed_tokens) == "scaled"
 
 
+# ---- LayerNorm and GPT-2's Conv1D: GPT-2, GPT-NeoX ------------------------------------
+
+
+@pytest.mark.parametrize("arch", _arch("gpt2", "neox", "phi", "falcon", "bloom", "bigcode", "gptj"))
+@pytest.mark.parametrize("ce", [False, True])
+def test_layernorm_conv1d_multitenant_rows_equal_their_dense_models(arch, ce):
+    """Every parameter changed (LayerNorm weights and biases, GPT-2's Conv1D weights
+    packed transposed, positions, the tied or untied head): a mixed left-padded
+    batch, and decoding with the cache, give each row its own dense model's logits
+    (GPT-2, GPT-NeoX, Phi, Falcon, BLOOM, GPTBigCode, GPT-J)."""
+    base = build(arch)
+    plain = copy.deepcopy(base)
+    deltas = [qdelta.compress(base, finetune(base, seed=s), compress_embeddings=ce) for s in (1, 2)]
+    if arch == "gpt2":
+        assert deltas[0].layers["transformer.h.0.attn.c_attn"].transposed
+    norm_bias = ("ln_1.bias", "layernorm.bias", "input_layernorm.bias")
+    assert any(k.endswith(norm_bias) for k in deltas[0].params)
+    refs = [dense_reference(base, d) for d in deltas] + [plain]
+    mtm = qdelta.MultiTenantModel(base, tenants={"a": deltas[0], "b": deltas[1]})
+    rows = prompts(13)
+    ids, mask = padded(rows)
+    out = mtm.forward(ids, ["a", "b", None], attention_mask=mask).logits.float()
+    for i, p in enumerate(rows):
+        want = logits(refs[i], p[None])[0]
+        torch.testing.assert_close(out[i, -len(p) :], want, rtol=1e-5, atol=1e-5)
+    gen = mtm.generate(ids, ["b", None, "a"], 3, attention_mask=mask, return_logits=True)
+    for i, who in enumerate((refs[1], plain, refs[0])):
+        seq = torch.cat([rows[i], gen.tokens[i, :-1]])
+        want = logits(who, seq[None])[0, len(rows[i]) - 1 :]
+        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+    kinds = {type(m).__name__ for m in mtm.model.modules()}
+    assert {"RowLayerNorm", "RoutedLinear"} <= kinds
+
+
+def test_gpt2_full_precision_conv1d_and_bias_only_tenants():
+    """A Conv1D kept whole by the fine-tune's compression (its weight a full-precision
+    parameter: RowLinear, weight [in, out]) and one whose only change is its bias."""
+    base = build("gpt2")
+    ft = finetune(base, skip=("wte", "wpe"))
+    delta = qdelta.compress(base, ft, targets=["c_attn"])
+    assert "transformer.h.0.mlp.c_fc.weight" in delta.params
+    bias_only = finetune(base, seed=3, skip=("weight", "wte", "wpe"))
+    delta2 = qdelta.compress(base, bias_only, targets=["c_attn"])
+    assert "transformer.h.0.mlp.c_fc.bias" in delta2.params
+    assert "transformer.h.0.mlp.c_fc.weight" not in delta2.params
+    plain = copy.deepcopy(base)
+    refs = [dense_reference(base, delta), dense_reference(base, delta2), plain]
+    mtm = qdelta.MultiTenantModel(base, tenants={"w": delta, "b": delta2})
+    ids = torch.stack(prompts(2, (6, 6, 6)))
+    out = mtm.forward(ids, ["w", "b", None]).logits
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(out[i], logits(ref, ids[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+    from qdelta.tenant_modules import RowLinear
+
+    assert isinstance(mtm.model.transformer.h[0].mlp.c_fc, RowLinear)
+
+    # A packed delta where other tenants take full-precision weights (one class of
+    # tenant module per layer): refused, also when both arrive in one batch.
+    packed_fc = qdelta.compress(plain, finetune(plain, seed=4), targets=["c_fc"])
+    with pytest.raises(qdelta.QDeltaError, match=r"h\.0\.(attn|mlp)\.c_(attn|fc).*mixing packed"):
+        mtm.add_tenant("p", packed_fc)
+    fresh = qdelta.MultiTenantModel(copy.deepcopy(plain))
+    fresh.add_tenant("w", delta)
+    fresh.add_tenant("p", packed_fc)
+    with pytest.raises(qdelta.QDeltaError, match="mixing packed"):
+        fresh.forward(ids, ["w", "p", None])
+    assert fresh.forward(ids, [None, None, None]).logits.shape == out.shape
+
+
+def test_gpt2_bfloat16_multitenant():
+    base = build("gpt2")
+    delta = qdelta.compress(base, finetune(base))
+    ref = dense_reference(base, delta).to(torch.bfloat16)
+    plain = copy.deepcopy(base).to(torch.bfloat16)
+    mtm = qdelta.MultiTenantModel(base, tenants={"t": delta}).to(torch.bfloat16)
+    ids = torch.stack(prompts(9, (7, 7)))
+    out = mtm.forward(ids, ["t", None]).logits.float()
+    torch.testing.assert_close(out[1], logits(plain, ids[1:])[0], rtol=0, atol=2e-2)
+    torch.testing.assert_close(out[0], logits(ref, ids[:1])[0], rtol=0, atol=3e-2)
+    # The tenant's row is not the base's: the delta is really applied in bfloat16.
+    assert (out[0] - out[1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("bias", "changes"),
+    [(True, ("weight",)), (True, ("bias",)), (True, ("weight", "bias")), (False, ("weight",))],
+)
+def test_layernorm_rows_follow_their_tenants(dtype, bias, changes):
+    from qdelta.tenant_modules import RowLayerNorm
+
+    g = torch.Generator().manual_seed(0)
+    d = 37
+    base = nn.LayerNorm(d, eps=1e-3, bias=bias)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(d, generator=g))
+    base = base.to(dtype)
+    route = Route()
+    norm = RowLayerNorm(base, route)
+    assert norm.eps == 1e-3
+    tenants = {}
+    for name in ("t", "u"):
+        tenants[name] = {c: torch.randn(d, generator=g).to(dtype) for c in changes}
+        norm.add(name, tenants[name])
+    norm.set_slots({"t": 0, "u": 1}, capacity=2)
+    route.slots = torch.tensor([1, -1, 0, 1])
+    x = (torch.randn(4, 3, d, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    with torch.no_grad():
+        got = norm(x)
+        for r, who in enumerate(("u", None, "t", "u")):
+            # Independent reference: float64 math on the row's own weight and bias.
+            w = base.weight.double() if who is None else tenants[who].get("weight", base.weight)
+            b = base.bias if who is None or not bias else tenants[who].get("bias", base.bias)
+            xr = x[r].double()
+            want = (xr - xr.mean(-1, keepdim=True)) / torch.sqrt(
+                xr.var(-1, unbiased=False, keepdim=True) + 1e-3
+            ) * w.double() + (0 if b is None else b.double())
+            assert got.dtype == dtype
+            torch.testing.assert_close(got[r].double(), want, rtol=tol, atol=tol)
+        route.slots = None
+        assert torch.equal(norm(x), base(x))  # no route: the base module itself
+    assert norm.tenant_nbytes() == 2 * len(changes) * d * base.weight.element_size()
+    norm.remove("t")
+    norm.set_slots({"u": 1}, capacity=2)
+    route.slots = torch.tensor([1, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x[:2])[1], base(x[1]), rtol=tol, atol=tol)
+
+
+class ShiftedLayerNorm(nn.LayerNorm):
+    """A LayerNorm by class, but its forward adds 1: no per-row formula stands in for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1
+
+
+class ScaledConv1D(nn.Module):
+    """Looks like GPT-2's Conv1D (name, nf, weight [in, out]) but doubles its output."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * (x @ self.weight + self.bias)
+
+
+ScaledConv1D.__name__ = "Conv1D"
+
+
+def test_layernorm_and_conv1d_forms_are_probed():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.pytorch_utils import Conv1D
+
+    from qdelta import sources
+    from qdelta.tenant_modules import RowLayerNorm, layer_norm_form, rms_norm_form
+
+    assert layer_norm_form(nn.LayerNorm(8, eps=1e-6)) == 1e-6
+    assert layer_norm_form(nn.LayerNorm(8, bias=False)) == 1e-5
+    assert layer_norm_form(LlamaRMSNorm(8)) is None
+    assert rms_norm_form(nn.LayerNorm(8)) is None
+    assert layer_norm_form(ShiftedLayerNorm(8)) is None
+    assert layer_norm_form(nn.LayerNorm(8, elementwise_affine=False)) is None
+    with pytest.raises(qdelta.QDeltaError, match="LayerNorm"):
+        RowLayerNorm(ShiftedLayerNorm(8), Route())
+    assert sources.conv1d_form(Conv1D(6, 4))
+    assert not sources.conv1d_form(ScaledConv1D(6, 4))
+    assert not sources.conv1d_form(nn.Linear(4, 6))
+
+    # Refused by MultiTenantModel before any swap, the model still serving.
+    base = build("gpt2")
+    base.transformer.h[0].ln_1 = ShiftedLayerNorm(32)
+    plain = copy.deepcopy(base)
+    delta = qdelta.compress(base, finetune(base, skip=("wte", "wpe")))
+    mtm = qdelta.MultiTenantModel(base)
+    with pytest.raises(qdelta.QDeltaError, match=r"h\.0\.ln_1"):
+        mtm.add_tenant("t", delta)
+    assert no_swaps(mtm.model) and mtm.tenants == []
+    ids = torch.stack(prompts(1, (5, 5)))
+    torch.testing.assert_close(
+        mtm.forward(ids, [None, None]).logits, logits(plain, ids), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_multitenant_linear_on_conv1d():
+    """MultiTenantLinear over a Conv1D base (weight [in, out]): its deltas pack
+    [out, in], transposed=True; a Linear's delta (not transposed) is refused."""
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(5)
+    k, n = 45, 38
+    conv = Conv1D(n, k)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(k, n, generator=g))
+        conv.bias.copy_(torch.randn(n, generator=g))
+    layer = qdelta.MultiTenantLinear(conv)
+    assert (layer.out_features, layer.in_features) == (n, k)
+    packed = {}
+    for name, bits in (("a", 1), ("b", 3)):
+        planes, scales = qdelta.reference.pack_residual(torch.randn(n, k, generator=g), bits, "row")
+        packed[name] = qdelta.PackedLayer(
+            planes.numpy().view(np.uint32), scales.numpy(), (n, k), transposed=True
+        )
+        layer.add_tenant(name, packed[name])
+    with pytest.raises(qdelta.ShapeError, match="Conv1D, transposed"):
+        layer.add_tenant("lin", qdelta.PackedLayer(packed["a"].planes, packed["a"].scales, (n, k)))
+    ids = torch.tensor([layer.tenant_id("b"), -1, layer.tenant_id("a"), layer.tenant_id("b")])
+    for shape in ((4, k), (4, 3, k)):
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            got = layer(x, ids)
+        for r, who in enumerate(("b", None, "a", "b")):
+            w = conv.weight.double().T
+            if who is not None:
+                p = packed[who]
+                w = w + torch.from_numpy(np_unpack(p.planes, p.scales, p.shape))
+            want = x[r].double() @ w.T + conv.bias.double()
+            torch.testing.assert_close(got[r].double(), want, rtol=1e-5, atol=1e-4)
+
+
 # ---- tied embeddings --------------------------------------------------------------
 
 
@@ -378,7 +652,7 @@ def test_opt_positional_embedding_refused_by_multitenant_before_any_swap():
     base = build("opt")
     plain = copy.deepcopy(base)
     ids = torch.stack(prompts(3, (6, 6)))
-    # Norms frozen (LayerNorm tenants are refused anyway): the positions change.
+    # Norms frozen: the positions change.
     delta = qdelta.compress(base, finetune(base, skip=("layer_norm",)))
     assert "model.decoder.embed_positions.weight" in delta.params
     # Positions, norms and the MLP (run on [batch * seq, hidden]) left alone.
@@ -403,24 +677,107 @@ def test_opt_positional_embedding_refused_by_multitenant_before_any_swap():
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_opt_mlp_tenant_refused_not_misrouted(packed):
-    """OPT's MLP sees [batch * seq, hidden]: with a tenant loaded there, base-only
-    batches still serve (the base module), and a tenant row is a ShapeError saying
-    why (never other rows' weights: the torch form would index the wrong rows)."""
+def test_opt_flattened_mlp_and_norms_served_per_row(packed):
+    """OPT runs each layer's final_layer_norm and MLP on [batch * seq, hidden]. The
+    runtime's probe forward finds those modules see the batch flattened batch first,
+    so each sequence's entries take its tenant: every row of a left-padded mixed
+    batch, prefill and cached decode, equals its own dense model."""
     base = build("opt")
     plain = copy.deepcopy(base)
-    ids = torch.stack(prompts(5, (6, 6)))
-    ft = finetune(base, skip=("layer_norm", "embed_positions", "embed_tokens", "lm_head"))
-    # packed: fc1's weight delta; else only fc1's bias, served at full precision.
-    delta = qdelta.compress(base, ft, targets=["fc1"] if packed else ["q_proj"])
+    rows = prompts(6)
+    ids, mask = padded(rows)
+    ft = finetune(base, skip=("embed_positions",))
+    # packed: every linear layer packed (fc1 / fc2 too); else only attention packed,
+    # the MLP's weights and biases served at full precision.
+    attn = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    delta = qdelta.compress(base, ft, targets=None if packed else attn)
     assert ("model.decoder.layers.0.fc1" in delta.layers) == packed
+    assert "model.decoder.layers.0.final_layer_norm.weight" in delta.params
+    ft2 = finetune(base, seed=8, skip=("embed_positions",))
+    other = qdelta.compress(base, ft2, targets=None if packed else attn)
+    mtm = qdelta.MultiTenantModel(base, tenants={"t": delta, "u": other})
+    assert "model.decoder.layers.1.fc2" in mtm._flat_modules()
+    assert "model.decoder.layers.0.self_attn.q_proj" not in mtm._flat_modules()
+    refs = {"t": dense_reference(plain, delta), "u": dense_reference(plain, other), None: plain}
+    who = ["t", None, "u"]
+    out = mtm.forward(ids, who, attention_mask=mask).logits
+    for i, name in enumerate(who):
+        want = logits(refs[name], rows[i][None])[0]
+        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    gen = mtm.generate(ids, who, 3, attention_mask=mask, return_logits=True)
+    for i, name in enumerate(who):
+        seq = torch.cat([rows[i], gen.tokens[i, :-1]])
+        want = logits(refs[name], seq[None])[0, len(rows[i]) - 1 :]
+        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+
+
+class _Logits:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class SeqFirstFlatLM(nn.Module):
+    """A toy causal LM whose middle layer sees [seq * batch, hidden], sequence first
+    (what a model with a [seq, batch] layout gives): not the order the batch rows
+    are in, so no per-row tenant may be routed there."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 16) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": vocab})()
+        self.embed = nn.Embedding(vocab, d)
+        self.mid = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        h = self.embed(input_ids)  # [B, S, d]
+        b, t, d = h.shape
+        flat = h.transpose(0, 1).reshape(t * b, d)  # sequence first
+        h = self.mid(flat).reshape(t, b, d).transpose(0, 1)
+        return _Logits(self.head(torch.tanh(h)))
+
+
+def test_flattened_rows_in_another_order_are_refused_not_misrouted():
+    torch.manual_seed(0)
+    base = SeqFirstFlatLM()
+    plain = copy.deepcopy(base)
+    ft = finetune(base)
+    delta = qdelta.compress(base, ft, targets=["mid", "head"])
     mtm = qdelta.MultiTenantModel(base, tenants={"t": delta})
-    got = mtm.forward(ids, [None, None]).logits
-    torch.testing.assert_close(got, logits(plain, ids), rtol=1e-5, atol=1e-5)
+    ids = torch.stack(prompts(2, (5, 5)))
+    assert mtm._flat_modules() == set()
     with pytest.raises(qdelta.ShapeError, match="reshapes the batch"):
         mtm.forward(ids, ["t", None])
-    got = mtm.forward(ids, [None, None]).logits  # still serving after the refusal
-    torch.testing.assert_close(got, logits(plain, ids), rtol=1e-5, atol=1e-5)
+    # Base rows still served; a batch of one sequence has no order to get wrong.
+    torch.testing.assert_close(
+        mtm.forward(ids, [None, None]).logits, plain(ids).logits, rtol=1e-6, atol=1e-6
+    )
+    one = mtm.forward(ids[:1], ["t"]).logits
+    torch.testing.assert_close(one, dense_reference(plain, delta)(ids[:1]).logits)
+
+
+def test_opt_layernorms_served_where_the_batch_is_first():
+    """OPT's attention norms and its decoder's last norm see [batch, seq, hidden]: a
+    tenant's LayerNorm weights and biases there are served exactly, alongside
+    tenants of the flattened final_layer_norm of each layer."""
+    base = build("opt")
+    plain = copy.deepcopy(base)
+    rows = prompts(6)
+    ids, mask = padded(rows)
+    flat = ("layers.0.final_layer_norm", "layers.1.final_layer_norm")
+    attn = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    ft = finetune(base, skip=("embed_positions", "fc1", "fc2", *flat))
+    delta = qdelta.compress(base, ft, targets=attn)
+    assert "model.decoder.layers.0.self_attn_layer_norm.bias" in delta.params
+    assert "model.decoder.final_layer_norm.weight" in delta.params
+    flat_norm = qdelta.compress(
+        plain, finetune(plain, seed=4, skip=("embed_positions", "fc1", "fc2")), targets=attn
+    )
+    mtm = qdelta.MultiTenantModel(base, tenants={"t": delta, "flat": flat_norm})
+    out = mtm.forward(ids, [None, "t", "flat"], attention_mask=mask).logits
+    refs = (plain, dense_reference(plain, delta), dense_reference(plain, flat_norm))
+    for i, who in enumerate(refs):
+        want = logits(who, rows[i][None])[0]
+        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
 
 
 def test_opt_compress_embeddings_keeps_positions_whole():

@@ -26,7 +26,8 @@ from qdelta.errors import (
 )
 from qdelta.kernels import Backend, cpu
 from qdelta.locking import SerializedCalls, serialized
-from qdelta.nn import plain_linear
+from qdelta.nn import linear_shape, plain_linear
+from qdelta.sources import is_conv1d
 
 TenantKey = str | int
 
@@ -54,17 +55,19 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
     the int ids (:meth:`tenant_id` maps a name to its id), ``-1`` = base only.
     """
 
-    def __init__(self, base_layer: nn.Linear, *, backend: Backend = "auto") -> None:
+    def __init__(self, base_layer: nn.Module, *, backend: Backend = "auto") -> None:
         super().__init__()
         self._init_lock()  # calls from several threads take turns (qdelta.locking)
-        if not isinstance(base_layer, nn.Linear):
+        if not isinstance(base_layer, nn.Linear) and not is_conv1d(base_layer):
             raise DTypeError(
-                f"base_layer: expected a torch.nn.Linear, found {type(base_layer).__name__}"
+                "base_layer: expected a torch.nn.Linear or a transformers Conv1D, found "
+                f"{type(base_layer).__name__}"
             )
         kernels.check_backend(backend)
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        # A Conv1D stores its weight [in, out]; its deltas still pack [out, in].
+        self.transposed = is_conv1d(base_layer)
+        self.out_features, self.in_features = linear_shape(base_layer)
         self.backend: Backend = backend
         words = -(-self.in_features // 32)
         device = base_layer.weight.device
@@ -129,11 +132,15 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
         """Loads (or replaces) one tenant's delta of this layer; returns its id."""
         if not isinstance(layer, PackedLayer):
             raise DTypeError(f"layer: expected a qdelta.PackedLayer, found {type(layer).__name__}")
-        if layer.shape != (self.out_features, self.in_features) or layer.transposed:
+        if (
+            layer.shape != (self.out_features, self.in_features)
+            or layer.transposed != self.transposed
+        ):
+            kind = "Conv1D, transposed" if self.transposed else "Linear, not transposed"
             raise ShapeError(
                 f"tenant {key!r}: expected a [{self.out_features}, {self.in_features}] delta "
-                f"(not transposed) for this layer, found {list(layer.shape)}"
-                f"{' transposed' if layer.transposed else ''}"
+                f"({kind}) for this layer, found {list(layer.shape)}"
+                f"{' transposed' if layer.transposed else ' not transposed'}"
             )
         if not np.isfinite(layer.scales).all():  # checked when built; arrays stay mutable
             raise NonFiniteError(f"tenant {key!r}: expected finite scales, found NaN/Inf")

@@ -128,7 +128,7 @@ class BitDeltaLinear(nn.Module):
         super().__init__()
         _check_layer(layer)
         kernels.check_backend(backend)
-        out_f, in_f = _linear_shape(base_layer)
+        out_f, in_f = linear_shape(base_layer)
         if (out_f, in_f) != layer.shape:
             raise ShapeError(
                 f"delta: expected a [{out_f}, {in_f}] (out, in) delta for this layer, "
@@ -395,7 +395,7 @@ def _linear_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight  # type: ignore[return-value]
 
 
-def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """``(out, in)`` of an ``nn.Linear`` or a ``Conv1D`` (weight ``[in, out]``)."""
     if isinstance(layer, nn.Linear):
         return layer.out_features, layer.in_features
@@ -592,7 +592,7 @@ def _merge_target(model: nn.Module, name: str, layer: PackedLayer) -> torch.Tens
         shape = tuple(module.weight.shape)
     else:
         try:
-            shape = _linear_shape(module)
+            shape = linear_shape(module)
         except ModelMismatchError as err:
             raise ModelMismatchError(f"layer {name}: {err}") from None
     if shape != layer.shape or is_conv1d(module) != layer.transposed:

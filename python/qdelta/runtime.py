@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qdelta.batch_layout import batch_first_flat
 from qdelta.checks import as_int, check_tensor_like
 from qdelta.delta import Delta
 from qdelta.errors import (
@@ -39,15 +40,17 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 from qdelta.locking import SerializedCalls, serialized
-from qdelta.sources import embedding_form, linear_form
+from qdelta.sources import conv1d_form, embedding_form, is_conv1d, linear_form
 from qdelta.store import check_base, fingerprint
 from qdelta.tenant_modules import (
     PackedRowEmbedding,
     Route,
     RoutedLinear,
     RowEmbedding,
+    RowLayerNorm,
     RowLinear,
     RowRMSNorm,
+    layer_norm_form,
     rms_norm_form,
 )
 
@@ -77,14 +80,17 @@ def _given(delta: Delta) -> Delta:
 
 def _servable(module: nn.Module) -> bool:
     """Whether a per-row module can stand in for ``module`` exactly: a plain linear
-    map or embedding lookup (subclasses checked on a probe, Gemma's scaled lookup
-    included), or an RMSNorm of either formula (x / rms(x) * w or * (1 + w)),
-    checked on a probe input rather than by class name."""
+    map (nn.Linear, GPT-2's Conv1D) or embedding lookup (subclasses checked on a
+    probe, Gemma's scaled lookup included), an RMSNorm of either formula
+    (x / rms(x) * w or * (1 + w)) or a LayerNorm, checked on a probe input rather
+    than by class name."""
     if isinstance(module, nn.Embedding):
         return embedding_form(module) is not None
     if isinstance(module, nn.Linear):
         return linear_form(module)
-    return rms_norm_form(module) is not None
+    if is_conv1d(module):
+        return conv1d_form(module)
+    return rms_norm_form(module) is not None or layer_norm_form(module) is not None
 
 
 class MultiTenantModel(SerializedCalls, nn.Module):
@@ -122,6 +128,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._base_state = dict(base_model.state_dict())
         self._ties = self._tied_groups(base_model)
         self._probe_results: dict[str, bool] = {}  # module name -> _servable(), probed once
+        self._wrapper_classes: dict[tuple[str, bool], type[nn.Module]] = {}
+        self._flat: set[str] | None = None  # modules seeing [batch * seq, ...] (probed)
         self._fingerprint: str | None = None
         self._sources: dict[str, Callable[[], Delta]] = {}
         self._ids: dict[str, int] = {}
@@ -242,7 +250,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
     # ---- checking a delta against the base ----------------------------------
 
-    def _check(self, delta: Delta, name: str) -> None:
+    def _check(
+        self, delta: Delta, name: str, planned: dict[str, type[nn.Module]] | None = None
+    ) -> None:
         """Refuse a delta made against another base, not fitting its shapes, or
         with values the base cannot serve (complex, NaN/Inf, out of its dtype)."""
         try:
@@ -251,11 +261,16 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             raise BaseMismatchError(f"tenant {name!r}: {e}") from None
         for lname, packed in delta.layers.items():
             module = self._base_modules.get(lname)
-            if not isinstance(module, (nn.Linear, nn.Embedding)) or packed.transposed:
+            conv = module is not None and is_conv1d(module)
+            if not (isinstance(module, (nn.Linear, nn.Embedding)) or conv) or (
+                packed.transposed != conv
+            ):
                 found = "nothing" if module is None else type(module).__name__
+                how = " transposed" if packed.transposed else ""
                 raise ShapeError(
-                    f"tenant {name!r}: packed layer {lname!r} expects an nn.Linear or "
-                    f"nn.Embedding (not transposed) in the base, found {found}"
+                    f"tenant {name!r}: packed layer {lname!r}{how} expects an nn.Linear or "
+                    f"nn.Embedding (not transposed) or a Conv1D (transposed) in the base, "
+                    f"found {found}"
                 )
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
                 raise QDeltaError(f"tenant {name!r}: {lname!r} uses max_norm, not supported")
@@ -265,10 +280,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"whose forward is not a plain {_plain_what(module)}; a per-row delta "
                     f"for it would be guesswork (keep that layer frozen in the fine-tune)"
                 )
-            if tuple(module.weight.shape) != packed.shape:
+            shape = tuple(module.weight.shape)
+            if (shape[::-1] if conv else shape) != packed.shape:
                 raise ShapeError(
                     f"tenant {name!r}: layer {lname!r} is {list(module.weight.shape)} in the "
-                    f"base, the delta has {list(packed.shape)}"
+                    f"base{' ([in, out])' if conv else ''}, the delta has {list(packed.shape)}"
+                    f"{' ([out, in])' if conv else ''}"
                 )
             # PackedLayer checks its scales when built; they may be changed since.
             if not np.isfinite(packed.scales).all():
@@ -299,27 +316,51 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             if not packed and not self._probed(mname):
                 raise QDeltaError(
                     f"tenant {name!r}: per-row parameters of {type(module).__name__} "
-                    f"({mname!r}) are not supported; expected Embedding, Linear or RMSNorm "
-                    f"(a plain lookup, linear map or x / rms(x) * w or * (1 + w), checked on "
-                    f"a probe input); keep {sorted(attrs)} frozen in the fine-tune or serve "
-                    f"it with qdelta.apply"
+                    f"({mname!r}) are not supported; expected Embedding, Linear, Conv1D, "
+                    f"RMSNorm or LayerNorm (a plain lookup, linear map, x / rms(x) * w or "
+                    f"* (1 + w), or (x - mean) / std * w + b, checked on a probe input); keep "
+                    f"{sorted(attrs)} frozen in the fine-tune or serve it with qdelta.apply"
                 )
-            current = self._wrapped.get(mname)
-            wants = _wrapper_class(module, packed)
-            if current is not None and not isinstance(current, wants):
+        # One tenant module class per base module: what the loaded tenants (and those
+        # checked before this one for the same batch) are served by decides.
+        planned = {m: type(w) for m, w in self._wrapped.items()} if planned is None else planned
+        touched = {m: m in delta.layers for m in self._params_by_module(delta)}
+        touched.update(dict.fromkeys(delta.layers, True))
+        for mname, packed in touched.items():
+            wants = self._wrapper_class(mname, packed)
+            current = planned.setdefault(mname, wants)
+            if current is not wants:
+                kind = "packed" if packed else "full-precision"
                 raise QDeltaError(
-                    f"tenant {name!r}: {mname!r} is served as {type(current).__name__} for "
-                    f"other tenants; mixing packed and full-precision deltas on one layer "
-                    f"is not supported"
+                    f"tenant {name!r}: {mname!r} takes a {kind} delta, but other tenants "
+                    f"are served there by {current.__name__}; mixing packed and "
+                    f"full-precision deltas on one layer is not supported"
                 )
-        for lname in delta.layers:
-            current = self._wrapped.get(lname)
-            if current is not None and not isinstance(current, (RoutedLinear, PackedRowEmbedding)):
-                raise QDeltaError(
-                    f"tenant {name!r}: {lname!r} is served with full-precision weights for "
-                    f"other tenants; mixing packed and full-precision deltas on one layer "
-                    f"is not supported"
-                )
+
+    def _flat_modules(self) -> set[str]:
+        """Base modules whose input is the batch flattened batch first (OPT's MLP
+        and final_layer_norm), found once by a probe forward of the model
+        (:mod:`qdelta.batch_layout`) with no rows routed."""
+        if self._flat is None:
+            candidates = {
+                n: m
+                for n, m in self._base_modules.items()
+                if n and isinstance(getattr(m, "weight", None), torch.Tensor)
+            }
+            routed, self._route.slots = self._route.slots, None
+            try:
+                self._flat = batch_first_flat(self.model, candidates, self._vocab_size())
+            finally:
+                self._route.slots = routed
+        return self._flat
+
+    def _wrapper_class(self, mname: str, packed: bool) -> type[nn.Module]:
+        """The tenant module class for base module ``mname`` (norms: by their
+        probed formula, found once)."""
+        key = (mname, packed)
+        if key not in self._wrapper_classes:
+            self._wrapper_classes[key] = _wrapper_class(self._base_modules[mname], packed)
+        return self._wrapper_classes[key]
 
     def _probed(self, mname: str) -> bool:
         """:func:`_servable` for base module ``mname``, probed once (the base as built)."""
@@ -365,8 +406,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     def _load_batch(self, needed: list[str]) -> None:
         missing = [n for n in needed if n not in self._loaded]
         deltas = {n: self._sources[n]() for n in missing}
+        planned = {m: type(w) for m, w in self._wrapped.items()}
         for n, d in deltas.items():
-            self._check(d, n)
+            self._check(d, n, planned)
         if self.budget_bytes is not None:
             sizes = {n: self._tenant_bytes(d) for n, d in deltas.items()}
             for n, size in sizes.items():
@@ -441,7 +483,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         """The tenant module standing in for base module ``mname`` (swapped in once)."""
         if mname not in self._wrapped:
             module = self._base_modules[mname]
-            wrapper = _wrapper_class(module, packed)(module, self._route)
+            wrapper = self._wrapper_class(mname, packed)(module, self._route)
+            wrapper.flat_rows = mname in self._flat_modules()
             parent, _, child = mname.rpartition(".")
             setattr(self.model.get_submodule(parent), child, wrapper)
             self._wrapped[mname] = wrapper
@@ -749,8 +792,10 @@ def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:
         return PackedRowEmbedding if isinstance(module, nn.Embedding) else RoutedLinear
     if isinstance(module, nn.Embedding):
         return RowEmbedding
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return RowLinear
+    if layer_norm_form(module) is not None:
+        return RowLayerNorm
     return RowRMSNorm
 
 

@@ -197,6 +197,32 @@ def linear_form(module: nn.Module) -> bool:
         return False
 
 
+def conv1d_form(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is ``x @ weight + bias`` with ``weight [in, out]``: a
+    transformers GPT-2 style ``Conv1D`` (:func:`is_conv1d`), checked on a probe input."""
+    if not is_conv1d(module):
+        return False
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if (
+        not _single_input_forward(module)
+        or not isinstance(weight, torch.Tensor)
+        or weight.is_meta
+        or not weight.is_floating_point()
+        or weight.dim() != 2
+        or (bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1))
+    ):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, weight.shape[0], generator=gen)
+    x = x.to(device=weight.device, dtype=weight.dtype)
+    want = x @ weight if bias is None else x @ weight + bias
+    try:
+        with torch.no_grad():
+            return _close(module(x), want)
+    except Exception:
+        return False
+
+
 def layer_kinds(module: nn.Module) -> dict[str, LayerKind]:
     """Module name -> kind for every layer a delta can replace.
 

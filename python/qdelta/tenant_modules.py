@@ -23,7 +23,7 @@ from qdelta.delta import PackedLayer
 from qdelta.errors import QDeltaError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.reference import unpack_signs
-from qdelta.sources import embedding_form, embedding_scale
+from qdelta.sources import embedding_form, embedding_scale, is_conv1d
 
 
 class Route:
@@ -62,6 +62,10 @@ class TenantModule(nn.Module):
         self._names: list[str] = []
         self.register_buffer("_slot_map", torch.full((1,), -1, dtype=torch.long), persistent=False)
         self._local_cache: tuple | None = None
+        # Whether inputs may come as [batch * seq, ...], batch first (set by
+        # MultiTenantModel from its probe of the base; see _rows_of).
+        self.flat_rows = False
+        self._repeat_cache: tuple | None = None
         # The wrapped model's state dict (save_pretrained, checkpoints) stays the
         # base's own: under this module's name, the base module's keys, once.
         self.register_state_dict_post_hook(_base_keys_out)
@@ -94,24 +98,51 @@ class TenantModule(nn.Module):
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
-    def _folded(self, x: torch.Tensor, local: torch.Tensor) -> bool:
-        """Whether ``x``'s first dimension is not the batch while every row is on the
-        base (the base module then serves it); raises when some row has a tenant.
+    def _rows_of(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+        """The local tenant of each entry of ``x``'s first dimension (``local`` when
+        that dimension is the batch), or None when every row is on the base and the
+        base module serves ``x`` as it is.
 
-        A model that folds the batch into another dimension (OPT's decoder runs its
-        MLP on ``[batch * seq, hidden]``) leaves no per-row tenant to find, and
+        A model may fold the batch into another dimension: OPT's decoder runs each
+        layer's final_layer_norm and MLP on ``[batch * seq, hidden]``. Such an input
+        is routed (each batch row's tenant repeated for its ``seq`` entries) only
+        where MultiTenantModel probed this module and saw the batch flattened batch
+        first (``flat_rows``), or when every row has the same tenant; elsewhere
         guessing the fold would be guesswork: a ShapeError, not other rows' weights."""
-        if x.dim() > 0 and x.shape[0] == local.shape[0]:
-            return False
+        batch = local.shape[0]
+        if x.dim() > 0 and x.shape[0] == batch:
+            return local
+        if self.flat_rows and x.dim() == 2 and batch and x.shape[0] % batch == 0:
+            return self._repeated(local, x.shape[0] // batch)
         if not bool((local >= 0).any()):
-            return True
+            return None
+        if x.dim() > 0 and bool((local == local[0]).all()):
+            # One tenant for every row: whatever the layout, every entry is its.
+            return self._repeated(local[:1], x.shape[0])
         raise ShapeError(
             f"{type(self).__name__} ({type(self.base).__name__}): expected the batch's "
-            f"{local.shape[0]} rows first in the input, found shape {list(x.shape)}: the "
-            "model reshapes the batch before this layer (OPT flattens [batch, seq] before "
-            "its MLP), so per-row tenants cannot be routed here; keep this layer frozen "
-            "in the fine-tune, or serve it with qdelta.apply"
+            f"{batch} rows first in the input, found shape {list(x.shape)}: the model "
+            "reshapes the batch before this layer in a way its probe did not confirm, so "
+            "per-row tenants cannot be routed here; keep this layer frozen in the "
+            "fine-tune, or serve it with qdelta.apply"
         )
+
+    def _repeated(self, local: torch.Tensor, per_row: int) -> torch.Tensor:
+        """``local`` with each row's entry repeated ``per_row`` times, made once per
+        routed batch and length (the same tensor then serves every layer's caches)."""
+        cached = self._repeat_cache
+        version = _version(local)
+        if (
+            cached is not None
+            and cached[0] is local
+            and cached[1] == (version, per_row)
+            and version is not None
+        ):
+            return cached[2]
+        with torch.inference_mode(False):  # a versioned tensor, as local_rows makes
+            rows = local.repeat_interleave(per_row)
+        self._repeat_cache = (local, (version, per_row), rows)
+        return rows
 
     def local_rows(self) -> torch.Tensor | None:
         """Local tenant index per batch row, or None when no row needs a tenant here."""
@@ -157,9 +188,9 @@ class _TwoForms(TenantModule, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
+        if local is not None:
+            local = self._rows_of(x, local)
         if local is None:
-            return self.base(x)
-        if self._folded(x, local):
             return self.base(x)
         fast = self._rowwise(x, local)
         return fast if fast is not None else self._torch_form(x, local)
@@ -453,9 +484,9 @@ class RowRMSNorm(TenantModule):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
+        if local is not None:
+            local = self._rows_of(hidden, local)
         if local is None:
-            return self.base(hidden)
-        if self._folded(hidden, local):
             return self.base(hidden)
         rows = self._row_weights(local)
         if (
@@ -480,12 +511,140 @@ class RowRMSNorm(TenantModule):
         return rows * h.to(dtype)
 
 
-class RowLinear(_TwoForms):
-    """nn.Linear whose weight and/or bias are replaced per tenant at full precision
-    (a fine-tune's lm_head, for instance)."""
+def layer_norm_form(module: nn.Module) -> float | None:
+    """``eps`` when ``module(x)`` is ``F.layer_norm(x, (d,), weight, bias, eps)`` (mean
+    subtracted, divided by the standard deviation, times ``weight`` plus ``bias``;
+    ``nn.LayerNorm`` and kin, with or without a bias); else None.
 
-    def __init__(self, base: nn.Linear, route: Route) -> None:
+    Decided from the module's output on a probe input with probe float32 weight and
+    bias (``torch.func.functional_call``), rows large and small enough for ``eps``
+    to matter, to float32 rounding. An RMSNorm (no mean taken away) does not match.
+    """
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    names = {n for n, _ in module.named_parameters()}
+    if (
+        not isinstance(weight, torch.Tensor)
+        or weight.dim() != 1
+        or not weight.is_floating_point()
+        or weight.is_meta
+        or names not in ({"weight"}, {"weight", "bias"})
+        or ("bias" in names) != isinstance(bias, torch.Tensor)
+    ):
+        return None
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        return None
+    eps = float(eps)
+    dim = weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, dim, generator=gen, dtype=torch.float64) * 2 + 0.5
+    x[2:] = 0.5 + (x[2:] - 0.5) * math.sqrt(max(eps, 1e-12))  # rows where eps matters
+    w = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
+    b = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
+    probe = {"weight": w}
+    if "bias" in names:
+        probe["bias"] = b
+    device = weight.device
+    try:
+        with torch.no_grad():
+            found = torch.func.functional_call(
+                module,
+                {k: v.to(device=device, dtype=torch.float32) for k, v in probe.items()},
+                (x.to(device=device, dtype=torch.float32),),
+            )
+    except Exception:
+        return None
+    if not isinstance(found, torch.Tensor) or found.shape != x.shape:
+        return None
+    found = found.detach().double().cpu()
+    want = F.layer_norm(x, (dim,), w, probe.get("bias"), eps)
+    if bool(((found - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all()):
+        return eps
+    return None
+
+
+class RowLayerNorm(TenantModule):
+    """A LayerNorm (``nn.LayerNorm`` and kin: GPT-2, GPT-NeoX, OPT) with per-tenant
+    weights and biases gathered per row.
+
+    Every row is ``F.layer_norm(x, (d,), eps=eps) * w_row + b_row`` in float32
+    (float64 for float64 input), then the input dtype (what ``nn.LayerNorm`` computes, to float32 rounding); ``eps``
+    is the base module's, found by :func:`layer_norm_form`. A tenant may change
+    the weight, the bias or both; what it leaves is the base's.
+    """
+
+    def __init__(self, base: nn.Module, route: Route) -> None:
         super().__init__(base, route)
+        eps = layer_norm_form(base)
+        if eps is None:
+            raise QDeltaError(
+                f"{type(base).__name__}: expected a LayerNorm computing (x - mean) / std * "
+                "weight (+ bias) (checked on a probe input), found another formula"
+            )
+        self.eps = eps
+        self._weights: list[torch.Tensor] = []
+        self._biases: list[torch.Tensor | None] = []
+        self._rows_cache: tuple | None = None
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        self._weights.append(params.get("weight", self.base.weight))
+        self._biases.append(params.get("bias", self.base.bias))
+        self._rows_cache = None
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._weights[i], self._biases[i]
+        self._rows_cache = None
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        own = [w for w in self._weights if w is not self.base.weight]
+        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
+
+    def _row_affine(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's weight and bias ``[B, d]`` (base rows: the base's), float32 or
+        float64; gathered once per routed batch (decode steps reuse them)."""
+        weight, bias = self.base.weight, self.base.bias
+        tensors = [weight, bias, *self._weights, *self._biases]
+        versions = (_version(local), *(_version(t) for t in tensors if t is not None))
+        key = (tuple(id(t) for t in tensors), versions)
+        cached = self._rows_cache
+        if cached is not None and cached[0] is local and cached[1] == key and None not in versions:
+            return cached[2]
+        ct = torch.promote_types(weight.dtype, torch.float32)
+        rows_w = torch.stack([weight, *self._weights]).to(ct)[local + 1]  # -1 (base): entry 0
+        rows_b = None
+        if bias is not None:
+            rows_b = torch.stack([bias, *self._biases]).to(ct)[local + 1]
+        self._rows_cache = (local, key, (rows_w, rows_b))
+        return rows_w, rows_b
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = self.local_rows()
+        if local is not None:
+            local = self._rows_of(hidden, local)
+        if local is None:
+            return self.base(hidden)
+        rows_w, rows_b = self._row_affine(local)
+        # float32 at least (what nn.LayerNorm accumulates in), float64 for float64.
+        ct = torch.promote_types(hidden.dtype, torch.float32)
+        shape = (rows_w.shape[0], *(1,) * (hidden.dim() - 2), -1)
+        h = F.layer_norm(hidden.to(ct), (hidden.shape[-1],), eps=self.eps)
+        h = h * rows_w.view(shape).to(ct)
+        if rows_b is not None:
+            h = h + rows_b.view(shape).to(ct)
+        return h.to(hidden.dtype)
+
+
+class RowLinear(_TwoForms):
+    """nn.Linear (or a GPT-2 ``Conv1D``, weight ``[in, out]``) whose weight and/or bias
+    are replaced per tenant at full precision (a fine-tune's lm_head, for instance)."""
+
+    def __init__(self, base: nn.Module, route: Route) -> None:
+        super().__init__(base, route)
+        self._transposed = is_conv1d(base)
+        self._out_features = int(base.weight.shape[1 if self._transposed else 0])
         self._weights: list[torch.Tensor] = []
         self._biases: list[torch.Tensor | None] = []
         self._groups_cache: tuple | None = None
@@ -531,6 +690,8 @@ class RowLinear(_TwoForms):
         rows, the tensors or their storage change."""
         from qdelta.multitenant import FUSED_MAX_ROWS
 
+        if self._transposed:  # src/rowwise.rs takes [out, in] weights
+            return None
         tensors = [self.base.weight, self.base.bias, *self._weights, *self._biases]
         storage = tuple(0 if t is None else t.data_ptr() for t in tensors)
         plan = self._plan
@@ -567,12 +728,12 @@ class RowLinear(_TwoForms):
             x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         ):
             return None
-        out = torch.empty(*x.shape[:-1], self.base.out_features)
+        out = torch.empty(*x.shape[:-1], self._out_features)
         cpu.rowwise_linear(x if x.is_contiguous() else x.contiguous(), *arrays, out)
         return out
 
     def _torch_form(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        out = x.new_empty(*x.shape[:-1], self.base.out_features)
+        out = x.new_empty(*x.shape[:-1], self._out_features)
         # One matmul per distinct tenant in the batch: each tenant's weight is
         # read once, which is the least traffic a full-precision head allows.
         for t, rows in self._groups(local):
@@ -580,16 +741,16 @@ class RowLinear(_TwoForms):
                 w, b = self.base.weight, self.base.bias
             else:
                 w, b = self._weights[t], self._biases[t]
-            out[rows] = F.linear(x[rows], w, b)
+            out[rows] = F.linear(x[rows], w.T if self._transposed else w, b)
         return out
 
 
 class RoutedLinear(TenantModule):
-    """A linear layer with packed per-tenant weight deltas: MultiTenantLinear
+    """A linear layer (nn.Linear or GPT-2's ``Conv1D``) with packed per-tenant weight deltas: MultiTenantLinear
     keyed by model slot and fed the row slots of the forward in flight (plus
     optional per-tenant full-precision biases)."""
 
-    def __init__(self, base: nn.Linear, route: Route) -> None:
+    def __init__(self, base: nn.Module, route: Route) -> None:
         from qdelta.multitenant import MultiTenantLinear
 
         super().__init__(base, route)
@@ -626,7 +787,7 @@ class RoutedLinear(TenantModule):
             self._stacked_bias = None
             return
         # Row s: slot s's bias change; the last row (index -1, base rows) adds nothing.
-        stacked = torch.zeros(capacity + 1, self.base.out_features, dtype=self.base.bias.dtype)
+        stacked = torch.zeros(capacity + 1, self.layer.out_features, dtype=self.base.bias.dtype)
         stacked = stacked.to(self.base.bias.device)
         for name, bias in self._bias_deltas.items():
             stacked[self._slot_by_name[name]] = bias
@@ -634,10 +795,12 @@ class RoutedLinear(TenantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
-        if local is None:
+        if local is not None:
+            local = self._rows_of(x, local)
+            if local is None:
+                return self.base(x)
+        else:
             local = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        elif self._folded(x, local):
-            return self.base(x)
         # Straight to forward: the layer is internal (no hooks of its own), and
         # nn.Module's call machinery costs a fifth of a decode-sized call.
         out = self.layer.forward(x, local)
