@@ -179,22 +179,7 @@ def linear_form(module: nn.Module) -> bool:
         return False
     if type(module) is nn.Linear:
         return True
-    weight, bias = module.weight, module.bias
-    if (
-        not _single_input_forward(module)
-        or not isinstance(weight, torch.Tensor)
-        or weight.is_meta
-        or not weight.is_floating_point()
-        or weight.dim() != 2
-    ):
-        return False
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.shape[1], generator=gen).to(device=weight.device, dtype=weight.dtype)
-    try:
-        with torch.no_grad():
-            return _close(module(x), F.linear(x, weight, bias))
-    except Exception:
-        return False
+    return _computes(module, 1, lambda x, w, b: F.linear(x, w, b))
 
 
 def conv1d_form(module: nn.Module) -> bool:
@@ -202,6 +187,13 @@ def conv1d_form(module: nn.Module) -> bool:
     transformers GPT-2 style ``Conv1D`` (:func:`is_conv1d`), checked on a probe input."""
     if not is_conv1d(module):
         return False
+    return _computes(module, 0, lambda x, w, b: x @ w if b is None else x @ w + b)
+
+
+def _computes(module: nn.Module, in_dim: int, want: Any) -> bool:
+    """Whether a one-input module with a 2-D float ``weight`` (inputs along
+    ``in_dim``) and optional 1-D ``bias`` returns ``want(x, weight, bias)`` on a
+    probe input."""
     weight, bias = module.weight, getattr(module, "bias", None)
     if (
         not _single_input_forward(module)
@@ -213,12 +205,11 @@ def conv1d_form(module: nn.Module) -> bool:
     ):
         return False
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, weight.shape[0], generator=gen)
+    x = torch.randn(2, 3, weight.shape[in_dim], generator=gen)
     x = x.to(device=weight.device, dtype=weight.dtype)
-    want = x @ weight if bias is None else x @ weight + bias
     try:
         with torch.no_grad():
-            return _close(module(x), want)
+            return _close(module(x), want(x, weight, bias))
     except Exception:
         return False
 

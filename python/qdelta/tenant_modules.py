@@ -98,6 +98,12 @@ class TenantModule(nn.Module):
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
+    def routed_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The local tenant of each entry of ``x``'s first dimension for the forward
+        in flight, or None when the base module serves ``x`` as it is."""
+        local = self.local_rows()
+        return None if local is None else self._rows_of(x, local)
+
     def _rows_of(self, x: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """The local tenant of each entry of ``x``'s first dimension (``local`` when
         that dimension is the batch), or None when every row is on the base and the
@@ -181,15 +187,44 @@ def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return stacked
 
 
+class _WeightsAndBiases(ABC):
+    """Per-tenant full-precision weight and bias lists (a tenant that keeps the
+    base's shares it, no copy), for a TenantModule; ``_forget()`` drops what the
+    module derived from them."""
+
+    base: nn.Module
+    _names: list[str]
+
+    def _init_lists(self) -> None:
+        self._weights: list[torch.Tensor] = []
+        self._biases: list[torch.Tensor | None] = []
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        self._weights.append(params.get("weight", self.base.weight))
+        self._biases.append(params.get("bias", self.base.bias))
+        self._forget()
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._weights[i], self._biases[i]
+        self._forget()
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        own = [w for w in self._weights if w is not self.base.weight]
+        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
+
+    @abstractmethod
+    def _forget(self) -> None: ...
+
+
 class _TwoForms(TenantModule, ABC):
     """Common forward of the modules with a one-call form: the base alone when no
     row has a tenant here, else the one-call form (``_rowwise``, None where it
     does not apply) or the torch form (``_torch_form``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is not None:
-            local = self._rows_of(x, local)
+        local = self.routed_rows(x)
         if local is None:
             return self.base(x)
         fast = self._rowwise(x, local)
@@ -391,41 +426,72 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
     rows large and small enough for ``eps`` to matter, and must match one formula
     to float32 rounding. A LayerNorm (mean subtracted, a bias) matches neither.
     """
+    weight = _norm_weight(module, {"weight"})
+    eps = _norm_eps(module, ("variance_epsilon", "eps"), 1e-6)
+    if weight is None or eps is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, weight.shape[0], generator=gen, dtype=torch.float64) + 0.5
+    x[2:] *= math.sqrt(max(eps, 1e-12))  # rows where eps changes the result
+    w = torch.rand(weight.shape[0], generator=gen, dtype=torch.float64) - 0.5
+    found = _run_probe(module, {"weight": w}, x)
+    if found is None:
+        return None
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    for offset in (0.0, 1.0):
+        if _matches(found, normed * (offset + w)):
+            return offset, eps
+    return None
+
+
+def _norm_weight(module: nn.Module, *allowed: set[str]) -> torch.Tensor | None:
+    """The module's 1-D float ``weight`` when its parameters are one of ``allowed``."""
     weight = getattr(module, "weight", None)
+    names = {n for n, _ in module.named_parameters()}
     if (
         not isinstance(weight, torch.Tensor)
         or weight.dim() != 1
         or not weight.is_floating_point()
         or weight.is_meta
-        or {n for n, _ in module.named_parameters()} != {"weight"}
+        or names not in allowed
+        or ("bias" in names) != isinstance(getattr(module, "bias", None), torch.Tensor)
     ):
         return None
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    return weight
+
+
+def _norm_eps(module: nn.Module, names: tuple[str, str], default: float) -> float | None:
+    """The module's epsilon (the first of ``names`` it has), or None when not a number >= 0."""
+    eps = getattr(module, names[0], getattr(module, names[1], default))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         return None
-    eps = float(eps)
-    dim = weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, dim, generator=gen, dtype=torch.float64) + 0.5
-    x[2:] *= math.sqrt(max(eps, 1e-12))  # rows where eps changes the result
-    w = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
+    return float(eps)
+
+
+def _run_probe(
+    module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor | None:
+    """``module(x)`` with its parameters replaced by ``params`` (float64 values, run
+    in float32 on the module's device), as float64 on the CPU; None when it fails
+    or returns something else than a tensor of ``x``'s shape."""
+    device = module.weight.device
     try:
         with torch.no_grad():
-            probe = {"weight": w.to(device=weight.device, dtype=torch.float32)}
             found = torch.func.functional_call(
-                module, probe, (x.to(device=weight.device, dtype=torch.float32),)
+                module,
+                {k: v.to(device=device, dtype=torch.float32) for k, v in params.items()},
+                (x.to(device=device, dtype=torch.float32),),
             )
     except Exception:
         return None
     if not isinstance(found, torch.Tensor) or found.shape != x.shape:
         return None
-    found = found.detach().double().cpu()
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    for offset in (0.0, 1.0):
-        want = normed * (offset + w)
-        if bool(((found - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all()):
-            return offset, eps
-    return None
+    return found.detach().double().cpu()
+
+
+def _matches(found: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float32 rounding (relative to each value and the largest)."""
+    return bool(((found - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all())
 
 
 class RowRMSNorm(TenantModule):
@@ -483,9 +549,7 @@ class RowRMSNorm(TenantModule):
         return rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is not None:
-            local = self._rows_of(hidden, local)
+        local = self.routed_rows(hidden)
         if local is None:
             return self.base(hidden)
         rows = self._row_weights(local)
@@ -520,51 +584,26 @@ def layer_norm_form(module: nn.Module) -> float | None:
     bias (``torch.func.functional_call``), rows large and small enough for ``eps``
     to matter, to float32 rounding. An RMSNorm (no mean taken away) does not match.
     """
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    names = {n for n, _ in module.named_parameters()}
-    if (
-        not isinstance(weight, torch.Tensor)
-        or weight.dim() != 1
-        or not weight.is_floating_point()
-        or weight.is_meta
-        or names not in ({"weight"}, {"weight", "bias"})
-        or ("bias" in names) != isinstance(bias, torch.Tensor)
-    ):
+    weight = _norm_weight(module, {"weight"}, {"weight", "bias"})
+    eps = _norm_eps(module, ("eps", "variance_epsilon"), 1e-5)
+    if weight is None or eps is None:
         return None
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        return None
-    eps = float(eps)
     dim = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, dim, generator=gen, dtype=torch.float64) * 2 + 0.5
     x[2:] = 0.5 + (x[2:] - 0.5) * math.sqrt(max(eps, 1e-12))  # rows where eps matters
-    w = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
-    b = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
-    probe = {"weight": w}
-    if "bias" in names:
-        probe["bias"] = b
-    device = weight.device
-    try:
-        with torch.no_grad():
-            found = torch.func.functional_call(
-                module,
-                {k: v.to(device=device, dtype=torch.float32) for k, v in probe.items()},
-                (x.to(device=device, dtype=torch.float32),),
-            )
-    except Exception:
+    probe = {"weight": torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5}
+    bias = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
+    if isinstance(getattr(module, "bias", None), torch.Tensor):
+        probe["bias"] = bias
+    found = _run_probe(module, probe, x)
+    if found is None:
         return None
-    if not isinstance(found, torch.Tensor) or found.shape != x.shape:
-        return None
-    found = found.detach().double().cpu()
-    want = F.layer_norm(x, (dim,), w, probe.get("bias"), eps)
-    if bool(((found - want).abs() <= 1e-5 * (want.abs() + want.abs().max())).all()):
-        return eps
-    return None
+    want = F.layer_norm(x, (dim,), probe["weight"], probe.get("bias"), eps)
+    return eps if _matches(found, want) else None
 
 
-class RowLayerNorm(TenantModule):
+class RowLayerNorm(_WeightsAndBiases, TenantModule):
     """A LayerNorm (``nn.LayerNorm`` and kin: GPT-2, GPT-NeoX, OPT) with per-tenant
     weights and biases gathered per row.
 
@@ -583,24 +622,11 @@ class RowLayerNorm(TenantModule):
                 "weight (+ bias) (checked on a probe input), found another formula"
             )
         self.eps = eps
-        self._weights: list[torch.Tensor] = []
-        self._biases: list[torch.Tensor | None] = []
+        self._init_lists()
         self._rows_cache: tuple | None = None
 
-    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
-        self._names.append(name)
-        self._weights.append(params.get("weight", self.base.weight))
-        self._biases.append(params.get("bias", self.base.bias))
+    def _forget(self) -> None:
         self._rows_cache = None
-
-    def remove(self, name: str) -> None:
-        i = self._names.index(name)
-        del self._names[i], self._weights[i], self._biases[i]
-        self._rows_cache = None
-
-    def _tenant_tensors(self) -> list[torch.Tensor]:
-        own = [w for w in self._weights if w is not self.base.weight]
-        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
 
     def _row_affine(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's weight and bias ``[B, d]`` (base rows: the base's), float32 or
@@ -621,9 +647,7 @@ class RowLayerNorm(TenantModule):
         return rows_w, rows_b
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = self.local_rows()
-        if local is not None:
-            local = self._rows_of(hidden, local)
+        local = self.routed_rows(hidden)
         if local is None:
             return self.base(hidden)
         rows_w, rows_b = self._row_affine(local)
@@ -637,7 +661,7 @@ class RowLayerNorm(TenantModule):
         return h.to(hidden.dtype)
 
 
-class RowLinear(_TwoForms):
+class RowLinear(_WeightsAndBiases, _TwoForms):
     """nn.Linear (or a GPT-2 ``Conv1D``, weight ``[in, out]``) whose weight and/or bias
     are replaced per tenant at full precision (a fine-tune's lm_head, for instance)."""
 
@@ -645,31 +669,17 @@ class RowLinear(_TwoForms):
         super().__init__(base, route)
         self._transposed = is_conv1d(base)
         self._out_features = int(base.weight.shape[1 if self._transposed else 0])
-        self._weights: list[torch.Tensor] = []
-        self._biases: list[torch.Tensor | None] = []
+        self._init_lists()
         self._groups_cache: tuple | None = None
         # The one-call form of the last decode-sized batch (see _rowwise).
         self._plan: tuple | None = None
 
-    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
-        self._names.append(name)
-        # A tenant that keeps the base weight shares it (no copy).
-        self._weights.append(params.get("weight", self.base.weight))
-        self._biases.append(params.get("bias", self.base.bias))
-        self._plan = None
-
-    def remove(self, name: str) -> None:
-        i = self._names.index(name)
-        del self._names[i], self._weights[i], self._biases[i]
+    def _forget(self) -> None:
         self._plan = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         self._plan = None
         return super()._apply(fn, recurse)
-
-    def _tenant_tensors(self) -> list[torch.Tensor]:
-        own = [w for w in self._weights if w is not self.base.weight]
-        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
 
     def _groups(self, local: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``(local tenant, its batch rows)`` for every distinct tenant of the batch;
