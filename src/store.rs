@@ -20,7 +20,13 @@ use crate::header::{Dtype, Header, TensorInfo, METADATA_KEY, PREFIX_LEN};
 use crate::pool;
 
 pub const FORMAT_NAME: &str = "qdelta";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest version this crate reads and writes. Version 2 lets layers with
+/// identical deltas (tied embeddings and head) share one planes/scales pair;
+/// a file without such sharing is written as version 1, which every reader
+/// of this format reads.
+pub const FORMAT_VERSION: u32 = 2;
+/// Versions without shared layer tensors.
+const UNSHARED_VERSION: u32 = 1;
 /// Names the bit layout of docs/FORMAT.md ("Bit layout").
 pub const BIT_LAYOUT: &str = "sign-planes/u32-le/lsb-first/in-axis/v1";
 pub const CREATOR: &str = concat!("qdelta ", env!("CARGO_PKG_VERSION"));
@@ -132,10 +138,10 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             "metadata \"format_version\": expected an integer, found {version_text:?}"
         ))
     })?;
-    if version != FORMAT_VERSION {
+    if !(UNSHARED_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(Error::UnsupportedVersion(format!(
             "unsupported .qdelta format version {version}: this qdelta ({CREATOR}) reads \
-             version {FORMAT_VERSION}"
+             versions {UNSHARED_VERSION} to {FORMAT_VERSION}"
         )));
     }
     if let Some(missing) = keys::REQUIRED.iter().find(|k| !meta.contains_key(**k)) {
@@ -163,9 +169,11 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
         None => BTreeMap::new(),
     };
 
-    // Every tensor is used exactly once: by a layer or as a parameter. Owners
-    // are recorded as borrowed names and described only when a check fails
-    // (opening is on the serving path: no allocation per tensor).
+    // Every tensor is used exactly once: by a layer or as a parameter; from
+    // version 2 on, a layer's tensors may also serve other layers (tied
+    // weights), never a parameter. Owners are recorded as borrowed names and
+    // described only when a check fails (opening is on the serving path: no
+    // allocation per tensor).
     #[derive(Clone, Copy)]
     enum Owner<'a> {
         Layer(&'a str),
@@ -193,11 +201,19 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             )));
         }
         if let Some(prev) = owner.insert(tensor, by) {
-            return Err(fmt_err(format!(
-                "tensor {tensor:?} is claimed by both {} and {}",
-                describe(prev),
-                describe(by)
-            )));
+            let shared = matches!((prev, by), (Owner::Layer(_), Owner::Layer(_)));
+            if !(shared && version > UNSHARED_VERSION) {
+                return Err(fmt_err(format!(
+                    "tensor {tensor:?} is claimed by both {} and {}{}",
+                    describe(prev),
+                    describe(by),
+                    if shared {
+                        format!(" (layers share tensors from format version {FORMAT_VERSION} on, this file is version {version})")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
         }
     }
     if let Some(t) = header
@@ -512,20 +528,32 @@ pub struct DeltaData<'a> {
 fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     let mut tensors: Vec<TensorData<'a>> = Vec::new();
     let mut table = BTreeMap::new();
-    for l in &d.layers {
+    let mut shares = false;
+    for (i, l) in d.layers.iter().enumerate() {
         let [out, inp] = l.shape;
         let mode = match l.scale {
             ScaleMode::Matrix => "matrix",
             ScaleMode::Row => "row",
         };
+        // A layer with the same delta as an earlier one (tied weights) names
+        // that layer's tensors instead of storing them again.
+        let twin = d.layers[..i].iter().find(|t| same_delta(t, l));
+        let owner = twin.map_or(&l.name, |t| &t.name);
         let entry = LayerEntry {
             shape: l.shape,
             bits: l.bits,
             scale: mode.into(),
             transposed: l.transposed,
-            planes: format!("{}{PLANES_SUFFIX}", l.name),
-            scales: format!("{}{SCALES_SUFFIX}", l.name),
+            planes: format!("{owner}{PLANES_SUFFIX}"),
+            scales: format!("{owner}{SCALES_SUFFIX}"),
         };
+        if twin.is_some() {
+            shares = true;
+            if table.insert(l.name.clone(), entry).is_some() {
+                return Err(Error::Value(format!("layer {:?} given twice", l.name)));
+            }
+            continue;
+        }
         tensors.push(TensorData {
             name: entry.planes.clone(),
             dtype: Dtype::U32,
@@ -602,7 +630,12 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     let to_json = |v: &dyn erased::Json| v.json();
     let mut meta = BTreeMap::new();
     meta.insert(keys::FORMAT, FORMAT_NAME.to_string());
-    meta.insert(keys::VERSION, FORMAT_VERSION.to_string());
+    let version = if shares {
+        FORMAT_VERSION
+    } else {
+        UNSHARED_VERSION
+    };
+    meta.insert(keys::VERSION, version.to_string());
     meta.insert(keys::BIT_LAYOUT, BIT_LAYOUT.to_string());
     meta.insert(keys::TENANT, d.tenant.clone());
     meta.insert(keys::CREATOR, CREATOR.to_string());
@@ -640,6 +673,18 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
     out.extend_from_slice(&text);
     Ok((out, tensors))
+}
+
+/// Whether two layers' planes and scales are the same tensors (shape, scale
+/// granularity and bytes): `[out, in]` and the orientation may differ only in
+/// the `transposed` flag, which stays per layer.
+fn same_delta(a: &LayerData<'_>, b: &LayerData<'_>) -> bool {
+    a.shape == b.shape
+        && a.bits == b.bits
+        && a.scale == b.scale
+        && a.planes.len() == b.planes.len()
+        && a.scales == b.scales
+        && a.planes == b.planes
 }
 
 mod erased {

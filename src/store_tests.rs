@@ -313,12 +313,23 @@ fn duplicate_keys_are_refused() {
 fn unknown_version_layout_and_missing_keys() {
     let file = sample(11);
     let e = err_of(&with_meta(&file, |m| {
-        m.insert("format_version".into(), "2".into());
+        m.insert("format_version".into(), "3".into());
     }));
     assert!(
-        matches!(e, Error::UnsupportedVersion(_)) && e.to_string().contains("version 2"),
+        matches!(e, Error::UnsupportedVersion(_)) && e.to_string().contains("version 3"),
         "{e}"
     );
+    for v in ["0", "99"] {
+        let e = err_of(&with_meta(&file, |m| {
+            m.insert("format_version".into(), v.into());
+        }));
+        assert!(matches!(e, Error::UnsupportedVersion(_)), "{v}: {e}");
+    }
+    // A version-1 file read as version 2 is fine (2 only adds sharing).
+    let v2 = with_meta(&file, |m| {
+        m.insert("format_version".into(), "2".into());
+    });
+    assert_eq!(parse(&v2).unwrap().version, 2);
     assert_format(
         &with_meta(&file, |m| {
             m.insert("format_version".into(), "one".into());
@@ -395,6 +406,79 @@ fn inconsistent_tables() {
         }),
         "expected U32 [3, 3, 2]",
     );
+}
+
+/// Layers `a` and `b` with the same delta bytes (tied weights), `c` another.
+fn tied_sample() -> Vec<u8> {
+    let planes: Vec<u8> = (0..2 * 3 * words_per_row(45) * 4)
+        .map(|i| (i * 7) as u8)
+        .collect();
+    let other: Vec<u8> = planes.iter().map(|b| b ^ 1).collect();
+    let scales: Vec<u8> = [0.5f32, 0.25]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let layer =
+        |name: &str, transposed: bool, planes: &'static [u8], scales: &'static [u8]| LayerData {
+            name: name.into(),
+            shape: [3, 45],
+            bits: 2,
+            scale: ScaleMode::Matrix,
+            transposed,
+            planes,
+            scales,
+        };
+    let planes: &'static [u8] = Box::leak(planes.into_boxed_slice());
+    let other: &'static [u8] = Box::leak(other.into_boxed_slice());
+    let scales: &'static [u8] = Box::leak(scales.into_boxed_slice());
+    let d = DeltaData {
+        layers: vec![
+            layer("emb", false, planes, scales),
+            layer("head", true, planes, scales),
+            layer("c", false, other, scales),
+        ],
+        params: vec![],
+        tenant: String::new(),
+        base_fingerprint: "00112233445566778899aabbccddeeff".into(),
+        user: BTreeMap::new(),
+    };
+    let (head, tensors) = build(&d).unwrap();
+    let mut out = head;
+    for t in &tensors {
+        out.extend_from_slice(t.data);
+    }
+    out
+}
+
+#[test]
+fn tied_layers_share_one_pair_of_tensors_from_version_2() {
+    let file = tied_sample();
+    let c = parse(&file).unwrap();
+    assert_eq!(c.version, 2);
+    assert_eq!(c.header.tensors.len(), 4, "emb's pair and c's pair only");
+    let (emb, head) = (&c.layers["emb"], &c.layers["head"]);
+    assert_eq!((&emb.planes, &emb.scales), (&head.planes, &head.scales));
+    assert!(
+        !emb.transposed && head.transposed,
+        "the flag stays per layer"
+    );
+    assert_ne!(c.layers["c"].planes, emb.planes);
+    // The same table in a version-1 file is refused, naming the version.
+    assert_format(
+        &with_meta(&file, |m| {
+            m.insert("format_version".into(), "1".into());
+        }),
+        "from format version 2 on",
+    );
+    // A layer's tensor is never a param too, whatever the version.
+    assert_format(
+        &with_meta(&file, |m| {
+            m.insert("params".into(), "[\"emb.qdelta_scales\"]".into());
+        }),
+        "claimed by both",
+    );
+    // Files without equal layers stay version 1 (readable by every reader).
+    assert_eq!(parse(&sample(3)).unwrap().version, 1);
 }
 
 #[test]
@@ -491,10 +575,11 @@ fn mutation_fuzz_never_panics_and_agrees_with_reference() {
         .unwrap()
         .as_nanos() as u64;
     let mut rng = Rng(seed | 1);
-    let base = sample(seed);
+    // Both versions: separate tensors (1) and tied layers sharing a pair (2).
+    let bases = [sample(seed), tied_sample()];
     let mut accepted = 0;
     for i in 0..iterations {
-        let mut file = base.clone();
+        let mut file = bases[i as usize % bases.len()].clone();
         for _ in 0..=rng.below(3) {
             if !file.is_empty() {
                 mutate(&mut rng, &mut file);

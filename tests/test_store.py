@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 import qdelta
@@ -72,6 +74,79 @@ def test_readable_by_the_official_safetensors_package(tmp_path, rng):
     for name, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         assert checksums[name] == xxhash.xxh3_64_hexdigest(raw), name
+
+
+def _with_twins(delta: qdelta.Delta, twins: dict[str, str]) -> qdelta.Delta:
+    """``delta`` plus, for each new name -> existing layer, a layer with the same
+    planes and scales (copies: equal bytes, not the same arrays) and the other
+    orientation flag, as tied embeddings and head give."""
+    layers = dict(delta.layers)
+    for name, of in twins.items():
+        src = delta.layers[of]
+        layers[name] = qdelta.PackedLayer(
+            src.planes.copy(), src.scales.copy(), src.shape, transposed=not src.transposed
+        )
+    return qdelta.Delta(layers, delta.params, delta.base_fingerprint, delta.tenant, delta.metadata)
+
+
+def test_equal_layers_are_stored_once_in_a_version_2_file(tmp_path, rng):
+    plain = make_delta(rng, n_layers=3)
+    first = next(iter(plain.layers))
+    tied = _with_twins(plain, {"lm_head": first})
+    # A near twin (one bit flipped) is stored on its own: only equal bytes share.
+    near = _with_twins(plain, {"lm_head": first})
+    flipped = near.layers["lm_head"].planes.copy()
+    flipped.reshape(-1)[0] ^= 1
+    near.layers["lm_head"] = qdelta.PackedLayer(
+        flipped, near.layers["lm_head"].scales, near.layers["lm_head"].shape
+    )
+    paths = {k: tmp_path / f"{k}.qdelta" for k in ("plain", "tied", "near")}
+    for k, d in (("plain", plain), ("tied", tied), ("near", near)):
+        d.save(paths[k])
+    files = {k: qdelta.DeltaFile(p) for k, p in paths.items()}
+    assert files["plain"].format_version == 1 and files["near"].format_version == 1
+    assert files["tied"].format_version == 2
+    pair = plain.layers[first].nbytes
+    assert len(files["tied"].tensors) == len(files["plain"].tensors)
+    assert len(files["near"].tensors) == len(files["plain"].tensors) + 2
+    assert files["near"].nbytes - files["tied"].nbytes >= pair
+    back = files["tied"].to_delta()
+    assert_same_delta(tied, back)
+    assert np.shares_memory(back.layers["lm_head"].planes, back.layers[first].planes)
+    assert back.layers["lm_head"].transposed != back.layers[first].transposed
+    assert files["tied"].verify() == len(files["tied"].tensors)
+    # The official reader sees each tensor once; both layers name the same pair.
+    with safe_open(str(paths["tied"]), framework="pt") as f:
+        table = json.loads(f.metadata()["layers"])
+        assert len(set(f.keys())) == len(files["tied"].tensors)
+    assert table["lm_head"]["planes"] == table[first]["planes"]
+    assert table["lm_head"]["scales"] == table[first]["scales"]
+    from qdelta.store_cli import describe
+
+    assert f"shared with {first}" in describe(files["tied"])
+    assert "shared with" not in describe(files["near"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), picks=st.lists(st.integers(0, 3), max_size=5))
+def test_twins_round_trip_property(tmp_path_factory, seed, picks):
+    """Any set of layers with twins (twins of twins too) round-trips exactly, each
+    distinct pair stored once, the file version 2 exactly when something is shared."""
+    rng = np.random.default_rng(seed)
+    delta = make_delta(rng, n_layers=4)
+    names = list(delta.layers)
+    twins: dict[str, str] = {}
+    for i, p in enumerate(picks):
+        twins[f"twin.{i}"] = (names + list(twins))[p]
+    tied = _with_twins(delta, {})
+    for name, of in twins.items():
+        tied = _with_twins(tied, {name: of})
+    path = tmp_path_factory.mktemp("twins") / "t.qdelta"
+    tied.save(path)
+    f = qdelta.DeltaFile(path)
+    assert f.format_version == (2 if twins else 1)
+    assert len(f.tensors) == 2 * len(names) + len(delta.params)
+    assert_same_delta(tied, f.to_delta())
 
 
 def test_verify_passes_then_catches_a_flipped_bit(tmp_path, rng):

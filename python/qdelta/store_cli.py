@@ -31,6 +31,13 @@ def describe(f: DeltaFile) -> str:
     rows, fp16 = [], 0
     for name, (out, inp), bits, scale, transposed, planes, scales in f.layer_table:
         alphas = f.tensor(scales)
+        owner = planes.removesuffix(".qdelta_planes")
+        if owner != name:  # tied to an earlier layer: its tensors, stored once
+            mean = f"{float(np.abs(alphas[0]).mean()):.3g}"
+            shared = f"shared with {owner}"
+            flag = "yes" if transposed else "no"
+            rows.append([name, f"{out}x{inp}", str(bits), scale, mean, flag, shared, "-"])
+            continue
         size = sum(nbytes for t, _, _, nbytes in f.tensors if t in (planes, scales))
         dense = 2 * out * inp
         fp16 += dense
