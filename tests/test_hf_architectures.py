@@ -617,6 +617,37 @@ def test_tied_weights_take_the_delta_once(arch):
     torch.testing.assert_close(logits(applied, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama_tied"])
+def test_tied_store_files_share_the_pair_and_serve_from_the_store(arch, tmp_path):
+    """A tied model compressed with its embeddings: the file stores the tied
+    embedding/head delta once (format version 2), and a MultiTenantModel reading
+    the store serves every row as its dense model."""
+    base = build(arch)
+    emb = TIED[arch]
+    plain = copy.deepcopy(base)
+    deltas = [
+        qdelta.compress(base, finetune(base, seed=s), compress_embeddings=True) for s in (1, 2)
+    ]
+    store = qdelta.DeltaStore(tmp_path)
+    for name, d in zip("ab", deltas, strict=True):
+        f = store.add(name, d)
+        assert f.format_version == 2
+        planes_of = {entry[0]: entry[5] for entry in f.layer_table}
+        assert planes_of["lm_head"] == planes_of[emb]  # one planes tensor for both layers
+        unshared = sum(layer.nbytes for layer in d.layers.values())
+        suffixes = (".qdelta_planes", ".qdelta_scales")
+        stored = sum(nbytes for name, _, _, nbytes in f.tensors if name.endswith(suffixes))
+        assert stored == unshared - d.layers[emb].nbytes
+    mtm = qdelta.MultiTenantModel(base, store)
+    rows = prompts(17)
+    ids, mask = padded(rows)
+    out = mtm.forward(ids, ["a", None, "b"], attention_mask=mask).logits
+    refs = (dense_reference(plain, deltas[0]), plain, dense_reference(plain, deltas[1]))
+    for i, ref in enumerate(refs):
+        want = logits(ref, rows[i][None])[0]
+        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+
+
 def test_tied_llama_multitenant_and_differing_tied_deltas_refused():
     base = build("llama_tied")
     ft = finetune(base)
