@@ -84,6 +84,44 @@ def test_compress_writes_a_delta_and_prints_a_summary(tmp_path, capsys):
     _check_summary(text, loaded, ft, 2, "matrix")
 
 
+def test_compress_flags_select_layers_embeddings_and_tenant(tmp_path, capsys):
+    """--target / --exclude / --embeddings / --tenant give what the Python API gives for
+    the same arguments; a tied model's embedding and head are stored once."""
+    base = tiny_llama(tie_word_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    ft = fake_finetune(base)
+    ft.save_pretrained(tmp_path / "ft")
+    out = tmp_path / "sel.qdelta"
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    targets = ["q_proj", "down_proj", "embed_tokens", "lm_head"]
+    flags = [a for t in targets for a in ("--target", t)]
+    flags += ["--exclude", "layers.1.mlp.down_proj"]
+    assert main([*argv, *flags, "--embeddings", "--tenant", "alice"]) == 0
+    text = capsys.readouterr().out
+    assert "MiB on disk" in text
+    loaded = qdelta.load(out)
+    want = qdelta.compress(
+        base,
+        tmp_path / "ft",
+        targets=targets,
+        exclude=["layers.1.mlp.down_proj"],
+        compress_embeddings=True,
+    )
+    assert loaded.tenant == "alice"
+    assert sorted(loaded.layers) == sorted(want.layers)
+    assert "model.layers.1.mlp.down_proj" not in loaded.layers
+    assert "model.layers.0.mlp.down_proj" in loaded.layers
+    for name, layer in want.layers.items():
+        np.testing.assert_array_equal(loaded.layers[name].planes, layer.planes)
+    f = qdelta.DeltaFile(out)
+    assert f.format_version == 2  # tied embed_tokens / lm_head: one pair on disk
+    # A pattern that selects nothing is an error naming it, and nothing is written.
+    bad = tmp_path / "bad.qdelta"
+    argv[-1] = str(bad)
+    assert main([*argv, "--target", "no_such_proj"]) != 0
+    assert "no_such_proj" in capsys.readouterr().err and not bad.exists()
+
+
 def _calib_text(rng: np.random.Generator, n_bytes: int) -> str:
     words = [
         "".join(rng.choice(list("abcdefghij"), size=int(rng.integers(2, 7)))) for _ in range(20)

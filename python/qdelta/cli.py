@@ -183,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int_at_least(0), default=200, help="distillation steps (default 200)"
     )
     comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument(
+        "--target",
+        action="append",
+        metavar="PATTERN",
+        help="compress only these layers: an exact name, a suffix or a regex (repeatable; "
+        "default: every linear layer inside the blocks)",
+    )
+    comp.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="layers to keep whole (repeatable)"
+    )
+    comp.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="compress embeddings and the head too (tied ones are stored once)",
+    )
+    comp.add_argument("--tenant", default="", help="the tenant name written into the file")
     comp.set_defaults(func=_cmd_compress)
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
     zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")

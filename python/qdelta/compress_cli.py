@@ -84,7 +84,16 @@ def run_compress(args: argparse.Namespace) -> int:
     base = load_hf_model(args.base)
     finetuned = load_hf_model(args.finetuned)
     tokenizer = calibration_tokenizer(args.finetuned, args.base, finetuned) if args.calib else None
-    delta = compress(base, finetuned, bits=args.bits, scale=args.scale)
+    delta = compress(
+        base,
+        finetuned,
+        bits=args.bits,
+        scale=args.scale,
+        targets=args.target,
+        exclude=args.exclude,
+        compress_embeddings=args.embeddings,
+        tenant=args.tenant,
+    )
     line = ""
     if args.calib:
         from qdelta.distill import distill
@@ -103,10 +112,11 @@ def run_compress(args: argparse.Namespace) -> int:
     delta.save(args.output)
     packed = sum(layer.nbytes for layer in delta.layers.values())
     dense = _dense_bytes(finetuned, delta)
+    written = Path(args.output).stat().st_size
     print(
         f"{len(delta.layers)} layers, {args.bits} bit(s), scale={args.scale}: "
         f"{packed / 2**20:.3f} MiB packed vs {dense / 2**20:.3f} MiB dense "
         f"(ratio {dense / max(packed, 1):.1f}x); whole tensors {(delta.nbytes - packed) / 2**20:.3f} MiB\n"
-        f"{line}wrote {args.output}"
+        f"{line}wrote {args.output} ({written / 2**20:.3f} MiB on disk)"
     )
     return 0
