@@ -72,8 +72,12 @@ class Calls:
                 for i in range(8)
             },
         }
-        layer = qdelta.PackedLayer(self.planes, self.scales, self.delta.shape)
-        layers = {f"layer{i}": layer for i in range(4)}
+        # Distinct scales: four layers of their own (equal ones would share one pair
+        # of tensors in the file), so verify() hashes 9 tensors on the pool.
+        layers = {
+            f"layer{i}": qdelta.PackedLayer(self.planes, self.scales * (i + 1), self.delta.shape)
+            for i in range(4)
+        }
         self.delta_obj = qdelta.Delta(layers, {"norm": torch.ones(1000)}, "f" * 32, tenant="t")
         self.saved = tmp / "parent.qdelta"
         self.delta_obj.save(self.saved)

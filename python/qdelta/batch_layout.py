@@ -12,6 +12,7 @@ the next ``seq`` the second's.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -59,13 +60,26 @@ def _inputs(
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
     try:
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            model(input_ids=ids, **_probe_kwargs(model, ids))
     except Exception:
         return {}
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+def _probe_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[str, object]:
+    """No cache and an all-ones mask, passed only where the forward takes them (a
+    model whose forward has no ``use_cache`` is probed all the same, not refused)."""
+    wanted = {"attention_mask": torch.ones_like(ids), "use_cache": False}
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: pass both
+        return wanted
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return wanted
+    return {k: v for k, v in wanted.items() if k in params}
 
 
 def _stacked_rows(batched: torch.Tensor, alone: list[torch.Tensor | None]) -> bool:

@@ -55,6 +55,8 @@ from qdelta.tenant_modules import (
 )
 
 TenantIds = torch.Tensor | Sequence[str | int | None]
+# Module name -> (the tenant module class serving it, the tenants it serves).
+_Planned = dict[str, tuple[type[nn.Module], list[str]]]
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -250,9 +252,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
     # ---- checking a delta against the base ----------------------------------
 
-    def _check(
-        self, delta: Delta, name: str, planned: dict[str, type[nn.Module]] | None = None
-    ) -> None:
+    def _check(self, delta: Delta, name: str, planned: _Planned | None = None) -> None:
         """Refuse a delta made against another base, not fitting its shapes, or
         with values the base cannot serve (complex, NaN/Inf, out of its dtype)."""
         try:
@@ -262,16 +262,14 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         for lname, packed in delta.layers.items():
             module = self._base_modules.get(lname)
             conv = module is not None and is_conv1d(module)
-            if not (isinstance(module, (nn.Linear, nn.Embedding)) or conv) or (
-                packed.transposed != conv
-            ):
+            if not (isinstance(module, (nn.Linear, nn.Embedding)) or conv):
                 found = "nothing" if module is None else type(module).__name__
-                how = " transposed" if packed.transposed else ""
                 raise ShapeError(
-                    f"tenant {name!r}: packed layer {lname!r}{how} expects an nn.Linear or "
-                    f"nn.Embedding (not transposed) or a Conv1D (transposed) in the base, "
-                    f"found {found}"
+                    f"tenant {name!r}: packed layer {lname!r} expects an nn.Linear, an "
+                    f"nn.Embedding or a Conv1D in the base, found {found}"
                 )
+            if packed.transposed != conv:
+                raise ShapeError(_orientation_mismatch(name, lname, module, packed.transposed))
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
                 raise QDeltaError(f"tenant {name!r}: {lname!r} uses max_norm, not supported")
             if not self._probed(lname):
@@ -321,21 +319,36 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"* (1 + w), or (x - mean) / std * w + b, checked on a probe input); keep "
                     f"{sorted(attrs)} frozen in the fine-tune or serve it with qdelta.apply"
                 )
-        # One tenant module class per base module: what the loaded tenants (and those
-        # checked before this one for the same batch) are served by decides.
-        planned = {m: type(w) for m, w in self._wrapped.items()} if planned is None else planned
+        # One tenant module class per base module: what the other loaded tenants (and
+        # those checked before this one for the same batch) are served by decides. The
+        # tenant this delta replaces does not count, nor does a module left empty.
+        hint = "remove those tenants first" if planned is None else "split the batch"
+        planned = self._serving(excluding=name) if planned is None else planned
         touched = {m: m in delta.layers for m in self._params_by_module(delta)}
         touched.update(dict.fromkeys(delta.layers, True))
         for mname, packed in touched.items():
             wants = self._wrapper_class(mname, packed)
-            current = planned.setdefault(mname, wants)
+            current, users = planned.setdefault(mname, (wants, []))
             if current is not wants:
                 kind = "packed" if packed else "full-precision"
                 raise QDeltaError(
-                    f"tenant {name!r}: {mname!r} takes a {kind} delta, but other tenants "
-                    f"are served there by {current.__name__}; mixing packed and "
-                    f"full-precision deltas on one layer is not supported"
+                    f"tenant {name!r}: {mname!r} takes a {kind} delta ({wants.__name__}), "
+                    f"but tenants {users} are served there by {current.__name__}; mixing "
+                    f"packed and full-precision deltas on one layer is not supported "
+                    f"({hint}, or compress every tenant alike)"
                 )
+            users.append(name)
+
+    def _serving(self, excluding: str | None = None, among: set[str] | None = None) -> _Planned:
+        """Swapped module name -> (its tenant module class, the loaded tenants it
+        serves), for modules serving a tenant other than ``excluding`` (of ``among``
+        when given)."""
+        out: _Planned = {}
+        for mname, wrapper in self._wrapped.items():
+            users = [t for t in wrapper.tenants if t != excluding and (among is None or t in among)]
+            if users:
+                out[mname] = (type(wrapper), users)
+        return out
 
     def _flat_modules(self) -> set[str]:
         """Base modules whose input is the batch flattened batch first (OPT's MLP
@@ -390,7 +403,11 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     # ---- loading, eviction, module swaps -------------------------------------
 
     def _tenant_bytes(self, delta: Delta) -> int:
-        packed = sum(layer.nbytes for layer in delta.layers.values())
+        # As loaded: planes as stored, scales float32 per plane and row (the stacks
+        # keep matrix scales broadcast to rows, one layout for every kernel).
+        packed = sum(
+            layer.planes.nbytes + 4 * layer.bits * layer.shape[0] for layer in delta.layers.values()
+        )
         params = 0
         for attrs in self._params_by_module(delta).values():
             params += sum(v.numel() for v in attrs.values())
@@ -406,7 +423,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     def _load_batch(self, needed: list[str]) -> None:
         missing = [n for n in needed if n not in self._loaded]
         deltas = {n: self._sources[n]() for n in missing}
-        planned = {m: type(w) for m, w in self._wrapped.items()}
+        # Only this batch's tenants must agree on each layer's tenant module class; a
+        # loaded tenant outside it that disagrees is evicted below, once all is checked.
+        planned = self._serving(among=set(needed))
         for n, d in deltas.items():
             self._check(d, n, planned)
         if self.budget_bytes is not None:
@@ -426,8 +445,20 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         for n in needed:
             if n in self._loaded:
                 self._loaded.move_to_end(n)
+        for n in self._outside_the_plan(planned):
+            self._evict(n)
         for n, delta in deltas.items():
             self._load(n, delta, pinned=set(needed))
+
+    def _outside_the_plan(self, planned: _Planned) -> list[str]:
+        """Loaded tenants on a module whose planned tenant module class is another
+        than the one serving them (packed vs full-precision): they must leave first."""
+        out: dict[str, None] = {}
+        for mname, (cls, _) in planned.items():
+            wrapper = self._wrapped.get(mname)
+            if wrapper is not None and type(wrapper) is not cls:
+                out.update(dict.fromkeys(wrapper.tenants))
+        return list(out)
 
     def _load(self, name: str, delta: Delta, pinned: set[str]) -> None:
         size = self._tenant_bytes(delta)
@@ -480,16 +511,30 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         return out
 
     def _wrap(self, mname: str, packed: bool) -> nn.Module:
-        """The tenant module standing in for base module ``mname`` (swapped in once)."""
+        """The tenant module standing in for base module ``mname`` (swapped in once;
+        swapped again when its tenants left and the next one needs the other class)."""
+        cls = self._wrapper_class(mname, packed)
+        current = self._wrapped.get(mname)
+        if current is not None and type(current) is not cls:
+            if current.tenants:  # _check refuses such a delta before any load
+                raise QDeltaError(
+                    f"{mname!r}: expected no tenants left on its {type(current).__name__} "
+                    f"before serving it by {cls.__name__}, found {current.tenants}"
+                )
+            self._swap(mname, self._base_modules[mname])
+            del self._wrapped[mname]
         if mname not in self._wrapped:
-            module = self._base_modules[mname]
-            wrapper = self._wrapper_class(mname, packed)(module, self._route)
+            wrapper = cls(self._base_modules[mname], self._route)
             wrapper.flat_rows = mname in self._flat_modules()
-            parent, _, child = mname.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, wrapper)
+            self._swap(mname, wrapper)
             self._wrapped[mname] = wrapper
             self._refresh_slots()
         return self._wrapped[mname]
+
+    def _swap(self, mname: str, module: nn.Module) -> None:
+        """Put ``module`` where the model holds module ``mname``."""
+        parent, _, child = mname.rpartition(".")
+        setattr(self.model.get_submodule(parent), child, module)
 
     @serialized
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
@@ -781,6 +826,21 @@ def _check_fits(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
             raise NonFiniteError(
                 f"{what}: expected values finite in the base's {dtype}, found magnitude {peak:g}"
             )
+
+
+def _orientation_mismatch(tenant: str, lname: str, module: nn.Module, transposed: bool) -> str:
+    """The message for a packed layer packed for the other weight layout."""
+    if is_conv1d(module):
+        want, kind = True, "a Conv1D (weight [in, out])"
+    elif isinstance(module, nn.Embedding):
+        want, kind = False, "an nn.Embedding (weight [vocab, dim])"
+    else:
+        want, kind = False, "an nn.Linear (weight [out, in])"
+    return (
+        f"tenant {tenant!r}: packed layer {lname!r} is {kind} in the base, so its delta "
+        f"must have transposed={want}; found transposed={transposed} (a delta made for a "
+        f"model with the other layout)"
+    )
 
 
 def _plain_what(module: nn.Module) -> str:

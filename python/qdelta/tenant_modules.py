@@ -766,8 +766,12 @@ class RoutedLinear(TenantModule):
         super().__init__(base, route)
         self.layer = MultiTenantLinear(base)
         self._slot_by_name: dict[str, int] = {}
-        self._bias_deltas: dict[str, torch.Tensor] = {}
-        self._stacked_bias: torch.Tensor | None = None
+        # Each tenant's own full-precision bias, as given: not a change relative to
+        # the base's bias, which a base checkpoint loaded later may move.
+        self._biases: dict[str, torch.Tensor] = {}
+        self._capacity = 0
+        # (base bias, its version and storage, [capacity + 1, out] change per slot).
+        self._change_cache: tuple | None = None
 
     def add(
         self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
@@ -776,16 +780,17 @@ class RoutedLinear(TenantModule):
         self._names.append(name)
         self._slot_by_name[name] = slot
         if "bias" in params:
-            self._bias_deltas[name] = params["bias"] - self.base.bias
+            self._biases[name] = params["bias"]
 
     def remove(self, name: str) -> None:
         self.layer.remove_tenant(self._slot_by_name.pop(name))
         self._names.remove(name)
-        self._bias_deltas.pop(name, None)
+        self._biases.pop(name, None)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
-        bias = [] if self._stacked_bias is None else [self._stacked_bias]
-        return [self.layer.planes, self.layer.scales, *bias]
+        cached = self._change_cache
+        change = [] if cached is None else [cached[3]]
+        return [self.layer.planes, self.layer.scales, *self._biases.values(), *change]
 
     def local_index(self, name: str) -> int | None:
         # MultiTenantLinear's ids are the model slots themselves.
@@ -793,15 +798,34 @@ class RoutedLinear(TenantModule):
 
     def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
         super().set_slots(slot_of, capacity)
-        if not self._bias_deltas:
-            self._stacked_bias = None
-            return
-        # Row s: slot s's bias change; the last row (index -1, base rows) adds nothing.
-        stacked = torch.zeros(capacity + 1, self.layer.out_features, dtype=self.base.bias.dtype)
-        stacked = stacked.to(self.base.bias.device)
-        for name, bias in self._bias_deltas.items():
-            stacked[self._slot_by_name[name]] = bias
-        self._stacked_bias = stacked
+        self._capacity = capacity
+        self._change_cache = None
+
+    def _bias_change(self) -> torch.Tensor | None:
+        """``[capacity + 1, out]``: row s is slot s's bias minus the base's bias as it
+        is now (zero for tenants keeping the base's; the last row, index -1, is the
+        base rows'). Made again only when the slots or the base bias change."""
+        if not self._biases:
+            return None
+        bias = self.base.bias
+        version = _version(bias)
+        cached = self._change_cache
+        if (
+            cached is not None
+            and cached[0] is bias
+            and cached[1:3] == (version, bias.data_ptr())
+            and version is not None
+        ):
+            return cached[3]
+        # Outside inference mode (a versioned tensor, as the other per-batch shortcuts),
+        # and no gradient (leaving inference mode turns it back on).
+        with torch.inference_mode(False), torch.no_grad():
+            change = torch.zeros(self._capacity + 1, self.layer.out_features, dtype=bias.dtype)
+            change = change.to(bias.device)
+            for name, own in self._biases.items():
+                change[self._slot_by_name[name]] = own - bias
+        self._change_cache = (bias, version, bias.data_ptr(), change)
+        return change
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rows()
@@ -814,7 +838,8 @@ class RoutedLinear(TenantModule):
         # Straight to forward: the layer is internal (no hooks of its own), and
         # nn.Module's call machinery costs a fifth of a decode-sized call.
         out = self.layer.forward(x, local)
-        if self._stacked_bias is not None:
-            bias = self._stacked_bias[local]
+        change = self._bias_change()
+        if change is not None:
+            bias = change[local]
             out = out + bias.view(x.shape[0], *(1,) * (x.dim() - 2), -1).to(out.dtype)
         return out
