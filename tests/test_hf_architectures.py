@@ -109,6 +109,9 @@ def _config(arch: str, **kw):
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, rotary_dim=4, **kw
         )
         return cfg, T.GPTJForCausalLM
+    if arch == "mixtral":
+        cfg = T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, **kw)
+        return cfg, T.MixtralForCausalLM
     if arch == "gpt2":
         cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **kw)
         cfg.bos_token_id = cfg.eos_token_id = 0
@@ -126,6 +129,7 @@ def _available(arch: str) -> bool:
         "bloom": "BloomForCausalLM",
         "bigcode": "GPTBigCodeForCausalLM",
         "gptj": "GPTJForCausalLM",
+        "mixtral": "MixtralForCausalLM",
     }
     return hasattr(transformers, names.get(arch, "LlamaForCausalLM"))
 
@@ -388,6 +392,30 @@ def test_layernorm_conv1d_multitenant_rows_equal_their_dense_models(arch, ce):
         torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
     kinds = {type(m).__name__ for m in mtm.model.modules()}
     assert {"RowLayerNorm", "RoutedLinear"} <= kinds
+
+
+@pytest.mark.parametrize("arch", _arch("mixtral"))
+def test_mixture_of_experts_attention_tenants_served_experts_refused(arch):
+    """Mixtral: a fine-tune of attention, norms and embeddings is served per row; one
+    that changes the experts or the router (kept whole by compress: not nn.Linear
+    layers) is refused before any swap, naming the module, and the model serves on."""
+    base = build(arch)
+    plain = copy.deepcopy(base)
+    attn = qdelta.compress(base, finetune(base, skip=("mlp",)))
+    full = qdelta.compress(base, finetune(base, seed=2))
+    assert not any(".mlp." in n for n in full.layers)  # experts are whole tensors
+    mtm = qdelta.MultiTenantModel(base)
+    with pytest.raises(qdelta.QDeltaError, match=r"mlp\.gate"):
+        mtm.add_tenant("full", full)
+    assert no_swaps(mtm.model) and mtm.tenants == []
+    mtm.add_tenant("attn", attn)
+    rows = prompts(4)
+    ids, mask = padded(rows)
+    out = mtm.forward(ids, ["attn", None, "attn"], attention_mask=mask).logits
+    ref = dense_reference(plain, attn)
+    for i, who in enumerate((ref, plain, ref)):
+        want = logits(who, rows[i][None])[0]
+        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_full_precision_conv1d_and_bias_only_tenants():

@@ -439,10 +439,8 @@ def test_probe_failing_forward_refuses_and_keeps_serving(gen):
 
 def test_probe_runs_once_per_model(gen, monkeypatch):
     calls = []
-    real = runtime.batch_first_flat
-    monkeypatch.setattr(
-        runtime, "batch_first_flat", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    real = runtime.probe_layouts
+    monkeypatch.setattr(runtime, "probe_layouts", lambda *a, **k: calls.append(1) or real(*a, **k))
     s = seeds(gen, 3)
     base = build("opt", seed=s[0])
     plain = copy.deepcopy(base)
@@ -483,3 +481,48 @@ def test_resident_bytes_are_the_loaded_tensors_bytes(arch, ce, scale):
     model.preload(["a", "b"])
     held = sum(m.tenant_nbytes() for m in model.model.modules() if isinstance(m, TenantModule))
     assert model.resident_bytes == held
+
+
+class _Out:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class GatheredTokensLM(nn.Module):
+    """A toy causal LM with one mixture-of-experts style layer: ``expert`` runs on
+    the tokens with an even id only, gathered from the whole batch (their count has
+    nothing to do with the batch size, though it may equal it)."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 16) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": vocab})()
+        self.embed = nn.Embedding(vocab, d)
+        self.expert = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        h = self.embed(input_ids)
+        flat = h.reshape(-1, h.shape[-1])
+        picked = (input_ids.reshape(-1) % 2 == 0).nonzero().squeeze(1)
+        mixed = flat.clone()
+        mixed[picked] = flat[picked] + self.expert(flat[picked])
+        return _Out(self.head(torch.tanh(mixed.reshape(h.shape))))
+
+
+def test_gathered_token_rows_are_never_taken_for_the_batch():
+    """The expert sees as many rows as the batch has sequences, but they are two
+    tokens of the *second* sequence: routing them as batch rows would give the
+    first row's tenant to the second row's tokens. The probe marks the layer, so a
+    mixed batch is refused; a batch of one tenant is served exactly."""
+    torch.manual_seed(0)
+    base = GatheredTokensLM()
+    plain = copy.deepcopy(base)
+    delta = qdelta.compress(base, finetune(base), targets=["expert", "head"])
+    model = qdelta.MultiTenantModel(base, tenants={"t": delta})
+    ids = torch.tensor([[1, 3, 5, 7, 9], [2, 11, 4, 13, 15]])  # even ids: two, both in row 1
+    assert "expert" in model._layouts().other and "head" not in model._layouts().other
+    with pytest.raises(qdelta.ShapeError, match="reshapes the batch"):
+        model.forward(ids, ["t", None])
+    ref = dense_reference(plain, delta)
+    torch.testing.assert_close(model.forward(ids, ["t", "t"]).logits, ref(ids).logits, **TOL)
+    torch.testing.assert_close(model.forward(ids, [None, None]).logits, plain(ids).logits, **TOL)

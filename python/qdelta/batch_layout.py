@@ -7,13 +7,16 @@ the flattening, and that is found here by running the model, not assumed: the
 model's forward runs on a two-sequence probe batch and on each sequence alone,
 and a module counts as *batch-first flat* when its batched input is 2-D with
 ``batch * seq`` rows whose first ``seq`` rows are the first sequence's input and
-the next ``seq`` the second's.
+the next ``seq`` the second's. A module whose input is neither ``[batch, seq, ...]``
+nor that flattening (the tokens a mixture-of-experts router sent to one expert)
+is recorded too: its rows are not the batch's, whatever their count.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,26 +25,51 @@ from torch import nn
 _PROBE_BATCH, _PROBE_SEQ = 2, 3
 
 
-def batch_first_flat(model: nn.Module, modules: dict[str, nn.Module], vocab: int) -> set[str]:
-    """Names of ``modules`` (submodules of ``model``) whose input is the batch
-    flattened batch first. The model runs without a cache and without gradients;
-    a model whose forward fails on the probe yields the empty set (every module
-    then keeps the batch-first-or-refused rule)."""
+@dataclass(frozen=True)
+class Layouts:
+    """What the probe saw: ``flat`` modules get the batch flattened batch first
+    (confirmed against each sequence alone); ``other`` modules get rows that are
+    neither the batch nor its flattening (a mixture-of-experts expert's gathered
+    tokens, say): no per-row tenant can be routed there."""
+
+    flat: frozenset[str] = frozenset()
+    other: frozenset[str] = frozenset()
+
+
+def probe_layouts(model: nn.Module, modules: dict[str, nn.Module], vocab: int) -> Layouts:
+    """The input layout of each of ``modules`` (submodules of ``model``), from one
+    forward of a probe batch (two more when some module sees ``[batch * seq]``
+    rows). The model runs without a cache and without gradients, called as
+    MultiTenantModel calls it (position ids given). A model whose forward fails on
+    the probe yields empty layouts: every module then keeps the
+    batch-first-or-refused rule. Modules the probe did not reach are in neither set."""
     if vocab < 1 or not modules:
-        return set()
+        return Layouts()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (_PROBE_BATCH, _PROBE_SEQ), generator=gen)
     try:
         device = next(model.parameters()).device
     except StopIteration:
-        return set()
+        return Layouts()
     ids = ids.to(device)
     batched = _inputs(model, modules.items(), ids)
     flat = {n for n, x in batched.items() if x.dim() == 2 and x.shape[0] == ids.numel()}
-    if not flat:
-        return set()
-    alone = [_inputs(model, ((n, modules[n]) for n in flat), ids[i : i + 1]) for i in range(2)]
-    return {n for n in flat if _stacked_rows(batched[n], [a.get(n) for a in alone])}
+    # Batch first: [batch, ...] of 3 or more dimensions (hidden states, Gemma 3's
+    # per-head norms on [batch, heads, seq, dim]) or the ids themselves. A 2-D
+    # [batch, hidden] could as well be two gathered tokens: not counted.
+    batch = {
+        n
+        for n, x in batched.items()
+        if x.dim() > 0
+        and x.shape[0] == ids.shape[0]
+        and (x.dim() >= 3 or tuple(x.shape) == tuple(ids.shape))
+    }
+    confirmed: set[str] = set()
+    if flat:
+        alone = [_inputs(model, ((n, modules[n]) for n in flat), ids[i : i + 1]) for i in range(2)]
+        confirmed = {n for n in flat if _stacked_rows(batched[n], [a.get(n) for a in alone])}
+    other = set(batched) - batch - confirmed
+    return Layouts(flat=frozenset(confirmed), other=frozenset(other))
 
 
 def _inputs(
@@ -70,9 +98,15 @@ def _inputs(
 
 
 def _probe_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[str, object]:
-    """No cache and an all-ones mask, passed only where the forward takes them (a
-    model whose forward has no ``use_cache`` is probed all the same, not refused)."""
-    wanted = {"attention_mask": torch.ones_like(ids), "use_cache": False}
+    """No cache, an all-ones mask and per-sequence position ids, passed only where
+    the forward takes them (a model whose forward has no ``use_cache`` is probed
+    all the same, not refused)."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    wanted = {
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": positions,  # as MultiTenantModel passes them: one row per sequence
+        "use_cache": False,
+    }
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # no signature to read: pass both

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdelta.batch_layout import batch_first_flat
+from qdelta.batch_layout import Layouts, probe_layouts
 from qdelta.checks import as_int, check_tensor_like
 from qdelta.delta import Delta
 from qdelta.errors import (
@@ -131,7 +131,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._ties = self._tied_groups(base_model)
         self._probe_results: dict[str, bool] = {}  # module name -> _servable(), probed once
         self._wrapper_classes: dict[tuple[str, bool], type[nn.Module]] = {}
-        self._flat: set[str] | None = None  # modules seeing [batch * seq, ...] (probed)
+        self._layout: Layouts | None = None  # how modules see the batch (probed once)
         self._fingerprint: str | None = None
         self._sources: dict[str, Callable[[], Delta]] = {}
         self._ids: dict[str, int] = {}
@@ -352,9 +352,13 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
     def _flat_modules(self) -> set[str]:
         """Base modules whose input is the batch flattened batch first (OPT's MLP
-        and final_layer_norm), found once by a probe forward of the model
-        (:mod:`qdelta.batch_layout`) with no rows routed."""
-        if self._flat is None:
+        and final_layer_norm)."""
+        return set(self._layouts().flat)
+
+    def _layouts(self) -> Layouts:
+        """How each base module's input holds the batch, found once by a probe
+        forward of the model (:mod:`qdelta.batch_layout`) with no rows routed."""
+        if self._layout is None:
             candidates = {
                 n: m
                 for n, m in self._base_modules.items()
@@ -362,10 +366,10 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             }
             routed, self._route.slots = self._route.slots, None
             try:
-                self._flat = batch_first_flat(self.model, candidates, self._vocab_size())
+                self._layout = probe_layouts(self.model, candidates, self._vocab_size())
             finally:
                 self._route.slots = routed
-        return self._flat
+        return self._layout
 
     def _wrapper_class(self, mname: str, packed: bool) -> type[nn.Module]:
         """The tenant module class for base module ``mname`` (norms: by their
@@ -525,7 +529,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             del self._wrapped[mname]
         if mname not in self._wrapped:
             wrapper = cls(self._base_modules[mname], self._route)
-            wrapper.flat_rows = mname in self._flat_modules()
+            layouts = self._layouts()
+            wrapper.flat_rows = mname in layouts.flat
+            wrapper.gathered_rows = mname in layouts.other
             self._swap(mname, wrapper)
             self._wrapped[mname] = wrapper
             self._refresh_slots()

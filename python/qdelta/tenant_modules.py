@@ -65,6 +65,9 @@ class TenantModule(nn.Module):
         # Whether inputs may come as [batch * seq, ...], batch first (set by
         # MultiTenantModel from its probe of the base; see _rows_of).
         self.flat_rows = False
+        # Whether its rows are not the batch's at all (a mixture-of-experts expert's
+        # gathered tokens, found by the same probe): only one tenant per batch then.
+        self.gathered_rows = False
         self._repeat_cache: tuple | None = None
         # The wrapped model's state dict (save_pretrained, checkpoints) stays the
         # base's own: under this module's name, the base module's keys, once.
@@ -114,9 +117,11 @@ class TenantModule(nn.Module):
         is routed (each batch row's tenant repeated for its ``seq`` entries) only
         where MultiTenantModel probed this module and saw the batch flattened batch
         first (``flat_rows``), or when every row has the same tenant; elsewhere
-        guessing the fold would be guesswork: a ShapeError, not other rows' weights."""
+        guessing the fold would be guesswork: a ShapeError, not other rows' weights.
+        Where the probe saw rows that are not the batch's at all (``gathered_rows``),
+        even a first dimension the batch's size is no batch."""
         batch = local.shape[0]
-        if x.dim() > 0 and x.shape[0] == batch:
+        if x.dim() > 0 and x.shape[0] == batch and not self.gathered_rows:
             return local
         if self.flat_rows and x.dim() == 2 and batch and x.shape[0] % batch == 0:
             return self._repeated(local, x.shape[0] // batch)
