@@ -210,6 +210,23 @@ def padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def assert_rows_are_their_models(out: torch.Tensor, rows: list[torch.Tensor], refs) -> None:
+    """Row ``i`` of a left-padded batch's logits ``out`` equals model ``refs[i]``'s
+    own logits on ``rows[i]`` alone."""
+    for i, (p, ref) in enumerate(zip(rows, refs, strict=True)):
+        want = logits(ref, p[None])[0]
+        torch.testing.assert_close(out[i, -len(p) :], want.to(out.dtype), rtol=1e-5, atol=1e-5)
+
+
+def assert_decoding_is_their_models(gen, rows: list[torch.Tensor], refs) -> None:
+    """Each row's logits at every decoding step (``generate(..., return_logits=True)``)
+    equal model ``refs[i]``'s on the prompt followed by the tokens decoded so far."""
+    for i, (p, ref) in enumerate(zip(rows, refs, strict=True)):
+        seq = torch.cat([p, gen.tokens[i, :-1]])
+        want = logits(ref, seq[None])[0, len(p) - 1 :]
+        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+
+
 def prompts(seed: int, lengths=(7, 4, 5)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
@@ -236,15 +253,10 @@ def test_gemma_multitenant_rows_equal_their_dense_models(arch, ce):
     rows = prompts(7)
     ids, mask = padded(rows)
     out = mtm.forward(ids, ["a", "b", None], attention_mask=mask).logits.float()
-    for i, p in enumerate(rows):
-        want = logits(refs[i], p[None])[0]
-        torch.testing.assert_close(out[i, -len(p) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, refs)
     # Decoding with the cache too (Gemma2/3: sliding window 4 < the 7-token prompt).
     gen = mtm.generate(ids, ["a", "b", None], 3, attention_mask=mask, return_logits=True)
-    for i, p in enumerate(rows):
-        seq = torch.cat([p, gen.tokens[i, :-1]])
-        want = logits(refs[i], seq[None])[0, len(p) - 1 :]
-        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+    assert_decoding_is_their_models(gen, rows, refs)
 
 
 @pytest.mark.parametrize("ce", [False, True])
@@ -382,14 +394,9 @@ def test_layernorm_conv1d_multitenant_rows_equal_their_dense_models(arch, ce):
     rows = prompts(13)
     ids, mask = padded(rows)
     out = mtm.forward(ids, ["a", "b", None], attention_mask=mask).logits.float()
-    for i, p in enumerate(rows):
-        want = logits(refs[i], p[None])[0]
-        torch.testing.assert_close(out[i, -len(p) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, refs)
     gen = mtm.generate(ids, ["b", None, "a"], 3, attention_mask=mask, return_logits=True)
-    for i, who in enumerate((refs[1], plain, refs[0])):
-        seq = torch.cat([rows[i], gen.tokens[i, :-1]])
-        want = logits(who, seq[None])[0, len(rows[i]) - 1 :]
-        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+    assert_decoding_is_their_models(gen, rows, (refs[1], plain, refs[0]))
     kinds = {type(m).__name__ for m in mtm.model.modules()}
     assert {"RowLayerNorm", "RoutedLinear"} <= kinds
 
@@ -413,9 +420,7 @@ def test_mixture_of_experts_attention_tenants_served_experts_refused(arch):
     ids, mask = padded(rows)
     out = mtm.forward(ids, ["attn", None, "attn"], attention_mask=mask).logits
     ref = dense_reference(plain, attn)
-    for i, who in enumerate((ref, plain, ref)):
-        want = logits(who, rows[i][None])[0]
-        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, (ref, plain, ref))
 
 
 def test_gpt2_full_precision_conv1d_and_bias_only_tenants():
@@ -671,9 +676,7 @@ def test_tied_store_files_share_the_pair_and_serve_from_the_store(arch, tmp_path
     ids, mask = padded(rows)
     out = mtm.forward(ids, ["a", None, "b"], attention_mask=mask).logits
     refs = (dense_reference(plain, deltas[0]), plain, dense_reference(plain, deltas[1]))
-    for i, ref in enumerate(refs):
-        want = logits(ref, rows[i][None])[0]
-        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, refs)
 
 
 def test_tied_llama_multitenant_and_differing_tied_deltas_refused():
@@ -685,9 +688,7 @@ def test_tied_llama_multitenant_and_differing_tied_deltas_refused():
     ids, mask = padded(rows)
     mtm = qdelta.MultiTenantModel(copy.deepcopy(base), tenants={"t": delta})
     out = mtm.forward(ids, ["t", None, "t"], attention_mask=mask).logits
-    for i, who in enumerate((ref, base, ref)):
-        want = logits(who, rows[i][None])[0]
-        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, (ref, base, ref))
 
     # Tied layers whose deltas differ (e.g. scales distilled apart): one weight cannot
     # hold both, so merge refuses, before writing anything.
@@ -760,14 +761,9 @@ def test_opt_flattened_mlp_and_norms_served_per_row(packed):
     refs = {"t": dense_reference(plain, delta), "u": dense_reference(plain, other), None: plain}
     who = ["t", None, "u"]
     out = mtm.forward(ids, who, attention_mask=mask).logits
-    for i, name in enumerate(who):
-        want = logits(refs[name], rows[i][None])[0]
-        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, [refs[name] for name in who])
     gen = mtm.generate(ids, who, 3, attention_mask=mask, return_logits=True)
-    for i, name in enumerate(who):
-        seq = torch.cat([rows[i], gen.tokens[i, :-1]])
-        want = logits(refs[name], seq[None])[0, len(rows[i]) - 1 :]
-        torch.testing.assert_close(gen.logits[i], want, rtol=1e-5, atol=1e-5)
+    assert_decoding_is_their_models(gen, rows, [refs[name] for name in who])
 
 
 class _Logits:
@@ -834,9 +830,7 @@ def test_opt_layernorms_served_where_the_batch_is_first():
     mtm = qdelta.MultiTenantModel(base, tenants={"t": delta, "flat": flat_norm})
     out = mtm.forward(ids, [None, "t", "flat"], attention_mask=mask).logits
     refs = (plain, dense_reference(plain, delta), dense_reference(plain, flat_norm))
-    for i, who in enumerate(refs):
-        want = logits(who, rows[i][None])[0]
-        torch.testing.assert_close(out[i, -len(rows[i]) :], want, rtol=1e-5, atol=1e-5)
+    assert_rows_are_their_models(out, rows, refs)
 
 
 def test_opt_compress_embeddings_keeps_positions_whole():
