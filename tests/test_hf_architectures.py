@@ -756,8 +756,8 @@ def test_opt_flattened_mlp_and_norms_served_per_row(packed):
     ft2 = finetune(base, seed=8, skip=("embed_positions",))
     other = qdelta.compress(base, ft2, targets=None if packed else attn)
     mtm = qdelta.MultiTenantModel(base, tenants={"t": delta, "u": other})
-    assert "model.decoder.layers.1.fc2" in mtm._flat_modules()
-    assert "model.decoder.layers.0.self_attn.q_proj" not in mtm._flat_modules()
+    assert "model.decoder.layers.1.fc2" in mtm._layouts().flat
+    assert "model.decoder.layers.0.self_attn.q_proj" not in mtm._layouts().flat
     refs = {"t": dense_reference(plain, delta), "u": dense_reference(plain, other), None: plain}
     who = ["t", None, "u"]
     out = mtm.forward(ids, who, attention_mask=mask).logits
@@ -799,7 +799,7 @@ def test_flattened_rows_in_another_order_are_refused_not_misrouted():
     delta = qdelta.compress(base, ft, targets=["mid", "head"])
     mtm = qdelta.MultiTenantModel(base, tenants={"t": delta})
     ids = torch.stack(prompts(2, (5, 5)))
-    assert mtm._flat_modules() == set()
+    assert mtm._layouts().flat == set()
     with pytest.raises(qdelta.ShapeError, match="reshapes the batch"):
         mtm.forward(ids, ["t", None])
     # Base rows still served; a batch of one sequence has no order to get wrong.

@@ -419,7 +419,7 @@ def test_probe_runs_a_forward_without_use_cache(gen):
     base, plain, delta, ids = _flat_parts(gen)
     model = qdelta.MultiTenantModel(base, tenants={"t": delta})
     out = model.forward(ids, ["t", None, "t"]).logits
-    assert model._flat_modules() == {"mid"}
+    assert model._layouts().flat == {"mid"}
     ref = dense_reference(plain, delta)
     for i, who in enumerate((ref, plain, ref)):
         torch.testing.assert_close(out[i], who(ids[i : i + 1]).logits[0], **TOL)
@@ -430,7 +430,7 @@ def test_probe_failing_forward_refuses_and_keeps_serving(gen):
     model = qdelta.MultiTenantModel(base, tenants={"t": delta})
     with pytest.raises(qdelta.ShapeError, match="reshapes the batch"):
         model.forward(ids, ["t", None, "t"])
-    assert model._flat_modules() == set()
+    assert model._layouts().flat == set()
     torch.testing.assert_close(model.forward(ids, [None] * 3).logits, plain(ids).logits, **TOL)
     # One tenant for the whole batch has no order to get wrong.
     got = model.forward(ids, ["t"] * 3).logits
@@ -452,7 +452,7 @@ def test_probe_runs_once_per_model(gen, monkeypatch):
     ref = dense_reference(plain, delta).half()
     for i, who in enumerate((ref, plain.half())):
         torch.testing.assert_close(out[i], logits(who, ids[i : i + 1])[0], rtol=0, atol=5e-2)
-    assert "model.decoder.layers.0.fc1" in model._flat_modules()
+    assert "model.decoder.layers.0.fc1" in model._layouts().flat
     model.remove_tenant("t")
     model.add_tenant("t", delta)
     model.float()

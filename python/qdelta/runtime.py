@@ -350,11 +350,6 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 out[mname] = (type(wrapper), users)
         return out
 
-    def _flat_modules(self) -> set[str]:
-        """Base modules whose input is the batch flattened batch first (OPT's MLP
-        and final_layer_norm)."""
-        return set(self._layouts().flat)
-
     def _layouts(self) -> Layouts:
         """How each base module's input holds the batch, found once by a probe
         forward of the model (:mod:`qdelta.batch_layout`) with no rows routed."""
