@@ -71,6 +71,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return run_compress(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from qdelta.generate_cli import run_generate
+
+    return run_generate(args)
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from qdelta.zoo import main as zoo_main
 
@@ -200,6 +206,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--tenant", default="", help="the tenant name written into the file")
     comp.set_defaults(func=_cmd_compress)
+    gen = sub.add_parser(
+        "generate",
+        help="one batch, each row served by its own tenant of a delta store",
+        description="Decode one left-padded batch on BASE_DIR with every row served by "
+        "its tenant from STORE_DIR (a directory of TENANT.qdelta files), in one forward "
+        "per step. The tokenizer is BASE_DIR's (qdelta_tokenizer.json or a Hugging Face "
+        "tokenizer, local files only).",
+    )
+    gen.add_argument("base", help="base model directory (Hugging Face, safetensors)")
+    gen.add_argument("store", help="delta store directory (TENANT.qdelta files)")
+    gen.add_argument(
+        "--tenant",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a row's tenant, '-' for the base model (repeatable: one row each)",
+    )
+    gen.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="one prompt for every row, or one per --tenant in order",
+    )
+    gen.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
+    gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int_at_least(1), default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--json", action="store_true", help="print the rows as JSON")
+    gen.set_defaults(func=_cmd_generate)
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
     zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
     zoo.add_argument("--seed", type=int, default=0)

@@ -35,20 +35,28 @@ def _vocab_rows(model: nn.Module) -> int | None:
 
 
 def calibration_tokenizer(finetuned: str | Path, base: str | Path, model: nn.Module) -> Any:
-    """The tokenizer for ``--calib`` text: qdelta's byte tokenizer (``qdelta_tokenizer.json``)
-    in the fine-tune dir, else in the base dir; else a Hugging Face tokenizer from the
-    fine-tune dir, else the base dir (local files only); else a :class:`CalibrationError`."""
-    dirs = [Path(finetuned), Path(base)]
+    """The tokenizer for ``--calib`` text (:func:`local_tokenizer` of the fine-tune dir,
+    then the base dir), or a :class:`CalibrationError`."""
+    return local_tokenizer([finetuned, base], model, "--calib", CalibrationError)
+
+
+def local_tokenizer(
+    directories: list[str | Path], model: nn.Module, purpose: str, error: type[QDeltaError]
+) -> Any:
+    """qdelta's byte tokenizer (``qdelta_tokenizer.json``) in the first of
+    ``directories`` that has one; else a Hugging Face tokenizer from the first that
+    has one (local files only); else ``error`` saying ``purpose`` needs one."""
+    dirs = [Path(d) for d in directories]
     rows = _vocab_rows(model)
     for d in dirs:
         if (d / TOKENIZER_FILE).is_file():
             try:
                 tok = ByteTokenizer.load(d)
             except QDeltaError as e:
-                raise CalibrationError(f"calibration tokenizer: {e}") from e
+                raise error(f"{purpose} tokenizer: {e}") from e
             if rows is not None and rows < tok.vocab_size:
-                raise CalibrationError(
-                    f"calibration tokenizer {d / TOKENIZER_FILE}: expected a model with at least "
+                raise error(
+                    f"{purpose} tokenizer {d / TOKENIZER_FILE}: expected a model with at least "
                     f"{tok.vocab_size} embedding rows for its ids, found {rows}"
                 )
             return tok
@@ -63,9 +71,10 @@ def calibration_tokenizer(finetuned: str | Path, base: str | Path, model: nn.Mod
         except Exception as e:  # transformers raises OSError, ValueError, TypeError, ...
             failures.append(f"{d}: {type(e).__name__}: {' '.join(str(e).split())}")
     found = "; ".join(failures) if failures else "none"
-    raise CalibrationError(
-        f"--calib needs a tokenizer: expected {TOKENIZER_FILE} or a Hugging Face tokenizer "
-        f"({', '.join(HF_TOKENIZER_FILES)}) in {dirs[0]} or {dirs[1]}, found {found}"
+    where = " or ".join(str(d) for d in dirs)
+    raise error(
+        f"{purpose} needs a tokenizer: expected {TOKENIZER_FILE} or a Hugging Face tokenizer "
+        f"({', '.join(HF_TOKENIZER_FILES)}) in {where}, found {found}"
     )
 
 
