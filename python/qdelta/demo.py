@@ -24,7 +24,7 @@ from qdelta.compress import compress
 from qdelta.memory import LLAMA_7B, LlamaShape, llama_serving_bytes
 from qdelta.nn import merge
 from qdelta.plots import plot_memory, plot_quality
-from qdelta.runtime import MultiTenantModel
+from qdelta.runtime import MultiTenantModel, left_padded
 from qdelta.store import DeltaStore
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
 from qdelta.zoo_eval import default_distill_steps, evaluate_into, fp16_bytes
@@ -71,10 +71,7 @@ def mixed_batch(
         if k == 0:
             rows.append(None)
             prompts.append(_prompts(zoo, zoo.domains[0], 1)[0])
-    width = max(len(p) for p in prompts)
-    pad = zoo.tokenizer.pad_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, mask = left_padded(prompts, zoo.tokenizer.pad_id)
     base = zoo.load("base")
     served = MultiTenantModel(copy.deepcopy(base), store, tenants=names)
     out = served.generate(ids, rows, new_tokens, attention_mask=mask)

@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qdelta.compress_cli import local_tokenizer
 from qdelta.errors import FileError, ShapeError
-from qdelta.runtime import MultiTenantModel
+from qdelta.runtime import MultiTenantModel, left_padded
 from qdelta.sources import load_hf_model
 from qdelta.store import DeltaStore
 
@@ -34,13 +32,6 @@ def rows_of(tenants: list[str], prompts: list[str]) -> list[tuple[str | None, st
     return [(None if t == BASE_ROW else t, p) for t, p in zip(tenants, prompts, strict=True)]
 
 
-def _left_padded(encoded: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(e) for e in encoded)
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return ids, mask
-
-
 def _encode(tokenizer: Any, text: str) -> list[int]:
     ids = list(tokenizer(text)["input_ids"])
     if not ids:
@@ -58,7 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
     served = MultiTenantModel(base, DeltaStore(store_dir))
     encoded = [_encode(tokenizer, p) for _, p in rows]
     pad = getattr(tokenizer, "pad_token_id", None)
-    ids, mask = _left_padded(encoded, 0 if pad is None else int(pad))
+    ids, mask = left_padded(encoded, 0 if pad is None else int(pad))
     eos = getattr(tokenizer, "eos_token_id", getattr(tokenizer, "eos_id", None))
     out = served.generate(
         ids,

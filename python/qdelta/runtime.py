@@ -860,6 +860,15 @@ def _wrapper_class(module: nn.Module, packed: bool) -> type[nn.Module]:
     return RowRMSNorm
 
 
+def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch ``(input_ids, attention_mask)``, the
+    form :meth:`MultiTenantModel.generate` takes."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (0 under left padding)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -893,4 +902,4 @@ def _pick(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-__all__ = ["Generation", "MultiTenantModel"]
+__all__ = ["Generation", "MultiTenantModel", "left_padded"]
