@@ -53,6 +53,7 @@ bench: develop
 	$(PY) benches/bench_fused.py
 	$(PY) benches/bench_runtime.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
+	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results --window 512 --layout contiguous
 	PYTHONPATH=python $(PY) benches/bench_host_cuda.py --out benches/results
 	PYTHONPATH=python $(PY) benches/distill_convergence.py
 

@@ -7,6 +7,13 @@ configuration runs in fresh processes (the SDPA baseline too, as a world of 1),
 each process limited to one thread, so the numbers compare like with like.
 
     python benches/bench_ring_cpu.py --out benches/results
+    python benches/bench_ring_cpu.py --out benches/results --window 512 --layout contiguous
+
+With ``--window W`` every run is sliding-window causal attention (query i sees
+keys i - W < j <= i): the SDPA baseline gets the window as a boolean mask, the
+rings take ``window=W`` (pairs out of reach skipped, the turn cut short), and a
+ring at the largest world size without a window shows what the window saves.
+Results then go to ``ring_cpu_window<W>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,13 @@ def _rss_kib() -> int:
     return 0
 
 
-def _job(rank, world_size, mode, seq_len, heads, head_dim, repeats, layout):
+def _window_mask(seq_len: int, window: int) -> torch.Tensor:
+    pos = torch.arange(seq_len)
+    dist = pos[:, None] - pos[None, :]
+    return (dist >= 0) & (dist < window)
+
+
+def _job(rank, world_size, mode, seq_len, heads, head_dim, repeats, layout, window=None):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=gen) for _ in range(3))
     if mode == "ring":
@@ -42,8 +55,11 @@ def _job(rank, world_size, mode, seq_len, heads, head_dim, repeats, layout):
 
     def attend(q, k, v):
         if mode == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return ring_attention(q, k, v, causal=True, layout=layout, backend="sdpa")
+            if window is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            mask = _window_mask(q.shape[2], window)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return ring_attention(q, k, v, causal=True, layout=layout, backend="sdpa", window=window)
 
     # Page in the code paths (SDPA, autograd, gloo) with a tiny run first, so the
     # RSS growth below is data, not libraries being loaded.
@@ -73,11 +89,11 @@ def _job(rank, world_size, mode, seq_len, heads, head_dim, repeats, layout):
     return {"times": times, "peak_extra_mib": (peak - base) / 1024}
 
 
-def run(world_size: int, mode: str, args) -> dict:
+def run(world_size: int, mode: str, args, window: int | None = None) -> dict:
     per_rank = spawn_ring(
         _job,
         world_size,
-        (mode, args.seq_len, args.heads, args.head_dim, args.repeats, args.layout),
+        (mode, args.seq_len, args.heads, args.head_dim, args.repeats, args.layout, window),
         timeout=600,
         pg_timeout=600,
     )
@@ -99,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layout", default="zigzag")
     parser.add_argument("--worlds", default="2,4")
+    parser.add_argument("--window", type=int, default=None, help="sliding window (tokens)")
     args = parser.parse_args(argv)
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -108,9 +125,12 @@ def main(argv=None) -> int:
     # Fixed mmap threshold: large blocks go back to the OS when freed, so peak RSS
     # tracks live tensors instead of glibc's heap growth (inherited by the ranks).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    results = {"sdpa": run(1, "sdpa", args)}
-    for w in (int(x) for x in args.worlds.split(",")):
-        results[f"ring{w}"] = run(w, "ring", args)
+    worlds = [int(x) for x in args.worlds.split(",")]
+    results = {"sdpa": run(1, "sdpa", args, args.window)}
+    for w in worlds:
+        results[f"ring{w}"] = run(w, "ring", args, args.window)
+    if args.window is not None:  # the same ring without the window: what it saves
+        results[f"ring{max(worlds)} no window"] = run(max(worlds), "ring", args)
     base = results["sdpa"]
     rows = []
     for name, r in results.items():
@@ -128,14 +148,16 @@ def main(argv=None) -> int:
         },
         "torch": torch.__version__,
         "config": {
-            k: getattr(args, k) for k in ("seq_len", "heads", "head_dim", "repeats", "layout")
+            k: getattr(args, k)
+            for k in ("seq_len", "heads", "head_dim", "repeats", "layout", "window")
         },
         "results": results,
     }
     md = [
         f"# Ring attention on CPU ({cpu}, {report['machine']['cores']} cores, 1 thread per process)",
         "",
-        f"causal, fp32, B=1, H={args.heads}, D={args.head_dim}, S={args.seq_len}, layout {args.layout}",
+        f"causal, fp32, B=1, H={args.heads}, D={args.head_dim}, S={args.seq_len}, layout {args.layout}"
+        + ("" if args.window is None else f", sliding window {args.window} (SDPA: a boolean mask)"),
         "",
         "| run | fwd ms | vs SDPA | fwd+bwd ms | vs SDPA | peak extra MiB / process |",
         "|---|---:|---:|---:|---:|---:|",
@@ -143,8 +165,9 @@ def main(argv=None) -> int:
     ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ring_cpu.json").write_text(json.dumps(report, indent=2))
-    (out / "ring_cpu.md").write_text("\n".join(md) + "\n")
+    stem = "ring_cpu" if args.window is None else f"ring_cpu_window{args.window}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -1,7 +1,7 @@
 """Architectures beyond Llama, on tiny offline Hugging Face models: Gemma's
 (1 + w) RMSNorm and scaled embeddings, LayerNorms and GPT-2's Conv1D (GPT-2,
-GPT-NeoX, OPT), tied embeddings, OPT's positional embedding, and the attention
-settings ring attention refuses (sliding windows, logit soft-capping).
+GPT-NeoX, OPT), tied embeddings, OPT's positional embedding, and ring attention
+on the attention settings of these models (sliding windows, logit soft-capping).
 
 Every result is compared with an independent dense reference (the base weights
 plus the sign planes decoded with numpy here, not by qdelta) and with the HF
@@ -846,62 +846,87 @@ def test_opt_compress_embeddings_keeps_positions_whole():
     torch.testing.assert_close(logits(base, ids), logits(ref, ids), rtol=1e-5, atol=1e-5)
 
 
-# ---- ring attention: sliding windows and soft-capping refused -------------------------
+# ---- ring attention: sliding windows and soft-capping computed ------------------------
 
 
-RING_REFUSED = [
-    pytest.param("mistral", {"sliding_window": 8}, "sliding_window=8", id="mistral-window"),
+RING_SETTINGS = [
+    pytest.param("mistral", {"sliding_window": 8}, id="mistral-window"),
     pytest.param(
         "qwen2",
         {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["sliding_attention"] * 2},
-        "sliding_window=8",
         id="qwen2-sliding-layers",
     ),
     *[
         pytest.param(
             "gemma2",
             kw,
-            want,
             id=name,
             marks=pytest.mark.skipif(not _available("gemma2"), reason="no gemma2"),
         )
-        for name, kw, want in (
-            ("gemma2", {}, "attn_logit_softcapping"),
-            ("gemma2-softcap", {"sliding_window": 128}, "attn_logit_softcapping"),
-            ("gemma2-window", {"attn_logit_softcapping": None}, "sliding_window=4"),
+        for name, kw in (
+            ("gemma2", {}),
+            ("gemma2-softcap", {"sliding_window": 128}),
+            ("gemma2-window", {"attn_logit_softcapping": None}),
         )
     ],
     pytest.param(
         "gemma3",
         {},
-        "sliding_window=4",
         id="gemma3",
         marks=pytest.mark.skipif(not _available("gemma3"), reason="no gemma3"),
     ),
 ]
 
 
-@pytest.mark.parametrize(("arch", "kw", "want"), RING_REFUSED)
-def test_ring_refuses_sliding_windows_and_softcapping(arch, kw, want):
-    from qdelta.ring.hf import use_ring_attention
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group in this process, destroyed afterwards."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("arch", "kw"), RING_SETTINGS)
+def test_ring_computes_sliding_windows_and_softcapping(one_rank, arch, kw):
+    """On one rank the ring is one block: its window and soft-cap masks must be the
+    model's own (tests/test_ring_hf_windows.py runs them over 3 ranks)."""
+    from qdelta.ring.hf import ring_forward, use_ring_attention
 
     model = build(arch, **kw)
-    with pytest.raises(RingError, match=want):
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        got = ring_forward(use_ring_attention(model, backend="math", timeout=30), ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_ring_refuses_other_layer_types():
+    from qdelta.ring.hf import use_ring_attention
+
+    model = build("qwen2")
+    model.config.layer_types = ["chunked_attention", "full_attention"]
+    with pytest.raises(RingError, match=r"layer_types \['chunked_attention'\]"):
         use_ring_attention(model)
     # Refused before anything changed.
     assert model.config._attn_implementation == "eager"
     assert not any(hasattr(m, "_qdelta_ring") for m in model.modules())
 
 
-def test_ring_attention_function_refuses_window_and_softcap():
-    """A setting changed after use_ring_attention still cannot be ignored silently."""
+def test_ring_attention_function_refuses_sinks_and_bad_windows():
+    """What the ring cannot compute is never ignored silently."""
     from qdelta.ring.hf import ring_attention_forward, use_ring_attention
 
-    model = use_ring_attention(build("mistral"))  # window 4096 >= 128 positions: accepted
+    model = use_ring_attention(build("mistral"))
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 8, 8)
     kv = torch.randn(1, 2, 8, 8)
-    with pytest.raises(RingError, match="sliding_window=4"):
-        ring_attention_forward(attn, q, kv, kv, None, scaling=0.3, sliding_window=4)
-    with pytest.raises(RingError, match="attn_logit_softcapping"):
-        ring_attention_forward(attn, q, kv, kv, None, scaling=0.3, softcap=50.0)
+    with pytest.raises(RingError, match="attention sinks"):
+        ring_attention_forward(attn, q, kv, kv, None, scaling=0.3, s_aux=torch.zeros(4))
+    with pytest.raises(RingError, match="sliding_window >= 1"):
+        ring_attention_forward(attn, q, kv, kv, None, scaling=0.3, sliding_window=0)
+    with pytest.raises(RingError, match="sliding_window as an int"):
+        ring_attention_forward(attn, q, kv, kv, None, scaling=0.3, sliding_window=4.0)

@@ -367,7 +367,7 @@ def test_causal_ring_pairs_are_full_or_diagonal_and_coalesced(layout, seq_len):
             pairs = ring_attention_module._pairs(plan, r, src)
             calls += len(pairs)
             for p in pairs:
-                if p.causal:  # the diagonal: flash with is_causal, never a mask
+                if p.masked:  # the diagonal: flash with is_causal, never a mask
                     assert p.qc == p.kc and r == src
             if layout == "zigzag":
                 assert len(pairs) == (3 if r == src else 1)

@@ -35,9 +35,22 @@ CASES = [
     # early chunk, whose segments it does not share. Math and fused backward.
     ("float64", True, "zigzag", "first-masked", 4, 2, 26, 2),
     ("float32", True, "zigzag", "first-masked", 2, 1, 23, 2),
+    # Sliding windows (the ring turns fewer steps: at 3 and 4 ranks the dK/dV
+    # accumulators take the one-hop way home; window 1: no step past the first)
+    # and soft-capped logits, through the extra options of a case.
+    ("float64", True, "contiguous", False, 4, 2, 31, 1, {"window": 5}),
+    ("float64", True, "zigzag", True, 4, 2, 29, 2, {"window": 9}),
+    ("float32", True, "contiguous", True, 2, 1, 30, 2, {"window": 1}),
+    ("float64", True, "contiguous", False, 2, 2, 27, 1, {"window": 12, "softcap": 2.0}),
+    ("float32", True, "zigzag", False, 4, 2, 23, 1, {"softcap": 1.5}),
 ]
 TOL = {"float64": 1e-10, "float32": 1e-5}
 HEAD_DIM = 8
+
+
+def options(case) -> dict:
+    """A case's extra ring_attention arguments (window, softcap)."""
+    return case[8] if len(case) > 8 else {}
 
 
 def first_masked_segments(seq_len: int, batch: int) -> torch.Tensor:
@@ -60,7 +73,7 @@ def first_masked_segments(seq_len: int, batch: int) -> torch.Tensor:
 
 def case_inputs(seed: int, case) -> dict:
     """The full-sequence inputs of one case, the same in every process."""
-    dtype, _causal, _layout, segs, hq, hkv, seq_len, batch = case
+    dtype, _causal, _layout, segs, hq, hkv, seq_len, batch = case[:8]
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
 
@@ -99,7 +112,7 @@ def _ring_case(rank, ws, group, seed, case, with_dlse):
     q, k, v = (sh(x[n]).requires_grad_() for n in ("q", "k", "v"))
     out, lse = ring_attention(
         q, k, v, causal=causal, segment_ids=sh(x["seg"], -1), group=group, layout=layout,
-        return_lse=True, timeout=60,
+        return_lse=True, timeout=60, **options(case),
     )  # fmt: skip
     loss = (out * sh(x["dout"])).sum()
     if with_dlse:
@@ -122,7 +135,7 @@ def _reference(seed, case, with_dlse):
     _, causal, *_ = case
     x = case_inputs(seed, case)
     q, k, v = (x[n].to(torch.float64).requires_grad_() for n in ("q", "k", "v"))
-    out, lse = reference_attention(q, k, v, causal=causal, segment_ids=x["seg"])
+    out, lse = reference_attention(q, k, v, causal=causal, segment_ids=x["seg"], **options(case))
     loss = (out * x["dout"].double()).sum()
     if with_dlse:
         loss = loss + (lse * x["dlse"].double()).sum()
@@ -135,7 +148,7 @@ def test_first_masked_cases_mask_whole_rows_of_the_first_block(case):
     """The premise of the first-masked cases, for rank 0 at every world size: in
     the first block call each query row takes part in (ring step 0), some rows of
     either batch row see no key, so their merge starts from an empty partial."""
-    _, causal, layout, _, _, _, seq_len, batch = case
+    _, causal, layout, _, _, _, seq_len, batch = case[:8]
     seg = first_masked_segments(seq_len, batch)
     for ws in WORLD_SIZES:
         plan = ring_attention_module._Plan(seq_len, ws, layout, causal, 1.0, "auto")

@@ -4,11 +4,13 @@
 ``attention_block_mma2`` (mma.sync with cp.async double buffering and ldmatrix)
 run their real host code (qdelta.ring.cuda_block) under
 ``qdelta.kernels.emulator.emulate()`` and are checked against the float64 math
-reference with the GPU tests' tolerances.
+reference with the GPU tests' tolerances, with and without a sliding window and
+logit soft-capping.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -41,6 +43,26 @@ MMA2_CASES = [
 ]
 
 
+# Sliding window / soft-capping cases for every kernel: the CASES fields, then window
+# and softcap. Keys in tiles wholly before the first row's window are NaN-poisoned
+# (check_window_softcap): a kernel that read a tile it must skip would return NaN.
+WINDOW_CASES = [
+    (True, 0, 0, False, 2, 1, 130, 130, 7, None),  # window inside a tile, GQA 2:1
+    (True, 250, 0, False, 1, 1, 150, 260, 150, None),  # window over several tiles
+    (True, 300, 0, False, 2, 2, 70, 400, 100, None),  # tiles 0-2 skipped by every block
+    (True, 1000, 800, False, 1, 1, 40, 300, 90, None),  # the same with kv_start
+    (False, 0, 0, False, 2, 2, 200, 64, 20, None),  # rows >= 83 see no key (blocks 2, 3 none)
+    (True, 100, 0, False, 1, 1, 100, 120, 50, None),  # causal + window: rows >= 69 see none
+    (True, 0, 0, False, 2, 2, 100, 100, 1, None),  # window 1: each row sees itself only
+    (False, 10, 0, False, 1, 1, 70, 90, 1, None),  # window 1, not causal: keys >= the query
+    (True, 0, 0, True, 4, 2, 150, 150, 40, None),  # window + segments + GQA
+    (False, 150, 0, False, 2, 1, 100, 200, 64, None),  # window without causal
+    (False, 0, 0, False, 2, 2, 70, 77, None, 1.0),  # softcap alone, ragged key tile
+    (True, 64, 0, True, 2, 1, 65, 65, None, 0.7),  # softcap + causal + segments
+    (True, 40, 0, False, 2, 2, 129, 140, 50, 1.5),  # softcap + window
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -62,19 +84,43 @@ def test_mma2_any_softmax_scale(emulated, rng, scale):
     check_against_reference(rng, "mma2", torch.bfloat16, 64, CASES[3], scale=scale)
 
 
-def check_against_reference(rng, kernel, dtype, head_dim, case, scale=None):
-    causal, q_start, kv_start, segs, hq, hkv, sq, sk = case
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", ["mma2", "mma", "v1"])
+def test_window_and_softcap_match_reference(emulated, rng, kernel, dtype, head_dim, case):
+    check_window_softcap(rng, kernel, dtype, head_dim, case)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 2.0])
+def test_mma2_softcap_with_any_softmax_scale(emulated, rng, scale):
+    """Capping works on the sign-folded Q of mma2 (negative scale) and at large scales."""
+    check_window_softcap(rng, "mma2", torch.bfloat16, 64, WINDOW_CASES[-1], scale=scale)
+
+
+def random_inputs(rng, dtype, head_dim, case, batch=2):
+    segs, hq, hkv, sq, sk = case[3:8]
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    q, k, v = rnd(2, hq, sq, head_dim), rnd(2, hkv, sk, head_dim), rnd(2, hkv, sk, head_dim)
+    q, k, v = (
+        rnd(batch, hq, sq, head_dim),
+        rnd(batch, hkv, sk, head_dim),
+        rnd(batch, hkv, sk, head_dim),
+    )
     qseg = kseg = None
     if segs:
         # Query segment 3 has no keys: those rows must come out 0 with lse -inf.
-        qseg = torch.randint(0, 4, (2, sq), generator=gen).sort(-1).values
-        kseg = torch.randint(0, 3, (2, sk), generator=gen).sort(-1).values
+        qseg = torch.randint(0, 4, (batch, sq), generator=gen).sort(-1).values
+        kseg = torch.randint(0, 3, (batch, sk), generator=gen).sort(-1).values
+    return q, k, v, qseg, kseg
+
+
+def check_against_reference(rng, kernel, dtype, head_dim, case, scale=None):
+    causal, q_start, kv_start, segs = case[:4]
+    q, k, v, qseg, kseg = random_inputs(rng, dtype, head_dim, case)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cuda_block, "DEFAULT_KERNEL", kernel)
         out, lse = block_attention(
@@ -82,16 +128,79 @@ def check_against_reference(rng, kernel, dtype, head_dim, case, scale=None):
             q_segment_ids=qseg, kv_segment_ids=kseg, backend="cuda",
         )  # fmt: skip
     ref_out, ref_lse = block_reference(q, k, v, causal, q_start, kv_start, qseg, kseg, scale)
+    if (causal and kv_start > q_start) or segs:
+        assert ref_lse.isneginf().any(), "the case should have rows that see no key"
+    assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+def check_window_softcap(rng, kernel, dtype, head_dim, case, scale=None):
+    causal, q_start, kv_start, sk, window, softcap = *case[:3], *case[7:]
+    # Batch 1 keeps the emulator time down (batched segment ids: the CASES above).
+    q, k, v, qseg, kseg = random_inputs(rng, dtype, head_dim, case, batch=1)
+    ref_out, ref_lse = block_reference(
+        q, k, v, causal, q_start, kv_start, qseg, kseg, scale, window=window, softcap=softcap
+    )
+    if softcap is not None:  # the cap must change the result, or the case checks nothing
+        plain, _ = block_reference(q, k, v, causal, q_start, kv_start, qseg, kseg, scale, window)
+        assert (plain - ref_out).abs().max() > 0.1
+    # NaN in every key of the tiles no query block may visit: they must not be read.
+    skipped = cuda_block.window_first_tile(q_start, kv_start, window, sk)
+    k[:, :, :skipped] = v[:, :, :skipped] = float("nan")
+    scale = head_dim**-0.5 if scale is None else scale
+    out, lse = cuda_block.attention_block(
+        q, k, v, scale, causal, q_start, kv_start, qseg, kseg,
+        kernel=kernel, window=window, softcap=softcap,
+    )  # fmt: skip
+    assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+def assert_matches(out, lse, ref_out, ref_lse, dtype):
     masked = ref_lse.isneginf()
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert torch.equal(lse.isneginf(), masked)
-    if (causal and kv_start > q_start) or segs:
-        assert masked.any(), "the case should have rows that see no key"
     assert (out[masked.unsqueeze(-1).expand_as(out)] == 0).all()
-    assert not out.isnan().any()
+    assert not out.isnan().any() and not lse.isnan().any()
     tol = 1e-2 if dtype == torch.float16 else 3e-2
     assert (out.double() - ref_out).abs().max() < tol
     assert (lse.double() - ref_lse)[~masked].abs().max() < tol
+
+
+def test_window_cases_cover_what_they_claim():
+    """Some window cases have rows that see no key, some skip whole tiles."""
+    hidden, skipping = 0, 0
+    for causal, q_start, kv_start, _, _, _, sq, sk, window, _ in WINDOW_CASES:
+        if window is None:
+            continue
+        d = torch.arange(q_start, q_start + sq)[:, None] - torch.arange(kv_start, kv_start + sk)
+        vis = (d < window) & ((d >= 0) if causal else True)
+        hidden += int((~vis.any(1)).any())
+        skipping += cuda_block.window_first_tile(q_start, kv_start, window, sk) > 0
+    assert hidden >= 2 and skipping >= 4
+
+
+@pytest.mark.parametrize("kernel", ["mma2", "mma", "v1"])
+def test_window_that_hides_nothing_or_everything(emulated, kernel):
+    """A window wider than every distance is no window (the fast path, same bits); one
+    narrower than every distance gives out = 0 and lse = -inf without a launch."""
+    q, k, v = (torch.randn(1, 2, 70, 64).bfloat16() for _ in range(3))
+    args = (q, k, v, 0.125, True, 10, 0, None, None)
+    plain = cuda_block.attention_block(*args, kernel=kernel)
+    wide = cuda_block.attention_block(*args, kernel=kernel, window=80)
+    assert all(torch.equal(a, b) for a, b in zip(plain, wide, strict=True))
+    far = cuda_block.attention_block(q, k, v, 0.125, False, 200, 0, None, None, window=131)
+    assert (far[0] == 0).all() and far[1].isneginf().all()
+
+
+def test_softcap_extremes(emulated, rng):
+    """A huge cap is no cap; a tiny one flattens the scores (out = mean of V, lse =
+    log Sk): the kernel takes softcap clamped to cuda_block.SOFTCAP_RANGE."""
+    q, k, v, _, _ = random_inputs(rng, torch.bfloat16, 64, (False, 0, 0, False, 1, 1, 40, 40), 1)
+    args = (q, k, v, 0.125, False, 0, 0, None, None)
+    ref = block_reference(*args[:3], False, 0, 0, None, None, 0.125)
+    assert_matches(*cuda_block.attention_block(*args, softcap=1e300), *ref, torch.bfloat16)
+    out, lse = cuda_block.attention_block(*args, softcap=1e-300)
+    assert (out - v.float().mean(2, keepdim=True)).abs().max() < 1e-2
+    assert (lse - math.log(40)).abs().max() < 1e-4
 
 
 def test_mma2_mma_and_v1_agree(emulated):

@@ -69,6 +69,76 @@ def test_gpu_block_matches_reference(monkeypatch, backend, dtype, head_dim, case
     assert (lse.cpu().double() - ref_lse)[~masked].abs().max() < tol
 
 
+# Sliding window / soft-capping: the CASES fields, then window and softcap.
+WINDOW_CASES = [
+    (True, 0, 0, False, 4, 2, 130, 130, 7, None),  # window inside a tile
+    (True, 250, 0, False, 2, 1, 150, 260, 150, None),  # several tiles, tile 0 skipped
+    (True, 300, 0, False, 2, 2, 70, 400, 100, None),  # tiles 0-2 skipped by every block
+    (True, 1000, 800, False, 2, 2, 40, 300, 90, None),  # the same with kv_start
+    (False, 0, 0, False, 2, 2, 200, 64, 20, None),  # rows >= 83 see no key
+    (True, 100, 0, False, 2, 2, 100, 120, 50, None),  # causal + window: rows >= 69 see none
+    (True, 0, 0, False, 2, 2, 100, 100, 1, None),  # window 1
+    (False, 10, 0, False, 2, 1, 70, 90, 1, None),  # window 1, not causal
+    (True, 0, 0, True, 6, 3, 200, 200, 40, None),  # window + segments + GQA
+    (False, 150, 0, False, 4, 1, 100, 200, 64, None),  # window without causal
+    (True, 0, 0, False, 2, 2, 1000, 1000, 300, None),  # long: many skipped and full tiles
+    (False, 0, 0, False, 4, 4, 100, 77, None, 1.0),  # softcap alone
+    (True, 64, 0, True, 4, 4, 65, 65, None, 0.7),  # softcap + segments
+    (True, 40, 0, False, 4, 1, 257, 300, 50, 1.5),  # softcap + window
+    (True, 0, 0, False, 2, 2, 128, 128, None, 50.0),  # Gemma2's cap: unmasked fast loop
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["mma2", "mma", "v1"])
+def test_gpu_window_and_softcap_match_reference(kernel, dtype, head_dim, case):
+    """Keys in tiles wholly before the first row's window are NaN: never read."""
+    causal, q_start, kv_start, segs, hq, hkv, sq, sk, window, softcap = case
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+    q, k, v = rnd(2, hq, sq, head_dim), rnd(2, hkv, sk, head_dim), rnd(2, hkv, sk, head_dim)
+    qseg = kseg = None
+    if segs:
+        qseg = torch.randint(0, 3, (2, sq), device="cuda", generator=gen).sort(-1).values
+        kseg = torch.randint(0, 3, (2, sk), device="cuda", generator=gen).sort(-1).values
+    ref_out, ref_lse = block_reference(
+        q.cpu(), k.cpu(), v.cpu(), causal, q_start, kv_start,
+        None if qseg is None else qseg.cpu(), None if kseg is None else kseg.cpu(),
+        window=window, softcap=softcap,
+    )  # fmt: skip
+    skipped = cuda_block.window_first_tile(q_start, kv_start, window, sk)
+    k[:, :, :skipped] = v[:, :, :skipped] = float("nan")
+    out, lse = cuda_block.attention_block(
+        q, k, v, head_dim**-0.5, causal, q_start, kv_start, qseg, kseg,
+        kernel=kernel, window=window, softcap=softcap,
+    )  # fmt: skip
+    masked = ref_lse.isneginf()
+    assert torch.equal(lse.isneginf().cpu(), masked)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out.cpu()[masked.unsqueeze(-1).expand_as(out)] == 0).all()
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    assert (out.cpu().double() - ref_out).abs().max() < tol
+    assert (lse.cpu().double() - ref_lse)[~masked].abs().max() < tol
+
+
+def test_gpu_window_and_softcap_through_block_attention():
+    """block_attention(backend="cuda") forwards window and softcap to the kernel."""
+    q, k, v = (torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = block_attention(
+        q, k, v, causal=True, q_start=50, backend="cuda", window=70, softcap=2.0
+    )
+    ref_out, ref_lse = block_reference(
+        q.cpu(), k.cpu(), v.cpu(), True, 50, 0, None, None, window=70, softcap=2.0
+    )
+    assert (out.cpu().double() - ref_out).abs().max() < 3e-2
+    assert (lse.cpu().double() - ref_lse).abs().max() < 3e-2
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_virtual_ring_on_gpu_matches_sdpa(layout):
     q = torch.randn(1, 8, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -200,6 +200,18 @@ def _bad_block_calls():
         ("segments on meta", lambda be, Q: block_attention(
             Q, Q, Q, q_segment_ids=seg.to("meta"), kv_segment_ids=seg, backend=be),
          DTypeError, "meta"),
+        ("window 0", lambda be, Q: block_attention(Q, Q, Q, causal=True, window=0, backend=be),
+         ShapeError, "window >= 1"),
+        ("window float", lambda be, Q: block_attention(Q, Q, Q, window=2.0, backend=be),
+         DTypeError, "window as None or an int"),
+        ("window bool", lambda be, Q: block_attention(Q, Q, Q, window=True, backend=be),
+         DTypeError, "window"),
+        ("softcap 0", lambda be, Q: block_attention(Q, Q, Q, softcap=0.0, backend=be),
+         ShapeError, "finite softcap > 0"),
+        ("softcap inf", lambda be, Q: block_attention(Q, Q, Q, softcap=float("inf"), backend=be),
+         ShapeError, "softcap"),
+        ("softcap str", lambda be, Q: block_attention(Q, Q, Q, softcap="30", backend=be),
+         DTypeError, "softcap as None or a number"),
     ]  # fmt: skip
 
 
@@ -470,6 +482,8 @@ MISMATCHES = [
     ("layout", {"layout": "contiguous"}, "rank 1 has layout 'contiguous', rank 0 has 'zigzag'"),
     ("scale", {"softmax_scale": 0.5}, "rank 1 has softmax_scale 0.5"),
     ("backend", {"backend": "math"}, "rank 1 has backend 'math', rank 0 has 'sdpa'"),
+    ("window", {"window": 3}, "rank 1 has window 3, rank 0 has None"),
+    ("softcap", {"softcap": 2.5}, "rank 1 has softcap 2.5, rank 0 has None"),
 ]
 
 
@@ -477,7 +491,8 @@ def _ring_call(rank, ws, spec, full, *, grad=False, make=None):
     """ring_attention on this rank's shard of ``full`` as changed by ``spec`` (rank 1
     only); ``make`` turns the q/k/v shards into other strides of the same values."""
     s = {"d": HEAD_DIM, "hkv": 2, "hq": 4, "dtype": torch.float64, "b": 2, "seg": "2d",
-         "causal": True, "layout": "zigzag", "softmax_scale": None, "backend": "auto"}  # fmt: skip
+         "causal": True, "layout": "zigzag", "softmax_scale": None, "backend": "auto",
+         "window": None, "softcap": None}  # fmt: skip
     if rank == 1:
         s.update(spec)
     q, k, v, seg = full
@@ -493,6 +508,7 @@ def _ring_call(rank, ws, spec, full, *, grad=False, make=None):
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = ring_attention(q, k, v, causal=s["causal"], segment_ids=seg, layout=lay,
                          softmax_scale=s["softmax_scale"], backend=s["backend"],
+                         window=s["window"], softcap=s["softcap"],
                          return_lse=True, timeout=30)  # fmt: skip
     return (q, k, v), out
 

@@ -90,6 +90,13 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_ring_demo(args: argparse.Namespace) -> int:
     from qdelta.ring.demo import run_ring_demo
 
+    if args.sliding_window is not None and (args.zoo or args.model):
+        print(
+            "qdelta ring-demo: --sliding-window builds the random Mistral model; expected no "
+            f"--{'zoo' if args.zoo else 'model'} with it",
+            file=sys.stderr,
+        )
+        return 2
     if args.zoo:
         from qdelta.demo import ring_check
         from qdelta.zoo import ZooConfig, build_zoo
@@ -104,6 +111,7 @@ def _cmd_ring_demo(args: argparse.Namespace) -> int:
         layout=args.layout,
         seed=args.seed,
         model_dir=args.model,
+        sliding_window=args.sliding_window,
     )
     return 0 if summary["ok"] else 1
 
@@ -266,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the model zoo's base on its held-out code text (built or cached)",
     )
     ring.add_argument("--cache", default=None, help="zoo cache directory (with --zoo)")
+    ring.add_argument(
+        "--sliding-window",
+        type=int_at_least(1),
+        default=None,
+        help="the random model is a Mistral with this sliding window (tokens)",
+    )
     ring.set_defaults(func=_cmd_ring_demo)
     tune = sub.add_parser(
         "autotune", help="show (or --clear) the GPU kernel choices autotuning has measured"

@@ -11,9 +11,14 @@
 // bf16 (DT = 1) passed as their 16-bit patterns;
 // out [B, Hq, Sq, D] fp32, lse [B, Hq, Sq] fp32 (natural log). GQA: query head
 // h reads kv head h / (Hq / Hkv). Query i may see key j when
-// (!causal || q_start + i >= kv_start + j) and (no segment ids ||
-// q_seg[i] == kv_seg[j]); segment ids are int32 [Bs, S] with Bs = 1 or B.
+// (!causal || q_start + i >= kv_start + j) and (window == 0 ||
+// (q_start + i) - (kv_start + j) < window: a sliding window, also without
+// causal) and (no segment ids || q_seg[i] == kv_seg[j]); segment ids are int32
+// [Bs, S] with Bs = 1 or B. softcap > 0 turns each scaled score s into
+// softcap * tanh(s / softcap) before masking and softmax (0: no capping).
 // A row that sees no key gets out = 0 and lse = -inf.
+// Key tiles wholly before the window of a block's first row are never loaded
+// (work follows the window, not Sk); tiles the window cuts take the masked path.
 //
 // attention_block threads: 4 per query row (each owns D/4 consecutive dims),
 // 32 rows per 128-thread block; grid (ceil(Sq / 32), Hq, B). (The mma
@@ -40,6 +45,24 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 typedef unsigned short u16;
 
+// Logit soft-capping of x = s * log2e (log2 units): c * tanh(s / c) * log2e, with
+// c2 = c * log2e, inv_c = 1 / c2 (so x * inv_c = s / c). tanhf, not tanh.approx:
+// the latter's 2^-11 relative error is 0.02 on a capped score of 50.
+__device__ __forceinline__ float cap_log2(float x, float c2, float inv_c) {
+  return c2 * tanhf(x * inv_c);
+}
+
+// The first key tile (index, a multiple of tile) a query block whose first row is
+// at position first_q may see through the window: keys before
+// first_q - window + 1 are hidden from all its rows. sk when none is visible.
+__device__ __forceinline__ int window_first_tile(long long first_q, long long kv_start,
+                                                 long long window, int sk, int tile) {
+  if (window <= 0) return 0;
+  const long long lo = first_q - window + 1 - kv_start;  // first key index row 0 sees
+  if (lo <= 0) return 0;
+  return lo >= sk ? sk : (int)(lo / tile) * tile;
+}
+
 // 16-bit pattern -> fp32: DT 0 = IEEE half, DT 1 = bfloat16.
 template <int DT>
 __device__ __forceinline__ float to_float(u16 x) {
@@ -61,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) attention_block(
     float* __restrict__ out, float* __restrict__ lse,
     const int* __restrict__ q_seg, const int* __restrict__ kv_seg, int seg_batched,
     int hq, int hkv, int sq, int sk, float scale, int causal,
-    long long q_start, long long kv_start) {
+    long long q_start, long long kv_start, long long window, float softcap) {
   static_assert(D % (2 * kThreadsPerRow) == 0, "head dim must split into half pairs");
   constexpr int kPart = D / kThreadsPerRow;  // dims owned by one thread
 
@@ -99,8 +122,12 @@ __global__ void __launch_bounds__(kThreads) attention_block(
 
   // Last query position in this block: key tiles beyond it are masked for all rows.
   const long long last_q = q_start + min(sq, (int)(blockIdx.x + 1) * kRows) - 1;
+  const float c2 = softcap * kLog2e;
+  const float inv_c = softcap > 0.f ? 1.f / c2 : 0.f;
 
-  for (int t0 = 0; t0 < sk; t0 += kTileKeys) {
+  const int t_begin =
+      window_first_tile(q_start + (long long)blockIdx.x * kRows, kv_start, window, sk, kTileKeys);
+  for (int t0 = t_begin; t0 < sk; t0 += kTileKeys) {
     if (causal && kv_start + t0 > last_q) break;
     for (int idx = tid; idx < kTileKeys * D; idx += kThreads) {
       const int j = idx / D;
@@ -127,10 +154,19 @@ __global__ void __launch_bounds__(kThreads) attention_block(
         const int kj = t0 + j0 + j;
         bool ok = valid && kj < sk;
         if (causal) ok = ok && q_pos >= kv_start + kj;
+        if (window > 0) ok = ok && q_pos - (kv_start + kj) < window;
         if (kv_seg_b && kj < sk) ok = ok && kv_seg_b[kj] == my_seg;
         s[j] = ok ? dot : neg_inf();
-        sub_max = fmaxf(sub_max, s[j]);
       }
+      // Soft-capping in one uniform branch; masked scores stay -inf.
+      if (softcap > 0.f) {
+#pragma unroll
+        for (int j = 0; j < kSubKeys; ++j) {
+          s[j] = s[j] == neg_inf() ? s[j] : cap_log2(s[j], c2, inv_c);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kSubKeys; ++j) sub_max = fmaxf(sub_max, s[j]);
       const float m_new = fmaxf(m, sub_max);
       if (m_new != neg_inf()) {
         const float corr = exp2f(m - m_new);  // m == -inf gives 0
@@ -165,7 +201,8 @@ __global__ void __launch_bounds__(kThreads) attention_block(
 // halves so fragment reads hit distinct banks); S = Q K^T and O += P V by
 // mma.sync.m16n8k16 (fp32 accumulate) in inline PTX; online softmax in fp32
 // registers (log2 units). Tiles fully masked by the causal offsets end the
-// loop; masks are applied per element only on tiles that need them.
+// loop, tiles wholly before the window of the block's first row are not
+// visited; masks are applied per element only on tiles that need them.
 // Fragment layouts (PTX ISA, m16n8k16): g = lane / 4, t = lane % 4;
 // A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
 // B: b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g);
@@ -271,7 +308,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
     float* __restrict__ out, float* __restrict__ lse,
     const int* __restrict__ q_seg, const int* __restrict__ kv_seg, int seg_batched,
     int hq, int hkv, int sq, int sk, float scale, int causal,
-    long long q_start, long long kv_start) {
+    long long q_start, long long kv_start, long long window, float softcap) {
   static_assert(D % 16 == 0, "head dim must be a multiple of 16");
   constexpr int kStride = D + kPad;      // u16 per shared row
   constexpr int kKSteps = D / 16;        // k-steps of S = Q K^T
@@ -329,14 +366,21 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
   float l0 = 0.f, l1 = 0.f;              // this thread's share of the row sums
   const float qscale = scale * kLog2e;
 
+  const float c2 = softcap * kLog2e;
+  const float inv_c = softcap > 0.f ? 1.f / c2 : 0.f;
+  const float sscale = softcap > 0.f ? 1.f : qscale;  // capped scores are scaled already
+
   const long long last_q = q_start + min(sq, block_row0 + kMmaRows) - 1;
   const long long first_q = q_start + block_row0;
 
-  for (int t0 = 0; t0 < sk; t0 += kMmaKeys) {
+  for (int t0 = window_first_tile(first_q, kv_start, window, sk, kMmaKeys); t0 < sk;
+       t0 += kMmaKeys) {
     if (causal && kv_start + t0 > last_q) break;  // this and later tiles: all masked
+    // Unmasked needs every row to see every key: for the window, the last row the first key.
     const bool need_mask = (t0 + kMmaKeys > sk) || kv_seg_b != nullptr ||
                            (causal && kv_start + t0 + kMmaKeys - 1 > first_q) ||
-                           block_row0 + kMmaRows > sq;
+                           block_row0 + kMmaRows > sq ||
+                           (window > 0 && last_q - (kv_start + t0) >= window);
 
     // Stage K and V (zeros past Sk so P * V never meets garbage).
     for (int idx = tid; idx < kMmaKeys * (D / kVec); idx += kMmaWarps * 32) {
@@ -368,19 +412,29 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
       }
     }
 
+    // Soft-capping in one uniform branch (then the scores are scaled already).
+    if (softcap > 0.f) {
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = cap_log2(s[n][e] * qscale, c2, inv_c);
+      }
+    }
+
     // Scale, mask, and the new row maxima.
     float mx0 = neg_inf(), mx1 = neg_inf();
 #pragma unroll
     for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * qscale;
+        float x = s[n][e] * sscale;
         if (need_mask) {
           const int jl = n * 8 + 2 * t + (e & 1);
           const int kj = t0 + jl;
           const bool row1 = e >= 2;
           bool ok = kj < sk && (row1 ? v1 : v0);
           if (causal) ok = ok && (row1 ? pos1 : pos0) >= kv_start + kj;
+          if (window > 0) ok = ok && (row1 ? pos1 : pos0) - (kv_start + kj) < window;
           if (kv_seg_b) ok = ok && seg_s[jl] == (row1 ? seg1 : seg0);
           if (!ok) x = neg_inf();
         }
@@ -461,11 +515,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attention_block_mma(
 //   tiles), and applies per-element masks only when some of its own 16 rows
 //   need them (ragged Sk end, segment ids, causal diagonal). Rows past Sq are
 //   not masked: Q is zero there and those rows are never stored.
+// * Sliding window: the block loads no tile wholly before the window of its
+//   first row; a warp skips tiles before its first row's window and masks
+//   (a compare per element, like the diagonal) those its last row's window cuts.
+// * Soft-capping (softcap > 0): raw scores become capped log2-unit scores in
+//   place (one tanhf each), then the loop runs with scale 1.
 // * Causal launches visit query blocks last to first (the blocks with the
 //   most key tiles start first).
 // Shape: 4 warps (64 query rows) per block, grid (ceil(Sq / 64), Hq, B),
-// registers capped for 3 blocks per SM at D = 64 (154 used on sm_90) and 2 at
-// D = 128 (217); no spills. (8 warps / 128 rows for D = 64 would need <= 128
+// registers capped for 3 blocks per SM at D = 64 (160 used on sm_90) and 2 at
+// D = 128 (219); no spills. (8 warps / 128 rows for D = 64 would need <= 128
 // registers for 2 blocks per SM: ptxas spills there; 3 blocks at D = 128 spill
 // 8 bytes.) Dynamic shared memory: 2 stages x (K, V) x 64 x (D + 8) halves +
 // 2 x 64 int32 segment ids (37376 bytes for D = 64, 70144 for D = 128: the
@@ -584,7 +643,7 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
                          float* __restrict__ lse, const int* __restrict__ q_seg,
                          const int* __restrict__ kv_seg, int seg_batched, int hq, int hkv,
                          int sq, int sk, float scale, int causal, long long q_start,
-                         long long kv_start) {
+                         long long kv_start, long long window, float softcap) {
   typedef Mma2Shape<D> Shape;
   static_assert(D % 32 == 0, "head dim must be a multiple of 32 (k-step pairs, n-tile pairs)");
   constexpr int kThreads = Shape::kThreads;
@@ -641,6 +700,12 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
   const int diag = (int)max((long long)-(block_row0 + kRows + 1),
                             min(q_start - kv_start, (long long)sk));
   const int lim0 = diag + r0;  // row r0 sees keys j <= lim0, row r1 keys j <= lim0 + 8
+  // Window in int offsets: key j is visible to row r when j >= wlo + r, with
+  // wlo = q_start - kv_start - window + 1 clamped to [-(rows), sk] (same answers
+  // for j < sk and r < the block's end); no window: -(rows), every key visible.
+  const int wlo = (int)max((long long)-(block_row0 + kRows),
+                           window > 0 ? min(q_start - kv_start - window + 1, (long long)sk)
+                                      : (long long)-(block_row0 + kRows));
 
   // The scale the loop uses is positive: a negative one flips Q's signs
   // (exact), a zero one zeroes Q (every score 0, as s * 0 would give). The host
@@ -654,6 +719,11 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
     qscale = 1.f;
     qand = 0u;
   }
+  // Soft-capping turns the raw scores into capped log2 units in place, so the
+  // loop's scale (sscale) becomes 1; kcap * raw = scaled score / softcap.
+  const float c2 = softcap * kLog2e;
+  const float kcap = softcap > 0.f ? qscale / c2 : 0.f;
+  const float sscale = softcap > 0.f ? 1.f : qscale;
 
   // Q fragments for all k-steps, straight from global memory (zero past Sq).
   unsigned int qa[kKSteps][4];
@@ -688,6 +758,13 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
   const bool warp_has_rows = warp_row0 < sq;
   const int warp_reach = causal ? diag + min(sq, warp_row0 + 16) - 1 : sk;
   const int warp_full = causal ? diag + warp_row0 : sk;
+  // Window: tiles before the first key of the block's first row are not loaded;
+  // a warp skips tiles before its first row's first key and masks those before
+  // its last row's (all 16 rows: the padding rows past Sq too, as for causal).
+  const int block_lo = wlo + block_row0;
+  const int first_it = block_lo <= 0 ? 0 : block_lo >= sk ? n_tiles : block_lo / kKeys;
+  const int warp_lo = wlo + warp_row0;
+  const int warp_lo_all = warp_lo + 15;
 
   const SPtr smem0 = sptr(smem_mma2);
   const SPtr seg_base = sptr_add(smem0, 4 * kTile);
@@ -728,16 +805,17 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
   const int k_lane = ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
   const int v_lane = ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
 
-  if (n_tiles > 0) load_tile(0);
-  for (int it = 0; it < n_tiles; ++it) {
+  if (first_it < n_tiles) load_tile(first_it);
+  for (int it = first_it; it < n_tiles; ++it) {
     cp_async_wait_all();
     __syncthreads();  // tile it is in for every thread; every warp is done with tile it - 1
     if (it + 1 < n_tiles) load_tile(it + 1);
 
     const int t0 = it * kKeys;
-    if (!warp_has_rows || t0 > warp_reach) continue;  // the warp's rows see none of the tile
-    const bool need_mask =
-        (t0 + kKeys > sk) || kv_seg_b != nullptr || t0 + kKeys - 1 > warp_full;
+    // The warp's rows see none of the tile: skip it.
+    if (!warp_has_rows || t0 > warp_reach || min(sk, t0 + kKeys) - 1 < warp_lo) continue;
+    const bool need_mask = (t0 + kKeys > sk) || kv_seg_b != nullptr ||
+                           t0 + kKeys - 1 > warp_full || t0 < warp_lo_all;
     const SPtr ks = sptr_add(smem0, (it & 1) * 2 * kTile);
     const SPtr vs = sptr_add(ks, kTile);
     const SPtr k_row = sptr_add(ks, k_lane);
@@ -759,18 +837,40 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
       }
     }
 
+    // Soft-capping before the mask (a masked -inf must stay -inf).
+    if (softcap > 0.f) {
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = cap_log2(s[n][e], c2, kcap);
+      }
+    }
+
     // Mask (raw -inf): element (n, e) is key t0 + 2t + 8n + (e & 1) of row
-    // r0 (e < 2) or r1; it is kept when 8n + (e & 1) <= hi (the row's last
-    // visible key, relative) and, with segment ids, the segments match.
+    // r0 (e < 2) or r1; it is kept when lo <= 8n + (e & 1) <= hi (the row's
+    // first and last visible key, relative) and, with segment ids, the segments
+    // match.
     if (need_mask) {
       const int kbase = t0 + 2 * t;
       const int hi0 = (causal ? min(sk - 1, lim0) : sk - 1) - kbase;
       const int hi1 = (causal ? min(sk - 1, lim0 + 8) : sk - 1) - kbase;
+      if (window > 0) {
+        const int lo0 = wlo + r0 - kbase;
 #pragma unroll
-      for (int n = 0; n < kSTiles; ++n) {
+        for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (n * 8 + (e & 1) > (e < 2 ? hi0 : hi1)) s[n][e] = neg_inf();
+          for (int e = 0; e < 4; ++e) {
+            const int c = n * 8 + (e & 1);
+            if (c > (e < 2 ? hi0 : hi1) || c < (e < 2 ? lo0 : lo0 + 8)) s[n][e] = neg_inf();
+          }
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (n * 8 + (e & 1) > (e < 2 ? hi0 : hi1)) s[n][e] = neg_inf();
+          }
         }
       }
       if (kv_seg_b) {
@@ -795,8 +895,8 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float mn0 = fmaxf(m0, mx0 * qscale);  // qscale > 0: the max of the scaled scores
-    const float mn1 = fmaxf(m1, mx1 * qscale);
+    const float mn0 = fmaxf(m0, mx0 * sscale);  // sscale > 0: the max of the scaled scores
+    const float mn1 = fmaxf(m1, mx1 * sscale);
     // A row that has seen only masked keys keeps max -inf: subtract 0 instead.
     const float base0 = mn0 == neg_inf() ? 0.f : mn0;
     const float base1 = mn1 == neg_inf() ? 0.f : mn1;
@@ -815,15 +915,15 @@ __global__ void __launch_bounds__(Mma2Shape<D>::kThreads, Mma2Shape<D>::kMinBloc
     }
     const float nb0 = -base0, nb1 = -base1;
 
-    // P = exp2(s * qscale - max) and O += P V, 16 keys (one k-step) at a time.
+    // P = exp2(s * sscale - max) and O += P V, 16 keys (one k-step) at a time.
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       const float* sa = s[2 * kk];
       const float* sb = s[2 * kk + 1];
-      const float p00 = ex2(fmaf(sa[0], qscale, nb0)), p01 = ex2(fmaf(sa[1], qscale, nb0));
-      const float p02 = ex2(fmaf(sa[2], qscale, nb1)), p03 = ex2(fmaf(sa[3], qscale, nb1));
-      const float p10 = ex2(fmaf(sb[0], qscale, nb0)), p11 = ex2(fmaf(sb[1], qscale, nb0));
-      const float p12 = ex2(fmaf(sb[2], qscale, nb1)), p13 = ex2(fmaf(sb[3], qscale, nb1));
+      const float p00 = ex2(fmaf(sa[0], sscale, nb0)), p01 = ex2(fmaf(sa[1], sscale, nb0));
+      const float p02 = ex2(fmaf(sa[2], sscale, nb1)), p03 = ex2(fmaf(sa[3], sscale, nb1));
+      const float p10 = ex2(fmaf(sb[0], sscale, nb0)), p11 = ex2(fmaf(sb[1], sscale, nb0));
+      const float p12 = ex2(fmaf(sb[2], sscale, nb1)), p13 = ex2(fmaf(sb[3], sscale, nb1));
       l0 += (p00 + p01) + (p10 + p11);
       l1 += (p02 + p03) + (p12 + p13);
       const unsigned int a0 = pack2<DT>(p00, p01);

@@ -8,10 +8,16 @@ float64 inputs) travelling beside it and arriving home after a full turn.
 
 ``virtual_ring_attention`` runs the same schedule for ``W`` simulated ranks in
 one process: for debugging, and for benchmarking the blockwise path on one GPU.
+
+With a sliding ``window`` (causal only) a query sees the ``window`` latest keys up
+to itself: block pairs wholly outside it are skipped, and the ring turns only as
+many steps as some rank still finds keys in reach (``_Plan.steps``); the dK/dV
+accumulators then go home in one hop from wherever the turn ended.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,6 +33,7 @@ from qdelta.ring.block import (
     block_attention_backward,
     block_partial,
     check_inputs,
+    check_window,
     partial_dtype,
 )
 from qdelta.ring.comm import RingComm, all_gather_ints, check_timeout
@@ -44,7 +51,7 @@ from qdelta.ring.layout import (
 )
 from qdelta.ring.merge import empty_partial, merge_, merge_fused_
 
-KV_TAG, GRAD_TAG = 11, 12
+KV_TAG, GRAD_TAG, HOME_TAG = 11, 12, 13
 
 
 @dataclass(frozen=True)
@@ -57,12 +64,32 @@ class _Plan:
     causal: bool
     scale: float
     backend: str
+    window: int | None = None
+    softcap: float | None = None
 
     def chunks(self, rank: int) -> tuple[Chunk, ...]:
         return chunks_of(self.seq_len, self.world_size, rank, self.layout)
 
     def length(self, rank: int) -> int:
         return sum(c.length for c in self.chunks(rank))
+
+    def steps(self) -> int:
+        """Ring steps that compute anything: one more than the last step at which
+        some rank sees a key of the block it holds (every step without a window)."""
+        return _active_steps(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _active_steps(plan: _Plan) -> int:
+    w = plan.world_size
+    if plan.window is None:
+        return w
+    last = 0
+    for rank in range(w):
+        for step in range(last + 1, w):
+            if _visible_pairs(plan, rank, (rank - step) % w):
+                last = step
+    return last + 1
 
 
 # The fast ring path: fully visible chunk pairs are joined into one kernel call
@@ -79,11 +106,11 @@ class _Pair(NamedTuple):
     qc: Chunk
     ks: slice
     kc: Chunk
-    causal: bool  # False: every query sees every key of the pair
+    masked: bool  # False: every query sees every key of the pair (no causal, no window)
 
 
-def _pairs(plan: _Plan, q_rank: int, kv_rank: int) -> list[_Pair]:
-    """Every chunk pair not fully masked; with FAST_PATH, fully visible ones coalesced."""
+def _visible_pairs(plan: _Plan, q_rank: int, kv_rank: int) -> list[_Pair]:
+    """Every chunk pair not fully masked by causality or the window."""
     pairs = []
     q_off = 0
     for qc in plan.chunks(q_rank):
@@ -92,12 +119,24 @@ def _pairs(plan: _Plan, q_rank: int, kv_rank: int) -> list[_Pair]:
             qs = slice(q_off, q_off + qc.length)
             ks = slice(kv_off, kv_off + kc.length)
             if qc.length and kc.length:
-                if not plan.causal or qc.start >= kc.stop - 1:
-                    pairs.append(_Pair(qs, qc, ks, kc, False))
-                elif qc.stop - 1 >= kc.start:
-                    pairs.append(_Pair(qs, qc, ks, kc, True))
+                near = qc.start - (kc.stop - 1)  # the smallest query - key distance
+                far = qc.stop - 1 - kc.start  # the largest
+                hidden = (plan.causal and far < 0) or (
+                    plan.window is not None and near >= plan.window
+                )
+                whole = (not plan.causal or near >= 0) and (
+                    plan.window is None or far < plan.window
+                )
+                if not hidden:
+                    pairs.append(_Pair(qs, qc, ks, kc, not whole))
             kv_off += kc.length
         q_off += qc.length
+    return pairs
+
+
+def _pairs(plan: _Plan, q_rank: int, kv_rank: int) -> list[_Pair]:
+    """Every chunk pair not fully masked; with FAST_PATH, fully visible ones coalesced."""
+    pairs = _visible_pairs(plan, q_rank, kv_rank)
     return coalesce_pairs(pairs) if FAST_PATH else pairs
 
 
@@ -105,8 +144,9 @@ def coalesce_pairs(pairs: list[_Pair]) -> list[_Pair]:
     """Join fully visible pairs that share a query slice and have adjacent local key
     slices (or share a key slice with adjacent query slices) into one pair.
 
-    Without a causal mask the global positions of a pair do not matter (segment
-    ids are sliced by local position), so the joined chunk keeps the first start.
+    Without a causal or window mask the global positions of a pair do not matter
+    (segment ids are sliced by local position), so the joined chunk keeps the
+    first start.
     """
     pairs = list(pairs)
     changed = True
@@ -114,7 +154,7 @@ def coalesce_pairs(pairs: list[_Pair]) -> list[_Pair]:
         changed = False
         for i, a in enumerate(pairs):
             for j, b in enumerate(pairs):
-                if i == j or a.causal or b.causal:
+                if i == j or a.masked or b.masked:
                     continue
                 if a.qs == b.qs and a.ks.stop == b.ks.start:
                     kc = Chunk(a.kc.start, a.kc.length + b.kc.length)
@@ -139,13 +179,15 @@ def _seg(seg: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
 def _accumulate(plan, q_rank, kv_rank, q, qseg, k, v, kseg, out, lse) -> None:
     """Merge q's attention to one rank's K/V block into the partial (out, lse)."""
     fast = FAST_PATH
-    for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
+    for qs, qc, ks, kc, masked in _pairs(plan, q_rank, kv_rank):
         bo, bl = block_partial(
             q[:, :, qs],
             k[:, :, ks],
             v[:, :, ks],
             softmax_scale=plan.scale,
-            causal=causal,
+            causal=plan.causal and masked,
+            window=plan.window if masked else None,
+            softcap=plan.softcap,
             q_start=qc.start,
             kv_start=kc.start,
             q_segment_ids=_seg(qseg, qs),
@@ -169,7 +211,7 @@ def _accumulate_grad(
     acc = dq.dtype
     dk, dv = (None, None) if into is None else into
     whole = slice(0, k.shape[2])
-    for qs, qc, ks, kc, causal in _pairs(plan, q_rank, kv_rank):
+    for qs, qc, ks, kc, masked in _pairs(plan, q_rank, kv_rank):
         bdq, bdk, bdv = block_attention_backward(
             q[:, :, qs],
             k[:, :, ks],
@@ -179,7 +221,9 @@ def _accumulate_grad(
             dout[:, :, qs],
             None if dlse is None else dlse[:, :, qs],
             softmax_scale=plan.scale,
-            causal=causal,
+            causal=plan.causal and masked,
+            window=plan.window if masked else None,
+            softcap=plan.softcap,
             q_start=qc.start,
             kv_start=kc.start,
             q_segment_ids=_seg(qseg, qs),
@@ -216,8 +260,9 @@ def _ring_forward(plan, comm, rank, q, k, v, seg):
     out, lse = empty_partial((*q.shape,), partial_dtype(q.dtype), q.device)
     block = [k, v] if seg is None else [k, v, seg]
     src = rank
-    for step in range(plan.world_size):
-        last = step == plan.world_size - 1
+    steps = plan.steps()
+    for step in range(steps):
+        last = step == steps - 1
         if not last:
             nxt = (rank - step - 1) % plan.world_size
             incoming = comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
@@ -229,15 +274,19 @@ def _ring_forward(plan, comm, rank, q, k, v, seg):
     return out, lse
 
 
-def _ring_backward(plan, kv_comm, grad_comm, rank, q, k, v, seg, out, lse, dout, dlse):
+def _ring_backward(plan, kv_comm, grad_comm, home_comm, rank, q, k, v, seg, out, lse, dout, dlse):
+    """``home_comm``: the last hop of the dK/dV accumulators when the ring turns fewer
+    than ``W`` steps (a window): from the rank that ended the turn straight home."""
     acc = partial_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     block = [k, v] if seg is None else [k, v, seg]
     src = rank
     grad_in = None
     w = plan.world_size
-    for step in range(w):
-        last = step == w - 1
+    steps = plan.steps()
+    pending = grad_comm
+    for step in range(steps):
+        last = step == steps - 1
         if not last:
             nxt = (rank - step - 1) % w
             incoming = kv_comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
@@ -249,7 +298,7 @@ def _ring_backward(plan, kv_comm, grad_comm, rank, q, k, v, seg, out, lse, dout,
         # hidden behind this step's compute (the K/V transfer still is).
         into = None
         if grad_in is not None:
-            grad_comm.wait()
+            pending.wait()
             into, grad_in = grad_in, None
         dk = dv = None  # the pair sent last step: free once the transfer is done
         dk, dv = _accumulate_grad(
@@ -257,19 +306,21 @@ def _ring_backward(plan, kv_comm, grad_comm, rank, q, k, v, seg, out, lse, dout,
             dq, into,
         )  # fmt: skip
         into = None
-        if w > 1:
+        if steps > 1:
             # Hand block src's gradient on; receive the one of the block we get next
-            # (after the last step: our own block's, home after a full turn).
+            # (after the last step: our own block's, home after the turn).
             nxt_grad = (rank - step - 1) % w
+            if last:
+                pending, nxt_grad = (grad_comm if steps == w else home_comm), rank
             shape = _kv_shapes(plan, k, None, nxt_grad)
-            grad_in = grad_comm.send_recv([dk, dv], shape, "dK/dV accumulator")
-            grad_comm.commit()
-        else:
+            grad_in = pending.send_recv([dk, dv], shape, "dK/dV accumulator")
+            pending.commit()
+        else:  # the turn ends where it starts: every block's gradient is home
             grad_in = (dk, dv)
         if not last:
             kv_comm.wait()
             block, src = incoming, nxt
-    grad_comm.wait()
+    pending.wait()
     return dq, grad_in[0], grad_in[1]
 
 
@@ -295,8 +346,10 @@ class _RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         kv_comm = RingComm(ctx.group, tag=KV_TAG, timeout=ctx.timeout)
         grad_comm = RingComm(ctx.group, tag=GRAD_TAG, timeout=ctx.timeout)
+        # The last hop home goes back over the steps - 1 ranks the block visited.
+        home = RingComm(ctx.group, tag=HOME_TAG, timeout=ctx.timeout, offset=1 - ctx.plan.steps())
         dq, dk, dv = _ring_backward(
-            ctx.plan, kv_comm, grad_comm, ctx.rank, q, k, v, ctx.seg, out, lse, dout, dlse
+            ctx.plan, kv_comm, grad_comm, home, ctx.rank, q, k, v, ctx.seg, out, lse, dout, dlse
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
@@ -314,6 +367,8 @@ def ring_attention(
     backend: Backend = "auto",
     return_lse: bool = False,
     timeout: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ):
     """Exact attention of this rank's query shard over the whole ring's sequence.
 
@@ -324,10 +379,15 @@ def ring_attention(
     also the fp32 log-sum-exp ``[B, Hq, S_local]`` (differentiable too).
     ``timeout``: seconds to wait for a peer before raising RingError (None, the
     default: the process group's timeout; else a finite number > 0).
+    ``window`` (causal only): each query sees the ``window`` latest keys up to
+    itself (global positions ``i - j < window``; Mistral's ``sliding_window``);
+    the ring turns only as far as some rank still has keys in reach.
+    ``softcap`` ``c``: scores become ``c * tanh(s / c)`` (Gemma2); on the ``auto``
+    backend it runs the math block backend (torch's fused kernels do not cap).
 
     Before any K/V moves, the ranks exchange one small signature of their inputs
     (local length, batch, heads, head_dim, dtypes, segment ids, causal, layout,
-    scale, backend): if they disagree, every rank raises RingError naming the
+    scale, backend, window, softcap): if they disagree, every rank raises RingError naming the
     ranks and fields that differ; if one rank's own inputs are invalid, it raises
     its error and the others a RingError naming it.
     """
@@ -348,9 +408,11 @@ def ring_attention(
         scale = check_inputs(
             q, k, v, softmax_scale, segment_ids, segment_ids, causal=causal, backend=backend
         )
+        window, softcap = _check_window_args(window, softcap, causal, "ring_attention")
         _check_same_len(q, k, segment_ids)
         rank_chunks(0, 1, 0, layout)  # validates the layout name
-        signature, local_error = _signature(q, k, segment_ids, causal, layout, scale, backend), None
+        signature = _signature(q, k, segment_ids, causal, layout, scale, backend, window, softcap)
+        local_error = None
     except Exception as exc:
         signature, local_error = [0] * len(_SIGNATURE), exc
     signatures = all_gather_ints(
@@ -360,7 +422,10 @@ def ring_attention(
         raise local_error
     _check_signatures(signatures, rank)
     lengths = [sig[1] for sig in signatures]
-    plan = _Plan(seq_len_from_local(lengths, layout), world_size, layout, causal, scale, backend)
+    plan = _Plan(
+        seq_len_from_local(lengths, layout), world_size, layout, causal, scale, backend,
+        window, softcap,
+    )  # fmt: skip
     out, lse = _RingAttention.apply(q, k, v, segment_ids, plan, group, rank, timeout)
     return (out, lse) if return_lse else out
 
@@ -370,7 +435,7 @@ def ring_attention(
 _SIGNATURE = (
     "ok", "local length", "batch", "query heads", "key/value heads", "head_dim", "dtype",
     "segment_ids", "segment_ids dims", "segment_ids batch", "segment_ids dtype", "causal",
-    "layout", "softmax_scale", "backend",
+    "layout", "softmax_scale", "backend", "window", "softcap",
 )  # fmt: skip
 # Every torch dtype, in one order on every rank (same torch build): a dtype's code.
 _DTYPES = sorted({t for t in vars(torch).values() if isinstance(t, torch.dtype)}, key=str)
@@ -380,7 +445,15 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else -1
 
 
-def _signature(q, k, seg, causal, layout, scale, backend) -> list[int]:
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _signature(q, k, seg, causal, layout, scale, backend, window=None, softcap=None) -> list[int]:
     has_seg = seg is not None
     return [
         1, q.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3], _dtype_code(q.dtype),
@@ -388,8 +461,10 @@ def _signature(q, k, seg, causal, layout, scale, backend) -> list[int]:
         seg.shape[0] if has_seg and seg.dim() == 2 else 0,
         _dtype_code(seg.dtype) if has_seg else -1,
         int(bool(causal)), LAYOUTS.index(layout),
-        struct.unpack("<q", struct.pack("<d", scale))[0],  # the float's exact bits
+        _float_bits(scale),  # the float's exact bits
         BACKENDS.index("sdpa" if backend == "auto" else backend),  # auto is sdpa
+        0 if window is None else window,
+        0 if softcap is None else _float_bits(softcap),
     ]  # fmt: skip
 
 
@@ -405,8 +480,22 @@ def _describe(field: str, value: int) -> str:
     if field == "backend":
         return repr(BACKENDS[value])
     if field == "softmax_scale":
-        return repr(struct.unpack("<d", struct.pack("<q", value))[0])
+        return repr(_bits_float(value))
+    if field in ("window", "softcap"):
+        return "None" if value == 0 else repr(value if field == "window" else _bits_float(value))
     return str(value)
+
+
+def _check_window_args(window, softcap, causal, what: str):
+    """``(window, softcap)`` checked, as a plain int and float (or None)."""
+    check_window(window, softcap, what)
+    if window is not None and not causal:
+        # A one-sided window without causality is no attention a model uses.
+        raise RingError(f"{what}: expected causal=True with a sliding window, found causal=False")
+    return (
+        None if window is None else int(window),
+        None if softcap is None else float(softcap),
+    )
 
 
 def _check_signatures(signatures: list[list[int]], rank: int) -> None:
@@ -459,7 +548,7 @@ def _virtual_forward_by_rank(plan, q, k, v, seg):
     outs, lses = [], []
     for r in range(w):
         out, lse = empty_partial(tuple(qs[r].shape), partial_dtype(q.dtype), q.device)
-        for step in range(w):
+        for step in range(plan.steps()):
             src = (r - step) % w
             _accumulate(plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src], out, lse)
         outs.append(out.to(q.dtype))
@@ -505,7 +594,7 @@ class _VirtualRingAttention(torch.autograd.Function):
         dks = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in ks]
         dvs = [torch.zeros(t.shape, dtype=acc, device=q.device) for t in vs]
         for r in range(w):
-            for step in range(w):
+            for step in range(plan.steps()):
                 src = (r - step) % w
                 _accumulate_grad(
                     plan, r, src, qs[r], segs[r], ks[src], vs[src], segs[src],
@@ -527,6 +616,8 @@ def virtual_ring_attention(
     softmax_scale: float | None = None,
     backend: Backend = "auto",
     return_lse: bool = False,
+    window: int | None = None,
+    softcap: float | None = None,
 ):
     """Ring attention for ``world_size`` simulated ranks in one process, on full tensors.
 
@@ -536,11 +627,12 @@ def virtual_ring_attention(
     scale = check_inputs(
         q, k, v, softmax_scale, segment_ids, segment_ids, causal=causal, backend=backend
     )
+    window, softcap = _check_window_args(window, softcap, causal, "virtual ring")
     _check_same_len(q, k, segment_ids)
     world_size = as_int("virtual ring: world_size", world_size)
     if world_size < 1:
         raise RingError(f"virtual ring: expected world_size >= 1, found {world_size}")
-    plan = _Plan(q.shape[2], world_size, layout, causal, scale, backend)
+    plan = _Plan(q.shape[2], world_size, layout, causal, scale, backend, window, softcap)
     rank_chunks(q.shape[2], world_size, 0, layout)  # validates the layout name
     out, lse = _VirtualRingAttention.apply(q, k, v, segment_ids, plan)
     return (out, lse) if return_lse else out

@@ -9,8 +9,12 @@ inputs, float32 otherwise) so blocks can be merged exactly (see merge.py):
 
 Inputs: ``q`` ``[B, Hq, Sq, D]``, ``k``/``v`` ``[B, Hkv, Sk, D]`` with
 ``Hq % Hkv == 0`` (GQA/MQA). Query ``i`` may see key ``j`` when
-``not causal or q_start + i >= kv_start + j`` (global positions) and, with
-segment ids (``[B, S]`` or ``[S]`` integers), when both lie in the same segment.
+``not causal or q_start + i >= kv_start + j`` (global positions), with a
+``window`` when ``(q_start + i) - (kv_start + j) < window`` (a sliding window:
+Mistral's, Qwen2's and Gemma's local layers, ``kv_idx > q_idx - window``) and,
+with segment ids (``[B, S]`` or ``[S]`` integers), when both lie in the same
+segment. ``softcap`` ``c`` turns every scaled score ``s`` into ``c * tanh(s / c)``
+before the softmax (Gemma2's ``attn_logit_softcapping``).
 
 Backends: ``math`` (torch, the reference), ``sdpa`` (torch's fused kernels that
 return the log-sum-exp; falls back to ``math`` with a RingBackendWarning where
@@ -61,6 +65,8 @@ def block_attention(
     q_segment_ids: torch.Tensor | None = None,
     kv_segment_ids: torch.Tensor | None = None,
     backend: Backend = "math",
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` against one key/value block; see the module docstring.
 
@@ -74,13 +80,17 @@ def block_attention(
     kw = dict(
         softmax_scale=softmax_scale, causal=causal, q_start=q_start, kv_start=kv_start,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, backend=backend,
+        window=window, softcap=softcap,
     )  # fmt: skip
     grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)
     )
     if grad:
-        check_inputs(q, k, v, softmax_scale, q_segment_ids, kv_segment_ids)
-        if backend != "math" or _is_empty(q, k):  # (empty: zeros no graph would reach)
+        check_inputs(
+            q, k, v, softmax_scale, q_segment_ids, kv_segment_ids, window=window, softcap=softcap
+        )
+        hidden = effective_window(window, q.shape[2], k.shape[2], q_start, kv_start) == 0
+        if backend != "math" or _is_empty(q, k) or hidden:  # (zeros no graph would reach)
             return _BlockAttention.apply(q, k, v, kw)
     return block_partial(q, k, v, **kw, cast=True)
 
@@ -130,33 +140,68 @@ def block_partial(
     kv_segment_ids,
     backend: Backend,
     cast: bool,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_attention`; with ``cast=False`` ``out`` may stay in the kernel's
     dtype (bf16/fp16 from flash attention) for :func:`merge_fused_` to read directly."""  # fmt: skip
     scale = check_inputs(
         q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
         causal=causal, q_start=q_start, kv_start=kv_start, backend=backend,
+        window=window, softcap=softcap,
     )  # fmt: skip
-    if _is_empty(q, k):
+    window = effective_window(window, q.shape[2], k.shape[2], q_start, kv_start)
+    if _is_empty(q, k) or window == 0:
         return _empty_result(q)
     args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
+    extra = dict(window=window, softcap=softcap)
     if backend == "auto":
-        backend = _auto_backend(q)
+        backend = _auto_backend(q, softcap)
     if backend == "math":
-        return _math_forward(*args)
+        return _math_forward(*args, **extra)
     if backend == "sdpa":
-        return _sdpa_forward(*args, cast=cast)
+        return _sdpa_forward(*args, cast=cast, **extra)
     if backend in ("cuda", "cuda_v1"):
         from qdelta.ring import cuda_block
 
         PATH_COUNTS["cuda"] += 1
-        return cuda_block.attention_block(*args, kernel=backend)
+        return cuda_block.attention_block(*args, kernel=backend, **extra)
     raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+
+
+def effective_window(window: int | None, sq: int, sk: int, q_start: int, kv_start: int):
+    """``window`` as it acts on this block: None when it hides no (query, key) pair,
+    0 when it hides every pair (the block is skipped), else ``window``."""
+    if window is None:
+        return None
+    if q_start + sq - 1 - kv_start < window:  # even the farthest pair is inside
+        return None
+    if q_start - (kv_start + sk - 1) >= window:  # even the nearest pair is outside
+        return 0
+    return window
+
+
+def check_window(window, softcap, what: str = "block attention") -> None:
+    """``window``: None or an int >= 1; ``softcap``: None or a finite number > 0."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise DTypeError(
+                f"{what}: expected window as None or an int, found {type(window).__name__}"
+            )
+        if window < 1:
+            raise ShapeError(f"{what}: expected window >= 1 (keys per query), found {window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise DTypeError(
+                f"{what}: expected softcap as None or a number, found {type(softcap).__name__}"
+            )
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ShapeError(f"{what}: expected a finite softcap > 0, found {softcap}")
 
 
 def check_inputs(
     q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
-    *, causal=False, q_start=0, kv_start=0, backend="math",
+    *, causal=False, q_start=0, kv_start=0, backend="math", window=None, softcap=None,
 ) -> float:  # fmt: skip
     """Validate shapes, dtypes, devices and arguments (metadata only); return the
     softmax scale to use."""
@@ -231,6 +276,7 @@ def check_inputs(
         raise DTypeError(f"block attention: expected causal as a bool, found {causal!r}")
     as_int("block attention: q_start", q_start)
     as_int("block attention: kv_start", kv_start)
+    check_window(window, softcap)
     if backend not in BACKENDS:
         raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
     if softmax_scale is None:
@@ -288,13 +334,20 @@ def allowed_mask(
     q_segment_ids: torch.Tensor | None,
     kv_segment_ids: torch.Tensor | None,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean ``[B or 1, 1, Sq, Sk]`` of visible (query, key) pairs; None when all are."""
     mask = None
-    if causal and q_start < kv_start + sk - 1:
+    causal = causal and q_start < kv_start + sk - 1
+    if causal or window is not None:
         qpos = torch.arange(q_start, q_start + sq, device=device)
         kpos = torch.arange(kv_start, kv_start + sk, device=device)
-        mask = (qpos[:, None] >= kpos[None, :])[None, None]
+        dist = qpos[:, None] - kpos[None, :]
+        if causal:
+            mask = (dist >= 0)[None, None]
+        if window is not None:
+            near = (dist < window)[None, None]
+            mask = near if mask is None else mask & near
     if q_segment_ids is not None:
         qs = q_segment_ids.to(device).reshape(-1, sq)
         ks = kv_segment_ids.to(device).reshape(-1, sk)
@@ -309,11 +362,13 @@ def _gqa_view(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(b, hkv, hq // hkv, s, d)
 
 
-def _scores(q, k, scale, mask):
-    """Masked scaled scores ``[B, Hkv, G, Sq, Sk]`` in the partial dtype."""
+def _scores(q, k, scale, mask, softcap=None):
+    """Masked scaled (and soft-capped) scores ``[B, Hkv, G, Sq, Sk]`` in the partial dtype."""
     acc = partial_dtype(q.dtype)
     qg = _gqa_view(q.to(acc), k.shape[1])
     s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap  # (not in place: autograd keeps tanh's output)
     if mask is not None:
         s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
     return s
@@ -323,11 +378,11 @@ def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def _math_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg):
+def _math_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg, window=None, softcap=None):
     PATH_COUNTS["math"] += 1
     b, hq, sq, d = q.shape
-    mask = allowed_mask(sq, k.shape[2], causal, q_start, kv_start, qseg, kseg, q.device)
-    s = _scores(q, k, scale, mask)
+    mask = allowed_mask(sq, k.shape[2], causal, q_start, kv_start, qseg, kseg, q.device, window)
+    s = _scores(q, k, scale, mask, softcap)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite_or_zero(lse).unsqueeze(-1))
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
@@ -353,6 +408,8 @@ def block_attention_backward(
     q_segment_ids: torch.Tensor | None = None,
     kv_segment_ids: torch.Tensor | None = None,
     backend: Backend = "math",
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of ``(dq, dk, dv)`` in the partial dtype.
 
@@ -362,20 +419,23 @@ def block_attention_backward(
 
     Backends: ``math`` (torch, in tiles of BACKWARD_ROWS query rows); ``sdpa`` /
     ``auto`` use torch's fused CPU flash backward where it applies (CPU, no
-    ``dlse``, every row's final lse finite) and ``math`` otherwise. ``out`` and
+    ``dlse``, no ``softcap``, every row's final lse finite) and ``math`` otherwise. ``out`` and
     ``dout`` must have q's shape, ``lse`` and ``dlse`` ``[B, Hq, Sq]`` (ShapeError).
     """
     scale = check_inputs(
         q, k, v, softmax_scale, q_segment_ids, kv_segment_ids,
         causal=causal, q_start=q_start, kv_start=kv_start, backend=backend,
+        window=window, softcap=softcap,
     )  # fmt: skip
     _check_grad_inputs(q, out, lse, dout, dlse)
     acc = partial_dtype(q.dtype)
-    if _is_empty(q, k):  # nothing to attend: zero gradients, no kernel on zero sizes
+    window = effective_window(window, q.shape[2], k.shape[2], q_start, kv_start)
+    if _is_empty(q, k) or window == 0:  # nothing to attend: zero gradients, no kernel
         return tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
     args = (q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start)
-    if backend != "math" and q.device.type == "cpu" and dlse is None and torch.isfinite(lse).all():
-        return _sdpa_cpu_backward(*args, q_segment_ids, kv_segment_ids)
+    fused = backend != "math" and q.device.type == "cpu" and dlse is None and softcap is None
+    if fused and torch.isfinite(lse).all():
+        return _sdpa_cpu_backward(*args, q_segment_ids, kv_segment_ids, window)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -385,7 +445,7 @@ def block_attention_backward(
         qseg = None if q_segment_ids is None else q_segment_ids[..., rows]
         tq, tk, tv = _math_backward_tile(
             tile[0], k, v, tile[1], tile[2], tile[3], tile[4], scale, causal,
-            q_start + r0, kv_start, qseg, kv_segment_ids,
+            q_start + r0, kv_start, qseg, kv_segment_ids, window, softcap,
         )  # fmt: skip
         dq[:, :, rows] = tq
         dk += tk
@@ -394,13 +454,21 @@ def block_attention_backward(
 
 
 def _math_backward_tile(
-    q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg
-):
+    q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg,
+    window=None, softcap=None,
+):  # fmt: skip
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     acc = partial_dtype(q.dtype)
-    mask = allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
-    p = _scores(q, k, scale, mask)  # becomes the attention weights in place
+    mask = allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device, window)
+    p = _scores(q, k, scale, mask, softcap)  # becomes the attention weights in place
+    # d(c * tanh(s / c)) / ds = 1 - (capped / c)^2, read off the capped scores
+    # before they turn into weights (masked ones give 0: their weight is 0 anyway).
+    cap_slope = None
+    if softcap is not None:
+        capped = torch.where(torch.isneginf(p), 0.0, p) / softcap
+        cap_slope = 1.0 - capped * capped
+        del capped
     p.sub_(_finite_or_zero(_gqa_view(lse.to(acc).unsqueeze(-1), hkv))).exp_()
     do = _gqa_view(dout.to(acc), hkv)
     delta = (do * _gqa_view(out.to(acc), hkv)).sum(-1, keepdim=True)
@@ -411,6 +479,8 @@ def _math_backward_tile(
     dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
     ds = torch.matmul(do, vg.transpose(-1, -2)).sub_(delta).mul_(p)
     del p
+    if cap_slope is not None:
+        ds.mul_(cap_slope)
     dq = torch.matmul(ds, kg).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), _gqa_view(q.to(acc), hkv)).sum(2).mul_(scale)
     return dq.reshape(b, hq, sq, d), dk, dv
@@ -423,14 +493,18 @@ def _rows_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and all(s > 0 for s in t.stride()) else t.contiguous()
 
 
-def _sdpa_cpu_backward(q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg):
+def _sdpa_cpu_backward(
+    q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start, qseg, kseg, window=None
+):
     """torch's fused CPU flash backward, fed the final out/lse (exact per block)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     acc = partial_dtype(q.dtype)
-    diagonal = causal and q_start == kv_start and sq == sk and qseg is None
+    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window)
     mask = (
-        None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+        None
+        if diagonal
+        else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device, window)
     )
     bias = None
     if mask is not None:
@@ -474,12 +548,23 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
 
-def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg, cast=True):
-    args = (q, k, v, scale, causal, q_start, kv_start, qseg, kseg)
+def _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window) -> bool:
+    """Whether the fused kernels' own causal mask (``is_causal``) is this block's mask."""
+    return causal and q_start == kv_start and sq == sk and qseg is None and window is None
+
+
+def _sdpa_forward(
+    q, k, v, scale, causal, q_start, kv_start, qseg, kseg, cast=True, window=None, softcap=None
+):
+    args = (q, k, v, scale, causal, q_start, kv_start, qseg, kseg, window, softcap)
+    if softcap is not None:  # torch's fused kernels do not soft-cap
+        return _fallback("softcap", args)
     sq, sk = q.shape[2], k.shape[2]
-    diagonal = causal and q_start == kv_start and sq == sk and qseg is None
+    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window)
     mask = (
-        None if diagonal else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device)
+        None
+        if diagonal
+        else allowed_mask(sq, sk, causal, q_start, kv_start, qseg, kseg, q.device, window)
     )
     # The fused kernels read rows as dense: a strided last dim (x.mT.contiguous().mT)
     # gives garbage on CPU, so copy such inputs (ring slices of a shard stay views).
@@ -531,7 +616,8 @@ def _sdpa_forward(q, k, v, scale, causal, q_start, kv_start, qseg, kseg, cast=Tr
     return out, lse
 
 
-def _auto_backend(q: torch.Tensor) -> str:
+def _auto_backend(q: torch.Tensor, softcap: float | None = None) -> str:
     # The fused torch kernels (flash attention on CUDA) are the fastest block
-    # backend today; the cuda kernel (no tensor cores) runs on request.
-    return "sdpa"
+    # backend today; the cuda kernel runs on request. They do not soft-cap:
+    # then the math backend, without the fallback warning (it is the plan).
+    return "sdpa" if softcap is None else "math"

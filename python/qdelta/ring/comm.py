@@ -36,17 +36,22 @@ def check_timeout(timeout) -> float | None:
 
 
 class RingComm:
-    """One direction of a ring over ``group`` (None = the default group)."""
+    """One direction of a ring over ``group`` (None = the default group): send to
+    ``rank + offset``, receive from ``rank - offset`` (offset 1: the next rank)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, tag: int = 0, timeout=None):
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, tag: int = 0, timeout=None, offset=1
+    ):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.tag = tag
         self.timeout = check_timeout(timeout)
         real_group = group if group is not None else dist.group.WORLD
-        self.send_rank = dist.get_global_rank(real_group, (self.rank + 1) % self.world_size)
-        self.recv_rank = dist.get_global_rank(real_group, (self.rank - 1) % self.world_size)
+        self.send_to = (self.rank + offset) % self.world_size
+        self.recv_from = (self.rank - offset) % self.world_size
+        self.send_rank = dist.get_global_rank(real_group, self.send_to)
+        self.recv_rank = dist.get_global_rank(real_group, self.recv_from)
         self._ops: list[dist.P2POp] = []
         self._reqs: list | None = None
         self._what = ""
@@ -95,8 +100,7 @@ class RingComm:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         return RingError(
             f"ring rank {self.rank}/{self.world_size}: exchanging the {self._what} with "
-            f"rank {(self.rank + 1) % self.world_size} (send) and "
-            f"{(self.rank - 1) % self.world_size} (receive) {verb}: {first} "
+            f"rank {self.send_to} (send) and {self.recv_from} (receive) {verb}: {first} "
             "(a peer rank died, hung, or was given a differently shaped input)"
         )
 

@@ -13,10 +13,14 @@ style with cp.async double buffering and ldmatrix fragments, sm_80+), ``mma``
 kept selectable so the GPU benchmark can time both) and ``v1``
 (``attention_block``: CUDA cores, the first kernel). Backend ``cuda`` runs
 DEFAULT_KERNEL; backend ``cuda_v1`` always runs ``v1``; ``attention_block(...,
-kernel=name)`` also takes a KERNELS name directly.
+kernel=name)`` also takes a KERNELS name directly. ``window`` (a sliding window)
+and ``softcap`` (logit soft-capping) are handled by all three kernels.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -40,6 +44,9 @@ TILE_KEYS = 64  # keys per K/V tile of the mma kernels
 ROWS_PER_BLOCK = KERNELS["v1"][1]
 THREADS = 128
 _CTYPES = {torch.float16: "0", torch.bfloat16: "1"}  # the kernel's DT template argument
+# The fp32 range the kernels take softcap in (c * log2e and its inverse stay finite and
+# normal); outside it capping is the identity / a constant up to fp32 rounding.
+SOFTCAP_RANGE = (1e-30, 1e37)
 
 
 def available() -> bool:
@@ -84,8 +91,27 @@ def launch_grid(kernel: str, b: int, hq: int, sq: int) -> tuple[tuple[int, int, 
     return ((sq + rows - 1) // rows, hq, b), threads
 
 
+def window_first_tile(first_q: int, kv_start: int, window: int | None, sk: int) -> int:
+    """The first key tile a query block whose first row is at ``first_q`` may see
+    through ``window`` (window_first_tile in the .cu file); ``sk`` when none."""
+    if not window:
+        return 0
+    lo = first_q - window + 1 - kv_start  # the first key index the block's first row sees
+    if lo <= 0:
+        return 0
+    return sk if lo >= sk else lo // TILE_KEYS * TILE_KEYS
+
+
 def mma_tiles(
-    block: int, sq: int, sk: int, causal: bool, q_start: int, kv_start: int, segments: bool
+    block: int,
+    sq: int,
+    sk: int,
+    causal: bool,
+    q_start: int,
+    kv_start: int,
+    segments: bool,
+    *,
+    window: int | None = None,
 ) -> list[tuple[int, bool]]:
     """``(first key, masked?)`` of every key tile query block ``block`` of the mma
     kernel visits: the kernel's loop bounds and mask test, for tests on any machine."""
@@ -94,7 +120,7 @@ def mma_tiles(
     row0 = block * rows
     last_q = q_start + min(sq, row0 + rows) - 1
     tiles = []
-    for t0 in range(0, sk, keys):
+    for t0 in range(window_first_tile(q_start + row0, kv_start, window, sk), sk, keys):
         if causal and kv_start + t0 > last_q:
             break
         masked = (
@@ -102,6 +128,7 @@ def mma_tiles(
             or segments
             or (causal and kv_start + t0 + keys - 1 > q_start + row0)
             or row0 + rows > sq
+            or (bool(window) and last_q - (kv_start + t0) >= window)
         )
         tiles.append((t0, masked))
     return tiles
@@ -116,27 +143,36 @@ def mma2_tiles(
     q_start: int,
     kv_start: int,
     segments: bool,
+    *,
+    window: int | None = None,
 ) -> list[tuple[int, bool]]:
     """``(first key, masked?)`` of every key tile warp ``warp`` of query block ``block``
-    of the mma2 kernel computes (16 rows per warp; the block loads the tiles up to its
-    last row's causal reach, a warp computes those its own rows see): the kernel's loop
-    bounds, skip and mask tests, for tests on any machine."""
+    of the mma2 kernel computes (16 rows per warp; the block loads the tiles from its
+    first row's window start up to its last row's causal reach, a warp computes those
+    its own rows see): the kernel's loop bounds, skip and mask tests (with the kernel's
+    int clamps), for tests on any machine."""
     _, rows, _ = KERNELS["mma2"]
     keys = TILE_KEYS
     row0 = block * rows
     wrow0 = row0 + 16 * warp
     n_tiles = -(-sk // keys)
-    diag = q_start - kv_start
+    diag = max(-(row0 + rows + 1), min(q_start - kv_start, sk))
     if causal:
         reach = diag + min(sq, row0 + rows) - 1
         n_tiles = 0 if reach < 0 else min(n_tiles, reach // keys + 1)
     warp_reach = diag + min(sq, wrow0 + 16) - 1 if causal else sk
     warp_full = diag + wrow0 if causal else sk
+    wlo = -(row0 + rows)
+    if window:
+        wlo = max(wlo, min(q_start - kv_start - window + 1, sk))
+    block_lo = wlo + row0
+    first_it = 0 if block_lo <= 0 else n_tiles if block_lo >= sk else block_lo // keys
+    warp_lo = wlo + wrow0
     tiles = []
-    for t0 in range(0, n_tiles * keys, keys):
-        if wrow0 >= sq or t0 > warp_reach:
+    for t0 in range(first_it * keys, n_tiles * keys, keys):
+        if wrow0 >= sq or t0 > warp_reach or min(sk, t0 + keys) - 1 < warp_lo:
             continue
-        masked = t0 + keys > sk or segments or t0 + keys - 1 > warp_full
+        masked = t0 + keys > sk or segments or t0 + keys - 1 > warp_full or t0 < warp_lo + 15
         tiles.append((t0, masked))
     return tiles
 
@@ -157,9 +193,47 @@ def _module(device_index: int):
     )
 
 
-def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *, kernel="cuda"):
-    """Run the kernel; arguments as in block._math_forward; ``kernel``: the backend name."""
+def check_window_softcap(window, softcap) -> None:
+    """``window``: None or an int >= 1; ``softcap``: None or a finite number > 0."""
+    what = "ring block backend 'cuda'"
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise DTypeError(
+                f"{what}: expected window as None or an int, found {type(window).__name__}"
+            )
+        if window < 1:
+            raise ShapeError(f"{what}: expected window >= 1, found {window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise DTypeError(
+                f"{what}: expected softcap as None or a number, found {type(softcap).__name__}"
+            )
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ShapeError(f"{what}: expected a finite softcap > 0, found {softcap}")
+
+
+def attention_block(
+    q,
+    k,
+    v,
+    scale,
+    causal,
+    q_start,
+    kv_start,
+    q_seg,
+    kv_seg,
+    *,
+    kernel="cuda",
+    window=None,
+    softcap=None,
+):
+    """Run the kernel; arguments as in block._math_forward; ``kernel``: the backend name;
+    ``window``: None or an int >= 1 (query ``q_start + i`` sees key ``kv_start + j`` only
+    when their distance is below it); ``softcap``: None or a finite number > 0 (scores
+    ``s`` become ``softcap * tanh(s / softcap)``)."""
     from qdelta.kernels import cuda as kernels_cuda
+
+    check_window_softcap(window, softcap)
 
     runtime = kernels_cuda.RUNTIME
     if not runtime.emulated and not available():
@@ -190,10 +264,15 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
                 f"ring block backend 'cuda': expected segment ids for {b} rows, found "
                 f"{tuple(q_seg.shape)} and {tuple(kv_seg.shape)}"
             )
-    if sk == 0:
+    # The kernels take window 0 for "none": a window wider than the farthest pair hides
+    # nothing (and keeps the fast path); one nearer than the nearest pair hides all.
+    if window is not None and q_start + sq - 1 - kv_start < window:
+        window = None
+    if sk == 0 or (window is not None and q_start - (kv_start + sk - 1) >= window):
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    cap = 0.0 if softcap is None else min(max(float(softcap), SOFTCAP_RANGE[0]), SOFTCAP_RANGE[1])
     from qdelta.kernels.cuda import KernelLaunchError, launch
 
     index = runtime.device_index(q.device)
@@ -217,7 +296,7 @@ def attention_block(q, k, v, scale, causal, q_start, kv_start, q_seg, kv_seg, *,
             ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(q_seg), ptr(kv_seg),
             np.int32(seg_batched), np.int32(hq), np.int32(hkv),
             np.int32(sq), np.int32(sk), np.float32(scale), np.int32(int(causal)),
-            np.int64(q_start), np.int64(kv_start),
+            np.int64(q_start), np.int64(kv_start), np.int64(window or 0), np.float32(cap),
         ),
         shared_bytes(name, d),
     )  # fmt: skip

@@ -2,7 +2,8 @@
 equals its single-process forward.
 
 The model is written once with save_pretrained (a small random Llama built
-offline with a fixed seed, or any local Llama-style checkpoint directory), every
+offline with a fixed seed, a small random Mistral with a sliding window, or any
+local Llama-style checkpoint directory), every
 rank loads it, runs its shard of a long random input through ring attention,
 and the parent compares the reassembled logits with one ordinary forward.
 """
@@ -22,11 +23,14 @@ from qdelta.ring.launch import spawn_ring
 from qdelta.ring.layout import unshard
 
 
-def tiny_llama(seed: int = 0, max_positions: int = 8192):
-    """A small random LlamaForCausalLM (GQA, RoPE), built offline and deterministic."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(seed: int = 0, max_positions: int = 8192, sliding_window: int | None = None):
+    """A small random LlamaForCausalLM (GQA, RoPE), built offline and deterministic;
+    with ``sliding_window`` the same shape as a MistralForCausalLM with that window."""
+    import transformers
 
-    config = LlamaConfig(
+    name = "Llama" if sliding_window is None else "Mistral"
+    extra = {} if sliding_window is None else {"sliding_window": sliding_window}
+    config = getattr(transformers, f"{name}Config")(
         vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
@@ -35,9 +39,10 @@ def tiny_llama(seed: int = 0, max_positions: int = 8192):
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
+        **extra,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
 
 
 def _load(model_dir: str):
@@ -81,11 +86,23 @@ def run_ring_demo(
     input_ids: torch.Tensor | None = None,
     tolerance: float = 1e-4,
     timeout: float = 300.0,
+    sliding_window: int | None = None,
 ) -> dict:
     """Run the demo; return ``{"max_abs_error", "ok", ...}`` and print a summary.
     ``input_ids`` (``[1, S]``, e.g. tokenized text) replaces the random input of
-    ``seq_len`` tokens."""
+    ``seq_len`` tokens. ``sliding_window``: the random model is a Mistral with
+    that window (not with ``model_dir``)."""
     require("transformers", "the ring demo")
+    if sliding_window is not None and (
+        isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+    ):
+        raise RingError(f"expected sliding_window as an int, found {sliding_window!r}")
+    if sliding_window is not None and (sliding_window < 1 or model_dir is not None):
+        raise RingError(
+            "expected a sliding window >= 1 for the random model (not with a model "
+            f"directory), found {sliding_window}"
+            + ("" if model_dir is None else f" with model directory {model_dir}")
+        )
     length = seq_len if input_ids is None else int(input_ids.shape[-1])
     chunks = max(world_size, 1) * (2 if layout == "zigzag" else 1)
     if world_size < 1 or length < chunks:  # checked before any model is built or loaded
@@ -96,7 +113,8 @@ def run_ring_demo(
     with tempfile.TemporaryDirectory(prefix="qdelta-ring-demo-") as tmp:
         if model_dir is None:
             model_dir = str(Path(tmp) / "model")
-            tiny_llama(seed, max_positions=max(8192, seq_len)).save_pretrained(model_dir)
+            model = tiny_llama(seed, max(8192, seq_len), sliding_window)
+            model.save_pretrained(model_dir)
         model = _load(model_dir)
         if input_ids is None:
             gen = torch.Generator().manual_seed(seed)
@@ -115,14 +133,16 @@ def run_ring_demo(
         "world_size": world_size,
         "seq_len": seq_len,
         "layout": layout,
+        "sliding_window": sliding_window,
         "max_abs_error": err,
         "max_abs_logit": ref.abs().max().item(),
         "single_process_s": single_s,
         "ring_rank_s": [r[1] for r in results],
         "ok": err <= tolerance,
     }
+    window = "" if sliding_window is None else f", sliding window {sliding_window}"
     print(
-        f"ring-demo: {seq_len} tokens over {world_size} gloo ranks ({layout}): "
+        f"ring-demo: {seq_len} tokens over {world_size} gloo ranks ({layout}{window}): "
         f"max |logits_ring - logits_single| = {err:.3e} (logits up to {summary['max_abs_logit']:.2f}; "
         f"tolerance {tolerance:g}) -> {'OK' if summary['ok'] else 'MISMATCH'}"
     )

@@ -7,7 +7,9 @@ the shard's global position ids (so RoPE sees true positions), and attention
 spans the whole sequence through the ring. ``ring_forward`` does the sharding,
 with the group and layout recorded by ``use_ring_attention``.
 No causal mask tensor is built: causality (and the layout's positions) are
-handled inside ring_attention. Padding masks are refused (the ring attends over
+handled inside ring_attention, and so are the sliding windows (Mistral, Qwen2's
+and Gemma's sliding layers: the window each layer's attention asks for) and
+Gemma2's logit soft-capping. Padding masks are refused (the ring attends over
 the whole sequence). Prefill/training only: a KV cache is refused.
 """
 
@@ -88,9 +90,14 @@ def ring_attention_forward(
         )
     if dropout and module.training:
         raise RingError(f"ring attention: expected attention dropout 0, found {dropout}")
-    _check_attention_kwargs(module, query.shape[2], settings.group, kwargs)
+    window, softcap = _window_and_softcap(module, kwargs)
     causal = getattr(module, "is_causal", True)
     _check_mask(attention_mask, query.shape[2], causal)
+    if window is not None and not causal:
+        raise RingError(
+            f"{type(module).__name__}: ring attention runs sliding windows causally only; "
+            f"found sliding_window={window} on a non-causal attention"
+        )
     out = ring_attention(
         query,
         key,
@@ -101,69 +108,42 @@ def ring_attention_forward(
         softmax_scale=scaling,
         backend=settings.backend,
         timeout=settings.timeout,
+        window=window,
+        softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_attention_kwargs(module, q_len: int, group, kwargs: dict) -> None:
-    """Refuse what the model asks of its attention that the ring does not do:
-    logit soft-capping (Gemma2's ``attn_logit_softcapping``) and a sliding window
-    narrower than the whole sequence (``sliding_window``: Mistral, Qwen2 sliding
-    layers, Gemma2/3 local layers). Ignoring them would give other logits."""
+def _window_and_softcap(module, kwargs: dict) -> tuple[int | None, float | None]:
+    """The sliding window (``kv_idx > q_idx - window``) and logit soft-cap this layer's
+    attention asks for; refuse what the ring does not do (attention sinks), since
+    ignoring it would give other logits."""
     name = type(module).__name__
-    softcap = kwargs.get("softcap")
-    if softcap is not None:
-        raise RingError(
-            f"{name}: ring attention does not soft-cap attention logits; expected the model "
-            f"setting attn_logit_softcapping None, found softcap={softcap!r}"
-        )
-    window = kwargs.get("sliding_window")
-    if window is not None:
-        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-        total = q_len * world
-        if window < total:
-            raise RingError(
-                f"{name}: ring attention attends over the whole sequence; the model setting "
-                f"sliding_window={window} hides keys further back in this {total}-token "
-                "sequence (expected sliding_window None or at least the sequence length)"
-            )
-    sinks = kwargs.get("s_aux")
-    if sinks is not None:
+    if kwargs.get("s_aux") is not None:
         raise RingError(f"{name}: ring attention has no attention sinks (s_aux); found some")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise RingError(f"{name}: expected sliding_window as an int or None, found {window!r}")
+    if window is not None and window < 1:
+        raise RingError(f"{name}: expected sliding_window >= 1 or None, found {window}")
+    return window, softcap
 
 
 def _unsupported_attention(config) -> str | None:
     """Why ring attention would not compute this config's attention (None: it does).
 
-    Refused: ``attn_logit_softcapping`` set; sliding-window layers whose
-    ``sliding_window`` is under ``max_position_embeddings`` (a sequence the model
-    takes could be wider than the window); layer types other than full or sliding
-    attention."""
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap is not None:
-        return (
-            f"attn_logit_softcapping={softcap!r}: ring attention does not soft-cap attention "
-            "logits (expected None)"
-        )
-    window = getattr(config, "sliding_window", None)
+    Refused: layer types other than full or sliding attention (chunked attention,
+    linear attention...). Sliding windows and logit soft-capping arrive with each
+    layer's attention call and are computed by the ring."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if other:
-            return f"layer_types {other}: ring attention runs full causal attention only"
-        sliding = "sliding_attention" in layer_types
-    else:  # e.g. Mistral: one window for every layer; older Qwen2: use_sliding_window
-        sliding = bool(getattr(config, "use_sliding_window", True))
-    if window is None or not sliding:
-        return None
-    limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and window >= limit:
-        return None  # wider than any sequence the model takes: plain causal attention
-    return (
-        f"sliding_window={window} (max_position_embeddings={limit}): ring attention attends "
-        "over the whole sequence, not a sliding window (expected sliding_window None or at "
-        "least max_position_embeddings)"
-    )
+            return (
+                f"layer_types {other}: ring attention runs full and sliding-window causal "
+                "attention only"
+            )
+    return None
 
 
 def _check_settings(group, layout, backend, timeout) -> None:

@@ -17,7 +17,9 @@ those of :func:`qdelta.ring.attention._pairs`:
 
 So a forward (and a backward) is ``2W + 1`` block calls at most instead of
 ``W * W`` times the pairs of a step; a launch-bound GPU loop is what this
-removes.
+removes. With a sliding window (contiguous layout) step ``s`` is one call
+with the query shards ``s`` chunks ahead of their keys (the window's mask is
+the same for every rank), and steps wholly outside the window are dropped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def applies(plan, seq_len: int, device: torch.device) -> bool:
     splits into equal chunks for this plan's layout."""
     if device.type != "cuda" and not BATCH_ON_CPU:
         return False
+    if plan.window is not None and plan.layout != "contiguous":
+        return False  # zigzag ranks of a step sit at different distances: no shared mask
     parts = plan.world_size * (2 if plan.layout == "zigzag" else 1)
     return seq_len % parts == 0 and seq_len > 0
 
@@ -56,7 +60,8 @@ class _Run(NamedTuple):
     kv_ranks: slice
     q_pos: slice
     kv_pos: slice
-    causal: bool
+    masked: bool  # by causality (and the window); False: every key visible
+    ahead: int = 0  # how far the queries' positions lie after their keys' (window runs)
 
 
 def _schedule(plan, local_len: int) -> list[_Run]:
@@ -71,7 +76,14 @@ def _schedule(plan, local_len: int) -> list[_Run]:
         return runs
     if plan.layout == "contiguous":
         runs = [_Run(every, every, every, every, True)]
-        runs += [_Run(slice(s, w), slice(0, w - s), every, every, False) for s in range(1, w)]
+        if plan.window is None:
+            runs += [_Run(slice(s, w), slice(0, w - s), every, every, False) for s in range(1, w)]
+            return runs
+        c = local_len
+        for s in range(1, plan.steps()):
+            if (s - 1) * c + 1 < plan.window:  # the nearest pair of the step is in reach
+                masked = s * c + c - 1 >= plan.window  # the farthest pair is not
+                runs.append(_Run(slice(s, w), slice(0, w - s), every, every, masked, s * c))
         return runs
     c = local_len // 2
     first, second = slice(0, c), slice(c, 2 * c)
@@ -109,6 +121,17 @@ def _pick(t, ranks, pos, seq_dim=-2):
     return t[..., pos, :] if seq_dim == -2 else t[..., pos]
 
 
+def _mask_args(plan, run: _Run) -> dict:
+    """The block call's mask: positions relative to the keys' start."""
+    return dict(
+        causal=plan.causal and run.masked,
+        window=plan.window if run.masked else None,
+        softcap=plan.softcap,
+        q_start=run.ahead,
+        kv_start=0,
+    )
+
+
 def forward(plan, q, k, v, seg) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-rank partials ``(out [W, B, H, L, D], lse [W, B, H, L])`` of the ring."""
     qs, ks, vs, segs = _stacks(plan, q, k, v, seg)
@@ -121,9 +144,8 @@ def forward(plan, q, k, v, seg) -> tuple[torch.Tensor, torch.Tensor]:
         # Diagonal blocks start at the same position, so offsets 0 give their mask.
         bo, bl = block_partial(
             _fold(qq), _fold(kk), _fold(vv),
-            softmax_scale=plan.scale, causal=run.causal, q_start=0, kv_start=0,
-            q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg),
-            backend=plan.backend, cast=False,
+            softmax_scale=plan.scale, q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg),
+            backend=plan.backend, cast=False, **_mask_args(plan, run),
         )  # fmt: skip
         o, l_ = _pick(out, run.q_ranks, run.q_pos), _pick(lse, run.q_ranks, run.q_pos, -1)
         merge_fused_(o, l_, bo.reshape(o.shape), bl.reshape(l_.shape))
@@ -154,8 +176,8 @@ def backward(plan, q, k, v, seg, out, lse, dout, dlse):
         k_seg = None if segs is None else _pick(segs, *kp, -1)
         bdq, bdk, bdv = block_attention_backward(
             _fold(qq), _fold(kk), _fold(vv), _fold(oo), _fold(ll), _fold(gg), _fold(dl),
-            softmax_scale=plan.scale, causal=run.causal, q_start=0, kv_start=0,
-            q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg), backend=plan.backend,
+            softmax_scale=plan.scale, q_segment_ids=_fold(q_seg), kv_segment_ids=_fold(k_seg),
+            backend=plan.backend, **_mask_args(plan, run),
         )  # fmt: skip
         for grads, part, (ranks, pos) in ((dq, bdq, qp), (dk, bdk, kp), (dv, bdv, kp)):
             view = _pick(grads, ranks, pos)
