@@ -29,7 +29,7 @@ from torch import nn
 
 from qdelta.batch_layout import Layouts, probe_layouts
 from qdelta.checks import as_int, check_tensor_like
-from qdelta.delta import Delta
+from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
     BudgetError,
@@ -401,11 +401,36 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
     # ---- loading, eviction, module swaps -------------------------------------
 
+    def _packed_twins(self, delta: Delta) -> dict[str, str]:
+        """Packed embedding -> the head tied to it whose packed delta is the very same
+        (an nn.Linear, same shape, planes and scales): the embedding reads its rows
+        from that head's stack. Tied layers with other deltas keep a stack each."""
+        twins: dict[str, str] = {}
+        for ename, emb in delta.layers.items():
+            if not isinstance(self._base_modules.get(ename), nn.Embedding):
+                continue
+            for alias in self._ties.get(f"{ename}.weight", []):
+                hname, _, attr = alias.rpartition(".")
+                head = delta.layers.get(hname)
+                if (
+                    attr == "weight"
+                    and head is not None
+                    and isinstance(self._base_modules.get(hname), nn.Linear)
+                    and _same_packed(emb, head)
+                ):
+                    twins[ename] = hname
+                    break
+        return twins
+
     def _tenant_bytes(self, delta: Delta) -> int:
         # As loaded: planes as stored, scales float32 per plane and row (the stacks
-        # keep matrix scales broadcast to rows, one layout for every kernel).
+        # keep matrix scales broadcast to rows, one layout for every kernel); an
+        # embedding reading its tied head's stack adds nothing.
+        twins = self._packed_twins(delta)
         packed = sum(
-            layer.planes.nbytes + 4 * layer.bits * layer.shape[0] for layer in delta.layers.values()
+            layer.planes.nbytes + 4 * layer.bits * layer.shape[0]
+            for lname, layer in delta.layers.items()
+            if lname not in twins
         )
         params = 0
         for attrs in self._params_by_module(delta).values():
@@ -470,11 +495,17 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         params = self._params_by_module(delta)
         free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
         slot = min(free)
+        twins = self._packed_twins(delta)
         try:
             with torch.no_grad():
-                for mname, packed in delta.layers.items():
+                # Heads first: a twin embedding reads the stack its head just filled.
+                for mname, packed in sorted(delta.layers.items(), key=lambda kv: kv[0] in twins):
                     wrapper = self._wrap(mname, packed=True)
-                    wrapper.add(name, packed, self._cast(mname, params.get(mname, {})), slot)
+                    attrs = self._cast(mname, params.get(mname, {}))
+                    if mname in twins:
+                        wrapper.add(name, packed, attrs, slot, twin=self._wrapped[twins[mname]])
+                    else:
+                        wrapper.add(name, packed, attrs, slot)
                 for mname, attrs in params.items():
                     if mname in delta.layers:
                         continue
@@ -827,6 +858,18 @@ def _check_fits(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
             raise NonFiniteError(
                 f"{what}: expected values finite in the base's {dtype}, found magnitude {peak:g}"
             )
+
+
+def _same_packed(a: PackedLayer, b: PackedLayer) -> bool:
+    """Equal packed deltas (the same bytes, or views of one pair as a store maps it)."""
+    if a.shape != b.shape or a.transposed or b.transposed:
+        return False
+    return all(
+        x.shape == y.shape
+        and x.dtype == y.dtype
+        and ((x.ctypes.data == y.ctypes.data and x.strides == y.strides) or np.array_equal(x, y))
+        for x, y in ((a.planes, b.planes), (a.scales, b.scales))
+    )
 
 
 def _orientation_mismatch(tenant: str, lname: str, module: nn.Module, transposed: bool) -> str:

@@ -309,40 +309,89 @@ class RowEmbedding(_TwoForms):
         return torch.where((local >= 0).view(*shape, 1), gathered, out)
 
 
+# A stack an embedding lookup reads: planes, scales, each batch row's index there (-1: none).
+_Source = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class PackedRowEmbedding(_TwoForms):
     """nn.Embedding with per-tenant *packed* deltas (``compress(...,
     compress_embeddings=True)``): each row adds, for each of its tokens, that
-    token's delta row of its tenant, unpacked from the sign planes."""
+    token's delta row of its tenant, unpacked from the sign planes.
+
+    A tenant added with a ``twin`` (the RoutedLinear of a head tied to this
+    embedding and holding the very same delta) has no stack here: its rows are
+    read from the head's MultiTenantLinear stack, whose ``[vocab, hidden]``
+    weight is packed along hidden like a table, so the pair is resident once."""
 
     def __init__(self, base: nn.Embedding, route: Route) -> None:
         super().__init__(base, route)
         self._scaled = _lookup_form(base) == "scaled"
-        self._planes: list[torch.Tensor] = []  # per tenant: int32 [P, V, W]
-        self._scales: list[torch.Tensor] = []  # per tenant: float32 [P, V]
+        self._own: list[str] = []  # tenants with a stack here, in stack order
+        self._planes: list[torch.Tensor] = []  # per own tenant: int32 [P, V, W]
+        self._scales: list[torch.Tensor] = []  # per own tenant: float32 [P, V]
         self._stacked_planes: torch.Tensor | None = None  # [T, P_max, V, W]
         self._stacked_scales: torch.Tensor | None = None  # [T, P_max, V]
+        # Tenants read from their twin's stack (a dict, so not a submodule here).
+        self._shared: dict[str, RoutedLinear] = {}
+        self._sources_cache: tuple | None = None  # see _sources
         self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(
-        self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
+        self,
+        name: str,
+        packed: PackedLayer,
+        params: dict[str, torch.Tensor],
+        slot: int,
+        twin: RoutedLinear | None = None,
     ) -> None:
+        self._sources_cache = None
+        if twin is not None:
+            self._check_twin(name, packed, slot, twin)
+            self._names.append(name)
+            self._shared[name] = twin
+            return
         device = self.base.weight.device
         planes = torch.from_numpy(np.ascontiguousarray(packed.planes).view(np.int32))
         scales = torch.as_tensor(np.asarray(packed.scales), dtype=torch.float32)
         if scales.dim() == 1:  # one scale per matrix: the same for every token row
             scales = scales[:, None].expand(-1, packed.shape[0])
         self._names.append(name)
+        self._own.append(name)
         self._planes.append(planes.to(device))
         self._scales.append(scales.to(device))
         self._restack()
 
+    def _check_twin(self, name: str, packed: PackedLayer, slot: int, twin: RoutedLinear) -> None:
+        """Refuse a twin whose stack cannot stand in for this table (QDeltaError):
+        another shape or layout, the tenant not loaded there, or a second head."""
+        layer = twin.layer
+        table = tuple(self.base.weight.shape)
+        others = {id(t) for t in self._shared.values()}
+        if (
+            layer.transposed
+            or packed.transposed
+            or (layer.out_features, layer.in_features) != table
+            or packed.shape != table
+            or twin.local_index(name) != slot
+            or (others and others != {id(twin)})
+            or layer.planes.device != self.base.weight.device
+        ):
+            raise QDeltaError(
+                f"tenant {name!r}: expected its tied head's stack to hold this embedding's "
+                f"{list(table)} delta, not transposed, at slot {slot}, found another"
+            )
+
     def remove(self, name: str) -> None:
-        i = self._names.index(name)
-        del self._names[i], self._planes[i], self._scales[i]
+        self._names.remove(name)
+        self._sources_cache = None
+        if self._shared.pop(name, None) is not None:
+            return
+        i = self._own.index(name)
+        del self._own[i], self._planes[i], self._scales[i]
         self._restack()
 
     def _restack(self) -> None:
-        """One stack for every tenant (planes padded with zero-scale planes); the
+        """One stack for every own tenant (planes padded with zero-scale planes); the
         lists become views of it, so one copy stays resident."""
         if not self._planes:
             self._stacked_planes = self._stacked_scales = None
@@ -356,16 +405,50 @@ class PackedRowEmbedding(_TwoForms):
         self._scales = [self._stacked_scales[i, :n] for i, n in enumerate(counts)]
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
+        # Shared tenants' bytes are the twin's (counted there).
         return [t for t in (self._stacked_planes, self._stacked_scales) if t is not None]
 
+    def _sources(self, local: torch.Tensor) -> list[_Source]:
+        """``(planes [T, P, V, W], scales [T, P, V], each row's index there or -1)`` of
+        the stacks this batch reads: the own one and the twin's (by its stack slots
+        as they are now; at least one stack). Found once per routed batch, and again
+        whenever either stack or the twin's slots change."""
+        twin = next(iter(self._shared.values()), None)
+        key: tuple = (self._stacked_planes, self._stacked_scales)
+        if twin is not None:
+            key += (twin.layer.planes, twin.layer.scales, twin.layer.known_slots)
+        version = _version(local)
+        cached = self._sources_cache
+        if (
+            cached is not None
+            and cached[0] is local
+            and cached[1] == version
+            and version is not None
+            and len(cached[2]) == len(key)
+            and all(a is b for a, b in zip(cached[2], key, strict=True))
+        ):
+            return cached[3]
+        own = {n: i for i, n in enumerate(self._own)}
+        table = [[-1] + [own.get(n, -1) for n in self._names]]
+        stacks = [key[:2]]
+        if twin is not None:
+            shared = self._shared
+            table.append([-1] + [twin.stack_slot(n) if n in shared else -1 for n in self._names])
+            stacks.append(key[2:4])
+        with torch.inference_mode(False):  # versioned tensors, as local_rows makes
+            rows = torch.tensor(table, dtype=torch.long, device=local.device)[:, local + 1]
+        sources = [(p, s, r) for (p, s), r in zip(stacks, rows, strict=True) if p is not None]
+        sources = [src for src in sources if bool((src[2] >= 0).any())] or sources[:1]
+        self._sources_cache = (local, version, key, sources)
+        return sources
+
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
-        """The batch's rows as one Rust call (src/embedding.rs) for a float32 CPU
-        table and int64 CPU ids with no gradient to track, else None. The stack's
-        arrays and each token's tenant are bound once per routed batch."""
+        """The batch's rows as one Rust call per stack read (src/embedding.rs) for a
+        float32 CPU table and int64 CPU ids with no gradient to track, else None. The
+        stacks' arrays and each token's index are bound once per routed batch."""
         weight = self.base.weight
         if (
-            self._stacked_planes is None
-            or weight.dtype != torch.float32
+            weight.dtype != torch.float32
             or weight.is_cuda
             or not weight.is_contiguous()
             or ids.dtype != torch.int64
@@ -373,23 +456,29 @@ class PackedRowEmbedding(_TwoForms):
             or (torch.is_grad_enabled() and weight.requires_grad)
         ):
             return None
-        planes, scales = self._stacked_planes, self._stacked_scales
+        sources = self._sources(local)
         plan = self._plan
-        if not (
-            plan is not None
-            and plan[0] is local
-            and plan[1] == _version(local)
-            and plan[2] == ids.shape
-            and plan[3] is planes
-            and plan[4] is scales
-            and plan[1] is not None
-        ):
+        if not (plan is not None and plan[0] is sources and plan[1] == ids.shape):
+            if any(p.is_cuda for p, _, _ in sources):
+                return None
             per_row = ids[0].numel()
-            tenants = local.repeat_interleave(per_row).numpy()
-            stack = (planes.numpy().view(np.uint32), scales.numpy())
-            plan = self._plan = (local, _version(local), ids.shape, planes, scales, tenants, stack)
-        out = torch.empty(*ids.shape, weight.shape[1])
-        cpu.packed_embedding(weight, *plan[6], ids.contiguous(), plan[5], out)
+            mask = (-1,) + (1,) * ids.dim()  # a batch row's mask over its tokens and hidden
+            bound = [
+                (
+                    (p.numpy().view(np.uint32), s.numpy()),
+                    r.repeat_interleave(per_row).numpy(),
+                    (r >= 0).view(mask),
+                )
+                for p, s, r in sources
+            ]
+            plan = self._plan = (sources, ids.shape, bound)
+        tokens = ids.contiguous()
+        out = None
+        for stack, rows, mine in plan[2]:
+            part = torch.empty(*ids.shape, weight.shape[1])
+            cpu.packed_embedding(weight, *stack, tokens, rows, part)
+            # A row outside this stack got the base row: the earlier result stands.
+            out = part if out is None else torch.where(mine, part, out)
         if self._scaled:  # (base + delta) rows times embed_scale, as the fine-tune's module
             out.mul_(embedding_scale(self.base))
         return out
@@ -397,13 +486,15 @@ class PackedRowEmbedding(_TwoForms):
     def _torch_form(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
         shape = (-1,) + (1,) * (ids.dim() - 1)
-        tenant = local.clamp(min=0).view(shape).expand_as(ids)
-        # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
-        planes = self._stacked_planes[tenant, :, ids]
-        scales = self._stacked_scales[tenant, :, ids]
-        signs = unpack_signs(planes, out.shape[-1]).to(torch.float32)
-        delta = (signs * scales[..., None]).sum(-2)
-        delta = delta * (local >= 0).view(*shape, 1)
+        delta = None
+        for stacked_planes, stacked_scales, rows in self._sources(local):
+            tenant = rows.clamp(min=0).view(shape).expand_as(ids)
+            # [..., P, W] planes and [..., P] scales of each token's row in its tenant's table.
+            planes = stacked_planes[tenant, :, ids]
+            scales = stacked_scales[tenant, :, ids]
+            signs = unpack_signs(planes, out.shape[-1]).to(torch.float32)
+            part = (signs * scales[..., None]).sum(-2) * (rows >= 0).view(*shape, 1)
+            delta = part if delta is None else delta + part
         if self._scaled:  # out is already scaled (the base's forward); the delta too
             delta = delta * embedding_scale(self.base).to(torch.float32)
         return out + delta.to(out.dtype)
@@ -800,6 +891,11 @@ class RoutedLinear(TenantModule):
     def local_index(self, name: str) -> int | None:
         # MultiTenantLinear's ids are the model slots themselves.
         return self._slot_by_name.get(name)
+
+    def stack_slot(self, name: str) -> int:
+        """Where a loaded tenant's planes sit in the layer's stack now (they move up
+        when a tenant before them leaves)."""
+        return self.layer._slots[self._slot_by_name[name]]
 
     def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
         super().set_slots(slot_of, capacity)
