@@ -35,10 +35,18 @@ BLOCK_CASES = [
 ]
 
 
+@pytest.fixture(params=[128, 2], ids=["whole-blocks", "query-tiles"])
+def tile_rows(request, monkeypatch):
+    """The default tiling (these blocks are too small to tile) and tiles of a few rows
+    (every windowed block tiled: each query tile against the keys it reaches)."""
+    monkeypatch.setattr(ring_block_module, "WINDOW_TILE_MIN", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_block_window_and_softcap_match_the_reference(case, backend, dtype):
+def test_block_window_and_softcap_match_the_reference(case, backend, dtype, tile_rows):
     causal, q_start, kv_start, sq, sk, window, softcap, segs = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     q = rnd(2, 4, sq, 8, dtype=dtype, gen=gen).requires_grad_()
@@ -72,6 +80,30 @@ def test_block_window_and_softcap_match_the_reference(case, backend, dtype):
     )
     for a, b in zip(got, want, strict=True):
         assert (a.double() - b).abs().max() < tol * 10
+
+
+def test_window_tiles_cover_every_visible_pair_and_only_reachable_keys():
+    from qdelta.ring.block import window_tiles
+
+    for causal, q_start, kv_start, sq, sk, window in [
+        (True, 0, 0, 1000, 1000, 256),
+        (True, 1000, 0, 1000, 1000, 300),
+        (False, 600, 0, 400, 900, 200),  # no causality: keys behind the window only
+        (True, 64, 0, 517, 611, 129),
+    ]:
+        tiles = window_tiles(sq, sk, causal, q_start, kv_start, window)
+        assert tiles is not None
+        qpos = torch.arange(sq)[:, None] + q_start
+        kpos = torch.arange(sk)[None, :] + kv_start
+        visible = ((qpos >= kpos) | (not causal)) & (qpos - kpos < window)
+        hits = torch.zeros(sq, sk, dtype=torch.int64)
+        for qs, ks in tiles:
+            hits[qs, ks] += 1
+        assert (hits[visible] == 1).all() and (hits <= 1).all()
+        assert hits.sum() <= 0.75 * sq * sk  # the point: a fraction of the block's work
+    assert window_tiles(1000, 1000, True, 0, 0, None) is None
+    assert window_tiles(100, 100, True, 0, 0, 50) is None  # one tile: nothing to cut
+    assert window_tiles(1000, 1000, False, 0, 0, 900) is None  # most keys reachable anyway
 
 
 def test_effective_window_drops_windows_that_hide_nothing_or_everything():
@@ -174,7 +206,9 @@ VIRTUAL = [
 @pytest.mark.parametrize("batched", [False, True], ids=["by-rank", "step-batched"])
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 @pytest.mark.parametrize("case", VIRTUAL, ids=lambda c: "-".join(map(str, c)))
-def test_virtual_ring_window_matches_the_full_sequence(case, backend, batched, monkeypatch):
+def test_virtual_ring_window_matches_the_full_sequence(
+    case, backend, batched, monkeypatch, tile_rows
+):
     from qdelta.ring import virtual_batched
 
     monkeypatch.setattr(virtual_batched, "BATCH_ON_CPU", batched)

@@ -153,10 +153,18 @@ def block_partial(
     window = effective_window(window, q.shape[2], k.shape[2], q_start, kv_start)
     if _is_empty(q, k) or window == 0:
         return _empty_result(q)
-    args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
-    extra = dict(window=window, softcap=softcap)
     if backend == "auto":
         backend = _auto_backend(q, softcap)
+    tiles = None if backend in ("cuda", "cuda_v1") else window_tiles(
+        q.shape[2], k.shape[2], causal, q_start, kv_start, window
+    )  # fmt: skip
+    if tiles is not None:  # (the CUDA kernels skip out-of-window tiles themselves)
+        return _tiled_forward(
+            tiles, q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids,
+            backend, window, softcap,
+        )  # fmt: skip
+    args = (q, k, v, scale, causal, q_start, kv_start, q_segment_ids, kv_segment_ids)
+    extra = dict(window=window, softcap=softcap)
     if backend == "math":
         return _math_forward(*args, **extra)
     if backend == "sdpa":
@@ -167,6 +175,52 @@ def block_partial(
         PATH_COUNTS["cuda"] += 1
         return cuda_block.attention_block(*args, kernel=backend, **extra)
     raise RingError(f"block backend: expected one of {BACKENDS}, found {backend!r}")
+
+
+# Query rows per tile of a windowed block on the torch backends: each tile attends
+# only the keys its window reaches (rows + window - 1 at most), so a block's work
+# follows the window instead of Sq * Sk. At least WINDOW_TILE_MIN rows, so small
+# windows do not turn into many tiny kernel calls.
+WINDOW_TILE_MIN = 128
+
+
+def window_tiles(
+    sq: int, sk: int, causal: bool, q_start: int, kv_start: int, window: int | None
+) -> list[tuple[slice, slice]] | None:
+    """``(query rows, keys they may see)`` per tile of a windowed block, or None when
+    tiling would not cut the block's work by a quarter (or there is no window)."""
+    if window is None or window <= 0:
+        return None
+    rows = max(WINDOW_TILE_MIN, window // 2)
+    if rows >= sq:
+        return None
+    tiles, work = [], 0
+    for r0 in range(0, sq, rows):
+        r1 = min(sq, r0 + rows)
+        lo = max(0, q_start + r0 - window + 1 - kv_start)
+        hi = min(sk, q_start + r1 - kv_start) if causal else sk
+        if lo < hi:
+            tiles.append((slice(r0, r1), slice(lo, hi)))
+            work += (r1 - r0) * (hi - lo)
+    return tiles if work <= 0.75 * sq * sk else None
+
+
+def _tiled_forward(
+    tiles, q, k, v, scale, causal, q_start, kv_start, qseg, kseg, backend, window, softcap
+):
+    """block_partial tile by tile (see window_tiles); rows no tile covers see no key."""
+    out, lse = _empty_result(q)
+    for qs, ks in tiles:
+        o, l_ = block_partial(
+            q[:, :, qs], k[:, :, ks], v[:, :, ks], softmax_scale=scale, causal=causal,
+            q_start=q_start + qs.start, kv_start=kv_start + ks.start,
+            q_segment_ids=None if qseg is None else qseg[..., qs],
+            kv_segment_ids=None if kseg is None else kseg[..., ks],
+            backend=backend, cast=True, window=window, softcap=softcap,
+        )  # fmt: skip
+        out[:, :, qs] = o
+        lse[:, :, qs] = l_
+    return out, lse
 
 
 def effective_window(window: int | None, sq: int, sk: int, q_start: int, kv_start: int):
@@ -432,6 +486,23 @@ def block_attention_backward(
     window = effective_window(window, q.shape[2], k.shape[2], q_start, kv_start)
     if _is_empty(q, k) or window == 0:  # nothing to attend: zero gradients, no kernel
         return tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+    tiles = window_tiles(q.shape[2], k.shape[2], causal, q_start, kv_start, window)
+    if tiles is not None:  # as the forward: each query tile against the keys it reaches
+        grads = tuple(torch.zeros(t.shape, dtype=acc, device=q.device) for t in (q, k, v))
+        for qs, ks in tiles:
+            tq, tk, tv = block_attention_backward(
+                q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs], lse[:, :, qs],
+                dout[:, :, qs], None if dlse is None else dlse[:, :, qs],
+                softmax_scale=scale, causal=causal, q_start=q_start + qs.start,
+                kv_start=kv_start + ks.start,
+                q_segment_ids=None if q_segment_ids is None else q_segment_ids[..., qs],
+                kv_segment_ids=None if kv_segment_ids is None else kv_segment_ids[..., ks],
+                backend=backend, window=window, softcap=softcap,
+            )  # fmt: skip
+            grads[0][:, :, qs] = tq
+            grads[1][:, :, ks] += tk
+            grads[2][:, :, ks] += tv
+        return grads
     args = (q, k, v, out, lse, dout, dlse, scale, causal, q_start, kv_start)
     fused = backend != "math" and q.device.type == "cpu" and dlse is None and softcap is None
     if fused and torch.isfinite(lse).all():
