@@ -708,32 +708,69 @@ def test_tied_llama_multitenant_and_differing_tied_deltas_refused():
 # ---- OPT's positional embedding ------------------------------------------------------
 
 
-def test_opt_positional_embedding_refused_by_multitenant_before_any_swap():
+@pytest.mark.parametrize("packed", [True, False])
+def test_opt_full_finetunes_with_new_positions_served_per_row(packed):
+    """OPT's positional embedding takes the attention mask, not ids: a tenant's
+    positions are served by re-running the base module per tenant on its rows with
+    the tenant's table (the probe found it row-separable). Every row of a
+    left-padded mixed batch, prefill and cached decode, equals its own model."""
     base = build("opt")
     plain = copy.deepcopy(base)
-    ids = torch.stack(prompts(3, (6, 6)))
-    # Norms frozen: the positions change.
-    delta = qdelta.compress(base, finetune(base, skip=("layer_norm",)))
+    rows = prompts(9)
+    ids, mask = padded(rows)
+    # Everything fine-tuned, the positions included.
+    delta = qdelta.compress(base, finetune(base), targets=None if packed else ["q_proj"])
+    other = qdelta.compress(base, finetune(base, seed=5), targets=None if packed else ["q_proj"])
     assert "model.decoder.embed_positions.weight" in delta.params
-    # Positions, norms and the MLP (run on [batch * seq, hidden]) left alone.
-    attn = ("q_proj", "k_proj", "v_proj", "out_proj")
-    ft = finetune(base, skip=("layer_norm", "embed_positions", "fc1", "fc2"))
-    ok = qdelta.compress(base, ft, targets=list(attn))
+    mtm = qdelta.MultiTenantModel(base, tenants={"t": delta, "u": other})
+    assert "model.decoder.embed_positions" in mtm._layouts().rerun
+    served = mtm.model.get_submodule("model.decoder.embed_positions")
+    assert type(served).__name__ == "RowRerunEmbedding" and served.tenants == ["t", "u"]
+    refs = {"t": dense_reference(plain, delta), "u": dense_reference(plain, other), None: plain}
+    who = ["u", None, "t"]
+    out = mtm.forward(ids, who, attention_mask=mask).logits
+    assert_rows_are_their_models(out, rows, [refs[name] for name in who])
+    gen = mtm.generate(ids, who, 3, attention_mask=mask, return_logits=True)
+    assert_decoding_is_their_models(gen, rows, [refs[name] for name in who])
+    # The tables count in the budget; removing a tenant leaves the other served.
+    table = plain.model.decoder.embed_positions.weight
+    assert served.tenant_nbytes() == 2 * table.numel() * table.element_size()
+    mtm.remove_tenant("u")
+    out = mtm.forward(ids, ["t", None, "t"], attention_mask=mask).logits
+    assert_rows_are_their_models(out, rows, [refs["t"], plain, refs["t"]])
+
+
+class _MixedRows(nn.Embedding):
+    """A positional embedding whose rows mix across the batch (each row looks up
+    the sum of every row's mask): not row-separable, so never re-run per tenant."""
+
+    def forward(self, attention_mask, cache_length=0, position_ids=None):
+        pos = attention_mask.sum(0, keepdim=True).expand_as(attention_mask).cumsum(-1) % 5
+        return super().forward(pos.long())
+
+
+class _MixingLM(nn.Module):
+    def __init__(self, vocab: int = VOCAB, d: int = 16) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": vocab})()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = _MixedRows(5, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return _Logits(self.head(torch.tanh(self.embed(input_ids) + self.pos(mask))))
+
+
+def test_a_positional_embedding_whose_rows_mix_is_refused():
+    torch.manual_seed(0)
+    base = _MixingLM()
+    delta = qdelta.compress(base, finetune(base), targets=["head"])
+    assert "pos.weight" in delta.params
     mtm = qdelta.MultiTenantModel(base)
-    with pytest.raises(qdelta.QDeltaError, match="embed_positions"):
+    with pytest.raises(qdelta.QDeltaError, match="pos"):
         mtm.add_tenant("t", delta)
-    assert no_swaps(mtm.model) and mtm.tenants == []
-    # The model keeps serving: base rows equal the HF model's own greedy decoding.
-    out = mtm.generate(ids, [None, None], 3)
-    want = plain.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=1)
-    assert torch.equal(out.sequences, want)
-    # A tenant that leaves positions, norms and the MLP alone is served exactly.
-    mtm.add_tenant("ok", ok)
-    got = mtm.forward(ids, ["ok", None]).logits
-    torch.testing.assert_close(
-        got[0], logits(dense_reference(plain, ok), ids[:1])[0], rtol=1e-5, atol=1e-5
-    )
-    torch.testing.assert_close(got[1], logits(plain, ids[1:])[0], rtol=1e-5, atol=1e-5)
+    assert no_swaps(mtm.model) and mtm.tenants == [] and mtm._layouts().rerun == set()
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -10,6 +10,12 @@ and a module counts as *batch-first flat* when its batched input is 2-D with
 the next ``seq`` the second's. A module whose input is neither ``[batch, seq, ...]``
 nor that flattening (the tokens a mixture-of-experts router sent to one expert)
 is recorded too: its rows are not the batch's, whatever their count.
+
+Modules asked about as ``rerun`` candidates (embeddings whose forward is not a
+lookup of its argument, such as OPT's learned positions) are recorded as
+*row-separable* when, called again on each probe sequence's rows of its
+batch-first arguments, they return that sequence's rows of their batched output:
+then a tenant's table can be applied to its rows by re-running the module.
 """
 
 from __future__ import annotations
@@ -34,9 +40,12 @@ class Layouts:
 
     flat: frozenset[str] = frozenset()
     other: frozenset[str] = frozenset()
+    rerun: frozenset[str] = frozenset()  # row-separable, weight-reading rerun candidates
 
 
-def probe_layouts(model: nn.Module, modules: dict[str, nn.Module], vocab: int) -> Layouts:
+def probe_layouts(
+    model: nn.Module, modules: dict[str, nn.Module], vocab: int, rerun: Iterable[str] = ()
+) -> Layouts:
     """The input layout of each of ``modules`` (submodules of ``model``), from one
     forward of a probe batch (two more when some module sees ``[batch * seq]``
     rows). The model runs without a cache and without gradients, called as
@@ -52,7 +61,9 @@ def probe_layouts(model: nn.Module, modules: dict[str, nn.Module], vocab: int) -
     except StopIteration:
         return Layouts()
     ids = ids.to(device)
-    batched = _inputs(model, modules.items(), ids)
+    calls: dict[str, tuple] = {}
+    rerun = {n for n in rerun if n in modules}
+    batched = _inputs(model, modules.items(), ids, calls, rerun)
     flat = {n for n, x in batched.items() if x.dim() == 2 and x.shape[0] == ids.numel()}
     # Batch first: [batch, ...] of 3 or more dimensions (hidden states, Gemma 3's
     # per-head norms on [batch, heads, seq, dim]) or the ids themselves. A 2-D
@@ -69,13 +80,52 @@ def probe_layouts(model: nn.Module, modules: dict[str, nn.Module], vocab: int) -
         alone = [_inputs(model, ((n, modules[n]) for n in flat), ids[i : i + 1]) for i in range(2)]
         confirmed = {n for n in flat if _stacked_rows(batched[n], [a.get(n) for a in alone])}
     other = set(batched) - batch - confirmed
-    return Layouts(flat=frozenset(confirmed), other=frozenset(other))
+    separable = {n for n in rerun if n in calls and _row_separable(modules[n], calls[n], 2)}
+    return Layouts(flat=frozenset(confirmed), other=frozenset(other), rerun=frozenset(separable))
+
+
+def _row_separable(module: nn.Module, call: tuple, batch: int) -> bool:
+    """Whether ``module(*args, **kwargs)`` (one probe call and its output) gives row i
+    of its output from row i of its batch-first arguments alone, and depends on its
+    weight (a table change must show)."""
+    args, kwargs, out = call
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch:
+        return False
+
+    def rows(a, i):
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+            return a[i : i + 1]
+        return a
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        return False
+    try:
+        with torch.no_grad():
+            for i in range(batch):
+                alone = module(
+                    *(rows(a, i) for a in args), **{k: rows(v, i) for k, v in kwargs.items()}
+                )
+                if not isinstance(alone, torch.Tensor) or not torch.equal(alone, out[i : i + 1]):
+                    return False
+            moved = torch.func.functional_call(module, {"weight": weight + 1}, args, kwargs)
+    except Exception:
+        return False
+    return isinstance(moved, torch.Tensor) and not torch.equal(moved, out)
 
 
 def _inputs(
-    model: nn.Module, modules: Iterable[tuple[str, nn.Module]], ids: torch.Tensor
+    model: nn.Module,
+    modules: Iterable[tuple[str, nn.Module]],
+    ids: torch.Tensor,
+    calls: dict[str, tuple] | None = None,
+    call_names: Iterable[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Each module's first tensor input in one forward of ``ids`` (the first call)."""
+    """Each module's first tensor input in one forward of ``ids`` (the first call);
+    the modules of ``call_names`` also leave their first call in ``calls`` as
+    ``(args, kwargs, output)``."""
+    modules = list(modules)
+    call_names = set(call_names)
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -85,7 +135,20 @@ def _inputs(
 
         return hook
 
+    def call_hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            if name not in calls:
+                calls[name] = (args, kwargs, output)
+
+        return hook
+
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
+    if calls is not None:
+        handles += [
+            m.register_forward_hook(call_hook_for(n), with_kwargs=True)
+            for n, m in modules
+            if n in call_names
+        ]
     try:
         with torch.no_grad():
             model(input_ids=ids, **_probe_kwargs(model, ids))

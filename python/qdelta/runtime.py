@@ -49,6 +49,7 @@ from qdelta.tenant_modules import (
     RowEmbedding,
     RowLayerNorm,
     RowLinear,
+    RowRerunEmbedding,
     RowRMSNorm,
     layer_norm_form,
     rms_norm_form,
@@ -311,7 +312,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 )
             if isinstance(module, nn.Embedding) and module.max_norm is not None:
                 raise QDeltaError(f"tenant {name!r}: {mname!r} uses max_norm, not supported")
-            if not packed and not self._probed(mname):
+            if not packed and not self._probed(mname) and not self._rerunnable(mname):
                 raise QDeltaError(
                     f"tenant {name!r}: per-row parameters of {type(module).__name__} "
                     f"({mname!r}) are not supported; expected Embedding, Linear, Conv1D, "
@@ -359,9 +360,18 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 for n, m in self._base_modules.items()
                 if n and isinstance(getattr(m, "weight", None), torch.Tensor)
             }
+            # Embeddings whose forward is no lookup (OPT's positions): served by
+            # re-running them per tenant where the probe finds them row-separable.
+            rerun = [
+                n
+                for n, m in candidates.items()
+                if isinstance(m, nn.Embedding) and m.max_norm is None and embedding_form(m) is None
+            ]
             routed, self._route.slots = self._route.slots, None
             try:
-                self._layout = probe_layouts(self.model, candidates, self._vocab_size())
+                self._layout = probe_layouts(
+                    self.model, candidates, self._vocab_size(), rerun=rerun
+                )
             finally:
                 self._route.slots = routed
         return self._layout
@@ -371,8 +381,18 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         probed formula, found once)."""
         key = (mname, packed)
         if key not in self._wrapper_classes:
-            self._wrapper_classes[key] = _wrapper_class(self._base_modules[mname], packed)
+            module = self._base_modules[mname]
+            if not packed and isinstance(module, nn.Embedding) and embedding_form(module) is None:
+                self._wrapper_classes[key] = RowRerunEmbedding  # (only once _rerunnable)
+            else:
+                self._wrapper_classes[key] = _wrapper_class(module, packed)
         return self._wrapper_classes[key]
+
+    def _rerunnable(self, mname: str) -> bool:
+        """Whether full-precision tables of base module ``mname`` (an embedding whose
+        forward is no lookup) can be served by re-running it per tenant: its probe
+        call was row-separable (:mod:`qdelta.batch_layout`)."""
+        return mname in self._layouts().rerun
 
     def _probed(self, mname: str) -> bool:
         """:func:`_servable` for base module ``mname``, probed once (the base as built)."""

@@ -313,6 +313,65 @@ class RowEmbedding(_TwoForms):
 _Source = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+class RowRerunEmbedding(TenantModule):
+    """An embedding whose forward is not a lookup of its argument (OPT's learned
+    positions: ``forward(attention_mask, cache_length, position_ids)``) with
+    per-tenant full-precision tables: the base module's own forward runs once for
+    the batch and once more per tenant in it, on that tenant's rows, with the
+    tenant's table in place of the weight (``torch.func.functional_call``).
+
+    Exact when the forward is row-separable (row i of the output depends on row i
+    of the batch-first arguments only) and reads its weight alone:
+    MultiTenantModel serves a module here only after its probe forward showed that
+    (``qdelta.batch_layout``). Batch-first arguments are the tensors whose first
+    dimension is the batch's; everything else is passed as it is.
+    """
+
+    def __init__(self, base: nn.Embedding, route: Route) -> None:
+        super().__init__(base, route)
+        self._tables: list[torch.Tensor] = []
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        self._names.append(name)
+        self._tables.append(params["weight"])
+
+    def remove(self, name: str) -> None:
+        i = self._names.index(name)
+        del self._names[i], self._tables[i]
+
+    def _tenant_tensors(self) -> list[torch.Tensor]:
+        return list(self._tables)
+
+    def forward(self, *args, **kwargs):
+        local = self.local_rows()
+        out = self.base(*args, **kwargs)
+        if local is None or not bool((local >= 0).any()):
+            return out
+        batch = local.shape[0]
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch:
+            raise ShapeError(
+                f"{type(self.base).__name__}: expected an output with the batch's {batch} "
+                f"rows first, found {type(out).__name__} "
+                f"{list(out.shape) if isinstance(out, torch.Tensor) else ''}"
+            )
+        out = out.clone()
+        for t in local[local >= 0].unique().tolist():
+            rows = (local == t).nonzero().squeeze(1)
+
+            def pick(a, rows=rows):
+                batched = isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+                return a.index_select(0, rows.to(a.device)) if batched else a
+
+            sub = torch.func.functional_call(
+                self.base,
+                {"weight": self._tables[t]},
+                tuple(pick(a) for a in args),
+                {k: pick(v) for k, v in kwargs.items()},
+            )
+            out[rows.to(out.device)] = sub.to(out.dtype)
+        return out
+
+
 class PackedRowEmbedding(_TwoForms):
     """nn.Embedding with per-tenant *packed* deltas (``compress(...,
     compress_embeddings=True)``): each row adds, for each of its tokens, that
