@@ -232,3 +232,33 @@ def test_launch_is_checked_under_emulation(emulated):
     q = torch.randn(65536, 1, 1, 64).bfloat16()
     with pytest.raises(ShapeError, match="grid"):
         cuda_block.attention_block(q, q, q, 0.125, False, 0, 0, None, None, kernel="cuda")
+
+
+@pytest.mark.parametrize(
+    ("layout", "window", "softcap"),
+    [
+        ("contiguous", 70, None),
+        ("zigzag", 45, None),
+        ("contiguous", 90, 3.0),
+        ("zigzag", None, 2.0),
+    ],
+)
+def test_virtual_ring_on_the_cuda_blocks_with_window_and_softcap(
+    emulated, rng, layout, window, softcap
+):
+    """The ring's plan (pairs out of reach skipped, masked pairs given the window,
+    the turn cut short) on the emulated kernels, against the float64 full sequence."""
+    from qdelta.ring import virtual_ring_attention
+    from ring_reference import reference_attention
+
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    q, k, v = (torch.randn(1, h, 203, 64, generator=gen).bfloat16() for h in (4, 2, 2))
+    out, lse = virtual_ring_attention(
+        q, k, v, world_size=4, causal=True, layout=layout, backend="cuda", return_lse=True,
+        window=window, softcap=softcap,
+    )  # fmt: skip
+    ref_out, ref_lse = reference_attention(
+        q.double(), k.double(), v.double(), causal=True, window=window, softcap=softcap
+    )
+    assert (out.double() - ref_out).abs().max() < 3e-2
+    assert (lse.double() - ref_lse).abs().max() < 3e-2
