@@ -84,3 +84,15 @@ def _kernel_runtime_restored():
     before = cuda.RUNTIME
     yield
     assert cuda.RUNTIME is before, "a test left qdelta.kernels.cuda.RUNTIME replaced"
+
+
+@pytest.fixture
+def one_rank():
+    """A one-process gloo group in this process, destroyed afterwards."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -915,18 +915,6 @@ RING_SETTINGS = [
 ]
 
 
-@pytest.fixture
-def one_rank():
-    """A one-process gloo group in this process, destroyed afterwards."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize(("arch", "kw"), RING_SETTINGS)
 def test_ring_computes_sliding_windows_and_softcapping(one_rank, arch, kw):
     """On one rank the ring is one block: its window and soft-cap masks must be the

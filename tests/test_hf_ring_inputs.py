@@ -15,16 +15,6 @@ from qdelta.ring.errors import RingError
 from qdelta.ring.hf import ATTENTION_NAME, ring_forward, use_ring_attention
 
 
-@pytest.fixture
-def one_rank():
-    """A one-process gloo group in this process, destroyed afterwards."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _ids(batch: int = 2, seq: int = 9) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
 

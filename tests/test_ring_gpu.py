@@ -32,16 +32,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["cuda", "cuda_mma", "cuda_v1", "sdpa"])
-def test_gpu_block_matches_reference(monkeypatch, backend, dtype, head_dim, case):
-    """``cuda``: the default kernel (mma2); ``cuda_mma``: the first mma kernel."""
-    if backend == "cuda_mma":
-        monkeypatch.setattr(cuda_block, "DEFAULT_KERNEL", "mma")
-        backend = "cuda"
-    causal, q_start, kv_start, segs, hq, hkv, sq, sk = case
+def _gpu_inputs(dtype, head_dim, hq, hkv, sq, sk, segs):
+    """Fresh random q, k, v on the GPU (batch 2) and sorted segment ids when asked."""
     gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
 
     def rnd(*shape):
@@ -52,6 +44,20 @@ def test_gpu_block_matches_reference(monkeypatch, backend, dtype, head_dim, case
     if segs:
         qseg = torch.randint(0, 3, (2, sq), device="cuda", generator=gen).sort(-1).values
         kseg = torch.randint(0, 3, (2, sk), device="cuda", generator=gen).sort(-1).values
+    return q, k, v, qseg, kseg
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cuda", "cuda_mma", "cuda_v1", "sdpa"])
+def test_gpu_block_matches_reference(monkeypatch, backend, dtype, head_dim, case):
+    """``cuda``: the default kernel (mma2); ``cuda_mma``: the first mma kernel."""
+    if backend == "cuda_mma":
+        monkeypatch.setattr(cuda_block, "DEFAULT_KERNEL", "mma")
+        backend = "cuda"
+    causal, q_start, kv_start, segs, hq, hkv, sq, sk = case
+    q, k, v, qseg, kseg = _gpu_inputs(dtype, head_dim, hq, hkv, sq, sk, segs)
     out, lse = block_attention(
         q, k, v, causal=causal, q_start=q_start, kv_start=kv_start,
         q_segment_ids=qseg, kv_segment_ids=kseg, backend=backend,
@@ -96,16 +102,7 @@ WINDOW_CASES = [
 def test_gpu_window_and_softcap_match_reference(kernel, dtype, head_dim, case):
     """Keys in tiles wholly before the first row's window are NaN: never read."""
     causal, q_start, kv_start, segs, hq, hkv, sq, sk, window, softcap = case
-    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
-
-    q, k, v = rnd(2, hq, sq, head_dim), rnd(2, hkv, sk, head_dim), rnd(2, hkv, sk, head_dim)
-    qseg = kseg = None
-    if segs:
-        qseg = torch.randint(0, 3, (2, sq), device="cuda", generator=gen).sort(-1).values
-        kseg = torch.randint(0, 3, (2, sk), device="cuda", generator=gen).sort(-1).values
+    q, k, v, qseg, kseg = _gpu_inputs(dtype, head_dim, hq, hkv, sq, sk, segs)
     ref_out, ref_lse = block_reference(
         q.cpu(), k.cpu(), v.cpu(), causal, q_start, kv_start,
         None if qseg is None else qseg.cpu(), None if kseg is None else kseg.cpu(),

@@ -243,7 +243,7 @@ def check_window(window, softcap, what: str = "block attention") -> None:
                 f"{what}: expected window as None or an int, found {type(window).__name__}"
             )
         if window < 1:
-            raise ShapeError(f"{what}: expected window >= 1 (keys per query), found {window}")
+            raise ShapeError(f"{what}: expected window >= 1, found {window}")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise DTypeError(

@@ -19,14 +19,12 @@ and ``softcap`` (logit soft-capping) are handled by all three kernels.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 import torch
 
 from qdelta._cuda import DIR as KERNEL_DIR
 from qdelta.errors import DTypeError, ShapeError
+from qdelta.ring.block import check_window
 from qdelta.ring.errors import RingError
 
 SOURCE = KERNEL_DIR / "attention_block.cu"  # shipped inside the package (qdelta/_cuda)
@@ -193,25 +191,6 @@ def _module(device_index: int):
     )
 
 
-def check_window_softcap(window, softcap) -> None:
-    """``window``: None or an int >= 1; ``softcap``: None or a finite number > 0."""
-    what = "ring block backend 'cuda'"
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-            raise DTypeError(
-                f"{what}: expected window as None or an int, found {type(window).__name__}"
-            )
-        if window < 1:
-            raise ShapeError(f"{what}: expected window >= 1, found {window}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-            raise DTypeError(
-                f"{what}: expected softcap as None or a number, found {type(softcap).__name__}"
-            )
-        if not math.isfinite(softcap) or softcap <= 0:
-            raise ShapeError(f"{what}: expected a finite softcap > 0, found {softcap}")
-
-
 def attention_block(
     q,
     k,
@@ -233,7 +212,7 @@ def attention_block(
     ``s`` become ``softcap * tanh(s / softcap)``)."""
     from qdelta.kernels import cuda as kernels_cuda
 
-    check_window_softcap(window, softcap)
+    check_window(window, softcap, "ring block backend 'cuda'")
 
     runtime = kernels_cuda.RUNTIME
     if not runtime.emulated and not available():
