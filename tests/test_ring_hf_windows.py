@@ -18,18 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from qdelta.ring import unshard  # noqa: E402
 from qdelta.ring.launch import spawn_ring  # noqa: E402
+from test_hf_architectures import COMMON, VOCAB  # noqa: E402  (the tiny configs' sizes)
 
-VOCAB = 97
 SEQ = 37
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 MODELS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
     "qwen2": (
