@@ -468,19 +468,32 @@ def test_probe_runs_once_per_model(gen, monkeypatch):
     [("llama", False, "matrix"), ("llama", True, "row"), ("gpt2", True, "matrix")],
 )
 def test_resident_bytes_are_the_loaded_tensors_bytes(arch, ce, scale):
-    """The budget's count of a tenant is what its loaded tensors take (scales held
-    per plane and row, whatever the file's granularity), for tenants of one depth."""
+    """The budget's count is what the loaded tensors take (scales held per plane and
+    row, whatever the file's granularity; a layer's stack padded to its deepest
+    tenant), as tenants of one and three planes come and go."""
     from qdelta.tenant_modules import TenantModule
 
     base = build(arch)
     deltas = {
-        n: qdelta.compress(base, finetune(base, seed=s), compress_embeddings=ce, scale=scale)
-        for n, s in (("a", 1), ("b", 2))
+        n: qdelta.compress(
+            base, finetune(base, seed=s), compress_embeddings=ce, scale=scale, bits=bits
+        )
+        for n, s, bits in (("a", 1, 1), ("b", 2, 1), ("deep", 3, 3))
     }
-    model = qdelta.MultiTenantModel(base, tenants=deltas)
+    model = qdelta.MultiTenantModel(base)
+    for name, delta in deltas.items():
+        model.add_tenant(name, delta)  # registered, loaded on first use
+
+    def held() -> int:
+        return sum(m.tenant_nbytes() for m in model.model.modules() if isinstance(m, TenantModule))
+
     model.preload(["a", "b"])
-    held = sum(m.tenant_nbytes() for m in model.model.modules() if isinstance(m, TenantModule))
-    assert model.resident_bytes == held
+    shallow = model.resident_bytes
+    assert shallow == held()
+    model.preload(["deep"])  # a and b now sit three planes deep
+    assert model.resident_bytes == held() > shallow + model._tenant_bytes(deltas["deep"])
+    model.remove_tenant("deep")
+    assert model.resident_bytes == held() == shallow
 
 
 class _Out:
@@ -526,3 +539,28 @@ def test_gathered_token_rows_are_never_taken_for_the_batch():
     ref = dense_reference(plain, delta)
     torch.testing.assert_close(model.forward(ids, ["t", "t"]).logits, ref(ids).logits, **TOL)
     torch.testing.assert_close(model.forward(ids, [None, None]).logits, plain(ids).logits, **TOL)
+
+
+def test_budget_counts_the_planes_a_deep_tenant_adds_to_the_others():
+    """Two tenants whose sizes alone fit a budget do not, when one is deeper: the
+    stacks pad the shallow one to the deep one's planes, and that is counted."""
+    from qdelta.tenant_modules import TenantModule
+
+    base = build("llama")
+    shallow = qdelta.compress(base, finetune(base, seed=1), bits=1)
+    deep = qdelta.compress(base, finetune(base, seed=2), bits=3)
+    alone = {}
+    for name, delta in (("shallow", shallow), ("deep", deep)):
+        alone[name] = qdelta.MultiTenantModel(copy.deepcopy(base), tenants={name: delta})
+    budget = sum(m.resident_bytes for m in alone.values())
+    model = qdelta.MultiTenantModel(base, budget_bytes=budget)
+    model.add_tenant("shallow", shallow)
+    model.add_tenant("deep", deep)
+    ids = torch.stack(prompts(4, (5, 5)))
+    with pytest.raises(qdelta.BudgetError, match="split the batch"):
+        model.forward(ids, ["shallow", "deep"])
+    model.forward(ids, ["shallow", None])
+    model.forward(ids, ["deep", None])  # evicts shallow: both stacks would not fit
+    assert model.loaded_tenants == ["deep"]
+    held = sum(m.tenant_nbytes() for m in model.model.modules() if isinstance(m, TenantModule))
+    assert model.resident_bytes == held <= budget

@@ -123,6 +123,24 @@ def param_bytes(delta: qdelta.Delta) -> int:
     return sum(v.numel() * 4 for v in delta.params.values())  # float32 bases
 
 
+def together(deltas: dict[str, qdelta.Delta], names) -> int:
+    """Bytes of these tenants' stacks, from the shapes: the tied pair once (under
+    the embedding), every layer's entries as deep as its deepest tenant's."""
+    count: dict[str, int] = {}
+    depth: dict[str, int] = {}
+    per_plane: dict[str, int] = {}
+    params = 0
+    for n in names:
+        params += param_bytes(deltas[n])
+        for k, lay in deltas[n].layers.items():
+            if k == "lm_head":
+                continue
+            count[k] = count.get(k, 0) + 1
+            depth[k] = max(depth.get(k, 0), lay.planes.shape[0])
+            per_plane[k] = layer_bytes(lay) // lay.planes.shape[0]
+    return params + sum(count[k] * depth[k] * per_plane[k] for k in count)
+
+
 def wrappers(mtm: qdelta.MultiTenantModel, arch: str) -> tuple[PackedRowEmbedding, RoutedLinear]:
     emb, head = mtm._wrapped[EMBEDDING[arch]], mtm._wrapped["lm_head"]
     assert isinstance(emb, PackedRowEmbedding) and isinstance(head, RoutedLinear)
@@ -216,15 +234,12 @@ def test_lru_eviction_removal_and_readding_keep_rows_on_their_tenants():
     plain = copy.deepcopy(base)
     deltas = tenants(arch, base)
     refs = {n: dense_reference(plain, d) for n, d in deltas.items()} | {None: plain}
-    sizes = {
-        n: sum(layer_bytes(lay) for k, lay in d.layers.items() if k != "lm_head") + param_bytes(d)
-        for n, d in deltas.items()
-    }
-    # Room for two tenants at one stack each, not for two of them at two stacks.
-    budget = sizes["a"] + sizes["b"]
-    emb_bytes = layer_bytes(deltas["a"].layers[EMBEDDING[arch]])
-    assert budget < sizes["a"] + sizes["b"] + 2 * emb_bytes
-    assert sizes["c"] <= budget - max(sizes["a"], sizes["b"])
+    # Room for two tenants (a pads to b's two planes) at one stack each, not for
+    # two of them at two stacks, nor for three.
+    budget = together(deltas, ["a", "b"])
+    emb_bytes = layer_bytes(deltas["b"].layers[EMBEDDING[arch]])
+    assert budget < budget + 2 * emb_bytes and together(deltas, "abc") > budget
+    assert together(deltas, ["b", "c"]) <= budget and together(deltas, ["a", "c"]) <= budget
     mtm = qdelta.MultiTenantModel(base, budget_bytes=budget)
     for n, d in deltas.items():
         mtm.add_tenant(n, d)
@@ -234,7 +249,7 @@ def test_lru_eviction_removal_and_readding_keep_rows_on_their_tenants():
         ids, mask = padded(rows[: len(who)])
         out = mtm.forward(ids, who, attention_mask=mask).logits
         assert_rows_are_their_models(out, rows[: len(who)], [refs[n] for n in who])
-        assert mtm.resident_bytes == sum(sizes[n] for n in mtm.loaded_tenants)
+        assert mtm.resident_bytes == together(deltas, mtm.loaded_tenants)
         assert mtm.budget_bytes is None or mtm.resident_bytes <= mtm.budget_bytes
         assert_shared(mtm, arch, mtm.loaded_tenants)
 
@@ -254,9 +269,7 @@ def test_lru_eviction_removal_and_readding_keep_rows_on_their_tenants():
     # Re-adding a name replaces its delta (two planes now).
     replacement = tenant(arch, plain, 11, 2, "matrix")
     refs[first] = dense_reference(plain, replacement)
-    sizes[first] = sum(
-        layer_bytes(lay) for k, lay in replacement.layers.items() if k != "lm_head"
-    ) + param_bytes(replacement)
+    deltas[first] = replacement
     mtm.budget_bytes = None
     mtm.add_tenant(first, replacement)
     check([first, other, None])

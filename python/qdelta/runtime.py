@@ -138,6 +138,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._ids: dict[str, int] = {}
         self._next_id = 0
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
+        self._footprints: dict[str, _Footprint] = {}  # loaded name -> its share of the stacks
         self._slot_of: dict[str, int] = {}
         self._wrapped: dict[str, nn.Module] = {}
         if store is not None:
@@ -176,8 +177,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of loaded tenant tensors (what the budget counts)."""
-        return sum(self._loaded.values())
+        """Bytes of loaded tenant tensors as the stacks hold them (what the budget
+        counts): a layer's stack pads every tenant to its deepest tenant's planes."""
+        return _stacked_bytes(self._footprints[n] for n in self._loaded)
 
     @serialized
     def memory(self) -> dict[str, int]:
@@ -442,21 +444,30 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     break
         return twins
 
-    def _tenant_bytes(self, delta: Delta) -> int:
-        # As loaded: planes as stored, scales float32 per plane and row (the stacks
-        # keep matrix scales broadcast to rows, one layout for every kernel); an
-        # embedding reading its tied head's stack adds nothing.
+    def _footprint(self, delta: Delta) -> _Footprint:
+        """What a tenant adds to the stacks, as loaded: per packed layer its planes
+        and bytes per plane (the planes as stored, scales float32 per plane and row:
+        the stacks keep matrix scales broadcast to rows, one layout for every kernel),
+        and its kept parameters' bytes. An embedding reading its tied head's stack
+        adds nothing."""
         twins = self._packed_twins(delta)
-        packed = sum(
-            layer.planes.nbytes + 4 * layer.bits * layer.shape[0]
+        layers = {
+            lname: (
+                layer.bits,
+                (layer.planes.nbytes + 4 * layer.bits * layer.shape[0]) // layer.bits,
+            )
             for lname, layer in delta.layers.items()
-            if lname not in twins
-        )
+            if lname not in twins and layer.bits > 0
+        }
         params = 0
         for attrs in self._params_by_module(delta).values():
             params += sum(v.numel() for v in attrs.values())
         dtype_size = next(iter(self._base_params.values())).element_size()
-        return packed + params * dtype_size
+        return _Footprint(layers, params * dtype_size)
+
+    def _tenant_bytes(self, delta: Delta) -> int:
+        """A tenant's bytes loaded alone."""
+        return _stacked_bytes([self._footprint(delta)])
 
     def _ensure_loaded(self, names: Iterable[str]) -> None:
         """Load every tenant of ``names`` (refreshing their LRU age) or raise
@@ -473,14 +484,19 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         for n, d in deltas.items():
             self._check(d, n, planned)
         if self.budget_bytes is not None:
-            sizes = {n: self._tenant_bytes(d) for n, d in deltas.items()}
-            for n, size in sizes.items():
+            prints = {n: self._footprint(d) for n, d in deltas.items()}
+            for n, fp in prints.items():
+                size = _stacked_bytes([fp])
                 if size > self.budget_bytes:
                     raise BudgetError(
                         f"tenant {n!r} needs {size} bytes, more than the whole budget of "
                         f"{self.budget_bytes} bytes"
                     )
-            total = sum(sizes.values()) + sum(self._loaded[n] for n in needed if n in self._loaded)
+            together = [
+                *prints.values(),
+                *(self._footprints[n] for n in needed if n in self._loaded),
+            ]
+            total = _stacked_bytes(together)
             if total > self.budget_bytes:
                 raise BudgetError(
                     f"this batch's {len(needed)} tenants need {total} bytes together, more "
@@ -505,9 +521,13 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         return list(out)
 
     def _load(self, name: str, delta: Delta, pinned: set[str]) -> None:
-        size = self._tenant_bytes(delta)
+        footprint = self._footprint(delta)
+        size = _stacked_bytes([footprint])
         if self.budget_bytes is not None:
-            while self.resident_bytes + size > self.budget_bytes:
+            while (
+                _stacked_bytes([*(self._footprints[n] for n in self._loaded), footprint])
+                > self.budget_bytes
+            ):
                 victim = next((n for n in self._loaded if n not in pinned), None)
                 if victim is None:  # _ensure_loaded checked the batch fits
                     raise BudgetError(f"no tenant left to evict for {name!r}")
@@ -538,13 +558,14 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             raise
         self._slot_of[name] = slot
         self._loaded[name] = size
+        self._footprints[name] = footprint
         self._refresh_slots()
 
     def _evict(self, name: str) -> None:
         for wrapper in self._wrapped.values():
             if wrapper.local_index(name) is not None:
                 wrapper.remove(name)
-        del self._slot_of[name], self._loaded[name]
+        del self._slot_of[name], self._loaded[name], self._footprints[name]
         self._refresh_slots()
 
     def _refresh_slots(self) -> None:
@@ -878,6 +899,31 @@ def _check_fits(value: torch.Tensor, dtype: torch.dtype, what: str) -> None:
             raise NonFiniteError(
                 f"{what}: expected values finite in the base's {dtype}, found magnitude {peak:g}"
             )
+
+
+@dataclass(frozen=True)
+class _Footprint:
+    """A tenant's share of the stacks: packed layer -> (planes, bytes per plane),
+    and the bytes of its kept parameters."""
+
+    layers: dict[str, tuple[int, int]]
+    params: int
+
+
+def _stacked_bytes(footprints: Iterable[_Footprint]) -> int:
+    """Bytes the stacks hold for these tenants together: a layer's stack has one
+    entry per tenant on it, each as deep as the deepest (zero planes below)."""
+    count: dict[str, int] = {}
+    depth: dict[str, int] = {}
+    per_plane: dict[str, int] = {}
+    params = 0
+    for fp in footprints:
+        params += fp.params
+        for lname, (bits, plane) in fp.layers.items():
+            count[lname] = count.get(lname, 0) + 1
+            depth[lname] = max(depth.get(lname, 0), bits)
+            per_plane[lname] = plane
+    return params + sum(count[n] * depth[n] * per_plane[n] for n in count)
 
 
 def _same_packed(a: PackedLayer, b: PackedLayer) -> bool:
