@@ -121,3 +121,30 @@ def test_ring_forward_checks_its_inputs(one_rank):
         ring_forward(model, [[1, 2, 3]])
     with pytest.raises(DTypeError, match=r"expected a torch\.nn\.Module, found str"):
         ring_forward("model-dir", _ids())
+
+
+def test_ring_forward_packs_sequences_by_segment_ids(one_rank):
+    """Two sequences packed in one row give each its own logits (segments attend
+    only to themselves, positions restart), and the segment ids are checked."""
+    from qdelta.ring.hf import segment_positions
+
+    model = tiny_llama(4)
+    ids = _ids(1, 11)
+    with torch.no_grad():
+        first, second = model(ids[:, :4]).logits, model(ids[:, 4:]).logits
+        ring = use_ring_attention(model, backend="math", timeout=30)
+        seg = torch.tensor([5] * 4 + [2] * 7)
+        packed = ring_forward(ring, ids, segment_ids=seg)
+        again = ring_forward(ring, ids, segment_ids=seg[None].int())
+    torch.testing.assert_close(packed[:, :4], first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 4:], second, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, packed)
+    assert segment_positions(seg[None]).tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]]
+    with pytest.raises(ShapeError, match=r"expected shape \[1, 11\] or \[11\]"):
+        ring_forward(ring, ids, segment_ids=seg[:5])
+    with pytest.raises(DTypeError, match="expected integer ids, found torch.float32"):
+        ring_forward(ring, ids, segment_ids=seg.float())
+    with pytest.raises(DTypeError, match="found list"):
+        ring_forward(ring, ids, segment_ids=seg.tolist())
+    with pytest.raises(ShapeError, match="one run of equal ids"):
+        ring_forward(ring, ids, segment_ids=torch.tensor([0] * 3 + [1] * 4 + [0] * 4))

@@ -67,6 +67,17 @@ def _load(path: str, attn: str):
     ).eval()
 
 
+# Packed rows: three sequences of 13, 16 and 8 tokens in one row of SEQ, the
+# second row the other way round (Large World Model's masked packing).
+LENGTHS = ((13, 16, 8), (8, 16, 13))
+
+
+def _segments() -> torch.Tensor:
+    return torch.stack(
+        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in LENGTHS]
+    )
+
+
 def _rank_logits(rank, world_size, dirs, ids):
     from qdelta.ring.hf import ring_forward, use_ring_attention
 
@@ -76,6 +87,7 @@ def _rank_logits(rank, world_size, dirs, ids):
             model = use_ring_attention(_load(path, "eager"), layout=layout, timeout=60)
             with torch.no_grad():
                 out[(name, layout)] = ring_forward(model, ids)
+                out[(name, layout, "packed")] = ring_forward(model, ids, segment_ids=_segments())
     return out
 
 
@@ -92,6 +104,18 @@ def test_windowed_and_softcapped_models_over_a_ring_equal_their_own_forward(tmp_
         for layout in ("contiguous", "zigzag"):
             got = unshard([r[(name, layout)] for r in per_rank], layout=layout)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{name} {layout}")
+            # Packed: each sequence's logits are its own forward's, alone.
+            packed = unshard([r[(name, layout, "packed")] for r in per_rank], layout=layout)
+            for row, lengths in enumerate(LENGTHS):
+                start = 0
+                for n in lengths:
+                    with torch.no_grad():
+                        alone = model(input_ids=ids[row : row + 1, start : start + n]).logits
+                    torch.testing.assert_close(
+                        packed[row : row + 1, start : start + n], alone, atol=2e-5, rtol=2e-5,
+                        msg=f"{name} {layout} packed row {row} at {start}",
+                    )  # fmt: skip
+                    start += n
         # The settings matter at this length: the model differs without them.
         if getattr(model.config, "attn_logit_softcapping", None) is not None:
             assert (_logits_without(model, ids, "softcap") - want).abs().max() > 1e-3, name

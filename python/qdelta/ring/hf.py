@@ -15,6 +15,7 @@ the whole sequence). Prefill/training only: a KV cache is refused.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -32,9 +33,15 @@ from qdelta.ring.layout import LAYOUTS, Layout, position_ids, shard
 
 ATTENTION_NAME = "qdelta_ring"
 
+# This rank's segment ids shard for the ring_forward in flight (packed sequences):
+# the attention function reads them, since transformers does not pass them on.
+_SEGMENTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "qdelta_ring_segments", default=None
+)
+
 PADDING_HINT = (
     "padding masks are not supported by ring attention: expected attention_mask None or all "
-    "ones; drop the padding (pack the sequences into one row; qdelta.ring.ring_attention takes "
+    "ones; drop the padding (pack the sequences into one row and pass ring_forward "
     "segment_ids to keep packed sequences apart)"
 )
 
@@ -103,6 +110,7 @@ def ring_attention_forward(
         key,
         value,
         causal=causal,
+        segment_ids=_SEGMENTS.get(),
         group=settings.group,
         layout=settings.layout,
         softmax_scale=scaling,
@@ -256,6 +264,7 @@ def ring_forward(
     *,
     group: dist.ProcessGroup | None = None,
     layout: Layout | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This rank's logits for its shard of the full ``input_ids`` ``[B, S]``.
 
@@ -263,6 +272,11 @@ def ring_forward(
     ``group`` and ``layout`` default to the ones given there, and others are
     refused (the tokens must be sharded the way the attention expects).
     Reassemble the full logits with ``qdelta.ring.unshard(shards, layout=layout)``.
+
+    ``segment_ids`` ``[B, S]`` (or ``[S]``) packs several sequences into each row
+    (Large World Model's masked packing): each segment is a run of equal ids,
+    attends only to itself, and its positions start at 0, so every packed
+    sequence gets the logits it would get alone.
     """
     if not isinstance(model, nn.Module):
         raise DTypeError(f"ring_forward: expected a torch.nn.Module, found {type(model).__name__}")
@@ -301,6 +315,64 @@ def ring_forward(
         )
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     local_ids = shard(input_ids, world_size, rank, layout=layout, dim=-1)
-    pos = position_ids(input_ids.shape[-1], world_size, rank, layout).to(input_ids.device)
-    pos = pos[None].expand(input_ids.shape[0], -1)
-    return model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+    if segment_ids is None:
+        pos = position_ids(input_ids.shape[-1], world_size, rank, layout).to(input_ids.device)
+        pos = pos[None].expand(input_ids.shape[0], -1)
+        local_seg = None
+    else:
+        seg = _check_segments(segment_ids, input_ids)
+        pos = shard(segment_positions(seg), world_size, rank, layout=layout, dim=-1)
+        local_seg = shard(seg, world_size, rank, layout=layout, dim=-1)
+    token = _SEGMENTS.set(local_seg)
+    try:
+        return model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+    finally:
+        _SEGMENTS.reset(token)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each run of equal segment ids begins
+    (``[B, S]`` int64): a packed sequence's own positions."""
+    b, s = segment_ids.shape
+    idx = torch.arange(s, device=segment_ids.device).expand(b, s)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - first
+
+
+def _check_segments(segment_ids, input_ids: torch.Tensor) -> torch.Tensor:
+    """``segment_ids`` as ``[B, S]`` integers on the ids' device, each id one run."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise DTypeError(
+            f"ring_forward segment_ids: expected an integer tensor [batch, seq] or [seq], "
+            f"found {type(segment_ids).__name__}"
+        )
+    if (
+        segment_ids.is_floating_point()
+        or segment_ids.is_complex()
+        or segment_ids.dtype == torch.bool
+    ):
+        raise DTypeError(
+            f"ring_forward segment_ids: expected integer ids, found {segment_ids.dtype}"
+        )
+    b, s = input_ids.shape
+    if segment_ids.dim() == 1:
+        segment_ids = segment_ids[None].expand(b, -1)
+    if tuple(segment_ids.shape) != (b, s):
+        raise ShapeError(
+            f"ring_forward segment_ids: expected shape [{b}, {s}] or [{s}] (input_ids' "
+            f"{[b, s]}), found {list(segment_ids.shape)}"
+        )
+    segment_ids = segment_ids.to(input_ids.device)
+    # A segment id that comes back after another one would join two sequences.
+    runs = torch.ones_like(segment_ids, dtype=torch.int64)
+    runs[:, 1:] = (segment_ids[:, 1:] != segment_ids[:, :-1]).long()
+    for row in range(b):
+        ids = segment_ids[row][runs[row].bool()]
+        if ids.unique().numel() != ids.numel():
+            raise ShapeError(
+                f"ring_forward segment_ids: expected each segment as one run of equal ids, "
+                f"found row {row} returning to an id it left ({ids.tolist()[:12]})"
+            )
+    return segment_ids
