@@ -142,7 +142,7 @@ def test_ring_forward_packs_sequences_by_segment_ids(one_rank):
     assert segment_positions(seg[None]).tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6]]
     with pytest.raises(ShapeError, match=r"expected shape \[1, 11\] or \[11\]"):
         ring_forward(ring, ids, segment_ids=seg[:5])
-    with pytest.raises(DTypeError, match="expected integer ids, found torch.float32"):
+    with pytest.raises(DTypeError, match=r"expected integer ids, found torch\.float32"):
         ring_forward(ring, ids, segment_ids=seg.float())
     with pytest.raises(DTypeError, match="found list"):
         ring_forward(ring, ids, segment_ids=seg.tolist())
