@@ -52,6 +52,9 @@ def test_ring_attention_step_matches_the_single_process_forward(demo):
     assert ring["world_size"] == 2 and ring["layout"] == "zigzag"
     assert ring["seq_len"] > 64  # held-out text as long as the position table allows
     assert ring["ok"] and ring["max_abs_error"] <= 1e-4 < ring["max_abs_logit"]
+    window = result["ring_sliding_window"]
+    assert window["sliding_window"] == 128 and window["world_size"] == 3
+    assert window["ok"] and window["max_abs_error"] <= 1e-4
 
 
 def test_memory_table_is_measured_and_grows_sublinearly(demo):

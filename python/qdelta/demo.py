@@ -226,6 +226,12 @@ def run_demo(
 
     print("[5/6] ring attention: the base over 2 CPU processes vs one process", flush=True)
     ring = ring_check(zoo)
+    # Sliding windows too: a random Mistral whose window ends the ring's turn early.
+    from qdelta.ring.demo import run_ring_demo
+
+    ring_window = run_ring_demo(
+        world_size=3, seq_len=600, layout="contiguous", seed=seed, sliding_window=128
+    )
 
     print("[6/6] plots", flush=True)
     plots = {
@@ -250,6 +256,7 @@ def run_demo(
         "mixed_batch": samples,
         "memory": memory,
         "ring": ring,
+        "ring_sliding_window": ring_window,
         "plots": plots,
         "seconds": time.perf_counter() - started,
     }
