@@ -148,3 +148,46 @@ def test_ring_forward_packs_sequences_by_segment_ids(one_rank):
         ring_forward(ring, ids, segment_ids=seg.tolist())
     with pytest.raises(ShapeError, match="one run of equal ids"):
         ring_forward(ring, ids, segment_ids=torch.tensor([0] * 3 + [1] * 4 + [0] * 4))
+
+
+def test_packed_sequences_keep_their_segments_under_gradient_checkpointing(one_rank):
+    """The recompute in backward runs after ring_forward returned: the segment ids
+    travel with the model's forward kwargs, so the gradients are those of each
+    sequence run alone."""
+    import copy
+
+    base = tiny_llama(2).train()  # (no dropout in the tiny config)
+    ids = _ids(1, 20)
+    cuts = ((0, 8), (8, 20))
+    ref = copy.deepcopy(base)
+    sum(ref(input_ids=ids[:, a:b]).logits.pow(2).mean() * (b - a) for a, b in cuts).backward()
+    want = ref.model.layers[0].self_attn.q_proj.weight.grad
+    model = use_ring_attention(copy.deepcopy(base), backend="math", timeout=30)
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logits = ring_forward(model, ids, segment_ids=torch.tensor([0] * 8 + [1] * 12))
+    sum(logits[:, a:b].pow(2).mean() * (b - a) for a, b in cuts).backward()
+    got = model.model.layers[0].self_attn.q_proj.weight.grad
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+class _DropsKwargs(torch.nn.Module):
+    """A wrapper whose forward does not hand its extra keywords on to the model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, position_ids=None, use_cache=None, **ignored):
+        return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache)
+
+
+def test_segment_ids_a_model_does_not_pass_on_are_an_error(one_rank):
+    model = _DropsKwargs(use_ring_attention(tiny_llama(), timeout=30))
+    with torch.no_grad():
+        ring_forward(model, _ids(1, 6))  # no segments: nothing to lose
+        with pytest.raises(RingError, match="did not receive them"):
+            ring_forward(model, _ids(1, 6), segment_ids=torch.tensor([0, 0, 0, 1, 1, 1]))

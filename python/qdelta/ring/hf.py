@@ -33,8 +33,13 @@ from qdelta.ring.layout import LAYOUTS, Layout, position_ids, shard
 
 ATTENTION_NAME = "qdelta_ring"
 
-# This rank's segment ids shard for the ring_forward in flight (packed sequences):
-# the attention function reads them, since transformers does not pass them on.
+# Packed sequences: ring_forward passes this rank's segment ids shard through the
+# model's forward kwargs under SEGMENTS_KWARG, which transformers hands on to every
+# attention call, so a recompute (gradient checkpointing) gets them too. The
+# context variable holds them while ring_forward runs, so an attention call that
+# did not receive them (a model that drops unknown kwargs) is an error, not
+# attention across the packed sequences.
+SEGMENTS_KWARG = "qdelta_segment_ids"
 _SEGMENTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "qdelta_ring_segments", default=None
 )
@@ -110,7 +115,7 @@ def ring_attention_forward(
         key,
         value,
         causal=causal,
-        segment_ids=_SEGMENTS.get(),
+        segment_ids=_segments_of_call(module, kwargs),
         group=settings.group,
         layout=settings.layout,
         softmax_scale=scaling,
@@ -120,6 +125,19 @@ def ring_attention_forward(
         softcap=softcap,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _segments_of_call(module, kwargs: dict) -> torch.Tensor | None:
+    """The packed-sequence segment ids of this attention call (see SEGMENTS_KWARG)."""
+    given = kwargs.get(SEGMENTS_KWARG)
+    if given is None and _SEGMENTS.get() is not None:
+        raise RingError(
+            f"{type(module).__name__}: ring_forward was given segment_ids, but this attention "
+            f"call did not receive them (expected the model to pass its forward's "
+            f"{SEGMENTS_KWARG!r} keyword on to attention, as transformers' models do); "
+            "refusing to attend across the packed sequences"
+        )
+    return given
 
 
 def _window_and_softcap(module, kwargs: dict) -> tuple[int | None, float | None]:
@@ -323,9 +341,10 @@ def ring_forward(
         seg = _check_segments(segment_ids, input_ids)
         pos = shard(segment_positions(seg), world_size, rank, layout=layout, dim=-1)
         local_seg = shard(seg, world_size, rank, layout=layout, dim=-1)
+    extra = {} if local_seg is None else {SEGMENTS_KWARG: local_seg}
     token = _SEGMENTS.set(local_seg)
     try:
-        return model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        return model(input_ids=local_ids, position_ids=pos, use_cache=False, **extra).logits
     finally:
         _SEGMENTS.reset(token)
 
