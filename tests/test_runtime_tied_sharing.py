@@ -392,3 +392,15 @@ def test_store_tenants_share_the_pair_they_map_once(tmp_path):
     refs = [dense_reference(plain, deltas["b"]), plain, dense_reference(plain, deltas["a"])]
     assert_rows_are_their_models(out, rows, refs)
     assert_shared(mtm, arch, "ab")
+
+
+def test_a_twin_that_cannot_serve_the_table_is_refused_naming_why():
+    arch = "llama_tied"
+    base = tied(arch)
+    deltas = tenants(arch, base)
+    mtm = qdelta.MultiTenantModel(base, tenants={"a": deltas["a"]})
+    emb, head = wrappers(mtm, arch)
+    packed = deltas["b"].layers[EMBEDDING[arch]]
+    with pytest.raises(qdelta.QDeltaError, match=r"at slot 3.*found the tenant at slot None"):
+        emb.add("b", packed, {}, 3, twin=head)  # b is not in the head's stack
+    assert "b" not in emb.tenants

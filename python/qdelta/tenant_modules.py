@@ -426,18 +426,29 @@ class PackedRowEmbedding(_TwoForms):
         layer = twin.layer
         table = tuple(self.base.weight.shape)
         others = {id(t) for t in self._shared.values()}
-        if (
-            layer.transposed
-            or packed.transposed
-            or (layer.out_features, layer.in_features) != table
-            or packed.shape != table
-            or twin.local_index(name) != slot
-            or (others and others != {id(twin)})
-            or layer.planes.device != self.base.weight.device
-        ):
+        head = (layer.out_features, layer.in_features)
+        problems = [
+            f"a transposed {'head' if layer.transposed else 'delta'}"
+            if layer.transposed or packed.transposed
+            else None,
+            f"a {list(head)} head" if head != table else None,
+            f"a {list(packed.shape)} delta" if packed.shape != table else None,
+            f"the tenant at slot {twin.local_index(name)} there"
+            if twin.local_index(name) != slot
+            else None,
+            "a second head (another tenant shares a different one)"
+            if others and others != {id(twin)}
+            else None,
+            f"its planes on {layer.planes.device}"
+            if layer.planes.device != self.base.weight.device
+            else None,
+        ]
+        found = [p for p in problems if p is not None]
+        if found:
             raise QDeltaError(
                 f"tenant {name!r}: expected its tied head's stack to hold this embedding's "
-                f"{list(table)} delta, not transposed, at slot {slot}, found another"
+                f"{list(table)} delta, not transposed, at slot {slot}, on "
+                f"{self.base.weight.device}; found {', '.join(found)}"
             )
 
     def remove(self, name: str) -> None:
