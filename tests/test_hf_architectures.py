@@ -762,9 +762,21 @@ class _MixingLM(nn.Module):
         return _Logits(self.head(torch.tanh(self.embed(input_ids) + self.pos(mask))))
 
 
-def test_a_positional_embedding_whose_rows_mix_is_refused():
+class _MeanRows(nn.Embedding):
+    """Positions scaled by the batch's mean mask: rows mix, but not on a probe whose
+    rows are alike (all-ones masks)."""
+
+    def forward(self, attention_mask, cache_length=0, position_ids=None):
+        mean = attention_mask.float().mean(0, keepdim=True)
+        pos = (attention_mask.cumsum(-1) * mean).round().long() % 5
+        return super().forward(pos)
+
+
+@pytest.mark.parametrize("mixing", [_MixedRows, _MeanRows], ids=["sum", "mean"])
+def test_a_positional_embedding_whose_rows_mix_is_refused(mixing):
     torch.manual_seed(0)
     base = _MixingLM()
+    base.pos = mixing(5, 16)
     delta = qdelta.compress(base, finetune(base), targets=["head"])
     assert "pos.weight" in delta.params
     mtm = qdelta.MultiTenantModel(base)

@@ -87,31 +87,60 @@ def probe_layouts(
 def _row_separable(module: nn.Module, call: tuple, batch: int) -> bool:
     """Whether ``module(*args, **kwargs)`` (one probe call and its output) gives row i
     of its output from row i of its batch-first arguments alone, and depends on its
-    weight (a table change must show)."""
+    weight (a table change must show).
+
+    The probe's rows are alike (an all-ones mask, the same positions), which would
+    hide a module that mixes rows by a mean or a max: the check runs again with the
+    last row changed (reversed, and left-padded where it is a mask of ids)."""
     args, kwargs, out = call
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch:
         return False
-
-    def rows(a, i):
-        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
-            return a[i : i + 1]
-        return a
-
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         return False
     try:
         with torch.no_grad():
-            for i in range(batch):
-                alone = module(
-                    *(rows(a, i) for a in args), **{k: rows(v, i) for k, v in kwargs.items()}
-                )
-                if not isinstance(alone, torch.Tensor) or not torch.equal(alone, out[i : i + 1]):
-                    return False
+            varied = (
+                tuple(_vary(a, batch) for a in args),
+                {k: _vary(v, batch) for k, v in kwargs.items()},
+            )
+            for a, kw in ((args, kwargs), varied):
+                whole = module(*a, **kw)
+                for i in range(batch):
+                    alone = module(
+                        *(_row(x, i, batch) for x in a),
+                        **{k: _row(v, i, batch) for k, v in kw.items()},
+                    )
+                    if not isinstance(alone, torch.Tensor) or not torch.equal(
+                        alone, whole[i : i + 1]
+                    ):
+                        return False
             moved = torch.func.functional_call(module, {"weight": weight + 1}, args, kwargs)
     except Exception:
         return False
     return isinstance(moved, torch.Tensor) and not torch.equal(moved, out)
+
+
+def _batch_first(a, batch: int) -> bool:
+    return isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch
+
+
+def _row(a, i: int, batch: int):
+    return a[i : i + 1] if _batch_first(a, batch) else a
+
+
+def _vary(a, batch: int):
+    """``a`` with its last row changed: reversed along the last dimension, its first
+    entry 0 for integers (a mask then reads as left padding)."""
+    if not _batch_first(a, batch) or a.dim() < 2:
+        return a
+    a = a.clone()
+    a[-1] = a[-1].flip(-1)
+    if not a.is_floating_point():
+        a[-1][..., 0] = 0
+    else:
+        a[-1] = a[-1] * 0.5
+    return a
 
 
 def _inputs(
