@@ -262,3 +262,21 @@ def test_virtual_ring_on_the_cuda_blocks_with_window_and_softcap(
     )
     assert (out.double() - ref_out).abs().max() < 3e-2
     assert (lse.double() - ref_lse).abs().max() < 3e-2
+
+
+def test_auto_backend_soft_caps_with_the_cuda_kernel_where_it_runs(emulated, rng):
+    """torch's fused kernels do not cap: on the kernel's device, fp16/bf16 and head
+    dims 64/128, ``auto`` runs the cuda kernel (which does), else ``math``."""
+    from qdelta.ring.block import PATH_COUNTS
+
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    q, k, v = (torch.randn(1, h, 70, 64, generator=gen).bfloat16() for h in (4, 2, 2))
+    PATH_COUNTS.clear()
+    out, lse = block_attention(q, k, v, causal=True, softcap=2.0, window=30, backend="auto")
+    assert PATH_COUNTS["cuda"] == 1 and PATH_COUNTS["math"] == 0
+    ref_out, ref_lse = block_reference(q, k, v, True, 0, 0, None, None, window=30, softcap=2.0)
+    assert (out.double() - ref_out).abs().max() < 3e-2
+    assert (lse.double() - ref_lse).abs().max() < 3e-2
+    PATH_COUNTS.clear()
+    block_attention(q[..., :32], k[..., :32], v[..., :32], softcap=2.0, backend="auto")
+    assert PATH_COUNTS["math"] == 1 and PATH_COUNTS["cuda"] == 0  # head dim 32: no kernel

@@ -690,5 +690,22 @@ def _sdpa_forward(
 def _auto_backend(q: torch.Tensor, softcap: float | None = None) -> str:
     # The fused torch kernels (flash attention on CUDA) are the fastest block
     # backend today; the cuda kernel runs on request. They do not soft-cap:
-    # then the math backend, without the fallback warning (it is the plan).
-    return "sdpa" if softcap is None else "math"
+    # then the cuda kernel where it runs the case (it caps in the kernel), else
+    # the math backend, without the fallback warning (it is the plan).
+    if softcap is None:
+        return "sdpa"
+    return "cuda" if _cuda_kernel_runs(q) else "math"
+
+
+def _cuda_kernel_runs(q: torch.Tensor) -> bool:
+    """Whether the cuda block kernel takes ``q``: fp16/bf16, head dim 64 or 128, on
+    the kernel runtime's device (cupy and CUDA, or the emulator)."""
+    from qdelta.kernels import cuda as kernels_cuda
+    from qdelta.ring import cuda_block
+
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in cuda_block.HEAD_DIMS:
+        return False
+    runtime = kernels_cuda.RUNTIME
+    if not runtime.emulated and (q.device.type != "cuda" or not cuda_block.available()):
+        return False
+    return runtime.on_device(q)
