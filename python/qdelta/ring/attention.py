@@ -382,8 +382,9 @@ def ring_attention(
     ``window`` (causal only): each query sees the ``window`` latest keys up to
     itself (global positions ``i - j < window``; Mistral's ``sliding_window``);
     the ring turns only as far as some rank still has keys in reach.
-    ``softcap`` ``c``: scores become ``c * tanh(s / c)`` (Gemma2); on the ``auto``
-    backend it runs the math block backend (torch's fused kernels do not cap).
+    ``softcap`` ``c``: scores become ``c * tanh(s / c)`` (Gemma2); torch's fused
+    kernels do not cap, so ``auto`` then runs the cuda block kernel where it takes
+    the case (fp16/bf16, head dim 64/128 on a CUDA device) and math elsewhere.
 
     Before any K/V moves, the ranks exchange one small signature of their inputs
     (local length, batch, heads, head_dim, dtypes, segment ids, causal, layout,
