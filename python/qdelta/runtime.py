@@ -444,13 +444,13 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     break
         return twins
 
-    def _footprint(self, delta: Delta) -> _Footprint:
+    def _footprint(self, delta: Delta, twins: dict[str, str] | None = None) -> _Footprint:
         """What a tenant adds to the stacks, as loaded: per packed layer its planes
         and bytes per plane (the planes as stored, scales float32 per plane and row:
         the stacks keep matrix scales broadcast to rows, one layout for every kernel),
         and its kept parameters' bytes. An embedding reading its tied head's stack
-        adds nothing."""
-        twins = self._packed_twins(delta)
+        adds nothing (``twins``: :meth:`_packed_twins` of ``delta``, if known)."""
+        twins = self._packed_twins(delta) if twins is None else twins
         layers = {
             lname: (
                 layer.bits,
@@ -483,8 +483,10 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         planned = self._serving(among=set(needed))
         for n, d in deltas.items():
             self._check(d, n, planned)
+        # Found once per tenant (comparing tied deltas reads their planes).
+        twins = {n: self._packed_twins(d) for n, d in deltas.items()}
+        prints = {n: self._footprint(d, twins[n]) for n, d in deltas.items()}
         if self.budget_bytes is not None:
-            prints = {n: self._footprint(d) for n, d in deltas.items()}
             for n, fp in prints.items():
                 size = _stacked_bytes([fp])
                 if size > self.budget_bytes:
@@ -508,7 +510,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         for n in self._outside_the_plan(planned):
             self._evict(n)
         for n, delta in deltas.items():
-            self._load(n, delta, pinned=set(needed))
+            self._load(n, delta, twins[n], prints[n], pinned=set(needed))
 
     def _outside_the_plan(self, planned: _Planned) -> list[str]:
         """Loaded tenants on a module whose planned tenant module class is another
@@ -520,8 +522,14 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 out.update(dict.fromkeys(wrapper.tenants))
         return list(out)
 
-    def _load(self, name: str, delta: Delta, pinned: set[str]) -> None:
-        footprint = self._footprint(delta)
+    def _load(
+        self,
+        name: str,
+        delta: Delta,
+        twins: dict[str, str],
+        footprint: _Footprint,
+        pinned: set[str],
+    ) -> None:
         size = _stacked_bytes([footprint])
         if self.budget_bytes is not None:
             while (
@@ -535,7 +543,6 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         params = self._params_by_module(delta)
         free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
         slot = min(free)
-        twins = self._packed_twins(delta)
         try:
             with torch.no_grad():
                 # Heads first: a twin embedding reads the stack its head just filled.
