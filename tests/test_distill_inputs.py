@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tests.tiny_models import VOCAB, fake_finetune, one_thread, tiny_gpt2, tiny_llama
@@ -142,6 +143,20 @@ def test_prepare_calibration_checks():
     # a tokenizer returning one row as a [1, L] tensor or list is fine
     ids, _ = qdelta.prepare_calibration(["ab"], lambda s: torch.tensor([[1, 2]]), seq_len=4)
     assert ids.tolist() == [[1, 2]]
+
+
+def test_calibration_token_id_lists_ragged_and_checked():
+    ids, mask = qdelta.prepare_calibration([[5, 6, 7], (8,), np.array([9, 10])], seq_len=2)
+    assert ids.tolist() == [[5, 6], [8, 0], [9, 10]]
+    assert mask.tolist() == [[1, 1], [1, 0], [1, 1]]
+    with pytest.raises(
+        CalibrationError, match=r"id list 1: expected token ids \(ints >= 0\), found -3"
+    ):
+        qdelta.prepare_calibration([[1, 2], [-3]])
+    with pytest.raises(CalibrationError, match=r"id list 0: .* found 1.5 \(float\)"):
+        qdelta.prepare_calibration([[1.5]])
+    with pytest.raises(CalibrationError, match=r"found a list of int, str"):
+        qdelta.prepare_calibration([3, "text"])
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,19 @@ def test_memory_honesty_lora_vs_one_bit():
     assert row["lora_bytes"] == 2 * (16 * (4096 + 11008) + 4096)
 
 
+def test_memory_report_refuses_what_is_not_a_shape_table():
+    with pytest.raises(
+        qdelta.ShapeError, match=r"expected a mapping \{layer name: \(out, in\)\}, found list"
+    ):
+        qdelta.memory_report([(4096, 4096)], rank=16)
+    with pytest.raises(qdelta.ShapeError, match=r"shapes\['q'\]: expected \(out, in\), found 4096"):
+        qdelta.memory_report({"q": 4096}, rank=16)
+    with pytest.raises(qdelta.ShapeError, match=r"rank: expected an int >= 0, found -1"):
+        qdelta.memory_report({"q": (8, 8)}, rank=-1)
+    with pytest.raises(qdelta.DTypeError, match=r"bits: expected an int, found float"):
+        qdelta.memory_report({"q": (8, 8)}, rank=1, bits=1.5)
+
+
 def test_inspect_says_which_form(tmp_path, capsys):
     base = tiny_llama(seed=int(torch.randint(1000, (1,))))
     model = _adapted(base, rank=2, alpha=4, targets=["q_proj"], dora=True, seed=7)

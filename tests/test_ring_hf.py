@@ -18,7 +18,7 @@ def test_cli_has_ring_demo():
     from qdelta.cli import build_parser
 
     args = build_parser().parse_args(["ring-demo", "--world-size", "3", "--layout", "contiguous"])
-    assert args.world_size == 3 and args.layout == "contiguous" and args.seq_len == 1024
+    assert args.world_size == 3 and args.layout == "contiguous" and args.seq_len is None  # 1024 unless --zoo
 
 
 def test_cli_ring_demo_zoo_flag():
@@ -56,3 +56,13 @@ def test_cli_refuses_sliding_window_with_the_zoo(capsys):
 
     assert main(["ring-demo", "--sliding-window", "8", "--zoo"]) == 2
     assert "expected no --zoo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, named", [(["--model", "/nonexistent"], "--model"), (["--seq-len", "40"], "--seq-len")]
+)
+def test_cli_refuses_zoo_with_a_model_or_a_length(capsys, extra, named):
+    from qdelta.cli import main
+
+    assert main(["ring-demo", "--zoo", "tiny", *extra]) == 2
+    assert f"expected no {named} with it" in capsys.readouterr().err

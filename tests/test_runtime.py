@@ -229,6 +229,26 @@ def test_bad_input_keeps_serving(world, oracle):
     still_serving()
 
 
+def test_lowering_the_budget_evicts_least_recently_used_at_once(world, oracle):
+    base, deltas = world
+    names = ("noisy", "trained", "partial")
+    model = MultiTenantModel(base_copy(base), tenants={n: deltas[n] for n in names})
+    assert model.loaded_tenants == list(names)
+    last = MultiTenantModel(base_copy(base), tenants={"partial": deltas["partial"]})
+    model.budget_bytes = last.resident_bytes  # room for the newest tenant alone
+    assert model.loaded_tenants == ["partial"]
+    assert model.resident_bytes == last.resident_bytes
+    assert model.resident_bytes == model.memory()["tenant_bytes"]
+    model.budget_bytes = 0
+    assert model.loaded_tenants == [] and model.resident_bytes == 0
+    # Evicted tenants stay registered and come back within a raised budget.
+    model.budget_bytes = None
+    prompts = _prompts(101, [3, 5], seed=9)
+    ids, mask = left_pad(prompts)
+    gen = model.generate(ids, ["trained", None], STEPS, attention_mask=mask, return_logits=True)
+    _check_rows(gen, ["trained", None], prompts, oracle)
+
+
 def test_budget_too_small(world, oracle):
     base, deltas = world
     small = deltas["partial"]

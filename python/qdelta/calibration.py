@@ -18,7 +18,9 @@ import torch
 
 from qdelta.errors import CalibrationError
 
-Calibration = Sequence[str] | str | os.PathLike | torch.Tensor | Mapping[str, Any]
+Calibration = (
+    Sequence[str] | Sequence[Sequence[int]] | str | os.PathLike | torch.Tensor | Mapping[str, Any]
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -174,10 +176,37 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
         return _windows(_encode(tokenizer, text, str(path)), seq_len)
     if isinstance(calib, Sequence) and all(isinstance(s, str) for s in calib):
         return [_encode(tokenizer, s, "text")[:seq_len] for s in calib]
+    if isinstance(calib, Sequence) and all(_is_id_row(s) for s in calib):
+        return [_id_row(s, i)[:seq_len] for i, s in enumerate(calib)]
     raise CalibrationError(
-        "calibration: expected a list of strings, a text file, a token tensor or a mapping "
-        f"with input_ids, found {type(calib).__name__}"
+        "calibration: expected a list of strings, a text file, token ids (a list of id "
+        f"lists, a tensor or a mapping with input_ids), found {_describe(calib)}"
     )
+
+
+def _is_id_row(row: Any) -> bool:
+    """A list, tuple or 1-D integer array: one tokenized sequence (ragged rows are fine)."""
+    if isinstance(row, np.ndarray):
+        return row.ndim == 1
+    return isinstance(row, list | tuple)
+
+
+def _id_row(row: Any, index: int) -> list[int]:
+    values = row.tolist() if isinstance(row, np.ndarray) else list(row)
+    for value in values:
+        if not _is_int(value) or value < 0:
+            raise CalibrationError(
+                f"calibration id list {index}: expected token ids (ints >= 0), found "
+                f"{value!r} ({type(value).__name__})"
+            )
+    return [int(v) for v in values]
+
+
+def _describe(calib: Any) -> str:
+    if isinstance(calib, Sequence) and not isinstance(calib, str | bytes):
+        kinds = sorted({type(s).__name__ for s in calib})
+        return f"a {type(calib).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(calib).__name__
 
 
 def prepare_calibration(

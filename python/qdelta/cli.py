@@ -97,6 +97,13 @@ def _cmd_ring_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.zoo and (args.model or args.seq_len is not None):
+        print(
+            "qdelta ring-demo: --zoo runs the zoo's base on its held-out text as long as its "
+            f"position table; expected no --{'model' if args.model else 'seq-len'} with it",
+            file=sys.stderr,
+        )
+        return 2
     if args.zoo:
         from qdelta.demo import ring_check
         from qdelta.zoo import ZooConfig, build_zoo
@@ -107,7 +114,7 @@ def _cmd_ring_demo(args: argparse.Namespace) -> int:
         return 0 if summary["ok"] else 1
     summary = run_ring_demo(
         world_size=args.world_size,
-        seq_len=args.seq_len,
+        seq_len=1024 if args.seq_len is None else args.seq_len,
         layout=args.layout,
         seed=args.seed,
         model_dir=args.model,
@@ -152,6 +159,10 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The zoo's cache directory, as qdelta.zoo.default_cache_dir() resolves it.
+ZOO_CACHE_HELP = "zoo cache directory (default $QDELTA_CACHE/zoo, else ~/.cache/qdelta/zoo)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdelta", description=__doc__)
     from qdelta import __version__
@@ -162,9 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
-    demo.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
+    demo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     demo.add_argument(
-        "--steps", type=int_at_least(0), default=None, help="distillation steps (default 200)"
+        "--steps",
+        type=int_at_least(0),
+        default=None,
+        help="distillation steps (default 200; 20 with --tiny)",
     )
     demo.set_defaults(func=_cmd_demo)
     ev = sub.add_parser(
@@ -173,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results", help="directory for quality.json and deltas/")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
-    ev.add_argument("--cache", default=None, help="zoo cache directory (default ~/.cache/qdelta)")
+    ev.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     ev.add_argument(
-        "--steps", type=int_at_least(0), default=None, help="distillation steps (default 200)"
+        "--steps",
+        type=int_at_least(0),
+        default=None,
+        help="distillation steps (default 200; 20 with --tiny)",
     )
     ev.set_defaults(func=_cmd_eval)
     inspect = sub.add_parser(
@@ -248,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
     zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
     zoo.add_argument("--seed", type=int, default=0)
-    zoo.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qdelta/zoo)")
+    zoo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     zoo.set_defaults(func=_cmd_zoo)
     ring = sub.add_parser(
         "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
@@ -257,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ring.add_argument(
         "--seq-len",
         type=int_at_least(1),
-        default=1024,
+        default=None,
         help="random input tokens (default 1024; at least one per chunk of the layout)",
     )
     ring.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
@@ -273,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the model zoo's base on its held-out code text (built or cached)",
     )
-    ring.add_argument("--cache", default=None, help="zoo cache directory (with --zoo)")
+    ring.add_argument("--cache", default=None, help=ZOO_CACHE_HELP + "; with --zoo")
     ring.add_argument(
         "--sliding-window",
         type=int_at_least(1),

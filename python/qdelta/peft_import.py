@@ -28,6 +28,7 @@ from torch import nn
 
 from qdelta.algebra import DenseDelta
 from qdelta.bitplane import words_per_row
+from qdelta.checks import as_int
 from qdelta.compress import check_same_architecture
 from qdelta.errors import FileError, FormatError, ModelMismatchError, NonFiniteError, ShapeError
 from qdelta.optional import require
@@ -325,10 +326,22 @@ def memory_report(
 ) -> list[dict[str, Any]]:
     """Per layer: LoRA bytes vs ``bits``-plane delta bytes, and which is smaller.
 
-    ``break_even_rank`` is the largest rank at which the LoRA is no larger.
+    ``shapes``: ``{layer name: (out, in)}``. ``break_even_rank`` is the largest
+    rank at which the LoRA is no larger.
     """
+    if not isinstance(shapes, Mapping):
+        raise ShapeError(
+            "memory_report shapes: expected a mapping {layer name: (out, in)}, found "
+            f"{type(shapes).__name__}"
+        )
+    rank = as_int("memory_report rank", rank, 0)
+    bits = as_int("memory_report bits", bits, 1)
+    dtype_bytes = as_int("memory_report dtype_bytes", dtype_bytes, 1)
     rows = []
-    for name, (out, inp) in shapes.items():
+    for name, shape in shapes.items():
+        if not isinstance(shape, tuple | list) or len(shape) != 2:
+            raise ShapeError(f"memory_report shapes[{name!r}]: expected (out, in), found {shape!r}")
+        out, inp = (as_int(f"memory_report shapes[{name!r}]", d, 1) for d in shape)
         lb = lora_bytes((out, inp), rank, dtype_bytes, dora)
         db = bitdelta_bytes((out, inp), bits)
         per_rank = dtype_bytes * (inp + out)

@@ -164,6 +164,10 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     @serialized
     def budget_bytes(self, value: int | None) -> None:
         self._budget_bytes = _budget(value)
+        # A lowered budget holds at once: least recently used tenants leave until
+        # the rest fit (no batch is running: calls are serialized).
+        while self._budget_bytes is not None and self.resident_bytes > self._budget_bytes:
+            self._evict(next(iter(self._loaded)))
 
     @property
     def tenants(self) -> list[str]:
