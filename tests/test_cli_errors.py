@@ -225,6 +225,32 @@ def test_broken_model_directories(models, tmp_path, capsys):
         load_hf_model(no_weights)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_damaged_pytorch_bin_weights_are_a_format_error(models, tmp_path, capsys, damage):
+    import torch
+
+    from qdelta.sources import load_hf_model
+
+    ft = tmp_path / "ft_bin"
+    shutil.copytree(models / "ft", ft)
+    (ft / "model.safetensors").unlink()
+    weights = ft / "pytorch_model.bin"
+    torch.save(load_hf_model(models / "ft").state_dict(), weights)
+    assert load_hf_model(ft) is not None  # the intact .bin loads
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:2000])
+    else:
+        weights.write_text("this is not a checkpoint")
+    with pytest.raises(
+        FormatError, match=r"expected loadable PyTorch weights \(pytorch_model.bin\)"
+    ):
+        load_hf_model(ft)
+    out = tmp_path / "x.qdelta"
+    line = _error(["compress", str(models / "base"), str(ft), "-o", str(out)], capsys)
+    assert str(ft) in line and "damaged file" in line
+    assert not out.exists()
+
+
 def test_calib_file_that_is_not_utf8(models, tmp_path, capsys):
     calib = tmp_path / "calib.bin"
     calib.write_bytes(b"plain text then \xff\xfe bytes")
@@ -271,6 +297,14 @@ def test_byte_tokenizer_file_that_is_not_an_object(models, tmp_path, capsys, con
         (["ring-demo", "--world-size", "-1"], "expected an int >= 1, found -1"),
         (["ring-demo", "--seq-len", "0"], "expected an int >= 1, found 0"),
         (["analyze", "b", "f", "--planes", "0"], "expected an int in 1..32, found 0"),
+        (
+            ["compress", "b", "f", "-o", "x.qdelta", "--bits", "0"],
+            "expected an int in 1..32, found 0",
+        ),
+        (
+            ["compress", "b", "f", "-o", "x.qdelta", "--bits", "33"],
+            "expected an int in 1..32, found 33",
+        ),
     ],
 )
 def test_bad_numbers_are_usage_errors(argv, found, capsys):
@@ -353,3 +387,15 @@ def test_an_incomplete_zoo_cache_says_to_rebuild(tmp_path, capsys):
     root = _broken_zoo(tmp_path / "c", remove="base/" + TOKENIZER_FILE)
     line = _error(["zoo", "--tiny", "--cache", str(tmp_path / "c")], capsys)
     assert TOKENIZER_FILE in line and "rebuild" in line
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(capsys, monkeypatch):
+    from qdelta import cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_cmd_inspect", interrupted)
+    assert cli_module.main(["inspect", "whatever.qdelta"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "qdelta inspect: interrupted" in err

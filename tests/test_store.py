@@ -124,7 +124,9 @@ def test_equal_layers_are_stored_once_in_a_version_2_file(tmp_path, rng):
     from qdelta.store_cli import describe
 
     assert f"shared with {first}" in describe(files["tied"])
+    assert "1 layer(s) sharing another's tensors are counted once" in describe(files["tied"])
     assert "shared with" not in describe(files["near"])
+    assert "counted once" not in describe(files["near"])
 
 
 @settings(max_examples=25, deadline=None)
@@ -368,3 +370,43 @@ def test_store_readers_in_other_processes_survive_replacement(tmp_path, rng):
         assert p.returncode == 0, err
         assert int(out) > 1  # it kept reading while the file was replaced
     assert store.open("t").verify() > 0
+
+
+def test_cli_inspect_escapes_what_a_file_says(tmp_path, rng, capsys):
+    delta = make_delta(rng)
+    delta.tenant = "evil\x1b[2J\nbase         fingerprint 0000"
+    delta.metadata["note\r"] = "red \x1b[31m text\u2028"
+    path = tmp_path / "evil.qdelta"
+    delta.save(path)
+    assert cli(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\u2028" not in out
+    assert "evil\\x1b[2J\\nbase" in out and "red \\x1b[31m text\\u2028" in out
+    assert [line for line in out.splitlines() if line.startswith("base")] == [
+        f"base         fingerprint {delta.base_fingerprint}"
+    ]  # no forged line
+
+
+def test_paths_as_bytes_and_bad_path_types(tmp_path, rng):
+    delta = make_delta(rng)
+    path = tmp_path / "b.qdelta"
+    delta.save(os.fsencode(path))
+    assert_same_delta(qdelta.DeltaFile(os.fsencode(path)).to_delta(), delta)
+    with pytest.raises(
+        qdelta.DTypeError,
+        match=r"DeltaFile path: expected a str, bytes or os.PathLike path, found int",
+    ):
+        qdelta.DeltaFile(3)
+    with pytest.raises(qdelta.DTypeError, match=r"save path: .* found NoneType"):
+        delta.save(None)
+
+
+def test_a_dangling_tenant_link_is_a_file_error(tmp_path):
+    store = qdelta.DeltaStore(tmp_path / "s")
+    os.symlink(tmp_path / "gone.qdelta", store.directory / "gone.qdelta")
+    assert "gone" in store.tenants()
+    with pytest.raises(
+        qdelta.FileError,
+        match=r"tenant 'gone': .* a symbolic link to .*gone.qdelta'?, which does not exist",
+    ):
+        store.open("gone")

@@ -207,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
     comp.add_argument("finetuned", help="fine-tuned model directory")
     comp.add_argument("-o", "--output", required=True, help="the .qdelta file to write")
-    comp.add_argument("--bits", type=int, default=1, help="sign planes per layer (default 1)")
+    from qdelta.bitplane import MAX_PLANES
+
+    comp.add_argument(
+        "--bits",
+        type=int_at_least(1, MAX_PLANES),
+        default=1,
+        help="sign planes per layer (default 1)",
+    )
     comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
     comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
     comp.add_argument(
@@ -328,6 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(args.command, missing(e.name, f"qdelta {args.command}"))
     except QDeltaError as e:
         return _error(args.command, e)
+    except KeyboardInterrupt:
+        # Writes are atomic: a file being written is either complete or untouched.
+        print(
+            f"qdelta {args.command}: interrupted (any file being written is either complete "
+            "or left as it was)",
+            file=sys.stderr,
+        )
+        return 130
     except BrokenPipeError:
         # `qdelta inspect F | head`: the reader left; no traceback, no second error
         # when Python flushes stdout at exit.

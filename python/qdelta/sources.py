@@ -61,6 +61,16 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
             f"{directory}: expected model weights (model.safetensors), found: "
             f"{' '.join(str(e).split())}"
         ) from e
+    except Exception as e:
+        # torch.load of a damaged pytorch_model.bin fails with whatever its unpickler or
+        # zip reader hits (RuntimeError, KeyError, UnpicklingError, EOFError...).
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        if not pickled or any(directory.glob("*.safetensors")):
+            raise
+        raise FormatError(
+            f"{directory}: expected loadable PyTorch weights ({', '.join(pickled)}), found a "
+            f"damaged file: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        ) from e
     return model.eval()
 
 

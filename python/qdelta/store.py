@@ -31,7 +31,7 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 
-PathLike = str | os.PathLike
+PathLike = str | bytes | os.PathLike
 
 FORMAT_VERSION: int = _core.FORMAT_VERSION
 SUFFIX = ".qdelta"
@@ -156,6 +156,16 @@ def check_base(delta: Any, base: Any) -> None:
 # --------------------------------------------------------------------------- one file
 
 
+def _path_text(path: PathLike, what: str) -> str:
+    """``path`` (str, bytes or os.PathLike) as the str the core takes."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise DTypeError(
+            f"{what}: expected a str, bytes or os.PathLike path, found {type(path).__name__}"
+        ) from None
+
+
 def save(delta: Delta, path: PathLike) -> None:
     """Write ``delta`` to ``path`` atomically (temporary file, fsync, rename)."""
     layers = []
@@ -176,7 +186,7 @@ def save(delta: Delta, path: PathLike) -> None:
     if bad:
         raise DTypeError(f"metadata: expected str keys and values, found {bad[0]!r}")
     _core.write_delta(
-        os.fspath(path),
+        _path_text(path, "save path"),
         layers,
         params,
         delta.tenant,
@@ -197,7 +207,7 @@ class DeltaFile:
     every checksum."""
 
     def __init__(self, path: PathLike) -> None:
-        self._file = _core.DeltaFile(os.fspath(path))
+        self._file = _core.DeltaFile(_path_text(path, "DeltaFile path"))
         self._layers: dict[str, PackedLayer] | None = None
 
     def __repr__(self) -> str:
@@ -383,6 +393,11 @@ class DeltaStore:
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            if os.path.islink(path):  # listed by tenants(), but nothing behind it
+                raise FileError(
+                    f"tenant {name!r}: expected {path} to be a delta file, found a symbolic "
+                    f"link to {os.readlink(path)!r}, which does not exist"
+                ) from None
             known = self.tenants()
             raise UnknownTenantError(
                 f"no tenant {name!r} in {self.directory} (tenants: "

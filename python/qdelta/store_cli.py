@@ -26,15 +26,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(s.rstrip() for s in out)
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and other non-printable characters from
+    a file (tenant names, metadata) escaped, so a file cannot forge or recolour lines."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def describe(f: DeltaFile) -> str:
     """A readable summary: header facts, a layer table, params, totals."""
-    rows, fp16 = [], 0
+    rows, fp16, n_shared = [], 0, 0
     for name, (out, inp), bits, scale, transposed, planes, scales in f.layer_table:
         alphas = f.tensor(scales)
         owner = planes.removesuffix(".qdelta_planes")
-        if owner != name:  # tied to an earlier layer: its tensors, stored once
+        tied = owner != name
+        name = printable(name)
+        if tied:  # tied to an earlier layer: its tensors, stored once
+            n_shared += 1
             mean = f"{float(np.abs(alphas[0]).mean()):.3g}"
-            shared = f"shared with {owner}"
+            shared = f"shared with {printable(owner)}"
             flag = "yes" if transposed else "no"
             rows.append([name, f"{out}x{inp}", str(bits), scale, mean, flag, shared, "-"])
             continue
@@ -59,15 +68,18 @@ def describe(f: DeltaFile) -> str:
         dtype, shape, nbytes = kinds[name]
         numel = int(np.prod(shape, dtype=np.int64))
         fp16 += 2 * numel
-        params.append([name, dtype, "x".join(map(str, shape)) or "scalar", _fmt_bytes(nbytes)])
+        shape_text = "x".join(map(str, shape)) or "scalar"
+        params.append([printable(name), dtype, shape_text, _fmt_bytes(nbytes)])
     lines = [
-        f"file         {f.path} ({_fmt_bytes(f.nbytes)})",
-        f"format       qdelta v{f.format_version}, written by {f.creator}",
-        f"tenant       {f.tenant or '(none)'}",
-        f"base         fingerprint {f.base_fingerprint}",
-        f"bit layout   {f.metadata['bit_layout']}",
+        f"file         {printable(str(f.path))} ({_fmt_bytes(f.nbytes)})",
+        f"format       qdelta v{f.format_version}, written by {printable(f.creator)}",
+        f"tenant       {printable(f.tenant) or '(none)'}",
+        f"base         fingerprint {printable(f.base_fingerprint)}",
+        f"bit layout   {printable(f.metadata['bit_layout'])}",
     ]
-    lines += [f"metadata     {k} = {v}" for k, v in sorted(f.user_metadata.items())]
+    lines += [
+        f"metadata     {printable(k)} = {printable(v)}" for k, v in sorted(f.user_metadata.items())
+    ]
     lines += _form_lines(f)
     lines += ["", f"{len(rows)} compressed layer(s):"]
     lines.append(
@@ -85,6 +97,11 @@ def describe(f: DeltaFile) -> str:
         f"total        {_fmt_bytes(f.nbytes)} on disk; the same weights as an fp16 fine-tune: "
         f"{_fmt_bytes(fp16)}; compression {ratio:.2f}x",
     ]
+    if n_shared:
+        lines.append(
+            f"             ({n_shared} layer(s) sharing another's tensors are counted once, "
+            "as a tied fp16 model stores them)"
+        )
     return "\n".join(lines)
 
 
@@ -105,7 +122,7 @@ def _form_lines(f: DeltaFile) -> list[str]:
     source = meta.get("source")
     if source is None:
         return [f"stored form  {stored} (source not recorded)"]
-    lines = [f"stored form  {stored}, from {_SOURCES.get(source, source)}"]
+    lines = [f"stored form  {stored}, from {printable(_SOURCES.get(source, source))}"]
     if source in ("lora", "dora") and "adapter_bytes" in meta:
         planes_bytes = sum(n for t, _, _, n in f.tensors if t not in f._file.params)
         try:
@@ -118,7 +135,7 @@ def _form_lines(f: DeltaFile) -> list[str]:
             shown = _fmt_bytes(adapter)
             smaller = f" (smaller: {'adapter' if adapter < planes_bytes else 'planes'})"
         lines.append(
-            f"vs adapter   rank {meta.get('lora_rank', '?')} {source} adapter: "
+            f"vs adapter   rank {printable(meta.get('lora_rank', '?'))} {source} adapter: "
             f"{shown}; these planes: {_fmt_bytes(planes_bytes)}{smaller}"
         )
     return lines

@@ -1,4 +1,4 @@
-"""Run a Hugging Face Llama-style model's attention as ring attention.
+"""Run a Hugging Face model's attention as ring attention.
 
 ``use_ring_attention(model, group=..., layout=...)`` registers a ``qdelta_ring``
 attention function with transformers' AttentionInterface and switches the
@@ -16,6 +16,7 @@ the whole sequence). Prefill/training only: a KV cache is refused.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -42,6 +43,14 @@ ATTENTION_NAME = "qdelta_ring"
 SEGMENTS_KWARG = "qdelta_segment_ids"
 _SEGMENTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "qdelta_ring_segments", default=None
+)
+
+# The attention modules that ran through the ring during ring_forward's model call:
+# a module whose class computes attention its own way (not through transformers'
+# attention interface) would attend within its rank's shard only, so ring_forward
+# checks every switched module was called.
+_CALLED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
+    "qdelta_ring_called", default=None
 )
 
 PADDING_HINT = (
@@ -103,6 +112,9 @@ def ring_attention_forward(
     if dropout and module.training:
         raise RingError(f"ring attention: expected attention dropout 0, found {dropout}")
     window, softcap = _window_and_softcap(module, kwargs)
+    called = _CALLED.get()
+    if called is not None:
+        called.add(id(module))
     causal = getattr(module, "is_causal", True)
     _check_mask(attention_mask, query.shape[2], causal)
     if window is not None and not causal:
@@ -218,12 +230,19 @@ def use_ring_attention(
     _check_settings(group, layout, backend, timeout)
     AttentionInterface = require("transformers", "use_ring_attention").AttentionInterface
 
-    modules = [
-        m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")
-    ]
+    modules = _attention_modules(model)
     if not modules:
         raise RingError(
-            f"use_ring_attention: expected Llama-style attention modules in {type(model).__name__}, found none"
+            f"use_ring_attention: expected attention modules (with is_causal and a config, "
+            f"as transformers' attention classes have) in {type(model).__name__}, found none"
+        )
+    own = sorted({type(m).__name__ for m in modules if not _calls_the_interface(type(m))})
+    if own:
+        raise RingError(
+            f"use_ring_attention: {type(model).__name__}'s {own} compute attention their own "
+            "way, not through transformers' attention interface, so the ring cannot run it; "
+            "expected attention classes that call the interface (Llama, Mistral, Qwen2, Gemma, "
+            "GPT-2, GPT-NeoX, OPT...)"
         )
     config = getattr(model, "config", None)
     if config is None:
@@ -250,6 +269,36 @@ def use_ring_attention(
         if cfg is not None:
             cfg._attn_implementation = ATTENTION_NAME
     return model
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """transformers' attention modules: they carry ``is_causal`` and their config
+    (Llama, GPT-2, GPT-NeoX, OPT... alike). Whether each really calls the attention
+    interface is checked when ring_forward runs the model."""
+    return [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
+
+
+def _calls_the_interface(cls: type) -> bool:
+    """Whether ``cls.forward`` dispatches through ``ALL_ATTENTION_FUNCTIONS`` (read from
+    its source; without source it is trusted, and ring_forward checks the calls)."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+
+
+def _check_all_called(model: nn.Module, called: set[int]) -> None:
+    missed = sorted(
+        {type(m).__name__ for m in model.modules() if getattr(m, "_qdelta_ring", None)
+         and id(m) not in called}
+    )  # fmt: skip
+    if missed:
+        raise RingError(
+            f"ring_forward: {missed} computed attention without transformers' attention "
+            "interface, so it attended within each rank's shard only; expected a model whose "
+            "attention classes call the interface (Llama, Mistral, Qwen2, Gemma, GPT-2, "
+            "GPT-NeoX, OPT...)"
+        )
 
 
 def _recorded_settings(model: nn.Module) -> RingSettings:
@@ -342,11 +391,15 @@ def ring_forward(
         pos = shard(segment_positions(seg), world_size, rank, layout=layout, dim=-1)
         local_seg = shard(seg, world_size, rank, layout=layout, dim=-1)
     extra = {} if local_seg is None else {SEGMENTS_KWARG: local_seg}
-    token = _SEGMENTS.set(local_seg)
+    token, called = _SEGMENTS.set(local_seg), set()
+    called_token = _CALLED.set(called)
     try:
-        return model(input_ids=local_ids, position_ids=pos, use_cache=False, **extra).logits
+        logits = model(input_ids=local_ids, position_ids=pos, use_cache=False, **extra).logits
     finally:
         _SEGMENTS.reset(token)
+        _CALLED.reset(called_token)
+    _check_all_called(model, called)
+    return logits
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

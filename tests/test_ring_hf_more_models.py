@@ -1,0 +1,145 @@
+"""Ring attention on Hugging Face models beyond the Llama family: GPT-2 (learned
+absolute positions, Conv1D), GPT-NeoX (partial rotary) and OPT (learned positions
+with an offset) over 3 gloo ranks equal their own eager forward, in both layouts,
+and packed sequences equal each sequence alone. A model whose attention does not
+go through transformers' attention interface (Falcon) is refused, since it would
+attend within each rank's shard only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from qdelta.ring import RingError, unshard  # noqa: E402
+from qdelta.ring.launch import spawn_ring  # noqa: E402
+
+VOCAB, SEQ = 89, 31
+LENGTHS = ((11, 14, 6), (6, 14, 11))  # packed rows (see test_ring_hf_windows)
+
+
+def _configs() -> dict:
+    return {
+        "gpt2": transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64
+        ),
+        "neox": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            max_position_embeddings=64,
+        ),
+        "opt": transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            pad_token_id=1,
+        ),
+    }
+
+
+def _save_models(root, seed: int) -> dict[str, str]:
+    dirs = {}
+    for i, (name, cfg) in enumerate(_configs().items()):
+        torch.manual_seed(seed + i)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape))  # away from the init: positions matter
+        model.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
+
+
+def _load(path: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+    ).eval()
+
+
+def _segments() -> torch.Tensor:
+    return torch.stack(
+        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in LENGTHS]
+    )
+
+
+def _rank_logits(rank, world_size, dirs, ids):
+    from qdelta.ring.hf import ring_forward, use_ring_attention
+
+    out = {}
+    for name, path in dirs.items():
+        for layout in ("contiguous", "zigzag"):
+            model = use_ring_attention(_load(path), layout=layout, timeout=60)
+            with torch.no_grad():
+                out[(name, layout)] = ring_forward(model, ids)
+                out[(name, layout, "packed")] = ring_forward(model, ids, segment_ids=_segments())
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_gpt2_neox_opt_over_a_ring_equal_their_own_forward(tmp_path, rng):
+    dirs = _save_models(tmp_path, int(rng.integers(2**31)))
+    ids = torch.randint(2, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    per_rank = spawn_ring(_rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
+    for name, path in dirs.items():
+        model = _load(path)
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+        assert want.abs().max() > 0.1, name
+        for layout in ("contiguous", "zigzag"):
+            got = unshard([r[(name, layout)] for r in per_rank], layout=layout)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{name} {layout}")
+            packed = unshard([r[(name, layout, "packed")] for r in per_rank], layout=layout)
+            for row, lengths in enumerate(LENGTHS):
+                start = 0
+                for n in lengths:
+                    with torch.no_grad():
+                        alone = model(input_ids=ids[row : row + 1, start : start + n]).logits
+                    torch.testing.assert_close(
+                        packed[row : row + 1, start : start + n], alone, atol=2e-5, rtol=2e-5,
+                        msg=f"{name} {layout} packed row {row} at {start}",
+                    )  # fmt: skip
+                    start += n
+
+
+def test_attention_outside_the_interface_is_refused():
+    from qdelta.ring.hf import use_ring_attention
+
+    cfg = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = transformers.FalconForCausalLM(cfg).eval()
+    with pytest.raises(RingError, match=r"\['FalconAttention'\] compute attention their own way"):
+        use_ring_attention(model)
+    assert model.config._attn_implementation != "qdelta_ring"  # refused before any change
+
+
+def test_a_module_that_skips_the_ring_at_run_time_is_refused(one_rank, monkeypatch):
+    """The static check reads source; the run-time one counts the ring's calls."""
+    from qdelta.ring import hf
+
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
+    model = hf.use_ring_attention(transformers.GPT2LMHeadModel(cfg).eval())
+    block = model.transformer.h[1].attn
+    plain = block.forward
+
+    def shard_local(*args, **kwargs):  # as a class with its own attention code would
+        token = hf._CALLED.set(None)
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            hf._CALLED.reset(token)
+
+    monkeypatch.setattr(block, "forward", shard_local)
+    with pytest.raises(RingError, match=r"\['GPT2Attention'\] computed attention without"):
+        with torch.no_grad():
+            hf.ring_forward(model, torch.randint(0, VOCAB, (1, 12)))
