@@ -87,6 +87,23 @@ def test_merge_into_a_module_without_weight_is_a_mismatch(rng):
     _assert_unchanged(model, before)
 
 
+def test_merge_of_a_conv1d_delta_into_a_linear_names_the_orientation(rng):
+    import dataclasses
+
+    delta = _delta(rng)
+    flipped = dataclasses.replace(delta.layers["0"], transposed=True)
+    bad = qdelta.Delta({"0": flipped}, {}, delta.base_fingerprint)
+    model = _model()
+    before = _state(model)
+    with pytest.raises(
+        qdelta.ShapeError,
+        match=r"layer 0: expected a delta for a Linear weight \(transposed=False\), found one "
+        r"made for a Conv1D \(transposed=True\)",
+    ):
+        qdelta.merge(model, bad, check=False)
+    _assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_merge_then_unapply_restores_the_exact_base(rng, dtype):
     # Large deltas relative to the weights: a plain subtraction does not round back.

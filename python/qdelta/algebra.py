@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from qdelta.bitplane import ScaleMode, pack_residual
-from qdelta.compress import Patterns, prepare_pair
+from qdelta.compress import Patterns, kept_params, prepare_pair
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     AlgebraError,
@@ -225,12 +225,7 @@ def dense_delta(
             d = d.T
             transposed.add(n)
         layers[n] = d.contiguous()
-    covered = {f"{n}.weight" for n in names}
-    params = {
-        k: v.cpu().clone()
-        for k, v in ft_sd.items()
-        if k not in covered and not torch.equal(v, base_sd[k].to(v.device))
-    }
+    params = kept_params(base_sd, ft_sd, names)
     return DenseDelta(
         layers=layers,
         params=params,

@@ -166,6 +166,20 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (*where, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def tied_aliases(
+    base_sd: Mapping[str, torch.Tensor], ft_sd: Mapping[str, torch.Tensor], keys: Iterable[str]
+) -> dict[str, str]:
+    """Key -> the first of ``keys`` that is the very same tensor in both the base and
+    the fine-tune (tied embeddings and head), for every later such key."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for key in keys:
+        owner = first.setdefault((_storage_key(base_sd[key]), _storage_key(ft_sd[key])), key)
+        if owner != key:
+            aliases[key] = owner
+    return aliases
+
+
 def tied_twins(
     base_sd: Mapping[str, torch.Tensor],
     ft_sd: Mapping[str, torch.Tensor],
@@ -188,6 +202,53 @@ def tied_twins(
     return twins
 
 
+def _with_tied_twins(
+    names: list[str],
+    kinds: Mapping[str, LayerKind],
+    base_sd: Mapping[str, torch.Tensor],
+    ft_sd: Mapping[str, torch.Tensor],
+    exclude: Patterns,
+) -> list[str]:
+    """``names`` plus every layer whose weight is one tensor with a chosen layer's
+    (tied in both models): one tensor cannot be half compressed and half whole."""
+    keys = [f"{n}.weight" for n in kinds]
+    groups: dict[str, list[str]] = {}
+    for key, owner in tied_aliases(base_sd, ft_sd, keys).items():
+        groups.setdefault(owner, [owner]).append(key)
+    chosen = set(names)
+    unwanted = _as_list(exclude, "exclude")
+    for group in groups.values():
+        layers = [k.removesuffix(".weight") for k in group]
+        picked = [n for n in layers if n in chosen]
+        if not picked or len(picked) == len(layers):
+            continue
+        left = [n for n in layers if n not in chosen]
+        excluded = [n for n in left if any(pattern_matches(p, n) for p in unwanted)]
+        if excluded:
+            raise TargetError(
+                f"layers {picked} and {excluded} share one weight tensor (tied): expected "
+                f"both compressed or both excluded, found {excluded} excluded"
+            )
+        chosen.update(left)
+    return [n for n in kinds if n in chosen]
+
+
+def kept_params(
+    base_sd: Mapping[str, torch.Tensor], ft_sd: Mapping[str, torch.Tensor], names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The fine-tune's tensors outside the compressed layers that differ from the base,
+    kept whole; a tensor tied under several names (embeddings and head) is kept once,
+    under its first name (consumers give it to every name the base ties to it)."""
+    covered = {f"{n}.weight" for n in names}
+    changed = [
+        key
+        for key, value in ft_sd.items()
+        if key not in covered and not torch.equal(value, base_sd[key].to(value.device))
+    ]
+    aliases = tied_aliases(base_sd, ft_sd, changed)
+    return {key: ft_sd[key].cpu().clone() for key in changed if key not in aliases}
+
+
 def prepare_pair(
     base: ModelSource,
     finetuned: ModelSource,
@@ -207,6 +268,7 @@ def prepare_pair(
     check_finite(base_sd, "base")
     check_finite(ft_sd, "fine-tune")
     names = select_targets(kinds, targets, exclude, compress_embeddings)
+    names = _with_tied_twins(names, kinds, base_sd, ft_sd, exclude)
     return base_sd, ft_sd, module, kinds, names
 
 
@@ -247,12 +309,7 @@ def compress(
             layers[n] = pack_layer(
                 n, base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"], kinds[n], bits, scale
             )
-    covered = {f"{n}.weight" for n in names}
-    params = {
-        key: value.cpu().clone()
-        for key, value in ft_sd.items()
-        if key not in covered and not torch.equal(value, base_sd[key].to(value.device))
-    }
+    params = kept_params(base_sd, ft_sd, names)
     metadata = {
         "bits": str(bits),
         "scale": scale,

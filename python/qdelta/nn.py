@@ -8,6 +8,7 @@ delta. The delta's matmul goes through :func:`qdelta.kernels.delta_matmul`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,21 @@ def _human(nbytes: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def _set_pass_through(module: nn.Module, name: str, value: Any) -> bool:
+    """``module.weight = value`` (or ``bias``) on a wrapper: the base layer's tensor
+    again is a no-op (Hugging Face's ``tie_weights`` re-ties what already is tied);
+    anything else is refused, the base layer is not the wrapper's to change.
+    False: not such an attribute (set it as usual)."""
+    if name not in ("weight", "bias") or "base_layer" not in module._modules:
+        return False
+    if value is getattr(module.base_layer, name, None):
+        return True
+    raise AttributeError(
+        f"{type(module).__name__}.{name} is the base layer's {name}, read-only here; "
+        f"set base_layer.{name} (every delta applied to it sees the change) or unapply first"
+    )
+
+
 class _DeltaMatmul(torch.autograd.Function):
     """``x @ D^T`` through the kernel dispatch, with gradients for ``x`` and the scales.
 
@@ -119,9 +135,10 @@ class BitDeltaLinear(nn.Module):
     ``planes`` is an int32 buffer ``[P, out, ceil(in/32)]`` (the uint32 bits,
     copied: the module owns them, P/32 of the float32 weight bytes);
     ``scales`` a float32 parameter ``[P]`` or ``[P, out]``, trainable.
-    A merged module's ``state_dict`` carries ``_extra_state`` (the merged flag
-    and what :meth:`unmerge` needs for the exact base bits); an unmerged one's
-    has just the tensors.
+    A merged module's ``state_dict`` carries ``_extra_state``, an int64 tensor
+    (the merged flag and what :meth:`unmerge` needs for the exact base bits; the
+    dict form of older versions still loads); an unmerged one's has just the
+    tensors. ``weight`` / ``bias`` read the base layer's (without the delta).
     """
 
     def __init__(self, base_layer: nn.Module, layer: PackedLayer, *, backend: str = "auto"):
@@ -154,6 +171,24 @@ class BitDeltaLinear(nn.Module):
     @property
     def bits(self) -> int:
         return int(self.planes.shape[0])
+
+    # Read-only views of the base layer's tensors, for code that inspects a linear
+    # layer (Hugging Face reads ``layer.weight.dtype``, as PEFT's wrappers allow).
+    # They are the *base* tensors (the delta is not in them unless merged) and stay
+    # out of the state dict: the base layer's own keys hold them.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (``[out, in]``, ``[in, out]`` for a Conv1D), without the delta."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (or None)."""
+        return getattr(self.base_layer, "bias", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not _set_pass_through(self, name, value):
+            super().__setattr__(name, value)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``[out, in]`` delta (no gradient): float32, float64 after ``.double()``."""
@@ -255,15 +290,10 @@ class BitDeltaLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
             # The base weight saved beside it has the delta in: a loader must know.
-            index, values = self._merge_fix or ((), torch.zeros(0))
-            w = _linear_weight(self.base_layer)
-            destination[prefix + _MERGE_KEY] = {
-                "merged": True,
-                "merge_fix_index": torch.stack(index).cpu()
-                if index
-                else torch.zeros(w.dim(), 0, dtype=torch.int64),
-                "merge_fix_values": values.detach().cpu().to(w.dtype).clone(),
-            }
+            # One int64 tensor (safetensors and save_pretrained take tensors only).
+            destination[prefix + _MERGE_KEY] = _encode_merge_state(
+                self._merge_fix, _linear_weight(self.base_layer)
+            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
@@ -330,6 +360,25 @@ class BitDeltaEmbedding(nn.Module):
     def bits(self) -> int:
         return int(self.planes.shape[0])
 
+    # Read-only views of the base embedding, for code that inspects it (the base
+    # weight, without the delta; not in the state dict: the base layer's key holds it).
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base embedding's weight ``[num_embeddings, embedding_dim]``, without the delta."""
+        return self.base_layer.weight
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not _set_pass_through(self, name, value):
+            super().__setattr__(name, value)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(ids)
         flat = ids.reshape(-1)
@@ -360,10 +409,68 @@ def _check_delta(delta: object) -> None:
         raise DTypeError(f"delta: expected a qdelta.Delta, found {type(delta).__name__}")
 
 
+# The merged state as one int64 tensor: [magic, version, merged, dtype code, ndim, n,
+# the merge fix's index (ndim x n, row-major), the raw bits of its n values].
+_MERGE_MAGIC = 0x7164_6D67  # "qdmg"
+_MERGE_VERSION = 1
+_MERGE_HEADER = 6
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+def _encode_merge_state(
+    fix: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None, weight: torch.Tensor
+) -> torch.Tensor:
+    """A merged module's extra state: the flag and the merge fix, bit-exact, as one
+    int64 tensor (any float weight dtype: the values travel as their raw bits)."""
+    if weight.dtype not in _DTYPE_CODES:
+        raise DTypeError(
+            f"weight: expected float16, bfloat16, float32 or float64, found {weight.dtype}"
+        )
+    if fix is None:
+        index = torch.zeros(weight.dim(), 0, dtype=torch.int64)
+        values = torch.zeros(0, dtype=weight.dtype)
+    else:
+        index = torch.stack(fix[0]).cpu().to(torch.int64)
+        values = fix[1].detach().cpu().to(weight.dtype)
+    header = [_MERGE_MAGIC, _MERGE_VERSION, 1, _DTYPE_CODES[weight.dtype], *index.shape]
+    return torch.cat(
+        [torch.tensor(header, dtype=torch.int64), index.reshape(-1), _bits(values).to(torch.int64)]
+    )
+
+
+def _decode_merge_state(state: torch.Tensor) -> dict[str, Any]:
+    """The dict form (that of older versions) of an extra-state tensor."""
+    if state.dtype != torch.int64 or state.dim() != 1 or state.numel() < _MERGE_HEADER:
+        raise TypeError(f"found a {state.dtype} tensor of shape {list(state.shape)}")
+    head = [int(v) for v in state[:_MERGE_HEADER]]
+    magic, version, merged, code, ndim, n = head
+    if magic != _MERGE_MAGIC or version != _MERGE_VERSION or merged not in (0, 1):
+        raise TypeError(f"found a tensor that is not a qdelta merged state (header {head})")
+    if (
+        code not in _CODE_DTYPES
+        or ndim < 1
+        or n < 0
+        or state.numel() != _MERGE_HEADER + n * (ndim + 1)
+    ):
+        raise ValueError(f"found a merged state of {state.numel()} values with header {head}")
+    body = state[_MERGE_HEADER:].cpu()
+    dtype = _CODE_DTYPES[code]
+    raw = body[ndim * n :].to({8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize])
+    return {
+        "merged": bool(merged),
+        "merge_fix_index": body[: ndim * n].reshape(ndim, n).clone(),
+        "merge_fix_values": raw.view(dtype).clone(),
+    }
+
+
 def _merge_state(
     state: Any, weight: torch.Tensor
 ) -> tuple[bool, tuple[tuple[torch.Tensor, ...], torch.Tensor] | None]:
-    """``(merged, merge fix)`` from a state-dict entry, checked against the base weight."""
+    """``(merged, merge fix)`` from a state-dict entry (the int64 tensor, or the dict
+    older versions wrote), checked against the base weight."""
+    if isinstance(state, torch.Tensor):
+        state = _decode_merge_state(state)
     if not isinstance(state, dict) or not isinstance(state.get("merged"), bool):
         raise TypeError(f"found {type(state).__name__} {state!r:.80}")
     if not state["merged"]:
@@ -431,21 +538,82 @@ def _wrap(module: nn.Module, layer: PackedLayer, name: str, backend: str) -> nn.
         raise type(err)(f"layer {name}: {err}") from None
 
 
-def _replace_tensors(model: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Swap whole tensors in (new objects, the base's stay untouched); returns the originals."""
+def _tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """State-dict name -> every name of the same tensor object in ``model`` (tied
+    weights: GPT-2's ``transformer.wte.weight`` is ``lm_head.weight``), in module order."""
+    names: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    key = f"{prefix}.{attr}" if prefix else attr
+                    group = names.setdefault(id(tensor), [])
+                    if key not in group:
+                        group.append(key)
+    return {key: group for group in names.values() for key in group}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two given values are the same tensor value (exact, dtype included)."""
+    if a is b:
+        return True
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and not (a.is_meta or b.is_meta)
+        and bool(torch.equal(a.detach().cpu(), b.detach().cpu()))
+    )
+
+
+def _param_groups(
+    model: nn.Module, params: dict[str, torch.Tensor], covered: set[str]
+) -> list[tuple[list[str], torch.Tensor]]:
+    """``(names, value)``: the kept tensors of ``params``, each with every name it
+    must be set under, so that a tensor the base ties under several names stays
+    one tensor. A value given under one name of a tied group goes to all of them
+    (but not to a name in ``covered``: a packed layer's weight takes its delta);
+    a group given several different values (the fine-tune untied it) gets them
+    name by name, one tensor each."""
+    aliases = _tensor_aliases(model)
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    done: set[str] = set()
+    for key, value in params.items():
+        if key in done:
+            continue
+        names = aliases.get(key, [key])  # an unknown key fails in _swap_group
+        given = [n for n in names if n in params]
+        done.update(given)
+        if all(_same_value(params[n], value) for n in given):
+            groups.append(([n for n in names if n in given or n not in covered], value))
+        else:
+            groups.extend(([n], params[n]) for n in given)
+    return groups
+
+
+def _replace_tensors(
+    model: nn.Module, params: dict[str, torch.Tensor], covered: AbstractSet[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """Swap whole tensors in (new objects, the base's stay untouched); returns the
+    originals, by name (every name of a tied tensor that was swapped)."""
     originals: dict[str, torch.Tensor] = {}
     try:
-        _swap_each(model, params, originals)
+        for names, value in _param_groups(model, params, set(covered)):
+            _swap_group(model, names, value, originals)
     except Exception:
         _restore_tensors(model, originals)  # all or nothing
         raise
     return originals
 
 
-def _swap_each(
-    model: nn.Module, params: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]
+def _swap_group(
+    model: nn.Module, names: list[str], value: torch.Tensor, originals: dict[str, torch.Tensor]
 ) -> None:
-    for key, value in params.items():
+    """Set one new tensor made of ``value`` under every name in ``names`` (one
+    tensor of the model, or a single name)."""
+    new: torch.Tensor | None = None
+    for key in names:
         owner_name, _, attr = key.rpartition(".")
         owner = _find_module(model, owner_name, "tensor owner") if owner_name else model
         current = owner._parameters.get(attr, owner._buffers.get(attr))
@@ -453,23 +621,21 @@ def _swap_each(
             check_tensor_like(key, value, current)
         if attr in owner._parameters and owner._parameters[attr] is not None:
             old = owner._parameters[attr]
-            if old.shape != value.shape:
-                raise ShapeError(
-                    f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}"
-                )
-            new = value.to(device=old.device, dtype=old.dtype)
-            owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+            table: dict[str, Any] = owner._parameters
         elif attr in owner._buffers and owner._buffers[attr] is not None:
             old = owner._buffers[attr]
-            if old.shape != value.shape:
-                raise ShapeError(
-                    f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}"
-                )
-            owner._buffers[attr] = value.to(device=old.device, dtype=old.dtype)
+            table = owner._buffers
         else:
             raise ModelMismatchError(
                 f"{key}: expected a parameter or buffer of the model, found none"
             )
+        if old.shape != value.shape:
+            raise ShapeError(f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}")
+        if new is None:
+            new = value.to(device=old.device, dtype=old.dtype)
+            if table is owner._parameters:
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+        table[attr] = new
         originals[key] = old
 
 
@@ -488,7 +654,11 @@ def apply(
 
     Target layers become :class:`BitDeltaLinear` / :class:`BitDeltaEmbedding`
     wrapping the original layers; tensors stored whole in the delta replace
-    the model's (the originals are kept for :func:`unapply`). With ``check``
+    the model's (the originals are kept for :func:`unapply`). A tensor the base
+    ties under several names (embeddings and head) stays one tensor: a value kept
+    under any of its names replaces it under all of them, unless the delta keeps
+    different values under two of its names (a fine-tune that untied it: each
+    name gets its own). With ``check``
     the model's fingerprint must be the delta's base fingerprint
     (:class:`BaseMismatchError` otherwise).
     """
@@ -507,7 +677,8 @@ def apply(
                 f"layer {name}: expected a base layer, found {type(module).__name__}"
             )
     wrapped = {n: _wrap(modules[n], layer, n, backend) for n, layer in delta.layers.items()}
-    originals = _replace_tensors(model, delta.params)
+    covered = {f"{name}.weight" for name in delta.layers}
+    originals = _replace_tensors(model, delta.params, covered)
     for name, new in wrapped.items():
         _set_module(model, name, new)
     object.__setattr__(model, _STASH, originals)
@@ -533,7 +704,9 @@ def unapply(model: nn.Module) -> nn.Module:
 def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     """Write the fine-tune's dense weights into ``model`` in place (e.g. for export).
 
-    Unlike :func:`apply` this changes the base weights themselves. ``check``:
+    Unlike :func:`apply` this changes the base weights themselves. A tied tensor
+    is written once, for all its names; a delta that keeps two different values
+    for it is refused (:class:`ModelMismatchError`, nothing written). ``check``:
     as in :func:`apply`.
     """
     _check_delta(delta)
@@ -546,6 +719,17 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     # Everything is checked before the first write: a bad delta leaves the model as it was.
     weights = {name: _merge_target(model, name, layer) for name, layer in delta.layers.items()}
     tensors = {key: _param_target(model, key, value) for key, value in delta.params.items()}
+    # A tensor tied under several names is written once, in place: every name sees
+    # it. Values for two of its names must agree (one tensor cannot hold both).
+    given: dict[int, str] = {}
+    for key, target in tensors.items():
+        first = given.setdefault(id(target), key)
+        if first != key and not _same_value(delta.params[first], delta.params[key]):
+            raise ModelMismatchError(
+                f"params {first} and {key}: expected one value for the tensor they share "
+                "(tied), found two different ones; untie them first (e.g. model.lm_head.weight "
+                "= nn.Parameter(model.lm_head.weight.clone())) or use qdelta.apply"
+            )
 
     def oriented(name: str) -> torch.Tensor:
         layer = delta.layers[name]
@@ -595,8 +779,14 @@ def _merge_target(model: nn.Module, name: str, layer: PackedLayer) -> torch.Tens
             shape = linear_shape(module)
         except ModelMismatchError as err:
             raise ModelMismatchError(f"layer {name}: {err}") from None
-    if shape != layer.shape or is_conv1d(module) != layer.transposed:
+    if shape != layer.shape:
         raise ShapeError(f"layer {name}: expected a {list(shape)} delta, found {list(layer.shape)}")
+    if is_conv1d(module) != layer.transposed:
+        want, found = ("Conv1D", "Linear") if is_conv1d(module) else ("Linear", "Conv1D")
+        raise ShapeError(
+            f"layer {name}: expected a delta for a {want} weight (transposed="
+            f"{not layer.transposed}), found one made for a {found} (transposed={layer.transposed})"
+        )
     return module.weight  # type: ignore[return-value]
 
 

@@ -52,6 +52,7 @@ from qdelta.tenant_modules import (
     RowRerunEmbedding,
     RowRMSNorm,
     layer_norm_form,
+    norm_probe_finding,
     rms_norm_form,
 )
 
@@ -323,8 +324,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"tenant {name!r}: per-row parameters of {type(module).__name__} "
                     f"({mname!r}) are not supported; expected Embedding, Linear, Conv1D, "
                     f"RMSNorm or LayerNorm (a plain lookup, linear map, x / rms(x) * w or "
-                    f"* (1 + w), or (x - mean) / std * w + b, checked on a probe input); keep "
-                    f"{sorted(attrs)} frozen in the fine-tune or serve it with qdelta.apply"
+                    f"* (1 + w), or (x - mean) / std * w + b, checked on a probe input), "
+                    f"found {norm_probe_finding(module)}; keep {sorted(attrs)} frozen in the "
+                    "fine-tune or serve it with qdelta.apply"
                 )
         # One tenant module class per base module: what the other loaded tenants (and
         # those checked before this one for the same batch) are served by decides. The

@@ -52,6 +52,13 @@ def _base_keys_in(module: TenantModule, state_dict: dict, prefix: str, *args) ->
             state_dict[p + k[len(prefix) :]] = value
 
 
+def _check_new(module: TenantModule, name: str) -> None:
+    """A QDeltaError when tenant ``name`` is in ``module`` already (it would be
+    served twice, its second copy never read)."""
+    if name in module._names:
+        raise QDeltaError(f"tenant {name!r}: already added to {type(module.base).__name__}")
+
+
 class TenantModule(nn.Module):
     """Common part: the slot -> local index map and the local tenant order."""
 
@@ -192,10 +199,25 @@ def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return stacked
 
 
+def _stacked_list(
+    tensors: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A new list of ``tensors`` as views of their new stack (see :func:`_restack`),
+    and the stack: the caller's lists change only once it succeeded."""
+    tensors = list(tensors)
+    return tensors, _restack(tensors)
+
+
+def _base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The module's ``bias`` (None when it has none at all: Cohere's LayerNorm)."""
+    return getattr(module, "bias", None)
+
+
 class _WeightsAndBiases(ABC):
     """Per-tenant full-precision weight and bias lists (a tenant that keeps the
     base's shares it, no copy), for a TenantModule; ``_forget()`` drops what the
-    module derived from them."""
+    module derived from them. A base module without a ``bias`` attribute has bias
+    None."""
 
     base: nn.Module
     _names: list[str]
@@ -205,19 +227,39 @@ class _WeightsAndBiases(ABC):
         self._biases: list[torch.Tensor | None] = []
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
-        self._names.append(name)
-        self._weights.append(params.get("weight", self.base.weight))
-        self._biases.append(params.get("bias", self.base.bias))
+        # All or nothing: every value found before any list grows, so a failure
+        # leaves no half tenant behind.
+        _check_new(self, name)
+        unknown = sorted(set(params) - {"weight", "bias"})
+        if unknown:
+            raise QDeltaError(
+                f"tenant {name!r}: {type(self.base).__name__} takes a weight and a bias, "
+                f"found {unknown}"
+            )
+        base_bias = _base_bias(self.base)
+        if "bias" in params and base_bias is None:
+            raise QDeltaError(
+                f"tenant {name!r}: a bias for {type(self.base).__name__}, which has none"
+            )
+        weight = params.get("weight", self.base.weight)
+        bias = params.get("bias", base_bias)
         self._forget()
+        self._names.append(name)
+        self._weights.append(weight)
+        self._biases.append(bias)
 
     def remove(self, name: str) -> None:
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
         i = self._names.index(name)
-        del self._names[i], self._weights[i], self._biases[i]
         self._forget()
+        del self._names[i], self._weights[i], self._biases[i]
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
-        own = [w for w in self._weights if w is not self.base.weight]
-        return own + [b for b in self._biases if b is not None and b is not self.base.bias]
+        weight, bias = self.base.weight, _base_bias(self.base)
+        own = [w for w in self._weights if w is not weight]
+        return own + [b for b in self._biases if b is not None and b is not bias]
 
     @abstractmethod
     def _forget(self) -> None: ...
@@ -253,14 +295,18 @@ class RowEmbedding(_TwoForms):
         self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        _check_new(self, name)
+        # All or nothing: the new stack is made before anything of this module changes.
+        self._tables, self._stacked = _stacked_list([*self._tables, params["weight"]])
         self._names.append(name)
-        self._tables.append(params["weight"])
-        self._stacked = _restack(self._tables)
 
     def remove(self, name: str) -> None:
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
         i = self._names.index(name)
-        del self._names[i], self._tables[i]
-        self._stacked = _restack(self._tables)
+        self._tables, self._stacked = _stacked_list(self._tables[:i] + self._tables[i + 1 :])
+        del self._names[i]
 
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """The batch's rows as one Rust call (src/embedding.rs) for float32 CPU
@@ -332,10 +378,15 @@ class RowRerunEmbedding(TenantModule):
         self._tables: list[torch.Tensor] = []
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        _check_new(self, name)
+        table = params["weight"]
         self._names.append(name)
-        self._tables.append(params["weight"])
+        self._tables.append(table)
 
     def remove(self, name: str) -> None:
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
         i = self._names.index(name)
         del self._names[i], self._tables[i]
 
@@ -403,6 +454,7 @@ class PackedRowEmbedding(_TwoForms):
         slot: int,
         twin: RoutedLinear | None = None,
     ) -> None:
+        _check_new(self, name)
         self._sources_cache = None
         if twin is not None:
             self._check_twin(name, packed, slot, twin)
@@ -414,11 +466,16 @@ class PackedRowEmbedding(_TwoForms):
         scales = torch.as_tensor(np.asarray(packed.scales), dtype=torch.float32)
         if scales.dim() == 1:  # one scale per matrix: the same for every token row
             scales = scales[:, None].expand(-1, packed.shape[0])
+        planes, scales = planes.to(device), scales.to(device)
+        kept = (self._planes, self._scales)
+        self._planes, self._scales = [*kept[0], planes], [*kept[1], scales]
+        try:
+            self._restack()
+        except BaseException:  # all or nothing (out of memory, say)
+            self._planes, self._scales = kept
+            raise
         self._names.append(name)
         self._own.append(name)
-        self._planes.append(planes.to(device))
-        self._scales.append(scales.to(device))
-        self._restack()
 
     def _check_twin(self, name: str, packed: PackedLayer, slot: int, twin: RoutedLinear) -> None:
         """Refuse a twin whose stack cannot stand in for this table (QDeltaError):
@@ -452,13 +509,23 @@ class PackedRowEmbedding(_TwoForms):
             )
 
     def remove(self, name: str) -> None:
-        self._names.remove(name)
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
         self._sources_cache = None
         if self._shared.pop(name, None) is not None:
+            self._names.remove(name)
             return
         i = self._own.index(name)
-        del self._own[i], self._planes[i], self._scales[i]
-        self._restack()
+        kept = (self._planes, self._scales)
+        self._planes, self._scales = kept[0][:i] + kept[0][i + 1 :], kept[1][:i] + kept[1][i + 1 :]
+        try:
+            self._restack()
+        except BaseException:
+            self._planes, self._scales = kept
+            raise
+        self._names.remove(name)
+        del self._own[i]
 
     def _restack(self) -> None:
         """One stack for every own tenant (planes padded with zero-scale planes); the
@@ -589,16 +656,16 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
 
     Decided from the module's output, not its class name: its forward runs on a
     probe input with a probe float32 weight (``torch.func.functional_call``), with
-    rows large and small enough for ``eps`` to matter, and must match one formula
-    to float32 rounding. A LayerNorm (mean subtracted, a bias) matches neither.
+    rows of an ordinary size and rows small enough for ``eps`` to decide the result
+    (:func:`_probe_rows`), and must match one formula to float32 rounding. A
+    LayerNorm (mean subtracted, a bias) matches neither.
     """
     weight = _norm_weight(module, {"weight"})
     eps = _norm_eps(module, ("variance_epsilon", "eps"), 1e-6)
     if weight is None or eps is None:
         return None
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, weight.shape[0], generator=gen, dtype=torch.float64) + 0.5
-    x[2:] *= math.sqrt(max(eps, 1e-12))  # rows where eps changes the result
+    x = _probe_rows(torch.randn(6, weight.shape[0], generator=gen, dtype=torch.float64) + 0.5, eps)
     w = torch.rand(weight.shape[0], generator=gen, dtype=torch.float64) - 0.5
     found = _run_probe(module, {"weight": w}, x)
     if found is None:
@@ -608,6 +675,57 @@ def rms_norm_form(module: nn.Module) -> tuple[float, float] | None:
         if _matches(found, normed * (offset + w)):
             return offset, eps
     return None
+
+
+def _probe_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The probe input of a norm with epsilon ``eps`` from six float64 rows of an
+    ordinary size (about 1): rows 0-1 as they are, rows 2-3 scaled by ``sqrt(eps)``
+    and rows 4-5 by ``sqrt(eps) / 10`` (the mean square, or variance, about ``eps``
+    and a hundredth of it: there ``eps`` decides the result), then rounded to float32
+    (what the module is run in), so that the float64 reference sees the very input
+    the module sees.
+
+    Whole rows are scaled, offset included: a small deviation around a large mean
+    (``0.5 + 1e-6 * noise``) is not representable in float32 at small ``eps``.
+    ``sqrt(eps)`` is taken at least 1e-6 (``eps`` may be 0): the squares stay far
+    above float32's subnormal range, and a smaller ``eps`` is still in the reference."""
+    scale = math.sqrt(max(eps, 1e-12))
+    x = x.clone()
+    x[2:4] *= scale
+    x[4:6] *= scale / 10
+    return x.to(torch.float32).to(torch.float64)
+
+
+def norm_probe_finding(module: nn.Module) -> str:
+    """What :func:`rms_norm_form` and :func:`layer_norm_form` found on ``module``, in
+    words, for a message refusing per-row parameters there: the form it matched, or
+    why neither matched (its parameters, its epsilon, or its output on the probe)."""
+    weight = getattr(module, "weight", None)
+    names = sorted(n for n, _ in module.named_parameters())
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        return f"no floating-point weight (parameters {names})"
+    if weight.is_meta:
+        return "its weight on the meta device"
+    if weight.dim() != 1:
+        return f"a {list(weight.shape)} weight, not one value per feature"
+    if set(names) not in ({"weight"}, {"weight", "bias"}):
+        return f"parameters {names}, not a weight and maybe a bias"
+    if ("bias" in names) != isinstance(_base_bias(module), torch.Tensor):
+        return "a bias attribute that is not its bias parameter"
+    rms, layer = rms_norm_form(module), layer_norm_form(module)
+    if rms is not None:
+        return f"an RMSNorm (x / rms(x) * {'(1 + w)' if rms[0] else 'w'}, eps {rms[1]:g})"
+    if layer is not None:
+        return f"a LayerNorm ((x - mean) / std * w + b, eps {layer:g})"
+    eps = [_norm_eps(module, ("eps", "variance_epsilon"), 1e-5)]
+    eps.append(_norm_eps(module, ("variance_epsilon", "eps"), 1e-6))
+    if None in eps:
+        return "an epsilon (eps or variance_epsilon) that is not a number >= 0"
+    shown = " / ".join(sorted({f"{e:g}" for e in eps}))
+    return (
+        "an output on a probe input that is neither x / rms(x) * w, x / rms(x) * (1 + w) "
+        f"nor (x - mean) / std * w + b, with its eps ({shown})"
+    )
 
 
 def _norm_weight(module: nn.Module, *allowed: set[str]) -> torch.Tensor | None:
@@ -684,14 +802,18 @@ class RowRMSNorm(TenantModule):
         self._stacked: torch.Tensor | None = None
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        _check_new(self, name)
+        # All or nothing: the new stack is made before anything of this module changes.
+        self._weights, self._stacked = _stacked_list([*self._weights, params["weight"]])
         self._names.append(name)
-        self._weights.append(params["weight"])
-        self._stacked = _restack(self._weights)
 
     def remove(self, name: str) -> None:
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
         i = self._names.index(name)
-        del self._names[i], self._weights[i]
-        self._stacked = _restack(self._weights)
+        self._weights, self._stacked = _stacked_list(self._weights[:i] + self._weights[i + 1 :])
+        del self._names[i]
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
         """Each row's factor (its norm weight; ``1 + weight`` in float32 for Gemma's
@@ -747,8 +869,10 @@ def layer_norm_form(module: nn.Module) -> float | None:
     ``nn.LayerNorm`` and kin, with or without a bias); else None.
 
     Decided from the module's output on a probe input with probe float32 weight and
-    bias (``torch.func.functional_call``), rows large and small enough for ``eps``
-    to matter, to float32 rounding. An RMSNorm (no mean taken away) does not match.
+    bias (``torch.func.functional_call``), to float32 rounding: rows of an ordinary
+    size, and rows scaled so that their variance is about ``eps`` and a hundredth
+    of it (where ``eps`` decides the result; see :func:`_probe_rows`). An RMSNorm
+    (no mean taken away) does not match, nor a norm with another ``eps``.
     """
     weight = _norm_weight(module, {"weight"}, {"weight", "bias"})
     eps = _norm_eps(module, ("eps", "variance_epsilon"), 1e-5)
@@ -756,11 +880,10 @@ def layer_norm_form(module: nn.Module) -> float | None:
         return None
     dim = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, dim, generator=gen, dtype=torch.float64) * 2 + 0.5
-    x[2:] = 0.5 + (x[2:] - 0.5) * math.sqrt(max(eps, 1e-12))  # rows where eps matters
+    x = _probe_rows(torch.randn(6, dim, generator=gen, dtype=torch.float64) * 2 + 0.5, eps)
     probe = {"weight": torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5}
     bias = torch.rand(dim, generator=gen, dtype=torch.float64) - 0.5
-    if isinstance(getattr(module, "bias", None), torch.Tensor):
+    if isinstance(_base_bias(module), torch.Tensor):
         probe["bias"] = bias
     found = _run_probe(module, probe, x)
     if found is None:
@@ -797,7 +920,7 @@ class RowLayerNorm(_WeightsAndBiases, TenantModule):
     def _row_affine(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's weight and bias ``[B, d]`` (base rows: the base's), float32 or
         float64; gathered once per routed batch (decode steps reuse them)."""
-        weight, bias = self.base.weight, self.base.bias
+        weight, bias = self.base.weight, _base_bias(self.base)
         tensors = [weight, bias, *self._weights, *self._biases]
         versions = (_version(local), *(_version(t) for t in tensors if t is not None))
         key = (tuple(id(t) for t in tensors), versions)
@@ -942,14 +1065,19 @@ class RoutedLinear(TenantModule):
     def add(
         self, name: str, packed: PackedLayer, params: dict[str, torch.Tensor], slot: int
     ) -> None:
-        self.layer.add_tenant(slot, packed)
+        _check_new(self, name)
+        self.layer.add_tenant(slot, packed)  # the last step that may fail
         self._names.append(name)
         self._slot_by_name[name] = slot
         if "bias" in params:
             self._biases[name] = params["bias"]
 
     def remove(self, name: str) -> None:
-        self.layer.remove_tenant(self._slot_by_name.pop(name))
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._slot_by_name:
+            return
+        self.layer.remove_tenant(self._slot_by_name[name])
+        del self._slot_by_name[name]
         self._names.remove(name)
         self._biases.pop(name, None)
 
