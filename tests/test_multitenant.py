@@ -121,6 +121,37 @@ def test_add_replace_remove_while_serving():
         assert torch.equal(module(x, torch.tensor([-1, -1, -1])), base(x))
 
 
+def test_a_tenant_that_fails_to_load_leaves_the_layer_as_it_was(monkeypatch):
+    gen = seeded()
+    n, k = 10, 37
+    base = torch.nn.Linear(k, n)
+    module = qdelta.MultiTenantLinear(base)
+    a_layer = packed(n, k, 1, "row", gen)
+    a = module.add_tenant("a", a_layer)
+    x = torch.randn(2, k, generator=gen)
+    ids = torch.tensor([a, -1])
+    with torch.no_grad():
+        before = module(x, ids)
+    real_cat = torch.cat
+
+    def out_of_memory(*args, **kwargs):  # the stack's growth fails (e.g. device memory)
+        raise torch.OutOfMemoryError("no room for the new stack")
+
+    monkeypatch.setattr(torch, "cat", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        module.add_tenant("deep", packed(n, k, 3, "matrix", gen))  # new name, deeper stack
+    monkeypatch.setattr(torch, "cat", real_cat)
+    assert module.tenants == {"a": a} and module.planes.shape[:2] == (1, 1)
+    with pytest.raises(qdelta.UnknownTenantError):
+        module.tenant_id("deep")
+    with torch.no_grad():
+        assert torch.equal(module(x, ids), before)
+    assert_close(before, dense_reference(base, {a: a_layer}, x, ids), torch.float32)
+    # Loading it again (with room now) works and gets the next free id.
+    deep = module.add_tenant("deep", packed(n, k, 3, "matrix", gen))
+    assert deep == 1 and module.planes.shape[:2] == (2, 3)
+
+
 def test_base_only_without_tenants():
     base = torch.nn.Linear(33, 5)
     module = qdelta.MultiTenantLinear(base)

@@ -148,14 +148,27 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             tid = self._names.get(key)
             if tid is None:
                 tid = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
-                self._names[key] = tid
         else:
             tid = self._as_id(key)
+        # All or nothing: a failure on the way (out of device memory) leaves the layer
+        # as it was, with no name pointing at a half-loaded slot.
+        before = (dict(self._names), dict(self._bits), dict(self._slots), self.planes, self.scales)
+        try:
+            self._store_tenant(key, tid, layer)
+        except BaseException:
+            self._names, self._bits, self._slots, self.planes, self.scales = before
+            self._rebuild_table()
+            raise
+        return tid
+
+    def _store_tenant(self, key: TenantKey, tid: int, layer: PackedLayer) -> None:
         device = self.planes.device
         planes = _read_only_tensor(np.ascontiguousarray(layer.planes).view(np.int32)).to(device)
         scales = _read_only_tensor(np.ascontiguousarray(layer.scales)).to(device)
         if scales.dim() == 1:
             scales = scales[:, None].expand(-1, self.out_features)
+        if isinstance(key, str):
+            self._names[key] = tid
         self._bits[tid] = layer.bits
         self._resize_planes(max(self._bits.values()))
         depth = self.planes.shape[1]
@@ -170,7 +183,6 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             self.planes = torch.cat([self.planes, planes])
             self.scales = torch.cat([self.scales, scales])
         self._rebuild_table()
-        return tid
 
     @serialized
     def remove_tenant(self, key: TenantKey) -> None:
