@@ -79,6 +79,27 @@ def test_wrong_scales():
         qdelta.unpack_scaled(packed, np.float32("nan"), (4, 40))
 
 
+def test_scales_as_half_precision_tensors_and_dtype_names():
+    import torch
+
+    rng = np.random.default_rng()
+    delta = rng.standard_normal((4, 40)).astype(np.float32)
+    packed = qdelta.pack_signs(delta)
+    want = np.where(delta < 0, -1.0, 1.0) * np.float32(0.375)  # exact in bf16 and fp16
+    for dtype in (torch.bfloat16, torch.float16):
+        got = qdelta.unpack_scaled(packed, torch.tensor(0.375, dtype=dtype), (4, 40))
+        np.testing.assert_array_equal(got, want)
+        planes, scales = qdelta.pack_residual(delta, bits=2)
+        got = qdelta.unpack_residual(planes, torch.from_numpy(scales).to(dtype), (4, 40))
+        ref = qdelta.unpack_residual(planes, torch.from_numpy(scales).to(dtype).float(), (4, 40))
+        np.testing.assert_array_equal(got, ref)
+    for bad in (None, 3, np.dtype("float32"), "float64"):
+        with pytest.raises(qdelta.DTypeError, match=r"dtype: expected one of \['float32'"):
+            qdelta.unpack_scaled(packed, 1.0, (4, 40), dtype=bad)
+        with pytest.raises(qdelta.DTypeError, match=r"dtype: expected one of"):
+            qdelta.unpack_residual(planes, scales, (4, 40), dtype=bad)
+
+
 def test_bad_bits_and_scale_mode():
     delta = np.ones((2, 8), np.float32)
     with pytest.raises(qdelta.QDeltaError, match=r"bits: expected 1\.\.=32"):

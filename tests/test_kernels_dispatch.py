@@ -183,3 +183,58 @@ def test_bits_checked_the_same_on_every_backend(backend, rows, bits):
         @ torch.from_numpy(qdelta.unpack_residual(planes, scales, (5, 40), bits=1)).double().T
     )
     torch.testing.assert_close(one.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "match"),
+    [
+        ([0, 3], QDeltaError, r"expected values in \[-1, 3\) .* found 3 at row 1"),
+        ([-2, 0], QDeltaError, r"found -2 at row 0"),
+        ([0], qdelta.ShapeError, r"one id per row of x \(\d+\), found 1"),
+        (
+            [0.0, 1.0],
+            qdelta.DTypeError,
+            r"expected an integer tensor \(int64\), found torch.float32",
+        ),
+    ],
+)
+@pytest.mark.parametrize("how", ["cpu", "reference", "auto+grad", "auto, many rows"])
+def test_every_backend_refuses_bad_ids_alike(ids, error, match, how):
+    """The reference (which "auto" takes for gradients and large batches) checks
+    its inputs as the Rust kernel does: the batch size never decides the answer."""
+    rows = 300 if how == "auto, many rows" else 2
+    x = torch.randn(rows, 40, requires_grad=how == "auto+grad")
+    planes = torch.randint(-(2**31), 2**31 - 1, (3, 1, 5, 2), dtype=torch.int32)
+    scales = torch.rand(3, 1)
+    ids = torch.tensor(ids * (rows // 2 if len(ids) == 2 else 1))
+    backend = how if how in ("cpu", "reference") else "auto"
+    with pytest.raises(error, match=match):
+        kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend=backend)
+
+
+def test_reference_takes_x_of_any_leading_shape_with_gradients():
+    x = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
+    planes = torch.randint(-(2**31), 2**31 - 1, (2, 2, 5, 2), dtype=torch.int32)
+    scales = torch.rand(2, 2, dtype=torch.float64)
+    ids = torch.tensor([1, -1, 0, 0, 1, -1])
+    got = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend="auto")
+    assert got.shape == (2, 3, 5)
+    flat = reference.multi_tenant_delta_matmul(x.detach().reshape(6, 40), planes, scales, ids)
+    torch.testing.assert_close(got.detach().reshape(6, 5), flat)
+    assert torch.autograd.gradcheck(
+        lambda xx: kernels.multi_tenant_delta_matmul(xx, planes, scales, ids), (x,)
+    )
+
+
+@pytest.mark.parametrize("bits", [True, 2.7, "1"])
+def test_cpu_kernel_takes_bits_as_an_int_only(bits):
+    from qdelta.kernels import cpu
+
+    x = torch.randn(2, 40)
+    planes = torch.randint(-(2**31), 2**31 - 1, (2, 5, 2), dtype=torch.int32)
+    with pytest.raises(qdelta.DTypeError, match="bits: expected an int or None"):
+        cpu.delta_matmul(x, planes, torch.rand(2), bits=bits)
+    with pytest.raises(qdelta.DTypeError, match="bits: expected an int or None"):
+        cpu.multi_tenant_delta_matmul(
+            x, planes[None], torch.rand(1, 2), torch.zeros(2).long(), bits=bits
+        )

@@ -152,6 +152,30 @@ def test_a_tenant_that_fails_to_load_leaves_the_layer_as_it_was(monkeypatch):
     assert deep == 1 and module.planes.shape[:2] == (2, 3)
 
 
+@pytest.mark.parametrize("rows", [4, 40])  # the fused decode plan, and the cached slots
+@pytest.mark.parametrize("how", ["numpy", "data", "in_place"])
+def test_ids_rewritten_in_place_are_seen(rows, how):
+    gen = seeded()
+    n, k = 16, 64
+    base = torch.nn.Linear(k, n)
+    module = qdelta.MultiTenantLinear(base)
+    layers = {t: packed(n, k, 1, "matrix", gen) for t in (0, 1)}
+    for t, layer in layers.items():
+        module.add_tenant(t, layer)
+    x = torch.randn(rows, k, generator=gen)
+    ids = torch.zeros(rows, dtype=torch.int64)
+    with torch.no_grad():
+        module(x, ids)  # caches the slots (and a plan) for this ids tensor
+        if how == "numpy":
+            ids.numpy()[1::2] = 1  # bypasses torch's version counter
+        elif how == "data":
+            ids.data[1::2] = 1  # so does .data
+        else:
+            ids[1::2] = 1
+        got = module(x, ids)
+    assert_close(got, dense_reference(base, layers, x, ids), torch.float32)
+
+
 def test_base_only_without_tenants():
     base = torch.nn.Linear(33, 5)
     module = qdelta.MultiTenantLinear(base)

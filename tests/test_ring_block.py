@@ -79,6 +79,21 @@ def test_merge_never_makes_nan_from_fully_masked_rows():
     assert torch.allclose(new_out[3], blk_out[3]) and new_lse[3] == 700.0  # no overflow
 
 
+def test_merge_gradients_are_finite_for_rows_that_saw_nothing():
+    lse = torch.tensor([NEG_INF, NEG_INF, 0.3, 1.0], dtype=torch.float64, requires_grad=True)
+    blk_lse = torch.tensor([NEG_INF, 2.0, NEG_INF, 0.5], dtype=torch.float64, requires_grad=True)
+    out, blk_out = rnd(4, 3).requires_grad_(), rnd(4, 3).requires_grad_()
+    new_out, new_lse = merge(out, lse, blk_out, blk_lse)
+    (new_out.sum() + new_lse[1:].sum()).backward()
+    for t in (lse, blk_lse, out, blk_out):
+        assert torch.isfinite(t.grad).all(), t.grad
+    assert lse.grad[0] == 0 and blk_lse.grad[0] == 0 and (out.grad[0] == 0).all()
+    # Where a row has seen something the gradients are the closed form's.
+    w = torch.sigmoid(lse.detach()[3] - blk_lse.detach()[3])
+    want = w * (1 - w) * (out.detach()[3] - blk_out.detach()[3]).sum() + w
+    torch.testing.assert_close(lse.grad[3], want)
+
+
 def test_merging_into_the_empty_partial_gives_the_block():
     o, lse = empty_partial((2, 3, 4), torch.float32, "cpu")
     bo, bl = rnd(2, 3, 4, dtype=torch.float32), rnd(2, 3, dtype=torch.float32)

@@ -197,6 +197,12 @@ def _bad_block_calls():
          "v as a torch.Tensor"),
         ("k/v on meta", lambda be, Q: block_attention(Q, Q.to("meta"), Q.to("meta"), backend=be),
          DTypeError, "one device"),
+        ("segment ids float", lambda be, Q: block_attention(
+            Q, Q, Q, q_segment_ids=seg.float(), kv_segment_ids=seg, backend=be),
+         DTypeError, "expected integer q_segment_ids, found torch.float32"),
+        ("segment ids bool", lambda be, Q: block_attention(
+            Q, Q, Q, q_segment_ids=seg, kv_segment_ids=seg.bool(), backend=be),
+         DTypeError, "expected integer kv_segment_ids, found torch.bool"),
         ("segments on meta", lambda be, Q: block_attention(
             Q, Q, Q, q_segment_ids=seg.to("meta"), kv_segment_ids=seg, backend=be),
          DTypeError, "meta"),
@@ -436,6 +442,14 @@ def test_blockwise_feedforward_arguments_are_validated(kwargs, error, match):
 def test_blockwise_feedforward_takes_a_numpy_chunk_size():
     x = rnd(2, 5, 3)
     assert torch.equal(blockwise_feedforward(_ident, x, np.int64(2)), x)
+
+
+@pytest.mark.parametrize("chunk", [5, 6, 2**63 - 1, 2**80])
+def test_blockwise_feedforward_takes_a_chunk_past_the_length(chunk):
+    x = rnd(2, 5, 3)
+    calls = []
+    out = blockwise_feedforward(lambda part: calls.append(part.shape) or part * 2, x, chunk)
+    assert torch.equal(out, x * 2) and calls == [x.shape]  # one chunk: the whole length
 
 
 # ----------------------------------------------------------------------- timeout

@@ -139,6 +139,7 @@ def unpack_scaled(
 ) -> np.ndarray:
     """Dense ``alpha * sign`` matrix. ``scales``: one value (per matrix) or ``out`` values (per row)."""
     rows, cols = _shape2(shape)
+    _check_dtype_name(dtype)
     s = _scales_array(scales)
     if s.size == 1:
         s = s.reshape(1)
@@ -157,7 +158,10 @@ def unpack_scaled(
 def _scales_array(scales: Any) -> np.ndarray:
     """Real scales (numbers, a numpy array or a torch tensor) as contiguous float32."""
     if hasattr(scales, "detach"):  # a torch tensor, maybe one that requires grad
-        scales = scales.detach().cpu().numpy()
+        scales = scales.detach().cpu()
+        if scales.is_floating_point() and scales.element_size() == 2:
+            scales = scales.float()  # bfloat16 has no numpy dtype; fp16 widens exactly too
+        scales = scales.numpy()
     try:
         arr = np.asarray(scales)
     except (TypeError, ValueError):
@@ -196,14 +200,20 @@ def unpack_residual(
 ) -> np.ndarray:
     """Dense reconstruction from the first ``bits`` planes (all when None)."""
     rows, cols = _shape2(shape)
+    _check_dtype_name(dtype)
     if bits is not None:
         stored = planes.shape[0] if isinstance(planes, np.ndarray) and planes.ndim == 3 else None
         if stored is None:
             bits = _bits(bits, MAX_PLANES, "")
         else:
             bits = _bits(bits, stored, " (the planes stored)")
-    s = np.asarray(scales)
+    s = _scales_array(scales)
     return _result(_core.unpack_planes(planes, s, rows, cols, dtype, bits), dtype)
+
+
+def _check_dtype_name(dtype: object) -> None:
+    if not isinstance(dtype, str) or dtype not in get_args(FloatName):
+        raise DTypeError(f"dtype: expected one of {list(get_args(FloatName))}, found {dtype!r}")
 
 
 def as_torch(arr: np.ndarray, dtype: FloatName = "float32") -> Any:

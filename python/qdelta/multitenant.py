@@ -269,13 +269,14 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             and key[3] is not None
             and key[3] == cpu._version(tenant_ids)
             and key[4] == x.device
+            and _same_ids(tenant_ids, key[5])
         ):
             return cached[1]
         slots = self._compute_row_slots(tenant_ids, x)
         array = slots.numpy() if slots.device.type == "cpu" else None
         if isinstance(tenant_ids, torch.Tensor):
             version = cpu._version(tenant_ids)
-            key = (tenant_ids, rows, self.known_ids, version, x.device)
+            key = (tenant_ids, rows, self.known_ids, version, x.device, _ids_snapshot(tenant_ids))
             self._slots_cache = (key, (slots, array))
         return slots, array
 
@@ -354,6 +355,16 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
         )
 
 
+def _ids_snapshot(ids: torch.Tensor) -> np.ndarray | None:
+    """A copy of CPU tenant ids, to see writes that bypass torch's version counter
+    (through ``.numpy()`` or ``.data``); None on a GPU, where comparing would sync."""
+    return ids.numpy().copy() if ids.device.type == "cpu" else None
+
+
+def _same_ids(ids: torch.Tensor, snapshot: np.ndarray | None) -> bool:
+    return snapshot is None or np.array_equal(ids.numpy(), snapshot)
+
+
 class _FusedPlan:
     """Base matmul and deltas of a decode-sized batch as one Rust call
     (src/fused.rs), its arguments bound once: decode calls a layer with the
@@ -369,6 +380,7 @@ class _FusedPlan:
         "bias_param",
         "ids",
         "ids_array",
+        "ids_snapshot",
         "k",
         "n",
         "pointers",
@@ -409,6 +421,7 @@ class _FusedPlan:
             return None
         plan = cls()
         plan.ids, plan.version, plan.rows = tenant_ids, cpu._version(tenant_ids), x.shape[:-1]
+        plan.ids_snapshot = _ids_snapshot(tenant_ids)
         base = plan.base = layer.base_layer
         plan.weight_param, plan.bias_param = base.weight, base.bias
         plan.pointers = _storage(base)
@@ -437,6 +450,7 @@ class _FusedPlan:
             or base._parameters["weight"] is not self.weight_param
             or base._parameters.get("bias") is not self.bias_param
             or cpu._version(tenant_ids) != self.version
+            or not _same_ids(tenant_ids, self.ids_snapshot)
         ):
             return False
         weight, bias = self.weight_param, self.bias_param

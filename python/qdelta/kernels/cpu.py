@@ -105,7 +105,7 @@ def multi_tenant_delta_matmul(
         _planes_array(planes),
         _scales_array(scales),
         _ids_array(tenant_ids),
-        None if bits is None else int(bits),
+        _bits_arg(bits),
         out_arr,
     )
     if out is not None:
@@ -266,6 +266,15 @@ def base_arrays(layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray | None] 
     if not ok:
         return None
     return weight.detach().numpy(), None if bias is None else bias.detach().numpy()
+
+
+def _bits_arg(bits: object) -> int | None:
+    """``bits`` as the core takes it: None or an int (its range is the core's check)."""
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer):
+        raise DTypeError(f"bits: expected an int or None, found {type(bits).__name__}")
+    return int(bits)
 
 
 def _version(t: torch.Tensor) -> int | None:

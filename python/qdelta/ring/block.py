@@ -310,6 +310,8 @@ def check_inputs(
             raise DTypeError(
                 f"block attention: expected {name} as a torch.Tensor, found {type(seg).__name__}"
             )
+        if seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
+            raise DTypeError(f"block attention: expected integer {name}, found {seg.dtype}")
         if (
             seg.dim() not in (1, 2)
             or seg.shape[-1] != length

@@ -54,7 +54,8 @@ def blockwise_feedforward(
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled() and x.requires_grad
     outs = []
-    for part in torch.split(x, chunk_size, dim=dim):
+    # At most the whole length: torch.split takes a C long.
+    for part in torch.split(x, min(chunk_size, max(x.shape[dim], 1)), dim=dim):
         if checkpoint:
             outs.append(torch.utils.checkpoint.checkpoint(ffn, part, use_reentrant=False))
         else:

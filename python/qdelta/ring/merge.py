@@ -82,12 +82,17 @@ def merge(
     check_partials("merge", out, lse, block_out, block_lse)
     block_out = block_out.to(out.dtype)
     block_lse = block_lse.to(lse.dtype)
-    new_lse = torch.logaddexp(lse, block_lse)
+    # Where both are -inf the row has still seen nothing: its weights are 0 and its
+    # lse stays -inf. Those rows compute on zeros instead (the double-where rule), so
+    # not even their gradients see -inf - -inf.
+    empty = torch.isneginf(lse) & torch.isneginf(block_lse)
+    lse_s = torch.where(empty, 0.0, lse)
+    block_s = torch.where(empty, 0.0, block_lse)
+    new_lse = torch.where(empty, float("-inf"), torch.logaddexp(lse_s, block_s))
     # exp(lse - new_lse) = sigmoid(lse - block_lse): from the difference alone, so the
     # rounding of a large new_lse (|lse| ~ 1e7 in fp32) never reaches the weights.
-    # Where both are -inf the row has still seen nothing: NaN weights become 0.
-    w_old = torch.nan_to_num(torch.sigmoid(lse - block_lse), nan=0.0).unsqueeze(-1)
-    w_new = torch.nan_to_num(torch.sigmoid(block_lse - lse), nan=0.0).unsqueeze(-1)
+    w_old = torch.where(empty, 0.0, torch.sigmoid(lse_s - block_s)).unsqueeze(-1)
+    w_new = torch.where(empty, 0.0, torch.sigmoid(block_s - lse_s)).unsqueeze(-1)
     return out * w_old + block_out * w_new, new_lse
 
 
