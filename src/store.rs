@@ -47,6 +47,9 @@ pub mod keys {
     pub const CHECKSUMS: &str = "checksums";
     pub const CHECKSUM_ALGORITHM: &str = "checksum_algorithm";
     pub const USER: &str = "user_metadata";
+    /// Optional: XXH3-64 of the rest of the header (`header_digest`). Files
+    /// written before it existed have none; `verify` then says so.
+    pub const HEADER_CHECKSUM: &str = "header_checksum";
     /// Every key a reader requires.
     pub const REQUIRED: [&str; 10] = [
         FORMAT,
@@ -133,17 +136,28 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
     let version_text = meta
         .get(keys::VERSION)
         .ok_or_else(|| fmt_err("missing required metadata key \"format_version\"".into()))?;
-    let version: u32 = version_text.parse().map_err(|_| {
-        fmt_err(format!(
-            "metadata \"format_version\": expected an integer, found {version_text:?}"
-        ))
-    })?;
-    if !(UNSHARED_VERSION..=FORMAT_VERSION).contains(&version) {
-        return Err(Error::UnsupportedVersion(format!(
-            "unsupported .qdelta format version {version}: this qdelta ({CREATOR}) reads \
-             versions {UNSHARED_VERSION} to {FORMAT_VERSION}"
+    // A plain decimal integer: `str::parse` alone would take "+1", and
+    // leading zeros would give one version several spellings.
+    let plain = !version_text.is_empty()
+        && version_text.bytes().all(|b| b.is_ascii_digit())
+        && (version_text.len() == 1 || !version_text.starts_with('0'));
+    if !plain {
+        return Err(fmt_err(format!(
+            "metadata \"format_version\": expected a decimal integer without sign, spaces or \
+             leading zeros (\"1\" or \"2\"), found {version_text:?}"
         )));
     }
+    // Too many digits for a u32 is a (far) future version too.
+    let version = version_text
+        .parse::<u32>()
+        .ok()
+        .filter(|v| (UNSHARED_VERSION..=FORMAT_VERSION).contains(v))
+        .ok_or_else(|| {
+            Error::UnsupportedVersion(format!(
+                "unsupported .qdelta format version {version_text}: this qdelta ({CREATOR}) \
+                 reads versions {UNSHARED_VERSION} to {FORMAT_VERSION}"
+            ))
+        })?;
     if let Some(missing) = keys::REQUIRED.iter().find(|k| !meta.contains_key(**k)) {
         return Err(fmt_err(format!(
             "missing required metadata key {missing:?}"
@@ -160,6 +174,14 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             "unknown checksum algorithm {:?}: expected {CHECKSUM_ALGORITHM:?}",
             meta[keys::CHECKSUM_ALGORITHM]
         )));
+    }
+    check_fingerprint(&meta[keys::BASE_FINGERPRINT]).map_err(fmt_err)?;
+    if let Some(h) = meta.get(keys::HEADER_CHECKSUM) {
+        parse_hex16(h).ok_or_else(|| {
+            fmt_err(format!(
+                "metadata \"header_checksum\": expected 16 lowercase hex digits, found {h:?}"
+            ))
+        })?;
     }
     let layers: BTreeMap<String, LayerEntry> = json(&meta, keys::LAYERS, "the layer table object")?;
     let params: Vec<String> = json(&meta, keys::PARAMS, "a list of tensor names")?;
@@ -238,15 +260,12 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
                 t.name
             ))
         })?;
-        let v = (h.len() == 16)
-            .then(|| u64::from_str_radix(h, 16).ok())
-            .flatten()
-            .ok_or_else(|| {
-                fmt_err(format!(
-                    "checksum of tensor {:?}: expected 16 hex digits, found {h:?}",
-                    t.name
-                ))
-            })?;
+        let v = parse_hex16(h).ok_or_else(|| {
+            fmt_err(format!(
+                "checksum of tensor {:?}: expected 16 lowercase hex digits, found {h:?}",
+                t.name
+            ))
+        })?;
         checksums.insert(t.name.clone(), v);
     }
     if let Some(extra) = hex.keys().find(|k| header.get(k).is_none()) {
@@ -266,6 +285,85 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
         checksums,
         user,
     })
+}
+
+fn is_lower_hex(s: &str, digits: usize) -> bool {
+    s.len() == digits && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The value of exactly 16 lowercase hex digits (the form the spec gives
+/// checksums: `from_str_radix` alone takes uppercase and a leading `+`).
+fn parse_hex16(s: &str) -> Option<u64> {
+    is_lower_hex(s, 16)
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
+/// Digits of a base fingerprint: XXH3-128 as lowercase hex (docs/FORMAT.md,
+/// "Base fingerprint"; `crate::fingerprint`).
+pub const FINGERPRINT_DIGITS: usize = 32;
+
+/// Ok for a fingerprint of the documented form, else the message (without
+/// a path) saying what was expected and found.
+fn check_fingerprint(fp: &str) -> std::result::Result<(), String> {
+    if is_lower_hex(fp, FINGERPRINT_DIGITS) {
+        return Ok(());
+    }
+    Err(format!(
+        "metadata \"base_fingerprint\": expected {FINGERPRINT_DIGITS} lowercase hex digits \
+         (qdelta.fingerprint of the base), found {fp:?}"
+    ))
+}
+
+/// XXH3-64 (seed 0) of the canonical form of a header: every tensor entry
+/// (sorted by name) and every metadata entry (sorted by key) except
+/// `header_checksum` itself. `str(s)` is the byte length as a little-endian
+/// u64, then the UTF-8 bytes; numbers are little-endian u64s:
+///
+/// "qdelta-header-v1" u64(tensor count)
+/// per tensor: str(name) str(dtype) u64(ndim) u64(dim)... u64(begin) u64(end)
+/// u64(metadata count) per entry: str(key) str(value)
+///
+/// Independent of the JSON's spelling (key order, whitespace, padding), so
+/// any faithful re-serialisation keeps it; any change of a name, dtype,
+/// shape, offset or metadata value changes it.
+pub fn header_digest<'a>(
+    tensors: impl IntoIterator<Item = &'a TensorInfo>,
+    metadata: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> u64 {
+    fn put_u64(out: &mut Vec<u8>, v: u64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        put_u64(out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut tensors: Vec<&TensorInfo> = tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut meta: Vec<(&str, &str)> = metadata
+        .into_iter()
+        .filter(|(k, _)| *k != keys::HEADER_CHECKSUM)
+        .collect();
+    meta.sort();
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(b"qdelta-header-v1");
+    put_u64(&mut out, tensors.len() as u64);
+    for t in tensors {
+        put_str(&mut out, &t.name);
+        put_str(&mut out, t.dtype.name());
+        put_u64(&mut out, t.shape.len() as u64);
+        for &d in &t.shape {
+            put_u64(&mut out, d as u64);
+        }
+        put_u64(&mut out, t.begin as u64);
+        put_u64(&mut out, t.end as u64);
+    }
+    put_u64(&mut out, meta.len() as u64);
+    for (k, v) in meta {
+        put_str(&mut out, k);
+        put_str(&mut out, v);
+    }
+    xxh3_64(&out)
 }
 
 fn check_layer(name: &str, e: &LayerEntry, header: &Header) -> Result<()> {
@@ -309,10 +407,15 @@ fn check_layer(name: &str, e: &LayerEntry, header: &Header) -> Result<()> {
 /// A memory-mapped, header-validated .qdelta file.
 pub struct DeltaFile {
     pub path: PathBuf,
-    /// Kept open so the current size can be compared with the mapping's
-    /// (`check_size`) with one fstat.
+    /// Kept open so the current size and modification time can be compared
+    /// with the mapped file's (`check_unchanged`) with one fstat of this
+    /// inode, not of the path: a file renamed over the path leaves the
+    /// mapping on the old inode, which stays intact.
     file: File,
     map: Mmap,
+    /// The opened file's modification time when it was mapped (`None` where
+    /// the platform has none).
+    mtime: Option<std::time::SystemTime>,
     pub contents: Contents,
 }
 
@@ -395,16 +498,28 @@ impl DeltaFile {
                 meta.len()
             )));
         }
+        let mtime = meta.modified().ok();
         // SAFETY: the mapping is read-only. qdelta never modifies a published
         // file in place (writers rename a new file over it), so the bytes stay
         // valid for the life of the mapping; a file another program rewrites
-        // in place is caught by `check_size` before its bytes are handed out.
+        // in place is caught by `check_unchanged` before its bytes are handed out.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, "map", e))?;
+        // Rewritten between the fstat and the mapping: the size or time
+        // recorded would not be the mapped file's.
+        let again = file.metadata().map_err(|e| file_err(path, "stat", e))?;
+        if again.len() != map.len() as u64 || again.modified().ok() != mtime {
+            return Err(Error::File(format!(
+                "{}: the file changed while it was being opened: it is being rewritten in \
+                 place; replace .qdelta files by rename (qdelta writes do)",
+                path.display()
+            )));
+        }
         let contents = parse(&map).map_err(|e| prefix_path(e, path))?;
         Ok(DeltaFile {
             path: path.to_path_buf(),
             file,
             map,
+            mtime,
             contents,
         })
     }
@@ -414,22 +529,46 @@ impl DeltaFile {
     }
 
     /// Refuses a file that was rewritten in place since it was mapped: pages
-    /// past a truncation read as a SIGBUS (a crash), not as an error. One
-    /// fstat per call. This narrows the race but cannot close it: a
-    /// truncation after the check still faults. Only replacing files by
+    /// past a truncation read as a SIGBUS (a crash), not as an error, and a
+    /// same-size rewrite (`cp other.qdelta this.qdelta` of the same
+    /// architecture) would hand out the new file's bytes through the old
+    /// header. Compares the size and the modification time of the mapped
+    /// inode (one fstat per call). The change time is not compared: renaming
+    /// another file over the path, deleting it or a chmod change it, and the
+    /// mapping stays valid in all three. This narrows the race but cannot
+    /// close it: a rewrite after the check still shows, a truncation still
+    /// faults, and a rewrite within the file system's timestamp granularity
+    /// of the mapping's own time is not seen. Only replacing files by
     /// rename, as `write_atomic` does, is safe.
-    fn check_size(&self) -> Result<()> {
-        let now = self
+    fn check_unchanged(&self) -> Result<()> {
+        let meta = self
             .file
             .metadata()
-            .map_err(|e| file_err(&self.path, "stat", e))?
-            .len();
+            .map_err(|e| file_err(&self.path, "stat", e))?;
+        let now = meta.len();
         let was = self.map.len() as u64;
         if now != was {
             return Err(Error::File(format!(
                 "{}: the file changed size while mapped (was {was} bytes, now {now}): it was \
                  rewritten in place; replace .qdelta files by rename (qdelta writes do)",
                 self.path.display()
+            )));
+        }
+        let mtime = meta.modified().ok();
+        if mtime != self.mtime {
+            let show = |t: Option<std::time::SystemTime>| match t
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                Some(d) => format!("{}.{:09} s", d.as_secs(), d.subsec_nanos()),
+                None => "unknown".into(),
+            };
+            return Err(Error::File(format!(
+                "{}: the file changed while mapped (same size, {was} bytes, but its \
+                 modification time was {}, now {}): it was rewritten in place; replace \
+                 .qdelta files by rename (qdelta writes do)",
+                self.path.display(),
+                show(self.mtime),
+                show(mtime)
             )));
         }
         Ok(())
@@ -445,14 +584,33 @@ impl DeltaFile {
         let t = self.contents.header.get(name).ok_or_else(|| {
             Error::Value(format!("{}: no tensor named {name:?}", self.path.display()))
         })?;
-        self.check_size()?;
+        self.check_unchanged()?;
         Ok((t, self.slice(t)))
     }
 
-    /// Checks every tensor against its checksum (in parallel); returns the
-    /// number of tensors checked.
+    /// Whether the header carries a `header_checksum` (files written before
+    /// it existed do not): only then does `verify` cover the tensor table and
+    /// the metadata as well as the tensor bytes.
+    pub fn header_covered(&self) -> bool {
+        self.contents.metadata.contains_key(keys::HEADER_CHECKSUM)
+    }
+
+    /// Checks the header checksum (when the file has one) and every tensor
+    /// against its checksum (in parallel); returns the number of tensors
+    /// checked.
     pub fn verify(&self) -> Result<usize> {
-        self.check_size()?;
+        self.check_unchanged()?;
+        let header = self.contents.metadata.get(keys::HEADER_CHECKSUM).map(|h| {
+            let want = parse_hex16(h).expect("checked by parse");
+            let got = header_digest(
+                &self.contents.header.tensors,
+                self.contents
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            (want, got)
+        });
         // On the crate's pool, not rayon's global one: see `pool` (fork).
         let mut bad: Vec<String> = pool::install(|| {
             self.contents
@@ -468,15 +626,30 @@ impl DeltaFile {
                 })
                 .collect()
         });
+        let header_bad = match header {
+            Some((want, got)) if want != got => Some(format!(
+                "the header fails its {CHECKSUM_ALGORITHM} checksum (expected {want:016x}, \
+                 found {got:016x}): tensor names, dtypes, shapes, offsets, the layer table or \
+                 other metadata were changed"
+            )),
+            _ => None,
+        };
         if bad.is_empty() {
+            if let Some(h) = header_bad {
+                return Err(Error::Checksum(format!(
+                    "{}: {h}; the file is corrupt",
+                    self.path.display()
+                )));
+            }
             return Ok(self.contents.header.tensors.len());
         }
         bad.sort();
         let n = bad.len();
         bad.truncate(5);
         Err(Error::Checksum(format!(
-            "{}: {n} tensor(s) fail their {CHECKSUM_ALGORITHM} checksum, the file is corrupt: {}{}",
+            "{}: {}{n} tensor(s) fail their {CHECKSUM_ALGORITHM} checksum, the file is corrupt: {}{}",
             self.path.display(),
+            header_bad.map(|h| format!("{h}; ")).unwrap_or_default(),
             bad.join(", "),
             if n > 5 { ", ..." } else { "" }
         )))
@@ -526,6 +699,10 @@ pub struct DeltaData<'a> {
 /// The complete file image's header (length prefix + padded JSON) and the
 /// tensors in data-section order.
 fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
+    // A file no reader would open is refused before anything is written.
+    check_fingerprint(&d.base_fingerprint).map_err(|m| {
+        Error::Value(m.replacen("metadata \"base_fingerprint\"", "base_fingerprint", 1))
+    })?;
     let mut tensors: Vec<TensorData<'a>> = Vec::new();
     let mut table = BTreeMap::new();
     let mut shares = false;
@@ -649,22 +826,35 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     meta.insert(keys::CHECKSUMS, to_json(&checksums));
     meta.insert(keys::USER, to_json(&d.user));
 
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for t in &tensors {
+        infos.push(TensorInfo {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            begin: offset,
+            end: offset + t.data.len(),
+        });
+        offset += t.data.len();
+    }
+    let digest = header_digest(&infos, meta.iter().map(|(k, v)| (*k, v.as_str())));
+    meta.insert(keys::HEADER_CHECKSUM, format!("{digest:016x}"));
+
     let mut head = serde_json::Map::new();
     head.insert(
         METADATA_KEY.into(),
         serde_json::to_value(&meta).expect("strings"),
     );
-    let mut offset = 0usize;
-    for t in &tensors {
+    for t in infos {
         head.insert(
-            t.name.clone(),
+            t.name,
             serde_json::json!({
                 "dtype": t.dtype.name(),
                 "shape": t.shape,
-                "data_offsets": [offset, offset + t.data.len()],
+                "data_offsets": [t.begin, t.end],
             }),
         );
-        offset += t.data.len();
     }
     let mut text = serde_json::to_vec(&head).expect("json of strings and numbers");
     // Pad with spaces so the data section starts 8-byte aligned.
@@ -738,7 +928,150 @@ fn temp_name() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!(".qdelta.tmp-{}-{seq}-{nanos}", std::process::id())
+    format!("{TEMP_PREFIX}{}-{seq}-{nanos}", std::process::id())
+}
+
+/// How every temporary name of `temp_name` starts.
+const TEMP_PREFIX: &str = ".qdelta.tmp-";
+
+/// The writer's pid of a name `temp_name` makes (`.qdelta.tmp-PID-SEQ-NANOS`,
+/// three decimal numbers), `None` for any other name.
+fn temp_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    let mut parts = rest.split('-');
+    let fields: [&str; 3] = [parts.next()?, parts.next()?, parts.next()?];
+    if parts.next().is_some()
+        || fields
+            .iter()
+            .any(|f| f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    fields[0].parse().ok()
+}
+
+/// Whether process `pid` exists: `Some(false)` only when the system says
+/// there is no such process (`kill(pid, 0)` fails with ESRCH; a process of
+/// another user answers EPERM and counts as alive). `None` where it cannot
+/// be told (no such call on this platform, a pid out of range).
+fn process_alive(pid: u32) -> Option<bool> {
+    #[cfg(unix)]
+    {
+        let pid = libc::pid_t::try_from(pid).ok().filter(|&p| p > 0)?;
+        // SAFETY: signal 0 sends nothing; it only checks that `pid` exists.
+        if unsafe { libc::kill(pid, 0) } == 0 {
+            return Some(true);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ESRCH) => Some(false),
+            Some(libc::EPERM) => Some(true),
+            _ => None,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
+/// Takes the writer's lock on a temporary file it has just created: an
+/// exclusive `flock`, held until the file is closed (or the writer dies).
+/// Best effort: a file system without locks leaves only the pid check of
+/// `sweep_stale_temps`.
+fn lock_temp(file: &File) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor this function borrows.
+        let _ = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+}
+
+/// Whether temporary file `path` may be removed as a dead writer's: its
+/// pid is gone and nobody holds its lock (`lock_temp`; this catches a live
+/// writer whose pid this process cannot see, e.g. from another pid
+/// namespace sharing the directory). A file that cannot be opened to check
+/// is kept.
+fn temp_is_stale(path: &Path, pid: u32) -> bool {
+    if process_alive(pid) != Some(false) {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let Ok(f) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        else {
+            return false;
+        };
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            return false;
+        }
+        // SAFETY: flock on the descriptor of `f`, which lives to the end of
+        // the block; the lock goes with it.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            // EWOULDBLOCK: a live writer holds it. Any other error: this
+            // file system has no locks, and the pid check decides.
+            return std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK);
+        }
+        true
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// Removes, best effort, the temporary files of writers that died before
+/// they could (a SIGKILL, a power loss): `temp_name` files in `dir` whose
+/// writer is gone (`temp_is_stale`). The names do not say which target a
+/// temporary was for, so every dead writer's temporary in the directory
+/// goes. A live writer's temporary is never touched, nor anything that is
+/// not a regular file of that exact name form.
+fn sweep_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_pid) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        if temp_is_stale(&path, pid) {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// The permission bits (with set-id and sticky bits) of the file `path`
+/// names, following a link as the rename replaces what it points to: a
+/// rewrite keeps them. `None` for a new path (the new file then gets those
+/// of a plainly created file, 0o666 less the umask).
+fn existing_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.permissions().mode() & 0o7777)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 /// The rename would put a regular file in place of whatever `path` names: a
@@ -786,18 +1119,33 @@ fn write_atomic_with(
         )));
     }
     check_write_target(path)?;
+    let keep_mode = existing_mode(path);
+    sweep_stale_temps(&dir);
     let tmp = dir.join(temp_name());
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if let Some(mode) = keep_mode {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never wider than the old file while it is written (the umask can
+        // only narrow it); the exact bits are set before the rename.
+        options.mode(mode & 0o777);
+    }
     // Not removed on failure: if it exists, it is not ours.
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| file_err(path, "write", e))?;
+    let file = options.open(&tmp).map_err(|e| file_err(path, "write", e))?;
+    lock_temp(&file);
     let result = (|| -> std::io::Result<()> {
         let mut w = BufWriter::with_capacity(1 << 20, &file);
         fill(&mut w)?;
         w.flush()?;
         drop(w);
+        #[cfg(unix)]
+        if let Some(mode) = keep_mode {
+            use std::os::unix::fs::PermissionsExt;
+            // A file system without modes keeps what it has (as
+            // qdelta.atomic_io does).
+            let _ = file.set_permissions(fs::Permissions::from_mode(mode));
+        }
         file.sync_all()?;
         fs::rename(&tmp, path)
     })();

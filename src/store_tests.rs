@@ -233,8 +233,9 @@ fn non_utf8_and_non_json_headers() {
     bad[8] = b'[';
     assert_format(&bad, "JSON object");
     let mut bad = file.clone();
-    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
-    bad[8 + n / 2] = b'}';
+    // A brace where the first key's colon is: `{"key"} ...`.
+    let colon = file[8..].iter().position(|&b| b == b':').unwrap();
+    bad[8 + colon] = b'}';
     assert_format(&bad, "JSON");
 }
 
@@ -715,11 +716,93 @@ fn a_file_rewritten_in_place_while_mapped_is_an_error_not_a_crash() {
             "{e}"
         );
     }
-    // Grown in place is refused alike; a fresh open sees the new file.
+    // Grown in place is refused alike; so is a rewrite back to the mapped
+    // size (the modification time changed); a fresh open sees the new file.
     fs::write(&path, [image.as_slice(), &[0u8; 8]].concat()).unwrap();
     assert!(f.bytes("emb").unwrap_err().to_string().contains("now"));
     fs::write(&path, &image).unwrap();
+    let e = f.verify().unwrap_err();
+    assert!(
+        matches!(e, Error::File(_)) && e.to_string().contains("modification time"),
+        "{e}"
+    );
+    assert_eq!(DeltaFile::open(&path).unwrap().verify().unwrap(), 6);
+}
+
+/// Sets `path`'s modification time to `secs` after the epoch.
+fn set_mtime(path: &Path, secs: u64) {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+#[test]
+fn a_same_size_rewrite_while_mapped_is_an_error_naming_the_time() {
+    let dir = own_dir("samesize");
+    let path = dir.join("t.qdelta");
+    fs::write(&path, sample(21)).unwrap();
+    set_mtime(&path, 1_000_000_000);
+    let f = DeltaFile::open(&path).unwrap();
     assert_eq!(f.verify().unwrap(), 6);
+    // Another file of the same layout, copied over in place (`cp`): same
+    // inode, same size, other bytes; the old header would read them silently.
+    let other = sample(22);
+    assert_eq!(other.len(), sample(21).len());
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all(&other)
+        .unwrap();
+    set_mtime(&path, 1_000_000_001);
+    for e in [f.bytes("emb").unwrap_err(), f.verify().unwrap_err()] {
+        let m = e.to_string();
+        assert!(
+            matches!(e, Error::File(_))
+                && m.contains("the file changed while mapped")
+                && m.contains(
+                    "modification time was 1000000000.000000000 s, now 1000000001.000000000 s"
+                )
+                && m.contains("rename")
+                && m.contains(&path.display().to_string()),
+            "{m}"
+        );
+    }
+}
+
+#[test]
+fn a_file_renamed_over_or_removed_or_chmodded_while_mapped_still_reads() {
+    let dir = own_dir("renamed");
+    let path = dir.join("t.qdelta");
+    fs::write(&path, sample(23)).unwrap();
+    let f = DeltaFile::open(&path).unwrap();
+    let emb = f.bytes("emb").unwrap().1.to_vec();
+    // These change the mapped inode's ctime, not its contents.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    write(&dir.join("t.qdelta"), &sample_data_for_rename()).unwrap();
+    assert_eq!(f.bytes("emb").unwrap().1, emb.as_slice());
+    assert_eq!(f.verify().unwrap(), 6);
+    fs::remove_file(&path).unwrap();
+    assert_eq!(f.verify().unwrap(), 6);
+}
+
+/// A small valid delta to write over another file.
+fn sample_data_for_rename() -> DeltaData<'static> {
+    DeltaData {
+        layers: vec![],
+        params: vec![],
+        tenant: "other".into(),
+        base_fingerprint: "00112233445566778899aabbccddeeff".into(),
+        user: BTreeMap::new(),
+    }
 }
 
 #[test]
@@ -854,4 +937,411 @@ fn writes_refuse_fifos_sockets_and_devices_at_the_target_and_keep_them() {
     write_atomic(&plain, |w| w.write_all(&sample(24))).unwrap();
     assert_eq!(fs::read(&plain).unwrap(), sample(24));
     assert!(temp_leftovers(&dir).is_empty());
+}
+
+#[test]
+fn format_version_must_be_a_plain_decimal_integer() {
+    let file = sample(31);
+    for v in ["+1", "0001", "01", " 1", "1 ", "", "1.0", "-1", "0x1", "１"] {
+        let e = err_of(&with_meta(&file, |m| {
+            m.insert("format_version".into(), v.into());
+        }));
+        assert!(
+            matches!(e, Error::Format(_))
+                && e.to_string().contains("expected a decimal integer")
+                && e.to_string().contains(&format!("found {v:?}")),
+            "{v:?}: {e}"
+        );
+    }
+    for v in ["0", "3", "99999999999999999999"] {
+        let e = err_of(&with_meta(&file, |m| {
+            m.insert("format_version".into(), v.into());
+        }));
+        assert!(
+            matches!(e, Error::UnsupportedVersion(_)) && e.to_string().contains(v),
+            "{v}: {e}"
+        );
+    }
+    assert_eq!(parse(&file).unwrap().version, 1);
+}
+
+#[test]
+fn checksums_must_be_sixteen_lowercase_hex_digits() {
+    let file = sample(32);
+    let c = parse(&file).unwrap();
+    let name = c.header.tensors[0].name.clone();
+    let good = format!("{:016x}", c.checksums[&name]);
+    for bad in [
+        good.to_uppercase(),
+        format!("+{}", &good[1..]),
+        good[1..].to_string(),
+        format!("{good}0"),
+        format!(" {}", &good[1..]),
+        "g".repeat(16),
+    ] {
+        if bad == good {
+            continue; // all digits: uppercase is the same text
+        }
+        let e = err_of(&with_meta(&file, |m| {
+            let mut sums: BTreeMap<String, String> =
+                serde_json::from_str(m["checksums"].as_str().unwrap()).unwrap();
+            sums.insert(name.clone(), bad.clone());
+            m.insert(
+                "checksums".into(),
+                serde_json::to_string(&sums).unwrap().into(),
+            );
+        }));
+        assert!(
+            matches!(e, Error::Format(_))
+                && e.to_string().contains("expected 16 lowercase hex digits")
+                && e.to_string().contains(&format!("{bad:?}")),
+            "{bad:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn base_fingerprint_must_be_32_lowercase_hex_digits() {
+    let file = sample(33);
+    let fp = "00112233445566778899aabbccddeeff";
+    for bad in [
+        String::new(),
+        "fp".into(),
+        fp.to_uppercase(),
+        fp[1..].into(),
+        format!("{fp}0"),
+        format!("{}z", &fp[1..]),
+    ] {
+        let e = err_of(&with_meta(&file, |m| {
+            m.insert("base_fingerprint".into(), bad.clone().into());
+        }));
+        assert!(
+            matches!(e, Error::Format(_))
+                && e.to_string().contains("expected 32 lowercase hex digits")
+                && e.to_string().contains(&format!("found {bad:?}")),
+            "{bad:?}: {e}"
+        );
+        // The writer refuses what no reader would open, before writing.
+        let dir = own_dir("badfp");
+        let mut d = sample_data_for_rename();
+        d.base_fingerprint = bad.clone();
+        let e = write(&dir.join("x.qdelta"), &d).unwrap_err();
+        assert!(
+            matches!(e, Error::Value(_)) && e.to_string().contains("32 lowercase hex"),
+            "{e}"
+        );
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    }
+}
+
+/// Two layers of one shape with different bytes.
+fn same_shape_pair() -> Vec<u8> {
+    let words = words_per_row(40);
+    let pa: Vec<u8> = (0..4 * words * 4).map(|i| i as u8).collect();
+    let pb: Vec<u8> = (0..4 * words * 4).map(|i| (i * 7 + 1) as u8).collect();
+    let sa: Vec<u8> = 0.5f32.to_le_bytes().to_vec();
+    let sb: Vec<u8> = 0.25f32.to_le_bytes().to_vec();
+    let layer = |name: &str, planes: &'static [u8], scales: &'static [u8]| LayerData {
+        name: name.into(),
+        shape: [4, 40],
+        bits: 1,
+        scale: ScaleMode::Matrix,
+        transposed: false,
+        planes,
+        scales,
+    };
+    let leak = |v: Vec<u8>| -> &'static [u8] { Box::leak(v.into_boxed_slice()) };
+    let d = DeltaData {
+        layers: vec![
+            layer("a", leak(pa), leak(sa)),
+            layer("b", leak(pb), leak(sb)),
+        ],
+        params: vec![],
+        tenant: String::new(),
+        base_fingerprint: "00112233445566778899aabbccddeeff".into(),
+        user: BTreeMap::new(),
+    };
+    let (mut out, tensors) = build(&d).unwrap();
+    for t in &tensors {
+        out.extend_from_slice(t.data);
+    }
+    out
+}
+
+/// `file` with its tensor entries and metadata edited, the header checksum kept.
+fn with_head(
+    file: &[u8],
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> Vec<u8> {
+    let (mut head, data) = split(file);
+    edit(&mut head);
+    join(&head, &data)
+}
+
+fn verify_image(tag: &str, image: &[u8]) -> Result<usize> {
+    let path = tmp_path(tag);
+    fs::write(&path, image).unwrap();
+    DeltaFile::open(&path)?.verify()
+}
+
+#[test]
+fn the_header_checksum_catches_header_edits_that_keep_the_file_valid() {
+    let file = sample(34);
+    let c = parse(&file).unwrap();
+    let want = header_digest(
+        &c.header.tensors,
+        c.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    assert_eq!(c.metadata["header_checksum"], format!("{want:016x}"));
+    assert_eq!(verify_image("hc-good", &file).unwrap(), 6);
+    // Re-spelling the JSON (order, whitespace) keeps the checksum.
+    let (head, data) = split(&file);
+    let mut text = serde_json::to_vec_pretty(&head).unwrap();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let pretty = [&(text.len() as u64).to_le_bytes()[..], &text, &data].concat();
+    assert_eq!(verify_image("hc-pretty", &pretty).unwrap(), 6);
+
+    let layers = |m: &serde_json::Map<String, serde_json::Value>| -> BTreeMap<String, LayerEntry> {
+        serde_json::from_str(m["layers"].as_str().unwrap()).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // The layer table's transposed flag.
+        (
+            "transposed",
+            with_meta(&file, |m| {
+                let mut t = layers(m);
+                t.get_mut("model.q").unwrap().transposed ^= true;
+                m.insert("layers".into(), serde_json::to_string(&t).unwrap().into());
+            }),
+        ),
+        // A param's dtype: BF16 [2, 3] -> I16 [2, 3] (same bytes).
+        (
+            "dtype",
+            with_head(&file, |h| {
+                h["emb"]["dtype"] = "I16".into();
+            }),
+        ),
+        // A param's shape: [2, 3] -> [6].
+        (
+            "shape",
+            with_head(&file, |h| {
+                h["emb"]["shape"] = serde_json::json!([6]);
+            }),
+        ),
+        // What one module's delta was written for is given to another.
+        (
+            "renamed layer",
+            with_meta(&file, |m| {
+                let mut t = layers(m);
+                let q = t.remove("model.q").unwrap();
+                t.insert("model.v".into(), q);
+                m.insert("layers".into(), serde_json::to_string(&t).unwrap().into());
+            }),
+        ),
+        // BF16 -> F16: same size, other numbers.
+        (
+            "dtype F16",
+            with_head(&file, |h| {
+                h["emb"]["dtype"] = "F16".into();
+            }),
+        ),
+        // Any other metadata.
+        (
+            "tenant",
+            with_meta(&file, |m| {
+                m.insert("tenant".into(), "mallory".into());
+            }),
+        ),
+        (
+            "user",
+            with_meta(&file, |m| {
+                m.insert("user_metadata".into(), "{\"note\":\"y\"}".into());
+            }),
+        ),
+        (
+            "added key",
+            with_meta(&file, |m| {
+                m.insert("extra".into(), "1".into());
+            }),
+        ),
+    ];
+    for (what, image) in cases {
+        // Each edit still opens: only verify can tell.
+        parse(&image).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let e = verify_image("hc-bad", &image).unwrap_err();
+        assert!(
+            matches!(e, Error::Checksum(_))
+                && e.to_string()
+                    .contains("the header fails its xxh3-64 checksum"),
+            "{what}: {e}"
+        );
+    }
+    // Two same-shape layers trade tensors in the table (the audit's q_proj /
+    // k_proj swap): every tensor checksum still matches.
+    let swapped = with_meta(&same_shape_pair(), |m| {
+        let mut t = layers(m);
+        let (a, b) = (t["a"].clone(), t["b"].clone());
+        t.get_mut("a").unwrap().planes = b.planes;
+        t.get_mut("a").unwrap().scales = b.scales;
+        t.get_mut("b").unwrap().planes = a.planes;
+        t.get_mut("b").unwrap().scales = a.scales;
+        m.insert("layers".into(), serde_json::to_string(&t).unwrap().into());
+    });
+    assert_eq!(verify_image("hc-pair", &same_shape_pair()).unwrap(), 4);
+    let e = verify_image("hc-swap", &swapped).unwrap_err();
+    assert!(
+        matches!(e, Error::Checksum(_)) && e.to_string().contains("the header fails"),
+        "{e}"
+    );
+    // A bad header and a bad tensor are both named.
+    let mut both = with_meta(&file, |m| {
+        m.insert("tenant".into(), "mallory".into());
+    });
+    let last = both.len() - 1;
+    both[last] ^= 1;
+    let e = verify_image("hc-both", &both).unwrap_err().to_string();
+    assert!(
+        e.contains("the header fails") && e.contains("1 tensor(s) fail"),
+        "{e}"
+    );
+    // A malformed header checksum is a format error at open.
+    for bad in ["", "ABCDEF0123456789", "123"] {
+        assert_format(
+            &with_meta(&file, |m| {
+                m.insert("header_checksum".into(), bad.into());
+            }),
+            "\"header_checksum\": expected 16 lowercase hex digits",
+        );
+    }
+}
+
+#[test]
+fn files_without_a_header_checksum_still_open_and_verify_their_tensors() {
+    let file = with_meta(&sample(35), |m| {
+        m.remove("header_checksum");
+    });
+    let path = tmp_path("no-hc");
+    fs::write(&path, &file).unwrap();
+    let f = DeltaFile::open(&path).unwrap();
+    assert!(!f.header_covered());
+    assert_eq!(f.verify().unwrap(), 6);
+    let path = tmp_path("with-hc");
+    fs::write(&path, sample(35)).unwrap();
+    assert!(DeltaFile::open(&path).unwrap().header_covered());
+}
+
+#[cfg(unix)]
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[cfg(unix)]
+#[test]
+fn an_overwrite_keeps_the_old_files_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = own_dir("perms");
+    let path = dir.join("t.qdelta");
+    // A new file gets what a plain create gets (0o666 less the umask).
+    let plain = dir.join("plain");
+    File::create(&plain).unwrap();
+    write_atomic(&path, |w| w.write_all(&sample(36))).unwrap();
+    assert_eq!(mode_of(&path), mode_of(&plain));
+    for mode in [0o600, 0o640, 0o444, 0o666, 0o755] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        write_atomic(&path, |w| w.write_all(&sample(37))).unwrap();
+        assert_eq!(mode_of(&path), mode, "{mode:o}");
+        assert_eq!(fs::read(&path).unwrap(), sample(37));
+    }
+    // Through a link: the link is replaced by a file with the target's mode.
+    let target = dir.join("target.qdelta");
+    fs::write(&target, b"x").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o604)).unwrap();
+    let link = dir.join("link.qdelta");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    write_atomic(&link, |w| w.write_all(&sample(38))).unwrap();
+    assert_eq!(mode_of(&link), 0o604);
+    assert!(temp_leftovers(&dir).is_empty());
+}
+
+/// The pid of a process that has exited (and been reaped).
+#[cfg(unix)]
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    assert_eq!(process_alive(pid), Some(false));
+    pid
+}
+
+#[cfg(unix)]
+#[test]
+fn a_write_sweeps_dead_writers_temporaries_and_keeps_live_ones() {
+    let dir = own_dir("sweep");
+    let path = dir.join("t.qdelta");
+    let dead = dead_pid();
+    let me = std::process::id();
+    let stale = [
+        format!(".qdelta.tmp-{dead}-0-1700000000000000000"),
+        format!(".qdelta.tmp-{dead}-7-1"),
+    ];
+    let kept = [
+        // A live writer (this process).
+        format!(".qdelta.tmp-{me}-99999-1"),
+        // Not of the exact form.
+        format!(".qdelta.tmp-{dead}-0"),
+        format!(".qdelta.tmp-{dead}-0-1-2"),
+        format!(".qdelta.tmp-{dead}-0-x"),
+        format!(".qdelta.tmp-+{dead}-0-1"),
+        format!("qdelta.tmp-{dead}-0-1"),
+        format!(".other.tmp-{dead}-0-1"),
+    ];
+    for n in stale.iter().chain(&kept) {
+        fs::write(dir.join(n), b"half a file").unwrap();
+    }
+    // A dead pid whose file is locked: a live writer this process cannot
+    // see (another pid namespace). And a directory of the temporary form.
+    let locked = format!(".qdelta.tmp-{dead}-1-1");
+    let held = File::create(dir.join(&locked)).unwrap();
+    lock_temp(&held);
+    let as_dir = format!(".qdelta.tmp-{dead}-2-1");
+    fs::create_dir(dir.join(&as_dir)).unwrap();
+
+    write_atomic(&path, |w| w.write_all(&sample(39))).unwrap();
+    let mut left: Vec<String> = temp_leftovers(&dir)
+        .into_iter()
+        .map(|n| n.into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = kept
+        .iter()
+        .filter(|n| n.contains(".tmp-"))
+        .cloned()
+        .chain([locked.clone(), as_dir.clone()])
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+    // Once its holder is gone, the locked one goes too.
+    drop(held);
+    write_atomic(&path, |w| w.write_all(&sample(39))).unwrap();
+    assert!(!dir.join(&locked).exists());
+    assert!(dir.join(&as_dir).is_dir());
+}
+
+#[test]
+fn temp_names_parse_back_to_their_pid() {
+    let n = temp_name();
+    assert_eq!(temp_pid(&n), Some(std::process::id()));
+    assert_eq!(temp_pid(".qdelta.tmp-12-3-4"), Some(12));
+    for bad in [
+        ".qdelta.tmp-",
+        ".qdelta.tmp-1--2",
+        ".qdelta.tmp--1-2-3",
+        ".qdelta.tmp-1-2-3\n",
+    ] {
+        assert_eq!(temp_pid(bad), None, "{bad:?}");
+    }
+    assert_eq!(process_alive(std::process::id()), Some(true));
+    assert_eq!(process_alive(0), None);
+    assert_eq!(process_alive(u32::MAX), None);
 }

@@ -18,7 +18,9 @@ def test_cli_has_ring_demo():
     from qdelta.cli import build_parser
 
     args = build_parser().parse_args(["ring-demo", "--world-size", "3", "--layout", "contiguous"])
-    assert args.world_size == 3 and args.layout == "contiguous" and args.seq_len is None  # 1024 unless --zoo
+    assert (
+        args.world_size == 3 and args.layout == "contiguous" and args.seq_len is None
+    )  # 1024 unless --zoo
 
 
 def test_cli_ring_demo_zoo_flag():

@@ -276,7 +276,7 @@ def test_permission_denied_writing_leaves_nothing(tmp_path):
     locked.mkdir()
     locked.chmod(0o555)
     code = (
-        f"try: core.write_delta({str(locked / 'out.qdelta')!r}, [], [], 't', 'fp', {{}})\n"
+        f"try: core.write_delta({str(locked / 'out.qdelta')!r}, [], [], 't', '0' * 32, {{}})\n"
         "except core.FileError as e: print(e); sys.exit(3)\n"
     )
     done = _as_nobody(code)

@@ -301,9 +301,16 @@ class DeltaFile:
             out[name] = _to_torch(dtype, _typed(dtype, shape, raw))
         return out
 
+    @property
+    def header_covered(self) -> bool:
+        """Whether the header has a checksum of its own (``header_checksum``; files
+        written before it existed have none, and verify checks their tensors only)."""
+        return bool(self._file.header_covered)
+
     def verify(self) -> int:
-        """Check every tensor against its checksum; returns the number checked,
-        raises :class:`ChecksumError` naming the tensors that fail."""
+        """Check the header (when it has a checksum) and every tensor against its
+        checksum; returns the number of tensors checked, raises
+        :class:`ChecksumError` naming what fails."""
         return int(self._file.verify())
 
     def to_delta(self) -> Delta:

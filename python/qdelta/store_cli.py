@@ -157,5 +157,12 @@ def verify(path: str) -> int:
     except QDeltaError as e:
         print(f"qdelta verify: error: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(f"{path}: OK ({n} tensors, every checksum matches)")
+    if f.header_covered:
+        print(f"{path}: OK (the header and {n} tensors, every checksum matches)")
+    else:
+        print(
+            f"{path}: OK ({n} tensors, every checksum matches; the header has no checksum: "
+            "written before header checksums, so its tensor names, shapes and layer table "
+            "are not covered; re-save the file to cover them)"
+        )
     return 0

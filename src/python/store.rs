@@ -169,7 +169,15 @@ impl PyDeltaFile {
         Ok((info.dtype.name(), info.shape.clone(), arr))
     }
 
-    /// Checks every tensor checksum; returns how many were checked.
+    /// Whether the file has a header checksum, so that `verify` covers the
+    /// tensor table and metadata too (files written before it have none).
+    #[getter]
+    fn header_covered(&self) -> bool {
+        self.inner.header_covered()
+    }
+
+    /// Checks the header checksum (when the file has one) and every tensor
+    /// checksum; returns how many tensors were checked.
     fn verify(&self, py: Python<'_>) -> PyResult<usize> {
         run(py, || self.inner.verify())
     }
