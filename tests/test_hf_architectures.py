@@ -116,6 +116,8 @@ def _config(arch: str, **kw):
         cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **kw)
         cfg.bos_token_id = cfg.eos_token_id = 0
         return cfg, T.GPT2LMHeadModel
+    if arch == "cohere":  # a LayerNorm without a bias attribute
+        return T.CohereConfig(**COMMON, **kw), T.CohereForCausalLM
     raise KeyError(arch)
 
 

@@ -22,29 +22,17 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import qdelta  # noqa: E402
+from test_hf_architectures import VOCAB  # noqa: E402
+from test_hf_architectures import _config as arch_config  # noqa: E402
 
-V = 89
+V = VOCAB
 
 
 def _config(arch: str):
+    """The decoder-only configs are test_hf_architectures'; the encoder-decoders here."""
     T = transformers
-    common = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    if arch == "llama":
-        return T.LlamaConfig(**common, tie_word_embeddings=False), T.LlamaForCausalLM
-    if arch == "llama_tied":
-        return T.LlamaConfig(**common, tie_word_embeddings=True), T.LlamaForCausalLM
-    if arch == "gpt2":
-        cfg = T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-        cfg.bos_token_id = cfg.eos_token_id = 0
-        return cfg, T.GPT2LMHeadModel
+    if arch in ("llama", "llama_tied", "gpt2"):
+        return arch_config(arch)
     if arch == "t5":
         cfg = T.T5Config(
             vocab_size=V,

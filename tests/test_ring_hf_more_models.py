@@ -13,8 +13,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from qdelta.ring import RingError, unshard  # noqa: E402
+from qdelta.ring import RingError  # noqa: E402
 from qdelta.ring.launch import spawn_ring  # noqa: E402
+from test_ring_hf_windows import assert_ring_equals_own_forward  # noqa: E402
 
 VOCAB, SEQ = 89, 31
 LENGTHS = ((11, 14, 6), (6, 14, 11))  # packed rows (see test_ring_hf_windows)
@@ -91,24 +92,8 @@ def test_gpt2_neox_opt_over_a_ring_equal_their_own_forward(tmp_path, rng):
     ids = torch.randint(2, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     per_rank = spawn_ring(_rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
     for name, path in dirs.items():
-        model = _load(path)
-        with torch.no_grad():
-            want = model(input_ids=ids, use_cache=False).logits
+        want = assert_ring_equals_own_forward(_load(path), name, per_rank, ids, LENGTHS)
         assert want.abs().max() > 0.1, name
-        for layout in ("contiguous", "zigzag"):
-            got = unshard([r[(name, layout)] for r in per_rank], layout=layout)
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{name} {layout}")
-            packed = unshard([r[(name, layout, "packed")] for r in per_rank], layout=layout)
-            for row, lengths in enumerate(LENGTHS):
-                start = 0
-                for n in lengths:
-                    with torch.no_grad():
-                        alone = model(input_ids=ids[row : row + 1, start : start + n]).logits
-                    torch.testing.assert_close(
-                        packed[row : row + 1, start : start + n], alone, atol=2e-5, rtol=2e-5,
-                        msg=f"{name} {layout} packed row {row} at {start}",
-                    )  # fmt: skip
-                    start += n
 
 
 def test_attention_outside_the_interface_is_refused():

@@ -99,27 +99,34 @@ def test_windowed_and_softcapped_models_over_a_ring_equal_their_own_forward(tmp_
     per_rank = spawn_ring(_rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
     for name, path in dirs.items():
         model = _load(path, "eager")
-        with torch.no_grad():
-            want = model(input_ids=ids, use_cache=False).logits
-        for layout in ("contiguous", "zigzag"):
-            got = unshard([r[(name, layout)] for r in per_rank], layout=layout)
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{name} {layout}")
-            # Packed: each sequence's logits are its own forward's, alone.
-            packed = unshard([r[(name, layout, "packed")] for r in per_rank], layout=layout)
-            for row, lengths in enumerate(LENGTHS):
-                start = 0
-                for n in lengths:
-                    with torch.no_grad():
-                        alone = model(input_ids=ids[row : row + 1, start : start + n]).logits
-                    torch.testing.assert_close(
-                        packed[row : row + 1, start : start + n], alone, atol=2e-5, rtol=2e-5,
-                        msg=f"{name} {layout} packed row {row} at {start}",
-                    )  # fmt: skip
-                    start += n
+        want = assert_ring_equals_own_forward(model, name, per_rank, ids, LENGTHS)
         # The settings matter at this length: the model differs without them.
         if getattr(model.config, "attn_logit_softcapping", None) is not None:
             assert (_logits_without(model, ids, "softcap") - want).abs().max() > 1e-3, name
         assert (_logits_without(model, ids, "window") - want).abs().max() > 1e-3, name
+
+
+def assert_ring_equals_own_forward(model, name, per_rank, ids, lengths) -> torch.Tensor:
+    """Each layout's unsharded ring logits (``per_rank[r][(name, layout)]``) equal the
+    model's own forward, and the packed run's (``(name, layout, "packed")``, rows
+    packed as ``lengths``) equal each sequence's forward alone. Returns the logits."""
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    for layout in ("contiguous", "zigzag"):
+        got = unshard([r[(name, layout)] for r in per_rank], layout=layout)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{name} {layout}")
+        packed = unshard([r[(name, layout, "packed")] for r in per_rank], layout=layout)
+        for row, row_lengths in enumerate(lengths):
+            start = 0
+            for n in row_lengths:
+                with torch.no_grad():
+                    alone = model(input_ids=ids[row : row + 1, start : start + n]).logits
+                torch.testing.assert_close(
+                    packed[row : row + 1, start : start + n], alone, atol=2e-5, rtol=2e-5,
+                    msg=f"{name} {layout} packed row {row} at {start}",
+                )  # fmt: skip
+                start += n
+    return want
 
 
 def _logits_without(model, ids, setting: str):

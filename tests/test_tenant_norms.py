@@ -33,7 +33,6 @@ from qdelta.tenant_modules import (  # noqa: E402
     rms_norm_form,
 )
 from test_hf_architectures import (  # noqa: E402
-    COMMON,
     build,
     dense_reference,
     finetune,
@@ -297,16 +296,7 @@ def test_a_tenant_module_adds_a_tenant_all_or_nothing(kind, gen, monkeypatch):
 
 
 def _cohere(seed: int = 0, **kw) -> nn.Module:
-    cfg = transformers.CohereConfig(**COMMON, **kw)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.CohereForCausalLM(cfg).eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 100)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return build("cohere", seed=seed, **kw)
 
 
 def _gpt2_small_eps(seed: int = 0) -> nn.Module:
