@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from qdelta.ring import RingError  # noqa: E402
 from qdelta.ring.launch import spawn_ring  # noqa: E402
-from test_ring_hf_windows import assert_ring_equals_own_forward  # noqa: E402
+from test_ring_hf_windows import _load, assert_ring_equals_own_forward, rank_logits  # noqa: E402
 
 VOCAB, SEQ = 89, 31
 LENGTHS = ((11, 14, 6), (6, 14, 11))  # packed rows (see test_ring_hf_windows)
@@ -61,38 +61,15 @@ def _save_models(root, seed: int) -> dict[str, str]:
     return dirs
 
 
-def _load(path: str):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
-    ).eval()
-
-
-def _segments() -> torch.Tensor:
-    return torch.stack(
-        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in LENGTHS]
-    )
-
-
-def _rank_logits(rank, world_size, dirs, ids):
-    from qdelta.ring.hf import ring_forward, use_ring_attention
-
-    out = {}
-    for name, path in dirs.items():
-        for layout in ("contiguous", "zigzag"):
-            model = use_ring_attention(_load(path), layout=layout, timeout=60)
-            with torch.no_grad():
-                out[(name, layout)] = ring_forward(model, ids)
-                out[(name, layout, "packed")] = ring_forward(model, ids, segment_ids=_segments())
-    return out
-
-
 @pytest.mark.timeout(400)
 def test_gpt2_neox_opt_over_a_ring_equal_their_own_forward(tmp_path, rng):
     dirs = _save_models(tmp_path, int(rng.integers(2**31)))
     ids = torch.randint(2, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    per_rank = spawn_ring(_rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
+    per_rank = spawn_ring(
+        rank_logits, 3, (dirs, ids, LENGTHS), timeout=360, pg_timeout=60, threads=1
+    )
     for name, path in dirs.items():
-        want = assert_ring_equals_own_forward(_load(path), name, per_rank, ids, LENGTHS)
+        want = assert_ring_equals_own_forward(_load(path, "eager"), name, per_rank, ids, LENGTHS)
         assert want.abs().max() > 0.1, name
 
 

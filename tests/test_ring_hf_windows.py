@@ -72,13 +72,15 @@ def _load(path: str, attn: str):
 LENGTHS = ((13, 16, 8), (8, 16, 13))
 
 
-def _segments() -> torch.Tensor:
+def _segments(lengths) -> torch.Tensor:
     return torch.stack(
-        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in LENGTHS]
+        [torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]
     )
 
 
-def _rank_logits(rank, world_size, dirs, ids):
+def rank_logits(rank, world_size, dirs, ids, lengths=LENGTHS):
+    """One rank's ring logits of every model in ``dirs``, both layouts, plain and
+    with rows packed as ``lengths`` (what assert_ring_equals_own_forward reads)."""
     from qdelta.ring.hf import ring_forward, use_ring_attention
 
     out = {}
@@ -87,7 +89,8 @@ def _rank_logits(rank, world_size, dirs, ids):
             model = use_ring_attention(_load(path, "eager"), layout=layout, timeout=60)
             with torch.no_grad():
                 out[(name, layout)] = ring_forward(model, ids)
-                out[(name, layout, "packed")] = ring_forward(model, ids, segment_ids=_segments())
+                segments = _segments(lengths)
+                out[(name, layout, "packed")] = ring_forward(model, ids, segment_ids=segments)
     return out
 
 
@@ -96,7 +99,7 @@ def test_windowed_and_softcapped_models_over_a_ring_equal_their_own_forward(tmp_
     assert AVAILABLE, "transformers has none of the windowed architectures"
     dirs = _save_models(tmp_path)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    per_rank = spawn_ring(_rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
+    per_rank = spawn_ring(rank_logits, 3, (dirs, ids), timeout=360, pg_timeout=60, threads=1)
     for name, path in dirs.items():
         model = _load(path, "eager")
         want = assert_ring_equals_own_forward(model, name, per_rank, ids, LENGTHS)
