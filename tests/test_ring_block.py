@@ -168,7 +168,9 @@ def test_block_rejects_bad_inputs():
     with pytest.raises(ShapeError, match="head_dim"):
         block_attention(q, rnd(1, 3, 4, 4), rnd(1, 3, 4, 4))
     with pytest.raises(ShapeError, match="kv_segment_ids"):
-        block_attention(q, q, q, q_segment_ids=torch.zeros(4), kv_segment_ids=torch.zeros(5))
+        block_attention(
+            q, q, q, q_segment_ids=torch.zeros(4).long(), kv_segment_ids=torch.zeros(5).long()
+        )
     with pytest.raises(RingError, match="backend"):
         block_attention(q, q, q, backend="fast")
     for bad in (float("nan"), float("inf")):
