@@ -538,7 +538,7 @@ def _wrap(module: nn.Module, layer: PackedLayer, name: str, backend: str) -> nn.
         raise type(err)(f"layer {name}: {err}") from None
 
 
-def _tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     """State-dict name -> every name of the same tensor object in ``model`` (tied
     weights: GPT-2's ``transformer.wte.weight`` is ``lm_head.weight``), in module order."""
     names: dict[int, list[str]] = {}
@@ -576,7 +576,7 @@ def _param_groups(
     (but not to a name in ``covered``: a packed layer's weight takes its delta);
     a group given several different values (the fine-tune untied it) gets them
     name by name, one tensor each."""
-    aliases = _tensor_aliases(model)
+    aliases = tensor_aliases(model)
     groups: list[tuple[list[str], torch.Tensor]] = []
     done: set[str] = set()
     for key, value in params.items():

@@ -40,6 +40,7 @@ from qdelta.errors import (
     UnknownTenantError,
 )
 from qdelta.locking import SerializedCalls, serialized
+from qdelta.nn import tensor_aliases
 from qdelta.sources import conv1d_form, embedding_form, is_conv1d, linear_form
 from qdelta.store import check_base, fingerprint
 from qdelta.tenant_modules import (
@@ -130,7 +131,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._base_modules = dict(base_model.named_modules())
         self._base_params = dict(base_model.named_parameters(remove_duplicate=False))
         self._base_state = dict(base_model.state_dict())
-        self._ties = self._tied_groups(base_model)
+        self._ties = tensor_aliases(base_model)  # name -> every name of its tensor
         self._probe_results: dict[str, bool] = {}  # module name -> _servable(), probed once
         self._wrapper_classes: dict[tuple[str, bool], type[nn.Module]] = {}
         self._layout: Layouts | None = None  # how modules see the batch (probed once)
@@ -407,14 +408,6 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         if mname not in self._probe_results:
             self._probe_results[mname] = _servable(self._base_modules[mname])
         return self._probe_results[mname]
-
-    @staticmethod
-    def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
-        """name -> every name of the same (tied) parameter, e.g. embeddings and head."""
-        by_id: dict[int, list[str]] = {}
-        for pname, p in model.named_parameters(remove_duplicate=False):
-            by_id.setdefault(id(p), []).append(pname)
-        return {n: names for names in by_id.values() for n in names}
 
     def _params_by_module(self, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
         """module name -> {attribute: value}, tied parameters following their twin."""

@@ -466,14 +466,7 @@ class PackedRowEmbedding(_TwoForms):
         scales = torch.as_tensor(np.asarray(packed.scales), dtype=torch.float32)
         if scales.dim() == 1:  # one scale per matrix: the same for every token row
             scales = scales[:, None].expand(-1, packed.shape[0])
-        planes, scales = planes.to(device), scales.to(device)
-        kept = (self._planes, self._scales)
-        self._planes, self._scales = [*kept[0], planes], [*kept[1], scales]
-        try:
-            self._restack()
-        except BaseException:  # all or nothing (out of memory, say)
-            self._planes, self._scales = kept
-            raise
+        self._restack_with([*self._planes, planes.to(device)], [*self._scales, scales.to(device)])
         self._names.append(name)
         self._own.append(name)
 
@@ -517,15 +510,22 @@ class PackedRowEmbedding(_TwoForms):
             self._names.remove(name)
             return
         i = self._own.index(name)
+        self._restack_with(
+            self._planes[:i] + self._planes[i + 1 :], self._scales[:i] + self._scales[i + 1 :]
+        )
+        self._names.remove(name)
+        del self._own[i]
+
+    def _restack_with(self, planes: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+        """Own tenants' ``planes`` / ``scales`` become the lists, restacked; all or
+        nothing: a failed restack (out of memory, say) leaves the old lists."""
         kept = (self._planes, self._scales)
-        self._planes, self._scales = kept[0][:i] + kept[0][i + 1 :], kept[1][:i] + kept[1][i + 1 :]
+        self._planes, self._scales = planes, scales
         try:
             self._restack()
         except BaseException:
             self._planes, self._scales = kept
             raise
-        self._names.remove(name)
-        del self._own[i]
 
     def _restack(self) -> None:
         """One stack for every own tenant (planes padded with zero-scale planes); the

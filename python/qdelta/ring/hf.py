@@ -236,7 +236,7 @@ def use_ring_attention(
             f"use_ring_attention: expected attention modules (with is_causal and a config, "
             f"as transformers' attention classes have) in {type(model).__name__}, found none"
         )
-    own = sorted({type(m).__name__ for m in modules if not _calls_the_interface(type(m))})
+    own = sorted({c.__name__ for c in {type(m) for m in modules} if not _calls_the_interface(c)})
     if own:
         raise RingError(
             f"use_ring_attention: {type(model).__name__}'s {own} compute attention their own "
