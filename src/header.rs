@@ -296,7 +296,7 @@ struct RawHeader {
 }
 
 /// A JSON object whose duplicate keys are an error (serde_json keeps the last).
-struct UniqueKeys<T>(BTreeMap<String, T>);
+pub(crate) struct UniqueKeys<T>(pub(crate) BTreeMap<String, T>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for UniqueKeys<T> {
     fn deserialize<D: Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {

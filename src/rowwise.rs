@@ -114,6 +114,11 @@ fn dots_portable(
     dst: &mut [f32],
 ) {
     for &r in group {
+        if k == 0 {
+            // No inputs: every dot product is empty (`chunks_exact(0)` panics).
+            dst[r * TILE..r * TILE + nf].fill(0.0);
+            continue;
+        }
         let x = &xs[r * stride..r * stride + k];
         for (v, w) in dst[r * TILE..r * TILE + nf]
             .iter_mut()
@@ -133,6 +138,7 @@ mod tests {
     fn matches_the_definition_on_ragged_shapes_every_isa() {
         for (case, &(t, n, k, rows)) in [
             (1, 1, 1, 1),
+            (2, 3, 0, 2),
             (3, 17, 33, 7),
             (2, 40, 130, 5),
             (5, 259, 128, 8),

@@ -16,7 +16,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bitplane::{words_per_row, ScaleMode, MAX_PLANES};
 use crate::error::{Error, Result};
-use crate::header::{Dtype, Header, TensorInfo, METADATA_KEY, PREFIX_LEN};
+use crate::header::{Dtype, Header, TensorInfo, UniqueKeys, METADATA_KEY, PREFIX_LEN};
 use crate::pool;
 
 pub const FORMAT_NAME: &str = "qdelta";
@@ -63,6 +63,8 @@ pub mod keys {
         CHECKSUMS,
         CHECKSUM_ALGORITHM,
     ];
+    /// Every key a writer may add besides the required ones.
+    pub const OPTIONAL: [&str; 2] = [USER, HEADER_CHECKSUM];
 }
 pub const CHECKSUM_ALGORITHM: &str = "xxh3-64";
 
@@ -163,6 +165,17 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             "missing required metadata key {missing:?}"
         )));
     }
+    // Versions own the key set: an unknown key is damage (one flipped bit in
+    // "header_checksum" would otherwise turn header verification off).
+    let known = |k: &str| keys::REQUIRED.contains(&k) || keys::OPTIONAL.contains(&k);
+    if let Some(unknown) = meta.keys().find(|k| !known(k)) {
+        return Err(fmt_err(format!(
+            "unknown metadata key {unknown:?}: format version {version} has only {:?} and \
+             optionally {:?} (free-form metadata goes in \"user_metadata\")",
+            keys::REQUIRED,
+            keys::OPTIONAL
+        )));
+    }
     if meta[keys::BIT_LAYOUT] != BIT_LAYOUT {
         return Err(fmt_err(format!(
             "unknown bit layout {:?}: expected {BIT_LAYOUT:?}",
@@ -183,11 +196,21 @@ pub fn parse(file: &[u8]) -> Result<Contents> {
             ))
         })?;
     }
-    let layers: BTreeMap<String, LayerEntry> = json(&meta, keys::LAYERS, "the layer table object")?;
+    // Objects refuse duplicate keys, as the outer header does: serde_json would
+    // keep the last one, hiding an edited or damaged entry.
+    let layers: BTreeMap<String, LayerEntry> =
+        json::<UniqueKeys<_>>(&meta, keys::LAYERS, "the layer table object")?.0;
     let params: Vec<String> = json(&meta, keys::PARAMS, "a list of tensor names")?;
-    let hex: BTreeMap<String, String> = json(&meta, keys::CHECKSUMS, "an object of hex checksums")?;
+    let mut listed = BTreeSet::new();
+    if let Some(twice) = params.iter().find(|p| !listed.insert(p.as_str())) {
+        return Err(fmt_err(format!(
+            "metadata \"params\" lists tensor {twice:?} twice"
+        )));
+    }
+    let hex: BTreeMap<String, String> =
+        json::<UniqueKeys<_>>(&meta, keys::CHECKSUMS, "an object of hex checksums")?.0;
     let user: BTreeMap<String, String> = match meta.get(keys::USER) {
-        Some(_) => json(&meta, keys::USER, "an object of strings")?,
+        Some(_) => json::<UniqueKeys<_>>(&meta, keys::USER, "an object of strings")?.0,
         None => BTreeMap::new(),
     };
 
@@ -760,7 +783,12 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     }
     let mut names = BTreeSet::new();
     for t in &tensors {
-        if t.name == METADATA_KEY || !names.insert(t.name.as_str()) {
+        if t.name == METADATA_KEY {
+            return Err(Error::Value(format!(
+                "tensor name {METADATA_KEY:?} is reserved by the safetensors header (name the param otherwise)"
+            )));
+        }
+        if !names.insert(t.name.as_str()) {
             return Err(Error::Value(format!(
                 "tensor name {:?} is used twice (a param named like a layer's planes/scales?)",
                 t.name

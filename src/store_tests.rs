@@ -310,6 +310,55 @@ fn duplicate_keys_are_refused() {
     assert_format(&bad, "duplicate key \"step\"");
 }
 
+/// The JSON objects inside the metadata refuse duplicates too (the last would
+/// win silently): a layer listed twice, a checksum given twice, a user key twice.
+#[test]
+fn duplicate_keys_inside_metadata_values_are_refused() {
+    let file = sample(10);
+    for (key, entry) in [
+        ("layers", "\"model.q\""),
+        ("checksums", "\"emb\""),
+        ("user_metadata", ""),
+    ] {
+        let bad = with_meta(&file, |m| {
+            let text = m[key].as_str().unwrap().to_string();
+            let inner = &text[1..text.len() - 1];
+            let doubled = if entry.is_empty() {
+                "{\"k\":\"1\",\"k\":\"2\"}".to_string()
+            } else {
+                // The entry for `entry` again, ahead of the original object.
+                let at = inner.find(&format!("{entry}:")).unwrap();
+                let rest = &inner[at..];
+                let end = if rest.contains('{') && key == "layers" {
+                    rest.find('}').unwrap() + 1
+                } else {
+                    rest.find(',').unwrap_or(rest.len())
+                };
+                format!("{{{},{inner}}}", &rest[..end])
+            };
+            m.insert(key.into(), doubled.into());
+        });
+        let e = err_of(&bad).to_string();
+        assert!(e.contains("duplicate key"), "{key}: {e}");
+    }
+}
+
+/// A key outside the version's set is damage, not an extension: one flipped
+/// bit in "header_checksum" must not turn header verification off.
+#[test]
+fn unknown_metadata_keys_are_refused() {
+    let file = sample(10);
+    let renamed = with_meta(&file, |m| {
+        let h = m.remove("header_checksum").unwrap();
+        m.insert("ieader_checksum".into(), h);
+    });
+    assert_format(&renamed, "unknown metadata key \"ieader_checksum\"");
+    let extra = with_meta(&file, |m| {
+        m.insert("note".into(), "hi".into());
+    });
+    assert_format(&extra, "free-form metadata goes in \"user_metadata\"");
+}
+
 #[test]
 fn unknown_version_layout_and_missing_keys() {
     let file = sample(11);
@@ -373,7 +422,7 @@ fn inconsistent_tables() {
         &with_meta(&file, |m| {
             m.insert("params".into(), "[\"emb\",\"step\",\"emb\"]".into());
         }),
-        "claimed by both",
+        "metadata \"params\" lists tensor \"emb\" twice",
     );
     assert_format(
         &with_meta(&file, |m| {
@@ -1156,12 +1205,6 @@ fn the_header_checksum_catches_header_edits_that_keep_the_file_valid() {
             "user",
             with_meta(&file, |m| {
                 m.insert("user_metadata".into(), "{\"note\":\"y\"}".into());
-            }),
-        ),
-        (
-            "added key",
-            with_meta(&file, |m| {
-                m.insert("extra".into(), "1".into());
             }),
         ),
     ];

@@ -216,6 +216,14 @@ def test_fingerprint_of_module_state_dict_and_numpy(rng):
     assert qdelta.fingerprint(renamed) != fp
 
 
+def test_fingerprint_refuses_meta_and_sparse_tensors():
+    with pytest.raises(qdelta.DTypeError, match=r"'w'.*found a meta tensor"):
+        qdelta.fingerprint({"w": torch.empty(3, device="meta")})
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(qdelta.DTypeError, match=r"dense.*found layout torch.sparse_coo"):
+        qdelta.fingerprint({"w": sparse})
+
+
 def test_check_base(rng):
     base = {"w": torch.randn(6, 5), "b": torch.randn(6)}
     delta = make_delta(rng)

@@ -308,6 +308,14 @@ def test_param_name_colliding_with_layer_tensors(tmp_path, rng):
     assert os.listdir(tmp_path) == []
 
 
+def test_param_named_like_the_safetensors_metadata_is_refused(tmp_path, rng):
+    delta = make_delta(rng)
+    delta.params["__metadata__"] = torch.zeros(1)
+    with pytest.raises(qdelta.QDeltaError, match="reserved by the safetensors header"):
+        delta.save(tmp_path / "x.qdelta")
+    assert os.listdir(tmp_path) == []
+
+
 def test_unknown_and_invalid_tenant_names(tmp_path, rng):
     store = qdelta.DeltaStore(tmp_path)
     store.add("known", make_delta(rng))

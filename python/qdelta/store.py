@@ -78,6 +78,16 @@ def _raw(value: Any, what: str) -> tuple[str, list[int], np.ndarray]:
     when the input is a contiguous CPU tensor or array."""
     if isinstance(value, torch.Tensor):
         t = value.detach()
+        if t.is_meta:
+            raise DTypeError(
+                f"{what}: expected a tensor with data, found a meta tensor "
+                "(load the weights first, e.g. without device_map='meta' / low_cpu_mem_usage)"
+            )
+        if t.layout != torch.strided:
+            raise DTypeError(
+                f"{what}: expected a dense (strided) tensor, found layout {t.layout} "
+                "(call .to_dense() first)"
+            )
         if t.device.type != "cpu":
             t = t.cpu()
         name = _TORCH_NAMES.get(t.dtype)
