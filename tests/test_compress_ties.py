@@ -120,3 +120,25 @@ def test_a_fine_tune_that_untied_its_head_keeps_both_values(rng):
     # Targeting the head now compresses it alone: it is no longer the embedding's tensor.
     only_head = qdelta.compress(base, ft, targets=head)
     assert set(only_head.layers) == {head} and f"{emb}.weight" in only_head.params
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merging_one_half_of_an_applied_tied_pair_is_refused(kind, rng):
+    """The head's merge would put its delta in the weight the embedding adds its own to."""
+    base, ft, emb, head = _tied_pair(kind, rng)
+    delta = qdelta.compress(base, ft, compress_embeddings=True)
+    want = _logits(_oracle(base, delta))
+    model = qdelta.apply(copy.deepcopy(base), delta)
+    weight = model.get_submodule(head).weight.clone()
+    with pytest.raises(qdelta.ModelMismatchError, match=rf"tied to \['{emb}'\].*qdelta.merge"):
+        model.get_submodule(head).merge()
+    assert torch.equal(model.get_submodule(head).weight, weight)  # nothing written
+    assert torch.allclose(_logits(model), want, atol=1e-5)
+    # Layers without a twin still merge, and the model stays the fine-tune.
+    others = [
+        m for n, m in model.named_modules() if isinstance(m, qdelta.BitDeltaLinear) and n != head
+    ]
+    assert others
+    for m in others:
+        m.merge()
+    assert torch.allclose(_logits(model), want, atol=1e-4)

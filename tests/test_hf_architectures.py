@@ -363,13 +363,19 @@ def test_embedding_and_linear_forms_are_probed():
             return 2 * super().forward(x)
 
     # Only layers whose forward is the plain map are layers a delta may replace.
+    # An nn.Embedding with max_norm renormalises the rows it looks up, in place.
     model = nn.Sequential(
-        Same(4, 3), Doubled(3, 3), OPTLearnedPositionalEmbedding(16, 3), nn.Embedding(5, 3)
+        Same(4, 3),
+        Doubled(3, 3),
+        OPTLearnedPositionalEmbedding(16, 3),
+        nn.Embedding(5, 3),
+        nn.Embedding(5, 3, max_norm=1.0),
     )
     assert set(sources.layer_kinds(model)) == {"0", "3"}
     assert sources.linear_form(model[0]) and not sources.linear_form(model[1])
     assert sources.embedding_form(model[3]) == "plain"
     assert sources.embedding_form(model[2]) is None
+    assert sources.embedding_form(model[4]) is None
     if _available("gemma3"):
         assert sources.embedding_form(build("gemma3").model.embed_tokens) == "scaled"
 

@@ -13,7 +13,6 @@ import copy
 import pickle
 import threading
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -458,8 +457,10 @@ def test_probe_runs_once_per_model(gen, monkeypatch):
     model.float()
     serve(copy.deepcopy(model), ids, ["t", None])
     assert len(calls) == 1
-    np.testing.assert_array_equal(
-        serve(model, ids, [None, None])[0], logits(plain.float(), ids[:1])[0]
+    # Back in float32 (the weights rounded through float16, as plain's are); not bit
+    # for bit: a batch of two and a batch of one may take different BLAS blockings.
+    torch.testing.assert_close(
+        serve(model, ids, [None, None])[0], logits(plain.float(), ids[:1])[0], rtol=1e-5, atol=1e-6
     )
 
 

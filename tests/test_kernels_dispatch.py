@@ -212,6 +212,54 @@ def test_every_backend_refuses_bad_ids_alike(ids, error, match, how):
         kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend=backend)
 
 
+def _bad_stacks():
+    """(label, x, planes [T, P, N, W], scales, error, match) for K = 40 (W = 2)."""
+    x = torch.randn(2, 40)
+    planes = torch.randint(-(2**31), 2**31 - 1, (2, 2, 5, 2), dtype=torch.int32)
+    nan = torch.rand(2, 2, 5)
+    nan[1, 0, 3] = float("nan")
+    return [
+        (
+            "NaN scale",
+            x,
+            planes,
+            nan,
+            qdelta.NonFiniteError,
+            "found NaN for tenant ., plane 0, index 3",
+        ),
+        ("inf scale", x, planes, torch.full((2, 2), float("inf")), qdelta.NonFiniteError, "inf"),
+        ("extra plane", x, planes, torch.rand(2, 3, 5), qdelta.ShapeError, r"\(per matrix\) or"),
+        ("int scales", x, planes, torch.ones(2, 2, dtype=torch.int64), qdelta.DTypeError, "float"),
+        ("int x", x.long(), planes, torch.rand(2, 2), qdelta.DTypeError, "x: expected"),
+        ("int64 planes", x, planes.long(), torch.rand(2, 2), qdelta.DTypeError, "planes: expected"),
+        (
+            "short words",
+            torch.randn(2, 70),
+            planes,
+            torch.rand(2, 2),
+            qdelta.ShapeError,
+            "need 3 u32 words per row",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_stacks())), ids=[c[0] for c in _bad_stacks()])
+@pytest.mark.parametrize("how", ["cpu", "reference", "auto, many rows"])
+@pytest.mark.parametrize("tenants", ["multi", "one"])
+def test_every_backend_refuses_bad_stacks_alike(case, how, tenants):
+    """Planes, scales and x are checked by the reference as by the Rust kernel."""
+    _, x, planes, scales, error, match = _bad_stacks()[case]
+    if how == "auto, many rows":
+        x = x.repeat(150, 1)
+    backend = how if how in ("cpu", "reference") else "auto"
+    with pytest.raises(error, match=match):
+        if tenants == "multi":  # tenant 1 holds the NaN: the rows use both
+            ids = torch.arange(x.shape[0]) % 2
+            kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend=backend)
+        else:
+            kernels.delta_matmul(x, planes[1], scales[1], backend=backend)
+
+
 def test_reference_takes_x_of_any_leading_shape_with_gradients():
     x = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
     planes = torch.randint(-(2**31), 2**31 - 1, (2, 2, 5, 2), dtype=torch.int32)

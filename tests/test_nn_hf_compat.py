@@ -460,6 +460,25 @@ def test_tied_tensor_stays_one_tensor_through_apply_and_unapply(arch, form):
 
 
 @pytest.mark.parametrize("arch", list(TIED))
+def test_unapply_after_a_cast_gives_the_base_in_the_new_dtype(arch):
+    """The tensors apply swapped out come back as the model is now (half), still tied."""
+    emb, head = TIED[arch]
+    base, _, one, _ = _tied_deltas(arch)
+    want = copy.deepcopy(base).half()
+    model = qdelta.apply(base, one)
+    model.half()
+    qdelta.unapply(model)
+    assert model.get_parameter(emb) is model.get_parameter(head)
+    got, ref = model.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
+    assert all(p.requires_grad for p in model.parameters())
+    ids = _ids()
+    torch.testing.assert_close(logits(model, ids), logits(want, ids))
+
+
+@pytest.mark.parametrize("arch", list(TIED))
 def test_fine_tune_that_unties_gets_a_tensor_per_name(arch):
     emb, head = TIED[arch]
     base = build(arch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,49 @@ def test_sampling_seeded_and_top_k(world):
     gen = model.generate(ids, rows, 8, **kw, top_k=3, return_logits=True)
     best3 = gen.logits.topk(3, dim=-1).indices
     assert (best3 == gen.tokens[..., None]).any(-1).all()
+
+
+def test_unseeded_sampling_follows_the_global_generator_without_reseeding_it(world):
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["noisy", None]
+    ids, mask = left_pad(_prompts(101, [4, 2], seed=3))
+    kw = dict(attention_mask=mask, do_sample=True, temperature=0.8)
+    torch.manual_seed(123)
+    a = model.generate(ids, rows, 6, **kw).tokens
+    after_a = torch.rand(3)
+    torch.manual_seed(123)
+    b = model.generate(ids, rows, 6, **kw).tokens
+    assert torch.equal(a, b)  # torch.manual_seed reproduces an unseeded call
+    assert torch.equal(torch.rand(3), after_a)
+    assert torch.initial_seed() == 123  # the global generator was advanced, not reseeded
+
+
+def test_forward_with_a_kv_cache_continues_the_positions(world):
+    """A cached step through forward (HF convention: the mask spans cached + new
+    tokens) gives the logits of the whole sequence, left padding and tenants mixed."""
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base), tenants=deltas)
+    rows = ["noisy", None, "deep"]
+    ids, mask = left_pad(_prompts(101, [5, 3, 4], seed=12))
+    step = torch.tensor([[7], [8], [9]])
+    full_ids = torch.cat([ids, step], 1)
+    full_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    want = model(full_ids, rows, attention_mask=full_mask).logits[:, -1]
+    # This transformers version's keyword for the cache.
+    kw = (
+        "cache"
+        if "cache" in inspect.signature(model.model.forward).parameters
+        else "past_key_values"
+    )
+    first = model(ids, rows, attention_mask=mask, use_cache=True)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    got = model(step, rows, attention_mask=full_mask, **{kw: cache}).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(qdelta.ShapeError, match=r"expected shape \[3, 7\] \(6 cached \+ 1 new"):
+        model(step, rows, attention_mask=mask, **{kw: cache})
+    with pytest.raises(qdelta.DTypeError, match="expected a transformers Cache"):
+        model(step, rows, **{kw: ((torch.zeros(1),),)})
 
 
 def test_eos_stops_rows(world, oracle):

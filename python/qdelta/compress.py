@@ -30,6 +30,7 @@ from qdelta.sources import (
     guess_layer_kinds,
     layer_kinds,
     state_dict_of,
+    storage_key,
 )
 from qdelta.store import fingerprint
 
@@ -161,11 +162,6 @@ def pack_layer(
     return PackedLayer(planes, scales, tuple(delta.shape), transposed=transposed)
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    where = (id(t),) if t.is_meta else (t.device, t.untyped_storage().data_ptr())
-    return (*where, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def tied_aliases(
     base_sd: Mapping[str, torch.Tensor], ft_sd: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> dict[str, str]:
@@ -174,7 +170,7 @@ def tied_aliases(
     first: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key in keys:
-        owner = first.setdefault((_storage_key(base_sd[key]), _storage_key(ft_sd[key])), key)
+        owner = first.setdefault((storage_key(base_sd[key]), storage_key(ft_sd[key])), key)
         if owner != key:
             aliases[key] = owner
     return aliases
@@ -192,8 +188,8 @@ def tied_twins(
     twins: dict[str, str] = {}
     for n in names:
         key = (
-            _storage_key(base_sd[f"{n}.weight"]),
-            _storage_key(ft_sd[f"{n}.weight"]),
+            storage_key(base_sd[f"{n}.weight"]),
+            storage_key(ft_sd[f"{n}.weight"]),
             kinds[n] == "conv1d",
         )
         twin = first.setdefault(key, n)

@@ -23,7 +23,7 @@ from qdelta.errors import DTypeError, ModelMismatchError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
-from qdelta.sources import is_conv1d
+from qdelta.sources import is_conv1d, storage_key
 from qdelta.store import check_base
 
 _STASH = "_qdelta_replaced"  # model attribute: state-dict name -> the original tensor
@@ -141,6 +141,9 @@ class BitDeltaLinear(nn.Module):
     tensors. ``weight`` / ``bias`` read the base layer's (without the delta).
     """
 
+    # Names (in the model given to apply) of the other delta layers wrapping the same base weight.
+    _tied_with: tuple[str, ...] = ()
+
     def __init__(self, base_layer: nn.Module, layer: PackedLayer, *, backend: str = "auto"):
         super().__init__()
         _check_layer(layer)
@@ -251,7 +254,19 @@ class BitDeltaLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the delta into the base weight (in place; the base layer is shared)."""
+        """Add the delta into the base weight (in place; the base layer is shared).
+
+        Refused (:class:`ModelMismatchError`) for a layer whose base weight is tied
+        to other layers carrying a delta (a tied head and embedding under
+        :func:`apply`): they would go on adding their delta to the merged weight.
+        """
+        if self._tied_with:
+            raise ModelMismatchError(
+                f"merge: expected a layer whose base weight no other delta layer shares, found "
+                f"it tied to {list(self._tied_with)}, which add a delta to it too (merged here, "
+                "theirs would count twice); write the fine-tune into the base with "
+                "qdelta.merge(base_model, delta), which adds a tied weight's delta once"
+            )
         if not self.merged:
             self._shift(+1.0)
             self.merged = True
@@ -331,6 +346,9 @@ class BitDeltaEmbedding(nn.Module):
     lookup (checked by :func:`qdelta.sources.embedding_form`, e.g. OPT's
     positional embedding) are refused with ModelMismatchError.
     """
+
+    # Names (in the model given to apply) of the other delta layers wrapping the same base weight.
+    _tied_with: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Embedding, layer: PackedLayer):
         super().__init__()
@@ -639,11 +657,40 @@ def _swap_group(
         originals[key] = old
 
 
-def _restore_tensors(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+def _note_tied_layers(wrapped: dict[str, nn.Module]) -> None:
+    """Tells each delta layer which others wrap the same base weight (so that
+    :meth:`BitDeltaLinear.merge` can refuse to add one delta to a weight the others
+    still add theirs to)."""
+    sharing: dict[tuple, list[str]] = {}
+    for name, module in wrapped.items():
+        sharing.setdefault(storage_key(module.weight), []).append(name)
+    for names in sharing.values():
+        for name in names:
+            wrapped[name]._tied_with = tuple(n for n in names if n != name)
+
+
+def _restore_tensors(
+    model: nn.Module, originals: dict[str, torch.Tensor], *, follow_casts: bool = False
+) -> None:
+    """Puts the originals back. ``follow_casts``: in the dtype and on the device of
+    what replaced them (a ``model.half()`` or ``.to()`` since apply moved only what
+    the model holds; a tensor tied under several names comes back as one tensor)."""
+    moved: dict[int, torch.Tensor] = {}
     for key, old in originals.items():
         owner_name, _, attr = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         table = owner._parameters if isinstance(old, nn.Parameter) else owner._buffers
+        now = table.get(attr)
+        if follow_casts and now is not None and (now.dtype, now.device) != (old.dtype, old.device):
+            if id(old) not in moved:
+                with torch.no_grad():
+                    data = old.detach().to(device=now.device, dtype=now.dtype)
+                moved[id(old)] = (
+                    nn.Parameter(data, requires_grad=old.requires_grad)
+                    if isinstance(old, nn.Parameter)
+                    else data
+                )
+            old = moved[id(old)]
         table[attr] = old
 
 
@@ -677,6 +724,7 @@ def apply(
                 f"layer {name}: expected a base layer, found {type(module).__name__}"
             )
     wrapped = {n: _wrap(modules[n], layer, n, backend) for n, layer in delta.layers.items()}
+    _note_tied_layers(wrapped)
     covered = {f"{name}.weight" for name in delta.layers}
     originals = _replace_tensors(model, delta.params, covered)
     for name, new in wrapped.items():
@@ -694,7 +742,7 @@ def unapply(model: nn.Module) -> nn.Module:
             _set_module(model, name, module.base_layer)
     originals = getattr(model, _STASH, None)
     if originals:
-        _restore_tensors(model, originals)
+        _restore_tensors(model, originals, follow_casts=True)
     if originals is not None:
         object.__delattr__(model, _STASH)
     return model
@@ -740,14 +788,7 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
     # takes the delta once. Their deltas must agree (compress packs both alike).
     sharing: dict[tuple, list[str]] = {}
     for name, weight in weights.items():
-        key = (
-            (weight.device, weight.untyped_storage().data_ptr(), weight.storage_offset())
-            if not weight.is_meta
-            else (id(weight),),  # meta tensors have no storage to share
-            tuple(weight.shape),
-            tuple(weight.stride()),
-        )
-        sharing.setdefault(key, []).append(name)
+        sharing.setdefault(storage_key(weight), []).append(name)
     twins = set()
     for names in (names for names in sharing.values() if len(names) > 1):
         d0 = oriented(names[0])

@@ -719,22 +719,28 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         """The wrapped model's forward with each row served by its tenant.
 
         With an attention mask and no ``position_ids``, positions count only
-        the unmasked tokens (left padding)."""
-        ids, mask = self._check_inputs(input_ids, attention_mask)
-        kwargs.setdefault("position_ids", _positions(mask))
+        the unmasked tokens (left padding). With a KV cache (``past_key_values``
+        or ``cache``), the mask covers the cached
+        tokens and the new ones, as in transformers (``[batch, past + length]``;
+        None: all ones), and positions continue after the cached tokens."""
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = _cache_length(cache)
+        ids, mask = self._check_inputs(input_ids, attention_mask, past=past)
+        kwargs.setdefault("position_ids", _positions(mask)[:, past:])
         with torch.no_grad(), self.routing(tenant_ids, ids.shape[0]):
             return self.model(input_ids=ids, attention_mask=mask, **kwargs)
 
     def _check_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated ``(input_ids, attention_mask)`` as int64 tensors.
 
         ``input_ids``: an integer tensor ``[batch >= 1, length >= 1]`` of token
         ids in ``[0, vocab)``; an empty batch is an error (ShapeError), not an
         empty result. ``attention_mask``: None, or a tensor (not a list: DTypeError)
-        of ``input_ids``' shape, bool, integer or floating dtype, every value
-        exactly 0 or 1, left-padded.
+        of shape ``[batch, past + length]`` (``past``: tokens already in the KV
+        cache), bool, integer or floating dtype, every value exactly 0 or 1,
+        left-padded.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INT_DTYPES:
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids)
@@ -751,8 +757,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 f"input_ids: expected token ids in [0, {vocab}), found "
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
+        want = (input_ids.shape[0], past + input_ids.shape[1])
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = input_ids.new_ones(want)
         if not isinstance(attention_mask, torch.Tensor):
             raise DTypeError(
                 f"attention_mask: expected a torch.Tensor, found {type(attention_mask).__name__}"
@@ -764,9 +771,10 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 f"attention_mask: expected a bool, integer or float tensor, found "
                 f"{attention_mask.dtype}"
             )
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        if tuple(attention_mask.shape) != want:
+            cached = f" ({past} cached + {input_ids.shape[1]} new tokens)" if past else ""
             raise ShapeError(
-                f"attention_mask: expected shape {list(input_ids.shape)}, found "
+                f"attention_mask: expected shape {list(want)}{cached}, found "
                 f"{list(attention_mask.shape)}"
             )
         # Values before the conversion: .to(long) would turn 0.5 into 0 and 1.7 into 1.
@@ -808,7 +816,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
 
         Batches are left-padded (``attention_mask`` 0 on the left); greedy by
         default, or sampling with ``temperature`` / ``top_k`` from a generator
-        seeded with ``seed``. A row that emitted ``eos_token_id`` keeps
+        seeded with ``seed`` (without one, from torch's global generator, which
+        ``torch.manual_seed`` makes reproducible). A row that emitted ``eos_token_id`` keeps
         emitting it; decoding stops early when every row has.
 
         Every argument is checked before anything is loaded or generated
@@ -833,10 +842,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             seed = as_int("seed", seed, 0, 2**63, "2**63")
         if eos_token_id is not None:
             eos_token_id = as_int("eos_token_id", eos_token_id, 0, self._vocab_size())
+        # Without a seed, sampling draws from torch's global generator (as torch
+        # code does: torch.manual_seed reproduces it), never reseeding it.
         generator = None
-        if do_sample:
+        if do_sample and seed is not None:
             generator = torch.Generator(device=ids.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(seed)
         cache_kw = _cache_argument(self.model)
         batch = ids.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
@@ -987,6 +998,19 @@ def left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (0 under left padding)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _cache_length(cache: Any) -> int:
+    """Tokens held by a transformers KV cache (0 for None)."""
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    if not callable(length):
+        raise DTypeError(
+            "past_key_values: expected a transformers Cache (e.g. the past_key_values of "
+            f"an earlier output), found {type(cache).__name__}"
+        )
+    return int(length())
 
 
 def _cache_argument(model: nn.Module) -> str:

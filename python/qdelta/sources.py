@@ -101,6 +101,13 @@ def state_dict_of(src: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same elements (tied weights: one tensor
+    under two names, or two views of one storage)."""
+    where = (id(t),) if t.is_meta else (t.device, t.untyped_storage().data_ptr())
+    return (*where, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 style ``Conv1D``: a linear layer with weight ``[in, out]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -143,12 +150,13 @@ def embedding_form(module: nn.Module) -> EmbeddingForm | None:
     """
     if not isinstance(module, nn.Embedding):
         return None
+    if module.max_norm is not None:  # F.embedding would renormalise the rows in place
+        return None
     if type(module) is nn.Embedding:
         return "plain"
     weight = module.weight
     if (
-        module.max_norm is not None  # F.embedding would renormalise the rows in place
-        or not _single_input_forward(module)
+        not _single_input_forward(module)
         or not isinstance(weight, torch.Tensor)
         or weight.is_meta
         or not weight.is_floating_point()
