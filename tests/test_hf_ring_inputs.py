@@ -191,3 +191,36 @@ def test_segment_ids_a_model_does_not_pass_on_are_an_error(one_rank):
         ring_forward(model, _ids(1, 6))  # no segments: nothing to lose
         with pytest.raises(RingError, match="did not receive them"):
             ring_forward(model, _ids(1, 6), segment_ids=torch.tensor([0, 0, 0, 1, 1, 1]))
+
+
+def test_a_per_call_is_causal_wins_over_the_module_attribute(one_rank):
+    """CLIP's text encoder: is_causal False on the module, True on every call."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(cfg).eval()
+    ids = torch.randint(0, 99, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        use_ring_attention(model, backend="math", timeout=30)
+        got = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_a_sequence_too_short_for_every_rank_is_refused_on_every_rank(layout):
+    from qdelta.ring.hf import _check_every_rank_has_tokens
+
+    _check_every_rank_has_tokens(3, 3, layout)  # one token each
+    with pytest.raises(
+        ShapeError, match=rf"at least 3 tokens for 3 ranks in the {layout}.*found 2"
+    ):
+        _check_every_rank_has_tokens(2, 3, layout)

@@ -275,6 +275,39 @@ def test_virtual_ring_matches_sdpa_forward_and_backward(backend, case, batched, 
         assert (g - r).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto"])
+def test_causal_attention_with_a_zero_or_negative_scale(backend, scale):
+    """torch's fused causal kernel gives NaN rows for such scales: the diagonal
+    block must take the explicit mask (the ring runs every diagonal that way)."""
+    q, k, v = (rnd(2, h, 9, 8).requires_grad_() for h in (4, 2, 2))
+    out, lse = block_attention(
+        q.detach(), k.detach(), v.detach(), causal=True, softmax_scale=scale, backend=backend
+    )
+    ref_out, ref_lse = block_reference(q, k, v, True, 0, 0, None, None, scale=scale)
+    assert (out - ref_out).abs().max() < 1e-12 and (lse - ref_lse).abs().max() < 1e-12
+    out, lse = virtual_ring_attention(
+        q, k, v, world_size=3, causal=True, softmax_scale=scale, backend=backend, return_lse=True
+    )
+    ref_out, ref_lse = reference_attention(q, k, v, causal=True, scale=scale)
+    assert (out - ref_out).abs().max() < 1e-10 and (lse - ref_lse).abs().max() < 1e-10
+    dout = rnd(*out.shape)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    ref = torch.autograd.grad((ref_out * dout).sum(), (q, k, v))
+    for g, r in zip(got, ref, strict=True):
+        assert (g - r).abs().max() < 1e-10
+
+
+def test_ring_attention_refuses_double_backward(one_rank):
+    """K/V from other ranks arrive without a graph: a second derivative would
+    silently miss their share, so it is refused."""
+    q, k, v = (rnd(1, 2, 6, 4).requires_grad_() for _ in range(3))
+    out = ring_attention(q, k, v, backend="math", timeout=30)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
+
+
 def test_ring_attention_needs_a_process_group():
     q = rnd(1, 2, 4, 8)
     with pytest.raises(RingError, match="process group"):

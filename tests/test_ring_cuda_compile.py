@@ -118,8 +118,9 @@ def test_backend_names_pick_the_kernels(monkeypatch):
 
 @pytest.mark.parametrize(
     "window, softcap, error, match",
-    [(0, None, ShapeError, "expected window >= 1, found 0"),
+    [(0, None, ShapeError, r"expected window >= 1 and < 2\*\*63 \(None for no window\), found 0"),
      (-3, None, ShapeError, "found -3"),
+     (2**63, None, ShapeError, f"found {2**63}"),
      (2.0, None, DTypeError, "expected window as None or an int, found float"),
      (True, None, DTypeError, "found bool"),
      (None, 0.0, ShapeError, "expected a finite softcap > 0, found 0.0"),

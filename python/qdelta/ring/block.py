@@ -236,14 +236,16 @@ def effective_window(window: int | None, sq: int, sk: int, q_start: int, kv_star
 
 
 def check_window(window, softcap, what: str = "block attention") -> None:
-    """``window``: None or an int >= 1; ``softcap``: None or a finite number > 0."""
+    """``window``: None or an int in [1, 2**63); ``softcap``: None or a finite number > 0."""
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral):
             raise DTypeError(
                 f"{what}: expected window as None or an int, found {type(window).__name__}"
             )
-        if window < 1:
-            raise ShapeError(f"{what}: expected window >= 1, found {window}")
+        if not 1 <= window < 2**63:  # the ring compares windows across ranks as int64
+            raise ShapeError(
+                f"{what}: expected window >= 1 and < 2**63 (None for no window), found {window}"
+            )
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise DTypeError(
@@ -573,7 +575,7 @@ def _sdpa_cpu_backward(
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     acc = partial_dtype(q.dtype)
-    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window)
+    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window, scale)
     mask = (
         None
         if diagonal
@@ -621,9 +623,19 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
 
-def _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window) -> bool:
-    """Whether the fused kernels' own causal mask (``is_causal``) is this block's mask."""
-    return causal and q_start == kv_start and sq == sk and qseg is None and window is None
+def _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window, scale) -> bool:
+    """Whether the fused kernels' own causal mask (``is_causal``) is this block's mask.
+
+    Not for a scale <= 0: torch's CPU flash kernel returns NaN rows with
+    ``is_causal`` and such a scale (an explicit mask is exact)."""
+    return (
+        causal
+        and q_start == kv_start
+        and sq == sk
+        and qseg is None
+        and window is None
+        and (scale is None or scale > 0)
+    )
 
 
 def _sdpa_forward(
@@ -633,7 +645,7 @@ def _sdpa_forward(
     if softcap is not None:  # torch's fused kernels do not soft-cap
         return _fallback("softcap", args)
     sq, sk = q.shape[2], k.shape[2]
-    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window)
+    diagonal = _is_diagonal(causal, q_start, kv_start, sq, sk, qseg, window, scale)
     mask = (
         None
         if diagonal

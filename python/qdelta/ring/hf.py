@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -30,7 +31,7 @@ from qdelta.optional import require
 from qdelta.ring.attention import ring_attention
 from qdelta.ring.block import BACKENDS
 from qdelta.ring.errors import RingError
-from qdelta.ring.layout import LAYOUTS, Layout, position_ids, shard
+from qdelta.ring.layout import LAYOUTS, Layout, local_length, position_ids, shard
 
 ATTENTION_NAME = "qdelta_ring"
 
@@ -115,7 +116,12 @@ def ring_attention_forward(
     called = _CALLED.get()
     if called is not None:
         called.add(id(module))
-    causal = getattr(module, "is_causal", True)
+    # A per-call is_causal wins over the module's, as in transformers' own
+    # attention functions (CLIP's text encoder sets it per call).
+    causal = kwargs.pop("is_causal", None)
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    causal = bool(causal)
     _check_mask(attention_mask, query.shape[2], causal)
     if window is not None and not causal:
         raise RingError(
@@ -381,6 +387,7 @@ def ring_forward(
             "(dist.init_process_group, or qdelta.ring.launch.spawn_ring)"
         )
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    _check_every_rank_has_tokens(input_ids.shape[-1], world_size, layout)
     local_ids = shard(input_ids, world_size, rank, layout=layout, dim=-1)
     if segment_ids is None:
         pos = position_ids(input_ids.shape[-1], world_size, rank, layout).to(input_ids.device)
@@ -400,6 +407,23 @@ def ring_forward(
         _CALLED.reset(called_token)
     _check_all_called(model, called)
     return logits
+
+
+def _check_every_rank_has_tokens(seq_len: int, world_size: int, layout: Layout) -> None:
+    """A rank without tokens would fail inside the model (and leave its peers
+    waiting): every rank sees the same length, so every rank raises this."""
+    empty = [r for r in range(world_size) if local_length(seq_len, world_size, r, layout) == 0]
+    if empty:
+        need = next(
+            n
+            for n in itertools.count(world_size)
+            if all(local_length(n, world_size, r, layout) for r in range(world_size))
+        )
+        raise ShapeError(
+            f"ring_forward input_ids: expected at least {need} tokens for {world_size} ranks in "
+            f"the {layout} layout (a token per rank), found {seq_len}, which leaves rank(s) "
+            f"{empty} none"
+        )
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
