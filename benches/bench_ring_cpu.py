@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qdelta.machine import cpu_model
 from qdelta.ring import ring_attention, shard
 from qdelta.ring.launch import spawn_ring
 
@@ -117,11 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worlds", default="2,4")
     parser.add_argument("--window", type=int, default=None, help="sliding window (tokens)")
     args = parser.parse_args(argv)
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        "unknown",
-    )  # fmt: skip
+    cpu = cpu_model()
     # Fixed mmap threshold: large blocks go back to the OS when freed, so peak RSS
     # tracks live tensors instead of glibc's heap growth (inherited by the ranks).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")

@@ -107,7 +107,7 @@ pub fn gather_embedding(
     check_tokens(tokens, vocab)?;
     if let Some((r, i)) = first_outside(table, 0, tables.len()) {
         return Err(Error::Value(format!(
-            "table: expected indices in [0, {}), found {i} at position {r}",
+            "table: expected indices in [0, {}), found {i} at index {r} of the flattened ids",
             tables.len()
         )));
     }
@@ -124,7 +124,7 @@ pub fn gather_embedding(
 fn check_tokens(tokens: &[i64], vocab: usize) -> Result<()> {
     match first_outside(tokens, 0, vocab) {
         Some((r, v)) => Err(Error::Value(format!(
-            "tokens: expected ids in [0, {vocab}), found {v} at position {r}"
+            "tokens: expected ids in [0, {vocab}), found {v} at index {r} of the flattened ids"
         ))),
         None => Ok(()),
     }

@@ -357,6 +357,8 @@ def _broken_zoo(tmp_path, manifest_edit=None, remove=None):
     (root / "data").mkdir(parents=True)
     (root / "base").mkdir()
     ByteTokenizer().save(root / "base")
+    for name in ("config.json", "model.safetensors"):  # opening checks they exist
+        (root / "base" / name).write_text("{}")
     manifest = {
         "key": config.cache_key(),
         "config": config.to_dict(),
@@ -387,6 +389,12 @@ def test_an_incomplete_zoo_cache_says_to_rebuild(tmp_path, capsys):
     root = _broken_zoo(tmp_path / "c", remove="base/" + TOKENIZER_FILE)
     line = _error(["zoo", "--tiny", "--cache", str(tmp_path / "c")], capsys)
     assert TOKENIZER_FILE in line and "rebuild" in line
+    # A model's weights removed after the build: named when the zoo opens, before any work.
+    root = _broken_zoo(tmp_path / "d", remove="base/model.safetensors")
+    line = _error(
+        ["eval", "--tiny", "--cache", str(tmp_path / "d"), "--out", str(tmp_path)], capsys
+    )
+    assert "no model.safetensors in" in line and str(root / "base") in line and "rebuild" in line
 
 
 def test_ctrl_c_is_one_line_not_a_traceback(capsys, monkeypatch):

@@ -262,3 +262,43 @@ def test_nonexistent_base_dir_is_a_clear_error(tmp_path, capsys):
     line = _fails(["compress", str(missing), str(tmp_path / "ft"), "-o", str(out)], capsys)
     assert str(missing) in line and "config.json" in line and "found none" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--steps", "50"], ["--seed", "7"], ["--seq-len", "64"], ["--steps", "5", "--seed", "1"]],
+)
+def test_distillation_flags_without_calib_are_a_usage_error(tmp_path, capsys, extra):
+    """They would be ignored without a word: the user asked for a distillation."""
+    out = tmp_path / "x.qdelta"
+    assert main(["compress", "b", "f", "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdelta compress: ") and "expected --calib" in err
+    assert all(flag in err for flag in extra if flag.startswith("--"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["compress b f -o x", "zoo", "eval", "demo", "ring-demo"])
+def test_a_negative_seed_is_refused_before_any_work(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command.split(), "--seed", "-1"])
+    assert e.value.code == 2
+    assert "expected an int in 0..9223372036854775807, found -1" in capsys.readouterr().err
+
+
+def test_calibration_windows_longer_than_the_models_positions_are_refused(tmp_path, capsys, rng):
+    # A vocabulary the byte tokenizer fits, so the positions are what fails.
+    seed = int(rng.integers(1 << 30))
+    base = tiny_llama(seed, max_position_embeddings=64, vocab_size=ByteTokenizer.vocab_size)
+    base.save_pretrained(tmp_path / "base")
+    fake_finetune(base).save_pretrained(tmp_path / "ft")
+    ByteTokenizer().save(tmp_path / "ft")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_calib_text(rng, 2000), encoding="utf-8")
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(tmp_path / "x")]
+    argv += ["--calib", str(calib), "--steps", "1"]
+    line = _fails(argv, capsys)
+    assert "expected at most 64 tokens (the model's positions), found windows of 128" in line
+    assert "--seq-len" in line and not (tmp_path / "x").exists()
+    assert main([*argv, "--seq-len", "64"]) == 0
+    assert "seq_len=64" in qdelta.load(tmp_path / "x").metadata["distill"]

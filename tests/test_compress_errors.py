@@ -33,6 +33,9 @@ def test_different_shapes_name_the_layer(llama_pair):
     bigger_vocab = tiny_llama(vocab_size=70)
     with pytest.raises(qdelta.ShapeError, match="vocabulary sizes must match"):
         qdelta.compress(base, bigger_vocab, compress_embeddings=True)
+    wider_hidden = tiny_llama(hidden_size=48)
+    with pytest.raises(qdelta.ShapeError, match=r"embed_tokens.*hidden sizes must match"):
+        qdelta.compress(base, wider_hidden, compress_embeddings=True)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -133,6 +134,21 @@ def test_seeded_and_reproducible(finetune):
     for name in delta.layers:
         np.testing.assert_array_equal(a.delta.layers[name].scales, b.delta.layers[name].scales)
     assert a.losses != c.losses
+
+
+def test_a_run_that_makes_the_loss_worse_says_so(finetune):
+    """A far too large lr: the scales come back (as trained) with a warning, and the
+    metadata records the lr that produced them."""
+    base, ft, calib, _ = finetune
+    delta = qdelta.compress(base, ft)
+    with pytest.warns(RuntimeWarning, match=r"loss rose from .* over 20 steps \(lr=5.0\)"):
+        bad = _distill(base, ft, delta, calib, lr=5.0)
+    assert bad.loss_after > bad.loss_before
+    assert "lr=5.0" in bad.delta.metadata["distill"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        good = _distill(base, ft, delta, calib)
+    assert "lr=0.002" in good.delta.metadata["distill"]
 
 
 def test_kl_loss_and_text_inputs(finetune, tmp_path):

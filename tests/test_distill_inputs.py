@@ -48,6 +48,7 @@ def _refused(pair, error, match, calib=None, finetuned=None, **kw):
         base.eval()
 
 
+@pytest.mark.filterwarnings("ignore:distill. the mse loss rose:RuntimeWarning")  # 2 steps
 def test_valid_call_still_trains(pair):
     base, ft, delta = pair
     result = qdelta.distill(base, ft, delta, _calib(), steps=2, batch_size=2, progress=False)
@@ -81,6 +82,7 @@ def test_another_architecture_is_refused(pair):
         ({"lr": "fast"}, DTypeError, r"lr: expected a number, found str"),
         ({"loss": "l1"}, ShapeError, r"loss: expected one of \('mse', 'kl'\), found 'l1'"),
         ({"eval_batches": 1.5}, DTypeError, r"eval_batches: expected an int, found float"),
+        ({"eval_batches": 0}, ShapeError, r"eval_batches: expected an int >= 1, found 0"),
         ({"seed": "x"}, DTypeError, r"seed: expected an int, found str"),
     ],
 )

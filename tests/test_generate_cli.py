@@ -108,3 +108,26 @@ def test_bad_requests_are_one_line_errors(served, tmp_path, capsys):
     line = _error(["generate", str(bare), str(root / "store"), "--tenant", "-",
                    "--prompt", "x"], capsys)  # fmt: skip
     assert "needs a tokenizer" in line and str(bare) in line
+
+
+def test_decoding_past_the_models_positions_is_refused_up_front(served, capsys):
+    root, _, _ = served  # 128 positions; "ab" is <bos> + 2 bytes = 3 tokens
+    head = ["generate", str(root / "base"), str(root / "store"), "--tenant", "alice"]
+    line = _error([*head, "--prompt", "ab", "--max-new-tokens", "127"], capsys)
+    assert "expected at most 126 after the longest prompt (3 tokens" in line
+    assert "128 positions), found 127" in line
+    assert main([*head, "--prompt", "ab", "--max-new-tokens", "126", "--json"]) == 0
+    assert 1 <= len(json.loads(capsys.readouterr().out)[0]["tokens"]) <= 126  # eos may stop it
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--temperature", "5"], ["--top-k", "3"], ["--seed", "4"], ["--top-k", "2", "--seed", "1"]],
+)
+def test_sampling_flags_without_sample_are_a_usage_error(served, capsys, extra):
+    root, _, _ = served
+    argv = ["generate", str(root / "base"), str(root / "store"), "--tenant", "-", "--prompt", "x"]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdelta generate: ") and "expected --sample" in err
+    assert all(flag in err for flag in extra if flag.startswith("--"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 from qdelta.algebra import DenseDelta, dense_delta, soup
 from qdelta.delta import Delta
 from qdelta.eval import perplexity
+from qdelta.machine import cpu_model
 from qdelta.nn import merge
 from qdelta.peft_import import memory_report
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     report = soup_report(zoo)
     report["machine"] = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "zoo": "tiny" if args.tiny else "default",
         "zoo_seconds": round(t1 - t0, 1),

@@ -26,6 +26,10 @@ def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+#: Every --seed: what torch and numpy generators take.
+SEED = int_at_least(0, 2**63 - 1)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qdelta.demo import run_demo
 
@@ -65,15 +69,46 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.file)
 
 
+def _usage_error(command: str, message: str) -> int:
+    print(f"qdelta {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _unused_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The flags (``--name`` by attribute) the user gave (not None)."""
+    return [flag for attr, flag in flags.items() if getattr(args, attr) is not None]
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from qdelta.compress_cli import run_compress
 
+    # Distillation settings without --calib would be ignored without a word.
+    given = _unused_flags(args, {"steps": "--steps", "seed": "--seed", "seq_len": "--seq-len"})
+    if given and not args.calib:
+        return _usage_error(
+            "compress",
+            f"{', '.join(given)} set the scale distillation, which runs with --calib only; "
+            "expected --calib TEXT_FILE with them (or leave them out)",
+        )
+    args.steps = 200 if args.steps is None else args.steps
+    args.seed = 0 if args.seed is None else args.seed
+    args.seq_len = 128 if args.seq_len is None else args.seq_len
     return run_compress(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from qdelta.generate_cli import run_generate
 
+    given = _unused_flags(
+        args, {"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"}
+    )
+    if given and not args.sample:
+        return _usage_error(
+            "generate",
+            f"{', '.join(given)} set sampling, and decoding is greedy without --sample; "
+            "expected --sample with them (or leave them out)",
+        )
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     return run_generate(args)
 
 
@@ -171,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demonstration")
     demo.add_argument("--out", default="results", help="directory for results (default: results)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
     demo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     demo.add_argument(
@@ -185,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="held-out perplexity of every zoo tenant: base, fine-tune, 1/2/3-bit deltas"
     )
     ev.add_argument("--out", default="results", help="directory for quality.json and deltas/")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
     ev.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     ev.add_argument(
@@ -218,9 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
     comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
     comp.add_argument(
-        "--steps", type=int_at_least(0), default=200, help="distillation steps (default 200)"
+        "--steps",
+        type=int_at_least(0),
+        default=None,
+        help="distillation steps (default 200; with --calib)",
     )
-    comp.add_argument("--seed", type=int, default=0)
+    comp.add_argument(
+        "--seed", type=SEED, default=None, help="distillation batch order (default 0; with --calib)"
+    )
+    comp.add_argument(
+        "--seq-len",
+        type=int_at_least(1),
+        default=None,
+        help="calibration window in tokens (default 128, at most the model's positions; "
+        "with --calib)",
+    )
     comp.add_argument(
         "--target",
         action="append",
@@ -264,14 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int_at_least(1), default=None)
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--temperature", type=float, default=None, help="with --sample (default 1.0)")
+    gen.add_argument("--top-k", type=int_at_least(1), default=None, help="with --sample")
+    gen.add_argument("--seed", type=SEED, default=None, help="sampling seed (with --sample)")
     gen.add_argument("--json", action="store_true", help="print the rows as JSON")
     gen.set_defaults(func=_cmd_generate)
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
     zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
-    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--seed", type=SEED, default=0)
     zoo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
     zoo.set_defaults(func=_cmd_zoo)
     ring = sub.add_parser(
@@ -285,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random input tokens (default 1024; at least one per chunk of the layout)",
     )
     ring.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
-    ring.add_argument("--seed", type=int, default=0)
+    ring.add_argument("--seed", type=SEED, default=0)
     ring.add_argument(
         "--model", default=None, help="local Llama checkpoint dir (default: tiny random)"
     )

@@ -127,7 +127,14 @@ def check_same_architecture(
     embeddings = {f"{n}.weight" for n, k in (kinds or {}).items() if k == "embedding"}
     for key, ft in finetuned.items():
         if ft.shape != base[key].shape:
-            hint = " (vocabulary sizes must match)" if key in embeddings else ""
+            hint = ""
+            if key in embeddings and ft.dim() == 2 == base[key].dim():
+                # [vocab, hidden]: say which of the two differs.
+                hint = (
+                    " (vocabulary sizes must match)"
+                    if ft.shape[0] != base[key].shape[0]
+                    else " (hidden sizes must match)"
+                )
             raise ShapeError(
                 f"{key}: expected the {ft_name}'s shape to equal the {base_name}'s "
                 f"{list(base[key].shape)}, found {list(ft.shape)}{hint}"

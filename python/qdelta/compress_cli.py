@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from qdelta.atomic_io import check_output
@@ -14,7 +15,7 @@ from qdelta.compress import compress
 from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, QDeltaError
 from qdelta.optional import require
-from qdelta.sources import load_hf_model
+from qdelta.sources import load_hf_model, storage_key
 from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 # Files one of which a directory holds when it carries a Hugging Face tokenizer.
@@ -78,12 +79,22 @@ def local_tokenizer(
     )
 
 
-def _dense_bytes(model, delta: Delta) -> int:
-    """Bytes the compressed layers take in the fine-tune's own dtype."""
-    state = model.state_dict()
-    return sum(
-        state[f"{n}.weight"].numel() * state[f"{n}.weight"].element_size() for n in delta.layers
-    )
+def _distinct_layers(model, delta: Delta) -> dict[str, torch.Tensor]:
+    """Layer name -> the fine-tune's weight, one name per tensor (a tied embedding
+    and head are one weight, stored once)."""
+    state = model.state_dict(keep_vars=True)
+    first: dict[tuple, str] = {}
+    for n in delta.layers:
+        first.setdefault(storage_key(state[f"{n}.weight"]), n)
+    return {n: state[f"{n}.weight"] for n in first.values()}
+
+
+def _sizes(model, delta: Delta) -> tuple[int, int]:
+    """(packed, dense) bytes of the compressed layers, each distinct weight once
+    (dense: in the fine-tune's own dtype)."""
+    layers = _distinct_layers(model, delta)
+    packed = sum(delta.layers[n].nbytes for n in layers)
+    return packed, sum(w.numel() * w.element_size() for w in layers.values())
 
 
 def run_compress(args: argparse.Namespace) -> int:
@@ -115,17 +126,18 @@ def run_compress(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
             steps=args.steps,
             seed=args.seed,
+            seq_len=args.seq_len,
         )
         delta = result.delta
         line = f"distillation loss: {result.loss_before:.6g} -> {result.loss_after:.6g}\n"
     delta.save(args.output)
-    packed = sum(layer.nbytes for layer in delta.layers.values())
-    dense = _dense_bytes(finetuned, delta)
+    packed, dense = _sizes(finetuned, delta)
+    whole = sum(t.numel() * t.element_size() for t in delta.params.values())
     written = Path(args.output).stat().st_size
     print(
         f"{len(delta.layers)} layers, {args.bits} bit(s), scale={args.scale}: "
         f"{packed / 2**20:.3f} MiB packed vs {dense / 2**20:.3f} MiB dense "
-        f"(ratio {dense / max(packed, 1):.1f}x); whole tensors {(delta.nbytes - packed) / 2**20:.3f} MiB\n"
+        f"(ratio {dense / max(packed, 1):.1f}x); whole tensors {whole / 2**20:.3f} MiB\n"
         f"{line}wrote {args.output} ({written / 2**20:.3f} MiB on disk)"
     )
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +27,14 @@ from qdelta.compress import check_same_architecture
 from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, DTypeError, ModelMismatchError, ShapeError
 from qdelta.nn import apply, delta_modules, read_scales, unapply
-from qdelta.sources import ModelSource, as_module, layer_kinds, model_output, state_dict_of
+from qdelta.sources import (
+    ModelSource,
+    as_module,
+    layer_kinds,
+    max_positions,
+    model_output,
+    state_dict_of,
+)
 
 LossName = Literal["mse", "kl"]
 LOSSES = ("mse", "kl")
@@ -87,13 +95,23 @@ def _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches) -
     as_int("batch_size", batch_size, 1)
     as_int("seq_len", seq_len, 1)
     as_int("seed", seed, 0, 2**63)
-    as_int("eval_batches", eval_batches, 0)
+    as_int("eval_batches", eval_batches, 1)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise DTypeError(f"lr: expected a number, found {type(lr).__name__}")
     if not math.isfinite(lr) or lr <= 0:
         raise ShapeError(f"lr: expected a finite number > 0, found {lr}")
     if loss not in LOSSES:
         raise ShapeError(f"loss: expected one of {LOSSES}, found {loss!r}")
+
+
+def _check_positions(ids: torch.Tensor, model: nn.Module) -> None:
+    """Windows longer than the model's positions fail deep inside its forward."""
+    limit = max_positions(model)
+    if limit is not None and ids.shape[-1] > limit:
+        raise CalibrationError(
+            f"calibration windows: expected at most {limit} tokens (the model's positions), "
+            f"found windows of {ids.shape[-1]}; pass a smaller seq_len (qdelta compress --seq-len)"
+        )
 
 
 def _check_pair(base: nn.Module, finetuned: nn.Module) -> None:
@@ -172,6 +190,7 @@ def distill(
     _check_pair(base_mod, ft_mod)
     ids, mask = prepare_calibration(calib, tokenizer, seq_len=seq_len, min_sequences=batch_size)
     _check_vocab(ids, base_mod)
+    _check_positions(ids, base_mod)
     student, teacher = _Runner(base_mod), _Runner(ft_mod)
     modes = {m: m.training for m in (base_mod, ft_mod)}
     grads = {p: p.requires_grad for p in base_mod.parameters()}
@@ -188,7 +207,7 @@ def distill(
         fixed = [
             torch.arange(i, min(i + batch_size, len(ids))) for i in range(0, len(ids), batch_size)
         ]
-        fixed = fixed[: max(1, eval_batches)]
+        fixed = fixed[:eval_batches]
 
         @torch.no_grad()
         def evaluate() -> float:
@@ -231,6 +250,14 @@ def distill(
         for m, flag in modes.items():
             m.train(flag)
     trained.metadata["distill"] = (
-        f"steps={steps},batch={batch_size},seq_len={seq_len},loss={loss},seed={seed}"
+        f"steps={steps},batch={batch_size},seq_len={seq_len},lr={lr},loss={loss},seed={seed}"
     )
+    if steps and after > before:
+        warnings.warn(
+            f"distill: the {loss} loss rose from {before:.4g} to {after:.4g} over {steps} "
+            f"steps (lr={lr}): the trained scales fit the fine-tune worse than the initial "
+            "ones; try another lr or more steps, or keep the undistilled delta",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return DistillResult(delta=trained, loss_before=before, loss_after=after, losses=history)

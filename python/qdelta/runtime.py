@@ -41,7 +41,7 @@ from qdelta.errors import (
 )
 from qdelta.locking import SerializedCalls, serialized
 from qdelta.nn import tensor_aliases
-from qdelta.sources import conv1d_form, embedding_form, is_conv1d, linear_form
+from qdelta.sources import conv1d_form, embedding_form, is_conv1d, linear_form, max_positions
 from qdelta.store import check_base, fingerprint
 from qdelta.tenant_modules import (
     PackedRowEmbedding,
@@ -789,6 +789,18 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             )
         return input_ids.to(torch.long), mask
 
+    def _check_positions(self, prompt: int, max_new_tokens: int) -> None:
+        """Refuse up front what would run past the model's positions (learned
+        position tables fail mid-decode, rotary ones silently leave their range).
+        The last new token is not fed back: its position is never used."""
+        limit = max_positions(self.model)
+        if limit is not None and prompt + max_new_tokens - 1 > limit:
+            raise ShapeError(
+                f"max_new_tokens: expected at most {max(limit - prompt + 1, 0)} after the "
+                f"longest prompt ({prompt} tokens; the model has {limit} positions), "
+                f"found {max_new_tokens}"
+            )
+
     def _vocab_size(self) -> int:
         emb = self._base_modules.get("model.embed_tokens")
         if isinstance(emb, nn.Embedding):
@@ -829,6 +841,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         """
         ids, mask = self._check_inputs(input_ids, attention_mask)
         max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
+        self._check_positions(int(mask.sum(1).max()), max_new_tokens)
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise DTypeError(f"temperature: expected a number, found {type(temperature).__name__}")
         if not math.isfinite(temperature) or temperature < 0 or (do_sample and temperature == 0):

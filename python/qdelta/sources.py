@@ -101,6 +101,17 @@ def state_dict_of(src: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config declares (``max_position_embeddings``,
+    GPT-2's ``n_positions``), or None when it declares none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def storage_key(t: torch.Tensor) -> tuple:
     """Equal for two tensors that are the same elements (tied weights: one tensor
     under two names, or two views of one storage)."""

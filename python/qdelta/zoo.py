@@ -243,8 +243,17 @@ class Zoo:
     def load(self, name: str = "base", dtype: torch.dtype = torch.float32):
         """The model ``name`` ("base", a tenant or an ingredient) as a LlamaForCausalLM."""
         LlamaForCausalLM = require("transformers", "Zoo.load").LlamaForCausalLM
+        from safetensors import SafetensorError
 
-        model = LlamaForCausalLM.from_pretrained(self.model_dir(name), dtype=dtype)
+        where = self.model_dir(name)
+        try:
+            model = LlamaForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        except (OSError, SafetensorError) as e:  # a cache damaged after it was built
+            raise ZooError(
+                f"zoo model {name!r} in {where}: expected its config and weights as the zoo "
+                f"wrote them, found: {' '.join(str(e).split())}; delete {self.root} to "
+                "rebuild the zoo"
+            ) from e
         return model.eval()
 
 
@@ -574,6 +583,15 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
             f"found {found}; {rebuild}"
         ) from e
 
+    # Existence only (opening stays cheap); a damaged file is named by Zoo.load.
+    for model_dir in [root / "base", *(t.path for t in tenants.values()), *ingredients.values()]:
+        missing = [f for f in ("config.json", "model.safetensors") if not (model_dir / f).is_file()]
+        if missing:
+            raise ZooError(
+                f"{root}: expected a complete zoo, found no {' or '.join(missing)} in "
+                f"{model_dir}; {rebuild}"
+            )
+
     def text(name: str) -> str:
         try:
             return (root / "data" / name).read_text()
@@ -676,11 +694,13 @@ def zoo_report(zoo: Zoo) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from qdelta.cli import SEED
+
     parser = argparse.ArgumentParser(
         prog="python -m qdelta.zoo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     parser.add_argument(
         "--cache", default=None, help=f"cache directory (default {default_cache_dir()})"
     )
