@@ -245,6 +245,11 @@ def test_bad_input_keeps_serving(world, oracle):
             lambda: model.generate(ids, torch.zeros(2, 1, dtype=torch.long), 2),
         ),
         (qdelta.DTypeError, "float32", lambda: model.generate(ids, torch.tensor([0.0, -1.0]), 2)),
+        (
+            qdelta.DTypeError,
+            "expected an int64, int32, int16, int8 or uint8 tensor, found torch.uint16",
+            lambda: model.generate(ids, torch.tensor([0, 0], dtype=torch.uint16), 2),
+        ),
         (qdelta.DTypeError, "sequence", lambda: model.generate(ids, "noisy", 2)),
         (qdelta.DTypeError, "float", lambda: model.generate(ids, [0.5, None], 2)),
         (

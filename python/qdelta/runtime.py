@@ -643,7 +643,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         if isinstance(tenant_ids, torch.Tensor):
             if tenant_ids.dtype not in _INT_DTYPES:
                 raise DTypeError(
-                    f"tenant_ids: expected an integer tensor, found {tenant_ids.dtype}"
+                    f"tenant_ids: expected an int64, int32, int16, int8 or uint8 tensor, "
+                    f"found {tenant_ids.dtype}"
                 )
             if tenant_ids.dim() != 1:
                 raise ShapeError(
@@ -744,7 +745,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INT_DTYPES:
             found = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids)
-            raise DTypeError(f"input_ids: expected an integer tensor, found {found}")
+            raise DTypeError(
+                f"input_ids: expected an int64, int32, int16, int8 or uint8 tensor, found {found}"
+            )
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ShapeError(
                 f"input_ids: expected [batch, length >= 1], found {list(input_ids.shape)}"
