@@ -243,15 +243,22 @@ def test_calib_without_a_tokenizer_is_a_clear_error(tmp_path, capsys, rng):
     assert not out.exists()
 
 
-def test_byte_tokenizer_needs_a_big_enough_vocab(tmp_path, capsys, rng):
-    base = tiny_llama(seed=int(rng.integers(1 << 30)))  # 61 ids < 259
+def _byte_tokenized_pair(tmp_path, rng, **config) -> list[str]:
+    """Base and fine-tune dirs (the byte tokenizer in the fine-tune's) and a calibration
+    text; the compress command line for them, with --calib."""
+    base = tiny_llama(seed=int(rng.integers(1 << 30)), **config)
     base.save_pretrained(tmp_path / "base")
     fake_finetune(base).save_pretrained(tmp_path / "ft")
     ByteTokenizer().save(tmp_path / "ft")
     calib = tmp_path / "calib.txt"
     calib.write_text(_calib_text(rng, 2000), encoding="utf-8")
     argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(tmp_path / "x")]
-    line = _fails([*argv, "--calib", str(calib)], capsys)
+    return [*argv, "--calib", str(calib)]
+
+
+def test_byte_tokenizer_needs_a_big_enough_vocab(tmp_path, capsys, rng):
+    argv = _byte_tokenized_pair(tmp_path, rng)  # 61 ids < 259
+    line = _fails(argv, capsys)
     assert "at least 259 embedding rows" in line and "found 61" in line
 
 
@@ -288,15 +295,8 @@ def test_a_negative_seed_is_refused_before_any_work(command, capsys):
 
 def test_calibration_windows_longer_than_the_models_positions_are_refused(tmp_path, capsys, rng):
     # A vocabulary the byte tokenizer fits, so the positions are what fails.
-    seed = int(rng.integers(1 << 30))
-    base = tiny_llama(seed, max_position_embeddings=64, vocab_size=ByteTokenizer.vocab_size)
-    base.save_pretrained(tmp_path / "base")
-    fake_finetune(base).save_pretrained(tmp_path / "ft")
-    ByteTokenizer().save(tmp_path / "ft")
-    calib = tmp_path / "calib.txt"
-    calib.write_text(_calib_text(rng, 2000), encoding="utf-8")
-    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(tmp_path / "x")]
-    argv += ["--calib", str(calib), "--steps", "1"]
+    config = {"max_position_embeddings": 64, "vocab_size": ByteTokenizer.vocab_size}
+    argv = [*_byte_tokenized_pair(tmp_path, rng, **config), "--steps", "1"]
     line = _fails(argv, capsys)
     assert "expected at most 64 tokens (the model's positions), found windows of 128" in line
     assert "--seq-len" in line and not (tmp_path / "x").exists()

@@ -69,27 +69,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return verify(args.file)
 
 
-def _usage_error(command: str, message: str) -> int:
-    print(f"qdelta {command}: {message}", file=sys.stderr)
-    return 2
-
-
-def _unused_flags(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
-    """The flags (``--name`` by attribute) the user gave (not None)."""
-    return [flag for attr, flag in flags.items() if getattr(args, attr) is not None]
+def _flags_need(
+    args: argparse.Namespace, command: str, flags: dict[str, str], needed: str, why: str
+) -> int | None:
+    """Exit code 2 (and a one-line message) when any of ``flags`` (attribute ->
+    ``--name``, given = not None) comes without ``needed``: it would be ignored
+    without a word. None when the combination is fine."""
+    given = [flag for attr, flag in flags.items() if getattr(args, attr) is not None]
+    if given and not getattr(args, needed.removeprefix("--").replace("-", "_")):
+        print(
+            f"qdelta {command}: {', '.join(given)} {why}; expected {needed} with them "
+            "(or leave them out)",
+            file=sys.stderr,
+        )
+        return 2
+    return None
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from qdelta.compress_cli import run_compress
 
-    # Distillation settings without --calib would be ignored without a word.
-    given = _unused_flags(args, {"steps": "--steps", "seed": "--seed", "seq_len": "--seq-len"})
-    if given and not args.calib:
-        return _usage_error(
-            "compress",
-            f"{', '.join(given)} set the scale distillation, which runs with --calib only; "
-            "expected --calib TEXT_FILE with them (or leave them out)",
-        )
+    flags = {"steps": "--steps", "seed": "--seed", "seq_len": "--seq-len"}
+    why = "set the scale distillation, which runs with --calib only"
+    if (code := _flags_need(args, "compress", flags, "--calib", why)) is not None:
+        return code
     args.steps = 200 if args.steps is None else args.steps
     args.seed = 0 if args.seed is None else args.seed
     args.seq_len = 128 if args.seq_len is None else args.seq_len
@@ -99,15 +102,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from qdelta.generate_cli import run_generate
 
-    given = _unused_flags(
-        args, {"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"}
-    )
-    if given and not args.sample:
-        return _usage_error(
-            "generate",
-            f"{', '.join(given)} set sampling, and decoding is greedy without --sample; "
-            "expected --sample with them (or leave them out)",
-        )
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed"}
+    why = "set sampling, and decoding is greedy without --sample"
+    if (code := _flags_need(args, "generate", flags, "--sample", why)) is not None:
+        return code
     args.temperature = 1.0 if args.temperature is None else args.temperature
     return run_generate(args)
 
