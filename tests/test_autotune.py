@@ -77,7 +77,9 @@ def test_a_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe\x00"]
+    "content",
+    [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe\x00", b"[" * 200_000],
+    ids=["not json", "a list", "other format", "not utf-8", "nested too deep"],
 )
 def test_unreadable_cache_file_warns_and_is_left_alone(tmp_path, content):
     path = tmp_path / "tune.json"
@@ -241,6 +243,40 @@ def test_no_timing_while_capturing_and_when_off(emulated, gen, tuned, monkeypatc
     monkeypatch.setattr(emulated, "capturing", lambda device: False)
     cuda_backend.delta_matmul(x[:1], planes, scales)
     assert state["timed"] == [] and state["last"] == "mma"  # the fixed rule
+
+
+def _decide_then_call(gen, cache, choice: str):
+    """Record ``choice`` for a 16-row multi-tenant fp16 shape, then run that shape."""
+    m, k, n, t = 16, 96, 24, 2
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(t, 1, n, k, generator=gen)
+    scales = random_scales(t, 1, n, False, generator=gen)
+    ids = torch.randint(0, t, (m,), generator=gen)
+    key = choices.tuning_key(cuda_backend.RUNTIME.device_name(0), 16, False, n, k, 1, False, 0)
+    cache.put(key, choice, {choice: 1.0})
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids)
+    assert_close(y, oracle(x, planes, scales, ids), f"decided {choice}")
+    return key
+
+
+def test_a_recorded_choice_this_version_does_not_offer_is_retuned(emulated, gen, tuned):
+    """A hand-edited file or a renamed choice: re-measured, not an error on every call."""
+    state, cache = tuned
+    state["favorite"] = "lut"
+    key = _decide_then_call(gen, cache, "lut-early")
+    assert state["timed"] == list(choices.tuning_candidates(16, 0, 1))
+    assert cache.get(key) == "lut"
+
+
+@pytest.mark.parametrize("decided", ["expand", "gemm64", "lut-prefetch"])
+def test_under_capture_a_decision_that_reads_ids_on_the_host_gives_way_to_the_rule(
+    emulated, gen, tuned, monkeypatch, decided
+):
+    state, cache = tuned
+    monkeypatch.setattr(emulated, "capturing", lambda device: True)
+    _decide_then_call(gen, cache, decided)
+    want = choices.path_choice("decode") if decided in choices.HOST_SYNCING else decided
+    assert state["timed"] == [] and state["last"] == want
 
 
 def test_cli_shows_and_clears_decisions(tmp_path, capsys):

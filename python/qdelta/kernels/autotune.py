@@ -100,7 +100,7 @@ class DecisionCache:
         with os.fdopen(fd, "rb") as f:
             try:
                 data = json.loads(f.read())
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
                 problem = f"expected a {FORMAT} JSON file, found unreadable content ({exc})"
                 return {}, FormatError, problem, []
         if not isinstance(data, dict) or data.get("format") != FORMAT:

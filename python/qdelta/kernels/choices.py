@@ -57,6 +57,10 @@ def run_choice(choice, x, planes, scales, tenant_ids, base, out, use, row_scales
         raise ShapeError(f"kernel choice: expected one of {KERNEL_CHOICES}, found {choice!r}")
 
 
+#: Choices that read the tenant ids on the host (the tenant order of expand and gemm).
+HOST_SYNCING = frozenset({"expand", "expand-overlap", "gemm64", "gemm128"})
+
+
 def row_bucket(m_rows: int) -> int:
     """Rows rounded up to a power of two: one tuning decision covers the bucket."""
     return 1 << max(0, m_rows - 1).bit_length()
@@ -103,15 +107,19 @@ def auto_choice(one_tenant: bool, args: tuple) -> str:
         cuda.RUNTIME.device_name(cuda._device_index(device)),
         bucket, one_tenant, planes.shape[2], k, use, row_scales, dt,
     )  # fmt: skip
+    candidates = tuning_candidates(bucket, dt, use)
     known = autotune.decided(key)
-    if known is not None:
-        return known
-    if cuda.RUNTIME.capturing(device):
+    capturing = cuda.RUNTIME.capturing(device)
+    # A recorded choice this version no longer offers is re-tuned (choose() does that).
+    if known in candidates:
+        # Under CUDA-graph capture the fixed rule stands in for a choice that reads
+        # the tenant ids on the host (a sync, which capture does not allow).
+        return rule if capturing and known in HOST_SYNCING else known
+    if capturing:
         return rule
     scratch = torch.empty_like(out)  # the caller's out (maybe base itself) is written once
 
     def run(choice: str) -> None:
         run_choice(choice, x, planes, scales, tenant_ids, base, scratch, use, row_scales, dt)
 
-    candidates = tuning_candidates(bucket, dt, use)
     return autotune.choose(key, candidates, run, lambda fn: cuda.RUNTIME.time_us(device, fn))
