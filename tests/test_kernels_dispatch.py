@@ -286,3 +286,29 @@ def test_cpu_kernel_takes_bits_as_an_int_only(bits):
         cpu.multi_tenant_delta_matmul(
             x, planes[None], torch.rand(1, 2), torch.zeros(2).long(), bits=bits
         )
+
+
+def test_auto_on_the_kernel_device_takes_what_the_cpu_takes(emulated):
+    """Leading dims, float64 x (to the reference), int32 ids and a NaN scale of a
+    used tenant behave as on the CPU (the CUDA host code runs under the emulator)."""
+    from tests.delta_cases import random_planes, random_scales
+
+    g = torch.Generator().manual_seed(5)
+    planes = random_planes(2, 1, 8, 40, generator=g)
+    scales = random_scales(2, 1, 8, False, generator=g)
+    cases = [
+        (torch.randn(2, 3, 40, generator=g).half(), torch.tensor([0, 1, -1, 0, 1, 0])),
+        (torch.randn(3, 40, generator=g, dtype=torch.float64), torch.tensor([0, 1, -1])),
+        (torch.randn(3, 40, generator=g).half(), torch.tensor([0, 1, -1], dtype=torch.int32)),
+    ]
+    for x, ids in cases:
+        got = kernels.multi_tenant_delta_matmul(x, planes, scales, ids)
+        want = reference.multi_tenant_delta_matmul(x.double(), planes, scales, ids.long())
+        assert got.shape == want.shape and got.dtype == x.dtype
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+    nan = scales.clone()
+    nan[1, 0] = float("nan")
+    x = torch.randn(3, 40, generator=g).half()
+    with pytest.raises(qdelta.NonFiniteError, match="tenant 1, plane 0"):
+        kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 1, -1]))
+    kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 0, -1]))  # 1 unused

@@ -203,6 +203,22 @@ def test_softcap_extremes(emulated, rng):
     assert (lse - math.log(40)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["cuda", "cuda_v1"])
+def test_segment_ids_beyond_int32_keep_their_identity(emulated, rng, backend):
+    """64-bit document ids: 2**32 + 1 is not 1 (the kernels compare int32)."""
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    q, k, v = (torch.randn(1, 2, 20, 64, generator=g).half() for _ in range(3))
+    qseg = torch.tensor([2**32 + 1] * 10 + [7] * 10)
+    kseg = torch.tensor([1] * 12 + [7] * 4 + [2**40] * 4)
+    args = dict(q_segment_ids=qseg, kv_segment_ids=kseg)
+    want_out, want_lse = block_attention(q, k, v, **args, backend="math")
+    out, lse = block_attention(q, k, v, **args, backend=backend)
+    assert want_lse[..., :10].isneginf().all()  # rows 0-9 match no key
+    assert torch.equal(lse.isneginf(), want_lse.isneginf())
+    torch.testing.assert_close(out, want_out.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse[..., 10:], want_lse[..., 10:].float(), atol=2e-3, rtol=2e-3)
+
+
 def test_mma2_mma_and_v1_agree(emulated):
     assert cuda_block.kernel_name("cuda") == "mma2"
     q, k, v = (torch.randn(1, 2, 90, 128).bfloat16() for _ in range(3))

@@ -100,13 +100,31 @@ def delta_matmul(
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
     if isinstance(planes, torch.Tensor) and planes.dim() == 3:
         bits = _check_bits(bits, planes.shape[0])  # once, the same for every backend
-    if _use_cuda(backend, x, scales):
+    if _use_cuda(backend, x, scales) and _kernel_dtype(x, backend):
         from qdelta.kernels import cuda
 
-        return cuda.delta_matmul(x, planes, scales, bits=bits)
+        return _rows_through(x, lambda x2: cuda.delta_matmul(x2, planes, scales, bits=bits))
     if _use_cpu(x, scales, backend, planes.shape[-2]):
         return cpu.delta_matmul(x, planes, scales, bits=bits)
     return reference.delta_matmul(x, planes, scales, bits=bits)
+
+
+_NARROW_IDS = (torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _kernel_dtype(x: torch.Tensor, backend: str) -> bool:
+    """Whether the CUDA kernels take x's dtype; "auto" sends float64 to the
+    reference (it computes in float64), "cuda" lets the kernel refuse it by name."""
+    return backend == "cuda" or x.dtype != torch.float64
+
+
+def _rows_through(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run`` on x as ``[rows, K]`` (the kernels' shape), the result as ``[..., N]``,
+    so x of any leading shape works as with the other backends."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 2 or x.dim() == 0:
+        return run(x)
+    y = run(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _check_bits(bits: object, stored: int) -> int | None:
@@ -129,10 +147,14 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
-    if _use_cuda(backend, x, scales):
+    if _use_cuda(backend, x, scales) and _kernel_dtype(x, backend):
         from qdelta.kernels import cuda
 
-        return cuda.multi_tenant_delta_matmul(x, planes, scales, tenant_ids)
+        if isinstance(tenant_ids, torch.Tensor) and tenant_ids.dtype in _NARROW_IDS:
+            tenant_ids = tenant_ids.to(torch.int64)  # what the reference takes too
+        return _rows_through(
+            x, lambda x2: cuda.multi_tenant_delta_matmul(x2, planes, scales, tenant_ids)
+        )
 
     def tenants() -> int:
         return int(torch.unique(tenant_ids[tenant_ids >= 0]).numel())

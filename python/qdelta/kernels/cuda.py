@@ -129,8 +129,11 @@ def available() -> bool:
     """True when torch sees a CUDA device and cupy imports (or the emulator runs the kernels)."""
     if RUNTIME.emulated:
         return True
-    if not torch.cuda.is_available():
-        return False
+    return torch.cuda.is_available() and _cupy_importable()
+
+
+@functools.cache  # a failed import is not cached by _cupy: ask once, not every call
+def _cupy_importable() -> bool:
     try:
         _cupy()
     except Exception:
@@ -412,9 +415,11 @@ def multi_tenant_delta_matmul(
     ``planes`` int32 ``[T, P, N, W]``, ``scales`` float32 ``[T, P]`` or ``[T, P, N]``,
     ``tenant_ids`` int64 ``[M]`` (``-1`` = no delta; ``None`` = every row tenant 0).
     ``base`` (optional, ``[M, N]``, x's dtype) is added in fp32 before the cast;
-    ``out`` may be ``base`` itself (in-place ``y += delta``). With ``check_ids=False``
-    the ids are not read back to the host (no sync); an out-of-range id then
-    turns its output row into NaN instead of raising.
+    ``out`` may be ``base`` itself (in-place ``y += delta``). Given ids, they and the
+    used tenants' scales are checked (in range, finite) in one read back to the host;
+    with ``check_ids=False`` (or no ids: one tenant) nothing is (no sync): an
+    out-of-range id then turns its output row into NaN instead of raising, a
+    non-finite scale its rows' outputs.
 
     ``path``: ``"decode"`` (lookup-table kernel, few rows), ``"prefill"`` (the kernel
     PREFILL_KERNEL names: ``"expand"`` each tenant's delta once to a dense matrix in x's
@@ -429,7 +434,8 @@ def multi_tenant_delta_matmul(
             f"path: expected 'auto', 'decode', 'prefill', 'gemm' or 'mma', found {path!r}"
         )
     if not isinstance(x, torch.Tensor) or not RUNTIME.on_device(x):
-        raise DTypeError("x: expected a CUDA torch.Tensor")
+        found = x.device if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DTypeError(f"x: expected a CUDA torch.Tensor, found {found}")
     device = x.device
     if x.dtype not in DTYPE_CODES:
         raise DTypeError(f"x: expected float16, bfloat16 or float32, found {x.dtype}")
@@ -468,14 +474,8 @@ def multi_tenant_delta_matmul(
                 f"{list(tenant_ids.shape)}"
             )
         tenant_ids = tenant_ids.contiguous()
-        if check_ids and m_rows:
-            bad = (tenant_ids < -1) | (tenant_ids >= tenants)
-            if bool(bad.any()):
-                first = int(bad.nonzero()[0, 0])
-                raise ShapeError(
-                    f"tenant_ids: expected -1..{tenants - 1}, found {int(tenant_ids[first])} "
-                    f"at row {first}"
-                )
+    if tenant_ids is not None and check_ids and m_rows and tenants:
+        _check_ids_and_scales(tenant_ids, scales, tenants, use)
     if base is not None:
         _check_cuda("base", base, device)
         _check_rows("base", base, (m_rows, n), x.dtype)
@@ -503,6 +503,28 @@ def multi_tenant_delta_matmul(
         choice = choices.path_choice(path)
     choices.run_choice(choice, *args)
     return out
+
+
+def _check_ids_and_scales(tenant_ids, scales, tenants: int, use: int) -> None:
+    """Ids in -1..T-1 and finite scales for the tenants the rows use (as the CPU
+    kernel checks), read back in one sync."""
+    nonfinite = (~torch.isfinite(scales[:, :use])).reshape(tenants, -1).any(1)
+    bad_ids = ((tenant_ids < -1) | (tenant_ids >= tenants)).any()
+    slots = tenant_ids.clamp(-1, tenants - 1) + 1  # 0: base rows
+    seen = torch.zeros(tenants + 1, dtype=torch.bool, device=scales.device)
+    used = nonfinite & seen.index_fill_(0, slots, True)[1:]
+    ids_bad, scales_bad = torch.stack([bad_ids, used.any()]).tolist()
+    if ids_bad:
+        bad = (tenant_ids < -1) | (tenant_ids >= tenants)
+        first = int(bad.nonzero()[0, 0])
+        raise ShapeError(
+            f"tenant_ids: expected -1..{tenants - 1}, found {int(tenant_ids[first])} at row {first}"
+        )
+    if scales_bad:
+        from qdelta.kernels.reference import _check_finite
+
+        used_ids = torch.unique(tenant_ids[tenant_ids >= 0]).tolist()
+        _check_finite(scales[:, :use].cpu(), used_ids)
 
 
 def auto_path(m_rows: int, one_tenant: bool) -> str:

@@ -191,6 +191,24 @@ def _module(device_index: int):
     )
 
 
+_NARROW_INTS = (torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _int32_segments(q_seg: torch.Tensor, kv_seg: torch.Tensor):
+    """The kernels compare int32 ids. Wider ids are checked (one device sync;
+    int32 ids skip it) and, where some do not fit, renumbered together: only
+    equality between a query's and a key's id matters, and that is kept."""
+    if q_seg.dtype in _NARROW_INTS and kv_seg.dtype in _NARROW_INTS:
+        return q_seg.to(torch.int32), kv_seg.to(torch.int32)
+    both = torch.cat([q_seg.reshape(-1).to(torch.int64), kv_seg.reshape(-1).to(torch.int64)])
+    lo, hi = torch.aminmax(both)
+    if int(lo) >= -(2**31) and int(hi) < 2**31:
+        return q_seg.to(torch.int32), kv_seg.to(torch.int32)
+    _, ranks = torch.unique(both, return_inverse=True)
+    ranks = ranks.to(torch.int32)
+    return ranks[: q_seg.numel()].reshape(q_seg.shape), ranks[q_seg.numel() :].reshape(kv_seg.shape)
+
+
 def attention_block(
     q,
     k,
@@ -236,8 +254,9 @@ def attention_block(
     seg_batched = 0
     if q_seg is not None:
         seg_batched = int(q_seg.dim() == 2 and q_seg.shape[0] > 1)
-        q_seg = q_seg.to(device=q.device, dtype=torch.int32).contiguous()
-        kv_seg = kv_seg.to(device=q.device, dtype=torch.int32).contiguous()
+        q_seg, kv_seg = _int32_segments(q_seg, kv_seg)
+        q_seg = q_seg.to(device=q.device).contiguous()
+        kv_seg = kv_seg.to(device=q.device).contiguous()
         if seg_batched and (q_seg.shape[0] != b or kv_seg.shape[0] != b):
             raise ShapeError(
                 f"ring block backend 'cuda': expected segment ids for {b} rows, found "
