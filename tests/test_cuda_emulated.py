@@ -713,6 +713,29 @@ def test_gemm_with_no_row_for_any_tenant_writes_base_and_nan(emulated, gen, monk
     assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2, 3]], base[[0, 2, 3]])
 
 
+def test_plans_fit_the_shared_memory_of_a_99_kb_card(emulated, gen, monkeypatch):
+    """sm_86/89 cards opt in to 99 KB a block: four 32 KB decode tables or 128-row gemm
+    tiles would fail to launch there (the emulator enforces the limit given)."""
+    emulated._shared_limit = 99 * 1024
+    names = launched(monkeypatch)
+    m, k, n = 16, 70, 24  # 16 rows of one tenant: R = 4 (128 KB) on a 227 KB card
+    x = torch.randn(m, k, generator=gen).half()
+    planes = random_planes(1, 1, n, k, gen)
+    scales = random_scales(1, 1, n, False, gen)
+    ids = torch.zeros(m, dtype=torch.int64)
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="decode")
+    assert [name for name in names if name.startswith("qd_delta_lut")] == ["qd_delta_lut<0, 2, 0>"]
+    assert_close(y, oracle(x, planes, scales, ids), "decode with R capped at 2")
+    names.clear()
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="gemm")
+    assert names == ["qd_delta_gemm<0, 4>"]  # 64-row tiles (128 rows need 111104 bytes)
+    assert_close(y, oracle(x, planes, scales, ids), "gemm with 64-row tiles")
+    assert cuda_backend.lut_max_rows(227 * 1024 - 1024) == 4
+    emulated._shared_limit = 20 * 1024
+    with pytest.raises(ShapeError, match="expected at least 32768 bytes of shared memory"):
+        cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path="decode")
+
+
 def test_gemm_refuses_too_little_shared_memory(emulated, gen, monkeypatch):
     """The kernel checks the launch against its layout (under the emulator)."""
     monkeypatch.setattr(cuda_backend, "gemm_shared_bytes", lambda use, rows=128: 1024)

@@ -84,6 +84,8 @@ GEMM_XSTRIDE = GEMM_WORDS * 32 + 8  # halves per staged x row
 GEMM_MAX_PLANES = 8
 MAX_GRID_Y = 65535
 LUT_GROUP_ROWS = (1, 2, 4)  # R: x rows sharing one read of a tenant's planes
+SHARED_LIMIT_SM90 = 227 * 1024  # opt-in shared memory per block of an H100/H200
+SHARED_STATIC_MARGIN = 1024  # the kernels' static __shared__ arrays (a few hundred bytes)
 LUT_THREADS = 256  # 8 warps: the kernel's table build assumes exactly this
 LUT_WORDS = 8  # packed words per K slice (one 32 KB table per x row)
 LUT_BYTES_PER_ROW = 256 * 4 * LUT_WORDS * 4
@@ -181,6 +183,12 @@ class KernelRuntime(abc.ABC):
     def device_name(self, index: int) -> str:
         """What autotuning decisions are keyed by (a new card is measured afresh)."""
 
+    def shared_limit(self, index: int) -> int:
+        """Shared memory one block may opt in to on device ``index`` (bytes): the
+        launch plans stay within it (sm_86/89 cards allow 99 KB, sm_80 163 KB,
+        sm_90 227 KB)."""
+        return SHARED_LIMIT_SM90
+
     def capturing(self, device: torch.device) -> bool:
         """True while a CUDA graph is being captured (nothing may be timed then)."""
         return False
@@ -257,6 +265,9 @@ class CupyRuntime(KernelRuntime):
 
     def device_name(self, index: int) -> str:
         return _device_name(index)
+
+    def shared_limit(self, index: int) -> int:
+        return _shared_limit(index)
 
     def capturing(self, device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
@@ -549,6 +560,31 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _shared_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if not limit:  # older torch: ask the driver through cupy
+        limit = _cupy().cuda.Device(device_index).attributes["MaxSharedMemoryPerBlockOptin"]
+    return int(limit)
+
+
+def _dynamic_shared_limit(device: torch.device) -> int:
+    """What a launch may ask for: the opt-in limit less the kernels' static arrays."""
+    return RUNTIME.shared_limit(_device_index(device)) - SHARED_STATIC_MARGIN
+
+
+def lut_max_rows(dynamic_limit: int) -> int:
+    """The largest R whose R lookup tables fit in ``dynamic_limit`` bytes."""
+    fits = [r for r in LUT_GROUP_ROWS if r * LUT_BYTES_PER_ROW <= dynamic_limit]
+    if not fits:
+        raise ShapeError(
+            f"decode kernel: expected at least {LUT_BYTES_PER_ROW} bytes of shared memory per "
+            f"block, found {dynamic_limit} on this device"
+        )
+    return fits[-1]
+
+
 def _device_index(device: torch.device) -> int:
     return RUNTIME.device_index(device)
 
@@ -562,22 +598,27 @@ def lut_plan(
     sms: int,
     per_sm: int = 3,
     max_features: int | None = None,
+    max_rows: int = LUT_GROUP_ROWS[-1],
 ) -> dict:
     """Launch shape of the decode kernel (pure function of the shapes; unit-tested on CPU).
 
     ``tenants`` is None when every row is tenant 0. R (rows per group) is a guess
     of rows per tenant made without reading the ids: any R gives the same result.
     ``max_features`` caps the feature tile (``nb``, rounded down to 32): the rows a
-    wave of blocks has open in L2 at once (see LUT_NARROW_FEATURES).
+    wave of blocks has open in L2 at once (see LUT_NARROW_FEATURES). ``max_rows`` caps R
+    (each row's table is 32 KB of shared memory: :func:`lut_max_rows` of the device).
     """
-    return dict(_lut_plan(m_rows, n, w, use, tenants, sms, per_sm, max_features))
+    return dict(_lut_plan(m_rows, n, w, use, tenants, sms, per_sm, max_features, max_rows))
 
 
 @functools.lru_cache(maxsize=4096)
-def _lut_plan(m_rows, n, w, use, tenants, sms, per_sm, max_features=None) -> dict:
+def _lut_plan(
+    m_rows, n, w, use, tenants, sms, per_sm, max_features=None, max_rows=LUT_GROUP_ROWS[-1]
+) -> dict:
     """lut_plan, cached: decode calls repeat the same shapes every step."""
     per_tenant = m_rows if tenants is None else -(-m_rows // max(1, min(m_rows, tenants)))
-    rows = next((r for r in LUT_GROUP_ROWS if per_tenant <= r), LUT_GROUP_ROWS[-1])
+    allowed = [r for r in LUT_GROUP_ROWS if r <= max_rows]
+    rows = next((r for r in allowed if per_tenant <= r), allowed[-1])
     nb_max = 32 * (32 // rows)  # 8 warps x 4 features x (32 / R) steps
     nb = nb_max if max_features is None else max(32, min(nb_max, max_features // 32 * 32))
     slices = -(-w // LUT_WORDS)
@@ -617,13 +658,16 @@ def _lut_launches(
     prefetch,
     per_sm,
     max_features=None,
+    max_rows=LUT_GROUP_ROWS[-1],
 ) -> tuple:
     """Everything of the two decode launches that depends only on shapes, built once.
 
     A decode step repeats the same shapes every call; making the numpy scalars and the
     plan again each time was most of the host cost of a call.
     """
-    plan = _lut_plan(m_rows, n, w, use, None if one_tenant else tenants, sms, per_sm, max_features)
+    plan = _lut_plan(
+        m_rows, n, w, use, None if one_tenant else tenants, sms, per_sm, max_features, max_rows
+    )
     assert plan["nb"] <= plan["nb_max"] and plan["spc"] * plan["kch"] >= plan["slices"]
     z = use * plan["kch"]
     ints = (m_rows, n, w, tenants, n_planes, int(row_scales), plan["nb"], plan["spc"], plan["kch"])
@@ -653,9 +697,11 @@ def _run_lut(
     sms = RUNTIME.sm_count(_device_index(device))
     flags = 1 if LUT_L2_LINE_LOADS else 0
     ldb = base.stride(0) if base is not None else 0
+    max_rows = lut_max_rows(_dynamic_shared_limit(device))
     z, lut, finish = _lut_launches(
         m_rows, k, n, w, tenants, n_planes, use, row_scales, tenant_ids is None, dt,
         x.stride(0), ldb, out.stride(0), sms, flags, prefetch, LUT_BLOCKS_PER_SM, max_features,
+        max_rows,
     )  # fmt: skip
     part = torch.empty(z * m_rows * n, dtype=torch.float32, device=device)
     ids, p_part = _ptr(tenant_ids), _ptr(part)
@@ -784,7 +830,14 @@ def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _run_gemm(x, planes, scales, tenant_ids, base, out, use, row_scales, dt, tile_rows) -> None:
     """Prefill on the fused GEMM: one launch over every tenant's row tiles, no dense delta."""
-    if dt == DTYPE_CODES[torch.float32] or use > GEMM_MAX_PLANES:
+    limit = _dynamic_shared_limit(x.device)
+    if gemm_shared_bytes(use, tile_rows) > limit:  # e.g. 128-row tiles on a 99 KB card
+        tile_rows = 64
+    if (
+        dt == DTYPE_CODES[torch.float32]
+        or use > GEMM_MAX_PLANES
+        or gemm_shared_bytes(use, tile_rows) > limit
+    ):
         _run_expand(x, planes, scales, tenant_ids, base, out, use, row_scales, dt)
         return
     device = x.device

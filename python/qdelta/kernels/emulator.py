@@ -259,9 +259,16 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
 
     emulated = True
 
-    def __init__(self, sm_count: int = 132, order: str = "forward", seed: int = 0) -> None:
+    def __init__(
+        self,
+        sm_count: int = 132,
+        order: str = "forward",
+        seed: int = 0,
+        shared_limit: int = cuda_backend.SHARED_LIMIT_SM90,
+    ) -> None:
         super().__init__()
         self._sms = sm_count
+        self._shared_limit = shared_limit
         order_code(order)
         self.order = order
         self.seed = seed
@@ -278,6 +285,9 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
     def device_name(self, index: int) -> str:
         return f"qdelta CUDA emulator ({self._sms} SMs)"
 
+    def shared_limit(self, index: int) -> int:
+        return self._shared_limit
+
     def module(self, index: int, source: Path, options: tuple[str, ...], names: tuple[str, ...]):
         try:
             return module(source, names)
@@ -288,6 +298,12 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
 
     def launch(self, kernel, device, name, grid, block, args, shared_mem) -> None:
         cuda_backend._check_grid(name, grid)
+        if shared_mem > self._shared_limit - cuda_backend.SHARED_STATIC_MARGIN:
+            # What raising max_dynamic_shared_size_bytes past the card's opt-in does.
+            raise KernelLaunchError(
+                f"{name}: {shared_mem} bytes of dynamic shared memory, more than this "
+                f"device's opt-in limit ({self._shared_limit} bytes per block)"
+            )
         try:
             cuda_backend._opt_in_shared(kernel, self.shared_opt_in, 0, name, shared_mem)
             kernel(grid, block, args, shared_mem=shared_mem, order=self.order, seed=self.seed)
@@ -299,17 +315,21 @@ class EmulatorRuntime(cuda_backend.KernelRuntime):
 
 @contextlib.contextmanager
 def emulate(
-    sm_count: int = 132, order: str = "forward", seed: int = 0
+    sm_count: int = 132,
+    order: str = "forward",
+    seed: int = 0,
+    shared_limit: int = cuda_backend.SHARED_LIMIT_SM90,
 ) -> Iterator[EmulatorRuntime]:
     """Within the block, qdelta's CUDA kernels run on CPU tensors through the emulator.
 
-    ``sm_count`` is the SM count the host code plans launches for (132: an H100/H200).
+    ``sm_count`` is the SM count the host code plans launches for (132: an H100/H200);
+    ``shared_limit`` the opt-in shared memory per block (227 KB; 99 KB: sm_86/89 cards).
     ``order`` / ``seed``: the run order of the threads of a block between barriers
     (:class:`EmulatorRuntime`); results must not depend on it.
     Not thread-safe with respect to other threads using the CUDA backend meanwhile.
     """
     compiler()  # fail early and clearly without g++
-    runtime = EmulatorRuntime(sm_count, order, seed)
+    runtime = EmulatorRuntime(sm_count, order, seed, shared_limit)
     previous = cuda_backend.RUNTIME
     cuda_backend.RUNTIME = runtime
     try:
