@@ -863,7 +863,7 @@ mod prepare {
 /// whole words ([`padded_rows`]); each with the factor its results are
 /// multiplied by afterwards (1 but for the rows [`row_scale`] scales: those
 /// are copied and divided by that power of two, exactly but for values that
-/// would become subnormal: those, under `2^-44` of the row's largest, are
+/// would become subnormal: those, about `K * 2^-190` of the row's largest, are
 /// flushed to zero, far below the rounding of the sums, as subnormal
 /// arithmetic is slow); and, for AVX-512, each row's folds: minus half its
 /// plain sums over each block of [`FOLD_WORDS`] words, 16 lanes (lane `j`:

@@ -312,3 +312,28 @@ def test_auto_on_the_kernel_device_takes_what_the_cpu_takes(emulated):
     with pytest.raises(qdelta.NonFiniteError, match="tenant 1, plane 0"):
         kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 1, -1]))
     kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 0, -1]))  # 1 unused
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+def test_uint8_ids_empty_stacks_and_non_tensors_alike_on_every_backend(backend):
+    x = torch.randn(3, 40)
+    planes = torch.randint(-(2**31), 2**31 - 1, (2, 1, 5, 2), dtype=torch.int32)
+    scales = torch.rand(2, 1)
+    ids = torch.tensor([0, 1, 1], dtype=torch.uint8)  # no -1 in uint8: must not wrap
+    got = kernels.multi_tenant_delta_matmul(x, planes, scales, ids, backend=backend)
+    want = reference.multi_tenant_delta_matmul(x.double(), planes, scales, ids.long())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for empty in ((0, 1, 5, 2), (2, 0, 5, 2), (2, 1, 0, 2)):
+        with pytest.raises(qdelta.ShapeError, match="with every size > 0"):
+            kernels.multi_tenant_delta_matmul(
+                x, torch.zeros(empty, dtype=torch.int32), torch.ones(empty[:2]),
+                torch.tensor([-1, -1, -1]), backend=backend,
+            )  # fmt: skip
+    for name, args in (
+        ("x", (x.numpy(), planes, scales, ids)),
+        ("planes", (x, planes.tolist(), scales, ids)),
+        ("scales", (x, planes, scales.tolist(), ids)),
+        ("tenant_ids", (x, planes, scales, [0, 1, 1])),
+    ):
+        with pytest.raises(qdelta.DTypeError, match=f"{name}: expected a torch.Tensor"):
+            kernels.multi_tenant_delta_matmul(*args, backend=backend)

@@ -221,3 +221,33 @@ def test_bad_input_is_a_clear_error():
     # The module still serves after every refusal.
     with torch.no_grad():
         assert module(x, torch.tensor([0, -1])).shape == (2, 3, 8)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("rows", [4, 40])  # the one-call path and the separate calls
+def test_jit_trace_records_the_delta_for_new_inputs(rows):
+    """The kernels write through numpy, which a trace does not record: tracing
+    takes torch ops only, so the traced layer computes its delta on new inputs."""
+    gen = seeded()
+    layer = qdelta.MultiTenantLinear(torch.nn.Linear(64, 32))
+    layer.add_tenant("a", packed(32, 64, 2, "row", gen))
+    ids = torch.zeros(rows, dtype=torch.long)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (torch.randn(rows, 64, generator=gen), ids))
+        x = torch.randn(rows, 64, generator=gen)
+        torch.testing.assert_close(traced(x, ids), layer(x, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_casting_the_layer_keeps_the_scales_exact():
+    """.half() / .bfloat16() cast the base layer; the stacked scales stay float32 as
+    they were (a cast there and back rounds them and flushes the smallest to 0)."""
+    gen = seeded()
+    layer = qdelta.MultiTenantLinear(torch.nn.Linear(40, 8))
+    layer.add_tenant("a", packed(8, 40, 3, "row", gen))
+    with torch.no_grad():
+        layer.scales[0, 2] *= 1e-4  # ~1e-7: below fp16's normal range
+    before = layer.scales.clone()
+    for cast in (layer.half, layer.bfloat16, layer.float, layer.double):
+        cast()
+        assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, before)
+        assert layer.base_layer.weight.dtype == layer.base_layer.bias.dtype

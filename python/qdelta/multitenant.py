@@ -26,7 +26,7 @@ from qdelta.errors import (
 )
 from qdelta.kernels import Backend, cpu
 from qdelta.locking import SerializedCalls, serialized
-from qdelta.nn import linear_shape, plain_linear
+from qdelta.nn import _tracing, linear_shape, plain_linear
 from qdelta.sources import is_conv1d
 
 TenantKey = str | int
@@ -208,6 +208,8 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
                 f"x: expected [batch, seq, {self.in_features}] or [rows, {self.in_features}], "
                 f"found {list(x.shape)}"
             )
+        if _tracing():
+            return self._traced_forward(x, tenant_ids)
         plan = self._plan
         if plan is not None and plan.serves(self, tenant_ids, x):
             return plan(x)
@@ -225,6 +227,20 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             return y
         delta = kernels.multi_tenant_delta_matmul(
             x2, self.planes, self.scales, slots, backend=self.backend
+        )
+        return y + delta.reshape(y.shape).to(y.dtype)
+
+    def _traced_forward(
+        self, x: torch.Tensor, tenant_ids: torch.Tensor | Sequence[int]
+    ) -> torch.Tensor:
+        """torch ops only (jit.trace / torch.compile record no numpy write): the base
+        layer plus the reference delta, no cached slots or plans."""
+        y = self.base_layer(x)
+        if not self._slots:
+            return y
+        slots = self._compute_row_slots(tenant_ids, x)
+        delta = kernels.multi_tenant_delta_matmul(
+            x.reshape(-1, self.in_features), self.planes, self.scales, slots, backend="reference"
         )
         return y + delta.reshape(y.shape).to(y.dtype)
 
@@ -334,11 +350,15 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # Moves and casts replace the stack tensors: the fused plan's views are stale.
         self._plan = None
-        result = super()._apply(fn, recurse)
         # Scales are kernel data (float32 in every kernel), not the model's dtype:
-        # .half() / .double() cast the base, and the stacks keep their exact values.
-        if self.scales.dtype != torch.float32:
-            self.scales = self.scales.float()
+        # .half() / .double() cast the base, the stacks keep their exact values
+        # (a cast there and back would round them, and flush the smallest to 0).
+        scales = self._buffers.pop("scales")
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            target = fn(scales[:0]).device  # where fn moves tensors (its dtype ignored)
+            self._buffers["scales"] = scales.to(target)
         return result
 
     def _rebuild_table(self) -> None:

@@ -58,10 +58,7 @@ def plain_linear(layer: nn.Module) -> bool:
     )
 
 
-def _tracing() -> bool:
-    """jit.trace or torch.compile is recording: the Rust kernels write through
-    numpy, which neither sees, so only torch ops may run."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+_tracing = kernels.tracing  # only torch ops while jit.trace / torch.compile record
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -57,6 +57,12 @@ def cpu_max_rows(out_features: int, in_features: int) -> int:
     return max(CPU_MIN_ROWS, out_features * in_features // CPU_WEIGHTS_PER_ROW)
 
 
+def tracing() -> bool:
+    """jit.trace or torch.compile is recording: the Rust kernels write through
+    numpy, which neither sees, so only torch ops may run."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _needs_grad(x: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether autograd would track the result (then only the reference will do)."""
     return torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad)
@@ -76,6 +82,8 @@ def _use_cpu(
     check_backend(backend)
     if backend != "auto":
         return backend == "cpu"
+    if tracing():  # a numpy-written result would be recorded as a constant
+        return False
     needs_grad = _needs_grad(x, scales)
     in_features = x.shape[-1] if x.dim() else 0
     rows = x.numel() // max(in_features, 1) if x.dim() else 0
@@ -98,7 +106,8 @@ def delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """``y = sum_p alpha_p * x @ S_p^T`` for one tenant's delta."""
-    if isinstance(planes, torch.Tensor) and planes.dim() == 3:
+    _check_tensors(x=x, planes=planes, scales=scales)
+    if planes.dim() == 3:
         bits = _check_bits(bits, planes.shape[0])  # once, the same for every backend
     if _use_cuda(backend, x, scales) and _kernel_dtype(x, backend):
         from qdelta.kernels import cuda
@@ -110,6 +119,13 @@ def delta_matmul(
 
 
 _NARROW_IDS = (torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_tensors(**arguments: object) -> None:
+    """Every argument a torch tensor (the dispatch reads their attributes first)."""
+    for name, value in arguments.items():
+        if not isinstance(value, torch.Tensor):
+            raise DTypeError(f"{name}: expected a torch.Tensor, found {type(value).__name__}")
 
 
 def _kernel_dtype(x: torch.Tensor, backend: str) -> bool:
@@ -147,6 +163,7 @@ def multi_tenant_delta_matmul(
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Per-row tenant delta: ``y[m] = sum_p alpha[t_m, p] * x[m] @ S[t_m, p]^T``."""
+    _check_tensors(x=x, planes=planes, scales=scales, tenant_ids=tenant_ids)
     if _use_cuda(backend, x, scales) and _kernel_dtype(x, backend):
         from qdelta.kernels import cuda
 

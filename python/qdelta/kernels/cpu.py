@@ -47,17 +47,18 @@ def _x_array(x: torch.Tensor) -> tuple[np.ndarray, str]:
 
 
 def _planes_array(planes: torch.Tensor) -> np.ndarray:
+    # Contiguous as the reference takes any strides (a copy only for a strided view).
     if planes.dtype == torch.int32:
-        return planes.numpy().view(np.uint32)
+        return planes.contiguous().numpy().view(np.uint32)
     if planes.dtype == torch.uint32:
-        return planes.numpy()
+        return planes.contiguous().numpy()
     raise DTypeError(f"planes: expected int32 (or uint32) packed words, found {planes.dtype}")
 
 
 def _scales_array(scales: torch.Tensor) -> np.ndarray:
     if not scales.is_floating_point():
         raise DTypeError(f"scales: expected a float tensor, found {scales.dtype}")
-    return scales.to(torch.float32).numpy()
+    return scales.to(torch.float32).contiguous().numpy()
 
 
 def _ids_array(tenant_ids: torch.Tensor) -> np.ndarray:

@@ -80,6 +80,11 @@ def _check_stack(x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor) ->
     if planes.dtype not in (torch.int32, torch.uint32):
         raise DTypeError(f"planes: expected int32 (the uint32 bits), found {planes.dtype}")
     tenants, n_planes, n, w = planes.shape
+    if not (tenants and n_planes and n):
+        raise ShapeError(
+            f"delta planes: expected [tenants, planes, out, words] with every size > 0, found "
+            f"tenants={tenants}, planes={n_planes}, out={n}, in={x.shape[-1]}"
+        )
     if w != -(-x.shape[-1] // 32):
         raise ShapeError(
             f"planes: x has {x.shape[-1]} input features, so planes need "
@@ -120,8 +125,13 @@ def _checked_ids(tenant_ids: object, rows: int, tenants: int) -> torch.Tensor:
         raise DTypeError(
             f"tenant_ids: expected an integer tensor (int64), found {tenant_ids.dtype}"
         )
-    ids = tenant_ids.reshape(-1)
-    if tenant_ids.dim() != 1 or ids.numel() != rows:
+    ids = tenant_ids.reshape(-1).to(torch.int64)  # uint8: -1 < 0 must not wrap to 255
+    if tenant_ids.dim() != 1:
+        raise ShapeError(
+            f"tenant_ids: expected a 1-D tensor, one id per row of x ({rows}), found shape "
+            f"{list(tenant_ids.shape)}"
+        )
+    if ids.numel() != rows:
         raise ShapeError(f"tenant_ids: expected one id per row of x ({rows}), found {ids.numel()}")
     bad = ((ids < -1) | (ids >= tenants)).nonzero()
     if bad.numel():
