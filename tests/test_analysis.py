@@ -58,6 +58,24 @@ def test_bad_plane_count_is_refused():
         layer_stats(torch.randn(3, 4), torch.randn(3, 4), 0)
 
 
+def test_a_zero_base_layer_has_no_relative_norm(tmp_path, capsys):
+    """A zero-initialised projection: rel_norm is None ("n/a" in the table), not a
+    ZeroDivisionError; an empty list of fine-tunes is an AlgebraError."""
+    stats = layer_stats(torch.zeros(3, 4), torch.randn(3, 4), 2)
+    assert stats["rel_norm"] is None and stats["recon_err"][0] > 0
+    base = tiny_llama(0)
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight.zero_()
+    base.save_pretrained(tmp_path / "base")
+    fake_finetune(base, seed=1).save_pretrained(tmp_path / "ft")
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "base"), str(tmp_path / "ft")]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if "layers.0.mlp.down_proj" in ln)
+    assert row.split()[1] == "n/a"
+    with pytest.raises(qdelta.AlgebraError, match="at least one fine-tune, found none"):
+        analysis.analyze(base, [])
+
+
 def test_pure_rescaling_is_magnitude_only():
     # W1 = diag(1 + s) W0 changes each row's length but not its direction.
     w0 = torch.randn(6, 9, dtype=torch.float64)

@@ -145,6 +145,39 @@ def test_eval_errors_are_explicit(rng):
         perplexity(Flat(), "abc", tok, window=8)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size: expected an int >= 1, found 0"),
+        ({"batch_size": -1}, "batch_size: expected an int >= 1, found -1"),
+        ({"batch_size": 2.5}, "batch_size: expected an int >= 1, found float"),
+        ({"window": 2.5}, "window: expected an int >= 1, found float"),
+        ({"window": 0}, "window: expected an int >= 1, found 0"),
+        ({"max_tokens": -3}, "max_tokens: expected an int >= 1, found -3"),
+        ({"max_tokens": 0}, "max_tokens: expected an int >= 1, found 0"),
+    ],
+)
+def test_bad_settings_are_refused_not_scored(rng, kwargs, match):
+    """batch_size=-1 used to score nothing and report a perplexity of 1.0."""
+    model = BigramWithPosition(rng.normal(size=(259, 259)), rng.normal(size=(8, 259)))
+    with pytest.raises(EvalError, match=match):
+        perplexity(model, "some text", ByteTokenizer(), **{"window": 8, **kwargs})
+
+
+def test_a_non_finite_logit_at_a_padded_position_does_not_reach_the_sum(rng):
+    """The last window is padded; a model giving the pad id a -inf logit there
+    (a masked vocabulary entry) must give the same perplexity as without padding."""
+    tok = ByteTokenizer()
+    table = rng.normal(size=(259, 259))
+    table[tok.pad_id] = -np.inf  # the pad token's row: every logit -inf
+    model = BigramWithPosition(table, np.zeros((8, 259)))
+    text = "abcdefghijkl"  # 13 ids with <bos>: 12 predicted, the second window of 8 padded
+    got = perplexity(model, text, tok, window=8)
+    stream = [tok.bos_id, *tok.encode(text)]
+    want = hand_nll(stream, 8, table, np.zeros((8, 259)))
+    assert math.isfinite(got.nll_sum) and got.nll_sum == pytest.approx(want, rel=1e-6)
+
+
 def test_kept_fraction_by_hand():
     assert kept_fraction(10.0, 6.0, 7.0) == pytest.approx(0.75)
     assert kept_fraction(10.0, 6.0, 6.0) == pytest.approx(1.0)

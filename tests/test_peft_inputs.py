@@ -158,3 +158,37 @@ def test_peft_model_with_a_base_model_that_is_not_its_base(base):
 def test_unknown_adapter_name(base):
     with pytest.raises(ModelMismatchError, match=r"adapter 'other'.*\['default'\]"):
         qdelta.from_peft(None, _adapted(base), adapter_name="other")
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"target_modules": ["embed_tokens", "q_proj"]}, r"model\.embed_tokens: .*on an embedding"),
+        ({"bias": "all"}, r"expected bias='none', found bias='all'"),
+        ({"bias": "lora_only"}, r"found bias='lora_only'"),
+        ({"trainable_token_indices": [1, 2, 3]}, r"no trainable_token_indices, found \[1, 2, 3\]"),
+    ],
+    ids=["embedding", "bias all", "bias lora_only", "trainable tokens"],
+)
+def test_what_a_weight_delta_cannot_carry_is_refused(base, settings, match, tmp_path):
+    """These adapters train values outside the LoRA factors: importing them silently
+    dropped those (the delta was not the fine-tune), from a model or a directory."""
+    cfg = peft.LoraConfig(**{"r": 2, "target_modules": ["q_proj"], **settings})
+    model = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with pytest.raises(ModelMismatchError, match=match):
+        qdelta.from_peft(None, model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ModelMismatchError, match=match):
+        qdelta.from_peft(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_an_adapter_merged_into_its_base_is_refused(base, dora):
+    """merge_adapter() leaves W + BA in the base weights: the delta would be taken
+    against the merged weights (and DoRA's would be wrong)."""
+    model = _adapted(base, dora=dora)
+    model.merge_adapter()
+    with pytest.raises(ModelMismatchError, match=r"merged into the base weights.*unmerge_adapter"):
+        qdelta.from_peft(None, model)
+    model.unmerge_adapter()
+    assert qdelta.from_peft(None, model).layers  # unmerged: imported as usual

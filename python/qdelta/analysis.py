@@ -2,7 +2,7 @@
 
 For each layer of each fine-tune (``W1 = W0 + D``, ``[out, in]`` oriented):
 
-- ``rel_norm``: ``||D||_F / ||W0||_F``;
+- ``rel_norm``: ``||D||_F / ||W0||_F`` (None where ``W0`` is all zeros);
 - ``recon_err``: ``||D - D_k||_F / ||D||_F`` for the k-plane reconstruction
   ``D_k`` (k = 1..max_planes; the Rust core's greedy residual planes);
 - ``base_sign_agreement``: the fraction of entries where ``D`` has the sign
@@ -70,7 +70,7 @@ def layer_stats(
     cos = torch.nn.functional.cosine_similarity(w1, w0, dim=1)
     stats: dict[str, Any] = {
         "shape": list(d32.shape),
-        "rel_norm": d_norm / float(torch.linalg.norm(w0)),
+        "rel_norm": _ratio(d_norm, float(torch.linalg.norm(w0))),
         "recon_err": errs,
         "base_sign_agreement": _sign_agreement(dd, w0),
         "delta_m": float((m1 - m0).abs().mean()),
@@ -79,6 +79,11 @@ def layer_stats(
     if reference is not None:
         stats["sign_agreement"] = _sign_agreement(dd, reference.double())
     return stats
+
+
+def _ratio(num: float, den: float) -> float | None:
+    """num / den; None for a zero base (a zero-initialised layer: no relative size)."""
+    return num / den if den else None
 
 
 def _sign_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,6 +116,8 @@ def analyze(
     two, of the same layers); rows get a 1-based ``step`` and the result a
     ``trajectories`` section: layer -> one entry per checkpoint, in order.
     """
+    if not finetuned:
+        raise AlgebraError("finetuned: expected at least one fine-tune, found none")
     if steps and len(finetuned) < 2:
         raise AlgebraError(
             f"--steps: expected at least 2 checkpoints in order, found {len(finetuned)}"
@@ -169,7 +176,7 @@ def format_analysis(result: dict[str, Any]) -> str:
     for r in result["layers"]:
         cells = [
             r["layer"],
-            f"{r['rel_norm']:.4f}",
+            "n/a" if r["rel_norm"] is None else f"{r['rel_norm']:.4f}",
             *[f"{e:.3f}" for e in r["recon_err"]],
             f"{r['base_sign_agreement']:.3f}",
             f"{r['delta_m']:.4g}",

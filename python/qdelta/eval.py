@@ -89,10 +89,16 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EvalError(f"{name}: expected an int >= 1, found {type(value).__name__}")
+    if value < 1:
+        raise EvalError(f"{name}: expected an int >= 1, found {value}")
+
+
 def stream_windows(stream: torch.Tensor, window: int, pad_id: int = 0):
     """(inputs [n, window], targets [n, window], mask [n, window]) of the exact windowing."""
-    if window < 1:
-        raise EvalError(f"expected window >= 1, found {window}")
+    _positive_int("window", window)
     predicted = stream.numel() - 1
     if predicted < 1:
         raise EvalError(
@@ -119,6 +125,7 @@ def token_stream_nll(
     desc: str = "eval",
 ) -> Perplexity:
     """Exact summed NLL of ``stream[1:]`` under ``model`` (see the module docstring)."""
+    _positive_int("batch_size", batch_size)
     stream = torch.as_tensor(stream, dtype=torch.long).flatten()
     inputs, targets, mask = stream_windows(stream, window, pad_id)
     device = _device_of(model)
@@ -141,7 +148,9 @@ def token_stream_nll(
             nll = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
             )
-            total += (nll.double() * m.reshape(-1)).sum().cpu()
+            # Selected, not multiplied by the mask: a non-finite logit at a padded
+            # position (inf * 0 = NaN) must not reach the sum.
+            total += nll.double()[m.reshape(-1)].sum().cpu()
     finally:
         model.train(was_training)
     return Perplexity(float(total), int(mask.sum()))
@@ -160,6 +169,8 @@ def perplexity(
 ) -> Perplexity:
     """Perplexity of ``model`` on ``text``: ``<bos>`` + the (first ``max_tokens``) tokens."""
     tokenizer = tokenizer or ByteTokenizer()
+    if max_tokens is not None:
+        _positive_int("max_tokens", max_tokens)
     ids = tokenizer.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -189,8 +189,27 @@ def _clean_base_state(model: nn.Module) -> dict[str, torch.Tensor]:
             raise ModelMismatchError(
                 f"{key}: expected an adapter without modules_to_save, found one (not supported)"
             )
+        if "trainable_tokens_" in key:  # trained token rows, not base weights
+            raise ModelMismatchError(
+                f"{key}: expected an adapter without trainable tokens, found them (not supported)"
+            )
         out[key.replace(".base_layer.", ".")] = value.detach()
     return out
+
+
+def _check_config(config: Any, name: str) -> None:
+    """Adapter settings whose trained values a weight delta does not carry."""
+    bias = getattr(config, "bias", "none")
+    if bias != "none":
+        raise ModelMismatchError(
+            f"adapter {name!r}: expected bias='none', found bias={bias!r} (trained biases "
+            "are not carried over: not supported)"
+        )
+    if getattr(config, "trainable_token_indices", None):
+        raise ModelMismatchError(
+            f"adapter {name!r}: expected no trainable_token_indices, found "
+            f"{config.trainable_token_indices!r} (not supported)"
+        )
 
 
 def _check_given_base(base_model: Any, peft_model: Any, peft_base: dict, peft_fp: str) -> None:
@@ -239,6 +258,7 @@ def from_peft(
             f"adapter {name!r}: expected one of the PeftModel's adapters "
             f"{sorted(peft_model.peft_config)}, found none by that name"
         )
+    _check_config(peft_model.peft_config[name], name)
     inner = peft_model.get_base_model()
     base_sd = _clean_base_state(inner)
     base_fp = fingerprint(base_sd)
@@ -246,8 +266,21 @@ def from_peft(
         _check_given_base(base_model, peft_model, base_sd, base_fp)
     layers, transposed, ranks, adapter_bytes, dora = {}, set(), set(), 0, set()
     for mod_name, module in inner.named_modules():
-        if not isinstance(module, LoraLayer) or name not in getattr(module, "lora_A", {}):
+        if not isinstance(module, LoraLayer):
             continue
+        if name in getattr(module, "lora_embedding_A", {}):
+            raise ModelMismatchError(
+                f"layer {mod_name}: expected LoRA on linear layers, found one on an embedding "
+                "(not supported)"
+            )
+        if name not in getattr(module, "lora_A", {}):
+            continue
+        if getattr(module, "merged", False) or name in getattr(module, "merged_adapters", []):
+            # The base weight then already holds W + BA: the delta would count twice.
+            raise ModelMismatchError(
+                f"layer {mod_name}: expected an unmerged adapter, found {name!r} merged into "
+                "the base weights; call peft_model.unmerge_adapter() first"
+            )
         if not isinstance(module.lora_A[name], nn.Linear):
             raise ModelMismatchError(
                 f"layer {mod_name}: expected a LoRA on a linear layer, found "
