@@ -337,6 +337,30 @@ def test_soup_weights_are_checked_and_normalised_safely(family):
             qdelta.soup(d, weights=weights)
 
 
+def test_combine_names_bad_weights_shapes_and_non_finite_results():
+    fp = "f" * 32
+    a = DenseDelta({"l": torch.ones(1, 2)}, {"p": torch.ones(3)}, fp, tenant="a")
+    b = DenseDelta({"l": torch.ones(1, 2)}, {"p": torch.ones(4)}, fp, tenant="b")
+    for weight in ("abc", None):
+        with pytest.raises(qdelta.AlgebraError, match="weight of input #0, found"):
+            qdelta.combine([(a, weight)])
+    with pytest.raises(qdelta.ShapeError, match=r"param p: expected shape \[3\].*found \[4\] in b"):
+        qdelta.combine([(a, 0.5), (b, 0.5)])
+    nan = DenseDelta(
+        {"l": torch.tensor([[1.0, float("nan")]])}, {"p": torch.ones(3)}, fp, tenant="n"
+    )
+    with pytest.raises(qdelta.NonFiniteError, match=r"l: expected finite values.*from n"):
+        qdelta.combine([(a, 0.5), (nan, 0.5)])
+    with pytest.raises(qdelta.NonFiniteError, match=r"p: expected finite.*from n"):
+        bad = DenseDelta(
+            {"l": torch.ones(1, 2)}, {"p": torch.full((3,), float("inf"))}, fp, tenant="n"
+        )
+        qdelta.soup([a, bad], bits=1)
+    huge = DenseDelta({"l": torch.full((1, 2), 3e38)}, {}, fp)
+    with pytest.raises(qdelta.NonFiniteError, match="the weighted sum overflowed"):
+        qdelta.combine([(huge, 1.0), (huge, 1.0)])
+
+
 def test_integer_params_are_not_truncated():
     fp = "f" * 32
     layer = {"l": torch.zeros(1, 2)}

@@ -407,3 +407,12 @@ def test_ctrl_c_is_one_line_not_a_traceback(capsys, monkeypatch):
     assert cli_module.main(["inspect", "whatever.qdelta"]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "qdelta inspect: interrupted" in err
+
+
+def test_algebra_zoo_checks_its_output_before_building(tmp_path, capsys):
+    from qdelta import algebra_zoo
+
+    cache = tmp_path / "cache"
+    assert algebra_zoo.main(["--tiny", "--cache", str(cache), "--out", str(tmp_path)]) == 1
+    assert "expected a file path, found a directory" in capsys.readouterr().err
+    assert not cache.exists()  # nothing built

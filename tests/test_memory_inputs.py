@@ -58,3 +58,27 @@ def test_bad_counts_are_refused(kwargs, found):
 def test_shape_must_be_a_llama_shape():
     with pytest.raises(qdelta.ShapeError, match="expected a LlamaShape, found dict"):
         llama_serving_bytes(LLAMA_7B, 1)
+
+
+@pytest.mark.parametrize("pack_embeddings", [False, True])
+def test_odd_shapes_count_the_padded_words_the_packing_writes(pack_embeddings):
+    """Rows pad to whole 32-bit words: the arithmetic matches what a real tiny
+    Llama's delta takes (hidden 33, mlp 65: neither a multiple of 32)."""
+    shape = LlamaShape(layers=2, hidden=33, mlp=65, vocab=10)
+    got = llama_serving_bytes(shape, 1, bits=2, pack_embeddings=pack_embeddings)
+    h, m, v = shape.hidden, shape.mlp, shape.vocab
+    matrices = 2 * ([(h, h)] * 4 + [(m, h)] * 2 + [(h, m)])
+    if pack_embeddings:
+        matrices += [(v, h)] * 2
+    signs = sum(
+        qdelta.pack_residual(np.ones(s, np.float32), bits=2, scale="row")[0].nbytes
+        for s in matrices
+    )
+    rows = sum(out for out, _ in matrices)
+    whole = 2 * (shape.norm_weights + (0 if pack_embeddings else 2 * v * h))
+    assert got["delta_bytes"] == signs + 4 * 2 * rows + whole
+
+
+def test_memory_report_bits_are_capped_at_the_planes_a_file_holds():
+    with pytest.raises(qdelta.ShapeError, match=r"bits: expected an int in \[1, 33\), found 37"):
+        qdelta.peft_import.memory_report({"l": (4, 4)}, 2, bits=37)

@@ -292,7 +292,12 @@ def _pairs(deltas: Any) -> list[tuple[AnyDelta, float]]:
             ) from None
         if not isinstance(delta, (Delta, DenseDelta)):
             raise AlgebraError(f"combine: expected a Delta or DenseDelta, found {type(delta)}")
-        w = float(weight)
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise AlgebraError(
+                f"combine: expected a number as the weight of input #{len(pairs)}, found {weight!r}"
+            ) from None
         if not math.isfinite(w):
             raise AlgebraError(f"combine: expected finite weights, found {weight!r}")
         pairs.append((delta, w))
@@ -326,15 +331,46 @@ def _combine_params(
         first = next(d.params[k] for d, _ in pairs if k in d.params)
         ref = base_sd[k].double() if k in base_sd else None
         acc = torch.zeros(first.shape, dtype=torch.float64)
-        for d, w in pairs:
+        if ref is not None and ref.shape != acc.shape:
+            raise ShapeError(
+                f"param {k}: expected the base's shape {list(ref.shape)} in every input, "
+                f"found {list(acc.shape)}"
+            )
+        for i, (d, w) in enumerate(pairs):
             value = d.params[k].double() if k in d.params else ref
-            if value is None or value.shape != acc.shape:
-                raise ShapeError(f"param {k}: expected shape {list(acc.shape)} in every input")
+            if value is None:
+                raise AlgebraError(f"param {k}: expected the base (base=) to have it, found none")
+            if value.shape != acc.shape:
+                raise ShapeError(
+                    f"param {k}: expected shape {list(acc.shape)} in every input, found "
+                    f"{list(value.shape)} in {_label(d, i)}"
+                )
             acc += w * (value - ref if ref is not None else value)
         if ref is not None:
             acc += ref
         out[k] = _cast_back(acc, first.dtype, k)
     return out
+
+
+def _check_finite_result(
+    tensors: Mapping[str, torch.Tensor], pairs: list[tuple[DenseDelta, float]]
+) -> None:
+    """A combination is finite, or a NonFiniteError naming the tensor and the input
+    that brought the NaN/Inf (or an overflow of the weighted sum)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        culprits = [
+            _label(d, i)
+            for i, (d, _) in enumerate(pairs)
+            if not bool(
+                torch.isfinite(d.layers.get(name, d.params.get(name, t.new_zeros(())))).all()
+            )
+        ]
+        where = f"from {', '.join(culprits)}" if culprits else "(the weighted sum overflowed)"
+        raise NonFiniteError(
+            f"{name}: expected finite values in the combination, found NaN/Inf {where}"
+        )
 
 
 def _cast_back(acc: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
@@ -383,6 +419,7 @@ def combine(
             acc.add_(d.layers[name].double(), alpha=w)
         layers[name] = acc.float()
     params = _combine_params(dense_pairs, base, first.base_fingerprint)
+    _check_finite_result({**layers, **params}, dense_pairs)
     result = DenseDelta(
         layers=layers,
         params=params,

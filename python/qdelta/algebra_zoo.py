@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from qdelta.algebra import DenseDelta, dense_delta, soup
+from qdelta.atomic_io import check_output, write_json_atomic
 from qdelta.delta import Delta
+from qdelta.errors import QDeltaError
 from qdelta.eval import perplexity
 from qdelta.machine import cpu_model
 from qdelta.nn import merge
@@ -121,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     config = ZooConfig.tiny() if args.tiny else ZooConfig.default()
+    out = Path(args.out or f"benches/results/algebra_zoo_{'tiny' if args.tiny else 'default'}.json")
+    if args.out is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        check_output(out, "--out")  # before the work, not after it
+    except QDeltaError as e:
+        print(f"python -m qdelta.algebra_zoo: error: {e}", file=sys.stderr)
+        return 1
     t0 = time.time()
     zoo = build_zoo(config, args.cache, progress=False)
     t1 = time.time()
@@ -133,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "report_seconds": round(time.time() - t1, 1),
     }
     print(format_report(report))
-    out = Path(args.out or f"benches/results/algebra_zoo_{'tiny' if args.tiny else 'default'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json_atomic(out, report)
     return 0
 
 

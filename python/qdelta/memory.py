@@ -17,6 +17,10 @@ from qdelta.errors import ShapeError
 LLAMA_7B = {"layers": 32, "hidden": 4096, "mlp": 11008, "vocab": 32000}
 
 
+def _words(cols: int) -> int:
+    return -(-cols // 32)
+
+
 def _count(value: Any, what: str, most: int | None = None) -> int:
     """``value`` as an int in ``1..=most`` (Python or numpy int, not bool), else ShapeError."""
     n = None
@@ -47,6 +51,18 @@ class LlamaShape:
     def linear_weights(self) -> int:
         """q, k, v, o (hidden x hidden) and gate, up, down (hidden x mlp) per block."""
         return self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.mlp)
+
+    @property
+    def linear_sign_bytes(self) -> int:
+        """One sign plane of every block linear as packed: each row padded to whole
+        32-bit words (``ceil(in / 32)`` of them), as the files and kernels hold it."""
+        h, m = self.hidden, self.mlp
+        return self.layers * 4 * (4 * h * _words(h) + 2 * m * _words(h) + h * _words(m))
+
+    @property
+    def embedding_sign_bytes(self) -> int:
+        """One sign plane of the embedding (or the head), ``[vocab, hidden]``, packed."""
+        return 4 * self.vocab * _words(self.hidden)
 
     @property
     def linear_rows(self) -> int:
@@ -85,10 +101,10 @@ def llama_serving_bytes(
     dtype_bytes = _count(dtype_bytes, "dtype_bytes")
     full = dtype_bytes * (shape.linear_weights + 2 * shape.embedding_weights + shape.norm_weights)
     scales_per_plane = shape.linear_rows if row_scales else 7 * shape.layers
-    delta = bits * shape.linear_weights // 8 + 4 * bits * scales_per_plane
+    delta = bits * shape.linear_sign_bytes + 4 * bits * scales_per_plane
     delta += dtype_bytes * shape.norm_weights
     if pack_embeddings:
-        delta += 2 * (bits * shape.embedding_weights // 8)
+        delta += 2 * bits * shape.embedding_sign_bytes
         delta += 2 * 4 * bits * (shape.vocab if row_scales else 1)
     else:
         delta += dtype_bytes * 2 * shape.embedding_weights

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from qdelta.algebra import DenseDelta
-from qdelta.bitplane import words_per_row
+from qdelta.bitplane import MAX_PLANES, words_per_row
 from qdelta.checks import as_int
 from qdelta.compress import check_same_architecture
 from qdelta.errors import FileError, FormatError, ModelMismatchError, NonFiniteError, ShapeError
@@ -368,7 +368,7 @@ def memory_report(
             f"{type(shapes).__name__}"
         )
     rank = as_int("memory_report rank", rank, 0)
-    bits = as_int("memory_report bits", bits, 1)
+    bits = as_int("memory_report bits", bits, 1, MAX_PLANES + 1, f"{MAX_PLANES + 1}")
     dtype_bytes = as_int("memory_report dtype_bytes", dtype_bytes, 1)
     rows = []
     for name, shape in shapes.items():
