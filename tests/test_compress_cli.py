@@ -243,10 +243,12 @@ def test_calib_without_a_tokenizer_is_a_clear_error(tmp_path, capsys, rng):
     assert not out.exists()
 
 
-def _byte_tokenized_pair(tmp_path, rng, **config) -> list[str]:
-    """Base and fine-tune dirs (the byte tokenizer in the fine-tune's) and a calibration
-    text; the compress command line for them, with --calib."""
-    base = tiny_llama(seed=int(rng.integers(1 << 30)), **config)
+def _byte_tokenized_pair(tmp_path, rng, base=None, **config) -> list[str]:
+    """Base (``base``, else a tiny Llama of ``config``) and fine-tune dirs (the byte
+    tokenizer in the fine-tune's) and a calibration text; the compress command line
+    for them, with --calib."""
+    if base is None:
+        base = tiny_llama(seed=int(rng.integers(1 << 30)), **config)
     base.save_pretrained(tmp_path / "base")
     fake_finetune(base).save_pretrained(tmp_path / "ft")
     ByteTokenizer().save(tmp_path / "ft")
@@ -294,11 +296,24 @@ def test_a_negative_seed_is_refused_before_any_work(command, capsys):
 
 
 def test_calibration_windows_longer_than_the_models_positions_are_refused(tmp_path, capsys, rng):
-    # A vocabulary the byte tokenizer fits, so the positions are what fails.
-    config = {"max_position_embeddings": 64, "vocab_size": ByteTokenizer.vocab_size}
-    argv = [*_byte_tokenized_pair(tmp_path, rng, **config), "--steps", "1"]
+    """A learned position table (GPT-2's 64 here) fails past its end; the byte
+    tokenizer's vocabulary fits, so the positions are what fails."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    cfg = GPT2Config(vocab_size=ByteTokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2)
+    cfg.n_positions = 64
+    argv = [*_byte_tokenized_pair(tmp_path, rng, GPT2LMHeadModel(cfg).eval()), "--steps", "1"]
     line = _fails(argv, capsys)
     assert "expected at most 64 tokens (the model's positions), found windows of 128" in line
     assert "--seq-len" in line and not (tmp_path / "x").exists()
     assert main([*argv, "--seq-len", "64"]) == 0
     assert "seq_len=64" in qdelta.load(tmp_path / "x").metadata["distill"]
+
+
+def test_a_rotary_model_distills_past_its_declared_positions(tmp_path, capsys, rng):
+    """RoPE has no table to run off: 128-token windows on a Llama declaring 64 run."""
+    config = {"max_position_embeddings": 64, "vocab_size": ByteTokenizer.vocab_size}
+    argv = [*_byte_tokenized_pair(tmp_path, rng, **config), "--steps", "1"]
+    assert main(argv) == 0
+    assert "seq_len=128" in qdelta.load(tmp_path / "x").metadata["distill"]

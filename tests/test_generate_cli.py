@@ -110,14 +110,32 @@ def test_bad_requests_are_one_line_errors(served, tmp_path, capsys):
     assert "needs a tokenizer" in line and str(bare) in line
 
 
-def test_decoding_past_the_models_positions_is_refused_up_front(served, capsys):
-    root, _, _ = served  # 128 positions; "ab" is <bos> + 2 bytes = 3 tokens
+def test_decoding_past_a_learned_position_table_is_refused_up_front(tmp_path, capsys):
+    """GPT-2's 64 positions: a 63rd new token after a 3-token prompt would be fed at
+    position 64 (found mid-decode before, the work lost); up to 62 run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=ByteTokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2)
+    cfg.n_positions = 64
+    base = GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    ByteTokenizer().save(tmp_path / "base")
+    qdelta.DeltaStore(tmp_path / "store").add(
+        "alice", qdelta.compress(base, fake_finetune(base, seed=1, rel=0.3))
+    )
+    head = ["generate", str(tmp_path / "base"), str(tmp_path / "store"), "--tenant", "alice"]
+    line = _error([*head, "--prompt", "ab", "--max-new-tokens", "63"], capsys)
+    assert "expected at most 62 after the longest prompt (3 tokens" in line
+    assert "64 positions), found 63" in line
+    assert main([*head, "--prompt", "ab", "--max-new-tokens", "62", "--json"]) == 0
+    assert 1 <= len(json.loads(capsys.readouterr().out)[0]["tokens"]) <= 62  # eos may stop it
+
+
+def test_a_rotary_model_decodes_past_its_declared_positions(served, capsys):
+    root, _, _ = served  # a Llama declaring 128 positions: RoPE has no table to run off
     head = ["generate", str(root / "base"), str(root / "store"), "--tenant", "alice"]
-    line = _error([*head, "--prompt", "ab", "--max-new-tokens", "127"], capsys)
-    assert "expected at most 126 after the longest prompt (3 tokens" in line
-    assert "128 positions), found 127" in line
-    assert main([*head, "--prompt", "ab", "--max-new-tokens", "126", "--json"]) == 0
-    assert 1 <= len(json.loads(capsys.readouterr().out)[0]["tokens"]) <= 126  # eos may stop it
+    assert main([*head, "--prompt", "ab", "--max-new-tokens", "140", "--json"]) == 0
 
 
 @pytest.mark.parametrize(

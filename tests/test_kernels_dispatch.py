@@ -306,12 +306,17 @@ def test_auto_on_the_kernel_device_takes_what_the_cpu_takes(emulated):
         want = reference.multi_tenant_delta_matmul(x.double(), planes, scales, ids.long())
         assert got.shape == want.shape and got.dtype == x.dtype
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
-    nan = scales.clone()
-    nan[1, 0] = float("nan")
+    # The scales' scan is cached by version: a NaN written in place after a call counts.
+    stack = scales.clone()
     x = torch.randn(3, 40, generator=g).half()
+    kernels.multi_tenant_delta_matmul(x, planes, stack, torch.tensor([0, 1, -1]))
+    stack[1, 0] = float("nan")
     with pytest.raises(qdelta.NonFiniteError, match="tenant 1, plane 0"):
-        kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 1, -1]))
-    kernels.multi_tenant_delta_matmul(x, planes, nan, torch.tensor([0, 0, -1]))  # 1 unused
+        kernels.multi_tenant_delta_matmul(x, planes, stack, torch.tensor([0, 1, -1]))
+    kernels.multi_tenant_delta_matmul(x, planes, stack, torch.tensor([0, 0, -1]))  # 1 unused
+    empty = torch.zeros(0, 1, 8, 2, dtype=torch.int32)
+    with pytest.raises(qdelta.ShapeError, match="with every size > 0"):
+        kernels.multi_tenant_delta_matmul(x, empty, torch.ones(0, 1), torch.tensor([-1] * 3))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])

@@ -102,8 +102,17 @@ def state_dict_of(src: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
 
 
 def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's config declares (``max_position_embeddings``,
-    GPT-2's ``n_positions``), or None when it declares none."""
+    """The longest sequence a model can take: what its config declares
+    (``max_position_embeddings``, GPT-2's ``n_positions``) when it looks positions
+    up in a learned table (GPT-2's ``wpe``, OPT's ``embed_positions``), where a longer
+    one fails; None otherwise (rotary and ALiBi models run past the declared length,
+    with rope scaling by design)."""
+    learned = any(
+        isinstance(m, nn.Embedding) and ("position" in name or name.endswith("wpe"))
+        for name, m in model.named_modules()
+    )
+    if not learned:
+        return None
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)

@@ -167,6 +167,9 @@ def multi_tenant_delta_matmul(
     if _use_cuda(backend, x, scales) and _kernel_dtype(x, backend):
         from qdelta.kernels import cuda
 
+        if planes.dim() == 4 and 0 in planes.shape[:3]:  # the CPU backends refuse it too
+            reference.check_stack_sizes(planes, x.shape[-1])
+
         if isinstance(tenant_ids, torch.Tensor) and tenant_ids.dtype in _NARROW_IDS:
             tenant_ids = tenant_ids.to(torch.int64)  # what the reference takes too
         return _rows_through(

@@ -11,6 +11,7 @@ import abc
 import functools
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Literal
 
@@ -516,17 +517,37 @@ def multi_tenant_delta_matmul(
     return out
 
 
+# id(scales) -> (a weak reference to it, (version, data_ptr, planes used), [T] bool
+# of tenants with a non-finite scale or None when all are finite): one scan per
+# change of a stack. Keyed by id: tensors compare elementwise, so no WeakKeyDictionary.
+_NONFINITE: dict[int, tuple] = {}
+
+
+def _nonfinite_tenants(scales: torch.Tensor, tenants: int, use: int) -> torch.Tensor | None:
+    key = (scales._version, scales.data_ptr(), use)
+    hit = _NONFINITE.get(id(scales))
+    if hit is not None and hit[0]() is scales and hit[1] == key:
+        return hit[2]
+    flags = (~torch.isfinite(scales[:, :use])).reshape(tenants, -1).any(1)
+    found = flags if bool(flags.any()) else None  # a sync once per version of the stack
+    ident = id(scales)
+    ref = weakref.ref(scales, lambda _, ident=ident: _NONFINITE.pop(ident, None))
+    _NONFINITE[ident] = (ref, key, found)
+    return found
+
+
 def _check_ids_and_scales(tenant_ids, scales, tenants: int, use: int) -> None:
     """Ids in -1..T-1 and finite scales for the tenants the rows use (as the CPU
-    kernel checks), read back in one sync."""
-    nonfinite = (~torch.isfinite(scales[:, :use])).reshape(tenants, -1).any(1)
-    bad_ids = ((tenant_ids < -1) | (tenant_ids >= tenants)).any()
-    slots = tenant_ids.clamp(-1, tenants - 1) + 1  # 0: base rows
-    seen = torch.zeros(tenants + 1, dtype=torch.bool, device=scales.device)
-    used = nonfinite & seen.index_fill_(0, slots, True)[1:]
-    ids_bad, scales_bad = torch.stack([bad_ids, used.any()]).tolist()
+    kernel checks), read back in one sync; a stack whose scales are all finite
+    (the usual case, scanned once per change) costs what the ids check alone does."""
+    bad = (tenant_ids < -1) | (tenant_ids >= tenants)
+    nonfinite = _nonfinite_tenants(scales, tenants, use)
+    if nonfinite is None:
+        ids_bad, scales_bad = bool(bad.any()), False
+    else:
+        used = nonfinite[tenant_ids.clamp(0, tenants - 1)] & (tenant_ids >= 0)
+        ids_bad, scales_bad = torch.stack([bad.any(), used.any()]).tolist()
     if ids_bad:
-        bad = (tenant_ids < -1) | (tenant_ids >= tenants)
         first = int(bad.nonzero()[0, 0])
         raise ShapeError(
             f"tenant_ids: expected -1..{tenants - 1}, found {int(tenant_ids[first])} at row {first}"

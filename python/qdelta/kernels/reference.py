@@ -80,11 +80,7 @@ def _check_stack(x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor) ->
     if planes.dtype not in (torch.int32, torch.uint32):
         raise DTypeError(f"planes: expected int32 (the uint32 bits), found {planes.dtype}")
     tenants, n_planes, n, w = planes.shape
-    if not (tenants and n_planes and n):
-        raise ShapeError(
-            f"delta planes: expected [tenants, planes, out, words] with every size > 0, found "
-            f"tenants={tenants}, planes={n_planes}, out={n}, in={x.shape[-1]}"
-        )
+    check_stack_sizes(planes, x.shape[-1])
     if w != -(-x.shape[-1] // 32):
         raise ShapeError(
             f"planes: x has {x.shape[-1]} input features, so planes need "
@@ -100,10 +96,26 @@ def _check_stack(x: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor) ->
         )
 
 
+def check_stack_sizes(planes: torch.Tensor, k: int) -> None:
+    """``[T, P, N, W]`` planes with T, P and N > 0 (the message the Rust kernel gives)."""
+    tenants, n_planes, n, _ = planes.shape
+    if not (tenants and n_planes and n):
+        raise ShapeError(
+            f"delta planes: expected [tenants, planes, out, words] with every size > 0, found "
+            f"tenants={tenants}, planes={n_planes}, out={n}, in={k}"
+        )
+
+
 def _check_finite(scales: torch.Tensor, tenants: list[int]) -> None:
     """The scales of the tenants a call uses are finite (as the Rust kernel checks:
-    a stack's unused tenants are not read)."""
-    bad = (~torch.isfinite(scales.detach()[tenants])).nonzero()
+    a stack's unused tenants are not read). Not for CUDA tensors: the check would
+    be a device sync every call (the CUDA kernels' own check shares the ids' sync)."""
+    if scales.is_cuda:
+        return
+    used = scales.detach()[tenants]
+    if bool(torch.isfinite(used).all()):
+        return
+    bad = (~torch.isfinite(used)).nonzero()
     if bad.numel():
         where = bad[0].tolist()
         where[0] = tenants[where[0]]
