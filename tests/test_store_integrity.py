@@ -146,10 +146,16 @@ def test_a_killed_writers_temporary_is_swept_by_the_next_write_never_a_live_one(
 
 def test_a_same_size_rewrite_in_place_under_a_mapping_is_a_file_error(tmp_path, rng):
     a = make_delta(rng, tenant="a")
+    # New bytes, the same header length: the same shapes and transposed flags
+    # ("true" / "false" differ in length, which could cross an 8-byte padding step).
+    fresh = {
+        n: make_layer(rng, *layer.shape, layer.bits, layer.scale_mode)
+        for n, layer in a.layers.items()
+    }
     b = qdelta.Delta(
         layers={
-            n: make_layer(rng, *layer.shape, layer.bits, layer.scale_mode)
-            for n, layer in a.layers.items()
+            n: qdelta.PackedLayer(f.planes, f.scales, f.shape, transposed=a.layers[n].transposed)
+            for n, f in fresh.items()
         },
         params=a.params,
         base_fingerprint=a.base_fingerprint,
