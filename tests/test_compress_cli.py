@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 
 import numpy as np
@@ -186,6 +187,43 @@ def test_compress_with_calib_uses_the_byte_tokenizer(tmp_path, capsys, rng, wher
     assert after == pytest.approx(want_after, rel=1e-3)
 
 
+@pytest.mark.parametrize("keep_trained", [False, True])
+def test_a_distillation_that_makes_the_fit_worse_is_reported(
+    tmp_path, capsys, rng, monkeypatch, keep_trained
+):
+    """The CLI has no --lr: a far too large one is forced through distill itself. By
+    default the file gets the initial scales and the summary says so."""
+    module = importlib.import_module("qdelta.distill")  # qdelta.distill is the function
+    real = module.distill
+    monkeypatch.setattr(module, "distill", lambda *a, **kw: real(*a, **kw, lr=5.0))
+    base = tiny_llama(seed=int(rng.integers(1 << 30)), vocab_size=ByteTokenizer.vocab_size)
+    ft = fake_finetune(base, seed=int(rng.integers(1 << 30)), rel=0.2)
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    ByteTokenizer().save(tmp_path / "ft")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_calib_text(rng, 8 * SEQ_LEN - 1), encoding="utf-8")
+    out = tmp_path / "ft.qdelta"
+    argv = ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), "-o", str(out)]
+    argv += ["--calib", str(calib), "--steps", "20"] + (["--keep-trained"] if keep_trained else [])
+    if keep_trained:
+        with pytest.warns(RuntimeWarning, match="loss rose"):
+            assert main(argv) == 0
+    else:
+        assert main(argv) == 0
+    text = capsys.readouterr().out
+    m = re.search(r"distillation loss: (\S+) -> (\S+)( \(rose: kept the initial scales;)?", text)
+    assert m and float(m[2]) > float(m[1]), text
+    assert bool(m[3]) != keep_trained
+    init = qdelta.compress(base, ft, bits=1)
+    loaded = qdelta.load(out)
+    same = all(
+        np.array_equal(loaded.layers[n].scales, layer.scales) for n, layer in init.layers.items()
+    )
+    assert same != keep_trained
+    assert loaded.metadata["distill"].endswith(",kept=initial") != keep_trained
+
+
 def test_compress_with_calib_uses_a_hf_tokenizer(tmp_path, capsys, rng):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -275,7 +313,13 @@ def test_nonexistent_base_dir_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--steps", "50"], ["--seed", "7"], ["--seq-len", "64"], ["--steps", "5", "--seed", "1"]],
+    [
+        ["--steps", "50"],
+        ["--seed", "7"],
+        ["--seq-len", "64"],
+        ["--steps", "5", "--seed", "1"],
+        ["--keep-trained"],
+    ],
 )
 def test_distillation_flags_without_calib_are_a_usage_error(tmp_path, capsys, extra):
     """They would be ignored without a word: the user asked for a distillation."""

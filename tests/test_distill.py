@@ -136,19 +136,39 @@ def test_seeded_and_reproducible(finetune):
     assert a.losses != c.losses
 
 
-def test_a_run_that_makes_the_loss_worse_says_so(finetune):
-    """A far too large lr: the scales come back (as trained) with a warning, and the
-    metadata records the lr that produced them."""
+def test_a_run_that_makes_the_loss_worse_keeps_the_initial_scales(finetune):
+    """A far too large lr: by default the initial scales come back (a copy), flagged
+    and recorded in the metadata; with keep_best=False the trained ones, with a warning."""
     base, ft, calib, _ = finetune
     delta = qdelta.compress(base, ft)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        kept = _distill(base, ft, delta, calib, lr=5.0)
+    assert kept.kept_initial and kept.loss_after > kept.loss_before
+    assert kept.delta.metadata["distill"].endswith("lr=5.0,loss=mse,seed=0,kept=initial")
+    assert "distill" not in delta.metadata  # the input delta is not changed
+    for name, layer in delta.layers.items():
+        got = kept.delta.layers[name]
+        np.testing.assert_array_equal(got.scales, layer.scales)
+        assert got.scales is not layer.scales and got.planes is layer.planes
+    # the kept delta scores what the initial one did
+    again = _distill(base, ft, kept.delta, calib, steps=0)
+    assert again.loss_before == pytest.approx(kept.loss_before, rel=1e-6)
+
     with pytest.warns(RuntimeWarning, match=r"loss rose from .* over 20 steps \(lr=5.0\)"):
-        bad = _distill(base, ft, delta, calib, lr=5.0)
-    assert bad.loss_after > bad.loss_before
-    assert "lr=5.0" in bad.delta.metadata["distill"]
+        bad = _distill(base, ft, delta, calib, lr=5.0, keep_best=False)
+    assert not bad.kept_initial and bad.loss_after > bad.loss_before
+    assert bad.delta.metadata["distill"].endswith("lr=5.0,loss=mse,seed=0")
+    assert any(
+        not np.array_equal(bad.delta.layers[n].scales, delta.layers[n].scales) for n in delta.layers
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         good = _distill(base, ft, delta, calib)
+    assert not good.kept_initial
     assert "lr=0.002" in good.delta.metadata["distill"]
+    with pytest.raises(qdelta.DTypeError, match="keep_best: expected a bool, found int"):
+        _distill(base, ft, delta, calib, keep_best=1)
 
 
 def test_kl_loss_and_text_inputs(finetune, tmp_path):

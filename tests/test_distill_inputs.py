@@ -48,7 +48,6 @@ def _refused(pair, error, match, calib=None, finetuned=None, **kw):
         base.eval()
 
 
-@pytest.mark.filterwarnings("ignore:distill. the mse loss rose:RuntimeWarning")  # 2 steps
 def test_valid_call_still_trains(pair):
     base, ft, delta = pair
     result = qdelta.distill(base, ft, delta, _calib(), steps=2, batch_size=2, progress=False)

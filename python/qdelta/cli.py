@@ -89,13 +89,19 @@ def _flags_need(
 def _cmd_compress(args: argparse.Namespace) -> int:
     from qdelta.compress_cli import run_compress
 
-    flags = {"steps": "--steps", "seed": "--seed", "seq_len": "--seq-len"}
+    flags = {
+        "steps": "--steps",
+        "seed": "--seed",
+        "seq_len": "--seq-len",
+        "keep_trained": "--keep-trained",
+    }
     why = "set the scale distillation, which runs with --calib only"
     if (code := _flags_need(args, "compress", flags, "--calib", why)) is not None:
         return code
     args.steps = 200 if args.steps is None else args.steps
     args.seed = 0 if args.seed is None else args.seed
     args.seq_len = 128 if args.seq_len is None else args.seq_len
+    args.keep_trained = bool(args.keep_trained)
     return run_compress(args)
 
 
@@ -265,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="calibration window in tokens (default 128, at most the model's positions; "
         "with --calib)",
+    )
+    comp.add_argument(
+        "--keep-trained",
+        action="store_true",
+        default=None,
+        help="keep the trained scales even when they fit worse than the initial ones "
+        "(default: keep the better; with --calib)",
     )
     comp.add_argument(
         "--target",

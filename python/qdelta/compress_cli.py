@@ -127,9 +127,13 @@ def run_compress(args: argparse.Namespace) -> int:
             steps=args.steps,
             seed=args.seed,
             seq_len=args.seq_len,
+            keep_best=not args.keep_trained,
         )
         delta = result.delta
-        line = f"distillation loss: {result.loss_before:.6g} -> {result.loss_after:.6g}\n"
+        line = f"distillation loss: {result.loss_before:.6g} -> {result.loss_after:.6g}"
+        if result.kept_initial:
+            line += " (rose: kept the initial scales; --keep-trained keeps the trained ones)"
+        line += "\n"
     delta.save(args.output)
     packed, dense = _sizes(finetuned, delta)
     whole = sum(t.numel() * t.element_size() for t in delta.params.values())

@@ -4,6 +4,7 @@ a .qdelta file holds, what the modules and the runtime consume."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,6 +118,27 @@ class Delta:
     def nbytes(self) -> int:
         packed = sum(layer.nbytes for layer in self.layers.values())
         return packed + sum(t.numel() * t.element_size() for t in self.params.values())
+
+    def with_scales(self, scales: Mapping[str, np.ndarray] | None = None) -> Delta:
+        """A copy with scales (float32, copied) of its own: ``scales[name]`` where given,
+        else this delta's. Planes and whole tensors are shared (never written in place)."""
+        scales = {} if scales is None else scales
+        layers = {
+            name: PackedLayer(
+                layer.planes,
+                np.array(scales.get(name, layer.scales), dtype=np.float32, copy=True),
+                layer.shape,
+                layer.transposed,
+            )
+            for name, layer in self.layers.items()
+        }
+        return Delta(
+            layers=layers,
+            params=dict(self.params),
+            base_fingerprint=self.base_fingerprint,
+            tenant=self.tenant,
+            metadata=dict(self.metadata),
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this delta as a .qdelta file, atomically (docs/FORMAT.md, "File format")."""

@@ -42,12 +42,17 @@ LOSSES = ("mse", "kl")
 
 @dataclass
 class DistillResult:
-    """The delta with trained scales and the calibration loss around training."""
+    """The distilled delta and the calibration loss around training.
+
+    ``loss_after`` is the trained scales' loss; ``kept_initial`` says that it was
+    higher than ``loss_before`` and ``delta`` carries the initial scales
+    (``keep_best=True``)."""
 
     delta: Delta
     loss_before: float
     loss_after: float
     losses: list[float] = field(default_factory=list)
+    kept_initial: bool = False
 
 
 def output_loss(
@@ -171,6 +176,7 @@ def distill(
     seed: int = 0,
     eval_batches: int = 4,
     progress: bool = True,
+    keep_best: bool = True,
 ) -> DistillResult:
     """Train the scales of ``delta`` (a copy; ``delta`` itself is not changed).
 
@@ -178,10 +184,15 @@ def distill(
     the device it should run on; the student runs where ``base`` is.
     ``loss_before`` / ``loss_after``: the mean loss over the first
     ``eval_batches`` calibration batches with the initial and the trained scales.
+    A run whose trained scales fit worse than the initial ones returns the
+    initial scales (``kept_initial``) with ``keep_best`` (the default), or the
+    trained ones with a ``RuntimeWarning`` without it.
     Every argument, the model pair and the calibration data are checked before
     the delta is applied to ``base``.
     """
     _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches)
+    if not isinstance(keep_best, bool):
+        raise DTypeError(f"keep_best: expected a bool, found {type(keep_best).__name__}")
     base_mod, ft_mod = as_module(base), as_module(finetuned)
     if base_mod is None or ft_mod is None:
         raise ModelMismatchError(
@@ -249,10 +260,15 @@ def distill(
             p.requires_grad_(flag)
         for m, flag in modes.items():
             m.train(flag)
+    rose = bool(steps) and after > before
+    kept_initial = rose and keep_best
+    if kept_initial:
+        trained = delta.with_scales()
     trained.metadata["distill"] = (
         f"steps={steps},batch={batch_size},seq_len={seq_len},lr={lr},loss={loss},seed={seed}"
+        + (",kept=initial" if kept_initial else "")
     )
-    if steps and after > before:
+    if rose and not keep_best:
         warnings.warn(
             f"distill: the {loss} loss rose from {before:.4g} to {after:.4g} over {steps} "
             f"steps (lr={lr}): the trained scales fit the fine-tune worse than the initial "
@@ -260,4 +276,10 @@ def distill(
             RuntimeWarning,
             stacklevel=2,
         )
-    return DistillResult(delta=trained, loss_before=before, loss_after=after, losses=history)
+    return DistillResult(
+        delta=trained,
+        loss_before=before,
+        loss_after=after,
+        losses=history,
+        kept_initial=kept_initial,
+    )

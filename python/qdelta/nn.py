@@ -858,14 +858,6 @@ def delta_modules(model: nn.Module) -> dict[str, nn.Module]:
 def read_scales(model: nn.Module, delta: Delta) -> Delta:
     """A copy of ``delta`` whose scales are the (trained) scales of the applied ``model``."""
     modules = delta_modules(model)
-    layers = {}
-    for name, layer in delta.layers.items():
-        scales = modules[name].scales.detach().cpu().numpy().astype(np.float32, copy=True)
-        layers[name] = PackedLayer(layer.planes, scales, layer.shape, layer.transposed)
-    return Delta(
-        layers=layers,
-        params=dict(delta.params),
-        base_fingerprint=delta.base_fingerprint,
-        tenant=delta.tenant,
-        metadata=dict(delta.metadata),
+    return delta.with_scales(
+        {name: modules[name].scales.detach().cpu().numpy() for name in delta.layers}
     )

@@ -105,6 +105,7 @@ def compress_and_evaluate(
             "kind": tenant.kind,
             "distill_loss_before": result.loss_before,
             "distill_loss_after": result.loss_after,
+            "distill_kept_initial": result.kept_initial,
             "compress_seconds": seconds,
             "finetune_fp16_bytes": ft_fp16,
         }
