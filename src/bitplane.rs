@@ -285,7 +285,43 @@ pub fn unpack_planes<T: Float>(
                 },
             )
     });
+    check_in_range(&out, use_planes, scales, mode, rows, cols)?;
     Ok(out)
+}
+
+/// A reconstruction past `T`'s range (float16 tops out at 65504) would come back
+/// as +-inf without a word. No value can pass the largest row's `sum |scale|`, so
+/// the output is scanned only when that bound itself does not fit `T`.
+fn check_in_range<T: Float>(
+    out: &[T],
+    use_planes: usize,
+    scales: &[f32],
+    mode: ScaleMode,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let per_plane = mode.per_plane(rows);
+    let bound = (0..per_plane)
+        .map(|r| {
+            (0..use_planes)
+                .map(|p| f64::from(scales[p * per_plane + r].abs()))
+                .sum::<f64>()
+        })
+        .fold(0.0f64, f64::max);
+    if bound <= f64::from(f32::MAX) && T::from_f32(bound as f32).is_finite_value() {
+        return Ok(());
+    }
+    match out.iter().position(|v| !v.is_finite_value()) {
+        None => Ok(()),
+        Some(i) => Err(Error::NonFinite(format!(
+            "unpack: expected values within {}'s range, found one that overflows it at \
+             [{}, {}] (the planes' scales sum to {bound:.6e} there at most); unpack to \
+             float32",
+            T::NAME,
+            i / cols.max(1),
+            i % cols.max(1)
+        ))),
+    }
 }
 
 /// Greedy residual binarisation: R0 = delta; for p in 1..=bits:
@@ -365,6 +401,29 @@ pub fn pack_residual<T: Float>(
 mod tests {
     use super::*;
     use half::{bf16, f16};
+
+    #[test]
+    fn unpacking_past_the_dtypes_range_is_an_error_not_inf() {
+        let (rows, cols) = (3, 40); // 2 words a row, a ragged tail
+        let words = words_per_row(cols);
+        let plus = vec![0u32; rows * words]; // sign bit 0: +alpha
+        let err = unpack_planes::<f16>(&plus, 1, 1, &[7e4], ScaleMode::Matrix, rows, cols);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("float16's range") && msg.contains("[0, 0]"), "{msg}");
+        // The same scale fits float32 and bfloat16.
+        assert!(unpack_planes::<f32>(&plus, 1, 1, &[7e4], ScaleMode::Matrix, rows, cols).is_ok());
+        assert!(unpack_planes::<bf16>(&plus, 1, 1, &[7e4], ScaleMode::Matrix, rows, cols).is_ok());
+        // Two planes whose scales pass the range but cancel: every value fits.
+        let mut both = plus.clone();
+        both.extend(vec![u32::MAX; rows * words]);
+        let out =
+            unpack_planes::<f16>(&both, 2, 2, &[4e4, 4e4], ScaleMode::Matrix, rows, cols).unwrap();
+        assert!(out.iter().all(|v| v.to_f32() == 0.0));
+        // Row scales: only row 2 overflows, and the error names it.
+        let scales = [1.0, 2.0, 7e4];
+        let err = unpack_planes::<f16>(&plus, 1, 1, &scales, ScaleMode::Row, rows, cols);
+        assert!(err.unwrap_err().to_string().contains("at [2, 0]"));
+    }
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift; no rand crate).
     fn random(n: usize, seed: u64) -> Vec<f32> {

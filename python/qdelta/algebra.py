@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from qdelta.bitplane import ScaleMode, pack_residual
-from qdelta.compress import Patterns, kept_params, prepare_pair
+from qdelta.compress import Patterns, kept_params, prepare_pair, weight_delta
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     AlgebraError,
@@ -33,6 +34,7 @@ from qdelta.errors import (
     NonFiniteError,
     ShapeError,
 )
+from qdelta.nn import added_delta
 from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, fingerprint
 
@@ -122,10 +124,12 @@ class DenseDelta:
                     f"found {list(value.shape)}"
                 )
         twins = self._tied_twins(weights)
+        for name, weight in weights.items():  # a weight that would overflow: nothing written
+            if name not in twins:  # a tied weight takes its (one) delta once
+                added_delta(weight, self.weight(name), name)
         for name, weight in weights.items():
-            if name in twins:
-                continue  # a tied weight takes its (one) delta once
-            weight.copy_((weight.float() + self.weight(name).to(weight.device)).to(weight.dtype))
+            if name not in twins:
+                weight.copy_(added_delta(weight, self.weight(name), name))
         for key, value in self.params.items():
             state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
         return model
@@ -220,7 +224,7 @@ def dense_delta(
     )
     layers, transposed = {}, set()
     for n in names:
-        d = ft_sd[f"{n}.weight"].detach().cpu().float() - base_sd[f"{n}.weight"].cpu().float()
+        d = weight_delta(base_sd[f"{n}.weight"], ft_sd[f"{n}.weight"])
         if kinds[n] == "conv1d":
             d = d.T
             transposed.add(n)
@@ -404,7 +408,12 @@ def combine(
     (:class:`BaseMismatchError` naming both) and the same layers and shapes.
     The result is a :class:`Delta` with ``bits`` planes (default: the most any
     compressed input has) when an input is compressed or ``bits`` is given,
-    else a :class:`DenseDelta` (``dense=True`` forces dense). Integer or bool
+    else a :class:`DenseDelta` (``dense=True`` forces dense). The compressed
+    result's scale mode (``scale``) defaults to ``"row"`` when every compressed
+    input has row scales, else ``"matrix"``. A sum is recompressed greedily, except
+    one compressed delta times a weight (``soup([d])``, ``combine([(d, w)])``) with
+    its own planes and scale mode: that one is exact (scales times ``|w|``, signs
+    flipped for ``w < 0``). Integer or bool
     parameters kept whole must come out whole (else :class:`DTypeError`).
     """
     pairs = _pairs(deltas)
@@ -438,7 +447,50 @@ def combine(
     if scale is None:
         modes = {layer.scale_mode for d in compressed for layer in d.layers.values()}
         scale = "row" if modes == {"row"} else "matrix"
+    exact = _scaled_exactly(pairs, bits, scale)
+    if exact is not None:
+        metadata = {**result.metadata, "bits": str(bits), "scale": scale}
+        return Delta(
+            layers=exact,
+            params={k: v.clone() for k, v in params.items()},
+            base_fingerprint=first.base_fingerprint,
+            tenant=result.tenant,
+            metadata=metadata,
+        )
     return result.compress(bits=bits, scale=scale)
+
+
+def _scaled_exactly(
+    pairs: list[tuple[AnyDelta, float]], bits: int, scale: str
+) -> dict[str, PackedLayer] | None:
+    """``w * delta`` of one compressed delta (listed once or more) with the planes
+    and scale mode asked for, without recompressing (a greedy refit of its own
+    dense sum would change a residual delta): scales times ``|w|``, the signs
+    flipped for ``w < 0``. None where that does not apply."""
+    delta = pairs[0][0]
+    if not isinstance(delta, Delta) or any(d is not delta for d, _ in pairs):
+        return None
+    w = math.fsum(weight for _, weight in pairs)
+    layers = delta.layers.values()
+    if w == 0 or any(layer.bits != bits or layer.scale_mode != scale for layer in layers):
+        return None
+    out = {}
+    for name, layer in delta.layers.items():
+        planes = layer.planes if w > 0 else _flipped(layer.planes, layer.shape[1])
+        scales = (layer.scales.astype(np.float64) * abs(w)).astype(np.float32)
+        if not np.isfinite(scales).all():
+            return None  # the recompression path names the layer that overflows
+        out[name] = PackedLayer(planes, scales, layer.shape, layer.transposed)
+    return out
+
+
+def _flipped(planes: np.ndarray, in_features: int) -> np.ndarray:
+    """Every sign negated; the tail padding bits of each row stay 0 (docs/FORMAT.md)."""
+    flipped = ~planes
+    tail = in_features % 32
+    if tail:
+        flipped[..., -1] &= np.uint32((1 << tail) - 1)
+    return flipped
 
 
 def soup(

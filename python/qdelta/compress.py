@@ -153,11 +153,19 @@ def check_finite(state: Mapping[str, torch.Tensor], which: str) -> None:
             raise NonFiniteError(f"{which} {key}: expected finite values, found NaN/Inf at {bad}")
 
 
+def weight_delta(base_w: torch.Tensor, ft_w: torch.Tensor) -> torch.Tensor:
+    """``ft - base`` as float32 on the CPU, subtracted in float64 for float64 weights
+    (in float32 a delta far under the weights' float32 resolution would vanish)."""
+    wide = torch.float64 in (base_w.dtype, ft_w.dtype)
+    ct = torch.float64 if wide else torch.float32
+    return (ft_w.detach().cpu().to(ct) - base_w.detach().cpu().to(ct)).float()
+
+
 def pack_layer(
     name: str, base_w: torch.Tensor, ft_w: torch.Tensor, kind: LayerKind, bits: int, scale: str
 ) -> PackedLayer:
     """One layer's delta ``ft - base`` (float32) as planes + scales, ``[out, in]`` oriented."""
-    delta = ft_w.detach().cpu().float() - base_w.detach().cpu().float()
+    delta = weight_delta(base_w, ft_w)
     transposed = kind == "conv1d"
     if transposed:
         delta = delta.T

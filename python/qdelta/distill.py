@@ -25,7 +25,13 @@ from qdelta.calibration import Calibration, prepare_calibration
 from qdelta.checks import as_int
 from qdelta.compress import check_same_architecture
 from qdelta.delta import Delta
-from qdelta.errors import CalibrationError, DTypeError, ModelMismatchError, ShapeError
+from qdelta.errors import (
+    CalibrationError,
+    DTypeError,
+    ModelMismatchError,
+    NonFiniteError,
+    ShapeError,
+)
 from qdelta.nn import apply, delta_modules, read_scales, unapply
 from qdelta.sources import (
     ModelSource,
@@ -152,6 +158,24 @@ def _check_vocab(ids: torch.Tensor, model: nn.Module) -> None:
         )
 
 
+def _check_step(
+    step: int, steps: int, value: torch.Tensor, scales: list[torch.Tensor], loss: str
+) -> None:
+    """A NaN/Inf loss or gradient would make every scale NaN at this step's update."""
+    value = value.detach()
+    checks = [torch.isfinite(value)] + [
+        torch.isfinite(s.grad).all() for s in scales if s.grad is not None
+    ]
+    if not bool(torch.stack(checks).all()):  # one sync a step
+        what = f"loss {float(value)}" if not bool(torch.isfinite(value)) else "scale gradients"
+        raise NonFiniteError(
+            f"distill step {step + 1} of {steps}: expected a finite {loss} loss and gradients, "
+            f"found non-finite {what} (the fine-tune's or the student's outputs on this "
+            "batch, or a far too large lr); nothing was updated at this step and the model "
+            "is restored"
+        )
+
+
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
     """Seeded epochs of shuffled indices, cut into ``steps`` batches."""
     gen = torch.Generator().manual_seed(seed)
@@ -241,12 +265,13 @@ def distill(
         bar = tqdm(
             _batches(len(ids), batch_size, steps, seed), desc="distill scales", disable=not progress
         )
-        for b in bar:
+        for step, b in enumerate(bar):
             with torch.no_grad():
                 target = teacher(ids[b], mask[b]).to(student.device)
             value = output_loss(student(ids[b], mask[b]), target, mask[b].to(student.device), loss)
             opt.zero_grad(set_to_none=True)
             value.backward()
+            _check_step(step, steps, value, scales, loss)
             opt.step()
             sched.step()
             history.append(float(value.detach()))

@@ -492,7 +492,7 @@ class _FusedPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             x = x.contiguous()
-        y = torch.empty(*self.rows, self.n)
+        y = torch.empty(*self.rows, self.n, dtype=torch.float32)
         self.stack.fused_linear(x, self.weight, self.bias, self.ids_array, y)
         return y
 

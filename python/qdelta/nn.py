@@ -19,7 +19,7 @@ from torch.nn.modules import module as _module
 from qdelta import kernels
 from qdelta.checks import check_tensor_like
 from qdelta.delta import Delta, PackedLayer
-from qdelta.errors import DTypeError, ModelMismatchError, ShapeError
+from qdelta.errors import DTypeError, ModelMismatchError, NonFiniteError, ShapeError
 from qdelta.kernels import cpu
 from qdelta.kernels.reference import dense_delta
 from qdelta.reference import unpack_planes, unpack_signs
@@ -64,6 +64,26 @@ _tracing = kernels.tracing  # only torch ops while jit.trace / torch.compile rec
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 inputs are computed in float64, everything else in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def added_delta(weight: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight + d`` in ``weight``'s dtype (added in float64 for float64 weights, else
+    float32), refused where it leaves that dtype's range: a merged ``inf`` would
+    poison every output, where the unmerged layer computes the same model finely."""
+    ct = _compute_dtype(weight)
+    merged = (weight.to(ct) + d.to(device=weight.device, dtype=ct)).to(weight.dtype)
+    if merged.is_floating_point():
+        bad = ~torch.isfinite(merged) & torch.isfinite(weight)
+        if bool(bad.any()):
+            at = tuple(int(i) for i in bad.nonzero()[0])
+            raise NonFiniteError(
+                f"merge {name}: expected weights within {weight.dtype}'s range "
+                f"(+-{torch.finfo(weight.dtype).max:.6g}), found {float(weight[at]):.6g} + "
+                f"delta {float(d[at]):.6g} = {float(merged[at])} at index {list(at)} "
+                f"({int(bad.sum())} such weights); serve it unmerged (qdelta.apply) or in a "
+                "wider dtype"
+            )
+    return merged
 
 
 def _human(nbytes: int) -> str:
@@ -126,7 +146,22 @@ class _DeltaMatmul(torch.autograd.Function):
         return grad_x, None, grad_scales, None
 
 
-class BitDeltaLinear(nn.Module):
+class _FloatScales(nn.Module):
+    """Keeps ``scales`` float32 (or wider) through model-wide casts: ``.half()`` /
+    ``.bfloat16()`` would round them and flush the smallest to 0 (a fine-tune
+    silently gone); the kernels take float32 scales in any case."""
+
+    scales: nn.Parameter
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:
+        exact = self.scales.detach()
+        result = super()._apply(fn, recurse)
+        if self.scales.dtype in (torch.float16, torch.bfloat16):
+            self.scales.data = exact.to(device=self.scales.device, dtype=torch.float32)
+        return result
+
+
+class BitDeltaLinear(_FloatScales):
     """``base_layer(x) + x @ (sum_p alpha_p S_p)^T`` for an ``nn.Linear`` or a GPT-2 ``Conv1D``.
 
     ``planes`` is an int32 buffer ``[P, out, ceil(in/32)]`` (the uint32 bits,
@@ -211,7 +246,7 @@ class BitDeltaLinear(nn.Module):
             # Decode-sized float32 CPU batch: base and delta in one Rust pass.
             arrays = cpu.base_arrays(self.base_layer)
             if arrays is not None:
-                y = torch.empty(*x.shape[:-1], self.out_features)
+                y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
                 x = x if x.is_contiguous() else x.contiguous()
                 cpu.single_fused_linear(x, *arrays, self.planes, self.scales, y)
                 return y
@@ -286,16 +321,18 @@ class BitDeltaLinear(nn.Module):
         """Adds (+1) the delta into the base weight, remembering what a later
         subtraction would not round back exactly."""
         w = _linear_weight(self.base_layer)
-        merged = self._shifted(w, sign)
+        merged = self._shifted(w, sign, check=sign > 0)
         wrong = _bits(self._shifted(merged, -sign)) != _bits(w)
         index = wrong.nonzero(as_tuple=True)
         self._merge_fix = (index, w[index].clone()) if index[0].numel() else None
         w.copy_(merged)
 
-    def _shifted(self, w: torch.Tensor, sign: float) -> torch.Tensor:
+    def _shifted(self, w: torch.Tensor, sign: float, *, check: bool = False) -> torch.Tensor:
         ct = _compute_dtype(w)
         d = dense_delta(self.planes, self.scales.detach(), self.in_features, dtype=ct)
         d = d.to(w.device).T if self.transposed else d.to(w.device)
+        if check:
+            return added_delta(w, sign * d, "layer")
         return (w.to(ct) + sign * d).to(w.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -334,7 +371,7 @@ class BitDeltaLinear(nn.Module):
         )
 
 
-class BitDeltaEmbedding(nn.Module):
+class BitDeltaEmbedding(_FloatScales):
     """``base_layer(ids) + delta[ids]`` for an ``nn.Embedding`` whose delta was compressed.
 
     For an embedding that scales its lookup (Gemma's ``*ScaledWordEmbedding``:
@@ -797,11 +834,12 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
                     "model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone()))"
                 )
             twins.add(other)
+    for name, weight in weights.items():  # a weight that would overflow: nothing written
+        if name not in twins:
+            added_delta(weight, oriented(name), name)
     for name, weight in weights.items():
-        if name in twins:
-            continue
-        d = oriented(name).to(weight.device)
-        weight.copy_((weight.to(torch.float32) + d).to(weight.dtype))
+        if name not in twins:
+            weight.copy_(added_delta(weight, oriented(name), name))
     for key, target in tensors.items():
         target.copy_(delta.params[key].to(device=target.device, dtype=target.dtype))
     return model

@@ -338,7 +338,7 @@ class RowEmbedding(_TwoForms):
             # Local -1 (base) is table 0.
             index = (local + 1).repeat_interleave(ids[0].numel()).numpy()
             plan = self._plan = (local, _version(local), ids.shape, storage, tables, index)
-        out = torch.empty(*ids.shape, weight.shape[1])
+        out = torch.empty(*ids.shape, weight.shape[1], dtype=torch.float32)
         cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
         if self._scaled:  # the base's own product: lookup * embed_scale (weight dtype)
             out.mul_(embedding_scale(self.base))
@@ -612,7 +612,7 @@ class PackedRowEmbedding(_TwoForms):
         tokens = ids.contiguous()
         out = None
         for stack, rows, mine in plan[2]:
-            part = torch.empty(*ids.shape, weight.shape[1])
+            part = torch.empty(*ids.shape, weight.shape[1], dtype=torch.float32)
             cpu.packed_embedding(weight, *stack, tokens, rows, part)
             # A row outside this stack got the base row: the earlier result stands.
             out = part if out is None else torch.where(mine, part, out)
@@ -849,7 +849,7 @@ class RowRMSNorm(TenantModule):
             and cpu.ISA != "portable"
         ):
             # One Rust call (src/rmsnorm.rs) instead of the torch ops below.
-            out = torch.empty(hidden.shape)
+            out = torch.empty(hidden.shape, dtype=torch.float32)
             cpu.rms_norm_rows(hidden if hidden.is_contiguous() else hidden.contiguous(),
                               rows, self.eps, out)  # fmt: skip
             return out
@@ -1027,7 +1027,7 @@ class RowLinear(_WeightsAndBiases, _TwoForms):
             x.requires_grad or any(t is not None and t.requires_grad for t in tensors)
         ):
             return None
-        out = torch.empty(*x.shape[:-1], self._out_features)
+        out = torch.empty(*x.shape[:-1], self._out_features, dtype=torch.float32)
         cpu.rowwise_linear(x if x.is_contiguous() else x.contiguous(), *arrays, out)
         return out
 
