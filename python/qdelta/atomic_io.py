@@ -1,10 +1,15 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename.
+"""Atomic file writes, through the Rust core's writer of .qdelta files.
 
-A reader sees the old file or the new one, never a torn one; a failed write
-leaves the old file and no temporary behind. Each writer gets its own
-temporary name, so concurrent writers cannot interleave their bytes. The new
-file gets the old file's permissions, or those of a plainly created file
-(``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
+A temporary file in the same folder, fsync, then rename: a reader sees the old
+file or the new one, never a torn one; a failed write leaves the old file and
+no temporary behind, and the temporaries of writers that were killed are swept
+by the next write into that folder. Each writer gets its own temporary name,
+so concurrent writers cannot interleave their bytes. The new file gets the old
+file's permissions, or those of a plainly created file (``0o666`` less the
+umask). A directory, a FIFO, a device node or a link to one at the path is
+refused (the rename would replace it), and a symbolic link to a regular file
+is replaced by the new file (the file it pointed to is left as it was). Every
+failure is a :class:`FileError` naming the path (docs/FORMAT.md, "Writing").
 
 :func:`check_output` vets an output path before a command does its work: its
 folder exists, it is not a folder, and it is none of the command's inputs.
@@ -13,14 +18,14 @@ folder exists, it is not a folder, and it is none of the command's inputs.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from qdelta import _core
 from qdelta.errors import FileError
 
 
@@ -39,66 +44,41 @@ def _umask() -> int:
     return mask
 
 
-def _mode_for(path: Path) -> int:
-    """The permission bits the replacement of ``path`` should get."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return 0o666 & ~_umask()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; best effort (the file is already in place)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """A file object to write ``path``'s new content into (its folder must exist);
-    ``path`` is replaced when the block exits normally, untouched when it raises."""
+    ``path`` is replaced when the block exits normally, untouched when it raises.
+    The content is held in memory until then (outputs here are JSON and images)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: expected mode 'w' or 'wb', found {mode!r}")
-    path = Path(path)
-    perm = _mode_for(path)
-    # A short temporary name: any target name up to NAME_MAX can be written.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".qdelta-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            with contextlib.suppress(OSError):  # a filesystem without modes keeps 0o600
-                os.fchmod(f.fileno(), perm)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    buffer = io.BytesIO()
+    if mode == "wb":
+        yield buffer
+        data = buffer.getvalue()
+    else:
+        text = io.TextIOWrapper(buffer, **{"encoding": "utf-8", **kwargs})
+        yield text
+        text.flush()
+        data = buffer.getvalue()
+        text.detach()
+    write_bytes_atomic(path, data)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` atomically (its folder must exist)."""
-    path = Path(path)
-    with atomic_open(path, "w") as f:
-        f.write(text)
-    return path
+def write_text_atomic(path: str | bytes | os.PathLike, text: str) -> Path:
+    """Replace ``path`` with ``text`` (UTF-8) atomically (its folder must exist)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+def write_bytes_atomic(path: str | bytes | os.PathLike, data: bytes) -> Path:
     """Replace ``path`` with ``data`` atomically (its folder must exist)."""
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-    return path
+    try:
+        text = os.fsdecode(path)
+    except TypeError:
+        raise FileError(
+            f"expected a str, bytes or os.PathLike path to write, found {type(path).__name__}"
+        ) from None
+    _core.write_file(text, bytes(data))
+    return Path(text)
 
 
 def write_json_atomic(path: str | Path, data, *, indent: int = 2, sort_keys: bool = False) -> Path:

@@ -287,6 +287,20 @@ fn write_delta(
     run(py, || store::write(&path, &data))
 }
 
+/// Replaces `path` with `data` atomically: the writer of .qdelta files (a
+/// temporary beside it, fsync, rename; the old mode kept; special files and
+/// directories refused; dead writers' temporaries swept) for any content, so
+/// every file qdelta writes follows one set of rules.
+#[pyfunction]
+fn write_file(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
+    run(py, || {
+        store::write_atomic(&path, |w| {
+            use std::io::Write;
+            w.write_all(data)
+        })
+    })
+}
+
 /// The base fingerprint of [(name, dtype, shape, bytes u8)].
 #[pyfunction]
 fn fingerprint(py: Python<'_>, weights: &Bound<'_, PyList>) -> PyResult<String> {
@@ -316,6 +330,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDeltaFile>()?;
     m.add_function(wrap_pyfunction!(write_delta, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
+    m.add_function(wrap_pyfunction!(write_file, m)?)?;
     m.add("FORMAT_VERSION", store::FORMAT_VERSION)?;
     m.add("BIT_LAYOUT", store::BIT_LAYOUT)?;
     Ok(())
