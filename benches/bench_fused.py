@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 from benches.conftest import machine_info  # noqa: E402
 
 from qdelta import _core  # noqa: E402
+from qdelta.atomic_io import write_text_atomic  # noqa: E402
 
 TENANTS = 8
 #: (out, in) of the zoo model's layers and a larger one; rows 1..64 around the
@@ -80,7 +81,7 @@ def main() -> None:
               "rounds": ROUNDS, "results": results}  # fmt: skip
     out = ROOT / "benches" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fused.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out / "fused.json", json.dumps(report, indent=2))
     m = report["machine"]
     print(f"fused multi-tenant linear, {m['cpu']} ({m['cores']} cores), torch threads 1\n")
     print("| layer | rows | fused us | F.linear + delta us | speed-up |")

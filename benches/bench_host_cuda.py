@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qdelta.atomic_io import write_text_atomic
 from qdelta.kernels import cuda as cuda_backend
 from qdelta.kernels import emulator
 
@@ -123,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "host_cuda.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(report, indent=2))
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qdelta.atomic_io import write_text_atomic
 from qdelta.machine import cpu_model
 from qdelta.ring import ring_attention, shard
 from qdelta.ring.launch import spawn_ring
@@ -163,8 +164,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "ring_cpu" if args.window is None else f"ring_cpu_window{args.window}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / f"{stem}.json", json.dumps(report, indent=2))
+    write_text_atomic(out / f"{stem}.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

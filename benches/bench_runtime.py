@@ -26,6 +26,7 @@ from benches.conftest import machine_info  # noqa: E402
 from tests.runtime_helpers import left_pad, merged, perturbed, tiny_llama  # noqa: E402
 
 import qdelta  # noqa: E402
+from qdelta.atomic_io import write_text_atomic  # noqa: E402
 
 TENANTS = 8
 PROMPT = 16
@@ -406,8 +407,8 @@ def markdown(r: dict) -> str:
 def write(r: dict) -> None:
     out = ROOT / "benches" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime.json").write_text(json.dumps(r, indent=2))
-    (out / "runtime.md").write_text(markdown(r))
+    write_text_atomic(out / "runtime.json", json.dumps(r, indent=2))
+    write_text_atomic(out / "runtime.md", markdown(r))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import qdelta
+from qdelta.atomic_io import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import machine_info
@@ -182,7 +183,7 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

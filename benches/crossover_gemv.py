@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import machine_info  # benches/conftest.py: the CPU the numbers came from
 from qdelta import reference
+from qdelta.atomic_io import write_text_atomic
 from qdelta.kernels import cpu
 from qdelta.kernels import reference as dense_path
 
@@ -45,7 +46,7 @@ def main() -> None:
     out = Path("benches/results/gemv_crossover.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {**machine_info(), "torch_threads": torch.get_num_threads()}
-    out.write_text(json.dumps({"machine": machine, "isa": cpu.ISA, "rows": rows}, indent=1))
+    write_text_atomic(out, json.dumps({"machine": machine, "isa": cpu.ISA, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

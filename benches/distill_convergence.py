@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import machine_info
+from qdelta.atomic_io import write_text_atomic
 from qdelta.compress import compress
 from qdelta.distill import distill
 from qdelta.eval import kept_fraction
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine_info(), "tenant": args.tenant, "domain": domain,
               "ppl_base": ppl_base, "ppl_finetune": ppl_ft, "runs": runs}  # fmt: skip
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

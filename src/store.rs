@@ -563,7 +563,7 @@ impl DeltaFile {
     /// faults, and a rewrite within the file system's timestamp granularity
     /// of the mapping's own time is not seen. Only replacing files by
     /// rename, as `write_atomic` does, is safe.
-    fn check_unchanged(&self) -> Result<()> {
+    pub fn check_unchanged(&self) -> Result<()> {
         let meta = self
             .file
             .metadata()

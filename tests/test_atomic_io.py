@@ -110,7 +110,7 @@ def umask_022():
 
 def test_new_files_get_the_umask_mode_not_0600(tmp_path, umask_022):
     """mkstemp's 0o600 is not what a plain open() would have made."""
-    assert atomic_io._umask() == 0o022
+    assert atomic_io.current_umask() == 0o022
     for write in (
         lambda p: write_text_atomic(p, "x"),
         lambda p: write_json_atomic(p, {"a": 1}),
@@ -138,7 +138,7 @@ def test_umask_without_proc_falls_back_to_the_round_trip(monkeypatch, umask_022)
         return real_open(name, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", no_proc)
-    assert atomic_io._umask() == 0o022
+    assert atomic_io.current_umask() == 0o022
     assert os.umask(0o022) == 0o022  # restored
 
 

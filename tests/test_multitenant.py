@@ -113,10 +113,14 @@ def test_add_replace_remove_while_serving():
     with torch.no_grad():
         got = module(x, ids)
     assert_close(got, dense_reference(base, layers, x, ids), torch.float32)
-    # A freed id is reused; the remaining tenant keeps its id.
-    assert module.add_tenant("c", packed(n, k, 1, "matrix", gen)) == 1
+    # A freed id is not handed to the next name: a request still holding it is
+    # refused, not served by another tenant. The remaining tenant keeps its id.
+    assert module.add_tenant("c", packed(n, k, 1, "matrix", gen)) == 2
+    with pytest.raises(qdelta.UnknownTenantError, match="row 0 names tenant id 1"):
+        module(x, torch.tensor([b, -1, -1]))
     module.remove_tenant(0)
-    assert module.tenants == {"c": 1}
+    assert module.tenants == {"c": 2}
+    assert module.add_tenant("d", packed(n, k, 1, "matrix", gen)) == 3
     with torch.no_grad():
         assert torch.equal(module(x, torch.tensor([-1, -1, -1])), base(x))
 

@@ -170,12 +170,65 @@ def test_a_same_size_rewrite_in_place_under_a_mapping_is_a_file_error(tmp_path, 
     f = qdelta.DeltaFile(path)
     name = f.tensors[0][0]
     assert f.verify() > 0
+    layer_name = next(iter(f.layers))  # the layer views are cached from here on
     subprocess.run(["cp", str(other), str(path)], check=True)  # same inode, new bytes
-    for call in (f.verify, lambda: f.tensor(name)):
+    for call in (
+        f.verify,
+        lambda: f.tensor(name),
+        lambda: f.layers,
+        lambda: f.layer(layer_name),
+        f.to_delta,
+    ):
         with pytest.raises(qdelta.FileError, match=r"changed while mapped.*modification time"):
             call()
     # A fresh open reads the new file.
     assert qdelta.DeltaFile(path).tenant == "b"
+
+
+def test_a_truncation_under_cached_layer_views_is_a_file_error_not_sigbus(tmp_path, rng):
+    """In a child: a regression would kill the process (SIGBUS), not fail a test."""
+    path = tmp_path / "x.qdelta"
+    qdelta.Delta(make_delta(rng).layers, {}, "f" * 32, tenant="t").save(path)  # layers only
+    script = f"""
+import qdelta
+f = qdelta.DeltaFile({str(path)!r})
+name = next(iter(f.layers))
+open({str(path)!r}, "r+").truncate(100)
+for call in (lambda: f.layers, lambda: f.layer(name), f.to_delta):
+    try:
+        call()
+    except qdelta.FileError as e:
+        assert "changed size while mapped" in str(e), e
+    else:
+        raise SystemExit("served views of a truncated file")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+
+
+def test_the_store_keeps_a_bounded_number_of_files_open(tmp_path, rng):
+    store = DeltaStore(tmp_path, max_open=3)
+    for i in range(8):
+        store.add(f"t{i}", make_delta(rng, n_layers=1))
+
+    def mapped() -> int:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # listdir's own descriptor, closed by now
+                pass
+        return sum(str(tmp_path) in target for target in targets)
+
+    for i in range(8):
+        store.open(f"t{i}")
+    assert mapped() <= 3
+    os.remove(store.path("t7"))  # deleted by hand: the cache lets go of it
+    with pytest.raises(qdelta.UnknownTenantError):
+        store.open("t7")
+    assert "t7" not in store._cache and mapped() <= 2
+    with pytest.raises(qdelta.ShapeError, match="max_open"):
+        DeltaStore(tmp_path, max_open=0)
 
 
 def test_a_rename_over_or_a_delete_under_a_mapping_keeps_it_readable(tmp_path, rng):

@@ -186,3 +186,82 @@ def test_copies_get_a_lock_of_their_own(layer_and_refs, model_and_refs):
     clone = copy.deepcopy(model)
     assert clone._lock is not model._lock
     torch.testing.assert_close(clone.generate(prompt, ["t1"], 12).tokens, refs_model["t1"])
+
+
+def test_properties_read_while_another_thread_loads_and_evicts(model_and_refs):
+    """A metrics thread polling the registry saw OrderedDict mutated during iteration."""
+    model = model_and_refs[0]
+    model.budget_bytes = model.resident_bytes  # room for what is loaded now, no more
+    done = threading.Event()
+
+    def churn():
+        try:
+            for i in range(30):
+                model.preload(["t0" if i % 2 else "t1"])
+        finally:
+            done.set()
+
+    def poll():
+        while not done.is_set():
+            model.resident_bytes, model.loaded_tenants, model.tenants  # noqa: B018
+            model.tenant_id("t0")
+
+    try:
+        errors = run_threads(churn, poll, poll)
+    finally:
+        model.budget_bytes = None
+    assert not errors, errors[:3]
+
+
+def _in_forked_child(check: Callable[[], None]) -> int:
+    """Exit code of ``check`` run in a forked child (0 ok, 1 failed, 2 hung)."""
+    import os
+    import signal
+
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        signal.alarm(20)  # a deadlock ends as SIGALRM
+        try:
+            check()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_fork_while_another_thread_is_inside_a_call_does_not_deadlock(layer_and_refs, tmp_path):
+    layer, packed, x, refs = layer_and_refs
+    idle = MultiTenantLinear(torch.nn.Linear(x.shape[1], 48))
+    idle.add_tenant("a", packed[0])
+    store = qdelta.DeltaStore(tmp_path)
+    inside, leave = threading.Event(), threading.Event()
+
+    def busy():  # holds the layer's lock and the store's write lock, as a long call would
+        with layer._lock, store._write_lock:
+            inside.set()
+            leave.wait(60)
+
+    worker = threading.Thread(target=busy, daemon=True)
+    worker.start()
+    assert inside.wait(10)
+
+    def child():
+        try:
+            layer(x, torch.full((4,), 1))
+        except qdelta.QDeltaError as e:  # the busy object refuses, it does not hang
+            assert "mid-call in another thread" in str(e)
+        else:
+            raise AssertionError("a half-updated object served")
+        with torch.no_grad():
+            idle(x, torch.tensor([0, -1, 0, -1]))  # an idle one serves
+        delta = qdelta.Delta({"l": packed[1]}, {}, "f" * 32)
+        assert store.add("t", delta).tenant == "t"  # the store's locks are new
+
+    try:
+        assert _in_forked_child(child) == 0
+    finally:
+        leave.set()
+        worker.join(10)
+    with torch.no_grad():  # the parent goes on as before
+        torch.testing.assert_close(layer(x, torch.full((4,), 1)), refs[1])

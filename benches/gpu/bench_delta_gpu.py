@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from qdelta.atomic_io import write_text_atomic
+
 DECODE_SIZES = (4096, 8192)
 DECODE_TENANTS = (1, 4, 16, 64)
 PREFILL_ROWS = 512
@@ -458,14 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"python": sys.version.split()[0], "platform": platform.platform()}
     if not torch.cuda.is_available():
         report.update(device="none", error="no CUDA device")
-        (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+        write_text_atomic(args.out / "bench_delta_gpu.json", json.dumps(report, indent=2))
         print("bench_delta_gpu: no CUDA device; nothing measured")
         return 0
     from qdelta.kernels import cuda as cuda_backend
 
     if not cuda_backend.available():
         report.update(device=torch.cuda.get_device_name(), error="cupy is not importable")
-        (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+        write_text_atomic(args.out / "bench_delta_gpu.json", json.dumps(report, indent=2))
         print("bench_delta_gpu: cupy is not importable; nothing measured")
         return 1
     started = time.monotonic()
@@ -500,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
     report["seconds"] = time.monotonic() - started
-    (args.out / "bench_delta_gpu.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(args.out / "bench_delta_gpu.json", json.dumps(report, indent=2))
     table = markdown(report)
-    (args.out / "bench_delta_gpu.md").write_text(table)
+    write_text_atomic(args.out / "bench_delta_gpu.md", table)
     print(table)
     return 0
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from qdelta.atomic_io import write_text_atomic
+
 BUDGET_S = 100.0
 
 
@@ -278,8 +280,8 @@ def main(argv=None) -> int:
         )
     if failures:
         md += ["", "## Failures", "", *(f"- {f.splitlines()[0]}" for f in failures)]
-    (out / "ring_gpu.json").write_text(json.dumps(report, indent=2))
-    (out / "ring_gpu.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / "ring_gpu.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "ring_gpu.md", "\n".join(md) + "\n")
     print("\n".join(md))
     if failures:
         print("\n".join(failures), file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qdelta.algebra import DenseDelta, dense_delta, soup
-from qdelta.atomic_io import check_output, write_json_atomic
+from qdelta.atomic_io import check_output, user_path, write_json_atomic
 from qdelta.delta import Delta
 from qdelta.errors import QDeltaError
 from qdelta.eval import perplexity
@@ -119,8 +119,8 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--cache", default=None)
-    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--cache", default=None, type=user_path)
+    parser.add_argument("--out", default=None, type=user_path, help="JSON output path")
     args = parser.parse_args(argv)
     config = ZooConfig.tiny() if args.tiny else ZooConfig.default()
     out = Path(args.out or f"benches/results/algebra_zoo_{'tiny' if args.tiny else 'default'}.json")

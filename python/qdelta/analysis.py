@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from qdelta.algebra import DenseDelta, as_dense, dense_delta
-from qdelta.atomic_io import write_text_atomic
+from qdelta.atomic_io import user_path, write_text_atomic
 from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
 from qdelta.errors import AlgebraError, FileError, ShapeError
@@ -275,10 +275,14 @@ def _plot_trajectories(plt: Any, result: dict[str, Any]) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``qdelta analyze`` arguments (also ``python -m qdelta.analysis``)."""
-    parser.add_argument("base", help="base model directory")
-    parser.add_argument("finetuned", nargs="+", help="fine-tuned model dirs or .qdelta files")
-    parser.add_argument("--json", default=None, help="write the statistics as JSON")
-    parser.add_argument("--plot", default=None, help="write a PNG of dM vs dD per layer")
+    parser.add_argument("base", help="base model directory", type=user_path)
+    parser.add_argument(
+        "finetuned", nargs="+", type=user_path, help="fine-tuned model dirs or .qdelta files"
+    )
+    parser.add_argument("--json", default=None, type=user_path, help="write the statistics as JSON")
+    parser.add_argument(
+        "--plot", default=None, type=user_path, help="write a PNG of dM vs dD per layer"
+    )
     from qdelta.cli import int_at_least
 
     parser.add_argument(

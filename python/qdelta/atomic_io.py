@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -29,7 +30,49 @@ from qdelta import _core
 from qdelta.errors import FileError
 
 
-def _umask() -> int:
+class NotRegularFileError(OSError):
+    """A path to read names a FIFO, a device, a socket or a directory."""
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """What ``path`` names, for messages: "a regular file", "a directory", "a FIFO",
+    "a character device", "a block device", "a socket" or "nothing"."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "nothing"
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def read_regular_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file ``path``. Opened without blocking, so a FIFO
+    fails at once (:class:`NotRegularFileError`, an ``OSError``) instead of
+    hanging, and ``/dev/zero`` is not read forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            found = file_kind(path)
+            raise NotRegularFileError(
+                f"expected a regular file at {os.fsdecode(path)}, found {found}"
+            )
+        return f.read()
+
+
+def read_regular_text(path: str | os.PathLike) -> str:
+    """:func:`read_regular_bytes` decoded as UTF-8 (``UnicodeDecodeError`` otherwise)."""
+    return read_regular_bytes(path).decode("utf-8")
+
+
+def current_umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask is a
     set-and-return, so the round trip races with threads creating files)."""
     try:
@@ -86,10 +129,19 @@ def write_json_atomic(path: str | Path, data, *, indent: int = 2, sort_keys: boo
     return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys))
 
 
+def user_path(text: str) -> str:
+    """A command-line path with ``~`` expanded (argparse ``type``: the shell leaves
+    ``--out=~/x`` and quoted paths alone)."""
+    return os.path.expanduser(text)
+
+
 def check_output(path: str | Path, what: str, inputs: Iterable[str | Path] = ()) -> Path:
     """``path``, checked before any work is done: a :class:`FileError` unless its
     folder exists, it is not a folder itself, and it is neither one of ``inputs``
     nor an existing file inside an input folder (writing it would destroy an input)."""
+    raw = os.fsdecode(path)
+    if raw.endswith(os.sep) or (os.altsep and raw.endswith(os.altsep)):  # Path() drops it
+        raise FileError(f"{what} {raw}: expected a file path, found a directory path")
     path = Path(path)
     parent = path.parent
     if path.is_dir():

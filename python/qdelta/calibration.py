@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qdelta.atomic_io import file_kind, read_regular_text
 from qdelta.errors import CalibrationError
 
 Calibration = (
@@ -158,12 +159,14 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
             shown = str(calib)
             if len(shown) > 80 or "\n" in shown:
                 shown = f"{shown[:60]!r}... ({len(shown)} characters)"
+            kind = file_kind(path)
+            found = "no file" if kind == "nothing" else kind
             raise CalibrationError(
-                f"calibration: expected a text file path, found no file {shown}; pass "
+                f"calibration: expected a text file path, found {found} {shown}; pass "
                 "calibration text as a list of strings"
             )
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular_text(path)
         except UnicodeDecodeError as e:
             raise CalibrationError(
                 f"calibration file {path}: expected UTF-8 text, found byte "

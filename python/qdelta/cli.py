@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+
+from qdelta.atomic_io import user_path
 
 
 def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -209,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qdelta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demonstration")
-    demo.add_argument("--out", default="results", help="directory for results (default: results)")
+    demo.add_argument(
+        "--out", default="results", type=user_path, help="directory for results (default: results)"
+    )
     demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
-    demo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
+    demo.add_argument("--cache", default=None, type=user_path, help=ZOO_CACHE_HELP)
     demo.add_argument(
         "--steps",
         type=int_at_least(0),
@@ -223,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="held-out perplexity of every zoo tenant: base, fine-tune, 1/2/3-bit deltas"
     )
-    ev.add_argument("--out", default="results", help="directory for quality.json and deltas/")
+    ev.add_argument(
+        "--out", default="results", type=user_path, help="directory for quality.json and deltas/"
+    )
     ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--tiny", action="store_true", help="the CI-sized zoo (seconds)")
-    ev.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
+    ev.add_argument("--cache", default=None, type=user_path, help=ZOO_CACHE_HELP)
     ev.add_argument(
         "--steps",
         type=int_at_least(0),
@@ -237,15 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect", help="show the layers, sizes and fingerprint of a .qdelta file"
     )
-    inspect.add_argument("file")
+    inspect.add_argument("file", type=user_path)
     inspect.set_defaults(func=_cmd_inspect)
     verify = sub.add_parser("verify", help="check every checksum of a .qdelta file (exit 0 or 1)")
-    verify.add_argument("file")
+    verify.add_argument("file", type=user_path)
     verify.set_defaults(func=_cmd_verify)
     comp = sub.add_parser("compress", help="compress a fine-tune into a .qdelta file")
-    comp.add_argument("base", help="base model directory (Hugging Face, safetensors)")
-    comp.add_argument("finetuned", help="fine-tuned model directory")
-    comp.add_argument("-o", "--output", required=True, help="the .qdelta file to write")
+    comp.add_argument(
+        "base", type=user_path, help="base model directory (Hugging Face, safetensors)"
+    )
+    comp.add_argument("finetuned", type=user_path, help="fine-tuned model directory")
+    comp.add_argument(
+        "-o", "--output", type=user_path, required=True, help="the .qdelta file to write"
+    )
     from qdelta.bitplane import MAX_PLANES
 
     comp.add_argument(
@@ -255,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign planes per layer (default 1)",
     )
     comp.add_argument("--scale", choices=["matrix", "row"], default="matrix")
-    comp.add_argument("--calib", help="text file for scale distillation (skipped without)")
+    comp.add_argument(
+        "--calib", type=user_path, help="text file for scale distillation (skipped without)"
+    )
     comp.add_argument(
         "--steps",
         type=int_at_least(0),
@@ -304,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         "per step. The tokenizer is BASE_DIR's (qdelta_tokenizer.json or a Hugging Face "
         "tokenizer, local files only).",
     )
-    gen.add_argument("base", help="base model directory (Hugging Face, safetensors)")
-    gen.add_argument("store", help="delta store directory (TENANT.qdelta files)")
+    gen.add_argument(
+        "base", type=user_path, help="base model directory (Hugging Face, safetensors)"
+    )
+    gen.add_argument("store", type=user_path, help="delta store directory (TENANT.qdelta files)")
     gen.add_argument(
         "--tenant",
         action="append",
@@ -330,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="build (or find cached) the offline model zoo")
     zoo.add_argument("--tiny", action="store_true", help="the CI-sized configuration")
     zoo.add_argument("--seed", type=SEED, default=0)
-    zoo.add_argument("--cache", default=None, help=ZOO_CACHE_HELP)
+    zoo.add_argument("--cache", default=None, type=user_path, help=ZOO_CACHE_HELP)
     zoo.set_defaults(func=_cmd_zoo)
     ring = sub.add_parser(
         "ring-demo", help="run a Llama model over a ring of CPU processes and check its logits"
@@ -355,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="use the model zoo's base on its held-out code text (built or cached)",
     )
-    ring.add_argument("--cache", default=None, help=ZOO_CACHE_HELP + "; with --zoo")
+    ring.add_argument("--cache", default=None, type=user_path, help=ZOO_CACHE_HELP + "; with --zoo")
     ring.add_argument(
         "--sliding-window",
         type=int_at_least(1),
@@ -380,32 +396,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception: the cleanup that Ctrl-C runs (temporaries, build
+    folders) runs for ``kill`` too."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _settle_stdout() -> None:
+    """Flush stdout now; where that fails (a full disk, a closed pipe) send it to
+    /dev/null so Python's own flush at exit adds no second error."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qdelta.errors import QDeltaError
     from qdelta.optional import EXTRAS, missing
 
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a full disk under stdout is an error here, not at exit
+        return code
     except ModuleNotFoundError as e:  # an optional package a command reached
         if (e.name or "").split(".")[0] not in EXTRAS:
             raise
         return _error(args.command, missing(e.name, f"qdelta {args.command}"))
     except QDeltaError as e:
         return _error(args.command, e)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as e:
         # Writes are atomic: a file being written is either complete or untouched.
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         print(
-            f"qdelta {args.command}: interrupted (any file being written is either complete "
+            f"qdelta {args.command}: {what} (any file being written is either complete "
             "or left as it was)",
             file=sys.stderr,
         )
-        return 130
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
     except BrokenPipeError:
         # `qdelta inspect F | head`: the reader left; no traceback, no second error
         # when Python flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # e.g. stdout on a full disk, a file that cannot be read
+        _settle_stdout()
+        return _error(args.command, e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _error(command: str, e: Exception) -> int:

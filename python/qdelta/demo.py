@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qdelta.atomic_io import ensure_dir, write_text_atomic
+from qdelta.atomic_io import write_text_atomic
 from qdelta.compress import compress
 from qdelta.memory import LLAMA_7B, LlamaShape, llama_serving_bytes
 from qdelta.nn import merge
@@ -27,7 +27,12 @@ from qdelta.plots import plot_memory, plot_quality
 from qdelta.runtime import MultiTenantModel, left_padded
 from qdelta.store import DeltaStore
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
-from qdelta.zoo_eval import default_distill_steps, evaluate_into, fp16_bytes
+from qdelta.zoo_eval import (
+    check_result_paths,
+    default_distill_steps,
+    evaluate_into,
+    fp16_bytes,
+)
 
 TENANT_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -189,6 +194,10 @@ def ring_check(zoo: Zoo, world_size: int = 2, layout: str = "zigzag") -> dict:
     )
 
 
+#: What the demo writes into --out besides demo.json (and the deltas/ store).
+RESULT_FILES = ("quality.json", "quality.png", "memory.png", "memory_7b.png")
+
+
 def run_demo(
     out_dir: str | Path = "results",
     *,
@@ -201,8 +210,7 @@ def run_demo(
 ) -> dict:
     """Run the whole demo; returns (and writes to ``out_dir/demo.json``) every number."""
     started = time.perf_counter()
-    out = Path(out_dir).resolve()
-    ensure_dir(out, "--out")  # a file there is a clear error, not FileExistsError
+    out = check_result_paths(out_dir, [*RESULT_FILES, "demo.json"])
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     print(f"[1/6] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdelta.atomic_io import write_json_atomic
+from qdelta.atomic_io import read_regular_text, write_json_atomic
 from qdelta.errors import EvalError
 from qdelta.tokenizer import ByteTokenizer
 
@@ -324,5 +324,5 @@ def write_results(path: str | Path, rows: Sequence[ResultRow], meta: dict | None
 
 
 def read_results(path: str | Path) -> tuple[dict, list[ResultRow]]:
-    data = json.loads(Path(path).read_text())
+    data = json.loads(read_regular_text(path))
     return data.get("meta", {}), [ResultRow(**r) for r in data["rows"]]

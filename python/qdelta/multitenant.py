@@ -147,7 +147,11 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
         if isinstance(key, str):
             tid = self._names.get(key)
             if tid is None:
-                tid = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
+                # Never a removed name's id: a request still holding it must be refused,
+                # not served by the next tenant added.
+                tid = self.__dict__.get("_next_name_id", 0)
+                while tid in self._slots:
+                    tid += 1
         else:
             tid = self._as_id(key)
         # All or nothing: a failure on the way (out of device memory) leaves the layer
@@ -159,6 +163,8 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             self._names, self._bits, self._slots, self.planes, self.scales = before
             self._rebuild_table()
             raise
+        if isinstance(key, str):
+            self.__dict__["_next_name_id"] = max(self.__dict__.get("_next_name_id", 0), tid + 1)
         return tid
 
     def _store_tenant(self, key: TenantKey, tid: int, layer: PackedLayer) -> None:

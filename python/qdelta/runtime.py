@@ -174,18 +174,21 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     @property
     def tenants(self) -> list[str]:
         """Registered tenant names (loaded or not)."""
-        return list(self._ids)
+        with self._lock:  # read while another thread serves: a consistent snapshot
+            return list(self._ids)
 
     @property
     def loaded_tenants(self) -> list[str]:
         """Loaded tenants, least recently used first."""
-        return list(self._loaded)
+        with self._lock:
+            return list(self._loaded)
 
     @property
     def resident_bytes(self) -> int:
         """Bytes of loaded tenant tensors as the stacks hold them (what the budget
         counts): a layer's stack pads every tenant to its deepest tenant's planes."""
-        return _stacked_bytes(self._footprints[n] for n in self._loaded)
+        with self._lock:
+            return _stacked_bytes(self._footprints[n] for n in self._loaded)
 
     @serialized
     def memory(self) -> dict[str, int]:
@@ -201,9 +204,12 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         return {"base_bytes": base, "tenant_bytes": tenants, "tenants_loaded": len(self._loaded)}
 
     def tenant_id(self, name: str) -> int:
-        if name not in self._ids:
-            raise UnknownTenantError(f"tenant {name!r} is not registered; known: {self.tenants}")
-        return self._ids[name]
+        with self._lock:
+            if name not in self._ids:
+                raise UnknownTenantError(
+                    f"tenant {name!r} is not registered; known: {self.tenants}"
+                )
+            return self._ids[name]
 
     def base_fingerprint(self) -> str:
         """The fingerprint of the base weights as built (before any swap)."""

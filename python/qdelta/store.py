@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from qdelta import _core
+from qdelta.checks import as_int
 from qdelta.delta import Delta, PackedLayer
 from qdelta.errors import (
     BaseMismatchError,
@@ -290,9 +293,9 @@ class DeltaFile:
 
     def layer(self, name: str) -> PackedLayer:
         """One layer's planes and scales, zero-copy (only this layer is set up)."""
-        if self._layers is not None:
-            if name in self._layers:
-                return self._layers[name]
+        if self._layers is not None and name in self._layers:
+            self._file.check_unchanged()  # cached views: the file may have changed since
+            return self._layers[name]
         return self._packed(self._file.layer(name))
 
     @property
@@ -300,6 +303,8 @@ class DeltaFile:
         """Module name -> :class:`PackedLayer` whose planes/scales view the mapping."""
         if self._layers is None:
             self._layers = {row[0]: self._packed(row) for row in self._file.layers}
+        else:
+            self._file.check_unchanged()  # cached views: the file may have changed since
         return self._layers
 
     @property
@@ -335,6 +340,13 @@ class DeltaFile:
 
 # --------------------------------------------------------------------------- a directory
 
+# Every DeltaStore, so a forked child can give each fresh locks: a copy of a lock
+# another thread held at the fork would never be released in the child (its
+# cache is consistent: each change of it is one dict operation under the GIL).
+_STORES: weakref.WeakSet = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [s._new_locks() for s in list(_STORES)])
+
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -343,12 +355,16 @@ class DeltaStore:
 
     ``open`` maps a tenant's file on first use and caches it; a cached file is
     re-opened when the file on disk was replaced (by this or another process).
+    The cache keeps the ``max_open`` most recently opened files (each holds a
+    descriptor and a mapping; one no one else references is closed when it
+    leaves the cache) and forgets a file once its path is gone.
     ``add`` replaces a file by atomic rename and ``remove`` unlinks it, so a
     reader holding the old mapping keeps a complete, unchanged file.
     Thread-safe.
     """
 
-    def __init__(self, directory: PathLike) -> None:
+    def __init__(self, directory: PathLike, *, max_open: int = 64) -> None:
+        self.max_open = as_int("max_open", max_open, 1)
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise FileError(
@@ -358,7 +374,11 @@ class DeltaStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FileError(f"cannot create the delta store directory {self.directory}: {e}") from e
-        self._cache: dict[str, tuple[tuple[int, int, int, int], DeltaFile]] = {}
+        self._cache: OrderedDict[str, tuple[tuple[int, int, int, int], DeltaFile]] = OrderedDict()
+        self._new_locks()
+        _STORES.add(self)
+
+    def _new_locks(self) -> None:
         self._lock = threading.Lock()
         # Held across a write and the open of what it wrote, and by remove: in this
         # process, add() returns the file it wrote (across processes, the last
@@ -367,10 +387,10 @@ class DeltaStore:
 
     def __getstate__(self) -> dict:
         # A copy (pickle, deepcopy) is the same directory with its own locks and cache.
-        return {"directory": self.directory}
+        return {"directory": self.directory, "max_open": self.max_open}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["directory"])
+        self.__init__(state["directory"], max_open=state.get("max_open", 64))
 
     def __repr__(self) -> str:
         return f"DeltaStore({str(self.directory)!r})"
@@ -410,6 +430,8 @@ class DeltaStore:
         try:
             st = os.stat(path)
         except FileNotFoundError:
+            with self._lock:
+                self._cache.pop(name, None)  # its mapping must not pin a deleted file
             if os.path.islink(path):  # listed by tenants(), but nothing behind it
                 raise FileError(
                     f"tenant {name!r}: expected {path} to be a delta file, found a symbolic "
@@ -426,10 +448,14 @@ class DeltaStore:
         with self._lock:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == key:
+                self._cache.move_to_end(name)
                 return cached[1]
         opened = DeltaFile(path)
         with self._lock:
             self._cache[name] = (key, opened)
+            self._cache.move_to_end(name)
+            while len(self._cache) > self.max_open:
+                self._cache.popitem(last=False)
         return opened
 
     def add(self, name: str, delta: Delta) -> DeltaFile:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from qdelta.atomic_io import write_json_atomic
+from qdelta.atomic_io import read_regular_text, write_json_atomic
 from qdelta.errors import FileError, FormatError
 
 TOKENIZER_FILE = "qdelta_tokenizer.json"
@@ -55,7 +55,7 @@ class ByteTokenizer:
         path = Path(directory) / TOKENIZER_FILE
         tok = cls()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular_text(path)
         except OSError as e:
             raise FileError(f"expected a byte tokenizer file at {path}, found: {e}") from e
         except ValueError as e:  # not UTF-8

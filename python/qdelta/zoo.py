@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from qdelta.atomic_io import ensure_dir, write_json_atomic
+from qdelta.atomic_io import current_umask, ensure_dir, read_regular_text, write_json_atomic
 from qdelta.corpus import DOMAINS, DomainCorpus, build_domain
 from qdelta.errors import FileError, FormatError, ZooError
 from qdelta.eval import perplexity
@@ -388,9 +388,9 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def default_cache_dir() -> Path:
-    """``$QDELTA_CACHE/zoo``, else ``~/.cache/qdelta/zoo``."""
+    """``$QDELTA_CACHE/zoo`` (``~`` expanded), else ``~/.cache/qdelta/zoo``."""
     root = os.environ.get("QDELTA_CACHE") or Path.home() / ".cache" / "qdelta"
-    return Path(root) / "zoo"
+    return Path(root).expanduser() / "zoo"
 
 
 def _build_corpora(config: ZooConfig) -> tuple[dict[str, DomainCorpus], list[str]]:
@@ -559,7 +559,7 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
     """A zoo from its directory (as build_zoo made it)."""
     root = Path(root)
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        manifest = json.loads(read_regular_text(root / MANIFEST))
     except (OSError, ValueError) as e:
         raise ZooError(
             f"expected a complete zoo with {MANIFEST} in {root}, found: {e}; "
@@ -594,7 +594,7 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
 
     def text(name: str) -> str:
         try:
-            return (root / "data" / name).read_text()
+            return read_regular_text(root / "data" / name)
         except (OSError, ValueError) as e:
             raise ZooError(
                 f"{root}: expected a complete zoo with data/{name}, found {type(e).__name__}: "
@@ -645,13 +645,18 @@ def build_zoo(
             )
         return zoo
     ensure_dir(cache_dir, "zoo cache")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=cache_dir))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=cache_dir))
+    except OSError as e:
+        raise ZooError(f"zoo cache {cache_dir}: expected a writable directory, found {e}") from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # peft / transformers chatter
             warnings.simplefilter("ignore", FutureWarning)
             manifest = _build(config, tmp, progress)
         write_json_atomic(tmp / MANIFEST, manifest)
+        # mkdtemp's 0o700 would keep the zoo from others sharing $QDELTA_CACHE.
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             os.rename(tmp, final)
         except OSError:
@@ -659,8 +664,10 @@ def build_zoo(
                 raise
             shutil.rmtree(tmp)  # another process finished the same zoo first
             return open_zoo(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            raise ZooError(f"zoo cache {cache_dir}: building {final.name} failed: {e}") from e
         raise
     return open_zoo(final, built=True)
 

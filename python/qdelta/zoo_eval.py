@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qdelta.atomic_io import ensure_dir
+from qdelta.atomic_io import check_output, ensure_dir
 from qdelta.compress import compress
 from qdelta.delta import Delta
 from qdelta.distill import DistillResult, distill
+from qdelta.errors import FileError
 from qdelta.eval import ResultRow, format_table, perplexity, quality_rows, write_results
 from qdelta.nn import apply, unapply
 from qdelta.store import DeltaStore
@@ -131,6 +132,20 @@ def evaluate_into(
     return rows, details, store
 
 
+def check_result_paths(out_dir: str | Path, files: list[str]) -> Path:
+    """``--out`` as a directory whose result ``files`` and ``deltas/`` store can be
+    written, checked before minutes of work (a FIFO or a folder there is refused)."""
+    out = ensure_dir(Path(out_dir).resolve(), "--out")
+    for name in files:
+        check_output(out / name, "--out")
+    deltas = out / "deltas"
+    if deltas.exists() and not deltas.is_dir():
+        raise FileError(
+            f"--out {out}: expected {deltas} to be a directory (the delta store), found a file"
+        )
+    return out
+
+
 def run_eval(
     out_dir: str | Path = "results",
     *,
@@ -141,8 +156,7 @@ def run_eval(
     progress: bool = True,
 ) -> list[ResultRow]:
     """``qdelta eval``: build (or find cached) the zoo and evaluate every tenant into ``out_dir``."""
-    out = Path(out_dir).resolve()
-    ensure_dir(out, "--out")  # a file there is a clear error, not FileExistsError
+    out = check_result_paths(out_dir, ["quality.json"])
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     zoo = build_zoo(config, cache_dir, progress=progress)

@@ -1,0 +1,162 @@
+"""Files around the commands: outputs checked before the work, SIGTERM, a full
+stdout, special files where a file is read, ``~`` in paths, the zoo cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import qdelta.zoo as zoo_module
+from qdelta import cli
+from qdelta.atomic_io import check_output, current_umask, read_regular_text
+from qdelta.calibration import prepare_calibration
+from qdelta.errors import CalibrationError, FileError, ZooError
+from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
+from qdelta.zoo import ZooConfig, build_zoo, default_cache_dir, open_zoo
+
+QDELTA = [sys.executable, "-m", "qdelta.cli"]
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"qdelta {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [("eval", "quality.json"), ("demo", "demo.json"), ("demo", "memory.png")],
+)
+@pytest.mark.parametrize("blocker", ["dir", "fifo"])
+def test_eval_and_demo_refuse_unwritable_results_before_any_work(
+    tmp_path, capsys, command, name, blocker
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if blocker == "dir" else os.mkfifo(out / name)
+    cache = tmp_path / "cache"  # never made: the check comes before the zoo
+    assert cli.main([command, "--tiny", "--out", str(out), "--cache", str(cache)]) == 1
+    err = _one_line_error(capsys, command)
+    assert name in err and ("directory" in err or "special file" in err)
+    assert not cache.exists()
+    assert (
+        (out / name).is_dir() if blocker == "dir" else stat.S_ISFIFO(os.lstat(out / name).st_mode)
+    )
+
+
+def test_a_trailing_slash_is_not_a_file_path(tmp_path):
+    with pytest.raises(FileError, match="expected a file path, found a directory path"):
+        check_output(f"{tmp_path}/new/", "-o")
+    assert check_output(f"{tmp_path}/new", "-o") == tmp_path / "new"
+
+
+def test_sigterm_runs_the_cleanup_that_ctrl_c_runs(tmp_path):
+    """The zoo build removes its half-built folder and the command says so in one line."""
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [*QDELTA, "zoo", "--tiny", "--cache", str(cache)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".zoo-*.building-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no build started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("qdelta zoo: terminated")
+    assert "Traceback" not in err
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_one_line_not_a_traceback(tmp_path):
+    import torch
+
+    import qdelta
+
+    base = torch.nn.Sequential(torch.nn.Linear(40, 8))
+    ft = torch.nn.Sequential(torch.nn.Linear(40, 8))
+    ft.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        ft[0].weight.add_(0.01)
+    path = tmp_path / "d.qdelta"
+    qdelta.compress(base, ft, targets=["0"]).save(path)
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [*QDELTA, "inspect", str(path)], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("qdelta inspect: error: ") and run.stderr.count("\n") == 1
+    assert "No space left" in run.stderr
+
+
+def test_an_os_error_inside_a_command_is_one_line(monkeypatch, capsys):
+    def fails(args):
+        raise OSError(5, "Input/output error", "/some/file")
+
+    monkeypatch.setattr(cli, "_cmd_inspect", fails)
+    assert cli.main(["inspect", "x.qdelta"]) == 1
+    assert "/some/file" in _one_line_error(capsys, "inspect")
+
+
+def test_reading_a_fifo_fails_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"expected a regular file at .*fifo, found a FIFO"):
+        read_regular_text(fifo)
+    os.mkfifo(tmp_path / TOKENIZER_FILE)
+    with pytest.raises(FileError, match="found a FIFO"):
+        ByteTokenizer.load(tmp_path)
+    with pytest.raises(CalibrationError, match="found a FIFO"):
+        prepare_calibration(str(fifo), ByteTokenizer(), seq_len=8)
+    with pytest.raises(CalibrationError, match="found a directory"):
+        prepare_calibration(str(tmp_path), ByteTokenizer(), seq_len=8)
+
+
+def test_a_zoo_whose_manifest_is_a_fifo_is_an_error_not_a_hang(tmp_path):
+    root = tmp_path / "zoo-x"
+    root.mkdir()
+    os.mkfifo(root / "zoo.json")
+    with pytest.raises(ZooError, match="found a FIFO"):
+        open_zoo(root)
+
+
+def test_tilde_in_path_options_and_the_cache_variable(monkeypatch):
+    home = os.path.expanduser("~")
+    args = cli.build_parser().parse_args(["eval", "--out=~/res", "--cache=~/c"])
+    assert args.out == f"{home}/res" and args.cache == f"{home}/c"
+    args = cli.build_parser().parse_args(["compress", "~/b", "~/f", "-o", "~/x.qdelta"])
+    assert (args.base, args.output) == (f"{home}/b", f"{home}/x.qdelta")
+    monkeypatch.setenv("QDELTA_CACHE", "~/qc")
+    assert default_cache_dir() == Path(home) / "qc" / "zoo"
+
+
+def test_zoo_cache_failures_are_zoo_errors_and_leave_nothing(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zoo_module, "_build", full)
+    with pytest.raises(ZooError, match=r"zoo cache .*: building zoo-.* failed: .*No space left"):
+        build_zoo(ZooConfig.tiny(), tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(zoo_module.tempfile, "mkdtemp", full)
+    with pytest.raises(ZooError, match="expected a writable directory"):
+        build_zoo(ZooConfig.tiny(), tmp_path, progress=False)
+
+
+def test_the_zoo_folder_gets_a_plain_folders_mode(tiny_zoo):
+    """Not mkdtemp's 0o700: others sharing $QDELTA_CACHE can read it."""
+    assert stat.S_IMODE(tiny_zoo.root.stat().st_mode) == 0o777 & ~current_umask()
