@@ -219,3 +219,13 @@ def test_non_finite_packed_scales_are_refused(model, delta):
     with pytest.raises(qdelta.NonFiniteError, match=rf"'bad'.*{name}.*scales"):
         model.add_tenant("bad", bad)
     assert model.tenants == ["t"]
+
+
+def test_a_store_tenant_name_the_store_cannot_hold_says_why(base, delta, tmp_path):
+    store = qdelta.DeltaStore(tmp_path)
+    store.add("fine", delta)
+    (tmp_path / "with space.qdelta").write_bytes((tmp_path / "fine.qdelta").read_bytes())
+    served = qdelta.MultiTenantModel(copy.deepcopy(base), store)
+    with pytest.raises(qdelta.TenantNameError, match="found 'with space'"):
+        served.add_tenant("with space")
+    assert served.tenants == ["fine"]

@@ -411,3 +411,28 @@ def test_the_header_checksum_is_the_one_the_spec_defines(tmp_path, rng):
     delta.save(path)
     header, _ = split(path)
     assert header["__metadata__"]["header_checksum"] == _spec_header_checksum(header)
+
+
+def test_a_delta_file_pickles_as_its_path(tmp_path, rng):
+    """A spawned worker's dataset may hold one: the copy maps the file anew."""
+    import pickle
+
+    path = tmp_path / "x.qdelta"
+    delta = make_delta(rng, tenant="a")
+    delta.save(path)
+    f = qdelta.DeltaFile(path)
+    copy = pickle.loads(pickle.dumps(f))
+    assert copy.path == f.path and copy.tenant == "a" and copy.verify() == f.verify()
+    for name, layer in f.layers.items():
+        np.testing.assert_array_equal(copy.layers[name].planes, layer.planes)
+
+
+def test_a_name_no_store_can_hold_says_so(tmp_path, rng):
+    store = DeltaStore(tmp_path)
+    for bad in ("with space", "ünï", "../up", "", "x" * 201):
+        with pytest.raises(qdelta.TenantNameError, match="expected 1-200 characters"):
+            store.path(bad)
+    (tmp_path / "with space.qdelta").write_bytes(b"")  # not a tenant: listed nowhere
+    assert store.tenants() == []
+    with pytest.raises(qdelta.UnknownTenantError):  # TenantNameError is one, for old callers
+        store.open("with space")

@@ -34,6 +34,7 @@ from qdelta.errors import (
     QDeltaError,
     ShapeError,
     TargetError,
+    TenantNameError,
     UnknownTenantError,
     UnsupportedVersionError,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "QDeltaError",
     "ShapeError",
     "TargetError",
+    "TenantNameError",
     "UnknownTenantError",
     "UnsupportedVersionError",
     "__version__",

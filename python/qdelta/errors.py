@@ -31,6 +31,7 @@ __all__ = [
     "QDeltaError",
     "ShapeError",
     "TargetError",
+    "TenantNameError",
     "UnknownTenantError",
     "UnsupportedVersionError",
     "ZooError",
@@ -58,6 +59,11 @@ class UnknownTenantError(QDeltaError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class TenantNameError(UnknownTenantError):
+    """A tenant name a delta store cannot hold (its characters or length); an
+    :class:`UnknownTenantError` too, as no store can have that tenant."""
 
 
 class BudgetError(QDeltaError):

@@ -228,6 +228,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         if not isinstance(name, str) or not name:
             raise DTypeError(f"tenant name: expected a non-empty str, found {name!r}")
         if delta is None:
+            if self.store is not None:
+                self.store.path(name)  # a name no store can hold says why (TenantNameError)
             if self.store is None or name not in self.store.tenants():
                 raise UnknownTenantError(
                     f"tenant {name!r}: no delta given and no such tenant in the store"

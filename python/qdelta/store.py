@@ -31,6 +31,7 @@ from qdelta.errors import (
     FileError,
     NonFiniteError,
     ShapeError,
+    TenantNameError,
     UnknownTenantError,
 )
 
@@ -223,6 +224,11 @@ class DeltaFile:
         self._file = _core.DeltaFile(_path_text(path, "DeltaFile path"))
         self._layers: dict[str, PackedLayer] | None = None
 
+    def __reduce__(self) -> tuple:
+        # A mapping cannot travel to another process: a copy (pickle, a spawned
+        # worker) opens the file at this path again, as it is there then.
+        return (DeltaFile, (str(self.path),))
+
     def __repr__(self) -> str:
         return (
             f"DeltaFile({str(self.path)!r}, tenant={self.tenant!r}, "
@@ -397,7 +403,7 @@ class DeltaStore:
 
     def path(self, name: str) -> Path:
         if not isinstance(name, str) or not _TENANT_NAME.fullmatch(name):
-            raise UnknownTenantError(
+            raise TenantNameError(
                 f"tenant name: expected 1-200 characters of letters, digits, '.', '_' or '-' "
                 f"starting with a letter or digit, found {name!r}"
             )
