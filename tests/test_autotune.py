@@ -13,6 +13,7 @@ import pytest
 import torch
 from tests.delta_cases import assert_close, oracle, random_planes, random_scales
 
+from qdelta.errors import FileError
 from qdelta.kernels import autotune, choices
 from qdelta.kernels import cuda as cuda_backend
 
@@ -114,6 +115,23 @@ def test_unwritable_cache_warns_and_keeps_deciding(tmp_path):
     calls: list[str] = []
     run, time_us = fake_timer({"a": 2.0, "b": 1.0}, calls)
     with pytest.warns(autotune.AutotuneWarning, match="writable"):
+        assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
+    assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
+    assert len(calls) == 2
+
+
+def test_a_write_the_writer_refuses_warns_too(tmp_path, monkeypatch):
+    """The atomic writer's errors are FileErrors (a full disk, a read-only folder):
+    the decision still holds, in memory."""
+
+    def refuse(path, *args, **kwargs):
+        raise FileError(f"cannot write {path}: No space left on device (os error 28)")
+
+    monkeypatch.setattr(autotune, "write_json_atomic", refuse)
+    cache = autotune.DecisionCache(tmp_path / "tune.json")
+    calls: list[str] = []
+    run, time_us = fake_timer({"a": 2.0, "b": 1.0}, calls)
+    with pytest.warns(autotune.AutotuneWarning, match="No space left"):
         assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
     assert autotune.choose("k", ("a", "b"), run, time_us, cache=cache) == "b"
     assert len(calls) == 2

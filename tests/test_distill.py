@@ -167,6 +167,11 @@ def test_a_run_that_makes_the_loss_worse_keeps_the_initial_scales(finetune):
         good = _distill(base, ft, delta, calib)
     assert not good.kept_initial
     assert "lr=0.002" in good.delta.metadata["distill"]
+    with pytest.raises(qdelta.ShapeError, match=r"with_scales: expected layers of this delta"):
+        delta.with_scales({"no.such.layer": np.ones(1, np.float32)})
+    name = next(iter(delta.layers))
+    with pytest.raises(qdelta.ShapeError, match=f"layer {name}: scales"):
+        delta.with_scales({name: np.ones(7, np.float32)})
     with pytest.raises(qdelta.DTypeError, match="keep_best: expected a bool, found int"):
         _distill(base, ft, delta, calib, keep_best=1)
 

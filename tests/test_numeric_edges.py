@@ -60,7 +60,10 @@ def test_a_float16_merge_past_its_range_is_refused_and_writes_nothing(rng):
     y = applied(x)
     assert torch.isfinite(y).all()
     layer = applied[1]
-    with pytest.raises(qdelta.NonFiniteError, match="merge layer: expected weights within"):
+    with pytest.raises(
+        qdelta.NonFiniteError,
+        match=r"merge BitDeltaLinear\(out=40, in=24\): expected weights within",
+    ):
         layer.merge()
     assert not layer.merged and torch.equal(applied(x), y)
 
@@ -100,12 +103,15 @@ def test_model_wide_casts_keep_the_scales_exact(rng, cast):
     ).layers["e"]
     model = qdelta.apply(copy.deepcopy(base), delta)
     wrapped = qdelta.BitDeltaEmbedding(emb, emb_layer)
+    model[0].scales.grad = torch.ones_like(model[0].scales)  # mid-training
     for module, layers in ((model, delta.layers), (wrapped, {"": emb_layer})):
         getattr(module, cast)()
         for name, layer in layers.items():
             scales = module.get_submodule(name).scales
             assert scales.dtype == torch.float32 and isinstance(scales, nn.Parameter)
             np.testing.assert_array_equal(scales.detach().numpy(), layer.scales)
+    assert model[0].scales.grad.dtype == torch.float32  # an optimizer step still works
+    torch.optim.AdamW([copy.deepcopy(model[0]).scales]).step()
     # The delta still reaches the output: base + delta term in float32, then rounded.
     x = torch.randn(3, 24).to(getattr(torch, "float16" if cast == "half" else cast))
     y = model[1](x)
@@ -196,6 +202,19 @@ def test_a_non_finite_distillation_step_names_the_step_and_restores_the_model():
         hook.remove()
     assert not qdelta.nn.delta_modules(base)
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_a_run_that_ends_in_nan_keeps_the_initial_scales():
+    """NaN > before is False: a diverged run must not pass for an improvement."""
+    base = tiny_llama(0)
+    ft = fake_finetune(base, rel=0.05)
+    calib = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    delta = qdelta.compress(base, ft)
+    # One step: its loss is finite, the update explodes, the evaluation after it is not.
+    result = qdelta.distill(base, ft, delta, calib, steps=1, batch_size=2, lr=1e30, progress=False)
+    assert result.kept_initial and not result.loss_after <= result.loss_before
+    for name, layer in delta.layers.items():
+        np.testing.assert_array_equal(result.delta.layers[name].scales, layer.scales)
 
 
 def test_unpacking_to_float16_past_its_range_is_refused():

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import qdelta
+from qdelta.locking import serialized
 from qdelta.multitenant import MultiTenantLinear
 from runtime_helpers import make_delta, perturbed, tiny_llama
 
@@ -237,10 +238,14 @@ def test_a_fork_while_another_thread_is_inside_a_call_does_not_deadlock(layer_an
     store = qdelta.DeltaStore(tmp_path)
     inside, leave = threading.Event(), threading.Event()
 
-    def busy():  # holds the layer's lock and the store's write lock, as a long call would
-        with layer._lock, store._write_lock:
+    @serialized
+    def long_call(module):  # inside a call on the layer, holding the store's write lock
+        with store._write_lock:
             inside.set()
             leave.wait(60)
+
+    def busy():
+        long_call(layer)
 
     worker = threading.Thread(target=busy, daemon=True)
     worker.start()
@@ -258,10 +263,16 @@ def test_a_fork_while_another_thread_is_inside_a_call_does_not_deadlock(layer_an
         delta = qdelta.Delta({"l": packed[1]}, {}, "f" * 32)
         assert store.add("t", delta).tenant == "t"  # the store's locks are new
 
+    def idle_lock_only():
+        with torch.no_grad():
+            layer(x, torch.full((4,), 1))
+
     try:
         assert _in_forked_child(child) == 0
     finally:
         leave.set()
         worker.join(10)
+    with layer._lock:  # held, but not inside a call (a property read): not busy
+        assert _in_forked_child(idle_lock_only) == 0
     with torch.no_grad():  # the parent goes on as before
         torch.testing.assert_close(layer(x, torch.full((4,), 1)), refs[1])

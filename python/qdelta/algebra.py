@@ -34,7 +34,7 @@ from qdelta.errors import (
     NonFiniteError,
     ShapeError,
 )
-from qdelta.nn import added_delta
+from qdelta.nn import added_delta, check_delta_fits
 from qdelta.sources import ModelSource, as_module, state_dict_of
 from qdelta.store import check_base, fingerprint
 
@@ -126,10 +126,10 @@ class DenseDelta:
         twins = self._tied_twins(weights)
         for name, weight in weights.items():  # a weight that would overflow: nothing written
             if name not in twins:  # a tied weight takes its (one) delta once
-                added_delta(weight, self.weight(name), name)
+                check_delta_fits(weight, self.weight(name), name)
         for name, weight in weights.items():
             if name not in twins:
-                weight.copy_(added_delta(weight, self.weight(name), name))
+                weight.copy_(added_delta(weight, self.weight(name)))
         for key, value in self.params.items():
             state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
         return model

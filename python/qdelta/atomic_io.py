@@ -91,9 +91,16 @@ def current_umask() -> int:
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """A file object to write ``path``'s new content into (its folder must exist);
     ``path`` is replaced when the block exits normally, untouched when it raises.
-    The content is held in memory until then (outputs here are JSON and images)."""
+    It is an in-memory buffer (no ``fileno``; outputs here are JSON and images)
+    whose bytes go to the atomic writer at the end of the block."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: expected mode 'w' or 'wb', found {mode!r}")
+    allowed = {"encoding", "errors", "newline"} if mode == "w" else set()
+    if set(kwargs) - allowed:
+        raise TypeError(
+            f"atomic_open: expected options among {sorted(allowed)} for mode {mode!r}, "
+            f"found {sorted(set(kwargs) - allowed)}"
+        )
     buffer = io.BytesIO()
     if mode == "wb":
         yield buffer
@@ -114,6 +121,8 @@ def write_text_atomic(path: str | bytes | os.PathLike, text: str) -> Path:
 
 def write_bytes_atomic(path: str | bytes | os.PathLike, data: bytes) -> Path:
     """Replace ``path`` with ``data`` atomically (its folder must exist)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data: expected bytes, found {type(data).__name__}")
     try:
         text = os.fsdecode(path)
     except TypeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import sys
@@ -361,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     ring.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     ring.add_argument("--seed", type=SEED, default=0)
     ring.add_argument(
-        "--model", default=None, help="local Llama checkpoint dir (default: tiny random)"
+        "--model",
+        default=None,
+        type=user_path,
+        help="local Llama checkpoint dir (default: tiny random)",
     )
     ring.add_argument(
         "--zoo",
@@ -384,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--clear", action="store_true", help="delete the decisions")
     tune.add_argument(
-        "--file", default=None, help="decision file (default $QDELTA_AUTOTUNE_CACHE or ~/.cache)"
+        "--file",
+        default=None,
+        type=user_path,
+        help="decision file (default $QDELTA_AUTOTUNE_CACHE or ~/.cache)",
     )
     tune.set_defaults(func=_cmd_autotune)
     analyze = sub.add_parser(
@@ -441,13 +448,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "or left as it was)",
             file=sys.stderr,
         )
-        return 130 if isinstance(e, KeyboardInterrupt) else 128 + signal.SIGTERM
+        if isinstance(e, _Terminated):
+            # Cleanup done: now die of the signal, as the sender expects (a caller's
+            # loop must not go on, and a supervisor sees "killed by SIGTERM").
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 130
     except BrokenPipeError:
         # `qdelta inspect F | head`: the reader left; no traceback, no second error
         # when Python flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:  # e.g. stdout on a full disk, a file that cannot be read
+        if isinstance(e, io.UnsupportedOperation):  # a programming error, not the system's
+            raise
         _settle_stdout()
         return _error(args.command, e)
     finally:

@@ -123,15 +123,23 @@ class Delta:
         """A copy with scales (float32, copied) of its own: ``scales[name]`` where given,
         else this delta's. Planes and whole tensors are shared (never written in place)."""
         scales = {} if scales is None else scales
-        layers = {
-            name: PackedLayer(
-                layer.planes,
-                np.array(scales.get(name, layer.scales), dtype=np.float32, copy=True),
-                layer.shape,
-                layer.transposed,
+        unknown = sorted(set(scales) - set(self.layers))
+        if unknown:
+            raise ShapeError(
+                f"with_scales: expected layers of this delta, found {unknown[:5]} "
+                f"(layers: {sorted(self.layers)[:5]}{', ...' if len(self.layers) > 5 else ''})"
             )
-            for name, layer in self.layers.items()
-        }
+        layers = {}
+        for name, layer in self.layers.items():
+            try:
+                layers[name] = PackedLayer(
+                    layer.planes,
+                    np.array(scales.get(name, layer.scales), dtype=np.float32, copy=True),
+                    layer.shape,
+                    layer.transposed,
+                )
+            except (ShapeError, DTypeError, NonFiniteError) as err:
+                raise type(err)(f"layer {name}: {err}") from None
         return Delta(
             layers=layers,
             params=dict(self.params),

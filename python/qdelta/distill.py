@@ -109,8 +109,8 @@ def _check_arguments(steps, batch_size, seq_len, lr, loss, seed, eval_batches) -
     as_int("eval_batches", eval_batches, 1)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise DTypeError(f"lr: expected a number, found {type(lr).__name__}")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ShapeError(f"lr: expected a finite number > 0, found {lr}")
+    if not math.isfinite(lr) or lr <= 0 or lr > torch.finfo(torch.float32).max:
+        raise ShapeError(f"lr: expected a finite float32 number > 0, found {lr}")
     if loss not in LOSSES:
         raise ShapeError(f"loss: expected one of {LOSSES}, found {loss!r}")
 
@@ -164,7 +164,7 @@ def _check_step(
     """A NaN/Inf loss or gradient would make every scale NaN at this step's update."""
     value = value.detach()
     checks = [torch.isfinite(value)] + [
-        torch.isfinite(s.grad).all() for s in scales if s.grad is not None
+        torch.isfinite(s.grad).all().to(value.device) for s in scales if s.grad is not None
     ]
     if not bool(torch.stack(checks).all()):  # one sync a step
         what = f"loss {float(value)}" if not bool(torch.isfinite(value)) else "scale gradients"
@@ -285,7 +285,7 @@ def distill(
             p.requires_grad_(flag)
         for m, flag in modes.items():
             m.train(flag)
-    rose = bool(steps) and after > before
+    rose = bool(steps) and not after <= before  # NaN after training counts as worse
     kept_initial = rose and keep_best
     if kept_initial:
         trained = delta.with_scales()

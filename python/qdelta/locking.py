@@ -21,51 +21,26 @@ from qdelta.errors import QDeltaError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Every object with a lock, for the fork hooks below.
+# Every object with a lock, for the fork hook below.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
-_fork_state: dict[str, list] = {"held": [], "busy": []}
-
-
-def _before_fork() -> None:
-    """Hold every free lock across fork(), so no other thread can enter a call in
-    that instant; a lock another thread holds marks its object busy (never waited
-    for: a fork must not deadlock)."""
-    for obj in list(_LIVE):
-        lock = obj.__dict__.get("_lock")
-        if lock is None:
-            continue
-        if lock.acquire(blocking=False):
-            _fork_state["held"].append(lock)
-        else:
-            _fork_state["busy"].append(obj)
-
-
-def _after_fork_in_parent() -> None:
-    for lock in _fork_state["held"]:
-        lock.release()
-    _fork_state["held"].clear()
-    _fork_state["busy"].clear()
 
 
 def _after_fork_in_child() -> None:
     """The child has only the forking thread: a lock copied while another thread
     held it would never be released. Every object gets a fresh lock; one that was
-    mid-call in another thread may be half-updated and refuses further calls."""
-    busy = {id(obj) for obj in _fork_state["busy"]}
+    inside a call in another thread (its ``_caller`` is set for the length of a
+    call) may be half-updated and refuses further calls. Nothing runs in the
+    parent, so a fork neither waits for nor stalls the serving threads."""
+    me = threading.get_ident()
     for obj in list(_LIVE):
+        caller = obj.__dict__.get("_caller")
         obj._init_lock()
-        if id(obj) in busy:
+        if caller is not None and caller != me:
             object.__setattr__(obj, "_busy_at_fork", True)
-    _fork_state["held"].clear()
-    _fork_state["busy"].clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SerializedCalls:
@@ -76,12 +51,13 @@ class SerializedCalls:
 
     def _init_lock(self) -> None:
         object.__setattr__(self, "_lock", threading.RLock())
+        object.__setattr__(self, "_caller", None)  # the thread inside a call, if any
         _LIVE.add(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_lock", None)
-        state.pop("_busy_at_fork", None)
+        for key in ("_lock", "_caller", "_busy_at_fork"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -105,6 +81,11 @@ def serialized(method: F) -> F:
                 "half-updated); build it anew in the child, or fork before serving from threads"
             )
         with self._lock:
-            return method(self, *args, **kwargs)
+            outer = self.__dict__.get("_caller")  # this thread's, when re-entered
+            self.__dict__["_caller"] = threading.get_ident()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self.__dict__["_caller"] = outer
 
     return call  # type: ignore[return-value]

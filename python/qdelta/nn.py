@@ -66,24 +66,34 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def added_delta(weight: torch.Tensor, d: torch.Tensor, name: str) -> torch.Tensor:
-    """``weight + d`` in ``weight``'s dtype (added in float64 for float64 weights, else
-    float32), refused where it leaves that dtype's range: a merged ``inf`` would
-    poison every output, where the unmerged layer computes the same model finely."""
+def added_delta(weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``weight + d`` in ``weight``'s dtype, added in float64 for float64 weights,
+    else in float32 (check it first with :func:`check_delta_fits`)."""
     ct = _compute_dtype(weight)
-    merged = (weight.to(ct) + d.to(device=weight.device, dtype=ct)).to(weight.dtype)
-    if merged.is_floating_point():
-        bad = ~torch.isfinite(merged) & torch.isfinite(weight)
-        if bool(bad.any()):
-            at = tuple(int(i) for i in bad.nonzero()[0])
-            raise NonFiniteError(
-                f"merge {name}: expected weights within {weight.dtype}'s range "
-                f"(+-{torch.finfo(weight.dtype).max:.6g}), found {float(weight[at]):.6g} + "
-                f"delta {float(d[at]):.6g} = {float(merged[at])} at index {list(at)} "
-                f"({int(bad.sum())} such weights); serve it unmerged (qdelta.apply) or in a "
-                "wider dtype"
-            )
-    return merged
+    return (weight.to(ct) + d.to(device=weight.device, dtype=ct)).to(weight.dtype)
+
+
+def check_delta_fits(weight: torch.Tensor, d: torch.Tensor, name: str) -> None:
+    """Refuse a merge whose weights would leave ``weight``'s dtype range: a merged
+    ``inf`` would poison every output, where the unmerged layer computes the same
+    model finely. Two reductions decide it almost always (max |w| + max |d|
+    within range); only past that bound is the sum itself checked."""
+    if not weight.is_floating_point() or weight.numel() == 0:
+        return
+    ct = _compute_dtype(weight)
+    top = torch.finfo(weight.dtype).max
+    if float(weight.abs().amax().to(ct)) + float(d.abs().amax().to(ct)) <= top:
+        return
+    merged = added_delta(weight, d)
+    bad = ~torch.isfinite(merged) & torch.isfinite(weight)
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise NonFiniteError(
+            f"merge {name}: expected weights within {weight.dtype}'s range "
+            f"(+-{top:.6g}), found {float(weight[at]):.6g} + delta {float(d[at]):.6g} = "
+            f"{float(merged[at])} at index {list(at)} ({int(bad.sum())} such weights); "
+            "serve it unmerged (qdelta.apply) or in a wider dtype"
+        )
 
 
 def _human(nbytes: int) -> str:
@@ -158,6 +168,8 @@ class _FloatScales(nn.Module):
         result = super()._apply(fn, recurse)
         if self.scales.dtype in (torch.float16, torch.bfloat16):
             self.scales.data = exact.to(device=self.scales.device, dtype=torch.float32)
+            if self.scales.grad is not None:  # an optimizer wants it in the scales' dtype
+                self.scales.grad = self.scales.grad.float()
         return result
 
 
@@ -332,7 +344,8 @@ class BitDeltaLinear(_FloatScales):
         d = dense_delta(self.planes, self.scales.detach(), self.in_features, dtype=ct)
         d = d.to(w.device).T if self.transposed else d.to(w.device)
         if check:
-            return added_delta(w, sign * d, "layer")
+            name = f"{type(self).__name__}(out={self.out_features}, in={self.in_features})"
+            check_delta_fits(w, sign * d, name)
         return (w.to(ct) + sign * d).to(w.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -836,10 +849,10 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
             twins.add(other)
     for name, weight in weights.items():  # a weight that would overflow: nothing written
         if name not in twins:
-            added_delta(weight, oriented(name), name)
+            check_delta_fits(weight, oriented(name), name)
     for name, weight in weights.items():
         if name not in twins:
-            weight.copy_(added_delta(weight, oriented(name), name))
+            weight.copy_(added_delta(weight, oriented(name)))
     for key, target in tensors.items():
         target.copy_(delta.params[key].to(device=target.device, dtype=target.dtype))
     return model

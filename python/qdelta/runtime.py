@@ -174,21 +174,25 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     @property
     def tenants(self) -> list[str]:
         """Registered tenant names (loaded or not)."""
-        with self._lock:  # read while another thread serves: a consistent snapshot
-            return list(self._ids)
+        # Snapshots without the lock (list() of a dict is one step under the GIL), so
+        # a metrics thread never waits for a generate call of another thread.
+        return list(self._ids)
 
     @property
     def loaded_tenants(self) -> list[str]:
         """Loaded tenants, least recently used first."""
-        with self._lock:
-            return list(self._loaded)
+        return list(self._loaded)
 
     @property
     def resident_bytes(self) -> int:
         """Bytes of loaded tenant tensors as the stacks hold them (what the budget
         counts): a layer's stack pads every tenant to its deepest tenant's planes."""
-        with self._lock:
-            return _stacked_bytes(self._footprints[n] for n in self._loaded)
+        # A snapshot first: iterating the live dict while another thread loads a
+        # tenant raised "OrderedDict mutated during iteration".
+        footprints = self._footprints
+        return _stacked_bytes(
+            f for f in (footprints.get(n) for n in tuple(self._loaded)) if f is not None
+        )
 
     @serialized
     def memory(self) -> dict[str, int]:
@@ -204,12 +208,10 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         return {"base_bytes": base, "tenant_bytes": tenants, "tenants_loaded": len(self._loaded)}
 
     def tenant_id(self, name: str) -> int:
-        with self._lock:
-            if name not in self._ids:
-                raise UnknownTenantError(
-                    f"tenant {name!r} is not registered; known: {self.tenants}"
-                )
-            return self._ids[name]
+        found = self._ids.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise UnknownTenantError(f"tenant {name!r} is not registered; known: {self.tenants}")
+        return found
 
     def base_fingerprint(self) -> str:
         """The fingerprint of the base weights as built (before any swap)."""

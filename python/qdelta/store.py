@@ -221,13 +221,15 @@ class DeltaFile:
     every checksum."""
 
     def __init__(self, path: PathLike) -> None:
-        self._file = _core.DeltaFile(_path_text(path, "DeltaFile path"))
+        text = _path_text(path, "DeltaFile path")
+        self._file = _core.DeltaFile(text)
         self._layers: dict[str, PackedLayer] | None = None
+        self._absolute = os.path.abspath(text)  # as opened: the working directory may change
 
     def __reduce__(self) -> tuple:
         # A mapping cannot travel to another process: a copy (pickle, a spawned
         # worker) opens the file at this path again, as it is there then.
-        return (DeltaFile, (str(self.path),))
+        return (DeltaFile, (self._absolute,))
 
     def __repr__(self) -> str:
         return (

@@ -666,7 +666,7 @@ def build_zoo(
             return open_zoo(final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+        if isinstance(e, (OSError, FileError)) or type(e).__name__ == "SafetensorError":
             raise ZooError(f"zoo cache {cache_dir}: building {final.name} failed: {e}") from e
         raise
     return open_zoo(final, built=True)

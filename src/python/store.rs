@@ -73,13 +73,13 @@ impl PyDeltaFile {
         self.inner.contents.user.clone()
     }
 
-    /// The layer table: (module, (out, in), bits, scale, transposed, planes tensor, scales tensor).
     /// An error when the mapped file was truncated or rewritten in place since it
     /// was opened (one fstat): views handed out before are checked again here.
     fn check_unchanged(&self) -> PyResult<()> {
         self.inner.check_unchanged().map_err(to_py)
     }
 
+    /// The layer table: (module, (out, in), bits, scale, transposed, planes tensor, scales tensor).
     #[allow(clippy::type_complexity)]
     #[getter]
     fn layers(&self) -> Vec<(String, (usize, usize), usize, String, bool, String, String)> {

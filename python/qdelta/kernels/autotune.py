@@ -51,7 +51,7 @@ def enabled() -> bool:
 def cache_path() -> Path:
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
-        return Path(explicit)
+        return Path(explicit).expanduser()
     return (
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qdelta" / "autotune.json"
     )
@@ -167,7 +167,7 @@ class DecisionCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = {"format": FORMAT, "version": VERSION, "entries": entries}
             write_json_atomic(path, data, indent=1, sort_keys=True)
-        except OSError as exc:
+        except (OSError, FileError) as exc:  # the writer's errors are FileErrors
             warnings.warn(
                 f"autotune cache {path}: expected a writable file, found {exc}; "
                 "decisions stay in memory",
