@@ -504,6 +504,22 @@ fn open_no_wait(path: &Path) -> std::io::Result<File> {
     o.open(path)
 }
 
+/// The bytes of the regular file `path`, read with `DeltaFile::open`'s rules: a
+/// FIFO, device, socket or directory is a File error naming what was found
+/// (checked before opening and on the opened file, opened without blocking),
+/// never a hang or an endless read of /dev/zero.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    let expected = "a regular file";
+    let meta = fs::metadata(path).map_err(|e| file_err(path, "open", e))?;
+    regular_or(path, &meta, expected, "")?;
+    let mut file = open_no_wait(path).map_err(|e| file_err(path, "open", e))?;
+    let meta = file.metadata().map_err(|e| file_err(path, "stat", e))?;
+    regular_or(path, &meta, expected, "")?;
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut file, &mut data).map_err(|e| file_err(path, "read", e))?;
+    Ok(data)
+}
+
 impl DeltaFile {
     pub fn open(path: &Path) -> Result<DeltaFile> {
         // Check the type before opening: opening a FIFO blocks until a writer

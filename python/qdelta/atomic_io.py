@@ -30,10 +30,6 @@ from qdelta import _core
 from qdelta.errors import FileError
 
 
-class NotRegularFileError(OSError):
-    """A path to read names a FIFO, a device, a socket or a directory."""
-
-
 def file_kind(path: str | os.PathLike) -> str:
     """What ``path`` names, for messages: "a regular file", "a directory", "a FIFO",
     "a character device", "a block device", "a socket" or "nothing"."""
@@ -52,22 +48,14 @@ def file_kind(path: str | os.PathLike) -> str:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
-def read_regular_bytes(path: str | os.PathLike) -> bytes:
-    """The bytes of the regular file ``path``. Opened without blocking, so a FIFO
-    fails at once (:class:`NotRegularFileError`, an ``OSError``) instead of
-    hanging, and ``/dev/zero`` is not read forever."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            found = file_kind(path)
-            raise NotRegularFileError(
-                f"expected a regular file at {os.fsdecode(path)}, found {found}"
-            )
-        return f.read()
+def read_regular_bytes(path: str | bytes | os.PathLike) -> bytes:
+    """The bytes of the regular file ``path``, read by the Rust core with the rules
+    of the delta reader: a FIFO, device or directory is a :class:`FileError` at
+    once (never a hang, nor an endless read of ``/dev/zero``)."""
+    return _core.read_file(_path_str(path, "read"))
 
 
-def read_regular_text(path: str | os.PathLike) -> str:
+def read_regular_text(path: str | bytes | os.PathLike) -> str:
     """:func:`read_regular_bytes` decoded as UTF-8 (``UnicodeDecodeError`` otherwise)."""
     return read_regular_bytes(path).decode("utf-8")
 
@@ -85,6 +73,15 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _path_str(path: Any, verb: str) -> str:
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise FileError(
+            f"expected a str, bytes or os.PathLike path to {verb}, found {type(path).__name__}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -123,12 +120,7 @@ def write_bytes_atomic(path: str | bytes | os.PathLike, data: bytes) -> Path:
     """Replace ``path`` with ``data`` atomically (its folder must exist)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data: expected bytes, found {type(data).__name__}")
-    try:
-        text = os.fsdecode(path)
-    except TypeError:
-        raise FileError(
-            f"expected a str, bytes or os.PathLike path to write, found {type(path).__name__}"
-        ) from None
+    text = _path_str(path, "write")
     _core.write_file(text, bytes(data))
     return Path(text)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qdelta.atomic_io import file_kind, read_regular_text
-from qdelta.errors import CalibrationError
+from qdelta.errors import CalibrationError, FileError
 
 Calibration = (
     Sequence[str] | Sequence[Sequence[int]] | str | os.PathLike | torch.Tensor | Mapping[str, Any]
@@ -172,7 +172,7 @@ def _sequences(calib: Calibration, tokenizer: Any, seq_len: int) -> list[list[in
                 f"calibration file {path}: expected UTF-8 text, found byte "
                 f"0x{e.object[e.start]:02x} at offset {e.start} ({e.reason})"
             ) from e
-        except OSError as e:
+        except (OSError, FileError) as e:
             raise CalibrationError(
                 f"calibration file {path}: expected a readable file, found {e}"
             ) from e

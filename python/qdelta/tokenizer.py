@@ -56,7 +56,7 @@ class ByteTokenizer:
         tok = cls()
         try:
             text = read_regular_text(path)
-        except OSError as e:
+        except (OSError, FileError) as e:
             raise FileError(f"expected a byte tokenizer file at {path}, found: {e}") from e
         except ValueError as e:  # not UTF-8
             raise FormatError(f"{path}: expected {tok.to_dict()} as JSON, found: {e}") from e

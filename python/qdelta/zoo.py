@@ -560,7 +560,7 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
     root = Path(root)
     try:
         manifest = json.loads(read_regular_text(root / MANIFEST))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, FileError) as e:
         raise ZooError(
             f"expected a complete zoo with {MANIFEST} in {root}, found: {e}; "
             f"delete the directory to rebuild it"
@@ -595,7 +595,7 @@ def open_zoo(root: str | Path, built: bool = False) -> Zoo:
     def text(name: str) -> str:
         try:
             return read_regular_text(root / "data" / name)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, FileError) as e:
             raise ZooError(
                 f"{root}: expected a complete zoo with data/{name}, found {type(e).__name__}: "
                 f"{e}; {rebuild}"

@@ -307,6 +307,14 @@ fn write_file(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
     })
 }
 
+/// The bytes of the regular file `path` (`store::read_regular`): the reader's
+/// rules for special files, for every file qdelta reads whole.
+#[pyfunction]
+fn read_file<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let data = run(py, || store::read_regular(&path))?;
+    Ok(pyo3::types::PyBytes::new(py, &data))
+}
+
 /// The base fingerprint of [(name, dtype, shape, bytes u8)].
 #[pyfunction]
 fn fingerprint(py: Python<'_>, weights: &Bound<'_, PyList>) -> PyResult<String> {
@@ -337,6 +345,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_delta, m)?)?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
+    m.add_function(wrap_pyfunction!(read_file, m)?)?;
     m.add("FORMAT_VERSION", store::FORMAT_VERSION)?;
     m.add("BIT_LAYOUT", store::BIT_LAYOUT)?;
     Ok(())
