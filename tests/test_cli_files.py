@@ -160,3 +160,35 @@ def test_zoo_cache_failures_are_zoo_errors_and_leave_nothing(tmp_path, monkeypat
 def test_the_zoo_folder_gets_a_plain_folders_mode(tiny_zoo):
     """Not mkdtemp's 0o700: others sharing $QDELTA_CACHE can read it."""
     assert stat.S_IMODE(tiny_zoo.root.stat().st_mode) == 0o777 & ~current_umask()
+
+
+def test_python_dash_m_qdelta_is_the_command():
+    run = subprocess.run(
+        [sys.executable, "-m", "qdelta", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.startswith("qdelta "), run.stderr
+
+
+def test_an_empty_xdg_cache_home_counts_as_unset(monkeypatch):
+    from qdelta.kernels import autotune
+
+    monkeypatch.delenv(autotune.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert autotune.cache_path() == Path.home() / ".cache" / "qdelta" / "autotune.json"
+    monkeypatch.setenv(autotune.CACHE_ENV, "~/t.json")
+    assert autotune.cache_path() == Path.home() / "t.json"
+
+
+def test_errors_raised_by_the_core_pickle():
+    """A worker process's error must reach its parent (pickle finds the class)."""
+    import pickle
+
+    import numpy as np
+
+    import qdelta
+
+    with pytest.raises(qdelta.ShapeError) as info:
+        qdelta.pack_signs(np.zeros((2, 2, 2), np.float32))
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is qdelta.ShapeError and str(again) == str(info.value)
+    assert qdelta.FileError.__module__ == "qdelta.errors"

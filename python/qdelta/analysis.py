@@ -342,7 +342,7 @@ def run_analyze(args: Any) -> int:
         )
     except QDeltaError as e:
         message = " ".join(str(e).split())
-        print(f"qdelta analyze: error: {type(e).__name__}: {message}", file=sys.stderr)
+        print(f"qdelta analyze: error: {message}", file=sys.stderr)  # as every command says it
         return 1
     print(format_analysis(result))
     if args.json:

@@ -1,4 +1,4 @@
-"""The ``qdelta`` command line."""
+"""The qdelta command line."""
 
 from __future__ import annotations
 

@@ -15,6 +15,20 @@ from qdelta._core import (
     UnsupportedVersionError,
 )
 
+# Named where users import them: pickle finds a class by its module, and "_core"
+# is not importable under that name (a worker process's error must reach its parent).
+for _cls in (
+    ChecksumError,
+    DTypeError,
+    FileError,
+    FormatError,
+    NonFiniteError,
+    QDeltaError,
+    ShapeError,
+    UnsupportedVersionError,
+):
+    _cls.__module__ = __name__
+
 __all__ = [
     "AlgebraError",
     "BaseMismatchError",

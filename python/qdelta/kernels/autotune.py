@@ -53,7 +53,10 @@ def cache_path() -> Path:
     if explicit:
         return Path(explicit).expanduser()
     return (
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qdelta" / "autotune.json"
+        # An empty XDG_CACHE_HOME counts as unset (the XDG spec), not as the working directory.
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "qdelta"
+        / "autotune.json"
     )
 
 

@@ -55,7 +55,7 @@ _DYN_SHARED = re.compile(
 def cache_dir() -> Path:
     """Where compiled modules live: $QDELTA_EMU_CACHE, else ~/.cache/qdelta/emu."""
     env = os.environ.get("QDELTA_EMU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "qdelta" / "emu"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qdelta" / "emu"
 
 
 def compiler() -> str:
