@@ -68,6 +68,31 @@ def test_a_float16_merge_past_its_range_is_refused_and_writes_nothing(rng):
     assert not layer.merged and torch.equal(applied(x), y)
 
 
+@pytest.mark.parametrize("scale_mode", ["matrix", "row"])
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_a_layers_abs_bound_covers_its_unpacked_delta(rng, bits, scale_mode):
+    """merge checks overflow against this bound before unpacking anything."""
+    d = rng.standard_normal((37, 70)).astype(np.float32) * np.float32(10.0 ** rng.integers(-3, 30))  # fmt: skip
+    planes, scales = qdelta.pack_residual(d, bits=bits, scale=scale_mode)
+    layer = qdelta.PackedLayer(planes, scales, d.shape)
+    assert np.abs(layer.dense().astype(np.float64)).max() <= layer.abs_bound()
+    assert layer.abs_bound() <= np.abs(layer.scales.astype(np.float64)).sum() * 1.001
+
+
+def test_a_merge_past_the_bound_but_within_range_is_written(rng):
+    """The bound is only a shortcut: past it the sum itself decides."""
+    base, ft = _pair(rng, torch.float16)
+    with torch.no_grad():
+        base[1].weight.fill_(6.0e4)
+        base[1].weight[0, 0] = 6.5e4  # max |w| + max |d| > 65504, but not at one index
+        ft[1].weight.copy_(base[1].weight + 2000.0)
+        ft[1].weight[0, 0] = 6.3e4  # its delta goes down
+    delta = qdelta.compress(base, ft)
+    assert float(base[1].weight.abs().max()) + delta.layers["1"].abs_bound() > 65504
+    merged = qdelta.merge(copy.deepcopy(base), delta)
+    assert torch.isfinite(merged[1].weight).all()
+
+
 def test_float64_models_compress_and_merge_in_float64(rng):
     base, ft = _pair(rng, torch.float64)
     with torch.no_grad():  # a delta far under the weights' float32 resolution

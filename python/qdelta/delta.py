@@ -73,6 +73,14 @@ class PackedLayer:
     def nbytes(self) -> int:
         return int(self.planes.nbytes + self.scales.nbytes)
 
+    def abs_bound(self) -> float:
+        """An upper bound of max |delta| from the scales alone (each plane adds
+        +-its scale): sum over planes of the largest |scale|, in float64, with
+        room for the float32 rounding of the unpacked sum (under 2**-16 relative)."""
+        scales = np.abs(self.scales.astype(np.float64))
+        per_plane = scales if scales.ndim == 1 else scales.max(axis=1)
+        return float(per_plane.sum()) * (1 + 2.0**-16)
+
     def dense(self, dtype: FloatName = "float32", bits: int | None = None) -> np.ndarray:
         """The ``[out, in]`` delta reconstructed from the first ``bits`` planes."""
         return unpack_residual(self.planes, self.scales, self.shape, dtype, bits)

@@ -8,6 +8,7 @@ delta. The delta's matmul goes through :func:`qdelta.kernels.delta_matmul`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -73,17 +74,31 @@ def added_delta(weight: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (weight.to(ct) + d.to(device=weight.device, dtype=ct)).to(weight.dtype)
 
 
-def check_delta_fits(weight: torch.Tensor, d: torch.Tensor, name: str) -> None:
+def check_delta_fits(
+    weight: torch.Tensor,
+    d: torch.Tensor | Callable[[], torch.Tensor],
+    name: str,
+    *,
+    d_bound: float | None = None,
+) -> None:
     """Refuse a merge whose weights would leave ``weight``'s dtype range: a merged
     ``inf`` would poison every output, where the unmerged layer computes the same
     model finely. Two reductions decide it almost always (max |w| + max |d|
-    within range); only past that bound is the sum itself checked."""
+    within range); only past that bound is the sum itself checked.
+
+    ``d`` may be a function making the delta, with ``d_bound`` >= max |d| known
+    without it (a packed layer's :meth:`~qdelta.delta.Layer.abs_bound`): then
+    the delta is made only when that bound is not enough."""
     if not weight.is_floating_point() or weight.numel() == 0:
         return
     ct = _compute_dtype(weight)
     top = torch.finfo(weight.dtype).max
-    if float(weight.abs().amax().to(ct)) + float(d.abs().amax().to(ct)) <= top:
+    if d_bound is None:
+        d = d() if callable(d) else d
+        d_bound = float(d.abs().amax().to(ct))
+    if float(weight.abs().amax().to(ct)) + d_bound <= top:
         return
+    d = d() if callable(d) else d
     merged = added_delta(weight, d)
     bad = ~torch.isfinite(merged) & torch.isfinite(weight)
     if bool(bad.any()):
@@ -848,8 +863,9 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
                 )
             twins.add(other)
     for name, weight in weights.items():  # a weight that would overflow: nothing written
-        if name not in twins:
-            check_delta_fits(weight, oriented(name), name)
+        if name not in twins:  # the bound from the scales spares unpacking it twice
+            layer = delta.layers[name]
+            check_delta_fits(weight, lambda n=name: oriented(n), name, d_bound=layer.abs_bound())
     for name, weight in weights.items():
         if name not in twins:
             weight.copy_(added_delta(weight, oriented(name)))
