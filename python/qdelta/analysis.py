@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from qdelta.algebra import DenseDelta, as_dense, dense_delta
-from qdelta.atomic_io import user_path, write_text_atomic
+from qdelta.atomic_io import write_text_atomic
 from qdelta.bitplane import MAX_PLANES, pack_residual, unpack_residual
 from qdelta.delta import Delta
 from qdelta.errors import AlgebraError, FileError, ShapeError
@@ -273,33 +273,6 @@ def _plot_trajectories(plt: Any, result: dict[str, Any]) -> Any:
     return fig
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``qdelta analyze`` arguments (also ``python -m qdelta.analysis``)."""
-    parser.add_argument("base", help="base model directory", type=user_path)
-    parser.add_argument(
-        "finetuned", nargs="+", type=user_path, help="fine-tuned model dirs or .qdelta files"
-    )
-    parser.add_argument("--json", default=None, type=user_path, help="write the statistics as JSON")
-    parser.add_argument(
-        "--plot", default=None, type=user_path, help="write a PNG of dM vs dD per layer"
-    )
-    from qdelta.cli import int_at_least
-
-    parser.add_argument(
-        "--planes",
-        type=int_at_least(1, MAX_PLANES),
-        default=3,
-        help=f"max planes for errors (1..{MAX_PLANES}, default 3)",
-    )
-    parser.add_argument(
-        "--steps",
-        action="store_true",
-        help="the fine-tunes are checkpoints of one run, in order: plot each layer's "
-        "trajectory through them (default: independent fine-tunes, one series each)",
-    )
-    return parser
-
-
 def _plot_formats() -> dict[str, str]:
     from matplotlib.backend_bases import FigureCanvasBase
 
@@ -355,7 +328,9 @@ def run_analyze(args: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m qdelta.analysis BASE FT [FT ...] [--steps] [--json] [--plot]``."""
     parser = argparse.ArgumentParser(prog="qdelta analyze", description=__doc__.split("\n")[0])
-    return run_analyze(add_arguments(parser).parse_args(argv))
+    from qdelta.cli import add_analyze_arguments
+
+    return run_analyze(add_analyze_arguments(parser).parse_args(argv))
 
 
 def _jsonable(x: Any) -> Any:

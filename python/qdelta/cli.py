@@ -203,6 +203,34 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``qdelta analyze`` arguments (also ``python -m qdelta.analysis``); here, not in
+    qdelta.analysis, so that building the parser does not import torch."""
+    from qdelta.bitplane import MAX_PLANES
+
+    parser.add_argument("base", help="base model directory", type=user_path)
+    parser.add_argument(
+        "finetuned", nargs="+", type=user_path, help="fine-tuned model dirs or .qdelta files"
+    )
+    parser.add_argument("--json", default=None, type=user_path, help="write the statistics as JSON")
+    parser.add_argument(
+        "--plot", default=None, type=user_path, help="write a PNG of dM vs dD per layer"
+    )
+    parser.add_argument(
+        "--planes",
+        type=int_at_least(1, MAX_PLANES),
+        default=3,
+        help=f"max planes for errors (1..{MAX_PLANES}, default 3)",
+    )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="the fine-tunes are checkpoints of one run, in order: plot each layer's "
+        "trajectory through them (default: independent fine-tunes, one series each)",
+    )
+    return parser
+
+
 #: The zoo's cache directory, as qdelta.zoo.default_cache_dir() resolves it.
 ZOO_CACHE_HELP = "zoo cache directory (default $QDELTA_CACHE/zoo, else ~/.cache/qdelta/zoo)"
 
@@ -397,8 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser(
         "analyze", help="per-layer delta statistics of fine-tunes (norms, signs, DoRA view)"
     )
-    from qdelta.analysis import add_arguments as add_analyze_arguments
-
     add_analyze_arguments(analyze).set_defaults(func=_cmd_analyze)
     return parser
 
