@@ -4,6 +4,7 @@ The classes are defined by the Rust core (so Rust can raise them directly) and
 extended here by the errors only Python raises.
 """
 
+from qdelta import _core
 from qdelta._core import (
     ChecksumError,
     DTypeError,
@@ -17,17 +18,9 @@ from qdelta._core import (
 
 # Named where users import them: pickle finds a class by its module, and "_core"
 # is not importable under that name (a worker process's error must reach its parent).
-for _cls in (
-    ChecksumError,
-    DTypeError,
-    FileError,
-    FormatError,
-    NonFiniteError,
-    QDeltaError,
-    ShapeError,
-    UnsupportedVersionError,
-):
-    _cls.__module__ = __name__
+for _cls in vars(_core).values():
+    if isinstance(_cls, type) and issubclass(_cls, BaseException):
+        _cls.__module__ = __name__
 
 __all__ = [
     "AlgebraError",
