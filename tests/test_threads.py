@@ -215,13 +215,19 @@ def test_properties_read_while_another_thread_loads_and_evicts(model_and_refs):
 
 
 def _in_forked_child(check: Callable[[], None]) -> int:
-    """Exit code of ``check`` run in a forked child (0 ok, 1 failed, 2 hung)."""
+    """Exit code of ``check`` run in a forked child (0 ok, 1 failed, -14 hung: SIGALRM)."""
     import os
     import signal
 
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
-        signal.alarm(20)  # a deadlock ends as SIGALRM
+        # A deadlock ends as SIGALRM: the default action, since a Python handler
+        # (pytest-timeout's) never runs while the thread is stuck in C.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(20)
+        # torch's OpenMP pool is not fork-safe (a parallel region in the child can
+        # hang on the parent's threads); qdelta's own pool is rebuilt per process.
+        torch.set_num_threads(1)
         try:
             check()
             os._exit(0)
