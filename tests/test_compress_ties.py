@@ -142,3 +142,44 @@ def test_merging_one_half_of_an_applied_tied_pair_is_refused(kind, rng):
     for m in others:
         m.merge()
     assert torch.allclose(_logits(model), want, atol=1e-4)
+
+
+class _SharedModuleModel(torch.nn.Module):
+    """One embedding module under two names (as T5's ``shared`` and
+    ``encoder.embed_tokens`` are in some transformers versions), its weight tied
+    to the head as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Embedding(50, 16)
+        self.encoder = torch.nn.Module()
+        self.encoder.embed_tokens = self.shared
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(self.encoder.embed_tokens(ids)))
+
+
+def test_a_module_under_two_names_is_swapped_once_and_restored(rng):
+    torch.manual_seed(int(rng.integers(2**31)))
+    base = _SharedModuleModel()
+    ft = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    delta = qdelta.compress(base, ft, targets=["proj"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = base(ids)
+    applied = qdelta.apply(base, delta)
+    torch.testing.assert_close(applied.shared.weight, ft.shared.weight, rtol=0, atol=0)
+    assert applied.encoder.embed_tokens.weight is applied.head.weight
+    qdelta.unapply(applied)
+    for key, value in base.state_dict().items():  # every name has its base bits back
+        assert torch.equal(value, before[key]), key
+    assert base.head.weight is base.shared.weight  # and the tie holds
+    with torch.no_grad():
+        assert torch.equal(base(ids), expected)

@@ -709,6 +709,8 @@ def _swap_group(
             raise ModelMismatchError(
                 f"{key}: expected a parameter or buffer of the model, found none"
             )
+        if old is new:  # the same module under a second name (T5's embed_tokens is shared)
+            continue  # swapped already: recording it would make the new tensor "original"
         if old.shape != value.shape:
             raise ShapeError(f"{key}: expected shape {list(old.shape)}, found {list(value.shape)}")
         if new is None:
