@@ -49,7 +49,7 @@ def test_kernel_sources_ship_inside_the_package():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles(source: Path, arch: str):
-    text = source.read_text()
+    text = source.read_text(encoding="utf-8")
     names = cuda_backend.declared_instantiations(text)
     ptx = compile_source(text, source.name, arch, names)
     assert b".entry" in ptx or not names
@@ -69,7 +69,7 @@ def test_compiles(source: Path, arch: str):
 
 
 def test_declared_instantiations_match_launched_kernels():
-    declared = cuda_backend.declared_instantiations(cuda_backend.SOURCE.read_text())
+    declared = cuda_backend.declared_instantiations(cuda_backend.SOURCE.read_text(encoding="utf-8"))
     normalize = lambda s: s.replace(" ", "")  # noqa: E731
     assert sorted(map(normalize, declared)) == sorted(
         map(normalize, cuda_backend.name_expressions())
@@ -97,7 +97,10 @@ def test_table_lookup_loop_issue_budget(arch):
     from qdelta.kernels.nvrtc import kernel_sass
 
     ptx = compile_source(
-        cuda_backend.SOURCE.read_text(), "delta_matmul.cu", arch, ["qd_delta_lut<0, 1, 0>"]
+        cuda_backend.SOURCE.read_text(encoding="utf-8"),
+        "delta_matmul.cu",
+        arch,
+        ["qd_delta_lut<0, 1, 0>"],
     )
     listing = kernel_sass(ptx, arch, ptxas)
     if listing is None:
@@ -127,7 +130,7 @@ def test_no_module_reads_files_outside_the_package():
     offenders = [
         f"{p.relative_to(package)}:{n}"
         for p in sorted(package.rglob("*.py"))
-        for n, line in enumerate(p.read_text().splitlines(), 1)
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
         if climbing.search(line)
     ]
     assert not offenders, offenders

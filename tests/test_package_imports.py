@@ -25,7 +25,7 @@ def test_every_public_name_resolves_to_its_module_attribute():
 
 def test_the_lazy_table_matches_what_type_checkers_see():
     """The TYPE_CHECKING imports and the run-time table name the same objects."""
-    tree = ast.parse(Path(qdelta.__file__).read_text())
+    tree = ast.parse(Path(qdelta.__file__).read_text(encoding="utf-8"))
     guarded = next(
         n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.dump(n.test)
     )

@@ -229,3 +229,18 @@ def test_a_store_tenant_name_the_store_cannot_hold_says_why(base, delta, tmp_pat
     with pytest.raises(qdelta.TenantNameError, match="found 'with space'"):
         served.add_tenant("with space")
     assert served.tenants == ["fine"]
+
+
+def test_the_prefill_asks_for_last_logits_only_where_the_forward_takes_it():
+    """A forward that refuses unknown keywords (Bloom on transformers 4.x) is not
+    given ``logits_to_keep``."""
+    from qdelta.runtime import _last_logits_only
+
+    class Takes(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0, **kwargs): ...
+
+    class Strict(torch.nn.Module):
+        def forward(self, input_ids, use_cache=None, **deprecated_arguments): ...
+
+    assert _last_logits_only(Takes()) == {"logits_to_keep": 1}
+    assert _last_logits_only(Strict()) == {}

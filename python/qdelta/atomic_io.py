@@ -64,7 +64,7 @@ def current_umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask is a
     set-and-return, so the round trip races with threads creating files)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)

@@ -889,7 +889,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 attention_mask=mask if padded else None,
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                **_last_logits_only(self.model),
             )
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1].to(torch.float32)
@@ -1043,6 +1043,14 @@ def _cache_argument(model: nn.Module) -> str:
     """The KV cache keyword of this transformers version (``cache`` or ``past_key_values``)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _last_logits_only(model: nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` (the prefill computes the head for the last position
+    only) where the model's forward names it: some (Bloom on transformers 4.x)
+    refuse unknown keywords, and others swallow them unused."""
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def _cache_of(output: Any) -> Any:

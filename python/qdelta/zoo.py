@@ -425,8 +425,8 @@ def _build(config: ZooConfig, root: Path, progress: bool) -> dict:
     corpora, notes = _build_corpora(config)
     (root / "data").mkdir()
     for domain, c in corpora.items():
-        (root / "data" / f"{domain}.train.txt").write_text(c.train_text)
-        (root / "data" / f"{domain}.eval.txt").write_text(c.eval_text)
+        (root / "data" / f"{domain}.train.txt").write_text(c.train_text, encoding="utf-8")
+        (root / "data" / f"{domain}.eval.txt").write_text(c.eval_text, encoding="utf-8")
     streams = {d: _domain_stream(c.train_text, tokenizer) for d, c in corpora.items()}
     timings["corpora_s"] = time.perf_counter() - t0
 

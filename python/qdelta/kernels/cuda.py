@@ -226,7 +226,7 @@ def _cupy_module(index: int, source: Path, options: tuple[str, ...], names: tupl
     cupy = _cupy()
     with cupy.cuda.Device(index):
         module = cupy.RawModule(
-            code=source.read_text(), options=options, name_expressions=list(names)
+            code=source.read_text(encoding="utf-8"), options=options, name_expressions=list(names)
         )
         if source == SOURCE:  # delta_matmul.cu compiles at once (errors surface here)
             module.compile()

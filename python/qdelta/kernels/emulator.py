@@ -179,12 +179,12 @@ class EmulatedModule:
     def __init__(self, source: Path, name_expressions: Sequence[str]) -> None:
         self.source = Path(source)
         self.names = list(name_expressions)
-        text = self.source.read_text()
+        text = self.source.read_text(encoding="utf-8")
         cpp = translation_unit(self.source.name, text, self.names)
         cxx = compiler()
         # The translation unit (source, entry points) and the header it includes.
         key = hashlib.sha256(
-            "\0".join([HEADER.read_text(), cpp, *self.names, *FLAGS, cxx]).encode()
+            "\0".join([HEADER.read_text(encoding="utf-8"), cpp, *self.names, *FLAGS, cxx]).encode()
         ).hexdigest()
         self.library = cache_dir() / f"{key}.so"
         if not self.library.exists():
@@ -225,7 +225,7 @@ def _build(cxx: str, cpp: str, library: Path, what: str) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         src = Path(tmp) / "module.cpp"
-        src.write_text(cpp)
+        src.write_text(cpp, encoding="utf-8")
         out = Path(tmp) / "module.so"
         proc = subprocess.run(
             [cxx, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False

@@ -105,7 +105,7 @@ def _assemble(ptx: bytes, arch: str, ptxas: str, out_dir: Path) -> str:
     text = ptx.rstrip(b"\0").decode()
     src = out_dir / "kernels.ptx"
     for attempt in range(2):
-        src.write_text(text)
+        src.write_text(text, encoding="utf-8")
         run = subprocess.run(
             [ptxas, f"-arch={arch}", "-v", str(src), "-o", str(out_dir / "k.cubin")],
             capture_output=True,
