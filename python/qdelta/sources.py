@@ -57,6 +57,14 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
             f"({files or 'none'}): {e}"
         ) from e
     except OSError as e:  # no weights file, or one that cannot be read
+        # transformers 4.x wraps a damaged .bin's unpickling error in an OSError
+        # without an errno; a real file problem (missing, unreadable) has one.
+        inner = e.__cause__ or e.__context__
+        damaged = None
+        if e.errno is None and inner is not None and not isinstance(inner, OSError):
+            damaged = _damaged_pickle(directory, inner)
+        if damaged is not None:
+            raise damaged from inner
         raise FileError(
             f"{directory}: expected model weights (model.safetensors), found: "
             f"{' '.join(str(e).split())}"
@@ -64,14 +72,23 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
     except Exception as e:
         # torch.load of a damaged pytorch_model.bin fails with whatever its unpickler or
         # zip reader hits (RuntimeError, KeyError, UnpicklingError, EOFError...).
-        pickled = sorted(p.name for p in directory.glob("*.bin"))
-        if not pickled or any(directory.glob("*.safetensors")):
+        damaged = _damaged_pickle(directory, e)
+        if damaged is None:
             raise
-        raise FormatError(
-            f"{directory}: expected loadable PyTorch weights ({', '.join(pickled)}), found a "
-            f"damaged file: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        ) from e
+        raise damaged from e
     return model.eval()
+
+
+def _damaged_pickle(directory: Path, error: BaseException) -> FormatError | None:
+    """The FormatError for a directory whose weights are only pickled (``*.bin``)
+    and failed to load with ``error``; None when the directory has other weights."""
+    pickled = sorted(p.name for p in directory.glob("*.bin"))
+    if not pickled or any(directory.glob("*.safetensors")):
+        return None
+    return FormatError(
+        f"{directory}: expected loadable PyTorch weights ({', '.join(pickled)}), found a "
+        f"damaged file: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    )
 
 
 def as_module(src: ModelSource) -> nn.Module | None:

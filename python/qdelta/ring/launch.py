@@ -40,6 +40,7 @@ def _child(rank, world_size, port, fn, args, out_dir, pg_timeout, threads, backe
     torch.set_num_threads(threads)
     start = time.perf_counter()
     result: dict
+    joined = False
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
                               timeout=timedelta(seconds=pg_timeout))  # fmt: skip
@@ -47,16 +48,18 @@ def _child(rank, world_size, port, fn, args, out_dir, pg_timeout, threads, backe
             backend, store=store, rank=rank, world_size=world_size,
             timeout=timedelta(seconds=pg_timeout),
         )  # fmt: skip
-        try:
-            result = {"ok": True, "value": fn(rank, world_size, *args)}
-        finally:
-            dist.destroy_process_group()
+        joined = True
+        result = {"ok": True, "value": fn(rank, world_size, *args)}
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
     result["seconds"] = time.perf_counter() - start
+    # Reported before the teardown: after a failed exchange, destroying the group
+    # can wait on the pending operation (gloo, torch 2.6) until the parent kills it.
     tmp = Path(out_dir) / f".rank{rank}.tmp"
     torch.save(result, tmp)
     os.replace(tmp, Path(out_dir) / f"rank{rank}.pt")
+    if joined:
+        dist.destroy_process_group()
 
 
 def run_ring(
