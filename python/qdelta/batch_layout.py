@@ -21,6 +21,7 @@ then a tenant's table can be applied to its rows by re-running the module.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -80,6 +81,10 @@ def probe_layouts(
         alone = [_inputs(model, ((n, modules[n]) for n in flat), ids[i : i + 1]) for i in range(2)]
         confirmed = {n for n in flat if _stacked_rows(batched[n], [a.get(n) for a in alone])}
     other = set(batched) - batch - confirmed
+    # An expert the probe's tokens never chose saw nothing, but its siblings' gathered
+    # rows say what it will see: its first dimension is never the batch.
+    gathered = {_index_pattern(n) for n in other}
+    other |= {n for n in set(modules) - set(batched) if _index_pattern(n) in gathered}
     separable = {n for n in rerun if n in calls and _row_separable(modules[n], calls[n], 2)}
     return Layouts(flat=frozenset(confirmed), other=frozenset(other), rerun=frozenset(separable))
 
@@ -224,3 +229,8 @@ def _stacked_rows(batched: torch.Tensor, alone: list[torch.Tensor | None]) -> bo
     # The sequences' inputs differ by far more, so a wrong order cannot pass.
     distinct = (alone[0].double() - alone[1].double()).abs().max() > 4 * tol * scale
     return bool(close and distinct)
+
+
+def _index_pattern(name: str) -> str:
+    """``name`` with its module-list indices blanked (``experts.3.w1`` -> ``experts.#.w1``)."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", name)
