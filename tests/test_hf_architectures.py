@@ -413,16 +413,34 @@ def test_layernorm_conv1d_multitenant_rows_equal_their_dense_models(arch, ce):
 def test_mixture_of_experts_attention_tenants_served_experts_refused(arch):
     """Mixtral: a fine-tune of attention, norms and embeddings is served per row; one
     that changes the experts or the router (kept whole by compress: not nn.Linear
-    layers) is refused before any swap, naming the module, and the model serves on."""
+    layers) is refused before any swap, naming the module, and the model serves on.
+    (transformers 4.x keeps them nn.Linear modules: one tenant's batches only.)"""
     base = build(arch)
     plain = copy.deepcopy(base)
-    attn = qdelta.compress(base, finetune(base, skip=("mlp",)))
+    moe = ("mlp", "block_sparse_moe")  # 5.x, 4.x (whose experts are nn.Linear layers)
+    linear = [n for n, m in base.named_modules() if ".experts." in n and isinstance(m, nn.Linear)]
+    experts = [r".*\.experts\..*"] if linear else []
+    attn = qdelta.compress(
+        base, finetune(base, skip=moe), exclude=experts + [r".*\.gate"] * bool(experts)
+    )
     full = qdelta.compress(base, finetune(base, seed=2))
-    assert not any(".mlp." in n for n in full.layers)  # experts are whole tensors
     mtm = qdelta.MultiTenantModel(base)
-    with pytest.raises(qdelta.QDeltaError, match=r"mlp\.gate"):
+    if any(".experts." in n for n in full.layers):
+        # transformers 4.x: the experts are nn.Linear modules fed gathered tokens. A
+        # batch of one tenant is served; a mixed one is a ShapeError, never misrouted.
         mtm.add_tenant("full", full)
-    assert no_swaps(mtm.model) and mtm.tenants == []
+        rows = prompts(3)
+        ids, mask = padded(rows)
+        with pytest.raises(qdelta.ShapeError, match="rows first in the input"):
+            mtm.forward(ids, ["full", None, "full"], attention_mask=mask)
+        out = mtm.forward(ids, ["full"] * 3, attention_mask=mask).logits
+        ref = dense_reference(copy.deepcopy(plain), full)
+        assert_rows_are_their_models(out, rows, (ref, ref, ref))
+        mtm.remove_tenant("full")
+    else:  # 5.x: experts and router are whole tensors, refused before any swap
+        with pytest.raises(qdelta.QDeltaError, match=r"mlp\.gate"):
+            mtm.add_tenant("full", full)
+        assert no_swaps(mtm.model) and mtm.tenants == []
     mtm.add_tenant("attn", attn)
     rows = prompts(4)
     ids, mask = padded(rows)
