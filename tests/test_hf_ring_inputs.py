@@ -224,3 +224,20 @@ def test_a_sequence_too_short_for_every_rank_is_refused_on_every_rank(layout):
         ShapeError, match=rf"at least 3 tokens for 3 ranks in the {layout}.*found 2"
     ):
         _check_every_rank_has_tokens(2, 3, layout)
+
+
+def test_a_mask_that_is_exactly_causal_makes_the_call_causal():
+    """transformers 4.x's CLIP text encoder passes is_causal=False beside an
+    additive causal mask: the mask decides."""
+    from qdelta.ring.hf import _check_mask
+
+    q = 5
+    additive = torch.full((q, q), float("-inf")).triu(1)[None, None].expand(2, 1, q, q)
+    assert _check_mask(additive, q, False) is True
+    assert _check_mask(additive == 0, q, False) is True  # the boolean form
+    assert _check_mask(torch.zeros(2, 1, q, q), q, False) is False  # nothing hidden
+    assert _check_mask(None, q, True) is True
+    padded = additive.clone()
+    padded[1, :, :, 0] = float("-inf")
+    with pytest.raises(RingError, match="mask that hides some keys"):
+        _check_mask(padded, q, True)

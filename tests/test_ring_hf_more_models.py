@@ -64,6 +64,10 @@ def _save_models(root, seed: int) -> dict[str, str]:
 @pytest.mark.timeout(400)
 def test_gpt2_neox_opt_over_a_ring_equal_their_own_forward(tmp_path, rng):
     dirs = _save_models(tmp_path, int(rng.integers(2**31)))
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # 4.x's GPT2LMHeadModel drops its **kwargs before the transformer: the
+        # packed call's segment ids never reach attention, which ring_forward refuses.
+        del dirs["gpt2"]
     ids = torch.randint(2, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     per_rank = spawn_ring(
         rank_logits, 3, (dirs, ids, LENGTHS), timeout=360, pg_timeout=60, threads=1

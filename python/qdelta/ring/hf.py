@@ -69,18 +69,20 @@ class RingSettings:
     timeout: float | None
 
 
-def _check_mask(mask: torch.Tensor | None, q_len: int, causal: bool) -> None:
-    """Refuse a mask that hides any key a plain (causal) attention would see."""
+def _check_mask(mask: torch.Tensor | None, q_len: int, causal: bool) -> bool:
+    """Whether the call is causal: ``causal``, or True for a mask that is exactly
+    the plain causal one. Refuses a mask that hides any other key."""
     if mask is None:
-        return
+        return causal
     visible = mask if mask.dtype == torch.bool else mask == 0  # additive masks: 0 = visible
     if bool(visible.all()):
-        return
-    # Older transformers build the plain causal mask for custom attention functions.
-    if causal and tuple(visible.shape[-2:]) == (q_len, q_len):
+        return causal
+    # Older transformers build the plain causal mask for custom attention functions
+    # (transformers 4.x's CLIP text encoder with is_causal=False beside it).
+    if tuple(visible.shape[-2:]) == (q_len, q_len):
         tril = torch.ones(q_len, q_len, dtype=torch.bool, device=mask.device).tril()
         if bool((visible == tril).all()):
-            return
+            return True
     raise RingError(f"{PADDING_HINT}; found a {list(mask.shape)} mask that hides some keys")
 
 
@@ -121,8 +123,7 @@ def ring_attention_forward(
     causal = kwargs.pop("is_causal", None)
     if causal is None:
         causal = getattr(module, "is_causal", True)
-    causal = bool(causal)
-    _check_mask(attention_mask, query.shape[2], causal)
+    causal = _check_mask(attention_mask, query.shape[2], bool(causal))
     if window is not None and not causal:
         raise RingError(
             f"{type(module).__name__}: ring attention runs sliding windows causally only; "
