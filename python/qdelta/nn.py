@@ -87,7 +87,7 @@ def check_delta_fits(
     within range); only past that bound is the sum itself checked.
 
     ``d`` may be a function making the delta, with ``d_bound`` >= max |d| known
-    without it (a packed layer's :meth:`~qdelta.delta.Layer.abs_bound`): then
+    without it (a packed layer's :meth:`~qdelta.delta.PackedLayer.abs_bound`): then
     the delta is made only when that bound is not enough."""
     if not weight.is_floating_point() or weight.numel() == 0:
         return
