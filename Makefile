@@ -52,6 +52,7 @@ bench: develop
 	$(PY) benches/bench_store.py --cold --out benches/results/store_cold.json
 	$(PY) benches/bench_fused.py
 	$(PY) benches/bench_runtime.py
+	$(PY) benches/bench_tenant_load.py
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results
 	PYTHONPATH=python $(PY) benches/bench_ring_cpu.py --out benches/results --window 512 --layout contiguous
 	PYTHONPATH=python $(PY) benches/bench_host_cuda.py --out benches/results

@@ -20,6 +20,7 @@ from tests.tiny_models import one_thread
 
 import qdelta
 from qdelta import MultiTenantModel
+from qdelta.stacks import HEADROOM
 
 pytest.importorskip("transformers")
 
@@ -81,6 +82,42 @@ def test_mixed_batch_equals_each_merged_model_alone(world, oracle):
     # Outside a request the wrapped model is exactly the base.
     x = torch.tensor([prompts[1]])
     torch.testing.assert_close(model.model(input_ids=x).logits, oracle[None](input_ids=x).logits)
+
+
+def test_tenants_loaded_one_by_one_between_batches_are_each_served(world, oracle):
+    """Each load grows the stacks in place (embeddings, norms, linears): a batch
+    after each load, and after a tenant leaves and comes back, serves every
+    loaded tenant as its merged model does (no stale bound arrays)."""
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base))
+    order = ["partial", "noisy", "deep", "trained"]
+    prompts = _prompts(101, [4, 6, 3, 5, 2], seed=3)
+    ids, mask = left_pad(prompts)
+
+    def check(loaded):
+        rows = [*loaded, None][: len(prompts)]
+        rows += [loaded[0]] * (len(prompts) - len(rows))
+        gen = model.generate(ids, rows, 2, attention_mask=mask, return_logits=True)
+        _check_rows(gen, rows, prompts, oracle, steps=2)
+
+    largest = max(model._tenant_bytes(d) for d in deltas.values())
+    for i, name in enumerate(order):
+        model.add_tenant(name, deltas[name])
+        model.preload([name])
+        check(order[: i + 1])
+        # The spare rows are counted apart: at most a quarter more (one row at least).
+        memory = model.memory()
+        used, reserved = memory["tenant_bytes"], memory["tenant_reserved_bytes"]
+        assert used == model.resident_bytes
+        assert used <= reserved <= used * (1 + HEADROOM) + largest
+    model.remove_tenant("noisy")
+    check(["partial", "deep", "trained"])
+    model.add_tenant("noisy", deltas["noisy"])
+    model.preload(["noisy"])
+    check(["noisy", "trained", "partial", "deep"])
+    for name in order:
+        model.remove_tenant(name)
+    assert model.memory()["tenant_reserved_bytes"] == 0  # nothing held once all left
 
 
 def base_copy(base):
@@ -438,6 +475,37 @@ def test_packed_embeddings_and_head_are_served_per_row():
         m.preload(["a"])
         sizes[form] = m.memory()["tenant_bytes"]
     assert sizes["packed"] < sizes["whole"] / 2, sizes
+
+
+def test_packed_embedding_tenants_loaded_one_by_one_are_each_served():
+    """Packed embedding tables (untied head) loaded one by one: a shallower tenant
+    goes into the deeper stack's spare rows, a deeper one restacks; after each
+    load and after a removal every row equals its tenant's merged model."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    base = tiny_llama(seed)
+    bits = {"two": 2, "one": 1, "two_b": 2, "one_b": 1}
+    deltas = {
+        name: qdelta.compress(
+            base, perturbed(base, seed + i + 1), bits=b, scale="row", compress_embeddings=True
+        )
+        for i, (name, b) in enumerate(bits.items())
+    }
+    oracle = {None: merged(base, None)} | {n: merged(base, d) for n, d in deltas.items()}
+    model = MultiTenantModel(base_copy(base))
+    prompts = _prompts(101, [3, 5, 4, 2, 6], seed=seed)
+    ids, mask = left_pad(prompts)
+
+    def check(loaded):
+        rows = ([None, *loaded] * 5)[: len(prompts)]
+        gen = model.generate(ids, rows, 2, attention_mask=mask, return_logits=True)
+        _check_rows(gen, rows, prompts, oracle, steps=2)
+
+    for i, name in enumerate(bits):
+        model.add_tenant(name, deltas[name])
+        model.preload([name])
+        check(list(bits)[: i + 1])
+    model.remove_tenant("one")
+    check(["two", "two_b", "one_b"])
 
 
 def test_inference_mode_serves_the_same_tokens_through_the_shortcuts(world, oracle):

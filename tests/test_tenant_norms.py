@@ -20,7 +20,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
 import qdelta  # noqa: E402
-from qdelta import tenant_modules  # noqa: E402
+from qdelta import stacks, tenant_modules  # noqa: E402
 from qdelta.tenant_modules import (  # noqa: E402
     PackedRowEmbedding,
     Route,
@@ -222,10 +222,14 @@ class _BiasFails(dict):
 
 
 def _failing_stack(monkeypatch):
+    """Growing a tenant stack fails (the packed embedding restacks with torch.stack,
+    the others grow through qdelta.stacks)."""
+
     def stack(*args, **kwargs):
         raise RuntimeError("injected: out of memory")
 
     monkeypatch.setattr(torch, "stack", stack)
+    monkeypatch.setattr(stacks, "appended", stack)
 
 
 @pytest.mark.parametrize("kind", ["linear", "layernorm", "rmsnorm", "embedding", "packed"])

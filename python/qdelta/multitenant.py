@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdelta import kernels
+from qdelta import kernels, stacks
 from qdelta.delta import PackedLayer
 from qdelta.errors import (
     DTypeError,
@@ -186,21 +186,21 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
             self.scales[slot : slot + 1] = scales
         else:
             self._slots[tid] = self.planes.shape[0]
-            self.planes = torch.cat([self.planes, planes])
-            self.scales = torch.cat([self.scales, scales])
+            self.planes = stacks.appended(self.planes, planes[0])
+            self.scales = stacks.appended(self.scales, scales[0])
         self._rebuild_table()
 
     @serialized
     def remove_tenant(self, key: TenantKey) -> None:
         """Unloads a tenant; rows that still name it are then refused."""
         tid = self.tenant_id(key)
-        slot = self._slots.pop(tid)
-        del self._bits[tid]
+        slot = self._slots[tid]
+        # The new stacks first: a failure there (out of memory) changes nothing.
+        planes, scales = stacks.without(self.planes, slot), stacks.without(self.scales, slot)
+        del self._slots[tid], self._bits[tid]
         self._names = {n: i for n, i in self._names.items() if i != tid}
         self._slots = {i: s - (s > slot) for i, s in self._slots.items()}
-        keep = [s for s in range(self.planes.shape[0]) if s != slot]
-        self.planes = self.planes[keep]
-        self.scales = self.scales[keep]
+        self.planes, self.scales = planes, scales
         self._resize_planes(max(self._bits.values(), default=0))
         self._rebuild_table()
 

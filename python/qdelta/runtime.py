@@ -197,7 +197,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     @serialized
     def memory(self) -> dict[str, int]:
         """Resident bytes measured from the tensors: the base model's parameters
-        and buffers, and the tenant tensors the swapped modules hold."""
+        and buffers, the tenant tensors the swapped modules hold, and the bytes
+        allocated for those (``tenant_reserved_bytes``: with the spare rows a
+        growing tenant stack keeps, ``multitenant.STACK_HEADROOM``)."""
         seen: set[int] = set()
         base = 0
         for t in [*self._base_params.values(), *self._base_state.values()]:
@@ -205,7 +207,17 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 seen.add(t.data_ptr())
                 base += t.numel() * t.element_size()
         tenants = sum(w.tenant_nbytes() for w in self._wrapped.values())
-        return {"base_bytes": base, "tenant_bytes": tenants, "tenants_loaded": len(self._loaded)}
+        buffers: dict[tuple[str, int], int] = {}
+        for wrapper in self._wrapped.values():
+            for t in wrapper.tenant_tensors():
+                storage = t.untyped_storage()
+                buffers[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return {
+            "base_bytes": base,
+            "tenant_bytes": tenants,
+            "tenant_reserved_bytes": sum(buffers.values()),
+            "tenants_loaded": len(self._loaded),
+        }
 
     def tenant_id(self, name: str) -> int:
         found = self._ids.get(name) if isinstance(name, str) else None

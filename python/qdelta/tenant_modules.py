@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdelta import stacks
 from qdelta.delta import PackedLayer
 from qdelta.errors import QDeltaError, ShapeError
 from qdelta.kernels import cpu
@@ -93,17 +94,28 @@ class TenantModule(nn.Module):
     def local_index(self, name: str) -> int | None:
         return self._names.index(name) if name in self._names else None
 
+    def _local_indices(self) -> dict[str, int]:
+        """Each tenant's index among this module's own (the order they were added)."""
+        return {name: i for i, name in enumerate(self._names)}
+
     def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
+        # One pass over the names (a load refreshes every module's map: per-name
+        # lookups in the list would make loading T tenants cost T^3).
+        local_of = self._local_indices()
+        pairs = [(slot + 1, local_of[n]) for n, slot in slot_of.items() if n in local_of]
         table = torch.full((capacity + 1,), -1, dtype=torch.long)
-        for name, slot in slot_of.items():
-            local = self.local_index(name)
-            if local is not None:
-                table[slot + 1] = local
+        if pairs:
+            at, local = zip(*pairs, strict=True)
+            table[list(at)] = torch.tensor(local, dtype=torch.long)
         self._slot_map = table.to(self._slot_map.device)
 
     def tenant_nbytes(self) -> int:
         """Bytes of the tenant tensors this module holds (not the base's)."""
         return sum(t.numel() * t.element_size() for t in self._tenant_tensors())
+
+    def tenant_tensors(self) -> list[torch.Tensor]:
+        """The tenant tensors this module holds (not the base's)."""
+        return self._tenant_tensors()
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
@@ -190,22 +202,15 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _restack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """Stack ``tensors`` and turn the list into views of the stack (one copy resident)."""
-    if not tensors:
-        return None
-    stacked = torch.stack(tensors)
-    tensors[:] = stacked.unbind(0)
-    return stacked
+def _grown(stack: torch.Tensor | None, row: torch.Tensor) -> torch.Tensor:
+    """``stack`` with ``row`` after its rows (a new stack for None), grown into spare
+    rows (qdelta.stacks): a load copies its own row, not every tenant's."""
+    return stacks.started(row) if stack is None else stacks.appended(stack, row)
 
 
-def _stacked_list(
-    tensors: list[torch.Tensor],
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """A new list of ``tensors`` as views of their new stack (see :func:`_restack`),
-    and the stack: the caller's lists change only once it succeeded."""
-    tensors = list(tensors)
-    return tensors, _restack(tensors)
+def _shrunk(stack: torch.Tensor, index: int) -> torch.Tensor | None:
+    """``stack`` less row ``index``; None once no row is left."""
+    return None if stack.shape[0] == 1 else stacks.without(stack, index)
 
 
 def _base_bias(module: nn.Module) -> torch.Tensor | None:
@@ -290,14 +295,13 @@ class RowEmbedding(_TwoForms):
     def __init__(self, base: nn.Embedding, route: Route) -> None:
         super().__init__(base, route)
         self._scaled = _lookup_form(base) == "scaled"
-        self._tables: list[torch.Tensor] = []
-        self._stacked: torch.Tensor | None = None
+        self._stacked: torch.Tensor | None = None  # [tenants, vocab, dim]
         self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         _check_new(self, name)
         # All or nothing: the new stack is made before anything of this module changes.
-        self._tables, self._stacked = _stacked_list([*self._tables, params["weight"]])
+        self._stacked = _grown(self._stacked, params["weight"])
         self._names.append(name)
 
     def remove(self, name: str) -> None:
@@ -305,7 +309,7 @@ class RowEmbedding(_TwoForms):
         if name not in self._names:
             return
         i = self._names.index(name)
-        self._tables, self._stacked = _stacked_list(self._tables[:i] + self._tables[i + 1 :])
+        self._stacked = _shrunk(self._stacked, i)
         del self._names[i]
 
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
@@ -323,7 +327,8 @@ class RowEmbedding(_TwoForms):
             or (torch.is_grad_enabled() and (weight.requires_grad or stacked.requires_grad))
         ):
             return None
-        storage = (weight.data_ptr(), stacked.data_ptr())
+        # The stack's shape too: a load grows it in place, at the same address.
+        storage = (weight.data_ptr(), stacked.data_ptr(), stacked.shape)
         plan = self._plan
         if not (
             plan is not None
@@ -466,9 +471,24 @@ class PackedRowEmbedding(_TwoForms):
         scales = torch.as_tensor(np.asarray(packed.scales), dtype=torch.float32)
         if scales.dim() == 1:  # one scale per matrix: the same for every token row
             scales = scales[:, None].expand(-1, packed.shape[0])
-        self._restack_with([*self._planes, planes.to(device)], [*self._scales, scales.to(device)])
+        planes, scales = planes.to(device), scales.to(device)
+        stacked = self._stacked_planes
+        if stacked is not None and planes.shape[0] <= stacked.shape[1]:
+            self._append_own(planes, scales)  # as deep as the stack: into its spare rows
+        else:
+            self._restack_with([*self._planes, planes], [*self._scales, scales])
         self._names.append(name)
         self._own.append(name)
+
+    def _append_own(self, planes: torch.Tensor, scales: torch.Tensor) -> None:
+        """One more own tenant, padded with zero planes to the stack's depth and
+        grown into its spare rows (qdelta.stacks); all or nothing."""
+        depth = self._stacked_planes.shape[1]
+        pad = depth - planes.shape[0]
+        grown_planes = stacks.appended(self._stacked_planes, F.pad(planes, (0, 0, 0, 0, 0, pad)))
+        grown_scales = stacks.appended(self._stacked_scales, F.pad(scales, (0, 0, 0, pad)))
+        self._stacked_planes, self._stacked_scales = grown_planes, grown_scales
+        self._view_lists([*(p.shape[0] for p in self._planes), planes.shape[0]])
 
     def _check_twin(self, name: str, packed: PackedLayer, slot: int, twin: RoutedLinear) -> None:
         """Refuse a twin whose stack cannot stand in for this table (QDeltaError):
@@ -538,6 +558,11 @@ class PackedRowEmbedding(_TwoForms):
         scales = [F.pad(s, (0, 0, 0, depth - s.shape[0])) for s in self._scales]
         counts = [p.shape[0] for p in self._planes]
         self._stacked_planes, self._stacked_scales = torch.stack(planes), torch.stack(scales)
+        self._view_lists(counts)
+
+    def _view_lists(self, counts: list[int]) -> None:
+        """The per-tenant lists as views of the stacks (tenant i's own ``counts[i]``
+        planes), so no older buffer stays alive through them."""
         self._planes = [self._stacked_planes[i, :n] for i, n in enumerate(counts)]
         self._scales = [self._stacked_scales[i, :n] for i, n in enumerate(counts)]
 
@@ -567,14 +592,14 @@ class PackedRowEmbedding(_TwoForms):
             return cached[3]
         own = {n: i for i, n in enumerate(self._own)}
         table = [[-1] + [own.get(n, -1) for n in self._names]]
-        stacks = [key[:2]]
+        read = [key[:2]]
         if twin is not None:
             shared = self._shared
             table.append([-1] + [twin.stack_slot(n) if n in shared else -1 for n in self._names])
-            stacks.append(key[2:4])
+            read.append(key[2:4])
         with torch.inference_mode(False):  # versioned tensors, as local_rows makes
             rows = torch.tensor(table, dtype=torch.long, device=local.device)[:, local + 1]
-        sources = [(p, s, r) for (p, s), r in zip(stacks, rows, strict=True) if p is not None]
+        sources = [(p, s, r) for (p, s), r in zip(read, rows, strict=True) if p is not None]
         sources = [src for src in sources if bool((src[2] >= 0).any())] or sources[:1]
         self._sources_cache = (local, version, key, sources)
         return sources
@@ -798,13 +823,12 @@ class RowRMSNorm(TenantModule):
             )
         self.offset, self.eps = form
         self._rows_cache: tuple | None = None
-        self._weights: list[torch.Tensor] = []
-        self._stacked: torch.Tensor | None = None
+        self._stacked: torch.Tensor | None = None  # [tenants, dim]
 
     def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
         _check_new(self, name)
         # All or nothing: the new stack is made before anything of this module changes.
-        self._weights, self._stacked = _stacked_list([*self._weights, params["weight"]])
+        self._stacked = _grown(self._stacked, params["weight"])
         self._names.append(name)
 
     def remove(self, name: str) -> None:
@@ -812,7 +836,7 @@ class RowRMSNorm(TenantModule):
         if name not in self._names:
             return
         i = self._names.index(name)
-        self._weights, self._stacked = _stacked_list(self._weights[:i] + self._weights[i + 1 :])
+        self._stacked = _shrunk(self._stacked, i)
         del self._names[i]
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
@@ -1089,6 +1113,9 @@ class RoutedLinear(TenantModule):
     def local_index(self, name: str) -> int | None:
         # MultiTenantLinear's ids are the model slots themselves.
         return self._slot_by_name.get(name)
+
+    def _local_indices(self) -> dict[str, int]:
+        return self._slot_by_name
 
     def stack_slot(self, name: str) -> int:
         """Where a loaded tenant's planes sit in the layer's stack now (they move up

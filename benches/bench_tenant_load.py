@@ -1,0 +1,153 @@
+"""The cost of loading one more tenant, with few or many already resident.
+
+Side by side in one run, on the same tenants: the layer's stack growing into
+spare rows (qdelta now) vs restacking every tenant on each load (one
+concatenation per load, how the layer grew before: patched in for the
+comparison). Two levels:
+
+- one MultiTenantLinear 1024x1024 (128 KiB of 1-bit planes a tenant), LOADS
+  tenants loaded one by one;
+- a MultiTenantModel over a small Llama (every linear 1-bit), one delta
+  registered under RUNTIME_LOADS names and preloaded one by one.
+
+Each load is timed on its own; the tables give the median of the first and of
+the last WINDOW loads. Writes benches/results/tenant_load.json and .md. Run by
+``make bench``, or ``PYTHONPATH=python:. .venv/bin/python benches/bench_tenant_load.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+
+from benches.conftest import machine_info  # noqa: E402
+from tests.runtime_helpers import perturbed, tiny_llama  # noqa: E402
+
+import qdelta  # noqa: E402
+from qdelta import stacks  # noqa: E402
+from qdelta.atomic_io import write_text_atomic  # noqa: E402
+
+LOADS = 384
+RUNTIME_LOADS = 256
+WINDOW = 32
+DIM = 1024
+LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=512)
+
+
+def _restacked(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """The previous growth: every load copies the whole stack."""
+    return torch.cat([stack, row[None]])
+
+
+STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "spare_rows": stacks.appended,
+    "restack_each_load": _restacked,
+}
+
+
+def _timed_loads(count: int, load: Callable[[int], None]) -> list[float]:
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        load(i)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {
+        "first_ms": 1e3 * statistics.median(times[:WINDOW]),
+        "last_ms": 1e3 * statistics.median(times[-WINDOW:]),
+        "total_s": sum(times),
+    }
+
+
+def layer_loads(strategy: str) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(DIM, DIM, generator=gen)
+    planes, scales = qdelta.pack_residual(delta, bits=1, scale="row")
+    packed = qdelta.PackedLayer(planes, scales, (DIM, DIM))
+    layer = qdelta.MultiTenantLinear(torch.nn.Linear(DIM, DIM))
+    stacks.appended = STRATEGIES[strategy]
+    try:
+        times = _timed_loads(LOADS, lambda i: layer.add_tenant(i, packed))
+    finally:
+        stacks.appended = STRATEGIES["spare_rows"]
+    result = _summary(times)
+    result["stack_mb"] = layer.planes.numel() * 4 / 1e6
+    result["reserved_mb"] = layer.planes.untyped_storage().nbytes() / 1e6
+    return result
+
+
+def runtime_loads(strategy: str, base: torch.nn.Module, delta: qdelta.Delta) -> dict:
+    names = [f"t{i}" for i in range(RUNTIME_LOADS)]
+    model = qdelta.MultiTenantModel(base)
+    for name in names:
+        model.add_tenant(name, delta)  # registered; each loads when preloaded below
+    stacks.appended = STRATEGIES[strategy]
+    try:
+        times = _timed_loads(RUNTIME_LOADS, lambda i: model.preload([names[i]]))
+    finally:
+        stacks.appended = STRATEGIES["spare_rows"]
+    memory = model.memory()
+    result = _summary(times)
+    result["tenant_mb"] = memory["tenant_bytes"] / 1e6
+    result["tenant_reserved_mb"] = memory["tenant_reserved_bytes"] / 1e6
+    result["delta_kb"] = memory["tenant_bytes"] / RUNTIME_LOADS / 1e3
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one core: the copy, not the thread count, is measured
+    torch.manual_seed(0)
+    base = tiny_llama(0, **LLAMA)
+    delta = qdelta.compress(base, perturbed(base, 1), bits=1)
+    report: dict = {"machine": machine_info(), "torch_threads": 1, "window": WINDOW}
+    report["layer"] = {s: layer_loads(s) for s in STRATEGIES} | {"loads": LOADS, "dim": DIM}
+    # Fresh base models: a MultiTenantModel swaps the modules of the one it wraps.
+    report["runtime"] = {s: runtime_loads(s, tiny_llama(0, **LLAMA), delta) for s in STRATEGIES}
+    report["runtime"] |= {"loads": RUNTIME_LOADS, "config": LLAMA}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / "tenant_load.json", json.dumps(report, indent=2))
+    write_text_atomic(args.out / "tenant_load.md", _table(report))
+    print(_table(report))
+
+
+def _table(report: dict) -> str:
+    lines = [
+        f"Tenant load time, median of the first / last {report['window']} loads "
+        f"(machine: {report['machine'].get('cpu', '?')}, 1 torch thread)",
+        "",
+        "| level | growth | first loads ms | last loads ms | last / first | total s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for level, count in (("layer", "loads"), ("runtime", "loads")):
+        section = report[level]
+        for strategy in STRATEGIES:
+            r = section[strategy]
+            lines.append(
+                f"| {level} ({section[count]} tenants) | {strategy} | {r['first_ms']:.2f} | "
+                f"{r['last_ms']:.2f} | {r['last_ms'] / r['first_ms']:.1f}x | {r['total_s']:.2f} |"
+            )
+    ratio = (
+        report["layer"]["restack_each_load"]["total_s"] / report["layer"]["spare_rows"]["total_s"]
+    )
+    lines += ["", f"Loading all {report['layer']['loads']} layer tenants: {ratio:.1f}x faster."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Stacks of per-tenant tensors (one row a tenant) that grow into spare rows.
+
+Loading tenants one by one into a stack that is exactly full copies the whole
+stack on every load: T loads copy it T/2 times over. A stack here keeps
+``HEADROOM`` spare rows when it is (re)allocated, so a load writes only its own
+row and T loads reallocate it O(log T) times. Rows already in a stack are
+never written by a growth: views taken of it before (a failed load's rollback,
+a prepared kernel's arrays) keep their values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Spare rows a (re)allocated stack reserves, as a fraction of its rows: at most
+#: this fraction of its bytes held unused (docs/RUNTIME.md, "Cost of a load").
+HEADROOM = 0.25
+
+
+def _with_room(rows: int, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised ``[rows, *shape]`` prefix of a buffer with spare rows."""
+    spare = max(1, math.ceil(rows * HEADROOM))
+    return like.new_empty((rows + spare, *shape))[:rows]
+
+
+def appended(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([stack, row[None]])`` (``row`` cast to the stack's dtype), written
+    into the spare rows of ``stack``'s buffer when it has one (``stack`` is then a
+    prefix of it), else into a new buffer with ``HEADROOM`` spare rows."""
+    n, shape = stack.shape[0], tuple(stack.shape[1:])
+    if tuple(row.shape) != shape:
+        raise ValueError(f"a stack row: expected shape {list(shape)}, found {list(row.shape)}")
+    row_bytes = math.prod(shape) * stack.element_size()
+    storage = stack.untyped_storage()
+    in_place = (
+        row_bytes > 0
+        and stack.is_contiguous()
+        and stack.storage_offset() == 0
+        and storage.nbytes() >= (n + 1) * row_bytes
+        # An inference tensor cannot be written outside inference mode.
+        and (torch.is_inference_mode_enabled() or not stack.is_inference())
+    )
+    if in_place:
+        grown = stack.new_empty(0).set_(storage, 0, (n + 1, *shape))
+    else:
+        grown = _with_room(n + 1, stack, shape)
+        grown[:n] = stack
+    grown[n] = row
+    return grown
+
+
+def started(row: torch.Tensor) -> torch.Tensor:
+    """A stack of the one row ``row``, with spare rows."""
+    return appended(row.new_empty((0, *row.shape)), row)
+
+
+def without(stack: torch.Tensor, index: int) -> torch.Tensor:
+    """``stack`` less its row ``index``, in a new buffer with spare rows (the next
+    load then goes in place)."""
+    n, shape = stack.shape[0], tuple(stack.shape[1:])
+    if n == 1:  # the last row gone: nothing held
+        return stack.new_empty((0, *shape))
+    kept = _with_room(n - 1, stack, shape)
+    kept[:index] = stack[:index]
+    kept[index:] = stack[index + 1 :]
+    return kept
