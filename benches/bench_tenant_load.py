@@ -1,28 +1,31 @@
 """The cost of loading one more tenant, with few or many already resident.
 
-Side by side in one run, on the same tenants: the layer's stack growing into
-spare rows (qdelta now) vs restacking every tenant on each load (one
-concatenation per load, how the layer grew before: patched in for the
-comparison). Two levels:
+Side by side in one run, on the same tenants: stacks that grow into spare rows
+and move one row on a removal (qdelta now) vs copying every tenant's rows on
+each load and each removal (how the stacks worked before: patched in through
+qdelta.stacks for the comparison). Two levels:
 
 - one MultiTenantLinear 1024x1024 (128 KiB of 1-bit planes a tenant), LOADS
   tenants loaded one by one;
 - a MultiTenantModel over a small Llama (every linear 1-bit), one delta
-  registered under RUNTIME_LOADS names and preloaded one by one.
+  registered under RUNTIME_LOADS + CHURN names: RUNTIME_LOADS preloaded one by
+  one, then CHURN more with the budget full, each evicting one.
 
 Each load is timed on its own; the tables give the median of the first and of
-the last WINDOW loads. Writes benches/results/tenant_load.json and .md. Run by
-``make bench``, or ``PYTHONPATH=python:. .venv/bin/python benches/bench_tenant_load.py``.
+the last WINDOW loads, and of the evicting ones. Writes
+benches/results/tenant_load.json and .md. Run by ``make bench``, or
+``PYTHONPATH=python:. .venv/bin/python benches/bench_tenant_load.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ from qdelta.atomic_io import write_text_atomic  # noqa: E402
 LOADS = 384
 RUNTIME_LOADS = 256
 WINDOW = 32
+CHURN = 32
 DIM = 1024
 LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=512)
 
@@ -49,10 +53,29 @@ def _restacked(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     return torch.cat([stack, row[None]])
 
 
-STRATEGIES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "spare_rows": stacks.appended,
-    "restack_each_load": _restacked,
+def _copied_without(stack: torch.Tensor, index: int) -> torch.Tensor:
+    """The previous removal's cost: the whole stack copied into an exact buffer (the
+    rows in the order the callers now keep: the last one moved into ``index``)."""
+    order = [i for i in range(stack.shape[0] - 1)]
+    if index < len(order):
+        order[index] = stack.shape[0] - 1
+    return stack[order]
+
+
+#: (growth, removal) of each side.
+STRATEGIES: dict[str, tuple[Callable, Callable]] = {
+    "spare_rows": (stacks.appended, stacks.without),
+    "restack_each_load": (_restacked, _copied_without),
 }
+
+
+@contextlib.contextmanager
+def _strategy(name: str) -> Iterator[None]:
+    stacks.appended, stacks.without = STRATEGIES[name]
+    try:
+        yield
+    finally:
+        stacks.appended, stacks.without = STRATEGIES["spare_rows"]
 
 
 def _timed_loads(count: int, load: Callable[[int], None]) -> list[float]:
@@ -78,11 +101,8 @@ def layer_loads(strategy: str) -> dict:
     planes, scales = qdelta.pack_residual(delta, bits=1, scale="row")
     packed = qdelta.PackedLayer(planes, scales, (DIM, DIM))
     layer = qdelta.MultiTenantLinear(torch.nn.Linear(DIM, DIM))
-    stacks.appended = STRATEGIES[strategy]
-    try:
+    with _strategy(strategy):
         times = _timed_loads(LOADS, lambda i: layer.add_tenant(i, packed))
-    finally:
-        stacks.appended = STRATEGIES["spare_rows"]
     result = _summary(times)
     result["stack_mb"] = layer.planes.numel() * 4 / 1e6
     result["reserved_mb"] = layer.planes.untyped_storage().nbytes() / 1e6
@@ -90,17 +110,20 @@ def layer_loads(strategy: str) -> dict:
 
 
 def runtime_loads(strategy: str, base: torch.nn.Module, delta: qdelta.Delta) -> dict:
-    names = [f"t{i}" for i in range(RUNTIME_LOADS)]
+    """RUNTIME_LOADS loads into room, then CHURN more under a budget that is full,
+    each evicting the least recently used tenant (the serving steady state)."""
+    names = [f"t{i}" for i in range(RUNTIME_LOADS + CHURN)]
     model = qdelta.MultiTenantModel(base)
     for name in names:
         model.add_tenant(name, delta)  # registered; each loads when preloaded below
-    stacks.appended = STRATEGIES[strategy]
-    try:
+    with _strategy(strategy):
         times = _timed_loads(RUNTIME_LOADS, lambda i: model.preload([names[i]]))
-    finally:
-        stacks.appended = STRATEGIES["spare_rows"]
-    memory = model.memory()
+        memory = model.memory()
+        model.budget_bytes = model.resident_bytes
+        churn = _timed_loads(CHURN, lambda i: model.preload([names[RUNTIME_LOADS + i]]))
+    assert model.memory()["tenants_loaded"] == RUNTIME_LOADS
     result = _summary(times)
+    result["evicting_ms"] = 1e3 * statistics.median(churn)
     result["tenant_mb"] = memory["tenant_bytes"] / 1e6
     result["tenant_reserved_mb"] = memory["tenant_reserved_bytes"] / 1e6
     result["delta_kb"] = memory["tenant_bytes"] / RUNTIME_LOADS / 1e3
@@ -134,18 +157,24 @@ def _table(report: dict) -> str:
         "| level | growth | first loads ms | last loads ms | last / first | total s |",
         "|---|---|---|---|---|---|",
     ]
-    for level, count in (("layer", "loads"), ("runtime", "loads")):
+    for level in ("layer", "runtime"):
         section = report[level]
         for strategy in STRATEGIES:
             r = section[strategy]
             lines.append(
-                f"| {level} ({section[count]} tenants) | {strategy} | {r['first_ms']:.2f} | "
+                f"| {level} ({section['loads']} tenants) | {strategy} | {r['first_ms']:.2f} | "
                 f"{r['last_ms']:.2f} | {r['last_ms'] / r['first_ms']:.1f}x | {r['total_s']:.2f} |"
             )
-    ratio = (
-        report["layer"]["restack_each_load"]["total_s"] / report["layer"]["spare_rows"]["total_s"]
-    )
-    lines += ["", f"Loading all {report['layer']['loads']} layer tenants: {ratio:.1f}x faster."]
+    layer, runtime = report["layer"], report["runtime"]
+    ratio = layer["restack_each_load"]["total_s"] / layer["spare_rows"]["total_s"]
+    lines += [
+        "",
+        f"Loading all {layer['loads']} layer tenants: {ratio:.1f}x faster.",
+        "",
+        f"With {runtime['loads']} tenants resident and the budget full, a load that "
+        f"evicts one (median of {CHURN}): spare rows {runtime['spare_rows']['evicting_ms']:.1f} "
+        f"ms, restacking {runtime['restack_each_load']['evicting_ms']:.1f} ms.",
+    ]
     return "\n".join(lines) + "\n"
 
 

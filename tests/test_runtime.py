@@ -120,6 +120,37 @@ def test_tenants_loaded_one_by_one_between_batches_are_each_served(world, oracle
     assert model.memory()["tenant_reserved_bytes"] == 0  # nothing held once all left
 
 
+def test_a_load_that_fails_after_evicting_leaves_the_others_served(world, oracle, monkeypatch):
+    """Evicting moves the last tenant's rows into the freed ones; a load that then
+    fails still leaves every module's map pointing at the moved rows."""
+    from qdelta import tenant_modules
+
+    base, deltas = world
+    model = MultiTenantModel(base_copy(base))
+    for name in ("noisy", "trained", "deep"):
+        model.add_tenant(name, deltas[name])
+        model.preload([name])
+    model.budget_bytes = model.resident_bytes  # "partial" needs "noisy" (the oldest) out
+    model.add_tenant("partial", deltas["partial"])
+    real = tenant_modules.RowRMSNorm.add
+
+    def fail_for_partial(self, name, params):
+        if name == "partial":
+            raise MemoryError("out of memory (simulated)")
+        return real(self, name, params)
+
+    monkeypatch.setattr(tenant_modules.RowRMSNorm, "add", fail_for_partial)
+    with pytest.raises(MemoryError):
+        model.preload(["partial"])
+    monkeypatch.undo()
+    assert model.loaded_tenants == ["trained", "deep"]  # noisy evicted, partial not loaded
+    prompts = _prompts(101, [4, 6, 3], seed=7)
+    ids, mask = left_pad(prompts)
+    rows = ["deep", "trained", None]
+    gen = model.generate(ids, rows, 2, attention_mask=mask, return_logits=True)
+    _check_rows(gen, rows, prompts, oracle, steps=2)
+
+
 def base_copy(base):
     import copy
 

@@ -199,7 +199,8 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
         planes, scales = stacks.without(self.planes, slot), stacks.without(self.scales, slot)
         del self._slots[tid], self._bits[tid]
         self._names = {n: i for n, i in self._names.items() if i != tid}
-        self._slots = {i: s - (s > slot) for i, s in self._slots.items()}
+        last = len(self._slots)  # its tenant moved into the freed row (qdelta.stacks)
+        self._slots = {i: slot if s == last else s for i, s in self._slots.items()}
         self.planes, self.scales = planes, scales
         self._resize_planes(max(self._bits.values(), default=0))
         self._rebuild_table()

@@ -17,7 +17,7 @@ import inspect
 import math
 import numbers
 import operator
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,6 +141,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._next_id = 0
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, LRU first
         self._footprints: dict[str, _Footprint] = {}  # loaded name -> its share of the stacks
+        self._tally = _StackTally()  # the loaded footprints' bytes together
         self._slot_of: dict[str, int] = {}
         self._wrapped: dict[str, nn.Module] = {}
         if store is not None:
@@ -187,12 +188,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     def resident_bytes(self) -> int:
         """Bytes of loaded tenant tensors as the stacks hold them (what the budget
         counts): a layer's stack pads every tenant to its deepest tenant's planes."""
-        # A snapshot first: iterating the live dict while another thread loads a
-        # tenant raised "OrderedDict mutated during iteration".
-        footprints = self._footprints
-        return _stacked_bytes(
-            f for f in (footprints.get(n) for n in tuple(self._loaded)) if f is not None
-        )
+        # An int kept by the loads (no iteration over the live dicts, which another
+        # thread's load may be changing).
+        return self._tally.bytes
 
     @serialized
     def memory(self) -> dict[str, int]:
@@ -553,14 +551,11 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     ) -> None:
         size = _stacked_bytes([footprint])
         if self.budget_bytes is not None:
-            while (
-                _stacked_bytes([*(self._footprints[n] for n in self._loaded), footprint])
-                > self.budget_bytes
-            ):
+            while self._tally.with_one_more(footprint) > self.budget_bytes:
                 victim = next((n for n in self._loaded if n not in pinned), None)
                 if victim is None:  # _ensure_loaded checked the batch fits
                     raise BudgetError(f"no tenant left to evict for {name!r}")
-                self._evict(victim)
+                self._evict(victim, refresh=False)  # the load below refreshes the maps
         params = self._params_by_module(delta)
         free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
         slot = min(free)
@@ -583,18 +578,24 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             for wrapper in self._wrapped.values():
                 if name in wrapper.tenants:
                     wrapper.remove(name)
+            self._refresh_slots()  # the evictions above moved rows
             raise
         self._slot_of[name] = slot
         self._loaded[name] = size
         self._footprints[name] = footprint
+        self._tally.add(footprint)
         self._refresh_slots()
 
-    def _evict(self, name: str) -> None:
+    def _evict(self, name: str, *, refresh: bool = True) -> None:
+        """Unload ``name``; ``refresh=False`` leaves the modules' slot maps stale for a
+        caller that refreshes them next (no forward runs in between)."""
         for wrapper in self._wrapped.values():
             if wrapper.local_index(name) is not None:
                 wrapper.remove(name)
-        del self._slot_of[name], self._loaded[name], self._footprints[name]
-        self._refresh_slots()
+        self._tally.remove(self._footprints.pop(name))
+        del self._slot_of[name], self._loaded[name]
+        if refresh:
+            self._refresh_slots()
 
     def _refresh_slots(self) -> None:
         capacity = max(self._slot_of.values(), default=-1) + 1
@@ -963,6 +964,54 @@ class _Footprint:
 
     layers: dict[str, tuple[int, int]]
     params: int
+
+
+class _StackTally:
+    """What :func:`_stacked_bytes` counts for the loaded tenants, kept up to date as
+    they load and leave: per layer its tenants by depth and a plane's bytes. A
+    question costs the layers of the tenant asked about, not every loaded
+    tenant's layers (a load under a full budget asks once per eviction)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0  # an int, so resident_bytes reads it without the lock
+        self._params = 0
+        self._depths: dict[str, Counter[int]] = {}
+        self._plane: dict[str, int] = {}
+
+    def _term(self, lname: str) -> int:
+        depths = self._depths.get(lname)
+        if not depths:
+            return 0
+        return sum(depths.values()) * max(depths) * self._plane[lname]
+
+    def _change(self, fp: _Footprint, sign: int) -> None:
+        total = self.bytes + sign * fp.params
+        for lname, (bits, plane) in fp.layers.items():
+            total -= self._term(lname)
+            depths = self._depths.setdefault(lname, Counter())
+            depths[bits] += sign
+            if depths[bits] == 0:
+                del depths[bits]
+            self._plane[lname] = plane
+            total += self._term(lname)
+        self._params += sign * fp.params
+        self.bytes = total
+
+    def add(self, fp: _Footprint) -> None:
+        self._change(fp, 1)
+
+    def remove(self, fp: _Footprint) -> None:
+        self._change(fp, -1)
+
+    def with_one_more(self, fp: _Footprint) -> int:
+        """The bytes with ``fp`` loaded too."""
+        total = self.bytes + fp.params
+        for lname, (bits, plane) in fp.layers.items():
+            depths = self._depths.get(lname) or Counter()
+            count = sum(depths.values())
+            deepest = max(bits, max(depths, default=0))
+            total += (count + 1) * deepest * plane - self._term(lname)
+        return total
 
 
 def _stacked_bytes(footprints: Iterable[_Footprint]) -> int:

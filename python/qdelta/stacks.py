@@ -5,7 +5,9 @@ stack on every load: T loads copy it T/2 times over. A stack here keeps
 ``HEADROOM`` spare rows when it is (re)allocated, so a load writes only its own
 row and T loads reallocate it O(log T) times. Rows already in a stack are
 never written by a growth: views taken of it before (a failed load's rollback,
-a prepared kernel's arrays) keep their values.
+a prepared kernel's arrays) keep their values. A removal moves the last row
+into the freed one (one row copied): the rows' order changes, and callers keep
+their own index of which tenant sits where.
 """
 
 from __future__ import annotations
@@ -57,12 +59,30 @@ def started(row: torch.Tensor) -> torch.Tensor:
 
 
 def without(stack: torch.Tensor, index: int) -> torch.Tensor:
-    """``stack`` less its row ``index``, in a new buffer with spare rows (the next
-    load then goes in place)."""
+    """``stack`` less its row ``index``: the last row moves into that row (one row
+    copied, in place), so the caller's index of the last row becomes ``index``.
+    Views of ``stack`` from before see that move. Once fewer than half of the
+    buffer's rows would be in use (headroom counted), the rows are copied into
+    a new, smaller buffer instead, so evictions give memory back; no row left
+    holds no buffer at all."""
     n, shape = stack.shape[0], tuple(stack.shape[1:])
-    if n == 1:  # the last row gone: nothing held
+    if n == 1:
         return stack.new_empty((0, *shape))
-    kept = _with_room(n - 1, stack, shape)
-    kept[:index] = stack[:index]
-    kept[index:] = stack[index + 1 :]
+    rows = n - 1
+    wanted = rows + max(1, math.ceil(rows * HEADROOM))
+    row_bytes = math.prod(shape) * stack.element_size()
+    in_place = (
+        row_bytes > 0
+        and stack.is_contiguous()
+        and stack.storage_offset() == 0
+        and stack.untyped_storage().nbytes() <= 2 * wanted * row_bytes
+        and (torch.is_inference_mode_enabled() or not stack.is_inference())
+    )
+    if in_place:
+        kept = stack.new_empty(0).set_(stack.untyped_storage(), 0, (rows, *shape))
+    else:
+        kept = _with_room(rows, stack, shape)
+        kept[:] = stack[:rows]
+    if index < rows:
+        kept[index] = stack[rows]
     return kept

@@ -208,9 +208,13 @@ def _grown(stack: torch.Tensor | None, row: torch.Tensor) -> torch.Tensor:
     return stacks.started(row) if stack is None else stacks.appended(stack, row)
 
 
-def _shrunk(stack: torch.Tensor, index: int) -> torch.Tensor | None:
-    """``stack`` less row ``index``; None once no row is left."""
-    return None if stack.shape[0] == 1 else stacks.without(stack, index)
+def _shrunk(stack: torch.Tensor, names: list[str], index: int) -> torch.Tensor | None:
+    """``stack`` less row ``index`` (None once no row is left), and ``names`` (one per
+    row) less its entry there, the last one moved in, as the last row was."""
+    shrunk = None if stack.shape[0] == 1 else stacks.without(stack, index)
+    names[index] = names[-1]
+    names.pop()
+    return shrunk
 
 
 def _base_bias(module: nn.Module) -> torch.Tensor | None:
@@ -308,9 +312,7 @@ class RowEmbedding(_TwoForms):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        i = self._names.index(name)
-        self._stacked = _shrunk(self._stacked, i)
-        del self._names[i]
+        self._stacked = _shrunk(self._stacked, self._names, self._names.index(name))
 
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """The batch's rows as one Rust call (src/embedding.rs) for float32 CPU
@@ -835,9 +837,7 @@ class RowRMSNorm(TenantModule):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        i = self._names.index(name)
-        self._stacked = _shrunk(self._stacked, i)
-        del self._names[i]
+        self._stacked = _shrunk(self._stacked, self._names, self._names.index(name))
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
         """Each row's factor (its norm weight; ``1 + weight`` in float32 for Gemma's
@@ -1118,8 +1118,8 @@ class RoutedLinear(TenantModule):
         return self._slot_by_name
 
     def stack_slot(self, name: str) -> int:
-        """Where a loaded tenant's planes sit in the layer's stack now (they move up
-        when a tenant before them leaves)."""
+        """Where a loaded tenant's planes sit in the layer's stack now (the last
+        tenant's move into the row of one that leaves)."""
         return self.layer._slots[self._slot_by_name[name]]
 
     def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
