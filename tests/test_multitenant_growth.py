@@ -152,3 +152,18 @@ def test_a_moved_or_copied_layer_grows_on_its_own():
     _check_all(module, base, layers, gen, 32)
     _check_all(twin, twin.base_layer, twin_layers, gen, 32)
     np.testing.assert_array_equal(module.planes[:5].numpy(), twin.planes[:5, :1].numpy())
+
+
+def test_planes_and_scales_stay_allocated_alike():
+    """Removal relies on it: both stacks shrink into new buffers or both move a
+    row in place, so a failed allocation happens before any change."""
+    gen = seeded()
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    module = qdelta.MultiTenantLinear(torch.nn.Linear(50, 7))
+    for _ in range(80):
+        if module.tenants and rng.random() < 0.45:
+            module.remove_tenant(rng.choice(list(module.tenants)))
+        else:
+            module.add_tenant(rng.randrange(60), packed(7, 50, rng.randint(1, 3), "row", gen))
+        if module.tenants:
+            assert _storage_rows(module.planes) == _storage_rows(module.scales)

@@ -195,7 +195,9 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
         """Unloads a tenant; rows that still name it are then refused."""
         tid = self.tenant_id(key)
         slot = self._slots[tid]
-        # The new stacks first: a failure there (out of memory) changes nothing.
+        # The new stacks first: a failure there (out of memory) changes nothing. The
+        # two buffers are always allocated alike (same rows), so both shrink into new
+        # buffers (which may fail, before any change) or both move one row in place.
         planes, scales = stacks.without(self.planes, slot), stacks.without(self.scales, slot)
         del self._slots[tid], self._bits[tid]
         self._names = {n: i for n, i in self._names.items() if i != tid}
