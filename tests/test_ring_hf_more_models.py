@@ -2,7 +2,7 @@
 absolute positions, Conv1D), GPT-NeoX (partial rotary) and OPT (learned positions
 with an offset) over 3 gloo ranks equal their own eager forward, in both layouts,
 and packed sequences equal each sequence alone. A model whose attention does not
-go through transformers' attention interface (Falcon) is refused, since it would
+go through transformers' attention interface is refused, since it would
 attend within each rank's shard only.
 """
 
@@ -77,14 +77,46 @@ def test_gpt2_neox_opt_over_a_ring_equal_their_own_forward(tmp_path, rng):
         assert want.abs().max() > 0.1, name
 
 
+def _own_way_attention() -> type:
+    """An attention class whose forward computes attention itself, as Falcon's did
+    up to transformers 5.24 (5.25 moved it onto the interface): the refusal is
+    tested on a class that stays outside the interface on every version."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+    class OwnWayAttention(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            b, s, _ = hidden_states.shape
+            shape = (b, s, -1, self.head_dim)
+            q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+            k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+            v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+
+    return OwnWayAttention
+
+
 def test_attention_outside_the_interface_is_refused():
     from qdelta.ring.hf import use_ring_attention
 
-    cfg = transformers.FalconConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
     )
-    model = transformers.FalconForCausalLM(cfg).eval()
-    with pytest.raises(RingError, match=r"\['FalconAttention'\] compute attention their own way"):
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.__class__ = _own_way_attention()
+        # The same model still: its own attention, not a broken module.
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RingError, match=r"\['OwnWayAttention'\] compute attention their own way"):
         use_ring_attention(model)
     assert model.config._attn_implementation != "qdelta_ring"  # refused before any change
 
