@@ -974,7 +974,6 @@ class _StackTally:
 
     def __init__(self) -> None:
         self.bytes = 0  # an int, so resident_bytes reads it without the lock
-        self._params = 0
         self._depths: dict[str, Counter[int]] = {}
         self._plane: dict[str, int] = {}
 
@@ -994,7 +993,6 @@ class _StackTally:
                 del depths[bits]
             self._plane[lname] = plane
             total += self._term(lname)
-        self._params += sign * fp.params
         self.bytes = total
 
     def add(self, fp: _Footprint) -> None:

@@ -27,6 +27,24 @@ def _with_room(rows: int, like: torch.Tensor, shape: tuple[int, ...]) -> torch.T
     return like.new_empty((rows + spare, *shape))[:rows]
 
 
+def _rows_in_place(stack: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """``stack``'s buffer seen as its first ``rows`` rows, or None where that view
+    cannot be written in place: ``stack`` is not a contiguous prefix of its
+    buffer, the buffer is too small, or rows are empty."""
+    row_bytes = math.prod(stack.shape[1:]) * stack.element_size()
+    storage = stack.untyped_storage()
+    if not (
+        row_bytes > 0
+        and stack.is_contiguous()
+        and stack.storage_offset() == 0
+        and storage.nbytes() >= rows * row_bytes
+        # An inference tensor cannot be written outside inference mode.
+        and (torch.is_inference_mode_enabled() or not stack.is_inference())
+    ):
+        return None
+    return stack.new_empty(0).set_(storage, 0, (rows, *stack.shape[1:]))
+
+
 def appended(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """``torch.cat([stack, row[None]])`` (``row`` cast to the stack's dtype), written
     into the spare rows of ``stack``'s buffer when it has one (``stack`` is then a
@@ -34,19 +52,8 @@ def appended(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     n, shape = stack.shape[0], tuple(stack.shape[1:])
     if tuple(row.shape) != shape:
         raise ValueError(f"a stack row: expected shape {list(shape)}, found {list(row.shape)}")
-    row_bytes = math.prod(shape) * stack.element_size()
-    storage = stack.untyped_storage()
-    in_place = (
-        row_bytes > 0
-        and stack.is_contiguous()
-        and stack.storage_offset() == 0
-        and storage.nbytes() >= (n + 1) * row_bytes
-        # An inference tensor cannot be written outside inference mode.
-        and (torch.is_inference_mode_enabled() or not stack.is_inference())
-    )
-    if in_place:
-        grown = stack.new_empty(0).set_(storage, 0, (n + 1, *shape))
-    else:
+    grown = _rows_in_place(stack, n + 1)
+    if grown is None:
         grown = _with_room(n + 1, stack, shape)
         grown[:n] = stack
     grown[n] = row
@@ -71,16 +78,10 @@ def without(stack: torch.Tensor, index: int) -> torch.Tensor:
     rows = n - 1
     wanted = rows + max(1, math.ceil(rows * HEADROOM))
     row_bytes = math.prod(shape) * stack.element_size()
-    in_place = (
-        row_bytes > 0
-        and stack.is_contiguous()
-        and stack.storage_offset() == 0
-        and stack.untyped_storage().nbytes() <= 2 * wanted * row_bytes
-        and (torch.is_inference_mode_enabled() or not stack.is_inference())
-    )
-    if in_place:
-        kept = stack.new_empty(0).set_(stack.untyped_storage(), 0, (rows, *shape))
-    else:
+    kept = None
+    if stack.untyped_storage().nbytes() <= 2 * wanted * row_bytes:
+        kept = _rows_in_place(stack, rows)
+    if kept is None:
         kept = _with_room(rows, stack, shape)
         kept[:] = stack[:rows]
     if index < rows:
