@@ -372,10 +372,14 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
 
     def _rebuild_table(self) -> None:
         self._plan = None
-        ids = sorted(self._slots)
+        # Through numpy: a load rebuilds this per layer, a Python loop over T tenants.
+        count = len(self._slots)
+        ids = np.fromiter(self._slots.keys(), dtype=np.int64, count=count)
+        slots = np.fromiter(self._slots.values(), dtype=np.int64, count=count)
+        order = np.argsort(ids, kind="stable")
         device = self.planes.device
-        self.known_ids = torch.tensor(ids, dtype=torch.int64).to(device)
-        self.known_slots = torch.tensor([self._slots[i] for i in ids], dtype=torch.int64).to(device)
+        self.known_ids = torch.from_numpy(ids[order]).to(device)
+        self.known_slots = torch.from_numpy(slots[order]).to(device)
 
     def extra_repr(self) -> str:
         return (

@@ -143,6 +143,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._footprints: dict[str, _Footprint] = {}  # loaded name -> its share of the stacks
         self._tally = _StackTally()  # the loaded footprints' bytes together
         self._slot_of: dict[str, int] = {}
+        self._capacity = 0  # slots the modules' maps cover: one more than the highest used
         self._wrapped: dict[str, nn.Module] = {}
         if store is not None:
             for name in store.tenants():
@@ -369,13 +370,16 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 )
             users.append(name)
 
-    def _serving(self, excluding: str | None = None, among: set[str] | None = None) -> _Planned:
+    def _serving(self, excluding: str | None = None, among: list[str] | None = None) -> _Planned:
         """Swapped module name -> (its tenant module class, the loaded tenants it
         serves), for modules serving a tenant other than ``excluding`` (of ``among``
-        when given)."""
+        when given: a batch's tenants, looked up rather than every module's listed)."""
         out: _Planned = {}
         for mname, wrapper in self._wrapped.items():
-            users = [t for t in wrapper.tenants if t != excluding and (among is None or t in among)]
+            if among is None:
+                users = [t for t in wrapper.tenants if t != excluding]
+            else:
+                users = [t for t in among if t != excluding and wrapper.local_index(t) is not None]
             if users:
                 out[mname] = (type(wrapper), users)
         return out
@@ -499,7 +503,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         deltas = {n: self._sources[n]() for n in missing}
         # Only this batch's tenants must agree on each layer's tenant module class; a
         # loaded tenant outside it that disagrees is evicted below, once all is checked.
-        planned = self._serving(among=set(needed))
+        planned = self._serving(among=needed)
         for n, d in deltas.items():
             self._check(d, n, planned)
         # Found once per tenant (comparing tied deltas reads their planes).
@@ -555,7 +559,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 victim = next((n for n in self._loaded if n not in pinned), None)
                 if victim is None:  # _ensure_loaded checked the batch fits
                     raise BudgetError(f"no tenant left to evict for {name!r}")
-                self._evict(victim, refresh=False)  # the load below refreshes the maps
+                self._evict(victim)
         params = self._params_by_module(delta)
         free = set(range(len(self._slot_of) + 1)) - set(self._slot_of.values())
         slot = min(free)
@@ -578,29 +582,30 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             for wrapper in self._wrapped.values():
                 if name in wrapper.tenants:
                     wrapper.remove(name)
-            self._refresh_slots()  # the evictions above moved rows
+            self._refresh_slots()  # the whole maps again, whatever the failure left
             raise
         self._slot_of[name] = slot
         self._loaded[name] = size
         self._footprints[name] = footprint
         self._tally.add(footprint)
-        self._refresh_slots()
+        capacity = max(self._capacity, slot + 1)
+        for wrapper in self._wrapped.values():
+            wrapper.map_slot(name, slot, capacity)
+        self._capacity = capacity
 
-    def _evict(self, name: str, *, refresh: bool = True) -> None:
-        """Unload ``name``; ``refresh=False`` leaves the modules' slot maps stale for a
-        caller that refreshes them next (no forward runs in between)."""
+    def _evict(self, name: str) -> None:
+        """Unload ``name`` (each module's remove updates its own slot map)."""
         for wrapper in self._wrapped.values():
             if wrapper.local_index(name) is not None:
                 wrapper.remove(name)
         self._tally.remove(self._footprints.pop(name))
         del self._slot_of[name], self._loaded[name]
-        if refresh:
-            self._refresh_slots()
 
     def _refresh_slots(self) -> None:
-        capacity = max(self._slot_of.values(), default=-1) + 1
+        """Every module's whole slot map again (a new module, a failed load)."""
+        self._capacity = max(self._slot_of.values(), default=-1) + 1
         for wrapper in self._wrapped.values():
-            wrapper.set_slots(self._slot_of, capacity)
+            wrapper.set_slots(self._slot_of, self._capacity)
 
     def _cast(self, mname: str, attrs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameter values in the base parameter's dtype and device."""

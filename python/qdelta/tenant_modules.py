@@ -68,7 +68,10 @@ class TenantModule(nn.Module):
         self.base = base
         self._route = route
         self._names: list[str] = []
+        # Model slot + 1 -> local index (-1: not here), with spare entries; the model
+        # slot of each local tenant it maps, so a removal updates only its entries.
         self.register_buffer("_slot_map", torch.full((1,), -1, dtype=torch.long), persistent=False)
+        self._mapped: dict[str, int] = {}
         self._local_cache: tuple | None = None
         # Whether inputs may come as [batch * seq, ...], batch first (set by
         # MultiTenantModel from its probe of the base; see _rows_of).
@@ -99,15 +102,73 @@ class TenantModule(nn.Module):
         return {name: i for i, name in enumerate(self._names)}
 
     def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
-        # One pass over the names (a load refreshes every module's map: per-name
-        # lookups in the list would make loading T tenants cost T^3).
+        """The whole slot map again: tenant name -> model slot, for slots < ``capacity``
+        (the model's loads and evictions update it one tenant at a time instead:
+        :meth:`map_slot`, and each module's ``remove``)."""
         local_of = self._local_indices()
-        pairs = [(slot + 1, local_of[n]) for n, slot in slot_of.items() if n in local_of]
+        self._mapped = {n: slot for n, slot in slot_of.items() if n in local_of}
         table = torch.full((capacity + 1,), -1, dtype=torch.long)
-        if pairs:
-            at, local = zip(*pairs, strict=True)
-            table[list(at)] = torch.tensor(local, dtype=torch.long)
+        if self._mapped:
+            at = torch.tensor(list(self._mapped.values()), dtype=torch.long) + 1
+            table[at] = torch.tensor([local_of[n] for n in self._mapped], dtype=torch.long)
         self._slot_map = table.to(self._slot_map.device)
+        self._slots_changed(capacity)
+
+    def map_slot(self, name: str, slot: int, capacity: int) -> None:
+        """Tenant ``name`` was loaded into model slot ``slot`` (a no-op for the map
+        where it is not on this module), the model now having ``capacity`` slots:
+        only that entry is written (a full :meth:`set_slots` per load would cost
+        every module O(tenants) per load)."""
+        local = self.local_index(name)
+        entries = {}
+        if local is not None:
+            self._mapped[name] = slot
+            entries[slot] = local
+        self._write_map(entries, capacity)
+
+    def _write_map(self, entries: dict[int, int], capacity: int | None = None) -> None:
+        """Slot -> local index ``entries`` written into a new table (the routed-rows
+        cache tells tables apart by identity), grown with spare entries to cover
+        ``capacity`` slots."""
+        table = self._slot_map
+        if not entries and (capacity is None or table.shape[0] > capacity):
+            return
+        if capacity is not None and table.shape[0] <= capacity:
+            # A quarter spare, as the stacks (qdelta.stacks): O(log T) growths for T loads.
+            room = capacity + 1 + max(1, (capacity + 1) // 4)
+            grown = torch.full((room,), -1, dtype=torch.long, device=table.device)
+            grown[: table.shape[0]] = table
+            table = grown
+        else:
+            table = table.clone()
+        if entries:
+            at = torch.tensor(list(entries), dtype=torch.long) + 1
+            table[at.to(table.device)] = torch.tensor(list(entries.values()), dtype=torch.long).to(
+                table.device
+            )
+        self._slot_map = table
+        self._slots_changed(capacity)
+
+    def _slots_changed(self, capacity: int | None) -> None:
+        """Called when the slot map changed, the model having ``capacity`` slots
+        (None: as many as before)."""
+
+    def _drop_name(self, name: str) -> int:
+        """Take ``name`` out of the local order, the last tenant moving into its index
+        (as a stack's last row moves on a removal: qdelta.stacks.without), and the
+        map with it; returns that index. Modules apply the same move to their rows."""
+        i = self._names.index(name)
+        last = self._names.pop()
+        entries = {}
+        slot = self._mapped.pop(name, None)
+        if slot is not None:
+            entries[slot] = -1
+        if i < len(self._names):
+            self._names[i] = last
+            if last in self._mapped:
+                entries[self._mapped[last]] = i
+        self._write_map(entries)
+        return i
 
     def tenant_nbytes(self) -> int:
         """Bytes of the tenant tensors this module holds (not the base's)."""
@@ -208,13 +269,17 @@ def _grown(stack: torch.Tensor | None, row: torch.Tensor) -> torch.Tensor:
     return stacks.started(row) if stack is None else stacks.appended(stack, row)
 
 
-def _shrunk(stack: torch.Tensor, names: list[str], index: int) -> torch.Tensor | None:
-    """``stack`` less row ``index`` (None once no row is left), and ``names`` (one per
-    row) less its entry there, the last one moved in, as the last row was."""
-    shrunk = None if stack.shape[0] == 1 else stacks.without(stack, index)
-    names[index] = names[-1]
-    names.pop()
-    return shrunk
+def _shrunk(stack: torch.Tensor, index: int) -> torch.Tensor | None:
+    """``stack`` less row ``index``, the last row moved in (None once no row is left),
+    as :meth:`TenantModule._drop_name` moves the names."""
+    return None if stack.shape[0] == 1 else stacks.without(stack, index)
+
+
+def _moved_last(items: list, index: int) -> None:
+    """``items`` less its entry ``index``, the last one moved in (the names' move)."""
+    last = items.pop()
+    if index < len(items):
+        items[index] = last
 
 
 def _base_bias(module: nn.Module) -> torch.Tensor | None:
@@ -261,9 +326,10 @@ class _WeightsAndBiases(ABC):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        i = self._names.index(name)
         self._forget()
-        del self._names[i], self._weights[i], self._biases[i]
+        i = self._drop_name(name)
+        _moved_last(self._weights, i)
+        _moved_last(self._biases, i)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
         weight, bias = self.base.weight, _base_bias(self.base)
@@ -312,7 +378,9 @@ class RowEmbedding(_TwoForms):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        self._stacked = _shrunk(self._stacked, self._names, self._names.index(name))
+        shrunk = _shrunk(self._stacked, self._names.index(name))  # may fail: nothing changed
+        self._drop_name(name)
+        self._stacked = shrunk
 
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """The batch's rows as one Rust call (src/embedding.rs) for float32 CPU
@@ -394,8 +462,7 @@ class RowRerunEmbedding(TenantModule):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        i = self._names.index(name)
-        del self._names[i], self._tables[i]
+        _moved_last(self._tables, self._drop_name(name))
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return list(self._tables)
@@ -529,14 +596,26 @@ class PackedRowEmbedding(_TwoForms):
             return
         self._sources_cache = None
         if self._shared.pop(name, None) is not None:
-            self._names.remove(name)
+            self._drop_name(name)
             return
         i = self._own.index(name)
-        self._restack_with(
-            self._planes[:i] + self._planes[i + 1 :], self._scales[:i] + self._scales[i + 1 :]
-        )
-        self._names.remove(name)
-        del self._own[i]
+        counts = [p.shape[0] for p in self._planes]
+        _moved_last(counts, i)
+        if not counts or max(counts) < self._stacked_planes.shape[1]:
+            # No tenant left as deep as the stack: restacked without its extra planes.
+            self._restack_with(
+                self._planes[:i] + self._planes[i + 1 :], self._scales[:i] + self._scales[i + 1 :]
+            )
+            del self._own[i]
+        else:  # the last own tenant's rows move into the freed ones (qdelta.stacks)
+            # Both stacks are allocated alike: both shrink into new buffers (which may
+            # fail before any change) or both move one row in place.
+            planes = stacks.without(self._stacked_planes, i)
+            self._stacked_scales = stacks.without(self._stacked_scales, i)
+            self._stacked_planes = planes
+            _moved_last(self._own, i)
+            self._view_lists(counts)
+        self._drop_name(name)
 
     def _restack_with(self, planes: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
         """Own tenants' ``planes`` / ``scales`` become the lists, restacked; all or
@@ -837,7 +916,9 @@ class RowRMSNorm(TenantModule):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        self._stacked = _shrunk(self._stacked, self._names, self._names.index(name))
+        shrunk = _shrunk(self._stacked, self._names.index(name))  # may fail: nothing changed
+        self._drop_name(name)
+        self._stacked = shrunk
 
     def _row_weights(self, local: torch.Tensor) -> torch.Tensor:
         """Each row's factor (its norm weight; ``1 + weight`` in float32 for Gemma's
@@ -1100,9 +1181,11 @@ class RoutedLinear(TenantModule):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._slot_by_name:
             return
-        self.layer.remove_tenant(self._slot_by_name[name])
-        del self._slot_by_name[name]
-        self._names.remove(name)
+        slot = self._slot_by_name.pop(name)
+        self.layer.remove_tenant(slot)
+        self._names.remove(name)  # their order is not the local index here: the slot is
+        if self._mapped.pop(name, None) is not None:
+            self._write_map({slot: -1})
         self._biases.pop(name, None)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
@@ -1122,9 +1205,9 @@ class RoutedLinear(TenantModule):
         tenant's move into the row of one that leaves)."""
         return self.layer._slots[self._slot_by_name[name]]
 
-    def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
-        super().set_slots(slot_of, capacity)
-        self._capacity = capacity
+    def _slots_changed(self, capacity: int | None) -> None:
+        if capacity is not None:
+            self._capacity = capacity
         self._change_cache = None
 
     def _bias_change(self) -> torch.Tensor | None:
