@@ -197,8 +197,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     def memory(self) -> dict[str, int]:
         """Resident bytes measured from the tensors: the base model's parameters
         and buffers, the tenant tensors the swapped modules hold, and the bytes
-        allocated for those (``tenant_reserved_bytes``: with the spare rows a
-        growing tenant stack keeps, ``multitenant.STACK_HEADROOM``)."""
+        allocated for the tenants (``tenant_reserved_bytes``: with the spare rows a
+        growing tenant stack keeps, ``qdelta.stacks.HEADROOM``, and the tables the
+        modules derive from their tenants: bias changes, stacked LayerNorm rows)."""
         seen: set[int] = set()
         base = 0
         for t in [*self._base_params.values(), *self._base_state.values()]:
@@ -208,7 +209,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         tenants = sum(w.tenant_nbytes() for w in self._wrapped.values())
         buffers: dict[tuple[str, int], int] = {}
         for wrapper in self._wrapped.values():
-            for t in wrapper.tenant_tensors():
+            for t in [*wrapper.tenant_tensors(), *wrapper.derived_tensors()]:
                 storage = t.untyped_storage()
                 buffers[(str(t.device), storage.data_ptr())] = storage.nbytes()
         return {

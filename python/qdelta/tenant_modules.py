@@ -181,6 +181,11 @@ class TenantModule(nn.Module):
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
+    def derived_tensors(self) -> list[torch.Tensor]:
+        """Tables this module made from its tenants and keeps until they change
+        (counted as reserved, not as the tenants' bytes the budget bounds)."""
+        return []
+
     def routed_rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """The local tenant of each entry of ``x``'s first dimension for the forward
         in flight, or None when the base module serves ``x`` as it is."""
@@ -1005,6 +1010,11 @@ class RowLayerNorm(_WeightsAndBiases, TenantModule):
     (float64 for float64 input), then the input dtype (what ``nn.LayerNorm`` computes, to float32 rounding); ``eps``
     is the base module's, found by :func:`layer_norm_form`. A tenant may change
     the weight, the bias or both; what it leaves is the base's.
+
+    The tenants' weights and biases are stacked once per change of the tenants or
+    of the base's own (a routed batch then gathers its rows: O(batch), not
+    O(tenants)); a tenant's tensors are the module's own (MultiTenantModel passes
+    copies): change one by removing and adding the tenant again.
     """
 
     def __init__(self, base: nn.Module, route: Route) -> None:
@@ -1018,26 +1028,67 @@ class RowLayerNorm(_WeightsAndBiases, TenantModule):
         self.eps = eps
         self._init_lists()
         self._rows_cache: tuple | None = None
+        # (compute dtype, base weight, base bias, then what _tables returns).
+        self._tables_cache: tuple | None = None
 
     def _forget(self) -> None:
         self._rows_cache = None
+        self._tables_cache = None
+
+    def derived_tensors(self) -> list[torch.Tensor]:
+        cached = self._tables_cache
+        return [] if cached is None else [t for t in cached[3:] if t is not None]
+
+    def _tables(self) -> tuple:
+        """``(weights, live_w, biases, live_b)``: every tenant's weight (bias) stacked
+        ``[T + 1, d]`` in the compute dtype, entry 0 the base's, and ``[T + 1]``
+        where that entry is the base's own tensor: those rows read it live, so a
+        base checkpoint loaded later and gradients reach it. Made again only when
+        the tenants change (their tensors carry no gradient: the module's own)."""
+        weight, bias = self.base.weight, _base_bias(self.base)
+        ct = torch.promote_types(weight.dtype, torch.float32)
+        cached = self._tables_cache
+        if cached is not None and cached[0] == ct and cached[1] is weight and cached[2] is bias:
+            return cached[3:]
+
+        def stacked(base: torch.Tensor, own: list) -> tuple[torch.Tensor, torch.Tensor]:
+            table = torch.stack([base, *own]).to(ct)
+            live = torch.tensor([True, *(t is base for t in own)], device=base.device)
+            return table, live
+
+        # Outside inference mode: the tables outlive the batch (versioned tensors).
+        with torch.inference_mode(False), torch.no_grad():
+            tables = stacked(weight, self._weights)
+            tables += (None, None) if bias is None else stacked(bias, self._biases)
+        self._tables_cache = (ct, weight, bias, *tables)
+        return tables
 
     def _row_affine(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's weight and bias ``[B, d]`` (base rows: the base's), float32 or
-        float64; gathered once per routed batch (decode steps reuse them)."""
+        float64; gathered once per routed batch (decode steps reuse them): O(batch),
+        not O(tenants)."""
+        tables = self._tables()
         weight, bias = self.base.weight, _base_bias(self.base)
-        tensors = [weight, bias, *self._weights, *self._biases]
-        versions = (_version(local), *(_version(t) for t in tensors if t is not None))
-        key = (tuple(id(t) for t in tensors), versions)
+        versions = (_version(local), _version(weight), None if bias is None else _version(bias))
         cached = self._rows_cache
-        if cached is not None and cached[0] is local and cached[1] == key and None not in versions:
-            return cached[2]
-        ct = torch.promote_types(weight.dtype, torch.float32)
-        rows_w = torch.stack([weight, *self._weights]).to(ct)[local + 1]  # -1 (base): entry 0
-        rows_b = None
-        if bias is not None:
-            rows_b = torch.stack([bias, *self._biases]).to(ct)[local + 1]
-        self._rows_cache = (local, key, (rows_w, rows_b))
+        if (
+            cached is not None
+            and cached[0] is local
+            and cached[1] is tables[0]
+            and cached[2] == versions
+            and None not in versions[:2]
+            and (bias is None or versions[2] is not None)
+        ):
+            return cached[3]
+        index = local + 1  # -1 (base): entry 0
+
+        def rows(base: torch.Tensor, table: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+            own = table[index]
+            return torch.where(live[index][:, None], base.to(own.dtype), own)
+
+        rows_w = rows(weight, tables[0], tables[1])
+        rows_b = None if bias is None else rows(bias, tables[2], tables[3])
+        self._rows_cache = (local, tables[0], versions, (rows_w, rows_b))
         return rows_w, rows_b
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -1189,9 +1240,11 @@ class RoutedLinear(TenantModule):
         self._biases.pop(name, None)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
+        return [self.layer.planes, self.layer.scales, *self._biases.values()]
+
+    def derived_tensors(self) -> list[torch.Tensor]:
         cached = self._change_cache
-        change = [] if cached is None else [cached[3]]
-        return [self.layer.planes, self.layer.scales, *self._biases.values(), *change]
+        return [] if cached is None else [cached[3]]
 
     def local_index(self, name: str) -> int | None:
         # MultiTenantLinear's ids are the model slots themselves.
