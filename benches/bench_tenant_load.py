@@ -11,6 +11,11 @@ qdelta.stacks for the comparison). Two levels:
   registered under RUNTIME_LOADS + CHURN names: RUNTIME_LOADS preloaded one by
   one, then CHURN more with the budget full, each evicting one.
 
+- a MultiTenantModel over a small GPT-2 (LayerNorms, biased Conv1D linears):
+  after each of RUNTIME_LOADS loads, the first routed batch (its per-batch
+  tables: LayerNorm rows, bias changes) is timed; flat in the tenants resident
+  when nothing per batch walks every tenant.
+
 Each load is timed on its own; the tables give the median of the first and of
 the last WINDOW loads, and of the evicting ones. Writes
 benches/results/tenant_load.json and .md. Run by ``make bench``, or
@@ -46,6 +51,7 @@ WINDOW = 32
 CHURN = 32
 DIM = 1024
 LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=512)
+GPT2 = dict(n_embd=256, n_layer=4, n_head=4, vocab_size=512, n_positions=64)
 
 
 def _restacked(stack: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
@@ -130,6 +136,35 @@ def runtime_loads(strategy: str, base: torch.nn.Module, delta: qdelta.Delta) -> 
     return result
 
 
+def tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(**GPT2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def first_batches() -> dict:
+    """The first routed batch after each load: 4 rows (the new tenant, an older
+    one, the base, the first), 8 tokens each."""
+    base = tiny_gpt2()
+    delta = qdelta.compress(base, perturbed(base, 1), bits=1)
+    names = [f"t{i}" for i in range(RUNTIME_LOADS)]
+    model = qdelta.MultiTenantModel(tiny_gpt2())
+    for name in names:
+        model.add_tenant(name, delta)
+    ids = torch.randint(0, GPT2["vocab_size"], (4, 8), generator=torch.Generator().manual_seed(0))
+    times = []
+    for i, name in enumerate(names):
+        model.preload([name])
+        rows = [name, names[i // 2], None, names[0]]
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(ids, rows)
+        times.append(time.perf_counter() - start)
+    return _summary(times) | {"loads": RUNTIME_LOADS, "config": GPT2}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results")
@@ -143,6 +178,7 @@ def main() -> None:
     # Fresh base models: a MultiTenantModel swaps the modules of the one it wraps.
     report["runtime"] = {s: runtime_loads(s, tiny_llama(0, **LLAMA), delta) for s in STRATEGIES}
     report["runtime"] |= {"loads": RUNTIME_LOADS, "config": LLAMA}
+    report["first_batch"] = first_batches()
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "tenant_load.json", json.dumps(report, indent=2))
     write_text_atomic(args.out / "tenant_load.md", _table(report))
@@ -175,6 +211,15 @@ def _table(report: dict) -> str:
         f"evicts one (median of {CHURN}): spare rows {runtime['spare_rows']['evicting_ms']:.1f} "
         f"ms, restacking {runtime['restack_each_load']['evicting_ms']:.1f} ms.",
     ]
+    batch = report.get("first_batch")
+    if batch is not None:
+        lines += [
+            "",
+            f"Small GPT-2 (LayerNorms, biases), the first routed batch after each of "
+            f"{batch['loads']} loads: {batch['first_ms']:.1f} ms with the first "
+            f"{report['window']} tenants, {batch['last_ms']:.1f} ms with the last "
+            f"({batch['last_ms'] / batch['first_ms']:.2f}x).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -146,3 +146,40 @@ def test_the_tables_are_reserved_bytes_not_the_tenants(gen):
     for name in ("t0", "t1", "t2"):
         norm.remove(name)
     assert norm.derived_tensors() == [] and norm.tenant_nbytes() == 0
+
+
+def test_loads_and_removals_edit_the_tables_in_place_of_remaking_them(gen, monkeypatch):
+    """Once made, the tables follow loads and removals row by row (no stack of
+    every tenant): they equal tables made afresh, and the rows their tenants."""
+    base, route, norm, own = _norm_with_tenants(gen, 6)
+    route.slots = torch.tensor([0, 1])
+    with torch.no_grad():
+        norm(torch.randn(2, 1, D, generator=gen))
+    stacked = []
+    real = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacked.append(1) or real(*a, **k))
+    slot_of = {f"t{t}": t for t in range(6)}
+    for name in ("t1", "t4"):
+        norm.remove(name)
+        del own[slot_of.pop(name)]
+    for slot, keeps_weight in ((1, True), (4, False), (6, True)):
+        params = {"bias": torch.randn(D, generator=gen)}
+        if not keeps_weight:
+            params["weight"] = torch.randn(D, generator=gen)
+        norm.add(f"n{slot}", params)
+        own[slot] = params
+        slot_of[f"n{slot}"] = slot
+    norm.set_slots(slot_of, 7)
+    assert stacked == []
+    monkeypatch.setattr(torch, "stack", real)
+    edited = norm._tables()
+    norm._tables_cache = None
+    for got, want in zip(edited, norm._tables(), strict=True):
+        assert torch.equal(got, want)
+    slots = [*own, -1]
+    route.slots = torch.tensor(slots)
+    x = torch.randn(len(slots), 2, D, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            norm(x).double(), _rows_want(base, own, slots, x), rtol=1e-5, atol=1e-5
+        )

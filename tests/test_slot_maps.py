@@ -239,3 +239,48 @@ def test_loads_and_evictions_rebuild_no_whole_map(monkeypatch):
         for r, name in enumerate(rows):
             want = merged(base, None if name is None else deltas[name])(ids[r : r + 1]).logits
             torch.testing.assert_close(got[r : r + 1], want, rtol=1e-4, atol=2e-4)
+
+
+def test_bias_changes_are_written_row_by_row():
+    """A packed linear whose tenants bring their own biases: a load or a removal
+    writes its own row of the bias change table (the same table object, until the
+    map outgrows it), and every row still equals its tenant's dense linear; a base
+    bias changed in place makes the table again."""
+    gen = seeded()
+    base = torch.nn.Linear(DIM, DIM).double()
+    route = Route()
+    module = RoutedLinear(base, route)
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    slot_of: dict[str, int] = {}
+
+    def load(name: str, slot: int, with_bias: bool) -> None:
+        layer, delta = _packed(DIM, DIM, 2, gen)
+        params = {"bias": torch.randn(DIM, generator=gen, dtype=torch.float64)} if with_bias else {}
+        module.add(name, layer, params, slot)
+        module.map_slot(name, slot, max([slot, *slot_of.values()]) + 1)
+        slot_of[name] = slot
+        dense[name] = (base.weight.detach() + delta, params.get("bias", base.bias.detach()))
+
+    def check() -> None:
+        names = [*slot_of, None]
+        route.slots = torch.tensor([-1 if n is None else slot_of[n] for n in names])
+        x = torch.randn(len(names), DIM, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            got = module(x)
+        for r, name in enumerate(names):
+            w, b = (base.weight.detach(), base.bias.detach()) if name is None else dense[name]
+            torch.testing.assert_close(got[r], x[r] @ w.T + b, rtol=1e-9, atol=1e-9)
+
+    for slot, name in enumerate("abc"):
+        load(name, slot, with_bias=name != "b")
+    check()
+    table = module._change_cache[3]
+    module.remove("a")
+    del slot_of["a"], dense["a"]
+    load("d", 0, with_bias=True)  # into the freed slot
+    check()
+    assert module._change_cache[3] is table
+    with torch.no_grad():
+        base.bias.mul_(-2.0)  # "b" keeps the base's bias: its reference is a view of it
+    check()
+    assert module._change_cache[3] is not table

@@ -112,7 +112,7 @@ class TenantModule(nn.Module):
             at = torch.tensor(list(self._mapped.values()), dtype=torch.long) + 1
             table[at] = torch.tensor([local_of[n] for n in self._mapped], dtype=torch.long)
         self._slot_map = table.to(self._slot_map.device)
-        self._slots_changed(capacity)
+        self._slots_changed()
 
     def map_slot(self, name: str, slot: int, capacity: int) -> None:
         """Tenant ``name`` was loaded into model slot ``slot`` (a no-op for the map
@@ -147,11 +147,10 @@ class TenantModule(nn.Module):
                 table.device
             )
         self._slot_map = table
-        self._slots_changed(capacity)
+        self._slots_changed()
 
-    def _slots_changed(self, capacity: int | None) -> None:
-        """Called when the slot map changed, the model having ``capacity`` slots
-        (None: as many as before)."""
+    def _slots_changed(self) -> None:
+        """Called when the slot map changed."""
 
     def _drop_name(self, name: str) -> int:
         """Take ``name`` out of the local order, the last tenant moving into its index
@@ -403,7 +402,7 @@ class RowEmbedding(_TwoForms):
         ):
             return None
         # The stack's shape too: a load grows it in place, at the same address.
-        storage = (weight.data_ptr(), stacked.data_ptr(), stacked.shape)
+        storage = (weight.data_ptr(), _version(weight), stacked.data_ptr(), stacked.shape)
         plan = self._plan
         if not (
             plan is not None
@@ -413,8 +412,15 @@ class RowEmbedding(_TwoForms):
             and plan[2] == ids.shape
             and plan[3] == storage
         ):
-            tables = [weight.detach().contiguous().numpy()]
-            tables += [t.numpy() for t in stacked.detach().unbind(0)]
+            before = None if plan is None else plan[3]
+            if before is not None and before[:3] == storage[:3] and before[3][1:] == storage[3][1:]:
+                # The same buffers, rows added or dropped at the end (qdelta.stacks):
+                # the views of the rows kept stand, so a load binds its own row only.
+                kept = plan[4][: stacked.shape[0] + 1]
+                tables = kept + [t.numpy() for t in stacked.detach()[len(kept) - 1 :].unbind(0)]
+            else:
+                tables = [weight.detach().contiguous().numpy()]
+                tables += [t.numpy() for t in stacked.detach().unbind(0)]
             # Local -1 (base) is table 0.
             index = (local + 1).repeat_interleave(ids[0].numel()).numpy()
             plan = self._plan = (local, _version(local), ids.shape, storage, tables, index)
@@ -1033,7 +1039,51 @@ class RowLayerNorm(_WeightsAndBiases, TenantModule):
 
     def _forget(self) -> None:
         self._rows_cache = None
-        self._tables_cache = None
+
+    def add(self, name: str, params: dict[str, torch.Tensor]) -> None:
+        super().add(name, params)
+        self._edit_tables(lambda table, row: stacks.appended(table, row), len(self._weights) - 1)
+
+    def remove(self, name: str) -> None:
+        """Drop tenant ``name`` (nothing to do for a name never added)."""
+        if name not in self._names:
+            return
+        i = self._names.index(name)
+        super().remove(name)
+        if not self._names:
+            self._tables_cache = None
+            return
+        # The lists' last entry moved into i: the tables' last row moves into i + 1.
+        self._edit_tables(lambda table, row: stacks.without(table, i + 1), i)
+
+    def _edit_tables(self, edit: Callable, i: int) -> None:
+        """The tables (if made) after one tenant came or left: ``edit(table, row)``
+        with tenant ``i``'s row, so a load costs its own row, not every tenant's. A
+        failure drops them (they are made again when next used)."""
+        cached = self._tables_cache
+        if cached is None:
+            return
+        ct, weight, bias = cached[:3]
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                edited = ()
+                for base, own, table, live in (
+                    (weight, self._weights, *cached[3:5]),
+                    (bias, self._biases, *cached[5:7]),
+                ):
+                    if table is None:
+                        edited += (None, None)
+                        continue
+                    entry = own[i] if i < len(own) else base
+                    row = entry.detach().to(ct)
+                    flag = torch.tensor(entry is base, device=live.device)
+                    edited += (edit(table, row), edit(live, flag))
+        except BaseException as error:
+            self._tables_cache = None  # rows may have moved in place: made again
+            if not isinstance(error, Exception):
+                raise
+            return
+        self._tables_cache = (ct, weight, bias, *edited)
 
     def derived_tensors(self) -> list[torch.Tensor]:
         cached = self._tables_cache
@@ -1214,8 +1264,7 @@ class RoutedLinear(TenantModule):
         # Each tenant's own full-precision bias, as given: not a change relative to
         # the base's bias, which a base checkpoint loaded later may move.
         self._biases: dict[str, torch.Tensor] = {}
-        self._capacity = 0
-        # (base bias, its version and storage, [capacity + 1, out] change per slot).
+        # (base bias, its version and storage, [slots + 1, out] change per slot).
         self._change_cache: tuple | None = None
 
     def add(
@@ -1237,7 +1286,8 @@ class RoutedLinear(TenantModule):
         self._names.remove(name)  # their order is not the local index here: the slot is
         if self._mapped.pop(name, None) is not None:
             self._write_map({slot: -1})
-        self._biases.pop(name, None)
+        if self._biases.pop(name, None) is not None:
+            self._write_change(slot, None)
 
     def _tenant_tensors(self) -> list[torch.Tensor]:
         return [self.layer.planes, self.layer.scales, *self._biases.values()]
@@ -1258,15 +1308,38 @@ class RoutedLinear(TenantModule):
         tenant's move into the row of one that leaves)."""
         return self.layer._slots[self._slot_by_name[name]]
 
-    def _slots_changed(self, capacity: int | None) -> None:
-        if capacity is not None:
-            self._capacity = capacity
-        self._change_cache = None
+    def set_slots(self, slot_of: dict[str, int], capacity: int) -> None:
+        super().set_slots(slot_of, capacity)
+        self._change_cache = None  # a whole rebuild: made again, whole, when next used
+
+    def map_slot(self, name: str, slot: int, capacity: int) -> None:
+        super().map_slot(name, slot, capacity)
+        if name in self._biases:
+            self._write_change(slot, self._biases[name])
+
+    def _slots_changed(self) -> None:
+        cached = self._change_cache
+        if cached is not None and cached[3].shape[0] < self._slot_map.shape[0]:
+            self._change_cache = None  # the map grew past it: made again when next used
+
+    def _write_change(self, slot: int, own: torch.Tensor | None) -> None:
+        """Slot ``slot``'s row of the bias change table, if there is one: ``own`` less
+        the base's bias (zero for None): one row, not the table again per load."""
+        cached = self._change_cache
+        if cached is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            row = cached[3][slot]
+            if own is None:
+                row.zero_()
+            else:
+                row.copy_(own - cached[0])
 
     def _bias_change(self) -> torch.Tensor | None:
-        """``[capacity + 1, out]``: row s is slot s's bias minus the base's bias as it
-        is now (zero for tenants keeping the base's; the last row, index -1, is the
-        base rows'). Made again only when the slots or the base bias change."""
+        """``[slots + 1, out]`` (the slot map's length): row s is slot s's bias minus
+        the base's bias as it is now (zero for tenants keeping the base's; the last
+        row, index -1, is the base rows'). Made again when the base bias changes or
+        the map outgrows it; a load or a removal writes its own row."""
         if not self._biases:
             return None
         bias = self.base.bias
@@ -1282,7 +1355,8 @@ class RoutedLinear(TenantModule):
         # Outside inference mode (a versioned tensor, as the other per-batch shortcuts),
         # and no gradient (leaving inference mode turns it back on).
         with torch.inference_mode(False), torch.no_grad():
-            change = torch.zeros(self._capacity + 1, self.layer.out_features, dtype=bias.dtype)
+            rows = self._slot_map.shape[0]  # > every mapped slot + 1: row -1 is no slot's
+            change = torch.zeros(rows, self.layer.out_features, dtype=bias.dtype)
             change = change.to(bias.device)
             for name, own in self._biases.items():
                 change[self._slot_by_name[name]] = own - bias
