@@ -284,3 +284,57 @@ def test_bias_changes_are_written_row_by_row():
         base.bias.mul_(-2.0)  # "b" keeps the base's bias: its reference is a view of it
     check()
     assert module._change_cache[3] is not table
+
+
+def _routed(served: _Served, names: list[str | None]) -> None:
+    """One routed batch of ``names`` rows (None: the base), each row checked against
+    its own module's output."""
+    served.route.slots = torch.tensor([-1 if n is None else served.slot_of[n] for n in names])
+    ids = torch.randint(0, VOCAB, (len(names), 4), generator=served.gen)
+    with torch.no_grad():
+        got = served.module(ids)
+        for r, name in enumerate(names):
+            params = {} if name is None else served.params[name]
+            want = torch.func.functional_call(served.base, params, (ids[r : r + 1],))
+            torch.testing.assert_close(got[r : r + 1], want, rtol=1e-6, atol=1e-6)
+    served.route.slots = None
+
+
+def test_an_embedding_lookup_is_passed_only_its_batch_tables(monkeypatch):
+    """With twelve tenants resident, a float32 batch of two tenants and the base
+    hands the Rust lookup three tables, not thirteen (the binding reads every array
+    it is given, each decode step); every row equals its own table's lookup."""
+    served = _Served("embedding", seeded())
+    served.base.float()
+    for t in range(12):
+        served.load(f"t{t}", bits=1)
+    served.module._stacked = served.module._stacked.float()
+    served.params = {n: {"weight": p["weight"].float()} for n, p in served.params.items()}
+    passed = []
+    lookup = tenant_modules.cpu.gather_embedding
+
+    def counted(tables, *args):
+        passed.append(len(tables))
+        return lookup(tables, *args)
+
+    monkeypatch.setattr(tenant_modules.cpu, "gather_embedding", counted)
+    _routed(served, ["t7", None, "t2", "t7"])
+    _routed(served, ["t11"])
+    assert passed == [3, 1]
+
+
+def test_a_packed_embedding_makes_its_source_table_once_per_change():
+    """Batches routing other tenants reuse the table of each tenant's stack rows
+    (made in O(tenants)); a load or a removal makes it again, and rows stay right."""
+    served = _Served("packed_embedding", seeded())
+    for t in range(6):
+        served.load(f"t{t}", bits=1 + t % 2)
+    _routed(served, ["t1", None])
+    table = served.module._table_cache[1]
+    _routed(served, ["t4", "t0", "t5"])
+    assert served.module._table_cache[1] is table
+    served.remove("t0")  # t5 moves into t0's row
+    _routed(served, ["t5", "t3"])
+    assert served.module._table_cache[1] is not table
+    served.load("t6", bits=2)
+    _routed(served, ["t6", "t5", None])

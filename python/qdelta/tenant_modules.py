@@ -421,11 +421,14 @@ class RowEmbedding(_TwoForms):
             else:
                 tables = [weight.detach().contiguous().numpy()]
                 tables += [t.numpy() for t in stacked.detach().unbind(0)]
-            # Local -1 (base) is table 0.
-            index = (local + 1).repeat_interleave(ids[0].numel()).numpy()
-            plan = self._plan = (local, _version(local), ids.shape, storage, tables, index)
+            # Local -1 (base) is table 0. The call gets the batch's own tables only:
+            # the binding reads every array it is passed, on every decode step.
+            used, among = torch.unique(local + 1, return_inverse=True)
+            mine = [tables[u] for u in used.tolist()]
+            index = among.repeat_interleave(ids[0].numel()).numpy()
+            plan = self._plan = (local, _version(local), ids.shape, storage, tables, mine, index)
         out = torch.empty(*ids.shape, weight.shape[1], dtype=torch.float32)
-        cpu.gather_embedding(plan[4], ids.contiguous(), plan[5], out)
+        cpu.gather_embedding(plan[5], ids.contiguous(), plan[6], out)
         if self._scaled:  # the base's own product: lookup * embed_scale (weight dtype)
             out.mul_(embedding_scale(self.base))
         return out
@@ -529,6 +532,7 @@ class PackedRowEmbedding(_TwoForms):
         # Tenants read from their twin's stack (a dict, so not a submodule here).
         self._shared: dict[str, RoutedLinear] = {}
         self._sources_cache: tuple | None = None  # see _sources
+        self._table_cache: tuple | None = None  # see _source_table
         self._plan: tuple | None = None  # the bound one-call form (see _rowwise)
 
     def add(
@@ -540,7 +544,7 @@ class PackedRowEmbedding(_TwoForms):
         twin: RoutedLinear | None = None,
     ) -> None:
         _check_new(self, name)
-        self._sources_cache = None
+        self._sources_cache = self._table_cache = None
         if twin is not None:
             self._check_twin(name, packed, slot, twin)
             self._names.append(name)
@@ -605,7 +609,7 @@ class PackedRowEmbedding(_TwoForms):
         """Drop tenant ``name`` (nothing to do for a name never added)."""
         if name not in self._names:
             return
-        self._sources_cache = None
+        self._sources_cache = self._table_cache = None
         if self._shared.pop(name, None) is not None:
             self._drop_name(name)
             return
@@ -682,19 +686,35 @@ class PackedRowEmbedding(_TwoForms):
             and all(a is b for a, b in zip(cached[2], key, strict=True))
         ):
             return cached[3]
-        own = {n: i for i, n in enumerate(self._own)}
-        table = [[-1] + [own.get(n, -1) for n in self._names]]
-        read = [key[:2]]
-        if twin is not None:
-            shared = self._shared
-            table.append([-1] + [twin.stack_slot(n) if n in shared else -1 for n in self._names])
-            read.append(key[2:4])
+        read = [key[:2]] if twin is None else [key[:2], key[2:4]]
         with torch.inference_mode(False):  # versioned tensors, as local_rows makes
-            rows = torch.tensor(table, dtype=torch.long, device=local.device)[:, local + 1]
+            rows = self._source_table(key, twin, local.device)[:, local + 1]
         sources = [(p, s, r) for (p, s), r in zip(read, rows, strict=True) if p is not None]
         sources = [src for src in sources if bool((src[2] >= 0).any())] or sources[:1]
         self._sources_cache = (local, version, key, sources)
         return sources
+
+    def _source_table(
+        self, key: tuple, twin: RoutedLinear | None, device: torch.device
+    ) -> torch.Tensor:
+        """``[stacks, 1 + tenants]``: each local index's row (column 0: the base) in
+        the own stack and the twin's, -1 where it has none. Made once per change of
+        the tenants or the stacks (O(tenants)), so a routed batch indexes it."""
+        cached = self._table_cache
+        if (
+            cached is not None
+            and len(cached[0]) == len(key)
+            and all(a is b for a, b in zip(cached[0], key, strict=True))
+        ):
+            return cached[1]
+        own = {n: i for i, n in enumerate(self._own)}
+        table = [[-1] + [own.get(n, -1) for n in self._names]]
+        if twin is not None:
+            shared = self._shared
+            table.append([-1] + [twin.stack_slot(n) if n in shared else -1 for n in self._names])
+        found = torch.tensor(table, dtype=torch.long, device=device)
+        self._table_cache = (key, found)
+        return found
 
     def _rowwise(self, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
         """The batch's rows as one Rust call per stack read (src/embedding.rs) for a
