@@ -121,9 +121,10 @@ class _Served:
             want[slot + 1] = self.module.local_index(name)
         assert torch.equal(table, want), (table.tolist(), want.tolist())
 
-    def check_rows(self) -> None:
-        """Every routed row (each tenant, the base) equals its own module's output."""
-        names = [*self.slot_of, None]
+    def check_rows(self, names: list[str | None] | None = None) -> None:
+        """One routed batch of ``names`` rows (default: each tenant, the base; None:
+        the base), each row equal to its own module's output."""
+        names = [*self.slot_of, None] if names is None else names
         self.route.slots = torch.tensor([-1 if n is None else self.slot_of[n] for n in names])
         if self.input == "ids":
             x = torch.randint(0, VOCAB, (len(names), 3), generator=self.gen)
@@ -286,20 +287,6 @@ def test_bias_changes_are_written_row_by_row():
     assert module._change_cache[3] is not table
 
 
-def _routed(served: _Served, names: list[str | None]) -> None:
-    """One routed batch of ``names`` rows (None: the base), each row checked against
-    its own module's output."""
-    served.route.slots = torch.tensor([-1 if n is None else served.slot_of[n] for n in names])
-    ids = torch.randint(0, VOCAB, (len(names), 4), generator=served.gen)
-    with torch.no_grad():
-        got = served.module(ids)
-        for r, name in enumerate(names):
-            params = {} if name is None else served.params[name]
-            want = torch.func.functional_call(served.base, params, (ids[r : r + 1],))
-            torch.testing.assert_close(got[r : r + 1], want, rtol=1e-6, atol=1e-6)
-    served.route.slots = None
-
-
 def test_an_embedding_lookup_is_passed_only_its_batch_tables(monkeypatch):
     """With twelve tenants resident, a float32 batch of two tenants and the base
     hands the Rust lookup three tables, not thirteen (the binding reads every array
@@ -318,8 +305,8 @@ def test_an_embedding_lookup_is_passed_only_its_batch_tables(monkeypatch):
         return lookup(tables, *args)
 
     monkeypatch.setattr(tenant_modules.cpu, "gather_embedding", counted)
-    _routed(served, ["t7", None, "t2", "t7"])
-    _routed(served, ["t11"])
+    served.check_rows(["t7", None, "t2", "t7"])
+    served.check_rows(["t11"])
     assert passed == [3, 1]
 
 
@@ -329,12 +316,12 @@ def test_a_packed_embedding_makes_its_source_table_once_per_change():
     served = _Served("packed_embedding", seeded())
     for t in range(6):
         served.load(f"t{t}", bits=1 + t % 2)
-    _routed(served, ["t1", None])
+    served.check_rows(["t1", None])
     table = served.module._table_cache[1]
-    _routed(served, ["t4", "t0", "t5"])
+    served.check_rows(["t4", "t0", "t5"])
     assert served.module._table_cache[1] is table
     served.remove("t0")  # t5 moves into t0's row
-    _routed(served, ["t5", "t3"])
+    served.check_rows(["t5", "t3"])
     assert served.module._table_cache[1] is not table
     served.load("t6", bits=2)
-    _routed(served, ["t6", "t5", None])
+    served.check_rows(["t6", "t5", None])
