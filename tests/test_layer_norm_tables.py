@@ -5,6 +5,9 @@ base's gradient), the tables are counted as reserved bytes, not the tenants'."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -57,31 +60,45 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))
 
 
-def test_routed_batches_gather_rows_without_restacking(gen, monkeypatch):
-    """After the first batch, new routings (other tenants, other rows) stack
-    nothing: each batch's rows come from the tables made once."""
-    base, route, norm, own = _norm_with_tenants(gen, 40)
-    route.slots = torch.tensor([0, 1])
-    with torch.no_grad():
-        norm(torch.randn(2, 3, D, generator=gen))
-    stacked = []
+@contextlib.contextmanager
+def _counted_stacks(monkeypatch) -> Iterator[list[int]]:
+    """The sizes of the torch.stack calls made inside (the references outside)."""
+    stacked: list[int] = []
     real = torch.stack
 
     def counting(*args, **kwargs):
         stacked.append(len(args[0]))
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(torch, "stack", counting)
+    try:
+        yield stacked
+    finally:
+        monkeypatch.setattr(torch, "stack", real)
+
+
+def _after_a_first_batch(gen: torch.Generator, tenants: int) -> tuple:
+    """``_norm_with_tenants`` once a routed batch has made its tables."""
+    base, route, norm, own = _norm_with_tenants(gen, tenants)
+    route.slots = torch.tensor([0, 1])
+    with torch.no_grad():
+        norm(torch.randn(2, 3, D, generator=gen))
+    return base, route, norm, own
+
+
+def test_routed_batches_gather_rows_without_restacking(gen, monkeypatch):
+    """After the first batch, new routings (other tenants, other rows) stack
+    nothing: each batch's rows come from the tables made once."""
+    base, route, norm, own = _after_a_first_batch(gen, 40)
     for slots in ([5, -1, 38, 2], [39], [-1, 17, 17, 6, 11]):
         route.slots = torch.tensor(slots)
         x = torch.randn(len(slots), 3, D, generator=gen)
-        monkeypatch.setattr(torch, "stack", counting)
-        with torch.no_grad():
+        with _counted_stacks(monkeypatch) as stacked, torch.no_grad():
             got = norm(x)
-        monkeypatch.setattr(torch, "stack", real)  # the reference below stacks its rows
+        assert stacked == []
         torch.testing.assert_close(
             got.double(), _rows_want(base, own, slots, x), rtol=1e-5, atol=1e-5
         )
-    assert stacked == []
 
 
 def test_a_tenant_change_and_a_base_change_in_place_are_seen(gen):
@@ -151,27 +168,21 @@ def test_the_tables_are_reserved_bytes_not_the_tenants(gen):
 def test_loads_and_removals_edit_the_tables_in_place_of_remaking_them(gen, monkeypatch):
     """Once made, the tables follow loads and removals row by row (no stack of
     every tenant): they equal tables made afresh, and the rows their tenants."""
-    base, route, norm, own = _norm_with_tenants(gen, 6)
-    route.slots = torch.tensor([0, 1])
-    with torch.no_grad():
-        norm(torch.randn(2, 1, D, generator=gen))
-    stacked = []
-    real = torch.stack
-    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacked.append(1) or real(*a, **k))
+    base, route, norm, own = _after_a_first_batch(gen, 6)
     slot_of = {f"t{t}": t for t in range(6)}
-    for name in ("t1", "t4"):
-        norm.remove(name)
-        del own[slot_of.pop(name)]
-    for slot, keeps_weight in ((1, True), (4, False), (6, True)):
-        params = {"bias": torch.randn(D, generator=gen)}
-        if not keeps_weight:
-            params["weight"] = torch.randn(D, generator=gen)
-        norm.add(f"n{slot}", params)
-        own[slot] = params
-        slot_of[f"n{slot}"] = slot
-    norm.set_slots(slot_of, 7)
+    with _counted_stacks(monkeypatch) as stacked:
+        for name in ("t1", "t4"):
+            norm.remove(name)
+            del own[slot_of.pop(name)]
+        for slot, keeps_weight in ((1, True), (4, False), (6, True)):
+            params = {"bias": torch.randn(D, generator=gen)}
+            if not keeps_weight:
+                params["weight"] = torch.randn(D, generator=gen)
+            norm.add(f"n{slot}", params)
+            own[slot] = params
+            slot_of[f"n{slot}"] = slot
+        norm.set_slots(slot_of, 7)
     assert stacked == []
-    monkeypatch.setattr(torch, "stack", real)
     edited = norm._tables()
     norm._tables_cache = None
     for got, want in zip(edited, norm._tables(), strict=True):
