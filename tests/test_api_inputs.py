@@ -230,6 +230,22 @@ def test_huge_tenant_ids_cost_no_memory(rng):
         mt(x[:1], [7])
 
 
+def test_an_id_of_a_named_tenant_is_not_taken_over_by_id(rng):
+    first, second = _delta(rng).layers["0"], _delta(rng).layers["0"]
+    mt = qdelta.MultiTenantLinear(nn.Linear(40, 24))
+    a = mt.add_tenant("a", first)
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        before = mt(x, [a, a])
+    with pytest.raises(qdelta.QDeltaError, match=f"tenant id {a}: .* found the id of tenant 'a'"):
+        mt.add_tenant(a, second)
+    assert mt.tenants == {"a": a}
+    with torch.no_grad():
+        torch.testing.assert_close(mt(x, [a, a]), before, atol=0, rtol=0)  # still 'a'
+    assert mt.add_tenant(a + 1, second) == a + 1  # a free id is taken as given
+    assert mt.add_tenant(a + 1, first) == a + 1  # and replaced by id
+
+
 @pytest.mark.parametrize(
     ("ids", "match"),
     [

@@ -347,6 +347,21 @@ def test_bad_input_keeps_serving(world, oracle):
     still_serving()
 
 
+def test_kept_tensors_are_counted_in_their_own_dtype_in_a_mixed_base():
+    """A bf16 embedding beside float32 norms and head: the budget counts each kept
+    tensor at its own size, as memory() measures it."""
+    base = tiny_llama(3)
+    base.model.embed_tokens.to(torch.bfloat16)
+    delta = make_delta(base, perturbed(base, 4, only=("model.embed_tokens", "model.norm")))
+    assert {v.dtype for v in delta.params.values()} == {torch.bfloat16, torch.float32}
+    model = MultiTenantModel(base_copy(base), tenants={"t": delta})
+    assert model.resident_bytes == model.memory()["tenant_bytes"] > 0
+    with pytest.raises(qdelta.BudgetError, match=f"needs {model.resident_bytes} bytes"):
+        tight = MultiTenantModel(base_copy(base), budget_bytes=model.resident_bytes - 1)
+        tight.add_tenant("t", delta)
+        tight.preload(["t"])
+
+
 def test_lowering_the_budget_evicts_least_recently_used_at_once(world, oracle):
     base, deltas = world
     names = ("noisy", "trained", "partial")

@@ -244,3 +244,21 @@ def test_the_prefill_asks_for_last_logits_only_where_the_forward_takes_it():
 
     assert _last_logits_only(Takes()) == {"logits_to_keep": 1}
     assert _last_logits_only(Strict()) == {}
+
+
+def test_a_learned_position_table_is_checked_after_a_tenant_wraps_it():
+    """A tenant changing GPT-2's wpe wraps the table in a tenant module; decoding past
+    its positions is still refused up front, for tenant and base rows alike."""
+    from tests.tiny_models import fake_finetune, tiny_gpt2
+
+    base = tiny_gpt2(0)
+    limit = base.config.n_positions
+    delta = qdelta.compress(base, fake_finetune(base, 1))
+    assert "transformer.wpe.weight" in delta.params
+    m = MultiTenantModel(copy.deepcopy(base), tenants={"ft": delta})
+    assert not isinstance(m.model.transformer.wpe, torch.nn.Embedding)  # wrapped
+    prompt = torch.randint(1, 60, (1, limit - 4))
+    for row in ("ft", None):
+        with pytest.raises(qdelta.ShapeError, match=f"expected at most 5 .* {limit} positions"):
+            m.generate(prompt, [row], 10)
+    assert m.generate(prompt, ["ft"], 5).tokens.shape == (1, 5)

@@ -72,6 +72,26 @@ def test_cast_after_tenants_loaded_serves_in_the_new_dtype(parts, cast, dtype, t
     assert model.memory()["base_bytes"] == sum(p.numel() * p.element_size() for p in params)
 
 
+def test_a_cast_the_budget_cannot_hold_keeps_the_newest_tenants(parts):
+    """Widened to float64 under a budget full in float32: the cast happens and the most
+    recently used tenant that fits loads again; the other stays registered."""
+    model = serving(parts)
+    model.preload(["t0", "t1"])
+    model.budget_bytes = model.resident_bytes  # full
+    model.double()
+    assert next(model.model.parameters()).dtype == torch.float64
+    assert model.loaded_tenants == ["t1"]
+    assert model.resident_bytes <= model.budget_bytes
+    assert set(model.tenants) == {"t0", "t1"}
+    torch.testing.assert_close(  # t0 loads on demand (evicting t1) and serves right
+        logits(model, ("t0", "t0"))[0], oracle(parts, torch.float64)[0], rtol=0, atol=1e-5
+    )
+    model.float()
+    model.budget_bytes = model.resident_bytes  # one tenant in float32
+    model.double()  # which alone outgrows it in float64: none loads again
+    assert model.loaded_tenants == [] and set(model.tenants) == {"t0", "t1"}
+
+
 def test_cast_before_tenants_load(parts):
     model = qdelta.MultiTenantModel(copy.deepcopy(parts[0])).half()
     for name, delta in parts[1].items():

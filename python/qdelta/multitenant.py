@@ -154,6 +154,12 @@ class MultiTenantLinear(SerializedCalls, nn.Module):
                     tid += 1
         else:
             tid = self._as_id(key)
+            owner = next((n for n, i in self._names.items() if i == tid), None)
+            if owner is not None:
+                raise QDeltaError(
+                    f"tenant id {tid}: expected a free id or one added by id, found the id "
+                    f"of tenant {owner!r} (replace that tenant by its name)"
+                )
         # All or nothing: a failure on the way (out of device memory) leaves the layer
         # as it was, with no name pointing at a half-loaded slot.
         before = (dict(self._names), dict(self._bits), dict(self._slots), self.planes, self.scales)

@@ -132,6 +132,8 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         self._base_params = dict(base_model.named_parameters(remove_duplicate=False))
         self._base_state = dict(base_model.state_dict())
         self._ties = tensor_aliases(base_model)  # name -> every name of its tensor
+        # Read before any swap: a wrapped position table no longer looks like one.
+        self._position_limit = max_positions(base_model)
         self._probe_results: dict[str, bool] = {}  # module name -> _servable(), probed once
         self._wrapper_classes: dict[tuple[str, bool], type[nn.Module]] = {}
         self._layout: Layouts | None = None  # how modules see the batch (probed once)
@@ -483,11 +485,13 @@ class MultiTenantModel(SerializedCalls, nn.Module):
             for lname, layer in delta.layers.items()
             if lname not in twins and layer.bits > 0
         }
-        params = 0
-        for attrs in self._params_by_module(delta).values():
-            params += sum(v.numel() for v in attrs.values())
-        dtype_size = next(iter(self._base_params.values())).element_size()
-        return _Footprint(layers, params * dtype_size)
+        # Each kept tensor is served in its own base tensor's dtype (a base may mix them).
+        params = sum(
+            v.numel() * getattr(self._base_modules[mname], attr).element_size()
+            for mname, attrs in self._params_by_module(delta).items()
+            for attr, v in attrs.items()
+        )
+        return _Footprint(layers, params)
 
     def _tenant_bytes(self, delta: Delta) -> int:
         """A tenant's bytes loaded alone."""
@@ -648,7 +652,9 @@ class MultiTenantModel(SerializedCalls, nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         """``.to()``, ``.half()``, ``.cuda()``...: tenant tensors are stacked per module in
         the base's dtype and device, so they are unloaded, the base is cast, and they
-        load again in the new form. Deltas stay checked against the base as built."""
+        load again in the new form. Deltas stay checked against the base as built.
+        Under a budget that the new form outgrows, the most recently used that fit
+        load again; the others stay registered, unloaded."""
         self.base_fingerprint()
         loaded = list(self._loaded)
         for name in loaded:
@@ -657,8 +663,11 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         # Parameters may be replaced, not converted in place; state tensors always are.
         self._base_params = {k: self._base_attr(k) for k in self._base_params}
         self._base_state = {k: self._base_attr(k).detach() for k in self._base_state}
-        if loaded:
-            self._ensure_loaded(loaded)
+        for name in loaded:  # least recently used first: each load evicts as a request's would
+            try:
+                self._ensure_loaded([name])
+            except BudgetError:
+                pass  # alone larger than the budget now: loaded again only if it is raised
         return result
 
     def _base_attr(self, key: str) -> torch.Tensor:
@@ -825,7 +834,7 @@ class MultiTenantModel(SerializedCalls, nn.Module):
         """Refuse up front what would run past the model's positions (learned
         position tables fail mid-decode, rotary ones silently leave their range).
         The last new token is not fed back: its position is never used."""
-        limit = max_positions(self.model)
+        limit = self._position_limit
         if limit is not None and prompt + max_new_tokens - 1 > limit:
             raise ShapeError(
                 f"max_new_tokens: expected at most {max(limit - prompt + 1, 0)} after the "
