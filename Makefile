@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.deps-installed
 EXTRAS  := dev,hf
 RESULTS ?= results
 
-.PHONY: demo test test-rust test-python lint bench wheel develop fuzz gpu-check gpu-wheelhouse clean
+.PHONY: demo test test-rust test-python lint bench wheel develop fuzz emu-asan gpu-check gpu-wheelhouse clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test-python: develop
 	$(PY) -m pytest -q tests
 
 test: test-rust lint test-python
+
+# Every emulated kernel suite with the kernels built under AddressSanitizer
+# (out-of-bounds reads and writes are reports; `make test` runs the delta and
+# ring suites so, tests/test_cuda_emulated_asan.py).
+emu-asan: develop
+	$(PY) -m qdelta.kernels.emulator asan -- $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_cuda_emulated.py tests/test_cuda_emulated_modules.py \
+		tests/test_ring_emulated.py tests/test_cuda_emulated_races.py
 
 bench: develop
 	mkdir -p benches/results

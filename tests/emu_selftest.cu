@@ -176,3 +176,27 @@ __global__ void racy_cp_async(const int* in, int* out) {
     out[blockIdx.x * blockDim.x + t] = buf[t + 1];
     __syncthreads();
 }
+
+// Reads for the AddressSanitizer build (tests/test_cuda_emulated_asan.py): thread t
+// reads element t + past of a buffer of blockDim.x elements; past = 0 stays inside,
+// past = 1 reads one element past the end (global, static shared, dynamic shared).
+__global__ void read_global(const float* in, float* out, int past) {
+    const int t = threadIdx.x;
+    out[t] = in[t + past];
+}
+
+__global__ void read_static_shared(float* out, int past) {
+    __shared__ float buf[64];
+    const int t = threadIdx.x;
+    buf[t] = 0.5f * t;
+    __syncthreads();
+    out[t] = buf[t + past];
+}
+
+__global__ void read_dynamic_shared(float* out, int past) {
+    extern __shared__ float dyn[];
+    const int t = threadIdx.x;
+    dyn[t] = 0.5f * t;
+    __syncthreads();
+    out[t] = dyn[t + past];
+}

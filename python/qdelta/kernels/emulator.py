@@ -13,6 +13,12 @@ the kernel runtime (``qdelta.kernels.cuda.RUNTIME``) for the duration.
 ``emulate(order="reverse")`` (or ``"shuffle"`` with a ``seed``) resumes the threads
 of a block in another order between barriers: results that change with the order
 come from a race inside a barrier interval (tests/test_cuda_emulated_races.py).
+
+With ``QDELTA_EMU_SANITIZE=address`` the modules are built with AddressSanitizer,
+so an out-of-bounds access (global memory, static or dynamic shared memory) stops
+the process with a report naming the source line. The ASan runtime must be loaded
+first: ``python -m qdelta.kernels.emulator asan -- <command>`` runs a command
+with that environment (``make emu-asan`` runs the emulated suites so).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +47,9 @@ HEADER = CUDA_DIR / "emu" / "cuda_emu.h"
 # -O2: delta_matmul.cu (every instantiation) compiles in seconds here (-O1 saves a
 # little but runs slower); a module compiles once per source edit (cached on disk).
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w")
+SANITIZE_ENV = "QDELTA_EMU_SANITIZE"
+# -g: the reports name the kernel's source lines.
+_SANITIZE_FLAGS = {"address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")}
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without the opt-in
 _ERR_BYTES = 2048
 # The scheduler's run orders (qd_emu::Order): the order in which each scheduling
@@ -68,6 +78,56 @@ def compiler() -> str:
             "(install g++ or set CXX)"
         )
     return path
+
+
+def compile_flags() -> tuple[str, ...]:
+    """g++'s flags for a module: :data:`FLAGS`, plus AddressSanitizer's under
+    ``QDELTA_EMU_SANITIZE=address`` (which needs the ASan runtime loaded first)."""
+    mode = os.environ.get(SANITIZE_ENV, "")
+    if not mode:
+        return FLAGS
+    if mode not in _SANITIZE_FLAGS:
+        raise QDeltaError(
+            f"{SANITIZE_ENV}={mode!r}: expected one of {', '.join(_SANITIZE_FLAGS)} or unset"
+        )
+    if not _asan_loaded():
+        raise QDeltaError(
+            f"{SANITIZE_ENV}={mode}: expected the AddressSanitizer runtime loaded before "
+            "Python starts, found it absent (run the command through "
+            "`python -m qdelta.kernels.emulator asan -- <command>`)"
+        )
+    return FLAGS + _SANITIZE_FLAGS[mode]
+
+
+def _asan_loaded() -> bool:
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # cannot tell here: the loader will say when the module loads
+    return "libasan" in maps
+
+
+def asan_runtime() -> Path:
+    """The compiler's AddressSanitizer runtime (libasan.so); a QDeltaError without one."""
+    cxx = compiler()
+    out = subprocess.run(
+        [cxx, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    path = Path(out)
+    if not path.is_absolute() or not path.exists():
+        raise QDeltaError(
+            f"AddressSanitizer: expected {cxx} to ship libasan.so, found {out or 'nothing'} "
+            "(install the compiler's libasan)"
+        )
+    return path
+
+
+def asan_environment() -> dict[str, str]:
+    """The variables a process needs to run the emulator under AddressSanitizer."""
+    # Python and torch keep allocations to exit by design: no leak report. The
+    # caller's own ASAN_OPTIONS come after, so they win.
+    options = ":".join(filter(None, ["detect_leaks=0", os.environ.get("ASAN_OPTIONS", "")]))
+    return {"LD_PRELOAD": str(asan_runtime()), "ASAN_OPTIONS": options, SANITIZE_ENV: "address"}
 
 
 def rewrite_source(text: str) -> str:
@@ -182,13 +242,14 @@ class EmulatedModule:
         text = self.source.read_text(encoding="utf-8")
         cpp = translation_unit(self.source.name, text, self.names)
         cxx = compiler()
+        flags = compile_flags()
         # The translation unit (source, entry points) and the header it includes.
         key = hashlib.sha256(
-            "\0".join([HEADER.read_text(encoding="utf-8"), cpp, *self.names, *FLAGS, cxx]).encode()
+            "\0".join([HEADER.read_text(encoding="utf-8"), cpp, *self.names, *flags, cxx]).encode()
         ).hexdigest()
         self.library = cache_dir() / f"{key}.so"
         if not self.library.exists():
-            _build(cxx, cpp, self.library, self.source.name)
+            _build(cxx, flags, cpp, self.library, self.source.name)
         self._lib = ctypes.CDLL(str(self.library))
         self._index = {_normalize(n): i for i, n in enumerate(self.names)}
         self._kernels: dict[str, EmulatedKernel] = {}
@@ -220,7 +281,7 @@ class EmulatedModule:
         return kernel
 
 
-def _build(cxx: str, cpp: str, library: Path, what: str) -> None:
+def _build(cxx: str, flags: Sequence[str], cpp: str, library: Path, what: str) -> None:
     """Compile ``cpp`` into ``library`` atomically (a temp file, then os.replace)."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
@@ -228,7 +289,7 @@ def _build(cxx: str, cpp: str, library: Path, what: str) -> None:
         src.write_text(cpp, encoding="utf-8")
         out = Path(tmp) / "module.so"
         proc = subprocess.run(
-            [cxx, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True, check=False
+            [cxx, *flags, "-o", str(out), str(src)], capture_output=True, text=True, check=False
         )
         if proc.returncode != 0:
             raise KernelLaunchError(
@@ -336,3 +397,25 @@ def emulate(
         yield runtime
     finally:
         cuda_backend.RUNTIME = previous
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qdelta.kernels.emulator asan -- <command>``: run the command with
+    :func:`asan_environment`; its exit status is returned."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 3 or args[0] != "asan" or args[1] != "--":
+        print(
+            f"usage: python -m qdelta.kernels.emulator asan -- <command>; found {args!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        env = {**os.environ, **asan_environment()}
+    except QDeltaError as err:
+        print(f"qdelta: {err}", file=sys.stderr)
+        return 2
+    return subprocess.run(args[2:], env=env, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,7 +25,10 @@
 //   filled with 0xFF bytes (NaN as fp32 / fp16) at every block start.
 // Not modelled: timing, memory-model races between threads of a block (a thread
 // runs until its next barrier; only races whose values depend on the run order
-// show up, by comparing orders), out-of-bounds accesses.
+// show up, by comparing orders). Out-of-bounds accesses are caught only when the
+// module is built with AddressSanitizer (QDELTA_EMU_SANITIZE=address): then every
+// switch between stacks is announced to it and the bytes around dynamic shared
+// memory are poisoned.
 //
 // The kernel sources include no headers; their inline-PTX helpers have a
 // `#ifdef QDELTA_EMULATE` branch calling the equivalents below.
@@ -47,6 +50,12 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define QD_EMU_ASAN 1
+#endif
 
 // ---------------------------------------------------------------------------
 // Qualifiers
@@ -311,6 +320,7 @@ inline const char* op_name(Op op) {
 struct Fiber {
     ucontext_t ctx;
     char* stack = nullptr;
+    void* fake_stack = nullptr;  // ASan's state of this fiber's stack while it is switched out
     State state = State::Done;
     int line = 0;  // __syncthreads source line
     // warp collective: what this lane deposited, and its result
@@ -345,12 +355,42 @@ inline uint64_t splitmix64(uint64_t& state) {
     return z ^ (z >> 31);
 }
 
+// AddressSanitizer's view of the stacks: every swapcontext between the scheduler
+// and a fiber is announced (start before, finish after), else ASan checks a
+// fiber's accesses against the wrong stack. No-ops in a plain build.
+inline void asan_leave(void** fake_stack, const void* bottom, size_t size) {
+#ifdef QD_EMU_ASAN
+    __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+#else
+    (void)fake_stack, (void)bottom, (void)size;
+#endif
+}
+inline void asan_arrive(void* fake_stack, const void** old_bottom, size_t* old_size) {
+#ifdef QD_EMU_ASAN
+    __sanitizer_finish_switch_fiber(fake_stack, old_bottom, old_size);
+#else
+    (void)fake_stack, (void)old_bottom, (void)old_size;
+#endif
+}
+// Bytes no kernel may touch (around dynamic shared memory): an access is an ASan report.
+inline void asan_poison(const void* p, size_t n, bool poisoned) {
+#ifdef QD_EMU_ASAN
+    if (poisoned) __asan_poison_memory_region(p, n);
+    else __asan_unpoison_memory_region(p, n);
+#else
+    (void)p, (void)n, (void)poisoned;
+#endif
+}
+
 struct Scheduler {
     std::vector<Fiber> fibers;
     Order order = Order::Forward;
     uint64_t seed = 0;
     std::vector<int> perm;  // this round's order (Reverse, Shuffle)
     ucontext_t main_ctx;
+    void* main_fake_stack = nullptr;  // ASan's state of the scheduler's stack while a fiber runs
+    const void* main_bottom = nullptr;  // the scheduler's stack, as ASan reported it
+    size_t main_size = 0;
     int current = -1;
     int nthreads = 0;
     uint3 block{0, 0, 0};
@@ -408,7 +448,9 @@ __attribute__((noinline)) inline void yield_to_scheduler() {
     Scheduler& s = sched();
     Fiber& f = s.fibers[s.current];
     asm volatile("" ::: "memory");
+    asan_leave(&f.fake_stack, s.main_bottom, s.main_size);
     swapcontext(&f.ctx, &s.main_ctx);
+    asan_arrive(f.fake_stack, &s.main_bottom, &s.main_size);
     asm volatile("" ::: "memory");
     set_indices(s.current);  // (the scheduler set them already; cheap, and robust)
 }
@@ -428,8 +470,10 @@ inline void kernel_error(const std::string& what) {
 
 inline void fiber_entry() {
     Scheduler& s = sched();
+    asan_arrive(nullptr, &s.main_bottom, &s.main_size);
     s.invoke(s.call);
     s.fibers[s.current].state = State::Done;
+    asan_leave(nullptr, s.main_bottom, s.main_size);  // this stack is done with
     swapcontext(&s.fibers[s.current].ctx, &s.main_ctx);
     std::abort();  // a finished fiber is never resumed
 }
@@ -710,7 +754,9 @@ inline bool run_block(Scheduler& s) {
     }
     if (s.dyn_bytes) {
         std::memset(s.dyn_base, 0xff, s.dyn_bytes);
+        asan_poison(s.dyn_base + s.dyn_bytes, kCanaryBytes, false);
         std::memset(s.dyn_base + s.dyn_bytes, kCanaryByte, kCanaryBytes);
+        asan_poison(s.dyn_base + s.dyn_bytes, kCanaryBytes, true);  // a kernel's access is a report
     }
     int live = s.nthreads;
     const int nwarps = (s.nthreads + 31) / 32;
@@ -730,7 +776,13 @@ inline bool run_block(Scheduler& s) {
             if (f.state != State::Run) continue;
             s.current = i;
             set_indices(i);
+            asan_leave(&s.main_fake_stack, f.stack + kGuardBytes, kStackBytes);
             swapcontext(&s.main_ctx, &f.ctx);
+            {
+                const void* bottom;
+                size_t size;
+                asan_arrive(s.main_fake_stack, &bottom, &size);
+            }
             s.current = -1;
             progress = true;
             if (!s.error.empty()) return false;
@@ -775,7 +827,9 @@ inline bool run_block(Scheduler& s) {
         }
     }
     // A write just past the end of dynamic shared memory (on a GPU: another block's
-    // memory, or a fault) lands in the canary.
+    // memory, or a fault) lands in the canary (under ASan, one within its 8-byte
+    // granule of the end; any other is reported at once).
+    if (s.dyn_bytes) asan_poison(s.dyn_base + s.dyn_bytes, kCanaryBytes, false);
     for (size_t i = 0; i < (s.dyn_bytes ? kCanaryBytes : 0); ++i)
         if (s.dyn_base[s.dyn_bytes + i] != kCanaryByte) {
             s.error = std::string(s.kernel_name) + " " + block_str(s) + ": wrote byte " +
@@ -825,10 +879,12 @@ inline int run_grid(const char* name, dim3 grid, dim3 block, size_t shared_mem, 
     s.error.clear();
     s.kernel_name = name;
     s.dyn_bytes = shared_mem;
+    asan_poison(s.dyn_smem.data(), s.dyn_smem.size(), false);
     s.dyn_smem.assign(shared_mem ? shared_mem + 16 + kCanaryBytes : 0, 0xff);
     if (shared_mem) {
         const uintptr_t a = reinterpret_cast<uintptr_t>(s.dyn_smem.data());
         s.dyn_base = reinterpret_cast<unsigned char*>((a + 15) & ~uintptr_t(15));
+        asan_poison(s.dyn_smem.data(), s.dyn_base - s.dyn_smem.data(), true);  // the alignment slack
     } else {
         s.dyn_base = nullptr;
     }
