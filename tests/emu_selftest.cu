@@ -200,3 +200,10 @@ __global__ void read_dynamic_shared(float* out, int past) {
     __syncthreads();
     out[t] = dyn[t + past];
 }
+
+// A 16-byte load `offset` words into a buffer (tests/test_cuda_emulated_asan.py):
+// aligned when offset % 4 == 0, else misaligned (a GPU faults on it).
+__global__ void read_uint4(const unsigned* in, unsigned* out, int offset) {
+    const uint4 v = *reinterpret_cast<const uint4*>(in + offset);
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}

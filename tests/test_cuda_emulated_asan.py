@@ -4,7 +4,8 @@ With ``QDELTA_EMU_SANITIZE=address`` the emulated modules are built with
 ``-fsanitize=address``: a kernel reading or writing past a torch tensor's
 allocation, a static ``__shared__`` array or the launch's dynamic shared memory
 stops the process with ASan's report naming the source line (the plain emulator
-does not see reads out of bounds at all). ASan's runtime must be loaded before
+does not see reads out of bounds at all), and a misaligned vector load (a fault
+on a GPU) is UBSan's fatal alignment report. ASan's runtime must be loaded before
 Python, so every run here is a subprocess started through
 ``python -m qdelta.kernels.emulator asan -- ...``. The self-test kernels show each
 kind of access is reported (and that in-bounds runs are clean); the delta kernel suite and the
@@ -43,13 +44,18 @@ import torch
 from qdelta.kernels import emulator
 
 kind, past = sys.argv[1], int(sys.argv[2])
-names = ["read_global", "read_static_shared", "read_dynamic_shared"]
+names = ["read_global", "read_static_shared", "read_dynamic_shared", "read_uint4"]
 fn = emulator.module(sys.argv[3], names).get_function(f"read_{kind}")
 n = 64
 x = torch.arange(n, dtype=torch.float32) * 0.5
 out = torch.full((n,), float("nan"))
 p = lambda t: np.uint64(t.data_ptr())
-if kind == "global":
+if kind == "uint4":  # past: the offset in words of a 16-byte load
+    words = torch.arange(n, dtype=torch.int32)
+    out = torch.full((n,), -1, dtype=torch.int32)
+    fn((1,), (n,), (p(words), p(out), np.int32(past)))
+    x = torch.full((n,), 4 * past + 6, dtype=torch.int32)  # words past .. past + 3 summed
+elif kind == "global":
     fn((1,), (n,), (p(x), p(out), np.int32(past)))
 else:
     args = (p(out), np.int32(past))
@@ -103,6 +109,16 @@ def test_a_read_one_past_the_end_is_reported(tmp_path, kind, finding):
     rc, out = _sanitized([*probe, "1", str(SELFTEST)], tmp_path / "past", timeout=300)
     assert rc != 0 and REPORT in out and finding in out, out
     assert f"read_{kind}" in out and "emu_selftest.cu" in out, out  # names the kernel's line
+
+
+@needs_asan
+def test_a_misaligned_vector_load_is_reported(tmp_path):
+    probe = [sys.executable, "-c", PROBE, "uint4"]
+    rc, out = _sanitized([*probe, "4", str(SELFTEST)], tmp_path / "aligned", timeout=300)
+    assert rc == 0 and "in bounds" in out and "misaligned" not in out, out
+    rc, out = _sanitized([*probe, "1", str(SELFTEST)], tmp_path / "misaligned", timeout=300)
+    assert rc != 0 and "misaligned address" in out and "requires 16 byte alignment" in out, out
+    assert "emu_selftest.cu" in out, out
 
 
 @needs_asan

@@ -48,8 +48,16 @@ HEADER = CUDA_DIR / "emu" / "cuda_emu.h"
 # little but runs slower); a module compiles once per source edit (cached on disk).
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-w")
 SANITIZE_ENV = "QDELTA_EMU_SANITIZE"
-# -g: the reports name the kernel's source lines.
-_SANITIZE_FLAGS = {"address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")}
+# ASan plus UBSan's alignment check (a misaligned uint4 load faults on a GPU; here
+# it is a report, and fatal); -g: the reports name the kernel's source lines.
+_SANITIZE_FLAGS = {
+    "address": (
+        "-fsanitize=address,alignment",
+        "-fno-sanitize-recover=alignment",
+        "-fno-omit-frame-pointer",
+        "-g",
+    )
+}
 DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without the opt-in
 _ERR_BYTES = 2048
 # The scheduler's run orders (qd_emu::Order): the order in which each scheduling
