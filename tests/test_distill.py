@@ -223,3 +223,27 @@ def test_calibration_too_short_or_malformed(finetune, tmp_path):
         qdelta.distill(base, ft, delta, empty, tokenizer=lambda s: [1] * len(s), progress=False)
     # The failed calls left the base model untouched.
     assert not any(isinstance(m, qdelta.BitDeltaLinear) for m in base.modules())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tied_embedding_and_head_train_one_scale_and_merge(arch):
+    """compress_embeddings on a tied model: the tied pair gets one delta, and distilling
+    keeps it one (one trained scale for the one tensor), so the result merges and the
+    merged model is the applied one."""
+    from tests.tiny_models import fake_finetune, tiny_gpt2
+
+    base = tiny_gpt2(0) if arch == "gpt2" else tiny_llama(0, tie_word_embeddings=True)
+    emb, head = (
+        ("transformer.wte", "lm_head") if arch == "gpt2" else ("model.embed_tokens", "lm_head")
+    )
+    ft = fake_finetune(base, 1, rel=0.2)
+    delta = qdelta.compress(base, ft, compress_embeddings=True)
+    ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
+    result = qdelta.distill(base, ft, delta, ids, steps=20, lr=1e-3, progress=False, eval_batches=2)
+    assert not result.kept_initial
+    trained = result.delta
+    assert not np.array_equal(trained.layers[emb].scales, delta.layers[emb].scales)  # trained
+    np.testing.assert_array_equal(trained.layers[emb].scales, trained.layers[head].scales)
+    merged = qdelta.merge(copy.deepcopy(base), trained)
+    applied = qdelta.apply(copy.deepcopy(base), trained)
+    torch.testing.assert_close(output(merged, ids), output(applied, ids), rtol=0, atol=1e-5)

@@ -235,7 +235,8 @@ def distill(
         ft_mod.eval()
         for p in base_mod.parameters():
             p.requires_grad_(False)
-        scales = [m.scales for m in delta_modules(base_mod).values()]
+        # Tied layers share one scales parameter (nn.apply): the optimizer takes it once.
+        scales = list({id(m.scales): m.scales for m in delta_modules(base_mod).values()}.values())
         for s in scales:
             s.requires_grad_(True)
 

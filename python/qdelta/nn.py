@@ -724,13 +724,29 @@ def _swap_group(
 def _note_tied_layers(wrapped: dict[str, nn.Module]) -> None:
     """Tells each delta layer which others wrap the same base weight (so that
     :meth:`BitDeltaLinear.merge` can refuse to add one delta to a weight the others
-    still add theirs to)."""
+    still add theirs to). Tied layers given the very same delta (compress gives tied
+    twins the same planes and scales) share one scales parameter: the weight is one
+    tensor, so its trained delta stays one too (separate copies drift apart when
+    distilled, and merge then refuses the pair)."""
     sharing: dict[tuple, list[str]] = {}
     for name, module in wrapped.items():
         sharing.setdefault(storage_key(module.weight), []).append(name)
     for names in sharing.values():
+        first = wrapped[names[0]]
         for name in names:
-            wrapped[name]._tied_with = tuple(n for n in names if n != name)
+            module = wrapped[name]
+            module._tied_with = tuple(n for n in names if n != name)
+            if module is not first and _same_delta(module, first):
+                module.scales = first.scales
+
+
+def _same_delta(a: nn.Module, b: nn.Module) -> bool:
+    return (
+        a.planes.shape == b.planes.shape
+        and a.scales.shape == b.scales.shape
+        and torch.equal(a.planes, b.planes)
+        and torch.equal(a.scales, b.scales)
+    )
 
 
 def _restore_tensors(
