@@ -233,6 +233,8 @@ def test_a_dead_rank_fails_its_peer_with_a_clear_error():
     assert outcomes[0].ok, outcomes[0].error
     msg = outcomes[0].value["error"]
     assert msg is not None and "ring rank 0/2" in msg and "peer rank died" in msg, msg
+    # It names the exchange that failed: the backward's first step (of 2 over 2 ranks).
+    assert "(backward, step 1 of 2)" in msg, msg
     assert outcomes[0].value["seconds"] < 30
 
 

@@ -8,6 +8,8 @@ attend within each rank's shard only.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -141,3 +143,40 @@ def test_a_module_that_skips_the_ring_at_run_time_is_refused(one_rank, monkeypat
     with pytest.raises(RingError, match=r"\['GPT2Attention'\] computed attention without"):
         with torch.no_grad():
             hf.ring_forward(model, torch.randint(0, VOCAB, (1, 12)))
+
+
+def _tiny_falcon(alibi: bool):
+    cfg = transformers.FalconConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        alibi=alibi,
+        new_decoder_architecture=False,
+        multi_query=True,
+        bias=False,
+    )
+    torch.manual_seed(0)
+    return transformers.FalconForCausalLM(cfg).eval()
+
+
+def test_alibi_is_refused_before_any_change():
+    """Falcon adds ALiBi to the causal mask, which the ring does not build: it crashed
+    inside transformers on every rank; now use_ring_attention refuses it up front."""
+    from qdelta.ring import hf
+
+    model = _tiny_falcon(alibi=True)
+    if not all(hf._calls_the_interface(type(m)) for m in hf._attention_modules(model)):
+        pytest.skip("this transformers' Falcon computes attention its own way (refused as such)")
+    before = model.config._attn_implementation
+    with pytest.raises(RingError, match=r"FalconForCausalLM: ALiBi .* attention mask"):
+        hf.use_ring_attention(model)
+    assert model.config._attn_implementation == before != "qdelta_ring"
+    assert not any(hasattr(m, "_qdelta_ring") for m in model.modules())
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (1, 7)))  # still runs
+    # Falcon without ALiBi (rotary) is accepted, as are other configs naming ALiBi.
+    rotary = hf.use_ring_attention(_tiny_falcon(alibi=False))
+    assert rotary.config._attn_implementation == "qdelta_ring"
+    other = types.SimpleNamespace(position_embedding_type="alibi")
+    assert "ALiBi" in hf._unsupported_attention(other)

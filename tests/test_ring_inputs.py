@@ -29,7 +29,7 @@ from qdelta.ring import (
     unshard,
     virtual_ring_attention,
 )
-from qdelta.ring.comm import check_timeout
+from qdelta.ring.comm import MAX_TIMEOUT, check_timeout
 from qdelta.ring.launch import run_ring
 from qdelta.ring.merge import empty_partial, merge_, merge_fused_
 from ring_reference import block_reference, reference_attention
@@ -462,6 +462,10 @@ def test_blockwise_feedforward_takes_a_chunk_past_the_length(chunk):
         (0, RingError),
         (math.nan, RingError),
         (math.inf, RingError),
+        # Finite but past what gloo's wait takes: an OverflowError mid-exchange before.
+        (1e9 * (1 + 1e-9), RingError),
+        (1e14, RingError),
+        pytest.param(10**400, RingError, id="10**400"),  # no float: math.isfinite raised
         ("5", DTypeError),
         (True, DTypeError),
         ([5], DTypeError),
@@ -475,6 +479,7 @@ def test_timeouts_must_be_none_or_a_finite_positive_number(timeout, error):
 def test_good_timeouts_pass():
     assert check_timeout(None) is None and check_timeout(5) == 5.0
     assert check_timeout(np.float32(0.5)) == 0.5
+    assert check_timeout(MAX_TIMEOUT) == MAX_TIMEOUT == 1e9
 
 
 # ------------------------------------------------- ring attention across ranks
@@ -556,6 +561,9 @@ def _inputs_worker(rank, ws):
     )
     res["negative timeout"] = _attempt(lambda: ring_attention(
         *(shard(t, ws, rank) for t in full[:3]), timeout=-1))  # fmt: skip
+    # Finite but too long for gloo: refused up front, so the peer learns of it at once.
+    res["huge timeout on rank 0"] = _attempt(lambda: ring_attention(
+        *(shard(t, ws, rank) for t in full[:3]), timeout=1e14 if rank == 0 else 30))  # fmt: skip
 
     # Strided shards (transposed rows) went through the fused kernel as garbage.
     def strided_call():
@@ -605,6 +613,9 @@ def test_ranks_with_mismatched_or_bad_inputs_all_raise_clearly():
     for res in per_rank:
         r = res["negative timeout"]
         assert r["type"] == "RingError" and "timeout" in r["error"], r
+    r0, r1 = (res["huge timeout on rank 0"] for res in per_rank)
+    assert r0["type"] == "RingError" and "<= 1e+09" in r0["error"], r0
+    assert r1["type"] == "RingError" and "rank(s) [0] rejected" in r1["error"], r1
 
     q, k, v, seg = _full_inputs()
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]

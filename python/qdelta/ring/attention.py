@@ -265,7 +265,8 @@ def _ring_forward(plan, comm, rank, q, k, v, seg):
         last = step == steps - 1
         if not last:
             nxt = (rank - step - 1) % plan.world_size
-            incoming = comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
+            what = f"K/V block (forward, step {step + 1} of {steps})"
+            incoming = comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), what)
             comm.commit()
         _accumulate(plan, rank, src, q, seg, block[0], block[1], _third(block), out, lse)
         if not last:
@@ -289,7 +290,8 @@ def _ring_backward(plan, kv_comm, grad_comm, home_comm, rank, q, k, v, seg, out,
         last = step == steps - 1
         if not last:
             nxt = (rank - step - 1) % w
-            incoming = kv_comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), "K/V block")
+            what = f"K/V block (backward, step {step + 1} of {steps})"
+            incoming = kv_comm.send_recv(block, _kv_shapes(plan, k, seg, nxt), what)
             kv_comm.commit()
         # This block's accumulator (sent on by the previous rank one step ago) is
         # waited for before computing, and this step adds into it: the pair sent
@@ -313,7 +315,8 @@ def _ring_backward(plan, kv_comm, grad_comm, home_comm, rank, q, k, v, seg, out,
             if last:
                 pending, nxt_grad = (grad_comm if steps == w else home_comm), rank
             shape = _kv_shapes(plan, k, None, nxt_grad)
-            grad_in = pending.send_recv([dk, dv], shape, "dK/dV accumulator")
+            what = f"dK/dV accumulator (backward, step {step + 1} of {steps})"
+            grad_in = pending.send_recv([dk, dv], shape, what)
             pending.commit()
         else:  # the turn ends where it starts: every block's gradient is home
             grad_in = (dk, dv)
@@ -379,7 +382,7 @@ def ring_attention(
     their segment). Returns the output shard in q's dtype, and with ``return_lse``
     also the fp32 log-sum-exp ``[B, Hq, S_local]`` (differentiable too).
     ``timeout``: seconds to wait for a peer before raising RingError (None, the
-    default: the process group's timeout; else a finite number > 0).
+    default: the process group's timeout; else a number > 0, at most 1e9).
     ``window`` (causal only): each query sees the ``window`` latest keys up to
     itself (global positions ``i - j < window``; Mistral's ``sliding_window``);
     the ring turns only as far as some rank still has keys in reach.

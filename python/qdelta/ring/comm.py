@@ -9,7 +9,6 @@ is the one being sent, the next one lands in fresh buffers.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from datetime import timedelta
@@ -20,18 +19,29 @@ import torch.distributed as dist
 from qdelta.errors import DTypeError
 from qdelta.ring.errors import RingError
 
+# The longest timeout torch.distributed's gloo waits take: the deadline becomes
+# int64 nanoseconds on the system clock (2**63 ns after 1970: about 7.4e9 s from
+# 2026), and past it a wait never ends or times out at once (measured); timedelta
+# itself ends at 8.64e13 s. 1e9 s (about 31 years) leaves a margin for the clock.
+MAX_TIMEOUT = 1e9
 
-def check_timeout(timeout) -> float | None:
-    """``timeout`` as seconds: None (the process group's) or a finite number > 0."""
+
+def check_timeout(timeout, what: str = "ring timeout") -> float | None:
+    """``timeout`` as seconds: None (the process group's) or a finite number in
+    ``(0, MAX_TIMEOUT]``; ``what`` names it in the error."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise DTypeError(
-            f"ring timeout: expected None or a number of seconds, found {type(timeout).__name__}"
+            f"{what}: expected None or a number of seconds, found {type(timeout).__name__}"
         )
-    if not math.isfinite(timeout) or timeout <= 0:
-        # 0 or less would time every exchange out at once.
-        raise RingError(f"ring timeout: expected a finite number of seconds > 0, found {timeout}")
+    # 0 or less would time every exchange out at once; see MAX_TIMEOUT for the top.
+    # Comparisons, not math.isfinite: nan fails them, and a huge int has no float.
+    if not 0 < timeout <= MAX_TIMEOUT:
+        raise RingError(
+            f"{what}: expected a finite number of seconds > 0 and <= {MAX_TIMEOUT:g} "
+            f"(about 31 years), found {timeout!r}"
+        )
     return float(timeout)
 
 

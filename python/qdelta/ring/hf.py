@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import itertools
-import math
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 import torch.distributed as dist
@@ -30,6 +28,7 @@ from qdelta.errors import DTypeError, ShapeError
 from qdelta.optional import require
 from qdelta.ring.attention import ring_attention
 from qdelta.ring.block import BACKENDS
+from qdelta.ring.comm import check_timeout
 from qdelta.ring.errors import RingError
 from qdelta.ring.layout import LAYOUTS, Layout, local_length, position_ids, shard
 
@@ -177,9 +176,19 @@ def _window_and_softcap(module, kwargs: dict) -> tuple[int | None, float | None]
 def _unsupported_attention(config) -> str | None:
     """Why ring attention would not compute this config's attention (None: it does).
 
-    Refused: layer types other than full or sliding attention (chunked attention,
-    linear attention...). Sliding windows and logit soft-capping arrive with each
-    layer's attention call and are computed by the ring."""
+    Refused: ALiBi, and layer types other than full or sliding attention (chunked
+    attention, linear attention...). Sliding windows and logit soft-capping arrive
+    with each layer's attention call and are computed by the ring."""
+    # Falcon (alibi=True) adds its ALiBi bias to the attention mask, which the ring
+    # does not build: the model would crash, or attend without the bias.
+    if (
+        getattr(config, "alibi", False)
+        or getattr(config, "position_embedding_type", None) == "alibi"
+    ):
+        return (
+            "ALiBi position bias: it lives in the attention mask, which ring attention does "
+            "not use; expected a model with rotary or learned positions (alibi off)"
+        )
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
@@ -203,19 +212,7 @@ def _check_settings(group, layout, backend, timeout) -> None:
         raise RingError(
             f"use_ring_attention backend: expected one of {BACKENDS}, found {backend!r}"
         )
-    # As comm.check_timeout: DTypeError for a wrong type, RingError for a bad value.
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, Real):
-        raise DTypeError(
-            f"use_ring_attention timeout: expected None or a number of seconds, "
-            f"found {type(timeout).__name__}"
-        )
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise RingError(
-            f"use_ring_attention timeout: expected None or a finite number of seconds > 0, "
-            f"found {timeout!r}"
-        )
+    check_timeout(timeout, "use_ring_attention timeout")
 
 
 def use_ring_attention(
