@@ -423,3 +423,42 @@ def test_merge_into_a_module_without_a_weight():
     with pytest.raises(qdelta.ModelMismatchError, match="layer '1': expected a module with a"):
         delta.merge_into(model, check=False)
     _assert_unchanged(model, before)
+
+
+def _tied_gpt2_pair():
+    """A tied GPT-2 base, one fine-tune that kept its head tied and one that untied it."""
+    base = tiny_gpt2(0)
+    kept = fake_finetune(base, 1)
+    untied = copy.deepcopy(base)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    untied = fake_finetune(untied, 2)
+    assert kept.lm_head.weight is kept.transformer.wte.weight
+    return base, kept, untied
+
+
+def test_merge_into_refuses_two_values_for_a_tied_tensor():
+    base, _, untied = _tied_gpt2_pair()
+    delta = qdelta.dense_delta(base, untied)
+    assert {"transformer.wte.weight", "lm_head.weight"} <= set(delta.params)
+    model = copy.deepcopy(base)
+    before = _snapshot(model)
+    with pytest.raises(qdelta.ModelMismatchError, match=r"lm_head\.weight: expected one value"):
+        delta.merge_into(model)
+    _assert_unchanged(model, before)
+    with pytest.raises(qdelta.ModelMismatchError, match="expected one value"):  # as merge does
+        qdelta.merge(copy.deepcopy(base), qdelta.compress(base, untied))
+
+
+def test_soup_reads_a_tied_tensor_an_input_kept_under_its_other_name():
+    """The tied fine-tune keeps wte once (its lm_head is that tensor); the soup's head
+    is the mean of the two heads, not of the base's head and the untied one."""
+    base, kept, untied = _tied_gpt2_pair()
+    a, b = qdelta.dense_delta(base, kept), qdelta.dense_delta(base, untied)
+    assert "lm_head.weight" not in a.params and "lm_head.weight" in b.params
+    mixed = qdelta.soup([a, b], base=base)
+    want = (kept.lm_head.weight.double() + untied.lm_head.weight.double()) / 2
+    torch.testing.assert_close(mixed.params["lm_head.weight"].double(), want, rtol=0, atol=1e-6)
+    want_wte = (kept.transformer.wte.weight.double() + untied.transformer.wte.weight.double()) / 2
+    torch.testing.assert_close(
+        mixed.params["transformer.wte.weight"].double(), want_wte, rtol=0, atol=1e-6
+    )

@@ -34,8 +34,8 @@ from qdelta.errors import (
     NonFiniteError,
     ShapeError,
 )
-from qdelta.nn import added_delta, check_delta_fits
-from qdelta.sources import ModelSource, as_module, state_dict_of
+from qdelta.nn import added_delta, check_delta_fits, merge_param_targets
+from qdelta.sources import ModelSource, as_module, state_dict_of, storage_key
 from qdelta.store import check_base, fingerprint
 
 
@@ -112,17 +112,9 @@ class DenseDelta:
         if check:
             check_base(self, model)
         weights = {name: self._target_weight(model, name) for name in self.layers}
-        state = model.state_dict()
-        for key, value in self.params.items():
-            if key not in state:
-                raise ModelMismatchError(
-                    f"param {key!r}: expected a parameter or buffer of the model, found none"
-                )
-            if state[key].shape != value.shape:
-                raise ShapeError(
-                    f"param {key!r}: expected shape {list(state[key].shape)}, "
-                    f"found {list(value.shape)}"
-                )
+        # One value per tensor the model ties under several names (a fine-tune that
+        # untied its head cannot be written into a model whose head is its embedding).
+        targets = merge_param_targets(model, self.params, what=lambda key: f"param {key!r}")
         twins = self._tied_twins(weights)
         for name, weight in weights.items():  # a weight that would overflow: nothing written
             if name not in twins:  # a tied weight takes its (one) delta once
@@ -130,8 +122,8 @@ class DenseDelta:
         for name, weight in weights.items():
             if name not in twins:
                 weight.copy_(added_delta(weight, self.weight(name)))
-        for key, value in self.params.items():
-            state[key].copy_(value.to(device=state[key].device, dtype=state[key].dtype))
+        for key, target in targets.items():
+            target.copy_(self.params[key].to(device=target.device, dtype=target.dtype))
         return model
 
     def _tied_twins(self, weights: Mapping[str, torch.Tensor]) -> set[str]:
@@ -330,6 +322,18 @@ def _combine_params(
         mod = as_module(base)
         base_sd = state_dict_of(mod if mod is not None else base)  # type: ignore[arg-type]
         check_base(pairs[0][0], fingerprint(base_sd))
+    tied: dict[tuple, list[str]] = {}  # the base's tensors under several names
+    for k, v in base_sd.items():
+        tied.setdefault(storage_key(v), []).append(k)
+
+    def held(d: DenseDelta, k: str) -> torch.Tensor | None:
+        """The input's value of ``k``: kept under ``k``, or under a name the base ties
+        to it (a delta keeps a tied tensor once), else None (the base's value)."""
+        if k in d.params:
+            return d.params[k]
+        names = tied.get(storage_key(base_sd[k]), []) if k in base_sd else []
+        return next((d.params[n] for n in names if n in d.params), None)
+
     out = {}
     for k in keys:
         first = next(d.params[k] for d, _ in pairs if k in d.params)
@@ -341,7 +345,8 @@ def _combine_params(
                 f"found {list(acc.shape)}"
             )
         for i, (d, w) in enumerate(pairs):
-            value = d.params[k].double() if k in d.params else ref
+            mine = held(d, k)
+            value = mine.double() if mine is not None else ref
             if value is None:
                 raise AlgebraError(f"param {k}: expected the base (base=) to have it, found none")
             if value.shape != acc.shape:

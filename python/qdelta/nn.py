@@ -8,7 +8,7 @@ delta. The delta's matmul goes through :func:`qdelta.kernels.delta_matmul`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -846,18 +846,7 @@ def merge(model: nn.Module, delta: Delta, *, check: bool = True) -> nn.Module:
         check_base(delta, model)
     # Everything is checked before the first write: a bad delta leaves the model as it was.
     weights = {name: _merge_target(model, name, layer) for name, layer in delta.layers.items()}
-    tensors = {key: _param_target(model, key, value) for key, value in delta.params.items()}
-    # A tensor tied under several names is written once, in place: every name sees
-    # it. Values for two of its names must agree (one tensor cannot hold both).
-    given: dict[int, str] = {}
-    for key, target in tensors.items():
-        first = given.setdefault(id(target), key)
-        if first != key and not _same_value(delta.params[first], delta.params[key]):
-            raise ModelMismatchError(
-                f"params {first} and {key}: expected one value for the tensor they share "
-                "(tied), found two different ones; untie them first (e.g. model.lm_head.weight "
-                "= nn.Parameter(model.lm_head.weight.clone())) or use qdelta.apply"
-            )
+    tensors = merge_param_targets(model, delta.params)
 
     def oriented(name: str) -> torch.Tensor:
         layer = delta.layers[name]
@@ -913,17 +902,37 @@ def _merge_target(model: nn.Module, name: str, layer: PackedLayer) -> torch.Tens
     return module.weight  # type: ignore[return-value]
 
 
-def _param_target(model: nn.Module, key: str, value: torch.Tensor) -> torch.Tensor:
+def merge_param_targets(
+    model: nn.Module, params: Mapping[str, torch.Tensor], what: Callable[[str], str] = str
+) -> dict[str, torch.Tensor]:
+    """Key -> the parameter or buffer a merge overwrites with ``params[key]``, every
+    one checked (``what(key)``: how errors name it). A tensor tied under several
+    names is written once, in place: every name sees it, so the values given for
+    two of its names must agree (one tensor cannot hold both)."""
+    tensors = {key: _param_target(model, key, value, what(key)) for key, value in params.items()}
+    given: dict[int, str] = {}
+    for key, target in tensors.items():
+        first = given.setdefault(id(target), key)
+        if first != key and not _same_value(params[first], params[key]):
+            raise ModelMismatchError(
+                f"params {first} and {key}: expected one value for the tensor they share "
+                "(tied), found two different ones; untie them first (e.g. model.lm_head.weight "
+                "= nn.Parameter(model.lm_head.weight.clone())) or use qdelta.apply"
+            )
+    return tensors
+
+
+def _param_target(model: nn.Module, key: str, value: torch.Tensor, what: str) -> torch.Tensor:
     """The parameter or buffer ``merge`` overwrites with ``value``, checked."""
     try:
         target = model.get_parameter(key) if _is_parameter(model, key) else model.get_buffer(key)
     except AttributeError:
         raise ModelMismatchError(
-            f"{key}: expected a parameter or buffer of the model, found none"
+            f"{what}: expected a parameter or buffer of the model, found none"
         ) from None
-    check_tensor_like(key, value, target)
+    check_tensor_like(what, value, target)
     if target.shape != value.shape:
-        raise ShapeError(f"{key}: expected shape {list(target.shape)}, found {list(value.shape)}")
+        raise ShapeError(f"{what}: expected shape {list(target.shape)}, found {list(value.shape)}")
     return target
 
 
