@@ -462,3 +462,11 @@ def test_soup_reads_a_tied_tensor_an_input_kept_under_its_other_name():
     torch.testing.assert_close(
         mixed.params["transformer.wte.weight"].double(), want_wte, rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("weight", ["x", None, True, torch.ones(2)])
+def test_a_delta_times_a_non_number_is_a_dtype_error(weight):
+    delta = DenseDelta({"l": torch.ones(1, 2)}, {}, "f" * 32)
+    with pytest.raises(qdelta.DTypeError, match="delta \\* weight: expected a real number"):
+        delta * weight
+    assert torch.equal((delta * 2).layers["l"], torch.full((1, 2), 2.0))

@@ -187,3 +187,14 @@ def test_analyze_steps_trajectories_over_checkpoints(tmp_path, capsys):
     capsys.readouterr()
     assert analysis.main([str(tmp_path / "base"), names[0], "--steps"]) == 1
     assert "expected at least 2 checkpoints" in capsys.readouterr().err
+
+
+def test_analyze_refuses_labels_and_plane_counts_it_cannot_use():
+    base = tiny_llama(0)
+    fts = [fake_finetune(base, seed=1), fake_finetune(base, seed=2)]
+    with pytest.raises(
+        qdelta.AlgebraError, match=r"labels: expected one per fine-tune \(2\), found 1"
+    ):
+        analysis.analyze(base, fts, labels=["only"])
+    with pytest.raises(qdelta.ShapeError, match="max_planes: expected an int, found str"):
+        analysis.analyze(base, fts, max_planes="2")

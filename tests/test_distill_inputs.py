@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,13 @@ def test_another_architecture_is_refused(pair):
     _refused(
         pair, ShapeError, r"embed_tokens.weight.*\[61, 32\].*\[66, 32\]", finetuned=wider_vocab
     )
+
+
+def test_a_base_with_a_delta_applied_is_refused(pair):
+    base, ft, delta = pair
+    applied = qdelta.apply(copy.deepcopy(base), delta)
+    with pytest.raises(ModelMismatchError, match=r"found a delta applied \(qdelta.unapply it"):
+        qdelta.distill(applied, ft, delta, _calib(), steps=1, batch_size=2, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -211,3 +211,30 @@ def test_results_rows_table_and_json(tmp_path):
     assert isinstance(back[0], ResultRow)
     with pytest.raises(EvalError, match="finetune"):
         quality_rows("x", "code", {"base": 3.0})
+
+
+def test_a_stream_the_model_cannot_take_is_refused_up_front():
+    """Ids past the vocabulary, a window past a learned position table, a float
+    stream: each an EvalError naming it, not an IndexError from inside the model."""
+    from tests.tiny_models import tiny_gpt2  # vocab 61, 64 learned positions
+
+    model = tiny_gpt2(0)
+    vocab, limit = model.config.vocab_size, model.config.n_positions
+    ok = torch.randint(0, vocab, (3 * limit,))
+    assert token_stream_nll(model, ok, window=limit).tokens == 3 * limit - 1
+    bad = ok.clone()
+    bad[7] = vocab
+    with pytest.raises(EvalError, match=f"vocabulary of {vocab} .*found {vocab} at position 7"):
+        token_stream_nll(model, bad, window=16)
+    with pytest.raises(
+        EvalError, match=f"pad_id: expected ids in the model's vocabulary of {vocab}"
+    ):
+        token_stream_nll(model, ok, window=16, pad_id=vocab + 3)
+    with pytest.raises(EvalError, match=f"window: expected at most {limit} tokens"):
+        token_stream_nll(model, ok, window=limit + 1)
+    with pytest.raises(EvalError, match="window: expected at most"):  # windows are padded
+        token_stream_nll(model, ok[: limit // 2], window=limit + 1)
+    with pytest.raises(EvalError, match=r"expected integer token ids, found torch\.float32"):
+        token_stream_nll(model, ok.float() + 0.5, window=16)
+    with pytest.raises(EvalError, match="found 256"):  # bytes need a vocabulary of >= 259
+        perplexity(model, "hello", window=16)

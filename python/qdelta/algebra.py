@@ -16,6 +16,7 @@ weights do not sum to 1 or some input lacks a parameter another one has.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,10 @@ class DenseDelta:
         return combine([(self, -1.0)])
 
     def __mul__(self, weight: float) -> DenseDelta:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise DTypeError(
+                f"delta * weight: expected a real number, found {type(weight).__name__}"
+            )
         return combine([(self, float(weight))])
 
     __rmul__ = __mul__

@@ -122,6 +122,12 @@ def analyze(
         raise AlgebraError(
             f"--steps: expected at least 2 checkpoints in order, found {len(finetuned)}"
         )
+    if isinstance(max_planes, bool) or not isinstance(max_planes, int):
+        raise ShapeError(f"max_planes: expected an int, found {type(max_planes).__name__}")
+    if labels and len(labels) != len(finetuned):
+        raise AlgebraError(
+            f"labels: expected one per fine-tune ({len(finetuned)}), found {len(labels)}"
+        )
     mod = as_module(base)
     base_src = mod if mod is not None else base
     base_sd = state_dict_of(base_src)  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ from qdelta.sources import (
     max_positions,
     model_output,
     state_dict_of,
+    vocab_size,
 )
 
 LossName = Literal["mse", "kl"]
@@ -132,20 +133,8 @@ def _check_pair(base: nn.Module, finetuned: nn.Module) -> None:
     check_same_architecture(state_dict_of(base), ft_sd, kinds)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    try:
-        get = getattr(model, "get_input_embeddings", None)
-        emb = get() if callable(get) else None
-    except NotImplementedError:  # a transformers model without input embeddings
-        emb = None
-    if isinstance(emb, nn.Embedding):
-        return emb.num_embeddings
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    return size if isinstance(size, int) else None
-
-
 def _check_vocab(ids: torch.Tensor, model: nn.Module) -> None:
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     if vocab is None or not ids.numel():
         return
     bad = (ids < 0) | (ids >= vocab)
@@ -221,6 +210,10 @@ def distill(
     if base_mod is None or ft_mod is None:
         raise ModelMismatchError(
             "distill: expected modules or model directories, found a state dict"
+        )
+    if delta_modules(base_mod):  # else the pair check names the wrappers' tensors
+        raise ModelMismatchError(
+            "base: expected a plain base model, found a delta applied (qdelta.unapply it first)"
         )
     _check_pair(base_mod, ft_mod)
     ids, mask = prepare_calibration(calib, tokenizer, seq_len=seq_len, min_sequences=batch_size)

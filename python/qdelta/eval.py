@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from qdelta.atomic_io import read_regular_text, write_json_atomic
 from qdelta.errors import EvalError
+from qdelta.sources import max_positions, vocab_size
 from qdelta.tokenizer import ByteTokenizer
 
 # The variants the results table knows, in display order (others sort after them).
@@ -113,6 +114,36 @@ def stream_windows(stream: torch.Tensor, window: int, pad_id: int = 0):
     return inputs, targets, mask
 
 
+def _token_ids(stream: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """The stream as int64 ids; a float stream is refused (a cast would truncate it)."""
+    found = torch.as_tensor(stream)
+    if found.is_floating_point() or found.is_complex() or found.dtype == torch.bool:
+        raise EvalError(f"token stream: expected integer token ids, found {found.dtype}")
+    return found.to(torch.long).flatten()
+
+
+def _check_fits(model: nn.Module, stream: torch.Tensor, window: int, pad_id: int) -> None:
+    """Ids outside the vocabulary or windows past a learned position table fail deep
+    inside the model's forward (an IndexError): refused here, naming what is wrong."""
+    vocab = vocab_size(model)
+    if vocab is not None:
+        for what, ids in (("token id", stream), ("pad_id", torch.tensor([pad_id]))):
+            bad = (ids < 0) | (ids >= vocab)
+            if bool(bad.any()):
+                at = int(bad.nonzero()[0])
+                raise EvalError(
+                    f"{what}: expected ids in the model's vocabulary of {vocab} "
+                    f"(0..{vocab - 1}), found {int(ids[at])}"
+                    + (f" at position {at} of the stream" if what == "token id" else "")
+                    + " (a tokenizer made for another vocabulary?)"
+                )
+    limit = max_positions(model)
+    if limit is not None and window > limit:  # every window is padded to full length
+        raise EvalError(
+            f"window: expected at most {limit} tokens (the model's positions), found {window}"
+        )
+
+
 @torch.inference_mode()
 def token_stream_nll(
     model: nn.Module,
@@ -126,8 +157,9 @@ def token_stream_nll(
 ) -> Perplexity:
     """Exact summed NLL of ``stream[1:]`` under ``model`` (see the module docstring)."""
     _positive_int("batch_size", batch_size)
-    stream = torch.as_tensor(stream, dtype=torch.long).flatten()
+    stream = _token_ids(stream)
     inputs, targets, mask = stream_windows(stream, window, pad_id)
+    _check_fits(model, stream, window, pad_id)
     device = _device_of(model)
     was_training = model.training
     model.eval()

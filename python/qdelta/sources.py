@@ -118,6 +118,20 @@ def state_dict_of(src: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids a model takes: its input embedding's rows, else its
+    config's ``vocab_size``; None when neither says."""
+    try:
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # a transformers model without input embeddings
+        emb = None
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence a model can take: what its config declares
     (``max_position_embeddings``, GPT-2's ``n_positions``) when it looks positions
