@@ -16,7 +16,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bitplane::{words_per_row, ScaleMode, MAX_PLANES};
 use crate::error::{Error, Result};
-use crate::header::{Dtype, Header, TensorInfo, UniqueKeys, METADATA_KEY, PREFIX_LEN};
+use crate::header::{
+    Dtype, Header, TensorInfo, UniqueKeys, MAX_HEADER_LEN, METADATA_KEY, PREFIX_LEN,
+};
 use crate::pool;
 
 pub const FORMAT_NAME: &str = "qdelta";
@@ -515,7 +517,19 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
     let mut file = open_no_wait(path).map_err(|e| file_err(path, "open", e))?;
     let meta = file.metadata().map_err(|e| file_err(path, "stat", e))?;
     regular_or(path, &meta, expected, "")?;
-    let mut data = Vec::with_capacity(meta.len() as usize);
+    // try_reserve: a huge (or sparse) file is an error, where a failed
+    // allocation would abort the process.
+    let mut data = Vec::new();
+    usize::try_from(meta.len())
+        .ok()
+        .and_then(|n| data.try_reserve_exact(n).ok())
+        .ok_or_else(|| {
+            Error::File(format!(
+                "{}: expected a file that fits in memory, found {} bytes",
+                path.display(),
+                meta.len()
+            ))
+        })?;
     std::io::Read::read_to_end(&mut file, &mut data).map_err(|e| file_err(path, "read", e))?;
     Ok(data)
 }
@@ -903,6 +917,16 @@ fn build<'a>(d: &'a DeltaData<'a>) -> Result<(Vec<u8>, Vec<TensorData<'a>>)> {
     let mut text = serde_json::to_vec(&head).expect("json of strings and numbers");
     // Pad with spaces so the data section starts 8-byte aligned.
     text.resize(text.len().next_multiple_of(8), b' ');
+    // The reader refuses a longer header: never publish a file it cannot open.
+    if text.len() as u64 > MAX_HEADER_LEN {
+        let user: usize = d.user.iter().map(|(k, v)| k.len() + v.len()).sum();
+        return Err(Error::Value(format!(
+            "header: expected at most {MAX_HEADER_LEN} bytes (the limit readers accept), \
+             found {} bytes, {user} of them user metadata keys and values \
+             (keep large data out of the metadata)",
+            text.len()
+        )));
+    }
     let mut out = Vec::with_capacity(PREFIX_LEN + text.len());
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
     out.extend_from_slice(&text);

@@ -1388,3 +1388,55 @@ fn temp_names_parse_back_to_their_pid() {
     assert_eq!(process_alive(0), None);
     assert_eq!(process_alive(u32::MAX), None);
 }
+
+#[test]
+fn a_header_over_the_readers_limit_is_refused_before_anything_is_written() {
+    let dir = own_dir("bighead");
+    let path = dir.join("t.qdelta");
+    fs::write(&path, sample(40)).unwrap();
+    let mut d = sample_data_for_rename();
+    d.user.insert("notes".into(), String::new());
+    let small = build(&d).unwrap().0.len() - PREFIX_LEN;
+    // Each "x" adds one header byte (no escaping); padding rounds up to 8.
+    let room = MAX_HEADER_LEN as usize - small;
+    d.user.insert("notes".into(), "x".repeat(room - 8));
+    let (head, _) = build(&d).unwrap();
+    let len = u64::from_le_bytes(head[..PREFIX_LEN].try_into().unwrap());
+    assert!(len <= MAX_HEADER_LEN && len as usize == head.len() - PREFIX_LEN);
+    d.user.insert("notes".into(), "x".repeat(room + 8));
+    let e = write(&path, &d).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, Error::Value(_))
+            && msg.contains(&format!("expected at most {MAX_HEADER_LEN} bytes"))
+            && msg.contains(&format!("{} of them user metadata", room + 8 + 5)),
+        "{msg}"
+    );
+    // Nothing was written: the old file stays, no temporary is left.
+    assert_eq!(fs::read(&path).unwrap(), sample(40));
+    assert!(temp_leftovers(&dir).is_empty());
+}
+
+#[test]
+fn reading_a_file_too_big_for_memory_is_a_file_error_not_an_abort() {
+    // Under always-overcommit the reservation would succeed and 4 TiB of zeros be read.
+    if fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|m| m.trim() == "1") {
+        return;
+    }
+    let dir = own_dir("sparse");
+    let path = dir.join("huge.txt");
+    let size: u64 = 1 << 42;
+    if File::create(&path).unwrap().set_len(size).is_err() {
+        return; // a filesystem without 4 TiB sparse files: nothing to provoke
+    }
+    let e = read_regular(&path).unwrap_err();
+    let msg = e.to_string();
+    fs::remove_file(&path).unwrap();
+    assert!(
+        matches!(e, Error::File(_))
+            && msg.contains(&format!(
+                "expected a file that fits in memory, found {size} bytes"
+            )),
+        "{msg}"
+    );
+}

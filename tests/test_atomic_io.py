@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -183,6 +185,77 @@ def test_check_output(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FileError, match="special file"):
         check_output(fifo, "--json", inputs)
+
+
+def _in_a_child(fn, *, uid: int | None) -> str:
+    """``fn()``'s returned text, run in a forked child (as ``uid`` if given): no exec,
+    so the child needs no access to the interpreter's files."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 1
+        try:
+            os.close(read)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            os.write(write, fn().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    return text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX permission bits, os.fork")
+def test_check_output_refuses_a_folder_it_cannot_write():
+    """The atomic write needs to create a file in the folder: find out before the work.
+    Root ignores permission bits, so as root the check runs as the nobody user."""
+    import contextlib
+    import io
+
+    from qdelta.cli import main
+
+    top = tempfile.mkdtemp(prefix="qdelta-ro-")  # not tmp_path: another user may not enter it
+    ro = os.path.join(top, "ro")
+    try:
+        os.chmod(top, 0o755)
+        os.mkdir(ro)
+        os.chmod(ro, 0o555)
+
+        def attempt() -> str:
+            try:
+                check_output(os.path.join(ro, "x.qdelta"), "-o")
+                said = "no error\n"
+            except FileError as e:
+                said = f"{e}\n"
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                # Before any work: else the missing model folders are the error.
+                code = main(["compress", f"{ro}/nobase", f"{ro}/noft", "-o", f"{ro}/x.qdelta"])
+            return f"{said}{code}\n{err.getvalue()}"
+
+        said, code, err = _in_a_child(attempt, uid=65534 if os.geteuid() == 0 else None).split(
+            "\n", 2
+        )
+        want = (
+            f"-o {ro}/x.qdelta: expected a directory this user can create files in, "
+            f"found {ro} is not writable"
+        )
+        assert said.startswith(want), said
+        assert code == "1" and err.startswith(f"qdelta compress: error: {want}"), err
+        assert os.listdir(ro) == []
+        os.chmod(ro, 0o777)  # a folder it can write is fine
+        assert check_output(os.path.join(ro, "x.qdelta"), "-o")
+    finally:
+        if os.path.isdir(ro):
+            os.chmod(ro, 0o755)
+        shutil.rmtree(top)
 
 
 def test_ensure_dir(tmp_path):

@@ -416,3 +416,25 @@ def test_algebra_zoo_checks_its_output_before_building(tmp_path, capsys):
     assert algebra_zoo.main(["--tiny", "--cache", str(cache), "--out", str(tmp_path)]) == 1
     assert "expected a file path, found a directory" in capsys.readouterr().err
     assert not cache.exists()  # nothing built
+
+
+# ----------------------------------------------------------- paths that are not UTF-8
+
+
+def test_paths_that_are_not_utf8_are_printed_escaped(models, tmp_path, capsys):
+    """A valid path need not be UTF-8 (nor free of escape codes): printed raw it fails
+    on a strict UTF-8 stdout (capsys is one) after the work is done."""
+    raw = os.fsencode(tmp_path) + b"/out\xff\x1b[2J.qdelta"
+    out = os.fsdecode(raw)
+    shown = f"{tmp_path}/out\\udcff\\x1b[2J.qdelta"
+    assert main(["compress", str(models / "base"), str(models / "ft"), "-o", out]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {shown} (" in text and "\x1b" not in text
+    assert os.path.isfile(raw)
+    assert main(["verify", out]) == 0
+    assert capsys.readouterr().out.startswith(f"{shown}: OK (the header and ")
+    assert main(["inspect", out]) == 0
+    assert f"file         {shown} (" in capsys.readouterr().out
+    tune = os.fsdecode(os.fsencode(tmp_path) + b"/tune\xfe.json")
+    assert main(["autotune", "--file", tune]) == 0
+    assert capsys.readouterr().out == f"0 kernel decisions in {tmp_path}/tune\\udcfe.json\n"

@@ -126,6 +126,50 @@ def test_reading_a_fifo_fails_at_once(tmp_path):
         prepare_calibration(str(tmp_path), ByteTokenizer(), seq_len=8)
 
 
+_READ_HUGE = """
+import sys
+from qdelta.atomic_io import read_regular_bytes
+from qdelta.calibration import prepare_calibration
+from qdelta.errors import CalibrationError, FileError
+from qdelta.tokenizer import ByteTokenizer
+try:
+    read_regular_bytes(sys.argv[1])
+except FileError as e:
+    print(e)
+try:
+    prepare_calibration(sys.argv[1], ByteTokenizer(), seq_len=8)
+except CalibrationError as e:
+    print(e)
+"""
+
+
+def _always_overcommits() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_always_overcommits(), reason="the 4 TiB reservation would be granted")
+def test_a_file_too_big_for_memory_is_a_file_error_not_an_abort(tmp_path):
+    """A huge (here sparse) --calib, tokenizer or manifest file: the reader's buffer
+    cannot be reserved, which aborted the process (in a child here, so it cannot)."""
+    huge = tmp_path / "huge.txt"
+    try:
+        with open(huge, "wb") as f:
+            f.truncate(1 << 42)
+    except OSError as e:
+        pytest.skip(f"no 4 TiB sparse file here: {e}")
+    run = subprocess.run(
+        [sys.executable, "-c", _READ_HUGE, str(huge)], capture_output=True, text=True, timeout=120
+    )
+    want = f"{huge}: expected a file that fits in memory, found {1 << 42} bytes"
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    lines = run.stdout.splitlines()
+    assert len(lines) == 2 and lines[0] == want and lines[1].endswith(want), run.stdout
+
+
 def test_a_zoo_whose_manifest_is_a_fifo_is_an_error_not_a_hang(tmp_path):
     root = tmp_path / "zoo-x"
     root.mkdir()

@@ -409,6 +409,65 @@ def test_paths_as_bytes_and_bad_path_types(tmp_path, rng):
         delta.save(None)
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_a_delta_file_is_added_and_saved_as_a_faithful_copy(tmp_path, rng):
+    """Copying a tenant between stores: the copy holds the delta's user metadata (not
+    the source's raw header) and the same bytes in every layer and param."""
+    from qdelta.store import save
+
+    delta = make_delta(rng, tenant="alice")
+    src, dst = qdelta.DeltaStore(tmp_path / "a"), qdelta.DeltaStore(tmp_path / "b")
+    f = src.add("alice", delta)
+    save(f, tmp_path / "c.qdelta")
+    copies = [
+        ("alice", lambda: dst.add("alice", f)),
+        ("carol", lambda: dst.add("carol", f)),  # under another name: the tenant is renamed
+        ("alice", lambda: qdelta.DeltaFile(tmp_path / "c.qdelta")),
+    ]
+    for tenant, copy in copies:
+        g = copy()
+        assert g.tenant == tenant and g.user_metadata == delta.metadata, tenant
+        assert g.base_fingerprint == delta.base_fingerprint and g.verify() == len(g.tensors)
+        # Same tensors, same bytes: the recorded checksums agree, and against the delta.
+        assert json.loads(g.metadata["checksums"]) == json.loads(f.metadata["checksums"])
+        assert g.layers.keys() == delta.layers.keys()
+        for name, layer in delta.layers.items():
+            got = g.layers[name]
+            assert (got.shape, got.transposed) == (layer.shape, layer.transposed), name
+            assert got.planes.tobytes() == layer.planes.tobytes(), name
+            assert got.scales.tobytes() == layer.scales.tobytes(), name
+        assert g.params.keys() == delta.params.keys()
+        for name, value in delta.params.items():
+            got = g.params[name]
+            assert (got.dtype, got.shape) == (value.dtype, value.shape), name
+            assert _raw_bytes(got) == _raw_bytes(value), name
+    for bad, call in (
+        ({"layers": {}}, lambda v: dst.add("dave", v)),
+        ("alice", lambda v: save(v, tmp_path / "d.qdelta")),
+    ):
+        with pytest.raises(
+            qdelta.DTypeError,
+            match=rf"expected a Delta or a DeltaFile, found {type(bad).__name__}",
+        ):
+            call(bad)
+    assert dst.tenants() == ["alice", "carol"] and not (tmp_path / "d.qdelta").exists()
+
+
+def test_a_store_directory_given_as_bytes_or_a_bad_type(tmp_path, rng):
+    store = qdelta.DeltaStore(os.fsencode(tmp_path / "s"))
+    assert store.directory == tmp_path / "s" and store.directory.is_dir()
+    store.add("t", make_delta(rng))
+    assert qdelta.DeltaStore(tmp_path / "s").tenants() == ["t"]
+    with pytest.raises(
+        qdelta.DTypeError,
+        match=r"DeltaStore directory: expected a str, bytes or os.PathLike path, found int",
+    ):
+        qdelta.DeltaStore(3)
+
+
 def test_a_dangling_tenant_link_is_a_file_error(tmp_path):
     store = qdelta.DeltaStore(tmp_path / "s")
     os.symlink(tmp_path / "gone.qdelta", store.directory / "gone.qdelta")

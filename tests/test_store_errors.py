@@ -299,6 +299,25 @@ def test_failed_save_leaves_no_file(tmp_path, rng):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_header_readers_refuse_is_never_written(tmp_path, rng):
+    """Metadata past the readers' header limit (100,000,000 bytes): refused before
+    anything is written, so a good file at the path is kept, not replaced."""
+    path = tmp_path / "x.qdelta"
+    make_delta(rng).save(path)
+    before = path.read_bytes()
+    delta = make_delta(rng)
+    delta.metadata["notes"] = "x" * 100_000_000
+    user = sum(len(k.encode()) + len(v.encode()) for k, v in delta.metadata.items())
+    with pytest.raises(
+        qdelta.QDeltaError,
+        match=rf"header: expected at most 100000000 bytes .*, found \d+ bytes, "
+        rf"{user} of them user metadata",
+    ):
+        delta.save(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["x.qdelta"]
+    qdelta.load(path)
+
+
 def test_param_name_colliding_with_layer_tensors(tmp_path, rng):
     delta = make_delta(rng)
     layer = next(iter(delta.layers))

@@ -232,6 +232,46 @@ def test_the_store_keeps_a_bounded_number_of_files_open(tmp_path, rng):
         DeltaStore(tmp_path, max_open=0)
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_the_store_cache_lets_go_of_deleted_and_replaced_files(tmp_path, rng, monkeypatch):
+    """Another process deletes a tenant, or renames a new file over it: the cache must
+    not keep the old mapping (and its disk space) while the store serves and lists
+    other tenants. tenants() checks every cached path; open() at most once a second."""
+    import qdelta.store as store_module
+
+    store = DeltaStore(tmp_path / "s")
+    for name in ("gone", "new", "other"):
+        store.add(name, make_delta(rng, n_layers=1, tenant=name))  # cached, held by no one
+
+    def mapped(name: str) -> list[str]:
+        with open("/proc/self/maps") as maps:
+            return [line for line in maps if line.rstrip().endswith(f"/s/{name}.qdelta")]
+
+    def mapped_deleted(name: str) -> list[str]:
+        with open("/proc/self/maps") as maps:
+            return [line for line in maps if f"/s/{name}.qdelta (deleted)" in line]
+
+    other = store.open("other")
+    assert mapped("gone") and mapped("new")
+    os.remove(store.path("gone"))
+    make_delta(rng, n_layers=1, tenant="new").save(tmp_path / "n.qdelta")
+    os.replace(tmp_path / "n.qdelta", store.path("new"))
+    assert mapped_deleted("gone") and mapped_deleted("new")  # what the cache pins
+    assert store.tenants() == ["new", "other"]
+    assert not mapped_deleted("gone") and not mapped_deleted("new")
+    assert store.open("other") is other  # a file still there stays cached
+    # open() checks the other cached paths at most once per _SWEEP_SECONDS (an hour
+    # here, so a slow machine cannot make the interval pass early).
+    monkeypatch.setattr(store_module, "_SWEEP_SECONDS", 3600.0)
+    store.open("new")
+    os.remove(store.path("new"))
+    store.open("other")  # swept by tenants() just now: not checked again yet
+    assert mapped_deleted("new")
+    store._swept -= 3600.0  # as if the interval had passed
+    assert store.open("other") is other
+    assert not mapped_deleted("new")
+
+
 def test_a_rename_over_or_a_delete_under_a_mapping_keeps_it_readable(tmp_path, rng):
     path = tmp_path / "x.qdelta"
     make_delta(rng, tenant="a").save(path)
@@ -440,3 +480,60 @@ def test_a_name_no_store_can_hold_says_so(tmp_path, rng):
     assert store.tenants() == []
     with pytest.raises(qdelta.UnknownTenantError):  # TenantNameError is one, for old callers
         store.open("with space")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _rename_layer_tensors(path: Path, names: dict[str, str], out: str) -> Path:
+    """``path`` with each tensor ``old`` of ``names`` renamed ``new`` everywhere (tensor
+    entry, layer table, checksums) and the header checksum recomputed: still valid."""
+    header, data = split(path)
+    meta = header["__metadata__"]
+    table, sums = json.loads(meta["layers"]), json.loads(meta["checksums"])
+    for old, new in names.items():
+        header[new] = header.pop(old)
+        sums[new] = sums.pop(old)
+        for entry in table.values():
+            for kind in ("planes", "scales"):
+                entry[kind] = new if entry[kind] == old else entry[kind]
+    meta["layers"], meta["checksums"] = json.dumps(table), json.dumps(sums)
+    meta["header_checksum"] = _spec_header_checksum(header)
+    return rewrite(path, header, data, out)
+
+
+def test_inspect_calls_a_layer_shared_only_when_another_names_its_tensors(tmp_path, rng):
+    """Tensor names are free in the format ("planes": TENSOR): a layer whose tensors are
+    not named MODULE.qdelta_planes is not "shared" unless another layer names them."""
+    from qdelta.store_cli import describe
+
+    path = tmp_path / "d.qdelta"
+    make_delta(rng, n_layers=3).save(path)
+    layer = "model.layers.0.proj"
+    renamed = _rename_layer_tensors(
+        path, {f"{layer}.qdelta_{k}": f"L0.{k}" for k in ("planes", "scales")}, "r.qdelta"
+    )
+    f = qdelta.DeltaFile(renamed)
+    assert f.verify() == len(f.tensors) and f.header_covered  # a valid file
+    text = describe(f)
+    assert "shared with" not in text and "counted once" not in text
+    # Its row shows its own size, and the totals count it, as for the original file.
+    size = sum(n for t, _, _, n in f.tensors if t.startswith("L0."))
+    row = next(line for line in text.splitlines() if line.startswith(layer))
+    assert f" {size} B " in row or f" {size / 1024:,.1f} KiB " in row, row
+    fp16 = re.compile(r"fp16 fine-tune: (.*?);")
+    assert fp16.findall(text) == fp16.findall(describe(qdelta.DeltaFile(path)))
+    # Two layers naming one renamed pair (version 2): one is shared with the other.
+    pair = tmp_path / "p.qdelta"
+    twin = _pair_delta(rng)
+    q, k = "model.layers.0.self_attn.q", "model.layers.0.self_attn.k"
+    twin.layers[k] = twin.layers[q]
+    twin.save(pair)
+    assert qdelta.DeltaFile(pair).format_version == 2
+    both = _rename_layer_tensors(
+        pair, {f"{q}.qdelta_{n}": f"pair.{n}" for n in ("planes", "scales")}, "pr.qdelta"
+    )
+    text = describe(qdelta.DeltaFile(both))
+    shared = [line for line in text.splitlines() if "shared with" in line]
+    assert len(shared) == 1 and shared[0].startswith(q) and shared[0].endswith(f"{k}  -")
+    assert "1 layer(s) sharing another's tensors are counted once" in text

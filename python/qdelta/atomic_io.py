@@ -138,8 +138,9 @@ def user_path(text: str) -> str:
 
 def check_output(path: str | Path, what: str, inputs: Iterable[str | Path] = ()) -> Path:
     """``path``, checked before any work is done: a :class:`FileError` unless its
-    folder exists, it is not a folder itself, and it is neither one of ``inputs``
-    nor an existing file inside an input folder (writing it would destroy an input)."""
+    folder exists and this process may create files in it, it is not a folder
+    itself, and it is neither one of ``inputs`` nor an existing file inside an input
+    folder (writing it would destroy an input)."""
     raw = os.fsdecode(path)
     if raw.endswith(os.sep) or (os.altsep and raw.endswith(os.altsep)):  # Path() drops it
         raise FileError(f"{what} {raw}: expected a file path, found a directory path")
@@ -150,6 +151,14 @@ def check_output(path: str | Path, what: str, inputs: Iterable[str | Path] = ())
     if not parent.is_dir():
         found = "a file" if parent.exists() else "nothing there"
         raise FileError(f"{what} {path}: expected an existing directory {parent}, found {found}")
+    # The atomic write creates a temporary beside the path and renames it: that needs
+    # write and search permission on the folder, not on the file (root has both).
+    effective = os.access in os.supports_effective_ids  # the ids that will write
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=effective):
+        raise FileError(
+            f"{what} {path}: expected a directory this user can create files in, found "
+            f"{parent} is not writable (its permissions, or a read-only file system)"
+        )
     if not path.exists():
         return path
     if not path.is_file():  # a FIFO or a device: renaming over it would replace it

@@ -178,9 +178,10 @@ def _cmd_autotune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from qdelta.kernels import autotune
+    from qdelta.store_cli import printable
 
     cache = autotune.DecisionCache(Path(args.file) if args.file else None)
-    path = cache._file_path()
+    path = printable(cache._file_path())  # only printed from here on
     # Skipped malformed entries are reported as one line each, not a warning's source dump.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", autotune.AutotuneWarning)

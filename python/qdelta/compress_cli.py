@@ -16,6 +16,7 @@ from qdelta.delta import Delta
 from qdelta.errors import CalibrationError, QDeltaError
 from qdelta.optional import require
 from qdelta.sources import load_hf_model, storage_key
+from qdelta.store_cli import printable
 from qdelta.tokenizer import TOKENIZER_FILE, ByteTokenizer
 
 # Files one of which a directory holds when it carries a Hugging Face tokenizer.
@@ -142,6 +143,6 @@ def run_compress(args: argparse.Namespace) -> int:
         f"{len(delta.layers)} layers, {args.bits} bit(s), scale={args.scale}: "
         f"{packed / 2**20:.3f} MiB packed vs {dense / 2**20:.3f} MiB dense "
         f"(ratio {dense / max(packed, 1):.1f}x); whole tensors {whole / 2**20:.3f} MiB\n"
-        f"{line}wrote {args.output} ({written / 2**20:.3f} MiB on disk)"
+        f"{line}wrote {printable(args.output)} ({written / 2**20:.3f} MiB on disk)"
     )
     return 0

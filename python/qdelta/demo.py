@@ -26,6 +26,7 @@ from qdelta.nn import merge
 from qdelta.plots import plot_memory, plot_quality
 from qdelta.runtime import MultiTenantModel, left_padded
 from qdelta.store import DeltaStore
+from qdelta.store_cli import printable
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
 from qdelta.zoo_eval import (
     check_result_paths,
@@ -215,7 +216,7 @@ def run_demo(
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     print(f"[1/6] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)
     zoo = build_zoo(config, cache_dir, progress=progress)
-    print(f"      {zoo.root} ({'built now' if zoo.built else 'from cache'})", flush=True)
+    print(f"      {printable(zoo.root)} ({'built now' if zoo.built else 'from cache'})", flush=True)
 
     print(f"[2/6] compress {len(zoo.tenants)} tenants, distill scales ({steps} steps), evaluate")
     rows, details, store = evaluate_into(
@@ -269,6 +270,6 @@ def run_demo(
         "seconds": time.perf_counter() - started,
     }
     write_text_atomic(out / "demo.json", json.dumps(result, indent=2))
-    print(f"\nresults: {out} (demo.json, quality.json, *.png, deltas/)")
+    print(f"\nresults: {printable(out)} (demo.json, quality.json, *.png, deltas/)")
     print(f"done in {result['seconds']:.0f} s")
     return result

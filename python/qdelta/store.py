@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -180,8 +181,21 @@ def _path_text(path: PathLike, what: str) -> str:
         ) from None
 
 
-def save(delta: Delta, path: PathLike) -> None:
-    """Write ``delta`` to ``path`` atomically (temporary file, fsync, rename)."""
+def _as_delta(value: Any, what: str) -> Delta:
+    """``value`` as a Delta: a DeltaFile is copied faithfully (``to_delta``: its user
+    metadata, not the raw header, which duck typing would write); anything else is a
+    DTypeError rather than an AttributeError half way through."""
+    if isinstance(value, Delta):
+        return value
+    if isinstance(value, DeltaFile):
+        return value.to_delta()
+    raise DTypeError(f"{what}: expected a Delta or a DeltaFile, found {type(value).__name__}")
+
+
+def save(delta: Delta | DeltaFile, path: PathLike) -> None:
+    """Write ``delta`` (a Delta, or a DeltaFile to copy) to ``path`` atomically
+    (temporary file, fsync, rename)."""
+    delta = _as_delta(delta, "save")
     layers = []
     for name, layer in delta.layers.items():
         planes = np.ascontiguousarray(layer.planes, dtype="<u4").reshape(-1).view(np.uint8)
@@ -357,6 +371,11 @@ if hasattr(os, "register_at_fork"):
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
+# How often open() checks every cached file's path (a stat each; tenants() checks at
+# every call): often enough that a deleted or replaced file is let go soon, rarely
+# enough that open(), called per request, stays O(1) on average.
+_SWEEP_SECONDS = 1.0
+
 
 class DeltaStore:
     """A directory of tenants, one ``NAME.qdelta`` file each.
@@ -365,7 +384,9 @@ class DeltaStore:
     re-opened when the file on disk was replaced (by this or another process).
     The cache keeps the ``max_open`` most recently opened files (each holds a
     descriptor and a mapping; one no one else references is closed when it
-    leaves the cache) and forgets a file once its path is gone.
+    leaves the cache) and forgets a file once its path is gone or names another
+    file: at every ``tenants()`` (and ``in``, ``len``, iteration), and in ``open``
+    at most once a second, so a deleted tenant's disk space is not pinned.
     ``add`` replaces a file by atomic rename and ``remove`` unlinks it, so a
     reader holding the old mapping keeps a complete, unchanged file.
     Thread-safe.
@@ -373,7 +394,7 @@ class DeltaStore:
 
     def __init__(self, directory: PathLike, *, max_open: int = 64) -> None:
         self.max_open = as_int("max_open", max_open, 1)
-        self.directory = Path(directory)
+        self.directory = Path(_path_text(directory, "DeltaStore directory"))
         if self.directory.exists() and not self.directory.is_dir():
             raise FileError(
                 f"{self.directory}: expected a directory for a delta store, found a file"
@@ -383,6 +404,7 @@ class DeltaStore:
         except OSError as e:
             raise FileError(f"cannot create the delta store directory {self.directory}: {e}") from e
         self._cache: OrderedDict[str, tuple[tuple[int, int, int, int], DeltaFile]] = OrderedDict()
+        self._swept = 0.0  # time.monotonic() of the last check of every cached path
         self._new_locks()
         _STORES.add(self)
 
@@ -411,8 +433,38 @@ class DeltaStore:
             )
         return self.directory / f"{name}{SUFFIX}"
 
+    def _sweep(self, every: float = 0.0) -> None:
+        """Forget cached files whose path is gone or names another file now (their
+        mapping would pin a deleted file's disk space): a stat per cached file, done
+        unless the last sweep was less than ``every`` seconds ago."""
+        now = time.monotonic()
+        if every and now - self._swept < every:  # the hot path: one comparison
+            return
+        with self._lock:
+            if every and now - self._swept < every:  # another thread just swept
+                return
+            self._swept = now
+            entries = list(self._cache.items())
+        for name, (key, opened) in entries:
+            try:
+                st = os.stat(self.directory / f"{name}{SUFFIX}")
+                found: tuple[int, int, int, int] | None = (
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
+            except OSError:  # gone (or unreadable: open() would fail on it too)
+                found = None
+            if found != key:
+                with self._lock:
+                    entry = self._cache.get(name)
+                    if entry is not None and entry[1] is opened:  # not re-opened meanwhile
+                        del self._cache[name]
+
     def tenants(self) -> list[str]:
         """Sorted tenant names."""
+        self._sweep()
         try:
             entries = os.listdir(self.directory)
         except OSError as e:
@@ -435,6 +487,7 @@ class DeltaStore:
     def open(self, name: str) -> DeltaFile:
         """The tenant's file, mapped (cached; re-opened if replaced on disk)."""
         path = self.path(name)
+        self._sweep(_SWEEP_SECONDS)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -466,10 +519,12 @@ class DeltaStore:
                 self._cache.popitem(last=False)
         return opened
 
-    def add(self, name: str, delta: Delta) -> DeltaFile:
-        """Write ``delta`` as tenant ``name`` (replacing any previous file
-        atomically) and return the new file, opened."""
+    def add(self, name: str, delta: Delta | DeltaFile) -> DeltaFile:
+        """Write ``delta`` (a Delta, or a DeltaFile, e.g. another store's tenant, to
+        copy) as tenant ``name`` (replacing any previous file atomically) and return
+        the new file, opened."""
         path = self.path(name)
+        delta = _as_delta(delta, f"tenant {name!r}")
         if delta.tenant != name:
             delta = replace(delta, tenant=name)
         with self._write_lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -26,21 +27,34 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(s.rstrip() for s in out)
 
 
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: control and other non-printable characters from
-    a file (tenant names, metadata) escaped, so a file cannot forge or recolour lines."""
+def printable(text: str | os.PathLike[str]) -> str:
+    """``text`` (or a path) safe for a terminal: control and other non-printable
+    characters from a file (tenant names, metadata) escaped, so a file cannot forge or
+    recolour lines; a path's undecodable bytes (surrogates) escaped too, so a strict
+    UTF-8 stdout cannot fail on them."""
+    text = os.fspath(text)
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def describe(f: DeltaFile) -> str:
     """A readable summary: header facts, a layer table, params, totals."""
     rows, fp16, n_shared = [], 0, 0
-    for name, (out, inp), bits, scale, transposed, planes, scales in f.layer_table:
+    table = f.layer_table
+    # Planes tensor -> the layer that owns it: the one it is named after (as qdelta
+    # writes), else the first naming it. Tensor names are free in the format: a layer
+    # is shared only when another layer names the same tensor.
+    owners: dict[str, str] = {}
+    for name, *_, planes, _ in table:
+        if planes == f"{name}.qdelta_planes":
+            owners[planes] = name
+        else:
+            owners.setdefault(planes, name)
+    for name, (out, inp), bits, scale, transposed, planes, scales in table:
         alphas = f.tensor(scales)
-        owner = planes.removesuffix(".qdelta_planes")
+        owner = owners[planes]
         tied = owner != name
         name = printable(name)
-        if tied:  # tied to an earlier layer: its tensors, stored once
+        if tied:  # tied to another layer: its tensors, stored once
             n_shared += 1
             mean = f"{float(np.abs(alphas[0]).mean()):.3g}"
             shared = f"shared with {printable(owner)}"
@@ -157,11 +171,12 @@ def verify(path: str) -> int:
     except QDeltaError as e:
         print(f"qdelta verify: error: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    shown = printable(path)  # a valid path need not be valid UTF-8
     if f.header_covered:
-        print(f"{path}: OK (the header and {n} tensors, every checksum matches)")
+        print(f"{shown}: OK (the header and {n} tensors, every checksum matches)")
     else:
         print(
-            f"{path}: OK ({n} tensors, every checksum matches; the header has no checksum: "
+            f"{shown}: OK ({n} tensors, every checksum matches; the header has no checksum: "
             "written before header checksums, so its tensor names, shapes and layer table "
             "are not covered; re-save the file to cover them)"
         )

@@ -44,6 +44,7 @@ from qdelta.corpus import DOMAINS, DomainCorpus, build_domain
 from qdelta.errors import FileError, FormatError, ZooError
 from qdelta.eval import perplexity
 from qdelta.optional import require
+from qdelta.store_cli import printable
 from qdelta.tokenizer import ByteTokenizer
 
 # Bump when a change to this module or qdelta.corpus changes what a build makes.
@@ -676,7 +677,7 @@ def zoo_report(zoo: Zoo) -> str:
     """A short text summary: sizes, timings and base vs tenant perplexity per domain."""
     m = zoo.manifest
     lines = [
-        f"zoo {zoo.root}",
+        f"zoo {printable(zoo.root)}",
         f"  base: Llama, {m['params']:,} parameters, byte vocabulary {zoo.tokenizer.vocab_size}",
         "  corpora: "
         + ", ".join(

@@ -23,6 +23,7 @@ from qdelta.errors import FileError
 from qdelta.eval import ResultRow, format_table, perplexity, quality_rows, write_results
 from qdelta.nn import apply, unapply
 from qdelta.store import DeltaStore
+from qdelta.store_cli import printable
 from qdelta.zoo import Zoo, ZooConfig, build_zoo
 
 
@@ -161,5 +162,5 @@ def run_eval(
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     zoo = build_zoo(config, cache_dir, progress=progress)
     rows, _, _ = evaluate_into(out, zoo, distill_steps=steps, seed=seed, progress=progress)
-    print(f"\nwrote {out / 'quality.json'} and {out / 'deltas'}")
+    print(f"\nwrote {printable(out / 'quality.json')} and {printable(out / 'deltas')}")
     return rows
