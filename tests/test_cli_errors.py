@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -438,3 +440,17 @@ def test_paths_that_are_not_utf8_are_printed_escaped(models, tmp_path, capsys):
     tune = os.fsdecode(os.fsencode(tmp_path) + b"/tune\xfe.json")
     assert main(["autotune", "--file", tune]) == 0
     assert capsys.readouterr().out == f"0 kernel decisions in {tmp_path}/tune\\udcfe.json\n"
+
+
+def test_python_m_qdelta_zoo_reports_an_error_in_one_line(tmp_path):
+    """The documented `python -m qdelta.zoo` goes through the CLI: no traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    run = subprocess.run(
+        [sys.executable, "-m", "qdelta.zoo", "--tiny", "--cache", str(blocker / "zoo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().startswith("qdelta zoo: error: zoo cache"), run.stderr

@@ -168,3 +168,33 @@ def test_output_closed_early_is_not_a_traceback(tmp_path):
     inspect.stdout.close()  # like `| head -1`
     _, err = inspect.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
+def test_demo_without_matplotlib_fails_before_any_work(tmp_path):
+    """The plots are the demo's last step: without matplotlib it stops at once, not
+    after building the zoo and serving (and without its demo.json)."""
+    argv = ["demo", "--tiny", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    r = run_without(
+        {"matplotlib"}, f"import sys\nfrom qdelta.cli import main\nsys.exit(main({argv!r}))"
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "[1/6]" not in r.stdout and not (tmp_path / "cache").exists(), r.stdout
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("qdelta demo: error:") and "'matplotlib'" in line, line
+    assert "pip install 'qdelta[demo]'" in line, line
+
+
+def test_demo_fails_when_a_ring_check_fails(monkeypatch, tmp_path):
+    import qdelta.demo
+    from qdelta.cli import main
+
+    def result(window_ok: bool) -> dict:
+        return {
+            "mixed_batch": [{"matches_merged_dense_model": True}],
+            "ring": {"ok": True},
+            "ring_sliding_window": {"ok": window_ok},
+        }
+
+    for ok, code in ((True, 0), (False, 1)):
+        monkeypatch.setattr(qdelta.demo, "run_demo", lambda *a, ok=ok, **k: result(ok))
+        assert main(["demo", "--tiny", "--out", str(tmp_path)]) == code

@@ -46,7 +46,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     served = all(s["matches_merged_dense_model"] for s in result["mixed_batch"])
-    return 0 if served and result["ring"]["ok"] else 1
+    rings = result["ring"]["ok"] and result["ring_sliding_window"]["ok"]
+    return 0 if served and rings else 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from qdelta.atomic_io import write_text_atomic
 from qdelta.compress import compress
 from qdelta.memory import LLAMA_7B, LlamaShape, llama_serving_bytes
 from qdelta.nn import merge
+from qdelta.optional import require
 from qdelta.plots import plot_memory, plot_quality
 from qdelta.runtime import MultiTenantModel, left_padded
 from qdelta.store import DeltaStore
@@ -212,6 +213,7 @@ def run_demo(
     """Run the whole demo; returns (and writes to ``out_dir/demo.json``) every number."""
     started = time.perf_counter()
     out = check_result_paths(out_dir, [*RESULT_FILES, "demo.json"])
+    require("matplotlib", "qdelta demo's plots")  # the last step: missing it, fail first
     config = ZooConfig.tiny(seed) if tiny else ZooConfig.default(seed)
     steps = distill_steps if distill_steps is not None else default_distill_steps(tiny)
     print(f"[1/6] model zoo ({'tiny' if tiny else 'default'} configuration)", flush=True)

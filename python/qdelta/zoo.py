@@ -720,4 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the CLI: an error is its one line (`qdelta zoo: error: ...`), not a traceback.
+    from qdelta.cli import main as cli_main
+
+    sys.exit(cli_main(["zoo", *sys.argv[1:]]))
