@@ -88,6 +88,26 @@ def test_negative_sizes_name_the_argument():
         r"bits: expected an int >= 0, found -1",
         _core.unpack_planes, planes, scales, 3, 8, "float32", -1,
     )  # fmt: skip
+    for bad, found in (
+        (True, r"True \(a bool\)"),
+        (1.5, r"1\.5 \(a float\)"),
+        ("2", "'2' \\(a str\\)"),
+    ):
+        _raises(
+            qdelta.ShapeError,
+            rf"bits: expected an int in \[0, 2\*\*63\), found {found}",
+            _core.unpack_planes, planes, scales, 3, 8, "float32", bad,
+        )  # fmt: skip
+
+
+def test_rms_norm_names_an_eps_past_float32():
+    x = np.ones((2, 8), np.float32)
+    w, out = np.ones((1, 8), np.float32), np.empty_like(x)
+    _raises(
+        qdelta.QDeltaError,
+        r"eps: expected a finite float32 value >= 0 \(at most 3\.4028235e38\), found 1e39",
+        _core.rms_norm_rows, x, w, 1e39, out,
+    )  # fmt: skip
 
 
 def test_rms_norm_checks_whole_shapes():

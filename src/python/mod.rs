@@ -10,7 +10,8 @@ use numpy::{
     PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyOverflowError};
+use pyo3::exceptions::{PyException, PyOverflowError, PyTypeError};
+use pyo3::types::PyBool;
 use pyo3::prelude::*;
 
 use crate::args::{self, OutConflict};
@@ -227,11 +228,20 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Size {
     type Error = PyErr;
 
     fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        // A bool is an int to Python, never a size here; a float is named, not a TypeError.
+        if obj.is_instance_of::<PyBool>() {
+            return Ok(Size(Err(format!("{} (a bool)", obj.str()?))));
+        }
         match obj.extract::<i64>() {
             Ok(v) => Ok(Size(Ok(v))),
             Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
                 Ok(Size(Err(obj.str()?.to_string())))
             }
+            Err(e) if e.is_instance_of::<PyTypeError>(obj.py()) => Ok(Size(Err(format!(
+                "{} (a {})",
+                obj.repr()?,
+                obj.get_type().name()?
+            )))),
             Err(e) => Err(e),
         }
     }

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 
 use super::gemv::{rows_and_width, shape_of};
 use super::{check_array, named, readonly, run, slice, slice_mut, to_py, writable_f32};
+use crate::error::Error;
 use crate::rmsnorm;
 
 /// `out[r] = weights[r / s] * x[r] / sqrt(mean(x[r]^2) + eps)`: float32 `x`
@@ -14,9 +15,16 @@ fn rms_norm_rows<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     weights: &Bound<'py, PyAny>,
-    eps: f32,
+    eps: f64,
     out: &Bound<'py, PyAny>,
 ) -> PyResult<()> {
+    // Taken as f64 so that a value past float32's range is named as given, not as inf.
+    if eps.is_finite() && !(eps as f32).is_finite() {
+        return Err(to_py(Error::Value(format!(
+            "eps: expected a finite float32 value >= 0 (at most {:e}), found {eps:e}",
+            f32::MAX
+        ))));
+    }
     check_array(x, "x", shape_of(x).len().max(1), "float32")?;
     check_array(weights, "weights", 2, "float32")?;
     check_array(out, "out", shape_of(out).len().max(1), "float32")?;
@@ -28,7 +36,7 @@ fn rms_norm_rows<'py>(
     let xs = slice(&xa, "x")?;
     let ws = slice(&wa, "weights")?;
     let y = slice_mut(&mut out_rw, "out")?;
-    run(py, || rmsnorm::rms_norm_rows(xs, width, ws, eps, y))
+    run(py, || rmsnorm::rms_norm_rows(xs, width, ws, eps as f32, y))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
