@@ -219,6 +219,33 @@ def test_segment_ids_beyond_int32_keep_their_identity(emulated, rng, backend):
     torch.testing.assert_close(lse[..., 10:], want_lse[..., 10:].float(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("q_rows", "kv_rows"), [(None, 2), (1, 2), (2, None), (2, 1), (2, 2), (None, None)]
+)
+@pytest.mark.parametrize("backend", ["cuda", "cuda_v1"])
+def test_segment_ids_of_mixed_batch_shapes_broadcast(emulated, rng, backend, q_rows, kv_rows):
+    """One id array [L] or [1, L], the other [B, L]: the kernels read both per batch row
+    (they took the batch from the query ids alone: the keys' row 0 for every row, or
+    reads past the end). sk == B, the case where the old check could not tell."""
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    b, sq, sk = 2, 9, 2
+    q = torch.randn(b, 2, sq, 64, generator=g).half()
+    k, v = (torch.randn(b, 1, sk, 64, generator=g).half() for _ in range(2))
+
+    def ids(rows, length):
+        per_row = torch.randint(0, 2, (b, length), generator=g)
+        per_row[:, 0] = torch.arange(b)  # rows differ
+        return per_row[0] if rows is None else per_row[:rows]
+
+    args = dict(q_segment_ids=ids(q_rows, sq), kv_segment_ids=ids(kv_rows, sk))
+    want_out, want_lse = block_attention(q.float(), k.float(), v.float(), **args, backend="math")
+    out, lse = block_attention(q, k, v, **args, backend=backend)
+    assert torch.equal(lse.isneginf(), want_lse.isneginf())
+    seen = ~want_lse.isneginf()
+    torch.testing.assert_close(out, want_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse[seen], want_lse[seen], atol=2e-3, rtol=2e-3)
+
+
 def test_mma2_mma_and_v1_agree(emulated):
     assert cuda_block.kernel_name("cuda") == "mma2"
     q, k, v = (torch.randn(1, 2, 90, 128).bfloat16() for _ in range(3))

@@ -253,15 +253,22 @@ def attention_block(
         return out, lse
     seg_batched = 0
     if q_seg is not None:
-        seg_batched = int(q_seg.dim() == 2 and q_seg.shape[0] > 1)
-        q_seg, kv_seg = _int32_segments(q_seg, kv_seg)
-        q_seg = q_seg.to(device=q.device).contiguous()
-        kv_seg = kv_seg.to(device=q.device).contiguous()
-        if seg_batched and (q_seg.shape[0] != b or kv_seg.shape[0] != b):
+        # The kernels index both id arrays alike (row b at b * length): batched when
+        # either is [B, L] with B > 1, the other broadcast to it, as the math backend does.
+        rows = {s.shape[0] for s in (q_seg, kv_seg) if s.dim() == 2} - {1}
+        if rows - {b}:
             raise ShapeError(
                 f"ring block backend 'cuda': expected segment ids for {b} rows, found "
                 f"{tuple(q_seg.shape)} and {tuple(kv_seg.shape)}"
             )
+        seg_batched = int(bool(rows))
+        if seg_batched:
+            q_seg, kv_seg = (s.reshape(-1, s.shape[-1]).expand(b, -1) for s in (q_seg, kv_seg))
+        else:
+            q_seg, kv_seg = q_seg.reshape(-1), kv_seg.reshape(-1)
+        q_seg, kv_seg = _int32_segments(q_seg, kv_seg)
+        q_seg = q_seg.to(device=q.device).contiguous()
+        kv_seg = kv_seg.to(device=q.device).contiguous()
     # The kernels take window 0 for "none": a window wider than the farthest pair hides
     # nothing (and keeps the fast path); one nearer than the nearest pair hides all.
     if window is not None and q_start + sq - 1 - kv_start < window:
