@@ -517,6 +517,19 @@ def test_base_added_and_out_aliasing_base(emulated, gen, dtype, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_transposed_x_is_taken_as_the_cpu_takes_it(emulated, gen, path):
+    """x = a.T (stride 1 along M, not K): the CPU backends take it, so must the GPU's
+    (it was a ShapeError there: one program, two behaviours by device)."""
+    m, k, n, t = 5, 70, 24, 2
+    x = torch.randn(k, m, generator=gen).half().T
+    assert x.stride(1) != 1
+    planes, scales = random_planes(t, 2, n, k, gen), random_scales(t, 2, n, False, gen)
+    ids = torch.tensor([1, 0, -1, 1, 0])
+    y = cuda_backend.multi_tenant_delta_matmul(x, planes, scales, ids, path=path)
+    assert_close(y, oracle(x, planes, scales, ids), f"transposed x, path={path}")
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_bad_tenant_id_raises_or_poisons_its_row(emulated, gen, path):
     m, k, n, t = 6, 64, 32, 2
     x = torch.randn(m, k, generator=gen).bfloat16()
