@@ -79,8 +79,26 @@ def test_a_failing_candidate_is_skipped_and_all_failing_raises(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[1, 2]", b'{"format": "other"}', b"\xff\xfe\x00", b"[" * 200_000],
-    ids=["not json", "a list", "other format", "not utf-8", "nested too deep"],
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"format": "other"}',
+        b"\xff\xfe\x00",
+        b"[" * 200_000,
+        b'{"format": "qdelta-autotune", "version": 2, "entries": {}}',
+        b'{"format": "qdelta-autotune", "entries": {}}',
+        b'{"format": "qdelta-autotune", "version": 1, "entries": []}',
+    ],
+    ids=[
+        "not json",
+        "a list",
+        "other format",
+        "not utf-8",
+        "nested too deep",
+        "a newer version",
+        "no version",
+        "entries not an object",
+    ],
 )
 def test_unreadable_cache_file_warns_and_is_left_alone(tmp_path, content):
     path = tmp_path / "tune.json"

@@ -9,8 +9,9 @@ that class runs the winner. Decisions are kept in memory and in a JSON file
 by the device name and a hash of the kernel source, so a new card or an edited
 kernel is measured afresh. The file is written atomically and re-read before
 each write (two processes tuning at once lose nothing but a duplicate timing);
-anything at that path that is not a decision file (unreadable, another format,
-a directory, a FIFO) is reported and left alone: decisions then stay in memory.
+anything at that path that is not a decision file of this or an older version
+(unreadable, another format, a newer version, a directory, a FIFO) is reported and
+left alone: decisions then stay in memory. An older version's file is replaced.
 Malformed entries are skipped.
 
 Off by default: ``QDELTA_AUTOTUNE=1`` or ``qdelta.kernels.autotune.ENABLED = True``.
@@ -109,8 +110,16 @@ class DecisionCache:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             return {}, FormatError, f"expected format {FORMAT!r}, found {found!r}", []
-        if data.get("version") != VERSION or not isinstance(data.get("entries"), dict):
-            return {}, None, "", []  # another version's decisions: measure again
+        version = data.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version > VERSION:
+            # A newer qdelta's decisions (or no version): theirs, not ours to replace.
+            problem = f"expected version {VERSION} or older, found {version!r}"
+            return {}, FormatError, problem, []
+        if not isinstance(data.get("entries"), dict):
+            found = type(data.get("entries")).__name__
+            return {}, FormatError, f"expected 'entries' to be an object, found {found}", []
+        if version != VERSION:
+            return {}, None, "", []  # an older version's decisions: measured again, replaced
         entries: dict[str, dict] = {}
         malformed: list[str] = []
         for key, entry in data["entries"].items():
