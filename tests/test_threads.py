@@ -282,3 +282,59 @@ def test_a_fork_while_another_thread_is_inside_a_call_does_not_deadlock(layer_an
         assert _in_forked_child(idle_lock_only) == 0
     with torch.no_grad():  # the parent goes on as before
         torch.testing.assert_close(layer(x, torch.full((4,), 1)), refs[1])
+
+
+def _routed_llama():
+    base = tiny_llama(3)
+    model = qdelta.MultiTenantModel(copy.deepcopy(base))
+    model.add_tenant("t", make_delta(base, perturbed(base, 4)))
+    return base, model, torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_call_inside_a_routing_block_is_refused_and_the_route_stays():
+    """An inner forward/generate would set its own route and clear the block's on
+    return (the block then served every row as the base), and its loads could evict
+    the block's tenants: refused, the block's route intact."""
+    base, model, ids = _routed_llama()
+    with torch.no_grad():
+        want = model(ids, ["t", None]).logits
+        with model.routing(["t", None], 2):
+            for inner in (
+                lambda: model(ids, [None, "t"]),
+                lambda: model.generate(ids, ["t", "t"], 2),
+                lambda: model.routing([None, None], 2).__enter__(),
+            ):
+                with pytest.raises(qdelta.QDeltaError, match="inside a routing\\(\\) block"):
+                    inner()
+            torch.testing.assert_close(model.model(input_ids=ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model.model(input_ids=ids).logits, base(ids).logits)
+
+
+def test_a_fork_while_another_thread_is_inside_routing_refuses_and_forgets_the_route():
+    base, model, ids = _routed_llama()
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with model.routing(["t", "t"], 2):
+            inside.set()
+            leave.wait(60)
+
+    worker = threading.Thread(target=hold, daemon=True)
+    worker.start()
+    assert inside.wait(10)
+
+    def child():
+        with torch.no_grad():  # no route left: the wrapped model is the base
+            torch.testing.assert_close(model.model(input_ids=ids).logits, base(ids).logits)
+        try:
+            model.generate(ids, ["t", None], 2)
+        except qdelta.QDeltaError as e:
+            assert "mid-call in another thread" in str(e)
+        else:
+            raise AssertionError("a model mid-call in another thread served")
+
+    try:
+        assert _in_forked_child(child) == 0
+    finally:
+        leave.set()
+        worker.join(10)

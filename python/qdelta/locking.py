@@ -14,7 +14,8 @@ import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from qdelta.errors import QDeltaError
@@ -37,6 +38,9 @@ def _after_fork_in_child() -> None:
         obj._init_lock()
         if caller is not None and caller != me:
             object.__setattr__(obj, "_busy_at_fork", True)
+            forget = getattr(obj, "_forget_call_state", None)
+            if forget is not None:  # what that call had set must not outlive it here
+                forget()
 
 
 if hasattr(os, "register_at_fork"):
@@ -69,23 +73,32 @@ class SerializedCalls:
         self._init_lock()
 
 
+@contextmanager
+def holding(obj: SerializedCalls) -> Iterator[None]:
+    """``obj``'s lock for a block, held as a serialized call holds it: the calling
+    thread is marked (the fork hook then knows the object is mid-call), and an object
+    that was mid-call in another thread when this process forked is refused."""
+    if obj.__dict__.get("_busy_at_fork"):
+        raise QDeltaError(
+            f"{type(obj).__name__}: expected an object no other thread was using when "
+            "this process forked, found one mid-call in another thread (its state may be "
+            "half-updated); build it anew in the child, or fork before serving from threads"
+        )
+    with obj._lock:
+        outer = obj.__dict__.get("_caller")  # this thread's, when re-entered
+        obj.__dict__["_caller"] = threading.get_ident()
+        try:
+            yield
+        finally:
+            obj.__dict__["_caller"] = outer
+
+
 def serialized(method: F) -> F:
     """Run ``method`` holding its object's lock (see :class:`SerializedCalls`)."""
 
     @functools.wraps(method)
     def call(self: SerializedCalls, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__.get("_busy_at_fork"):
-            raise QDeltaError(
-                f"{type(self).__name__}: expected an object no other thread was using when "
-                "this process forked, found one mid-call in another thread (its state may be "
-                "half-updated); build it anew in the child, or fork before serving from threads"
-            )
-        with self._lock:
-            outer = self.__dict__.get("_caller")  # this thread's, when re-entered
-            self.__dict__["_caller"] = threading.get_ident()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                self.__dict__["_caller"] = outer
+        with holding(self):
+            return method(self, *args, **kwargs)
 
     return call  # type: ignore[return-value]

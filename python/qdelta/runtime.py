@@ -39,7 +39,7 @@ from qdelta.errors import (
     ShapeError,
     UnknownTenantError,
 )
-from qdelta.locking import SerializedCalls, serialized
+from qdelta.locking import SerializedCalls, holding, serialized
 from qdelta.nn import tensor_aliases
 from qdelta.sources import conv1d_form, embedding_form, is_conv1d, linear_form, max_positions
 from qdelta.store import check_base, fingerprint
@@ -726,12 +726,23 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                 names.append(None if i == -1 else by_id[i])
         return names
 
+    def _forget_call_state(self) -> None:
+        """In a forked child, of a call another thread was making: its route is gone."""
+        self._route.slots = None
+
     @contextmanager
     def routing(self, tenant_ids: TenantIds, batch: int) -> Iterator[None]:
         """Route the rows of the forward(s) inside to their tenants (loading them).
 
-        Holds the model's lock until the block ends: the route is the model's."""
-        with self._lock:
+        Holds the model's lock until the block ends: the route is the model's. A call
+        of this model inside the block is refused: it would set its own route, and its
+        loads could evict the block's tenants."""
+        with holding(self):
+            if self._route.slots is not None:
+                raise QDeltaError(
+                    "routing: expected no call of this model inside a routing() block (the "
+                    "block's route is in force), found one; make the call after the block"
+                )
             names = self._row_tenants(tenant_ids, batch)
             # Outside inference mode even when called inside it: loaded tenant tensors
             # and the routing tensors then keep version counters, which the modules'
