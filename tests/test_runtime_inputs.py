@@ -262,3 +262,17 @@ def test_a_learned_position_table_is_checked_after_a_tenant_wraps_it():
         with pytest.raises(qdelta.ShapeError, match=f"expected at most 5 .* {limit} positions"):
             m.generate(prompt, [row], 10)
     assert m.generate(prompt, ["ft"], 5).tokens.shape == (1, 5)
+
+
+def test_tenant_ids_as_a_numpy_array(model):
+    """A numpy array of ids or names is taken entry by entry like a list (it was
+    refused as 'not a sequence'); a 2-D one is a ShapeError."""
+    ids, mask = _prompt()
+    tid = model.tenant_id("t")
+    with torch.no_grad():
+        want = model(ids, ["t", None], attention_mask=mask).logits
+        for rows in (np.array([tid, -1]), np.array(["t", None], dtype=object)):
+            got = model(ids, rows, attention_mask=mask).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(qdelta.ShapeError, match=r"expected a 1-D array of 2, found shape \[1, 2\]"):
+        model(ids, np.array([[tid, -1]]), attention_mask=mask)

@@ -690,6 +690,13 @@ class MultiTenantModel(SerializedCalls, nn.Module):
                     f"{list(tenant_ids.shape)}"
                 )
             items: list[Any] = tenant_ids.tolist()
+        elif isinstance(tenant_ids, np.ndarray):  # ids or names, checked entry by entry
+            if tenant_ids.ndim != 1:
+                raise ShapeError(
+                    f"tenant_ids: expected a 1-D array of {batch}, found shape "
+                    f"{list(tenant_ids.shape)}"
+                )
+            items = tenant_ids.tolist()
         elif isinstance(tenant_ids, (str, bytes)) or not isinstance(tenant_ids, Sequence):
             raise DTypeError(
                 f"tenant_ids: expected a tensor or a sequence (one entry per row), "
