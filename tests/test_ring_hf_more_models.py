@@ -146,18 +146,9 @@ def test_a_module_that_skips_the_ring_at_run_time_is_refused(one_rank, monkeypat
 
 
 def _tiny_falcon(alibi: bool):
-    cfg = transformers.FalconConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        alibi=alibi,
-        new_decoder_architecture=False,
-        multi_query=True,
-        bias=False,
-    )
-    torch.manual_seed(0)
-    return transformers.FalconForCausalLM(cfg).eval()
+    from test_hf_architectures import build
+
+    return build("falcon", alibi=alibi)
 
 
 def test_alibi_is_refused_before_any_change():

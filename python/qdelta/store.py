@@ -371,6 +371,13 @@ if hasattr(os, "register_at_fork"):
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a path still names the file the cache mapped (a replaced or
+    rewritten file changes one of them)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # How often open() checks every cached file's path (a stat each; tenants() checks at
 # every call): often enough that a deleted or replaced file is let go soon, rarely
 # enough that open(), called per request, stays O(1) on average.
@@ -447,12 +454,8 @@ class DeltaStore:
             entries = list(self._cache.items())
         for name, (key, opened) in entries:
             try:
-                st = os.stat(self.directory / f"{name}{SUFFIX}")
-                found: tuple[int, int, int, int] | None = (
-                    st.st_dev,
-                    st.st_ino,
-                    st.st_size,
-                    st.st_mtime_ns,
+                found: tuple[int, int, int, int] | None = _identity(
+                    os.stat(self.directory / f"{name}{SUFFIX}")
                 )
             except OSError:  # gone (or unreadable: open() would fail on it too)
                 found = None
@@ -505,7 +508,7 @@ class DeltaStore:
             ) from None
         except OSError as e:
             raise FileError(f"cannot stat {path}: {e}") from e
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = _identity(st)
         with self._lock:
             cached = self._cache.get(name)
             if cached is not None and cached[0] == key:
